@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megakto",
+    version="0.1.0",
+    description="KTO (Kahneman-Tversky Optimization) training at DeepSpeed scale: ZeRO-3 policy, "
+    "offloaded reference, packed KL pairs, all-reduced KL baseline.",
+    packages=find_packages(include=["megakto", "megakto.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"]},
+)
