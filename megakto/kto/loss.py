@@ -1,0 +1,86 @@
+"""The KTO loss, eq. (7) of Ethayarajh et al. 2024, over plain tensors.
+
+Inputs are per-example sums of completion-token log-probs (no length normalisation, as in the
+paper and every peer implementation). The reference point ``kl`` arrives already reduced over the
+global batch, detached and clamped at 0 (see :mod:`megakto.kto.kl`); this function never talks to
+other ranks, so every rank runs the same shapes whatever its desirable/undesirable mix.
+
+The per-example losses are returned unreduced: how they are averaged (an exact global mean over
+data-parallel ranks and gradient-accumulation micro-batches) is the trainer's decision.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["KTOLossOutput", "kto_loss", "LOSS_TYPES"]
+
+# "kto": eq. (7). "apo_zero_unpaired": the unpaired APO-zero loss (as TRL names it), which pushes
+# desirable log-ratios up and undesirable ones down with no KL reference point.
+LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+class KTOLossOutput(NamedTuple):
+    losses: torch.Tensor  # (B,) weighted per-example losses, same dtype as the log-probs
+    rewards: torch.Tensor  # (B,) beta * (policy - ref) log-ratio, detached (the implied reward)
+    kl: torch.Tensor  # () the reference point used; for apo_zero_unpaired, the input unchanged
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+) -> KTOLossOutput:
+    """Per-example KTO losses.
+
+    Args:
+        policy_logps: (B,) summed completion log-probs under the policy (carries the gradient).
+        ref_logps: (B,) the same under the frozen reference model.
+        desirable: (B,) bool, True where the completion is labelled desirable.
+        kl: () the reference point z_0 of eq. (7), already reduced, detached and clamped >= 0.
+        beta: the KTO beta; scales the implied reward beta * log(pi / pi_ref).
+        desirable_weight, undesirable_weight: lambda_D and lambda_U of eq. (7); see eq. (8) and
+            :func:`megakto.kto.weights.check_weights` for how to pick them.
+        loss_type: one of ``LOSS_TYPES``.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}; allowed values: {', '.join(LOSS_TYPES)}")
+    if policy_logps.dim() != 1 or policy_logps.shape != ref_logps.shape:
+        raise ValueError(
+            f"policy_logps and ref_logps must both be (B,); got {tuple(policy_logps.shape)} and "
+            f"{tuple(ref_logps.shape)}"
+        )
+    if desirable.shape != policy_logps.shape or desirable.dtype != torch.bool:
+        raise ValueError(
+            f"desirable must be a bool tensor of shape {tuple(policy_logps.shape)}; got "
+            f"{desirable.dtype} {tuple(desirable.shape)}"
+        )
+    kl = torch.as_tensor(kl, device=policy_logps.device).detach()
+    if kl.dim() != 0:
+        raise ValueError(f"kl must be a 0-dim tensor; got shape {tuple(kl.shape)}")
+
+    logratio = policy_logps - ref_logps
+    if loss_type == "kto":
+        # z = beta * (r_theta(x, y) - z_0). The paper detaches z_0 (no gradient through the
+        # reference point), which is what makes the gradient take the form of Proposition 4.1.
+        z = beta * (logratio - kl.to(logratio.dtype))
+    else:
+        z = beta * logratio
+    # Desirable: lambda_D * (1 - sigmoid(z)); undesirable: lambda_U * (1 - sigmoid(-z)) for "kto"
+    # and lambda_U * sigmoid(z) for apo_zero_unpaired, which are the same expression. Writing
+    # 1 - sigmoid(a) as sigmoid(-a) avoids cancellation when sigmoid(a) is close to 1.
+    # torch.where over the mask (instead of indexing) keeps shapes fixed and is NaN-free when one
+    # class is absent from the batch.
+    losses = torch.where(
+        desirable,
+        desirable_weight * torch.sigmoid(-z),
+        undesirable_weight * torch.sigmoid(z),
+    )
+    rewards = (beta * logratio).detach()
+    return KTOLossOutput(losses=losses, rewards=rewards, kl=kl)

@@ -1,0 +1,155 @@
+"""Package boundaries, checked by parsing imports (no module is executed).
+
+- ``megakto/kto`` and ``megakto/data`` never reach ``torch.distributed`` or ``deepspeed``, neither
+  by import nor as an attribute (``torch.distributed.all_reduce``), nor through
+  ``megakto.distributed``;
+- in the whole package, only modules under ``megakto/distributed/`` import ``deepspeed`` or
+  ``torch.distributed``.
+
+Not covered: imports built from strings (``importlib.import_module("deepspeed")``).
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "megakto"
+
+COLLECTIVES = ("torch.distributed", "deepspeed")
+
+
+def _matches(name: str, prefixes) -> str | None:
+    for p in prefixes:
+        if name == p or name.startswith(p + "."):
+            return p
+    return None
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` (an attribute chain on a name) -> "a.b.c"; None for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
+def forbidden_uses(source: str, package: str, forbidden, *, attributes: bool = False):
+    """(line, name) for every import of a module under one of ``forbidden`` in ``source``.
+
+    ``package`` is the dotted package the source lives in, to resolve relative imports.
+    ``from a import b`` counts as importing both ``a`` and ``a.b`` (``b`` may be a submodule), so
+    ``from torch import distributed`` is caught. With ``attributes``, dotted attribute chains such
+    as ``torch.distributed.barrier()`` count too.
+    """
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names if a.name != "*"]
+        elif attributes and isinstance(node, ast.Attribute):
+            names = [_dotted(node) or ""]
+        for name in names:
+            if _matches(name, forbidden):
+                hits.append((node.lineno, name))
+    return sorted(set(hits))
+
+
+def _modules(*subdirs):
+    """(path, package) for every .py file under the given megakto subfolders present now."""
+    for sub in subdirs:
+        for path in sorted((PKG / sub).rglob("*.py")) if (PKG / sub).is_dir() else []:
+            package = ".".join(path.relative_to(ROOT).parent.parts)
+            yield path, package
+
+
+SYNTHETIC = '''\
+"""Docstrings that say torch.distributed or deepspeed are fine."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+import deepspeedish
+import torch.distributed
+import torch.distributed as dist
+from torch import distributed
+from torch import nn, distributed as d2
+from torch.distributed import all_reduce
+from torch.distributed.fsdp import FullyShardedDataParallel
+import deepspeed
+import deepspeed.comm as ds_comm
+from deepspeed.runtime.zero import Init
+from ..distributed import engine
+from . import distributed
+x = torch.distributed.get_rank()
+y = torch.nn.functional.relu
+'''
+
+
+def test_checker_catches_every_import_form():
+    hits = forbidden_uses(SYNTHETIC, "megakto.kto", COLLECTIVES + ("megakto.distributed",))
+    lines = sorted({line for line, _ in hits})
+    # Lines 1-5 are harmless; lines 6-14 each import torch.distributed or deepspeed; line 15
+    # reaches megakto.distributed relatively; line 16 is megakto.kto.distributed (allowed).
+    assert lines == [6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert (15, "megakto.distributed") in hits
+    assert (9, "torch.distributed") in hits
+
+
+def test_checker_attribute_mode_and_relative_resolution():
+    hits = forbidden_uses(SYNTHETIC, "megakto.kto", ("torch.distributed",), attributes=True)
+    assert (17, "torch.distributed.get_rank") in hits
+    assert not any(line == 18 for line, _ in hits)
+    # Seen from megakto/__init__.py, "from . import distributed" is megakto.distributed.
+    assert forbidden_uses("from . import distributed\n", "megakto", ("megakto.distributed",)) == [
+        (1, "megakto.distributed")
+    ]
+    assert forbidden_uses("import torch\nimport datasets\n", "megakto.data", COLLECTIVES) == []
+
+
+def test_checker_finds_something_in_the_tree():
+    """The walk is not vacuous: the package's own files are found and parsed."""
+    found = [p.name for p, _ in _modules("kto")]
+    assert {"loss.py", "kl.py", "logps.py", "weights.py", "__init__.py"} <= set(found)
+
+
+@pytest.mark.parametrize(
+    "path,package",
+    list(_modules("kto", "data")),
+    ids=lambda x: str(x.relative_to(ROOT)) if isinstance(x, Path) else "",
+)
+def test_math_and_data_never_touch_collectives(path, package):
+    hits = forbidden_uses(
+        path.read_text(), package, COLLECTIVES + ("megakto.distributed",), attributes=True
+    )
+    assert hits == [], f"{path.relative_to(ROOT)} reaches a collective: {hits}"
+
+
+def test_only_megakto_distributed_imports_collectives():
+    offenders = []
+    for path, package in _modules("."):
+        if package == "megakto.distributed" or package.startswith("megakto.distributed."):
+            continue
+        for line, name in forbidden_uses(path.read_text(), package, COLLECTIVES):
+            offenders.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert offenders == []
+
+
+def test_import_megakto_does_not_load_deepspeed():
+    """At run time too: ``import megakto`` (the KTO math) must not pull deepspeed in."""
+    code = "import sys, megakto, megakto.kto; print('deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
