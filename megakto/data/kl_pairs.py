@@ -1,0 +1,102 @@
+"""Mismatched (prompt, completion) pairs for KTO's KL reference point.
+
+KTO (Ethayarajh et al. 2024, eq. 7) measures each example's reward against a reference point
+z_0 = KL(pi_theta(y'|x) || pi_ref(y'|x)), which in practice is estimated from the batch itself by
+pairing each prompt x_i with a completion y_j written for a *different* prompt. This module picks
+j ("the partner of i") for every example.
+
+Why over the global batch rather than each micro-batch:
+
+* TRL and most peers rotate by one position inside each device batch. With a micro-batch of one
+  that pairs an example with itself, so the "KL" rows are the target rows and z_0 collapses onto
+  the rewards it is meant to anchor.
+* Paired preference data converted to KTO rows puts (x, y_w) and (x, y_l) next to each other, so a
+  naive +1 rotation pairs rows that share a prompt: not mismatched at all.
+
+Every rank holds the prompt keys of the whole global batch (the sampler hands out global batches),
+so every rank computes the same partners from (prompt_keys, seed, step) with no communication.
+A rank then only has to build the KL rows of its own micro-batches. The estimate of z_0 uses all
+of the global batch's completions exactly once whenever a permutation exists, which it does as
+long as no prompt fills more than half the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+
+from megakto.errors import DataError
+
+__all__ = ["kl_partners"]
+
+
+def _rng(seed: int, step: int) -> random.Random:
+    # A private generator seeded through sha256, never Python's hash() (salted per process) and
+    # never the global RNG state (which other code may have advanced differently on each rank).
+    digest = hashlib.sha256(f"megakto.kl_partners:{seed}:{step}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def kl_partners(prompt_keys: Sequence[int], *, seed: int, step: int) -> list[int]:
+    """Return ``partner`` with ``prompt_keys[partner[i]] != prompt_keys[i]`` for every i.
+
+    Example i's KL row is its own prompt followed by example ``partner[i]``'s completion.
+    ``prompt_keys`` covers one global batch (all ranks, all micro-batches) in sampler order.
+
+    When the largest same-prompt group holds at most half of the G examples, ``partner`` is a
+    derangement of ``range(G)``: every completion is used by exactly one KL row. Otherwise no such
+    permutation exists (the big group would need more foreign completions than there are), and
+    each example gets an independent, seeded, uniformly random partner among the rows with a
+    different prompt, so some completions are used more than once and some not at all.
+    """
+    keys = [int(k) for k in prompt_keys]
+    g = len(keys)
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    if g == 0:
+        raise ValueError(f"kl_partners got an empty global batch at step {step}")
+    if len(groups) < 2:
+        raise DataError(
+            f"all {g} examples of the global batch at step {step} share one prompt; KTO's KL "
+            "reference point needs mismatched (prompt, completion) pairs: shuffle or add prompts, "
+            "or use kto.loss_type=apo_zero_unpaired"
+        )
+
+    rng = _rng(seed, step)
+    # Groups in first-appearance order (dict order), so the result depends only on the inputs.
+    blocks = list(groups.values())
+    for block in blocks:
+        rng.shuffle(block)
+    rng.shuffle(blocks)
+    largest = max(len(block) for block in blocks)
+    partner = [0] * g
+
+    if 2 * largest <= g:
+        # Lay the groups out as contiguous blocks in one list s and send s[k] -> s[(k + m) % G],
+        # m = largest group size. A shift is a bijection on positions, so this is a permutation.
+        # No element lands in its own block: take a block of size a at positions [p, p + a) and
+        # k in it, so 0 <= k - p < a <= m.
+        #   * no wrap (k + m < G): k + m >= p + m >= p + a, i.e. past the end of the block;
+        #   * wrap (k + m >= G): the target k + m - G < p  <=>  k - p < G - m, which holds since
+        #     k - p < a <= m <= G - m (because 2m <= G); so the target lies before the block.
+        # The proof needs only a <= m <= G/2, not any particular block order, so the block order
+        # stays random (more varied pairs across steps than largest-first).
+        s = [i for block in blocks for i in block]
+        for k, i in enumerate(s):
+            partner[i] = s[(k + largest) % g]
+        return partner
+
+    # Fallback: one prompt holds more than half of the batch. Draw each partner uniformly from
+    # the rows outside the example's own block in O(1): index the other G - a rows by skipping
+    # over the block [p, p + a) in the laid-out list.
+    s = [i for block in blocks for i in block]
+    p = 0
+    for block in blocks:
+        a = len(block)
+        for i in block:
+            r = rng.randrange(g - a)
+            partner[i] = s[r] if r < p else s[r + a]
+        p += a
+    return partner
