@@ -1,0 +1,212 @@
+"""Fill and check DeepSpeed JSON settings from the megakto config.
+
+``ds_configs/*.json`` hold DeepSpeed's own settings only (ZeRO stage, buckets, offload). The
+fields that megakto also owns are filled here from :class:`~megakto.config.Config` and
+:class:`~megakto.distributed.parallel.ParallelDims`, so the two can never silently disagree: a
+value already in the JSON must match, or the run stops with both numbers and the arithmetic.
+
+Two simplifications, on purpose:
+- No ``optimizer``/``scheduler`` sections: megakto builds torch AdamW and the LR schedule itself
+  (one code path for every ZeRO stage, and the schedule is checkpointed with the trainer).
+- No ``"auto"`` values except in the fields filled here: only the Hugging Face Trainer resolves
+  ``"auto"``; DeepSpeed itself would fail later with a less useful message.
+
+No ``import deepspeed`` here: these are plain dicts, checked before any process group exists.
+"""
+
+import copy
+import json
+import os
+from typing import Any, Optional
+
+from megakto.config import Config
+from megakto.distributed.parallel import ParallelDims
+from megakto.errors import ConfigError
+
+__all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_size"]
+
+_FORBIDDEN = {
+    "optimizer": "megakto builds torch AdamW from optim.lr, optim.betas, optim.eps and "
+    "optim.weight_decay",
+    "scheduler": "megakto builds the LR schedule from optim.schedule, optim.warmup_steps and "
+    "optim.min_lr_ratio",
+}
+
+# Settings a frozen inference engine shares with the policy engine.
+_REF_COPIED = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "bf16",
+    "fp16",
+    "tensor_parallel",
+    "steps_per_print",
+    "wall_clock_breakdown",
+)
+
+
+def load_ds_json(path: str) -> dict:
+    """Read a DeepSpeed JSON file; a missing or malformed file is a one-line ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            ds = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+            ) from None
+    if not isinstance(ds, dict):
+        raise ConfigError(
+            f"{path} must hold a JSON object of DeepSpeed settings, got {type(ds).__name__}"
+        )
+    return ds
+
+
+def autotp_size(ds: dict) -> int:
+    """``tensor_parallel.autotp_size`` of a DeepSpeed dict (1 when absent)."""
+    size = (ds.get("tensor_parallel") or {}).get("autotp_size", 1)
+    return 1 if size in (None, "auto") else int(size)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _agree(ds: dict, key: str, want: Any, explain: str, source: str, name: str = "") -> None:
+    """Set ``ds[key] = want`` unless the JSON already holds a different, non-"auto" value."""
+    have = ds.get(key, "auto")
+    disagrees = isinstance(have, bool) != isinstance(want, bool) or have != want
+    if have != "auto" and disagrees:
+        raise ConfigError(
+            f"{source}: {name or key}={_show(have)} disagrees with {explain}; "
+            "remove it from the JSON or make them agree"
+        )
+    ds[key] = want
+
+
+def _find_auto(node: Any, path: str = "") -> Optional[str]:
+    if node == "auto":
+        return path
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _find_auto(value, f"{path}.{key}" if path else key)
+            if found:
+                return found
+    return None
+
+
+def _bf16_from_dtype(dtype: str) -> bool:
+    if dtype == "auto":
+        import torch  # Lazy: keeps this module importable without torch for config tooling.
+
+        return torch.cuda.is_available()
+    return dtype == "bfloat16"
+
+
+def build_ds_config(
+    ds: dict,
+    cfg: Config,
+    dims: ParallelDims,
+    *,
+    bf16: Optional[bool] = None,
+    source: str = "DeepSpeed config",
+) -> dict:
+    """Return a copy of ``ds`` with batch sizes, clipping and precision filled from ``cfg``/``dims``.
+
+    ``bf16`` is the resolved precision (``model.dtype='auto'`` means bf16 on GPU); ``None`` derives
+    it from ``cfg.model.dtype`` here. ``source`` names the JSON file in error messages.
+    """
+    ds = copy.deepcopy(ds)
+    for key, why in _FORBIDDEN.items():
+        if key in ds:
+            raise ConfigError(f'{source}: remove the "{key}" section; {why}')
+
+    tp = autotp_size(ds)
+    if tp != dims.tp:
+        raise ConfigError(
+            f"{source}: tensor_parallel.autotp_size={tp} disagrees with the tensor-parallel size "
+            f"tp={dims.tp} used for the batch arithmetic (world {dims.world_size} = dp {dims.dp} "
+            f"× tp {dims.tp} × pp {dims.pp})"
+        )
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if dims.pp > 1 and isinstance(stage, int) and stage >= 2:
+        raise ConfigError(
+            f"{source}: zero_optimization.stage={stage} cannot be combined with pipeline "
+            f"parallelism (pp={dims.pp}); DeepSpeed allows only ZeRO stage 0 or 1 with pipelines"
+        )
+
+    mb, ga, dp = dims.micro_batch_size, dims.grad_accum, dims.dp
+    _agree(ds, "train_micro_batch_size_per_gpu", mb, f"train.micro_batch_size={mb}", source)
+    _agree(
+        ds, "gradient_accumulation_steps", ga,
+        f"train.global_batch_size / (train.micro_batch_size × dp) = "
+        f"{dims.global_batch_size} / ({mb} × {dp}) = {ga}",
+        source,
+    )
+    if tp > 1:
+        # With AutoTP, DeepSpeed checks train_batch_size == micro × grad-accum × *world* (not dp),
+        # which is tp times megakto's global batch; leaving the field out skips that check.
+        if ds.get("train_batch_size", "auto") != "auto":
+            raise ConfigError(
+                f"{source}: remove train_batch_size={_show(ds['train_batch_size'])}; with "
+                f"tensor_parallel.autotp_size={tp} DeepSpeed counts all {dims.world_size} ranks "
+                f"instead of dp {dp}, and megakto's global batch is train.global_batch_size="
+                f"{dims.global_batch_size} (= micro {mb} × grad-accum {ga} × dp {dp})"
+            )
+        ds.pop("train_batch_size", None)
+    else:
+        _agree(
+            ds, "train_batch_size", mb * ga * dp,
+            f"train.global_batch_size={dims.global_batch_size} (= micro {mb} × grad-accum {ga} "
+            f"× dp {dp})",
+            source,
+        )
+    _agree(ds, "gradient_clipping", float(cfg.optim.grad_clip),
+           f"optim.grad_clip={cfg.optim.grad_clip}", source)
+
+    if bf16 is None:
+        bf16 = _bf16_from_dtype(cfg.model.dtype)
+    if "bfloat16" in ds:  # DeepSpeed's older spelling of the "bf16" section.
+        ds.setdefault("bf16", ds.pop("bfloat16"))
+    section = dict(ds.get("bf16") or {})
+    _agree(section, "enabled", bool(bf16),
+           f"model.dtype={cfg.model.dtype} (bf16 {'on' if bf16 else 'off'})", source, "bf16.enabled")
+    ds["bf16"] = section
+    fp16 = dict(ds.get("fp16") or {})
+    if fp16.get("enabled", False) not in (False, "auto"):
+        raise ConfigError(
+            f"{source}: fp16.enabled={_show(fp16['enabled'])} is not supported; "
+            "use model.dtype=bfloat16 (or float32)"
+        )
+    fp16["enabled"] = False
+    ds["fp16"] = fp16
+
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(
+            f'{source}: {leftover} is "auto", which only the Hugging Face Trainer fills in; '
+            "give a number"
+        )
+    return ds
+
+
+def reference_ds_config(policy_ds: dict, offload: str = "cpu") -> dict:
+    """ZeRO-3 inference settings for the frozen reference, sharing the policy's batch and dtype.
+
+    No optimizer, scheduler or optimizer offload: the reference never steps. With ``offload="cpu"``
+    its parameters live in CPU memory and are fetched layer by layer (``offload_param``).
+    """
+    if offload not in ("cpu", "none"):
+        raise ConfigError(f"ref.offload must be one of 'cpu', 'none', got {offload!r}")
+    ref = {key: copy.deepcopy(policy_ds[key]) for key in _REF_COPIED if key in policy_ds}
+    zero: dict[str, Any] = {
+        "stage": 3,
+        # Small tensors (norms, biases) stay whole on every rank: gathering them costs more
+        # latency than the memory they would save.
+        "stage3_param_persistence_threshold": 10000,
+    }
+    if offload == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    ref["zero_optimization"] = zero
+    return ref

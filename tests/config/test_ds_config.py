@@ -1,0 +1,249 @@
+"""build_ds_config / reference_ds_config / load_ds_json, and the shipped ds_configs/*.json."""
+
+import copy
+import json
+import pathlib
+
+import pytest
+
+from megakto.config import load_config
+from megakto.distributed.ds_config import (
+    autotp_size,
+    build_ds_config,
+    load_ds_json,
+    reference_ds_config,
+)
+from megakto.distributed.parallel import ParallelDims
+from megakto.errors import ConfigError
+
+DS_DIR = pathlib.Path(__file__).resolve().parents[2] / "ds_configs"
+SHIPPED = ["zero2.json", "zero3.json", "zero3_offload_optimizer.json"]
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _cfg(*overrides):
+    return load_config(None, ["model.path=m", "data.train_files=t.jsonl", *overrides])
+
+
+# world 2, global 16, micro 4 -> dp 2, grad-accum 16 / (4 × 2) = 2.
+DIMS = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4)
+
+
+def _build_error(ds, cfg=None, dims=DIMS, bf16=False):
+    with pytest.raises(ConfigError) as info:
+        build_ds_config(ds, cfg or _cfg(), dims, bf16=bf16, source="ds_configs/x.json")
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_fills_batch_clipping_and_precision():
+    ds = {"zero_optimization": {"stage": 3, "overlap_comm": True}, "steps_per_print": 10}
+    before = copy.deepcopy(ds)
+    out = build_ds_config(ds, _cfg("optim.grad_clip=0.5"), DIMS, bf16=True)
+    assert out == {
+        "zero_optimization": {"stage": 3, "overlap_comm": True},
+        "steps_per_print": 10,
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 16,
+        "gradient_clipping": 0.5,
+        "bf16": {"enabled": True},
+        "fp16": {"enabled": False},
+    }
+    assert ds == before  # a new dict; the input is untouched
+    out["zero_optimization"]["stage"] = 0
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize(
+    "world, tp, gbs, mbs, want",
+    [
+        (1, 1, 16, 4, (4, 4, 16)),  # 16 = 4 × 4 × 1
+        (4, 1, 16, 2, (2, 2, 16)),  # 16 = 2 × 2 × 4
+        (4, 1, 8, 2, (2, 1, 8)),  # 8 = 2 × 1 × 4
+    ],
+)
+def test_batch_fields_for_several_worlds(world, tp, gbs, mbs, want):
+    dims = ParallelDims(world_size=world, global_batch_size=gbs, micro_batch_size=mbs, tp=tp)
+    out = build_ds_config({}, _cfg(), dims, bf16=False)
+    assert tuple(out[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                  "train_batch_size")) == want
+
+
+def test_auto_and_agreeing_values_are_accepted():
+    ds = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": 1,  # int 1 == optim.grad_clip 1.0
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+    }
+    out = build_ds_config(ds, _cfg(), DIMS, bf16=False)
+    assert (out["train_batch_size"], out["gradient_accumulation_steps"]) == (16, 2)
+    assert out["gradient_clipping"] == 1.0
+    assert out["bf16"] == {"enabled": False} and out["fp16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("train_batch_size", 32,
+         "ds_configs/x.json: train_batch_size=32 disagrees with train.global_batch_size=16 "
+         "(= micro 4 × grad-accum 2 × dp 2); remove it from the JSON or make them agree"),
+        ("train_micro_batch_size_per_gpu", 8,
+         "ds_configs/x.json: train_micro_batch_size_per_gpu=8 disagrees with train.micro_batch_size=4; "
+         "remove it from the JSON or make them agree"),
+        ("gradient_accumulation_steps", 4,
+         "ds_configs/x.json: gradient_accumulation_steps=4 disagrees with train.global_batch_size / "
+         "(train.micro_batch_size × dp) = 16 / (4 × 2) = 2; remove it from the JSON or make them agree"),
+        ("gradient_clipping", 0.5,
+         "ds_configs/x.json: gradient_clipping=0.5 disagrees with optim.grad_clip=1.0; "
+         "remove it from the JSON or make them agree"),
+        ("bf16", {"enabled": True},
+         "ds_configs/x.json: bf16.enabled=true disagrees with model.dtype=auto (bf16 off); "
+         "remove it from the JSON or make them agree"),
+    ],
+)
+def test_disagreement_prints_both_numbers(key, value, expected):
+    assert _build_error({key: value}) == expected
+
+
+def test_bf16_follows_model_dtype_when_not_given():
+    out = build_ds_config({}, _cfg("model.dtype=bfloat16"), DIMS)
+    assert out["bf16"] == {"enabled": True}
+    out = build_ds_config({"bf16": {"enabled": False, "immediate_grad_update": True}},
+                          _cfg("model.dtype=float32"), DIMS)
+    assert out["bf16"] == {"enabled": False, "immediate_grad_update": True}
+
+
+def test_fp16_is_rejected():
+    assert _build_error({"fp16": {"enabled": True}}) == (
+        "ds_configs/x.json: fp16.enabled=true is not supported; use model.dtype=bfloat16 (or float32)"
+    )
+
+
+@pytest.mark.parametrize("section, names", [("optimizer", "optim.lr"), ("scheduler", "optim.schedule")])
+def test_optimizer_and_scheduler_sections_are_rejected(section, names):
+    msg = _build_error({section: {"type": "AdamW", "params": {}}})
+    assert msg.startswith(f'ds_configs/x.json: remove the "{section}" section; megakto builds ')
+    assert names in msg
+
+
+def test_leftover_auto_is_rejected():
+    msg = _build_error({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
+    assert msg == (
+        'ds_configs/x.json: zero_optimization.reduce_bucket_size is "auto", which only the Hugging '
+        "Face Trainer fills in; give a number"
+    )
+
+
+def test_autotp_omits_train_batch_size():
+    # world 4 = dp 2 × tp 2; DeepSpeed would check train_batch_size against 4 ranks, not dp 2.
+    dims = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2)
+    ds = {"tensor_parallel": {"autotp_size": 2}, "zero_optimization": {"stage": 1}}
+    assert autotp_size(ds) == 2 and autotp_size({}) == 1
+    out = build_ds_config(ds, _cfg(), dims, bf16=False)
+    assert "train_batch_size" not in out
+    assert (out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]) == (4, 2)
+    out = build_ds_config({**ds, "train_batch_size": "auto"}, _cfg(), dims, bf16=False)
+    assert "train_batch_size" not in out
+    assert _build_error({**ds, "train_batch_size": 16}, dims=dims) == (
+        "ds_configs/x.json: remove train_batch_size=16; with tensor_parallel.autotp_size=2 DeepSpeed "
+        "counts all 4 ranks instead of dp 2, and megakto's global batch is "
+        "train.global_batch_size=16 (= micro 4 × grad-accum 2 × dp 2)"
+    )
+
+
+def test_autotp_size_must_match_dims_tp():
+    msg = _build_error({"tensor_parallel": {"autotp_size": 2}})
+    assert msg == (
+        "ds_configs/x.json: tensor_parallel.autotp_size=2 disagrees with the tensor-parallel size tp=1 "
+        "used for the batch arithmetic (world 2 = dp 2 × tp 1 × pp 1)"
+    )
+
+
+def test_pipeline_with_zero3_is_rejected():
+    dims = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4, pp=2)
+    msg = _build_error({"zero_optimization": {"stage": 3}}, dims=dims)
+    assert msg.startswith("ds_configs/x.json: zero_optimization.stage=3 cannot be combined with "
+                          "pipeline parallelism (pp=2)")
+
+
+def test_reference_config_offload_cpu_and_none():
+    policy = build_ds_config(load_ds_json(str(DS_DIR / "zero3_offload_optimizer.json")), _cfg(), DIMS,
+                             bf16=True)
+    ref = reference_ds_config(policy, offload="cpu")
+    assert ref == {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 16,
+        "bf16": {"enabled": True},
+        "fp16": {"enabled": False},
+        "steps_per_print": policy["steps_per_print"],
+        "wall_clock_breakdown": False,
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 10000,
+            "offload_param": {"device": "cpu", "pin_memory": False},
+        },
+    }
+    ref = reference_ds_config(policy, offload="none")
+    assert ref["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 10000}
+    for absent in ("optimizer", "scheduler", "gradient_clipping", "zero_force_ds_cpu_optimizer"):
+        assert absent not in ref
+    ref["bf16"]["enabled"] = False
+    assert policy["bf16"]["enabled"] is True  # a copy, not shared
+    with pytest.raises(ConfigError, match="ref.offload must be one of 'cpu', 'none', got 'gpu'"):
+        reference_ds_config(policy, offload="gpu")
+
+
+def test_reference_config_keeps_autotp_and_omitted_batch():
+    dims = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2)
+    policy = build_ds_config({"tensor_parallel": {"autotp_size": 2}}, _cfg(), dims, bf16=False)
+    ref = reference_ds_config(policy, offload="none")
+    assert ref["tensor_parallel"] == {"autotp_size": 2} and "train_batch_size" not in ref
+
+
+def test_load_ds_json_errors(tmp_path):
+    missing = str(tmp_path / "none.json")
+    with pytest.raises(ConfigError) as info:
+        load_ds_json(missing)
+    assert str(info.value) == f"DeepSpeed config not found: {missing}"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 3,}\n}\n')
+    with pytest.raises(ConfigError) as info:
+        load_ds_json(str(bad))
+    assert str(info.value) == (
+        f"{bad} is not valid JSON: Expecting property name enclosed in double quotes at line 2 column 36"
+    )
+    arr = tmp_path / "arr.json"
+    arr.write_text("[1, 2]")
+    with pytest.raises(ConfigError) as info:
+        load_ds_json(str(arr))
+    assert str(info.value) == f"{arr} must hold a JSON object of DeepSpeed settings, got list"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_hold_only_deepspeed_settings(name):
+    ds = load_ds_json(str(DS_DIR / name))
+    assert json.loads((DS_DIR / name).read_text()) == ds
+    for key in BATCH_KEYS + ("optimizer", "scheduler", "gradient_clipping", "bf16", "fp16"):
+        assert key not in ds, key
+    assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] >= 10**6
+    out = build_ds_config(ds, _cfg(), DIMS, bf16=False, source=name)
+    assert (out["train_batch_size"], out["gradient_accumulation_steps"]) == (16, 2)
+
+
+def test_shipped_zero_settings():
+    z2 = load_ds_json(str(DS_DIR / "zero2.json"))["zero_optimization"]
+    z3 = load_ds_json(str(DS_DIR / "zero3.json"))["zero_optimization"]
+    z3o = load_ds_json(str(DS_DIR / "zero3_offload_optimizer.json"))
+    assert z2["stage"] == 2 and z3["stage"] == 3
+    assert z3["stage3_gather_16bit_weights_on_model_save"] is True
+    assert z3["stage3_param_persistence_threshold"] == 10000
+    assert z3["overlap_comm"] is True and z3["contiguous_gradients"] is True
+    # Same ZeRO-3 settings plus optimizer offload; torch AdamW is allowed on the offloaded states.
+    assert {k: v for k, v in z3o["zero_optimization"].items() if k != "offload_optimizer"} == z3
+    assert z3o["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert z3o["zero_force_ds_cpu_optimizer"] is False

@@ -1,0 +1,102 @@
+"""ParallelDims: world = dp × tp × pp; global batch = micro × grad-accum × dp."""
+
+import pytest
+
+from megakto.config import load_config
+from megakto.distributed.parallel import ParallelDims
+from megakto.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "world, tp, pp, gbs, mbs, dp, ga",
+    [
+        (1, 1, 1, 16, 4, 1, 4),  # 16 = 4 × 4 × 1
+        (2, 1, 1, 16, 4, 2, 2),  # 16 = 4 × 2 × 2
+        (4, 1, 1, 16, 4, 4, 1),  # 16 = 4 × 1 × 4
+        (4, 2, 1, 16, 4, 2, 2),  # dp = 4 / 2 = 2; 16 = 4 × 2 × 2
+        (4, 2, 2, 16, 4, 1, 4),  # dp = 4 / (2 × 2) = 1
+        (2, 2, 1, 6, 2, 1, 3),  # dp = 1; 6 = 2 × 3 × 1
+        (4, 1, 1, 24, 2, 4, 3),  # 24 = 2 × 3 × 4
+    ],
+)
+def test_degrees(world, tp, pp, gbs, mbs, dp, ga):
+    dims = ParallelDims(world_size=world, global_batch_size=gbs, micro_batch_size=mbs, tp=tp, pp=pp)
+    assert (dims.dp, dims.grad_accum, dims.num_micro_batches) == (dp, ga, dp * ga)
+    assert dims.micro_batch_size * dims.grad_accum * dims.dp == gbs
+
+
+@pytest.mark.parametrize(
+    "world, tp, gbs, mbs, expected",
+    [
+        (2, 1, 10, 4,
+         "train.global_batch_size=10 is not divisible by train.micro_batch_size × data-parallel size "
+         "= 4 × 2 = 8 (world 2 = dp 2 × tp 1 × pp 1); use a multiple of 8 such as 8 or 16"),
+        (4, 1, 4, 4,
+         "train.global_batch_size=4 is not divisible by train.micro_batch_size × data-parallel size "
+         "= 4 × 4 = 16 (world 4 = dp 4 × tp 1 × pp 1); use a multiple of 16 such as 16"),
+        (4, 2, 12, 4,
+         "train.global_batch_size=12 is not divisible by train.micro_batch_size × data-parallel size "
+         "= 4 × 2 = 8 (world 4 = dp 2 × tp 2 × pp 1); use a multiple of 8 such as 8 or 16"),
+        (1, 1, 6, 4,
+         "train.global_batch_size=6 is not divisible by train.micro_batch_size × data-parallel size "
+         "= 4 × 1 = 4 (world 1 = dp 1 × tp 1 × pp 1); use a multiple of 4 such as 4 or 8"),
+    ],
+)
+def test_batch_error_prints_the_arithmetic(world, tp, gbs, mbs, expected):
+    with pytest.raises(ConfigError) as info:
+        ParallelDims(world_size=world, global_batch_size=gbs, micro_batch_size=mbs, tp=tp)
+    assert str(info.value) == expected
+
+
+def test_world_not_divisible_by_model_parallel():
+    with pytest.raises(ConfigError) as info:
+        ParallelDims(world_size=3, global_batch_size=16, micro_batch_size=4, tp=2)
+    assert str(info.value) == (
+        "world size 3 is not divisible by tp × pp = 2 × 1 = 2; launch a multiple of 2 processes"
+    )
+    with pytest.raises(ConfigError, match=r"tp × pp = 2 × 2 = 4"):
+        ParallelDims(world_size=6, global_batch_size=16, micro_batch_size=4, tp=2, pp=2)
+
+
+@pytest.mark.parametrize("name", ["world_size", "global_batch_size", "micro_batch_size", "tp", "pp"])
+def test_non_positive_degrees(name):
+    kwargs = dict(world_size=2, global_batch_size=16, micro_batch_size=4, tp=1, pp=1)
+    kwargs[name] = 0
+    with pytest.raises(ConfigError, match=f"ParallelDims.{name} must be a positive int, got 0"):
+        ParallelDims(**kwargs)
+
+
+def test_micro_batch_slices_hand_worked():
+    # world 2, 16 rows, micro 4 -> ga 2: micro-batches [0,4) [4,8) on rank 0, [8,12) [12,16) on rank 1.
+    dims = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4)
+    assert dims.micro_batch_slices(0) == [(0, 4), (4, 8)]
+    assert dims.micro_batch_slices(1) == [(8, 12), (12, 16)]
+    with pytest.raises(ValueError, match=r"dp_rank must be in \[0, 2\), got 2"):
+        dims.micro_batch_slices(2)
+
+
+@pytest.mark.parametrize(
+    "world, tp, pp, gbs, mbs",
+    [(1, 1, 1, 16, 4), (2, 1, 1, 16, 4), (4, 1, 1, 16, 2), (4, 2, 1, 12, 3), (4, 2, 2, 8, 1),
+     (4, 1, 1, 32, 8)],
+)
+def test_micro_batch_slices_cover_the_global_batch_once(world, tp, pp, gbs, mbs):
+    dims = ParallelDims(world_size=world, global_batch_size=gbs, micro_batch_size=mbs, tp=tp, pp=pp)
+    owned = []
+    slices = []
+    for rank in range(dims.dp):
+        rank_slices = dims.micro_batch_slices(rank)
+        assert len(rank_slices) == dims.grad_accum
+        assert all(stop - start == mbs for start, stop in rank_slices)
+        slices += rank_slices
+        owned += [i for start, stop in rank_slices for i in range(start, stop)]
+    # Rank-major order of micro-batches k = r*ga .. r*ga+ga-1 gives k*mb .. (k+1)*mb.
+    assert slices == [(k * mbs, (k + 1) * mbs) for k in range(dims.num_micro_batches)]
+    assert owned == list(range(gbs))
+
+
+def test_from_config():
+    cfg = load_config(None, ["model.path=m", "data.train_files=t.jsonl",
+                             "train.global_batch_size=24", "train.micro_batch_size=3"])
+    dims = ParallelDims.from_config(cfg, 4, tp=2)
+    assert (dims.dp, dims.grad_accum, dims.num_micro_batches) == (2, 4, 8)  # 24 = 3 × 4 × 2
