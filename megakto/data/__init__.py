@@ -1,0 +1,29 @@
+"""Rows -> token ids -> KL pairs -> batches. No torch.distributed, no deepspeed: every rank derives
+its share of a global batch from dataset indices alone."""
+
+from megakto.data.collate import Batch, collate
+from megakto.data.demo import demo_corpus, is_desirable, make_demo_rows, write_demo_data
+from megakto.data.kl_pairs import kl_partners
+from megakto.data.rows import count_labels, load_rows, read_source, require_both_classes
+from megakto.data.sampler import KTOBatchSampler, micro_batches
+from megakto.data.tokenize import TokenizeReport, fit_to_length, prompt_key, tokenize_rows
+
+__all__ = [
+    "Batch",
+    "collate",
+    "load_rows",
+    "count_labels",
+    "require_both_classes",
+    "read_source",
+    "prompt_key",
+    "tokenize_rows",
+    "fit_to_length",
+    "TokenizeReport",
+    "kl_partners",
+    "KTOBatchSampler",
+    "micro_batches",
+    "make_demo_rows",
+    "write_demo_data",
+    "is_desirable",
+    "demo_corpus",
+]
