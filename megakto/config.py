@@ -118,7 +118,8 @@ class TrainConfig:
     micro_batch_size: int = _opt(4, "Rows per forward pass per data-parallel rank.")
     log_every: int = _opt(1, "Log metrics every N optimizer steps.")
     eval_every: int = _opt(
-        0, "Evaluate every N optimizer steps; 0 = only at the end (when data.eval_files is set)."
+        0, "Evaluate every N optimizer steps, and once before training (the reference model's "
+        "baseline); 0 = only at the end. Needs data.eval_files."
     )
     eval_batch_size: int = _opt(8, "Rows per evaluation forward pass per data-parallel rank.")
     resume: str = _opt(

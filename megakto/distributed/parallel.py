@@ -47,6 +47,10 @@ class ParallelDims:
                 f"pp {self.pp}); use a multiple of {rows_per_micro_step} such as {hint}"
             )
 
+    def describe(self) -> str:
+        return (f"world {self.world_size} = dp {self.dp} × tp {self.tp} × pp {self.pp}; global batch "
+                f"{self.global_batch_size} = micro {self.micro_batch_size} × grad-accum {self.grad_accum} × dp {self.dp}")
+
     @classmethod
     def from_config(cls, cfg, world_size: int, *, tp: int = 1, pp: int = 1) -> "ParallelDims":
         """Degrees for ``cfg.train``'s batch sizes on ``world_size`` processes."""

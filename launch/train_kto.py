@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Train a causal LM with KTO on DeepSpeed.
+
+    deepspeed --num_gpus 2 launch/train_kto.py --config configs/tiny_demo.yaml \
+        --deepspeed ds_configs/zero3.json [key=value ...]
+
+Dotted ``key=value`` overrides follow the YAML recipe (``--help-config`` lists every key).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="YAML", help="recipe in configs/ (optional: overrides alone work)")
+    parser.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed settings; batch fields are filled in")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher passes it
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+
+    from megakto.config import config_help, load_config
+    from megakto.errors import MegaktoError
+
+    if args.help_config:
+        print(config_help())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not args.deepspeed:
+            raise MegaktoError("--deepspeed PATH is required (e.g. ds_configs/zero3.json)")
+        from megakto.distributed.engine import configure_cpu_threads
+        from megakto.trainer import KTOTrainer
+
+        configure_cpu_threads()
+        KTOTrainer(cfg, args.deepspeed).train()
+    except MegaktoError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megakto: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

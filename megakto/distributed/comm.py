@@ -1,0 +1,110 @@
+"""The one module that talks to ``torch.distributed``.
+
+Every collective takes an explicit group (``None`` is the default world group) and returns early
+when there is nothing to reduce (no process group, or a group of size 1), so the same trainer code
+runs in a single process and under the launcher. Metrics and the KL reference point are reduced as
+(sum, count) pairs in one flat float64 tensor: one collective per call, exact global means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from megakto.errors import MegaktoError
+
+__all__ = [
+    "is_initialized",
+    "rank",
+    "world_size",
+    "local_rank",
+    "is_main",
+    "group_size",
+    "group_rank",
+    "all_reduce_sum",
+    "all_reduce_dict",
+    "barrier",
+    "fail_together",
+]
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def group_size(group=None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def group_rank(group=None) -> int:
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` in place over ``group``; a no-op outside a process group of size > 1."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_reduce_dict(values: Mapping[str, float | torch.Tensor], group=None) -> dict[str, float]:
+    """Sum a dict of scalars over ``group`` with a single collective.
+
+    Every rank must pass the same keys; they are sorted so insertion order cannot misalign them
+    (a failure seen in peers that reduce metric lists by position).
+    """
+    keys = sorted(values)
+    flat = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    all_reduce_sum(flat, group)
+    return dict(zip(keys, flat.tolist()))
+
+
+def barrier(group=None) -> None:
+    if group_size(group) > 1:
+        dist.barrier(group=group)
+
+
+@contextlib.contextmanager
+def fail_together(group=None) -> Iterator[None]:
+    """Run a block of user-input checks so that all ranks fail, or none does.
+
+    A rank whose block raises :class:`MegaktoError` (or ``OSError``) shares its one-line message;
+    every rank then raises the first message, so all exit non-zero and none waits forever in a
+    later collective. Outside a process group this is a plain block.
+    """
+    message = None
+    try:
+        yield
+    except MegaktoError as err:
+        message = str(err)
+    except OSError as err:
+        message = f"{err.__class__.__name__}: {err}"
+    if group_size(group) > 1:
+        messages = [None] * group_size(group)
+        dist.all_gather_object(messages, message, group=group)
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if failed:
+            r, m = failed[0]
+            raise MegaktoError(m if r == group_rank(group) or message == m else f"rank {r}: {m}")
+    elif message is not None:
+        raise MegaktoError(message)

@@ -1,0 +1,62 @@
+"""Rank-0 output: TensorBoard scalars, one plain log line per logging step, and a tqdm bar.
+
+Values arrive already reduced over ranks (sums and counts at one site in the trainer); this module
+only writes them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Mapping
+
+__all__ = ["RunLogger"]
+
+
+class RunLogger:
+    def __init__(self, output_dir: str, *, enabled: bool, total_steps: int, initial_step: int = 0):
+        self.enabled = enabled
+        self._writer = None
+        self._bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.log_dir = os.path.join(output_dir, "tensorboard")
+        self._writer = SummaryWriter(self.log_dir)
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc="kto", dynamic_ncols=True,
+                         disable=not sys.stderr.isatty())
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            stamp = time.strftime("%H:%M:%S")
+            line = f"[megakto {stamp}] {message}"
+            if self._bar is not None and not self._bar.disable:
+                self._bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self._writer.add_scalar(f"{prefix}{key}", value, step)
+        self._writer.flush()
+        shown = ("loss", "kl", "rewards/margins", "reward_accuracy")
+        text = " ".join(f"{prefix}{k} {values[k]:.4f}" for k in shown if k in values)
+        self.info(f"step {step} {text}" + "".join(
+            f" {k} {values[k]:.3g}" for k in ("grad_norm", "learning_rate", "tokens_per_s") if k in values))
+
+    def advance(self, n: int = 1, **postfix: float) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()

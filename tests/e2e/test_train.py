@@ -1,0 +1,93 @@
+"""End to end under the real launcher, 2 CPU processes over gloo: ZeRO-3 policy, ZeRO-3 reference
+offloaded to CPU, the sorting demo."""
+
+import glob
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.e2e.conftest import run_trainer
+
+pytestmark = pytest.mark.timeout(600)
+
+TRL_SCALARS = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+               "logps/rejected", "count/chosen", "count/rejected", "grad_norm", "learning_rate",
+               "tokens_per_s", "samples_per_s"]
+
+
+def _scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def demo_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_run")
+    _, result = run_trainer(assets, out, nproc=2, **{
+        "data.eval_files": assets["eval"], "train.max_steps": 24, "train.eval_every": 12,
+        "train.eval_batch_size": 30})
+    return out, result
+
+
+def test_demo_learns(demo_run):
+    """Loss falls, the margin grows and held-out reward accuracy rises from the reference's 0.5."""
+    _, result = demo_run
+    hist = result["history"]
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["kl"]) for h in hist)
+    # Step 1: policy == reference, so every logratio is 0, the KL is 0 and the loss is exactly 0.5.
+    assert hist[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    first, last = hist[:4], hist[-4:]
+    assert sum(h["loss"] for h in last) / 4 < sum(h["loss"] for h in first) / 4 - 0.01
+    assert sum(h["rewards/margins"] for h in last) / 4 > 0.05
+    evals = result["eval"]
+    assert [s for s, _ in evals] == [0, 12, 24]
+    assert evals[0][1]["reward_accuracy"] == pytest.approx(0.5)
+    assert evals[-1][1]["reward_accuracy"] > 0.75
+    assert evals[-1][1]["rewards/margins"] > evals[0][1]["rewards/margins"]
+
+
+def test_reference_frozen_and_separate(demo_run, assets):
+    """The reference's weights never change, equal the model folder's, and share no storage with the policy."""
+    out, result = demo_run
+    assert result["ref_max_change"] == 0.0
+    assert result["shared_storages"] == 0
+    original = load_file(os.path.join(assets["model"], "model.safetensors"))
+    reference = torch.load(os.path.join(out, "dump", "reference.pt"), weights_only=True)
+    policy = torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
+    assert set(original) == set(reference)
+    for name, tensor in original.items():
+        assert torch.equal(reference[name], tensor), name
+    assert any(not torch.equal(policy[n], original[n]) for n in original)  # the policy did train
+
+
+def test_tensorboard_scalars(demo_run):
+    """Rank 0 wrote TRL's metric names (and eval/) to a TensorBoard event file under output_dir."""
+    out, result = demo_run
+    files = glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
+    assert len(files) == 1, files
+    scalars = _scalars(os.path.join(out, "tensorboard"))
+    for tag in TRL_SCALARS + ["eval/loss", "eval/kl", "eval/reward_accuracy", "eval/rewards/margins"]:
+        assert tag in scalars, tag
+    assert [s for s, _ in scalars["loss"]] == list(range(1, 25))
+    assert [v for _, v in scalars["loss"]] == pytest.approx([h["loss"] for h in result["history"]], rel=1e-6)
+    assert [v for _, v in scalars["count/chosen"]][0] + [v for _, v in scalars["count/rejected"]][0] == 16
+
+
+# First three losses of the tiny default (2 ranks, ZeRO-3, seed 0), recorded from this code and checked in.
+GOLDEN_LOSSES = [0.5, 0.5010987222194672, 0.49731096625328064]
+GOLDEN_KLS = [0.0, 0.0, 0.1936192512512207]
+
+
+def test_golden_losses(assets, tmp_path):
+    _, result = run_trainer(assets, tmp_path, nproc=2, **{"train.max_steps": 3})
+    losses = [h["loss"] for h in result["history"]]
+    kls = [h["kl"] for h in result["history"]]
+    assert losses == pytest.approx(GOLDEN_LOSSES, abs=2e-5)
+    assert kls == pytest.approx(GOLDEN_KLS, abs=2e-4)
