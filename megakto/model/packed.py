@@ -1,0 +1,93 @@
+"""Model forward over packed rows -> per-segment completion log-probs.
+
+Packed rows (:func:`megakto.data.packing.pack`) must be attended block-diagonally: a token sees
+earlier tokens of its own segment only. transformers 5.x does this itself for models whose mask
+goes through ``masking_utils.create_causal_mask`` (Llama, Qwen2/3, Mistral, Gemma, ...): when
+``attention_mask`` is None, there is no cache, and ``position_ids`` restart inside a row,
+``find_packed_sequence_indices`` turns the restarts into sequence ids and the sdpa, eager and flex
+masks become block-diagonal causal. Two conditions the caller must meet:
+
+- ``use_cache=False``: otherwise the model creates an empty cache and the detection is skipped
+  (plain causal attention across segments, silently wrong);
+- flash-attention kernels detect packing only for a batch of one row, so for them the rows are
+  flattened to (1, R*L); a segment never spans rows, so nothing else changes.
+
+``attention="mask"`` instead passes an explicit 4D block-diagonal mask built from the segment
+ids (sdpa and eager only), for models whose own mask code does not look at ``position_ids``. It
+costs R*L*L mask entries, like transformers' own sdpa/eager mask; both still compute the full
+L*L scores, so only flash varlen kernels also save the attention FLOPs of packing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megakto.data.packing import PackedBatch
+from megakto.kto.segment_logps import segment_logps
+
+__all__ = ["SegmentLogpsFn", "packed_attention_mask", "packed_forward_logps"]
+
+SegmentLogpsFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(R, 1, L, L) block-diagonal causal mask: query q sees key k iff k <= q in the same segment.
+
+    Padding (segment -1) is one more block, so every query sees at least itself and no softmax
+    row is empty. ``dtype=None`` gives a bool mask (True = attend, what sdpa takes); a float
+    dtype gives the additive form (0 or the dtype's minimum, what eager attention adds).
+    """
+    length = segment_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    mask = mask[:, None]
+    if dtype is None:
+        return mask
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _attn_implementation(model) -> str:
+    config = getattr(model, "config", None)  # a DeepSpeed engine forwards this to its module
+    return str(getattr(config, "_attn_implementation", None) or "")
+
+
+def packed_forward_logps(
+    model,
+    packed: PackedBatch,
+    logps_fn: SegmentLogpsFn = segment_logps,
+    *,
+    attention: str = "auto",
+    flatten: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) summed completion log-probs and (S,) token counts, segment i = ``pack()``'s rows[i].
+
+    ``attention``: "auto" lets transformers derive the block-diagonal mask from
+    ``position_ids``; "mask" passes :func:`packed_attention_mask` explicitly. ``flatten`` runs the
+    rows as one (1, R*L) row; None means "for flash-attention kernels", which need it.
+    """
+    input_ids, position_ids = packed.input_ids, packed.position_ids
+    completion_mask, segment_ids = packed.completion_mask, packed.segment_ids
+    impl = _attn_implementation(model)
+    if flatten is None:
+        flatten = "flash" in impl
+    if flatten:
+        # A segment never spans rows, so row ends become ordinary segment boundaries.
+        input_ids, position_ids, completion_mask, segment_ids = (
+            t.reshape(1, -1) for t in (input_ids, position_ids, completion_mask, segment_ids)
+        )
+    if attention == "auto":
+        mask = None
+    elif attention == "mask":
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"attention='mask' supports attn_implementation sdpa or eager, not {impl!r}")
+        # Eager adds the mask to the scores, so it must be additive; sdpa takes bool.
+        dtype = model.get_input_embeddings().weight.dtype if impl == "eager" else None
+        mask = packed_attention_mask(segment_ids, dtype)
+    else:
+        raise ValueError(f"attention must be 'auto' or 'mask'; got {attention!r}")
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+    return logps_fn(out.logits, input_ids, completion_mask, segment_ids, packed.num_segments)

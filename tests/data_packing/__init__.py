@@ -1,0 +1,1 @@
+"""Tests for megakto.data.packing and megakto.kto.segment_logps."""
