@@ -1,0 +1,186 @@
+"""Token log-probs from hidden states without materialising (tokens x vocabulary) logits.
+
+:func:`megakto.kto.sequence_logps` is the reference: it takes full (B, T, V) logits, and autograd
+keeps an fp32 (B, T-1, V) log-softmax alive until backward. For a 128k-256k vocabulary that block
+dominates activation memory. Here the output projection and the log-softmax are fused:
+
+* tokens are processed ``chunk_size`` at a time; the forward holds one (chunk, V_local) block and
+  keeps only the per-token log-normaliser (N,) for backward;
+* backward recomputes each block and applies d log p(y) / d z = onehot(y) - softmax(z), the
+  gradient that the log-prob of eq. (7)'s log pi(y|x) needs (Ethayarajh et al. 2024);
+* only completion positions are projected at all (:func:`chunked_sequence_logps`): prompt and
+  padding tokens never get logits.
+
+Vocabulary parallelism follows Megatron's ``vocab_parallel_cross_entropy``: ``weight`` may be the
+rows [vocab_start, vocab_start + V_local) of the output matrix, and two callables supplied by the
+caller reduce over the shards (max, then sum). This module never talks to a process group itself;
+:mod:`megakto.distributed.vocab_parallel` builds the callables.
+
+Group convention (exact under it): every shard receives the same ``hidden`` and the same upstream
+gradient. The forward returns the full-vocabulary log-prob on every shard. The backward returns the
+gradient of each shard's *local* weight rows, and the *full* hidden gradient: each shard's partial
+sum over its vocabulary rows is combined with ``reduce_sum`` inside backward, so what flows on into
+the layers below is identical on every shard (Megatron puts the same all-reduce in the backward of
+its copy-to-tensor-parallel-region op).
+
+Precision: the matmuls run in the parameters' dtype, as the ``nn.Linear`` they replace does (so a
+bf16 model matches the reference path, which upcasts bf16 logits with ``.float()``); the
+log-sum-exp, softmax and log-probs are fp32 (fp64 when the inputs are fp64).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["token_logps", "chunked_sequence_logps"]
+
+Reducer = Callable[[torch.Tensor], Optional[torch.Tensor]]
+
+
+def _reduce(fn: Reducer | None, t: torch.Tensor) -> torch.Tensor:
+    """Apply an all-reduce that may work in place (returns None) or return its result."""
+    if fn is None:
+        return t
+    out = fn(t)
+    return t if out is None else out
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _TokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, vocab_start, reduce_max, reduce_sum):
+        n, v_local = hidden.shape[0], weight.shape[0]
+        acc = _compute_dtype(hidden.dtype)
+        local_lse = torch.empty(n, dtype=acc, device=hidden.device)
+        target_logit = torch.zeros(n, dtype=acc, device=hidden.device)
+        # Where the target sits in this shard's rows; -1 when another shard owns it.
+        local_t = targets - vocab_start
+        owned = (local_t >= 0) & (local_t < v_local)
+        local_t = torch.where(owned, local_t, -1)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits = (hidden[s:e] @ weight.T).to(acc)  # the only (chunk, V_local) block
+            lt = local_t[s:e]
+            picked = logits.gather(1, lt.clamp(min=0).unsqueeze(1)).squeeze(1)
+            target_logit[s:e] = torch.where(lt >= 0, picked, 0.0)
+            # log-sum-exp in place (torch.logsumexp would allocate a second block).
+            m = logits.amax(dim=-1, keepdim=True) if v_local else logits.new_zeros(e - s, 1)
+            m = torch.where(torch.isfinite(m), m, 0.0)
+            local_lse[s:e] = torch.log(logits.sub_(m).exp_().sum(dim=-1)) + m.squeeze(1)
+            del logits
+        # Combine shards: log sum_k exp(lse_k) = m + log sum_k exp(lse_k - m), m = max_k lse_k.
+        # Two collectives per call (not per chunk), each over N numbers.
+        if reduce_max is not None or reduce_sum is not None:
+            m = _reduce(reduce_max, local_lse.clone())
+            m = torch.where(torch.isfinite(m), m, 0.0)  # every shard empty: avoid inf - inf
+            both = _reduce(reduce_sum, torch.stack([torch.exp(local_lse - m), target_logit]))
+            lse = m + torch.log(both[0])
+            target_logit = both[1]
+        else:
+            lse = local_lse
+        ctx.save_for_backward(hidden, weight, local_t, lse)
+        ctx.chunk_size = chunk_size
+        ctx.reduce_sum = reduce_sum
+        return target_logit - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, local_t, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_out = grad_out.to(lse.dtype)
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            e = min(s + ctx.chunk_size, hidden.shape[0])
+            logits = (hidden[s:e] @ weight.T).to(lse.dtype)
+            # g = (onehot(y) - softmax(z)) * upstream, built in place in the recomputed block.
+            g = torch.exp_(logits.sub_(lse[s:e].unsqueeze(1))).neg_()
+            lt = local_t[s:e]
+            rows = torch.nonzero(lt >= 0).squeeze(1)
+            g[rows, lt[rows]] += 1.0
+            g.mul_(grad_out[s:e].unsqueeze(1))
+            g = g.to(weight.dtype)
+            if need_h:
+                grad_h[s:e] = g @ weight
+            if need_w:
+                grad_w.addmm_(g.T, hidden[s:e])
+            del logits, g
+        if need_h:
+            # Each shard holds the part of dL/dh from its own vocabulary rows; sum them.
+            grad_h = _reduce(ctx.reduce_sum, grad_h)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    vocab_start: int = 0,
+    reduce_max: Reducer | None = None,
+    reduce_sum: Reducer | None = None,
+) -> torch.Tensor:
+    """log softmax(hidden @ W.T)[targets] over the full vocabulary, one chunk of tokens at a time.
+
+    Args:
+        hidden: (N, H) hidden states, one row per scored token.
+        weight: (V_local, H) output-embedding rows ``[vocab_start, vocab_start + V_local)``; the
+            whole matrix when there is no vocabulary-parallel group.
+        targets: (N,) long, global vocabulary ids.
+        chunk_size: tokens per (chunk, V_local) logits block.
+        reduce_max, reduce_sum: all-reduce (max / sum) over the vocabulary-parallel group, in
+            place or returning the result; None when the weight is not sharded. See the module
+            docstring for the gradient convention.
+
+    Returns:
+        (N,) log-probs, fp32 (fp64 for fp64 inputs).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be (N,) = {tuple(hidden.shape[:1])}; got {tuple(targets.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    return _TokenLogps.apply(hidden, weight, targets, int(chunk_size), int(vocab_start), reduce_max, reduce_sum)
+
+
+def chunked_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    **kw,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`megakto.kto.sequence_logps` of ``hidden @ weight.T`` without building those logits.
+
+    Args:
+        hidden: (B, T, H) final hidden states; ``hidden[:, t]`` predicts ``input_ids[:, t + 1]``.
+        weight, **kw: as in :func:`token_logps`.
+        input_ids, completion_mask: (B, T), as in :func:`megakto.kto.sequence_logps`.
+
+    Returns:
+        ``logps`` (B,) summed completion log-probs and ``n_tokens`` (B,) int64.
+    """
+    if hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"hidden must be (B, T, H) matching input_ids (B, T); got {tuple(hidden.shape)} and "
+            f"{tuple(input_ids.shape)}"
+        )
+    if completion_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"completion_mask must match input_ids {tuple(input_ids.shape)}; got {tuple(completion_mask.shape)}"
+        )
+    # Same shift as the reference; only completion positions are projected.
+    mask = completion_mask[:, 1:].bool()
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    tok = token_logps(hidden[rows, cols], weight, input_ids[rows, cols + 1], **kw)
+    logps = torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    return logps, mask.sum(-1)

@@ -1,0 +1,200 @@
+"""chunked_logps: hand-worked gradient, gradcheck, equality with sequence_logps over full logits,
+vocabulary shards combined through a threaded fake group, and the memory bound (no N x V tensor)."""
+
+import math
+import threading
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megakto.kto import sequence_logps
+from megakto.kto.chunked_logps import chunked_sequence_logps, token_logps
+
+
+def _case(dtype, h=8, v=37, seed=0):
+    b, t = 3, 11
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g, dtype=dtype).requires_grad_()
+    weight = torch.randn(v, h, generator=g, dtype=dtype).requires_grad_()
+    input_ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.zeros(b, t, dtype=torch.long)
+    mask[0, 4:] = 1  # prompt of 4, completion to the end
+    mask[1, 2:7] = 1  # completion then right padding
+    mask[2, 9:] = 1
+    input_ids[1, 7:] = -100  # padding ids that are not valid indices must never be gathered
+    return hidden, weight, input_ids, mask
+
+
+def test_hand_worked_token():
+    """V=2, H=1: hidden [[1]], weight [[ln 3], [0]] -> logits [ln 3, 0], softmax [3/4, 1/4].
+
+    target 0: log p = ln 3/4 = -0.287682;  dlogp/dz = onehot - softmax = [1/4, -1/4]
+      d/dhidden = sum_j (dz_j) W_j = 1/4 * ln 3 = 0.274653
+      d/dweight = (dz)^T hidden     = [[1/4], [-1/4]]
+    """
+    hidden = torch.tensor([[1.0]], requires_grad=True)
+    weight = torch.tensor([[math.log(3)], [0.0]], requires_grad=True)
+    out = token_logps(hidden, weight, torch.tensor([0]))
+    torch.testing.assert_close(out, torch.tensor([math.log(0.75)]))
+    out.sum().backward()
+    torch.testing.assert_close(hidden.grad, torch.tensor([[0.25 * math.log(3)]]))
+    torch.testing.assert_close(weight.grad, torch.tensor([[0.25], [-0.25]]))
+
+
+def test_gradcheck_fp64():
+    """The hand-written backward against finite differences, with chunks that do not divide N."""
+    hidden, weight, input_ids, mask = _case(torch.float64, h=4, v=9)
+    upstream = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    fn = lambda h, w: (chunked_sequence_logps(h, w, input_ids, mask, chunk_size=3)[0] * upstream).sum()  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_matches_full_logits(dtype, tol, chunk_size):
+    """Values and grads equal the reference over full logits (fp64: an fp64 log-softmax, since
+    sequence_logps computes in fp32)."""
+    hidden, weight, input_ids, mask = _case(dtype)
+    upstream = torch.tensor([1.0, -0.5, 2.0], dtype=dtype)
+    logps, n = chunked_sequence_logps(hidden, weight, input_ids, mask, chunk_size=chunk_size)
+    gh, gw = torch.autograd.grad((logps * upstream).sum(), (hidden, weight))
+    if dtype == torch.float64:
+        logits = hidden @ weight.T
+        labels = input_ids[:, 1:].masked_fill(~mask[:, 1:].bool(), 0)
+        tok = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ref = torch.where(mask[:, 1:].bool(), tok, 0.0).sum(-1)
+        ref_n = mask[:, 1:].sum(-1)
+    else:
+        ref, ref_n = sequence_logps(hidden @ weight.T, input_ids, mask)
+    rh, rw = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
+    assert logps.dtype == dtype and n.tolist() == ref_n.tolist() == [7, 5, 2]
+    torch.testing.assert_close(logps, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gh, rh, rtol=tol, atol=tol)
+    torch.testing.assert_close(gw, rw, rtol=tol, atol=tol)
+
+
+def test_bf16_matches_reference_path():
+    """bf16 hidden and weight: the matmul runs in bf16 like the nn.Linear it replaces, the rest in
+    fp32, so it matches sequence_logps(bf16 logits) up to bf16 rounding of the logits."""
+    hidden, weight, input_ids, mask = _case(torch.bfloat16)
+    logps, _ = chunked_sequence_logps(hidden, weight, input_ids, mask, chunk_size=4)
+    ref, _ = sequence_logps(hidden @ weight.T, input_ids, mask)
+    assert logps.dtype == torch.float32
+    torch.testing.assert_close(logps, ref, rtol=1e-5, atol=1e-4)
+    gh, gw = torch.autograd.grad(logps.sum(), (hidden, weight))
+    rh, rw = torch.autograd.grad(ref.sum(), (hidden, weight))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    torch.testing.assert_close(gh.float(), rh.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw.float(), rw.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_prompt_and_padding_positions_are_never_projected():
+    """NaN hidden states outside the scored positions change nothing, and get zero gradient."""
+    hidden, weight, input_ids, mask = _case(torch.float32)
+    clean, _ = chunked_sequence_logps(hidden, weight, input_ids, mask)
+    scored = torch.zeros_like(mask, dtype=torch.bool)
+    scored[:, :-1] = mask[:, 1:].bool()
+    poisoned = torch.where(scored.unsqueeze(-1), hidden.detach(), float("nan")).requires_grad_()
+    logps, _ = chunked_sequence_logps(poisoned, weight, input_ids, mask)
+    torch.testing.assert_close(logps, clean)
+    (g,) = torch.autograd.grad(logps.sum(), poisoned)
+    assert torch.all(g[~scored] == 0) and torch.all(g[scored].abs().sum(-1) > 0)
+
+
+class _ThreadGroup:
+    """A fake process group of threads: all_reduce(max/sum) over the tensors the threads pass in.
+    Counts the collectives each member makes, so the test can see the group is actually used."""
+
+    def __init__(self, size):
+        self.size, self.slots, self.calls = size, [None] * size, [0] * size
+        self.barrier = threading.Barrier(size)
+
+    def reducers(self, rank):
+        def make(op):
+            def reduce(t):
+                self.calls[rank] += 1
+                self.slots[rank] = t.clone()
+                self.barrier.wait()
+                total = self.slots[0].clone()
+                for other in self.slots[1:]:
+                    total = torch.maximum(total, other) if op == "max" else total + other
+                self.barrier.wait()
+                t.copy_(total)  # in place, returning None: the other accepted convention
+            return reduce
+        return make("max"), make("sum")
+
+
+@pytest.mark.parametrize("bounds", [[0, 37], [0, 20, 37], [0, 5, 6, 30, 37]])
+def test_vocab_shards_through_fake_group(bounds):
+    """Ranks by slicing: uneven vocabulary shards, each in a thread, reproduce the full-vocab
+    values; each shard's weight grad is its slice of the full grad; every shard's hidden grad is the
+    full hidden grad."""
+    hidden, weight, input_ids, mask = _case(torch.float64)
+    ref, _ = chunked_sequence_logps(hidden, weight, input_ids, mask, chunk_size=4)
+    rh, rw = torch.autograd.grad(ref.sum(), (hidden, weight))
+    size = len(bounds) - 1
+    group, results = _ThreadGroup(size), [None] * size
+
+    def run(r):
+        h = hidden.detach().clone().requires_grad_()
+        w = weight.detach()[bounds[r]:bounds[r + 1]].clone().requires_grad_()
+        reduce_max, reduce_sum = group.reducers(r) if size > 1 else (None, None)
+        out, _ = chunked_sequence_logps(h, w, input_ids, mask, chunk_size=4, vocab_start=bounds[r],
+                                        reduce_max=reduce_max, reduce_sum=reduce_sum)
+        results[r] = (out.detach(), *torch.autograd.grad(out.sum(), (h, w)))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    for r, (out, gh, gw) in enumerate(results):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gh, rh, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gw, rw[bounds[r]:bounds[r + 1]], rtol=1e-12, atol=1e-12)
+    # forward: one max + one sum; backward: one sum of the hidden grad.
+    assert group.calls == ([3] * size if size > 1 else [0])
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_memory_bound_no_tokens_by_vocab_tensor():
+    """N=192 scored tokens, V=500, chunk 16: nothing saved for backward grows with V except the
+    weight itself, and no op in forward or backward produces more than one (chunk x V) block."""
+    n, v, h, chunk = 192, 500, 8, 16
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = token_logps(hidden, weight, targets, chunk_size=chunk)
+    assert sorted(saved, key=lambda s: s.numel()) == [(n,), (n,), (n, h), (v, h)]  # targets, lse
+    mode = _LargestTensor()
+    with mode:
+        out = token_logps(hidden, weight, targets, chunk_size=chunk)
+        out.sum().backward()
+    assert mode.largest == chunk * v < n * v
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="hidden must be"):
+        token_logps(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets must be"):
+        token_logps(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logps(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), chunk_size=0)
+    with pytest.raises(ValueError, match="completion_mask"):
+        chunked_sequence_logps(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long),
+                               torch.zeros(2, 4))

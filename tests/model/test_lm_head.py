@@ -1,0 +1,111 @@
+"""completion_logps_chunked against the full-logits ground truth (megakto.model.forward), on a tiny
+random Llama with untied and tied output embeddings, then inside real ZeRO-3 engines (2 ranks)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megakto.data.collate import collate
+from megakto.errors import ModelError
+from megakto.model.forward import completion_logps
+from megakto.model.lm_head import completion_logps_chunked
+from tests.launcher import launch
+
+
+def _tiny(tie: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=301, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg)
+
+
+def _batch():
+    # Different prompt/completion lengths and right padding (pad id 0 is also a real token id).
+    return collate([([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14, 15, 16, 17, 18, 300]), ([19, 20, 21, 22], [23])],
+                   pad_id=0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("chunk_size", [2, 1024])
+def test_values_and_all_grads_match_full_logits(tie, chunk_size):
+    model = _tiny(tie)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    batch = _batch()
+    upstream = torch.tensor([1.0, -0.7, 0.3])  # signed per-sequence weights, like eq. (7)'s v(x, y)
+    ref, ref_n = completion_logps(model, batch)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), list(model.parameters()))
+    out, n = completion_logps_chunked(model, batch, chunk_size=chunk_size)
+    grads = torch.autograd.grad((out * upstream).sum(), list(model.parameters()))
+    assert n.tolist() == ref_n.tolist() == [4, 7, 1]
+    assert out.shape == (3,) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for (name, _), g, rg in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert "forward" not in model.lm_head.__dict__  # the head is its plain nn.Linear again
+    assert model(input_ids=batch.input_ids).logits.shape == (3, 8, 301)
+
+
+class _ScaledLogits(LlamaForCausalLM):
+    """Post-processes the head's output (as Cohere's logit_scale or Gemma's soft-capping do)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_refuses_models_that_change_logits_after_the_head():
+    model = _tiny(False)
+    scaled = _ScaledLogits(model.config)
+    scaled.load_state_dict(model.state_dict())
+    with pytest.raises(ModelError, match="does not return its output head's result unchanged"):
+        completion_logps_chunked(scaled, _batch())
+    assert "forward" not in scaled.lm_head.__dict__  # restored after the failure too
+
+
+def test_restores_a_forward_already_patched_on_the_head():
+    model = _tiny(False)
+    patched = model.lm_head.forward
+    model.lm_head.forward = patched  # an instance attribute, as accelerate-style hooks leave it
+    completion_logps_chunked(model, _batch())
+    assert model.lm_head.__dict__["forward"] is patched
+
+
+def test_engine_like_wrapper_is_unwrapped():
+    """A DeepSpeed engine exposes the HF model as ``.module`` and is itself called."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kw):
+            return self.module(**kw)
+
+    model = _tiny(False)
+    ref, _ = completion_logps(model, _batch())
+    out, _ = completion_logps_chunked(Wrapper(model), _batch())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_zero3_two_ranks_same_logps_and_same_post_step_weights(tmp_path):
+    """Two ZeRO-3 engines (every parameter partitioned) from the same init, two AdamW steps on each
+    rank's own batches: one through full logits, one through the chunked head. Log-probs agree to
+    fp32 rounding; weights agree to 1e-4 (Adam divides by sqrt(v), so float-rounding differences in
+    near-zero grads grow to ~1e-5 here, still 200x below the lr=1e-2 update they are part of)."""
+    proc = launch("tests/model/_zero3_lm_head_worker.py", ["--out", str(tmp_path)], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        dump = torch.load(tmp_path / f"rank{rank}.pt")
+        for key in ("tie=False", "tie=True"):
+            d = dump[key]
+            assert d["partitioned"] == (True, True), key  # lm_head empty outside forward, sliced
+            assert d["forward_restored"]
+            for step in d["steps"]:
+                assert step["n_full"].tolist() == step["n_chunked"].tolist()
+                torch.testing.assert_close(step["chunked"], step["full"], rtol=1e-5, atol=1e-5)
+            assert sorted(d["full"]) == sorted(d["chunked"]) == sorted(d["init"])
+            for name in d["full"]:
+                torch.testing.assert_close(d["chunked"][name], d["full"][name], rtol=0, atol=1e-4)
+                # and training really moved every parameter (a step of ~lr), head included
+                assert (d["full"][name] - d["init"][name]).abs().max() > 5e-3, name
