@@ -65,6 +65,14 @@ class ModelConfig:
     attn_implementation: str = _opt(
         "sdpa", "Passed to from_pretrained: sdpa, eager, flash_attention_2, ..."
     )
+    logps: Literal["chunked", "full"] = _opt(
+        "chunked", "chunked = lm_head only on completion positions, in chunks of tokens with a "
+        "recomputing backward (no tokens x vocab tensor); full = the model's ordinary logits "
+        "(for heads with a bias or logits changed after the head)."
+    )
+    logps_chunk_tokens: Optional[int] = _opt(
+        None, "Tokens per lm_head chunk; null = as many as fit 16M logits (flat memory in vocab size)."
+    )
 
 
 @dataclass
@@ -82,13 +90,21 @@ class DataConfig:
         True, "Stratify each global batch by label instead of a plain shuffle."
     )
     num_proc: Optional[int] = _opt(None, "Worker processes for tokenization; null = one.")
+    packing: bool = _opt(
+        True, "Pack each micro-batch's sequences end to end into rows of max_tokens_per_row "
+        "(attention stays inside a sequence); false = one sequence per row, right-padded."
+    )
+    max_tokens_per_row: Optional[int] = _opt(
+        None, "Token budget of a packed row; null = max(max_length, 2048). Must be >= max_length."
+    )
 
 
 @dataclass
 class KTOConfig:
-    loss_type: Literal["kto", "apo_zero_unpaired"] = _opt(
+    loss_type: Literal["kto", "apo_zero_unpaired", "sft"] = _opt(
         "kto", "kto = KTO with the KL reference point z_0 (Ethayarajh et al. 2024); "
-        "apo_zero_unpaired = no KL term (no KL forward passes)."
+        "apo_zero_unpaired = no KL term (no KL forward passes); sft = plain causal-LM loss on every "
+        "completion, labels ignored, no reference (a throughput baseline on the same engine)."
     )
     beta: float = _opt(0.1, "Scale of the implied reward beta * log(pi / pi_ref); > 0.")
     desirable_weight: Union[float, Literal["auto"]] = _opt(
@@ -157,6 +173,10 @@ class RefConfig:
         "cpu", "cpu = keep the ZeRO-3 reference parameters in CPU memory (offload_param)."
     )
     path: Optional[str] = _opt(None, "Reference model folder; null = model.path.")
+    cache_dir: Optional[str] = _opt(
+        None, "ref.mode=cache: where reference log-probs are stored, keyed by token content and a "
+        "fingerprint of the reference weights; null = output_dir/ref_cache."
+    )
 
 
 @dataclass
@@ -491,6 +511,13 @@ def validate(cfg: Config) -> None:
         _check(mpl < cfg.data.max_length, f"data.max_prompt_length={mpl} must be < "
                f"data.max_length={cfg.data.max_length} to leave room for the completion")
     _check(cfg.data.max_length >= 2, f"data.max_length must be >= 2, got {cfg.data.max_length}")
+    mtr = cfg.data.max_tokens_per_row
+    if mtr is not None:
+        _check(mtr >= cfg.data.max_length, f"data.max_tokens_per_row={mtr} must be >= "
+               f"data.max_length={cfg.data.max_length}: a sequence is never split across packed rows")
+    if cfg.model.logps_chunk_tokens is not None:
+        _check(cfg.model.logps_chunk_tokens >= 1,
+               f"model.logps_chunk_tokens must be >= 1, got {cfg.model.logps_chunk_tokens}")
     _check(bool(cfg.train.resume.strip()), "train.resume must be 'auto', 'none' or a checkpoint path")
     # The micro-batch divides the global batch whatever the data-parallel size; ParallelDims checks
     # the rest once the world size is known.
@@ -514,6 +541,10 @@ def resolve_defaults(cfg: Config) -> Config:
         cfg.ref.path = cfg.model.path
     if cfg.data.max_prompt_length is None:
         cfg.data.max_prompt_length = cfg.data.max_length // 2
+    if cfg.data.max_tokens_per_row is None:
+        cfg.data.max_tokens_per_row = max(cfg.data.max_length, 2048)
+    if cfg.ref.cache_dir is None:
+        cfg.ref.cache_dir = os.path.join(cfg.output_dir, "ref_cache")
     return cfg
 
 

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["PackedBatch", "pack", "first_fit_decreasing", "balance_by_tokens"]
+__all__ = ["PackedBatch", "pack", "first_fit_decreasing", "balance_by_tokens", "plan_micro_batches"]
 
 
 @dataclass
@@ -145,3 +145,36 @@ def balance_by_tokens(lengths: Sequence[int], num_bins: int) -> list[list[int]]:
         groups[k].append(i)
         heapq.heappush(lightest, (load + lengths[i], k))
     return [sorted(g) for g in groups]
+
+
+
+def plan_micro_batches(lengths: Sequence[int], labels: Sequence[bool], num_micro_batches: int) -> list[list[int]]:
+    """Split a global batch into ``num_micro_batches`` micro-batches of equal row count and
+    near-equal token count, each holding both classes whenever the batch has at least
+    ``num_micro_batches`` rows of each.
+
+    Micro-batch k gets ``nD // B + (k < nD % B)`` desirable rows and the rest undesirable (a
+    single-class micro-batch is KTO's classic failure under per-micro-batch statistics). Within
+    each class the rows go longest first to the lightest micro-batch with room, the undesirable
+    rows continuing from the loads the desirable ones left, so tokens even out. Layout as the
+    sampler's: data-parallel rank r owns micro-batches ``r*ga .. r*ga+ga-1``; equal tokens per
+    micro-batch means equal work per rank. A function of lengths and labels alone, so every rank
+    computes the same plan without communication.
+    """
+    n, b = len(lengths), num_micro_batches
+    if b < 1 or n % b:
+        raise ValueError(f"{n} rows do not split into {b} equal micro-batches")
+    size = n // b
+    desirable = [i for i in range(n) if labels[i]]
+    quota = {True: [len(desirable) // b + (k < len(desirable) % b) for k in range(b)]}
+    quota[False] = [size - q for q in quota[True]]
+    bins: list[list[int]] = [[] for _ in range(b)]
+    load = [0] * b
+    for cls in (True, False):
+        room = list(quota[cls])
+        for i in sorted((i for i in range(n) if bool(labels[i]) == cls), key=lambda i: (-lengths[i], i)):
+            k = min((k for k in range(b) if room[k]), key=lambda k: (load[k], k))
+            bins[k].append(i)
+            load[k] += lengths[i]
+            room[k] -= 1
+    return [sorted(g) for g in bins]

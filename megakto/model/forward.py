@@ -1,25 +1,96 @@
-"""Model forward -> per-sequence completion log-probs.
+"""Model forward -> per-sequence completion log-probs, for packed batches.
 
-The log-prob function is injectable: the default is the ground-truth
-:func:`megakto.kto.sequence_logps` over full logits; a chunked or vocabulary-parallel version has
-the same signature and replaces it without touching the trainer.
+Every batch is a :class:`~megakto.data.packing.PackedBatch`: sequences laid end to end in rows,
+``position_ids`` restarting at each one, so attention stays inside a sequence (transformers builds
+the block-diagonal mask from the positions when no attention mask and no cache are given). A
+padded batch is the special case of one sequence per row.
+
+Two ways to turn hidden states into log-probs, same result:
+
+* ``chunked`` (default): ``lm_head`` runs only on the positions whose next token is a completion
+  token — prompt and padding positions get no logits at all — and in chunks of tokens with a
+  recomputing backward, so no (tokens × vocabulary) tensor exists whole. The output head's forward
+  is swapped for the call, which keeps ZeRO-3's parameter gathering in play.
+* ``full``: the model's ordinary logits, then per-segment sums; for models whose head cannot be
+  swapped (a bias, or logits changed after the head).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from functools import partial
 
 import torch
 
 from megakto.data.collate import Batch
-from megakto.kto import sequence_logps
+from megakto.data.packing import PackedBatch
+from megakto.kto.chunked_logps import token_logps
+from megakto.kto.logps import sequence_logps
+from megakto.kto.segment_logps import segment_logps
+from megakto.model.lm_head import check_head_output, output_head, replaced_output_head
+from megakto.model.packed import packed_forward_logps
 
-__all__ = ["LogpsFn", "completion_logps"]
+__all__ = ["packed_completion_logps", "completion_logps", "logps_function", "chunk_tokens_for",
+           "LOGITS_BLOCK_ELEMENTS"]
 
-LogpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# One (chunk × vocabulary) block of fp32 logits is at most this many elements (64 MiB), whatever
+# the vocabulary size: memory beyond the weights stays flat as V grows.
+LOGITS_BLOCK_ELEMENTS = 1 << 24
 
 
-def completion_logps(model, batch: Batch, logps_fn: LogpsFn = sequence_logps) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) summed completion log-probs and (B,) completion token counts of ``batch``."""
+def chunk_tokens_for(vocab_size: int) -> int:
+    return max(16, LOGITS_BLOCK_ELEMENTS // max(1, vocab_size))
+
+
+def _scored(batch: PackedBatch):
+    """Positions t whose successor t+1 is a completion token of the same segment."""
+    seg = batch.segment_ids
+    mask = (batch.completion_mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] >= 0)
+    return mask, batch.input_ids[:, 1:][mask], seg[:, 1:][mask]
+
+
+def _flash(model) -> bool:
+    config = getattr(model, "config", None)
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
+                            chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) summed completion log-probs (fp32) and (S,) completion token counts, segment order.
+
+    ``model`` is an HF causal LM or a DeepSpeed engine wrapping one (called as given, so the
+    engine's hooks run).
+    """
+    if mode == "full":
+        return packed_forward_logps(model, batch, segment_logps)
+    if mode != "chunked":
+        raise ValueError(f"unknown log-prob mode {mode!r}; expected chunked or full")
+    if _flash(model):  # flash-attention kernels detect packing only in a single row
+        batch = PackedBatch(*(t.reshape(1, -1) for t in (batch.input_ids, batch.position_ids,
+                                                          batch.completion_mask, batch.segment_ids)),
+                            batch.num_segments)
+    mask, targets, seg_of = _scored(batch)
+    n = batch.num_segments
+    n_tokens = torch.bincount(seg_of, minlength=n)
+
+    def head_fn(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
+        tok = token_logps(hidden[:, :-1][mask], weight, targets, chunk_size=chunk)
+        return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg_of, tok).view(n, 1, 1)
+
+    head = output_head(model)
+    with replaced_output_head(head, head_fn) as state:
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                    use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return check_head_output(model, logits, state, n), n_tokens
+
+
+def logps_function(mode: str, chunk_tokens: int | None = None):
+    """The configured log-prob function, ``f(model, batch) -> (logps, n_tokens)``."""
+    return partial(packed_completion_logps, mode=mode, chunk_tokens=chunk_tokens)
+
+
+def completion_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground truth on a right-padded batch: full logits, then :func:`megakto.kto.sequence_logps`."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return logps_fn(out.logits, batch.input_ids, batch.completion_mask)
+    return sequence_logps(out.logits, batch.input_ids, batch.completion_mask)

@@ -29,7 +29,7 @@ from megakto.data.collate import Batch
 from megakto.errors import ModelError
 from megakto.kto.chunked_logps import chunked_sequence_logps
 
-__all__ = ["completion_logps_chunked", "chunked_output_head", "output_head"]
+__all__ = ["completion_logps_chunked", "chunked_output_head", "replaced_output_head", "check_head_output", "output_head"]
 
 
 def output_head(model) -> torch.nn.Module:
@@ -50,21 +50,17 @@ def output_head(model) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def chunked_output_head(
-    head: torch.nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor, *, chunk_size: int = 1024
-) -> Iterator[dict]:
-    """While active, ``head(hidden)`` returns the (B, 1, 1) summed completion log-probs of
-    ``input_ids`` instead of logits; the yielded dict records the call count and the last result."""
+def replaced_output_head(head: torch.nn.Module, fn) -> Iterator[dict]:
+    """While active, ``head(hidden)`` returns ``fn(hidden, head.weight)``; the yielded dict records
+    the call count and a detached copy of the last result."""
     state = {"calls": 0, "logps": None}
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         # head.weight is read here, inside the module call: under ZeRO-3 it is materialised now.
-        logps, _ = chunked_sequence_logps(
-            hidden_states, head.weight, input_ids, completion_mask, chunk_size=chunk_size
-        )
+        result = fn(hidden_states, head.weight)
         state["calls"] += 1
-        state["logps"] = logps.detach()
-        return logps.view(-1, 1, 1)
+        state["logps"] = result.detach()
+        return result
 
     had_own = "forward" in head.__dict__  # e.g. a forward already patched by another library
     saved = head.__dict__.get("forward")
@@ -78,6 +74,38 @@ def chunked_output_head(
             del head.forward
 
 
+def check_head_output(model, logits: torch.Tensor, state: dict, n: int) -> torch.Tensor:
+    """The (n,) values the model returned, after checking they are exactly what the head produced."""
+    if (
+        state["calls"] != 1
+        or tuple(logits.shape) != (n, 1, 1)
+        or not torch.equal(logits.detach().reshape(n).to(state["logps"].dtype), state["logps"].reshape(n))
+    ):
+        raise ModelError(
+            f"{type(getattr(model, 'module', model)).__name__} does not return its output head's result "
+            f"unchanged (head called {state['calls']} times); chunked log-probs cannot be used with it; "
+            "set model.logps=full"
+        )
+    # The model's output, not state["logps"]: under ZeRO-3 only this tensor carries the engine's
+    # backward hook that re-gathers the head weight.
+    return logits.reshape(n)
+
+
+@contextlib.contextmanager
+def chunked_output_head(
+    head: torch.nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor, *, chunk_size: int = 1024
+) -> Iterator[dict]:
+    """While active, ``head(hidden)`` returns the (B, 1, 1) summed completion log-probs of
+    ``input_ids`` instead of logits; the yielded dict records the call count and the last result."""
+
+    def fn(hidden_states, weight):
+        logps, _ = chunked_sequence_logps(hidden_states, weight, input_ids, completion_mask, chunk_size=chunk_size)
+        return logps.view(-1, 1, 1)
+
+    with replaced_output_head(head, fn) as state:
+        yield state
+
+
 def completion_logps_chunked(model, batch: Batch, *, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`megakto.model.forward.completion_logps`, without full logits.
 
@@ -88,18 +116,5 @@ def completion_logps_chunked(model, batch: Batch, *, chunk_size: int = 1024) -> 
     with chunked_output_head(head, batch.input_ids, batch.completion_mask, chunk_size=chunk_size) as state:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    b = batch.input_ids.shape[0]
-    if (
-        state["calls"] != 1
-        or tuple(logits.shape) != (b, 1, 1)
-        or not torch.equal(logits.detach().reshape(b).to(state["logps"].dtype), state["logps"])
-    ):
-        raise ModelError(
-            f"{type(getattr(model, 'module', model)).__name__} does not return its output head's result "
-            f"unchanged (head called {state['calls']} times); chunked log-probs cannot be used with it; "
-            "use megakto.model.forward.completion_logps (full logits) instead"
-        )
-    # The model's output, not state["logps"]: under ZeRO-3 only this tensor carries the engine's
-    # backward hook that re-gathers the head weight.
-    logps = logits.reshape(b)
+    logps = check_head_output(model, logits, state, batch.input_ids.shape[0])
     return logps, batch.completion_mask[:, 1:].bool().sum(-1)

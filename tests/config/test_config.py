@@ -185,12 +185,12 @@ def test_config_help_lists_every_key_with_type_and_default():
     text = config_help()
     lines = text.splitlines()
     keys = list(_leaves(config_to_dict(Config())))
-    assert len(lines) == len(keys) == 44  # 2 top-level + 7+6+7+8+8+3+2+1 per section
+    assert len(lines) == len(keys) == 49  # 2 top-level + 9+8+7+8+8+4+2+1 per section
     for line, key in zip(lines, keys):
         assert line.startswith(key + ": ")
     assert "train.max_steps: int = 100 " in text
     assert "kto.desirable_weight: float or 'auto' = 1.0 " in text
-    assert "kto.loss_type: one of 'kto', 'apo_zero_unpaired' = \"kto\" " in text
+    assert "kto.loss_type: one of 'kto', 'apo_zero_unpaired', 'sft' = \"kto\" " in text
     assert "model.tokenizer_path: str or null = null " in text
     assert "optim.betas: list of float = [0.9, 0.999] " in text
     # Every field has non-empty help after its default.
@@ -248,7 +248,7 @@ def test_wrong_type_names_key_type_and_value(override, expected):
 
 def test_literal_names_allowed_values_and_closest():
     assert _error(None, REQUIRED + ["kto.loss_type=dpo"]) == (
-        "config key 'kto.loss_type' expects one of 'kto', 'apo_zero_unpaired', got 'dpo' "
+        "config key 'kto.loss_type' expects one of 'kto', 'apo_zero_unpaired', 'sft', got 'dpo' "
         "(command-line override)"
     )
     assert _error(None, REQUIRED + ["optim.schedule=cosin"]).endswith(

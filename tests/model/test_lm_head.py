@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from megakto.data.collate import collate
 from megakto.errors import ModelError
-from megakto.model.forward import completion_logps
+from megakto.model.forward import completion_logps  # the padded ground truth
 from megakto.model.lm_head import completion_logps_chunked
 from tests.launcher import launch
 

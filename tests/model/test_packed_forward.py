@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from megakto.data.collate import collate
 from megakto.data.packing import pack
-from megakto.model.forward import completion_logps
+from megakto.model.forward import completion_logps  # the padded ground truth
 from megakto.model.packed import packed_attention_mask, packed_forward_logps
 
 PAD = 0
