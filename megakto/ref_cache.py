@@ -1,0 +1,413 @@
+"""Content-keyed cache of reference log-probs (``ref.mode: cache``).
+
+KTO's implied reward is beta * log(pi_theta(y|x) / pi_ref(y|x)) and its reference point is the
+same log-ratio on mismatched pairs (Ethayarajh et al. 2024, eq. 7). pi_ref is frozen, so the
+reference log-prob of a given token sequence never changes: computed once, it can be read back on
+every later step, epoch and run. That takes the two reference forwards (target and KL rows) out of
+every step and lets training run without the reference model in memory.
+
+**Keys are content, not row numbers.** A key is blake2b over (prompt length, prompt ids,
+completion ids), so the cache does not care about sampling order, reshuffles, seeds or which run
+filled it (HALOs keys by token tuple; TRL's row-indexed cache forces a fixed order). The prompt
+length is part of the key because log pi(y|x) sums over completion tokens only: the same ids split
+at a different point are a different quantity.
+
+**Which reference the values belong to.** :func:`reference_fingerprint` identifies the weights
+without loading the model. It hashes (sha256), in this order: a scheme tag and whether hashing is
+sampled or full; ``settings`` (e.g. dtype, attention kernel: a bf16 reference gives different
+log-probs from an fp32 one) as sorted JSON; the bytes of ``config.json``; then, for every weight
+file (top-level ``*.safetensors``; ``*.bin``/``*.pt`` only when there is no safetensors file) in
+name order: its name, its size, the whole safetensors header (tensor names, dtypes, shapes, data
+offsets, metadata), and the tensor bytes at the first 64 KiB, the last 64 KiB and 64 KiB every
+64 MiB (about 1/1000 of the data: a 60 GB model reads ~60 MB). A change of weights confined to
+unsampled bytes (same names, shapes, dtypes and file sizes) is NOT detected in that mode; fine-tuned
+weights differ almost everywhere, so the sample sees them, but a hand-edit of a few values may not
+be seen. ``full=True`` hashes every byte instead (minutes for a large model) and gives a different
+fingerprint from the sampled mode. Tokenizer files are not covered: keys are token ids, so a
+different tokenizer just produces different keys. The folder's path is not covered: a copy
+elsewhere has the same fingerprint.
+
+**Layout** of ``cache_dir``: ``meta.json`` ({"fingerprint", "format": 1, "created"}) and shards
+``shard-<writer>-<n>.safetensors`` with ``keys`` (uint8, (N, 16)) and ``logps`` (float64, (N,)),
+the fingerprint repeated in the shard metadata. Safetensors only: reading a cache never unpickles.
+A shard is written to a temporary name and published with a no-clobber hard link (``os.replace``
+where the file system has no links), so a reader sees whole shards or none. A key that is missing
+raises: there is no silent fallback to another model (TRL #6443 used the trained policy as the
+reference that way).
+
+**Note for the trainer.** In cache mode the KL rows must be a fixed set, or every reshuffle asks
+for (prompt, completion) pairs never computed. So cache mode pairs rows at the dataset level:
+``kl_partners(prompt_keys of the whole dataset, seed=0, step=0)`` (a fixed seed, not ``cfg.seed``,
+so different seeds share the cache), and row i's KL row is (prompt i, completion partner[i]) fitted
+with ``fit_to_length`` as today. The target and KL rows of the whole dataset (train and eval) are
+precomputed once with :func:`precompute`, keyed by content, and reused across runs, seeds and
+reshuffles with the same ``max_length``. Each step still runs the policy on the KL rows; only the
+reference side comes from the cache.
+
+This module never talks to ``torch.distributed``: :func:`precompute` is told its rank, and the
+caller places the barrier and :meth:`RefLogpCache.reload` after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from megakto.errors import ConfigError, MegaktoError, ModelError
+
+__all__ = ["RefLogpCache", "precompute", "reference_fingerprint", "sequence_key"]
+
+FORMAT = 1
+KEY_BYTES = 16
+_SAMPLE = 64 << 10   # bytes read at each sampled position
+_STRIDE = 64 << 20   # distance between sampled positions
+_BLOCK = 8 << 20     # read size when hashing everything
+_SHARD = re.compile(r"shard-([A-Za-z0-9_.-]+)-(\d+)\.safetensors")
+_WRITER = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+# ---------------------------------------------------------------------------------- fingerprint
+
+def reference_fingerprint(model_dir: str, *, full: bool = False,
+                          settings: Mapping[str, object] | None = None) -> str:
+    """sha256 (hex) of a local reference folder's config and weights; see the module docstring."""
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"ref.path={model_dir} is not a local folder: ref.mode=cache needs a local "
+                          f"model folder to fingerprint the reference weights (download it first)")
+    config = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config):
+        raise ModelError(f"ref.path={model_dir}: folder has no config.json")
+    h = hashlib.sha256()
+    _field(h, b"megakto.reference_fingerprint.v1:" + (b"full" if full else b"sampled"))
+    _field(h, json.dumps(dict(settings or {}), sort_keys=True, default=str).encode())
+    with open(config, "rb") as f:
+        _field(h, f.read())
+    for name in _weight_files(model_dir):
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        _field(h, name.encode())
+        _field(h, struct.pack("<Q", size))
+        with open(path, "rb") as f:
+            start = 0
+            if name.endswith(".safetensors"):
+                header = _safetensors_header(f, size, path)
+                _field(h, header)
+                start = 8 + len(header)
+            for offset, n in _spans(start, size, full):
+                f.seek(offset)
+                data = f.read(n)
+                if len(data) != n:
+                    raise ModelError(f"{path}: short read at byte {offset} (file changed while hashing?)")
+                h.update(struct.pack("<QQ", offset, n))
+                h.update(data)
+    return h.hexdigest()
+
+
+def _field(h, data: bytes) -> None:
+    # Length-prefixed, so no two different field sequences hash the same byte stream.
+    h.update(struct.pack("<Q", len(data)))
+    h.update(data)
+
+
+def _weight_files(model_dir: str) -> list[str]:
+    names = sorted(os.listdir(model_dir))
+    picked = [n for n in names if n.endswith(".safetensors")]
+    if not picked:
+        picked = [n for n in names if n.endswith((".bin", ".pt"))]
+    picked = [n for n in picked if os.path.isfile(os.path.join(model_dir, n))]
+    if not picked:
+        raise ModelError(f"ref.path={model_dir}: no weight files (*.safetensors, *.bin, *.pt) in the folder")
+    return picked
+
+
+def _safetensors_header(f, size: int, path: str) -> bytes:
+    raw = f.read(8)
+    n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+    if n <= 0 or 8 + n > size:
+        raise ModelError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+    return f.read(n)
+
+
+def _spans(start: int, end: int, full: bool) -> list[tuple[int, int]]:
+    """(offset, length) pieces of [start, end) to hash: all of it, or the strided sample."""
+    if end <= start:
+        return []
+    if full:
+        return [(o, min(_BLOCK, end - o)) for o in range(start, end, _BLOCK)]
+    offsets = sorted(set(range(start, end, _STRIDE)) | {max(start, end - _SAMPLE)})
+    return [(o, min(_SAMPLE, end - o)) for o in offsets]
+
+
+# ---------------------------------------------------------------------------------- keys
+
+def sequence_key(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> bytes:
+    """16-byte blake2b of (prompt length, completion length, prompt ids, completion ids).
+
+    Ids are hashed as little-endian int64 whatever the input type (list, int32 Arrow column, int64
+    tensor), so equal content gives the same key everywhere.
+    """
+    p = np.ascontiguousarray(prompt_ids, dtype="<i8")
+    c = np.ascontiguousarray(completion_ids, dtype="<i8")
+    if p.ndim != 1 or c.ndim != 1:
+        raise ValueError(f"sequence_key takes 1-D id lists, got shapes {p.shape} and {c.shape}")
+    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"megakto.refkey1")
+    h.update(struct.pack("<qq", p.size, c.size))
+    h.update(p.tobytes())
+    h.update(c.tobytes())
+    return h.digest()
+
+
+def _as_keys(keys: Iterable[bytes]) -> np.ndarray:
+    keys = [bytes(k) for k in keys]
+    bad = next((i for i, k in enumerate(keys) if len(k) != KEY_BYTES), None)
+    if bad is not None:
+        raise ValueError(f"key {bad} has {len(keys[bad])} bytes; keys come from sequence_key ({KEY_BYTES})")
+    # Fixed-width byte strings: every key is exactly 16 bytes, so numpy's ordering is a total
+    # order on keys and sort/searchsorted work on them directly.
+    return np.frombuffer(b"".join(keys), dtype=f"S{KEY_BYTES}")
+
+
+# ---------------------------------------------------------------------------------- cache
+
+class RefLogpCache:
+    """Reference log-probs by :func:`sequence_key`, held in memory as one sorted array."""
+
+    def __init__(self, cache_dir: str, fingerprint: str, *, tolerance: float = 1e-6):
+        self.cache_dir = cache_dir
+        self.fingerprint = fingerprint
+        self.tolerance = tolerance
+        self._keys = np.empty(0, dtype=f"S{KEY_BYTES}")
+        self._logps = np.empty(0, dtype=np.float64)
+
+    @classmethod
+    def open(cls, cache_dir: str, fingerprint: str, *, create: bool,
+             tolerance: float = 1e-6) -> "RefLogpCache":
+        """Open (or with ``create`` start) the cache for ``fingerprint`` and read its shards."""
+        meta_path = os.path.join(cache_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            if not create:
+                raise MegaktoError(f"ref.cache_dir={cache_dir}: no reference log-prob cache there "
+                                   f"(no meta.json)")
+            os.makedirs(cache_dir, exist_ok=True)
+            meta = {"fingerprint": fingerprint, "format": FORMAT,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            # No clobber: if another process created it first, its meta.json is checked below.
+            _publish(cache_dir, json.dumps(meta, indent=1).encode(), "meta.json", [meta_path])
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            found, fmt = meta["fingerprint"], meta["format"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise MegaktoError(f"ref.cache_dir={cache_dir}: meta.json is unreadable ({err}); delete "
+                               f"the folder or point ref.cache_dir elsewhere") from None
+        if fmt != FORMAT:
+            raise MegaktoError(f"ref.cache_dir={cache_dir}: cache format {fmt}, this version reads "
+                               f"format {FORMAT}; delete the folder or point ref.cache_dir elsewhere")
+        if found != fingerprint:
+            raise MegaktoError(f"ref.cache_dir={cache_dir} holds log-probs of reference {found[:12]}, "
+                               f"but the reference now is {fingerprint[:12]}: delete {cache_dir} or "
+                               f"point ref.cache_dir elsewhere")
+        cache = cls(cache_dir, fingerprint, tolerance=tolerance)
+        cache.reload()
+        return cache
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _find(self, keys: Iterable[bytes]) -> np.ndarray:
+        """Index into the sorted arrays for every key, -1 where absent."""
+        q = _as_keys(keys)
+        if len(self._keys) == 0:
+            return np.full(len(q), -1, dtype=np.int64)
+        idx = np.minimum(np.searchsorted(self._keys, q), len(self._keys) - 1)
+        return np.where(self._keys[idx] == q, idx, -1)
+
+    def missing(self, keys: Iterable[bytes]) -> list[int]:
+        """Positions in ``keys`` that the cache does not hold."""
+        return np.flatnonzero(self._find(keys) < 0).tolist()
+
+    def lookup(self, keys: Iterable[bytes]) -> torch.Tensor:
+        """float64 log-probs in the order of ``keys``; raises if any key is absent."""
+        pos = self._find(keys)
+        absent = np.flatnonzero(pos < 0)
+        if len(absent):
+            raise MegaktoError(f"ref.cache_dir={self.cache_dir}: {len(absent)} of {len(pos)} sequences "
+                               f"have no cached reference log-prob (first at position {absent[0]}); "
+                               f"the cache must be rebuilt: rerun the precompute pass or delete the folder")
+        return torch.from_numpy(self._logps[pos])
+
+    def write_shard(self, keys: Sequence[bytes], logps, writer: str) -> str | None:
+        """Publish one shard atomically; returns its path (None when there is nothing to write).
+
+        The values become visible to lookups after :meth:`reload` (on this and every process).
+        """
+        if not _WRITER.fullmatch(writer):
+            raise ValueError(f"writer={writer!r}: use letters, digits, '_', '.', '-'")
+        k = _as_keys(keys)
+        v = np.asarray(torch.as_tensor(logps).detach().cpu().to(torch.float64)).reshape(-1)
+        if len(v) != len(k):
+            raise ValueError(f"{len(k)} keys but {len(v)} log-probs")
+        if not np.isfinite(v).all():
+            raise MegaktoError(f"reference log-probs for ref.cache_dir={self.cache_dir}: "
+                               f"{int((~np.isfinite(v)).sum())} of {len(v)} are not finite; nothing written")
+        if len(k) == 0:
+            return None
+        tensors = {"keys": np.frombuffer(k.tobytes(), dtype=np.uint8).reshape(-1, KEY_BYTES).copy(),
+                   "logps": np.ascontiguousarray(v)}
+        tmp = os.path.join(self.cache_dir, f".tmp-{writer}-{os.getpid()}-{uuid.uuid4().hex}")
+        save_file(tensors, tmp, metadata={"fingerprint": self.fingerprint, "format": str(FORMAT)})
+        taken = [int(m.group(2)) for m in map(_SHARD.fullmatch, os.listdir(self.cache_dir))
+                 if m and m.group(1) == writer]
+        n = max(taken, default=-1) + 1
+        names = (f"shard-{writer}-{i}.safetensors" for i in range(n, n + 10_000))
+        return _publish(self.cache_dir, None, tmp, (os.path.join(self.cache_dir, x) for x in names))
+
+    def reload(self) -> None:
+        """Read every shard in ``cache_dir`` (e.g. after the other ranks wrote theirs and a barrier)."""
+        names = sorted(x for x in os.listdir(self.cache_dir) if _SHARD.fullmatch(x))
+        keys, logps, source = [], [], []
+        for i, name in enumerate(names):
+            k, v = self._read_shard(os.path.join(self.cache_dir, name))
+            keys.append(k)
+            logps.append(v)
+            source.append(np.full(len(k), i, dtype=np.int64))
+        if not names:
+            self._keys, self._logps = np.empty(0, dtype=f"S{KEY_BYTES}"), np.empty(0, dtype=np.float64)
+            return
+        k, v, s = np.concatenate(keys), np.concatenate(logps), np.concatenate(source)
+        order = np.argsort(k, kind="stable")  # stable: among duplicates the first shard wins
+        k, v, s = k[order], v[order], s[order]
+        dup = np.flatnonzero(k[1:] == k[:-1])
+        if len(dup):
+            diff = np.abs(v[dup + 1] - v[dup])
+            worst = int(np.argmax(diff))
+            if diff[worst] > self.tolerance:
+                j = dup[worst]
+                raise MegaktoError(f"ref.cache_dir={self.cache_dir}: corrupt cache: {names[s[j]]} and "
+                                   f"{names[s[j + 1]]} disagree on a sequence by {diff[worst]:.3g} "
+                                   f"(> {self.tolerance:g}); delete the folder and rebuild (runs filling "
+                                   f"one cache at the same time can cause this)")
+            keep = np.ones(len(k), dtype=bool)
+            keep[dup + 1] = False
+            k, v = k[keep], v[keep]
+        self._keys, self._logps = k, v
+
+    def _read_shard(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        def corrupt(why: str) -> MegaktoError:
+            return MegaktoError(f"{path}: bad reference-cache shard ({why}); delete it or the whole "
+                                f"ref.cache_dir")
+
+        try:
+            with safe_open(path, framework="np") as f:
+                meta = f.metadata() or {}
+                names = set(f.keys())
+                if names != {"keys", "logps"}:
+                    raise corrupt(f"tensors {sorted(names)}, expected ['keys', 'logps']")
+                k, v = f.get_tensor("keys"), f.get_tensor("logps")
+        except (SafetensorError, OSError) as err:
+            raise corrupt(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+        if meta.get("fingerprint") != self.fingerprint:
+            raise corrupt(f"written for reference {str(meta.get('fingerprint'))[:12]}, "
+                          f"cache is {self.fingerprint[:12]}")
+        if k.dtype != np.uint8 or k.ndim != 2 or k.shape[1] != KEY_BYTES:
+            raise corrupt(f"keys {k.dtype} {k.shape}, expected uint8 (N, {KEY_BYTES})")
+        if v.dtype != np.float64 or v.shape != (k.shape[0],):
+            raise corrupt(f"logps {v.dtype} {v.shape}, expected float64 ({k.shape[0]},)")
+        if not np.isfinite(v).all():
+            raise corrupt("non-finite log-probs")
+        return np.ascontiguousarray(k).view(f"S{KEY_BYTES}").reshape(-1), v
+
+
+def _publish(folder: str, data: bytes | None, tmp_or_name: str, targets: Iterable[str]) -> str | None:
+    """Give a finished temporary file its final name without overwriting anything.
+
+    With ``data``, the temporary file is written here first. Returns the target used, or None when
+    every target already exists (meta.json created by someone else).
+    """
+    if data is not None:
+        tmp = os.path.join(folder, f".tmp-{tmp_or_name}-{os.getpid()}-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+    else:
+        tmp = tmp_or_name
+    try:
+        for target in targets:
+            try:
+                os.link(tmp, target)  # fails if target exists: never clobbers a published file
+                return target
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links: best-effort check, then rename
+                if os.path.exists(target):
+                    continue
+                os.replace(tmp, target)
+                return target
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------- precompute
+
+def precompute(cache: RefLogpCache, keys_and_rows: Iterable[tuple[bytes, Sequence[int], Sequence[int]]],
+               logps_fn: Callable[[list[tuple[Sequence[int], Sequence[int]]]], torch.Tensor], *,
+               rank: int, world_size: int, batch_size: int, writer: str | None = None,
+               flush_every: int | None = None) -> int:
+    """Compute this rank's share of the keys missing from ``cache``; returns how many it computed.
+
+    ``keys_and_rows`` is every (key, prompt_ids, completion_ids) the run needs, on every rank in
+    any order (duplicates are dropped by key). The missing keys are sorted and rank r takes every
+    ``world_size``-th from position r, so the ranks split the work without talking, provided all of
+    them see the same cache state. ``logps_fn(rows) -> (len(rows),)`` scores one batch. Results go
+    to one shard per rank (``writer`` defaults to ``rank<r>``), or one every ``flush_every`` rows so
+    that a crash keeps finished work. The caller then runs a barrier and :meth:`~RefLogpCache.reload`.
+    """
+    if not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"rank={rank}, world_size={world_size}, batch_size={batch_size}")
+    rows: dict[bytes, tuple] = {}
+    for key, p, c in keys_and_rows:
+        rows.setdefault(bytes(key), (p, c))
+    wanted = list(rows)
+    todo = sorted(wanted[i] for i in cache.missing(wanted))
+    if not todo:
+        return 0
+    mine = todo[rank::world_size]
+    # Longest first: a batch holds rows of similar length (little padding), and running out of
+    # memory shows on the first batch rather than after hours.
+    mine.sort(key=lambda k: (-(len(rows[k][0]) + len(rows[k][1])), k))
+    # Every rank makes the same number of calls: under ZeRO-3 each reference forward gathers the
+    # parameters collectively, so a rank with one batch fewer would leave the others waiting.
+    # A rank out of rows scores a filler row and drops the result.
+    calls = math.ceil(math.ceil(len(todo) / world_size) / batch_size)
+    filler = [rows[todo[0]]]
+    writer = writer or f"rank{rank}"
+    done_keys: list[bytes] = []
+    done_logps: list[torch.Tensor] = []
+    computed = 0
+    for b in range(calls):
+        batch = mine[b * batch_size:(b + 1) * batch_size]
+        inputs = [rows[k] for k in batch] or filler
+        out = torch.as_tensor(logps_fn(inputs)).detach().to("cpu", torch.float64).reshape(-1)
+        if out.numel() != len(inputs):
+            raise ValueError(f"logps_fn returned {out.numel()} values for {len(inputs)} rows")
+        if batch:
+            done_keys += batch
+            done_logps.append(out)
+            computed += len(batch)
+        if done_keys and (b == calls - 1 or (flush_every and len(done_keys) >= flush_every)):
+            cache.write_shard(done_keys, torch.cat(done_logps), writer)
+            done_keys, done_logps = [], []
+    return computed
