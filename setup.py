@@ -15,6 +15,7 @@ setup(
         "sentencepiece>=0.2",
         "tensorboard>=2.15",
         "safetensors>=0.4",
+        "accelerate>=1.1.0",  # transformers needs it to load a model under ZeRO-3
         "pyyaml>=6.0",
         "tqdm>=4.60",
     ],
