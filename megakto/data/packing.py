@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["PackedBatch", "pack", "first_fit_decreasing", "balance_by_tokens", "plan_micro_batches"]
+__all__ = ["PackedBatch", "pack", "pad_rows", "first_fit_decreasing", "balance_by_tokens", "plan_micro_batches"]
 
 
 @dataclass
@@ -123,6 +123,24 @@ def pack(
         # The pad tail restarts at 0 so that transformers' packed-sequence detection (a position
         # that does not follow its predecessor by +1 starts a new sequence) fences it off too.
         position_ids[r, start:] = torch.arange(width - start)
+    return PackedBatch(input_ids, position_ids, completion_mask, segment_ids, len(rows))
+
+
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> PackedBatch:
+    """One sequence per row, right-padded: the unpacked layout in the packed representation."""
+    lengths = [len(p) + len(c) for p, c in rows]
+    width = max(lengths)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    completion_mask = torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)
+    for i, ((p, c), n) in enumerate(zip(rows, lengths)):
+        input_ids[i, :n] = torch.tensor([*p, *c], dtype=torch.long)
+        position_ids[i, :n] = torch.arange(n)
+        position_ids[i, n:] = torch.arange(width - n)  # the pad tail is a segment of its own
+        completion_mask[i, len(p):n] = 1
+        segment_ids[i, :n] = i
     return PackedBatch(input_ids, position_ids, completion_mask, segment_ids, len(rows))
 
 

@@ -48,3 +48,17 @@ def test_packed_equals_padded(tie, mode, chunk, budget):
     assert got_n.tolist() == ref_n.tolist() == [len(c) for _, c in rows]
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_pad_rows_layout_equals_padded():
+    """data.packing=false: one sequence per row in the packed representation, same numbers."""
+    from megakto.data.packing import pad_rows
+
+    rows = _rows(seed=3)
+    model = _model(False)
+    ref, _ = completion_logps(model, collate(rows, pad_id=PAD))
+    batch = pad_rows(rows, PAD)
+    assert batch.input_ids.shape[0] == len(rows)
+    got, n = packed_completion_logps(model, batch)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert n.tolist() == [len(c) for _, c in rows]
