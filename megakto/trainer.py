@@ -12,6 +12,9 @@ One optimizer step over a global batch of rows (prompt x, completion y, desirabl
    boundary. Each micro-batch loss is scaled so the update is the gradient of the mean loss over
    the global batch whatever the data-parallel size and gradient accumulation.
 4. **Metrics** as sums and counts, reduced once per step, written by rank 0.
+
+Every ``checkpoint.every_steps`` steps the policy engine and the trainer's own state are saved
+atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the same data stream.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megakto import checkpoint, export
 from megakto.config import Config, save_config
 from megakto.data import (
     KTOBatchSampler,
@@ -37,6 +41,7 @@ from megakto.data import (
 from megakto.distributed import comm, engine
 from megakto.distributed.ds_config import build_ds_config, load_ds_json, reference_ds_config
 from megakto.distributed.parallel import ParallelDims
+from megakto.errors import ConfigError
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss
 from megakto.kto.reward_accuracy import reward_accuracy
 from megakto.model.forward import completion_logps
@@ -74,7 +79,11 @@ class KTOTrainer:
             tok_path = cfg.model.tokenizer_path or cfg.model.path
             self.tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
-        self.log = RunLogger(cfg.output_dir, enabled=comm.is_main(), total_steps=cfg.train.max_steps)
+            self.resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir,
+                                                        world_size=comm.world_size())
+        start = checkpoint.read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
+        self.log = RunLogger(cfg.output_dir, enabled=comm.is_main(), total_steps=cfg.train.max_steps,
+                             initial_step=start)
         self.train_rows, self.eval_rows = self._setup_data()
         self.desirable_weight = self._setup_weights()
         self.sampler = KTOBatchSampler(self.train_rows["label"], global_batch_size=cfg.train.global_batch_size,
@@ -84,6 +93,8 @@ class KTOTrainer:
         self.reference = self._setup_reference()
         self._eval_ref_cache: dict[str, torch.Tensor] | None = None
         self.eval_history: list[tuple[int, dict[str, float]]] = []
+        self.step = self._setup_resume()
+        self._saved_step = self.step if self.resume_dir else None
         if comm.is_main():
             os.makedirs(cfg.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -162,6 +173,23 @@ class KTOTrainer:
         engine.disable_dropout(model)
         return engine.build_reference_engine(model, ref_ds)
 
+    def _setup_resume(self) -> int:
+        """Continue from ``self.resume_dir``: engine (weights, Adam, LR schedule), sampler position,
+        RNG states, eval history; returns the step to continue from (0 = fresh start)."""
+        if self.resume_dir is None:
+            return 0
+        with comm.fail_together():
+            state = checkpoint.load_state(self.resume_dir)
+            try:
+                self.sampler.load_state_dict(state["sampler"])
+            except ValueError as err:
+                raise ConfigError(f"train.resume: {self.resume_dir}: {err}") from None
+        checkpoint.load_engine(self.policy, self.resume_dir)
+        checkpoint.set_rng_state(state["rng"])
+        self.eval_history = [(s, dict(m)) for s, m in state["eval_history"]]
+        self.log.info(f"resumed from {self.resume_dir} at step {state['step']}")
+        return state["step"]
+
     # ------------------------------------------------------------------ training
 
     def train(self) -> list[StepResult]:
@@ -180,10 +208,37 @@ class KTOTrainer:
             self.log.advance(1, loss=result.metrics["loss"], kl=result.metrics["kl"])
             if evaluating and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 self._evaluate_and_log()
+            every = cfg.checkpoint.every_steps
+            if every and self.step % every == 0 and self.step < cfg.train.max_steps:
+                self._save_checkpoint()
         if evaluating and (not cfg.train.eval_every or self.step % cfg.train.eval_every):
             self._evaluate_and_log()
+        if (cfg.checkpoint.every_steps or cfg.train.export_hf) and self._saved_step != self.step:
+            self._save_checkpoint()  # the finished run: resumable with more steps, and what export_hf converts
+        if cfg.train.export_hf and comm.is_main():
+            self._export_hf()
         self.log.close()
         return history
+
+    def _save_checkpoint(self) -> None:
+        cfg, start = self.cfg, time.perf_counter()
+        ckpt_dir = checkpoint.checkpoints_dir(cfg.output_dir)
+        if comm.is_main():
+            export.save_hf_base(ckpt_dir, cfg.model.path, self.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
+                 "eval_history": [[s, m] for s, m in self.eval_history]}
+        path = checkpoint.save(self.policy, ckpt_dir, self.step, state, keep_last=cfg.checkpoint.keep_last,
+                               dtype="bfloat16" if self.bf16 else "float32")
+        self._saved_step = self.step
+        self.log.info(f"saved {path} ({time.perf_counter() - start:.1f} s)")
+
+    def _export_hf(self) -> None:
+        """Rank 0 converts the final checkpoint (DeepSpeed's zero_to_fp32) into output_dir/hf; the
+        other ranks do not wait, so a long conversion cannot trip the collective timeout."""
+        tag_dir = os.path.join(checkpoint.checkpoints_dir(self.cfg.output_dir), checkpoint.tag_name(self.step))
+        out = export.export_checkpoint(tag_dir, os.path.join(self.cfg.output_dir, "hf"),
+                                       trust_remote_code=self.cfg.model.trust_remote_code)
+        self.log.info(f"exported {out}")
 
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate()

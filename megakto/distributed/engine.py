@@ -11,6 +11,8 @@ Builds the two engines of a KTO run from a local Hugging Face folder (or a hub n
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import warnings
 from datetime import timedelta
@@ -19,9 +21,12 @@ from functools import partial
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
+from megakto.errors import ModelError
 from megakto.optim import lr_multiplier, param_groups
 
 # ZeRO-3 on recent torch calls deprecated collective names on every step; the noise hides real logs.
@@ -39,6 +44,13 @@ __all__ = [
     "build_reference_engine",
     "disable_dropout",
     "gathered_state_dict",
+    "save_checkpoint",
+    "load_checkpoint",
+    "zero_fp32_state_dict",
+    "check_deepspeed_pickles",
+    "outside_zero3",
+    "accelerator_rng_state",
+    "set_accelerator_rng_state",
 ]
 
 
@@ -118,3 +130,90 @@ def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: DeepSpeed's own files; the protocol around them lives in megakto/checkpoint.py.
+
+
+def save_checkpoint(policy, save_dir: str, tag: str) -> None:
+    """DeepSpeed's checkpoint of the policy engine under ``save_dir/tag``: module, ZeRO partitions,
+    optimizer and the client LR scheduler the engine was given. Collective. DeepSpeed's own
+    ``latest`` file is not written: megakto.checkpoint moves it only once the tag is complete."""
+    policy.save_checkpoint(save_dir, tag=tag, client_state={}, save_latest=False)
+
+
+# Besides tensors and plain containers, a DeepSpeed 0.19 ZeRO checkpoint pickles only these two
+# classes (found with torch.serialization.get_unsafe_globals_in_checkpoint on our own saves).
+_DEEPSPEED_PICKLE_GLOBALS = [LossScaler, ZeroStageEnum]
+
+
+def check_deepspeed_pickles(tag_dir: str) -> None:
+    """Refuse a checkpoint whose pickles name any global beyond torch's ``weights_only`` set and
+    :data:`_DEEPSPEED_PICKLE_GLOBALS`. The scan reads the pickle opcodes and executes nothing; it
+    guards the loaders that DeepSpeed runs with ``weights_only=False`` (zero_to_fp32)."""
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _DEEPSPEED_PICKLE_GLOBALS}
+    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+        try:
+            names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception as err:  # not a zip-format torch file, truncated, ...
+            raise ModelError(f"{path}: cannot inspect the checkpoint file: {err}") from None
+        if names - allowed:
+            raise ModelError(f"{path}: refusing to unpickle {sorted(names - allowed)}: a DeepSpeed checkpoint "
+                             "holds tensors and DeepSpeed's own classes only")
+
+
+def _weights_only_load(path: str, map_location=None):
+    with torch.serialization.safe_globals(_DEEPSPEED_PICKLE_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_checkpoint(policy, load_dir: str, tag: str) -> None:
+    """Restore weights, optimizer and LR schedule from ``load_dir/tag`` into a freshly built
+    engine. Collective. DeepSpeed's checkpoint engine reads every file through its ``load``
+    method with ``weights_only=False``; for this call that method is swapped for a
+    ``weights_only=True`` load that allows DeepSpeed's two checkpoint classes and nothing else."""
+    ckpt_engine = policy.checkpoint_engine
+    ckpt_engine.load = _weights_only_load  # instance attribute: shadows the method for this engine
+    try:
+        path, _ = policy.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        del ckpt_engine.load
+    if path is None:
+        raise ModelError(f"{os.path.join(load_dir, tag)}: DeepSpeed found no checkpoint there")
+
+
+def zero_fp32_state_dict(load_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """The consolidated fp32 weights of a ZeRO checkpoint (DeepSpeed's zero_to_fp32), on CPU.
+    Offline: no process group; memory for one full fp32 copy of the model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_deepspeed_pickles(os.path.join(load_dir, tag))
+    return get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """Build plain, whole HF models in a process whose engines use ZeRO-3 (the export at the end
+    of training). While an ``HfDeepSpeedConfig`` is alive, transformers wraps every model
+    construction in ``zero.Init``, a collective that would wait for the other ranks forever; its
+    module-level reference is the only switch, so it is cleared here and put back after."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def accelerator_rng_state() -> torch.Tensor | None:
+    """The accelerator's generator state; None on CPU, where it is torch's CPU generator."""
+    return get_accelerator().get_rng_state() if on_gpu() else None
+
+
+def set_accelerator_rng_state(state: torch.Tensor | None) -> None:
+    if state is not None and on_gpu():
+        get_accelerator().set_rng_state(state)

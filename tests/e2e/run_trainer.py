@@ -1,11 +1,17 @@
 """Runs :class:`KTOTrainer` under the launcher and dumps what the end-to-end tests compare:
 per-step metrics, eval metrics, the policy's gathered weights after training, and whether the
-reference stayed frozen and apart from the policy."""
+reference stayed frozen and apart from the policy.
+
+For the crash tests, a run that never reaches the end leaves a trace too: every rank writes its
+pid to ``DUMP/pid_rank{r}`` at start, rank 0 appends each step's metrics and rows to
+``DUMP/steps.jsonl`` as it goes, and ``--hang-before-step N`` makes every rank write
+``DUMP/hanging_rank{r}`` and sleep when step N is about to start (the test then kills one)."""
 
 import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -13,6 +19,7 @@ import torch  # noqa: E402
 
 from megakto.config import load_config  # noqa: E402
 from megakto.distributed import comm, engine  # noqa: E402
+from megakto.export import probe_batch  # noqa: E402
 from megakto.trainer import KTOTrainer  # noqa: E402
 
 
@@ -25,19 +32,44 @@ def _storages(module):
     return ptrs
 
 
+class _TracedTrainer(KTOTrainer):
+    """Writes each step to steps.jsonl as soon as it is done; can stop before a given step."""
+
+    def __init__(self, *args, dump: str, hang_before_step: int | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dump, self._hang = dump, hang_before_step
+
+    def train_step(self, indices):
+        if self._hang is not None and self.step + 1 == self._hang:
+            open(os.path.join(self._dump, f"hanging_rank{comm.rank()}"), "w").close()
+            time.sleep(3600)
+        result = super().train_step(indices)
+        if comm.is_main():
+            with open(os.path.join(self._dump, "steps.jsonl"), "a") as f:
+                record = {"step": result.step + 1, "metrics": result.metrics, "indices": result.indices}
+                f.write(json.dumps(record) + "\n")
+        return result
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--deepspeed", required=True)
     parser.add_argument("--dump", required=True)
     parser.add_argument("--local_rank", type=int)
+    parser.add_argument("--hang-before-step", type=int)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    os.makedirs(args.dump, exist_ok=True)
+    with open(os.path.join(args.dump, f"pid_rank{os.environ.get('RANK', '0')}"), "w") as f:
+        f.write(str(os.getpid()))
     cfg = load_config(None, args.overrides)
     engine.configure_cpu_threads()
-    trainer = KTOTrainer(cfg, args.deepspeed)
+    trainer = _TracedTrainer(cfg, args.deepspeed, dump=args.dump, hang_before_step=args.hang_before_step)
     ref_before = engine.gathered_state_dict(trainer.reference.module)
     history = trainer.train()
     policy_after = engine.gathered_state_dict(trainer.policy.module)
+    with torch.no_grad():  # the engine's own logits on export's fixed batch (a collective forward)
+        logits = trainer.policy(input_ids=probe_batch(trainer.policy.module.config.vocab_size)).logits
     ref_after = engine.gathered_state_dict(trainer.reference.module)
     shared = len(_storages(trainer.policy.module) & _storages(trainer.reference.module))
     shared = comm.all_reduce_dict({"shared": shared})["shared"]
@@ -45,6 +77,7 @@ def main():
         os.makedirs(args.dump, exist_ok=True)
         torch.save(policy_after, os.path.join(args.dump, "policy.pt"))
         torch.save(ref_after, os.path.join(args.dump, "reference.pt"))
+        torch.save(logits.float().cpu(), os.path.join(args.dump, "logits.pt"))
         ref_change = max(float((ref_before[k] - ref_after[k]).abs().max()) for k in ref_before)
         with open(os.path.join(args.dump, "result.json"), "w") as f:
             json.dump({"history": [h.metrics for h in history], "indices": [h.indices for h in history],

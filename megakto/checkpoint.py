@@ -1,0 +1,314 @@
+"""Checkpoints that survive a crash, and exact resume.
+
+Layout under ``output_dir/checkpoints/``, on a filesystem every rank sees (multi-node runs need a
+shared one: rank 0 renames the directory that all ranks wrote into)::
+
+    latest                         text: the newest complete tag (DeepSpeed's own format, so its
+                                   tools and ``engine.load_checkpoint(dir)`` understand it)
+    hf_base/                       the run's model config, generation config, tokenizer and chat
+                                   template, written once (megakto.export reads it)
+    step-00000012/                 one checkpoint ("tag"), policy only, never the reference
+        complete                   JSON manifest: step, world size, dtype, every file and its size
+        trainer_state_rank{r}.pt   step, sampler position, RNG states, eval history (plain types)
+        zero_pp_rank_*_mp_rank_00_{model,optim}_states.pt   DeepSpeed's: weights, Adam, LR schedule
+    .tmp-step-00000016/            a save in progress, or left by a crash: never loaded, removed
+
+A save is atomic. Every rank writes into ``.tmp-step-N`` (DeepSpeed's files, then its own trainer
+state), a barrier waits for all of them, and rank 0 writes the manifest and renames the directory
+to ``step-N``: the rename is the commit. Only then does ``latest`` move (temp file + os.replace)
+and old tags get pruned, so a kill at any point leaves the previous complete checkpoint loadable,
+and ``resume: auto`` picks the newest directory that has a manifest whose files are all there.
+
+Resume restores the engine (weights, optimizer, LR schedule), then the sampler position, every
+rank's RNG states and the step, so the data stream continues where it stopped: within an epoch no
+row is seen twice and none is skipped. Our own files hold plain dicts of ints, floats, lists and
+tensors and are read with ``torch.load(weights_only=True)``; DeepSpeed's files are scanned before
+DeepSpeed unpickles them (see ``engine.check_deepspeed_pickles``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from megakto.distributed import comm, engine
+from megakto.errors import ConfigError
+
+__all__ = [
+    "CHECKPOINTS",
+    "LATEST",
+    "MANIFEST",
+    "tag_name",
+    "checkpoints_dir",
+    "read_manifest",
+    "problem",
+    "complete_tags",
+    "newest_complete",
+    "resolve_resume",
+    "prune",
+    "remove_stale",
+    "rng_state",
+    "set_rng_state",
+    "save",
+    "load_state",
+    "load_engine",
+]
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "complete"
+TMP_PREFIX = ".tmp-"
+STATE_VERSION = 1
+# Test-only fault injection: rank 0 exits after every rank has written step N's files and before
+# the rename that commits them, the worst moment for a crash.
+FAULT_ENV = "MEGAKTO_FAULT_EXIT_IN_SAVE"
+
+_TAG = re.compile(r"^step-(\d{8,})$")
+
+
+def tag_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINTS)
+
+
+def state_file(rank: int) -> str:
+    return f"trainer_state_rank{rank}.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding complete checkpoints
+
+
+def read_manifest(tag_dir: str) -> dict | None:
+    """The manifest of a committed tag, or None (no manifest, or unreadable)."""
+    try:
+        with open(os.path.join(tag_dir, MANIFEST), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "step" in manifest and "files" in manifest else None
+
+
+def problem(tag_dir: str) -> str | None:
+    """Why ``tag_dir`` cannot be loaded (one phrase), or None if it is complete: a manifest,
+    and every file it lists present with the size it had when it was committed."""
+    if not os.path.isdir(tag_dir):
+        return "no such directory"
+    if os.path.basename(os.path.normpath(tag_dir)).startswith(TMP_PREFIX):
+        return "an unfinished save (temporary directory)"
+    manifest = read_manifest(tag_dir)
+    if manifest is None:
+        return f"no '{MANIFEST}' manifest (the save did not finish)"
+    for name, size in manifest["files"].items():
+        path = os.path.join(tag_dir, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {size}"
+    return None
+
+
+def complete_tags(ckpt_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every ``step-*`` directory with a manifest, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = []
+    for name in os.listdir(ckpt_dir):
+        match = _TAG.match(name)
+        path = os.path.join(ckpt_dir, name)
+        if match and os.path.isdir(path) and read_manifest(path) is not None:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def newest_complete(ckpt_dir: str) -> str | None:
+    """The newest tag that passes :func:`problem`; damaged newer ones are skipped."""
+    for _, path in reversed(complete_tags(ckpt_dir)):
+        if problem(path) is None:
+            return path
+    return None
+
+
+def resolve_resume(resume: str, output_dir: str, *, world_size: int) -> str | None:
+    """``train.resume`` -> the tag directory to load, or None to start fresh.
+
+    auto: the newest complete checkpoint in output_dir/checkpoints, None if there is none.
+    none: None. Anything else: a tag directory, which must be complete and written by as many
+    ranks as this run has (DeepSpeed's ZeRO partitions are per rank)."""
+    resume = resume.strip()
+    if resume == "none":
+        return None
+    if resume == "auto":
+        path = newest_complete(checkpoints_dir(output_dir))
+    else:
+        path = os.path.abspath(resume)
+        why = problem(path)
+        if why is not None:
+            hint = ("it holds checkpoints; pass one of its step-* directories or train.resume=auto"
+                    if complete_tags(path) else "pass a complete step-* directory, auto or none")
+            raise ConfigError(f"train.resume={resume}: not a loadable checkpoint: {why}; {hint}")
+    if path is not None:
+        saved = read_manifest(path)["world_size"]
+        if saved != world_size:
+            raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks but this run has "
+                              f"{world_size}; ZeRO partitions are per rank, resume with {saved} processes")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Housekeeping (rank 0)
+
+
+def prune(ckpt_dir: str, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete tags; returns what was deleted.
+
+    The newest complete tag is never deleted, whatever ``keep_last`` says. Directories without a
+    manifest are not touched here (an unfinished save is a ``.tmp-*`` directory; see
+    :func:`remove_stale`)."""
+    tags = complete_tags(ckpt_dir)
+    doomed = [path for _, path in tags[: max(0, len(tags) - max(1, keep_last))]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def remove_stale(ckpt_dir: str) -> list[str]:
+    """Delete ``.tmp-*`` entries left by crashed saves. Only call it when no save is running."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    stale = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.startswith(TMP_PREFIX)]
+    for path in stale:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    return stale
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.path.basename(path)}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states as plain types (weights_only=True loads them)
+
+
+def rng_state() -> dict:
+    """This process's generator states: python, numpy, torch CPU and the accelerator's."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "accelerator": engine.accelerator_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    engine.set_accelerator_rng_state(state["accelerator"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Save and load (collective)
+
+
+def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: int, dtype: str) -> str:
+    """Write checkpoint ``step`` atomically (see the module docstring); every rank calls it.
+
+    ``trainer_state`` is this rank's own state (plain types). Returns the committed tag directory.
+    """
+    tag = tag_name(step)
+    tmp_tag = TMP_PREFIX + tag
+    tmp_dir, final_dir = os.path.join(ckpt_dir, tmp_tag), os.path.join(ckpt_dir, tag)
+    rank = comm.rank()
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash while saving this same step
+    comm.barrier()
+
+    engine.save_checkpoint(policy, ckpt_dir, tmp_tag)
+    state = {"version": STATE_VERSION, "rank": rank, "world_size": comm.world_size(), **trainer_state}
+    path = os.path.join(tmp_dir, state_file(rank))
+    torch.save(state, path)
+    _fsync(path)
+    comm.barrier()  # every rank's files are in tmp_dir
+
+    if rank == 0:
+        if os.environ.get(FAULT_ENV) == str(step):
+            os._exit(1)
+        _commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype)
+        _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
+        prune(ckpt_dir, keep_last)
+        remove_stale(ckpt_dir)
+    comm.barrier()  # nobody starts the next step (or save) before the commit
+    return final_dir
+
+
+def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str) -> None:
+    files = {}
+    for name in sorted(os.listdir(tmp_dir)):
+        path = os.path.join(tmp_dir, name)
+        if os.path.isfile(path):
+            _fsync(path)
+            files[name] = os.path.getsize(path)
+    manifest = {"step": step, "tag": os.path.basename(final_dir), "world_size": world_size, "dtype": dtype,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+    _write_atomic(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    aside = None
+    if os.path.exists(final_dir):
+        # Same step saved before (a run resumed from an older tag): set the old one aside first,
+        # since a directory cannot be renamed onto a non-empty one.
+        aside = os.path.join(os.path.dirname(final_dir), f"{TMP_PREFIX}old-{os.path.basename(final_dir)}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final_dir, aside)
+    os.rename(tmp_dir, final_dir)  # the commit
+    _fsync(os.path.dirname(final_dir))
+    if aside:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def load_state(tag_dir: str) -> dict:
+    """This rank's trainer state from ``tag_dir`` (``weights_only=True``: plain types only)."""
+    rank = comm.rank()
+    state = torch.load(os.path.join(tag_dir, state_file(rank)), map_location="cpu", weights_only=True)
+    if state.get("version") != STATE_VERSION or state.get("rank") != rank:
+        raise ConfigError(f"train.resume: {os.path.join(tag_dir, state_file(rank))} is not rank {rank}'s "
+                          f"trainer state (version {state.get('version')}, rank {state.get('rank')})")
+    return state
+
+
+def load_engine(policy, tag_dir: str) -> None:
+    """Restore weights, optimizer and LR schedule from ``tag_dir`` into a fresh engine. Collective."""
+    tag_dir = os.path.normpath(tag_dir)
+    engine.load_checkpoint(policy, os.path.dirname(tag_dir), os.path.basename(tag_dir))

@@ -1,0 +1,136 @@
+"""ZeRO checkpoint -> Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+The weights come from DeepSpeed's own consolidation (``zero_to_fp32``: the fp32 master weights,
+gathered from every rank's partitions); the model config, generation config, tokenizer and chat
+template come from ``checkpoints/hf_base``, which the trainer copies from the run once, at its
+first save, so a checkpoint directory converts without the original model folder. The folder is
+written in the dtype the run trained in (recorded in each tag's manifest): the engine's bf16
+weights are exactly bf16(fp32 master), so the export's logits equal the engine's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from megakto import checkpoint
+from megakto.distributed import engine
+from megakto.errors import ConfigError
+
+__all__ = ["BASE", "probe_batch", "save_hf_base", "resolve_checkpoint", "export_checkpoint", "write_hf_folder",
+           "check_export"]
+
+BASE = "hf_base"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def save_hf_base(ckpt_dir: str, model_path: str, tokenizer, *, trust_remote_code: bool) -> str:
+    """Copy the run's model config, generation config and tokenizer into ``ckpt_dir/hf_base``
+    once (rank 0). The config is re-read from ``model_path`` rather than taken from the live
+    model, whose dropout the trainer has switched off."""
+    target = os.path.join(ckpt_dir, BASE)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    tmp = os.path.join(ckpt_dir, checkpoint.TMP_PREFIX + BASE)
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    config.save_pretrained(tmp)
+    try:
+        generation = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # the model folder has none: derive it from the model config, as HF does
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)
+    return target
+
+
+def resolve_checkpoint(path: str, tag: str | None = None) -> str:
+    """A checkpoints/ directory (newest complete tag, or ``tag``) or a tag directory -> the
+    complete tag directory to convert; ConfigError (one line) otherwise."""
+    path = os.path.abspath(path)
+    if tag is not None:
+        path = os.path.join(path, tag)
+    elif checkpoint.read_manifest(path) is None and checkpoint.complete_tags(path):
+        path = checkpoint.newest_complete(path) or checkpoint.complete_tags(path)[-1][1]
+    why = checkpoint.problem(path)
+    if why is not None:
+        raise ConfigError(f"{path}: not a complete megakto checkpoint: {why}; pass output_dir/checkpoints "
+                          "or one of its step-* directories")
+    base = os.path.join(os.path.dirname(path), BASE)
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise ConfigError(f"{path}: no {base}/config.json next to it (the run's model config and tokenizer)")
+    return path
+
+
+def export_checkpoint(tag_dir: str, out_dir: str, *, dtype: str | None = None,
+                      trust_remote_code: bool = False) -> str:
+    """Convert a complete tag directory into an HF folder at ``out_dir``; returns ``out_dir``.
+    ``dtype``: None = the dtype the run trained in."""
+    tag_dir = os.path.normpath(tag_dir)
+    dtype = dtype or checkpoint.read_manifest(tag_dir).get("dtype", "float32")
+    state_dict = engine.zero_fp32_state_dict(os.path.dirname(tag_dir), os.path.basename(tag_dir))
+    base = os.path.join(os.path.dirname(tag_dir), BASE)
+    return write_hf_folder(state_dict, base, out_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _build(base: str, state_dict: dict[str, torch.Tensor], dtype: str, trust_remote_code: bool, *,
+           meta: bool):
+    """The model of ``base``'s config holding ``state_dict`` (cast to ``dtype``). ``meta``: built
+    without allocating a throw-away random init (for writing; non-persistent buffers such as rotary
+    frequencies stay unallocated, which save_pretrained does not need); else a runnable CPU model."""
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: allowed values are {', '.join(_DTYPES)}")
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    with torch.device("meta" if meta else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    weights = {k: v.to(_DTYPES[dtype]) for k, v in state_dict.items()}
+    result = model.load_state_dict(weights, strict=False, assign=meta)
+    model.tie_weights()
+    if result.unexpected_keys:
+        raise ConfigError(f"{base}: checkpoint tensors the model does not have: {result.unexpected_keys[:5]}")
+    # A missing key is fine only if it is tied to one that was loaded (lm_head -> embeddings).
+    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in weights}
+    missing = [n for n in result.missing_keys if model.get_parameter(n).data_ptr() not in loaded] \
+        if not meta else [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ConfigError(f"{base}: model tensors missing from the checkpoint: {missing[:5]}")
+    return model.eval()
+
+
+def write_hf_folder(state_dict: dict[str, torch.Tensor], base: str, out_dir: str, *, dtype: str,
+                    trust_remote_code: bool = False) -> str:
+    """Safetensors of ``state_dict`` + ``base``'s config, generation config and tokenizer files."""
+    with engine.outside_zero3():
+        model = _build(base, state_dict, dtype, trust_remote_code, meta=True)
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+    for name in os.listdir(base):
+        if name not in ("config.json",) and os.path.isfile(os.path.join(base, name)):
+            shutil.copy2(os.path.join(base, name), os.path.join(out_dir, name))
+    return out_dir
+
+
+def probe_batch(vocab_size: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (2, 24), generator=gen)
+
+
+@torch.no_grad()
+def check_export(out_dir: str, tag_dir: str, *, trust_remote_code: bool = False) -> float:
+    """Max |logits(exported folder) - logits(checkpointed weights)| on a fixed batch, in the
+    export's dtype. The folder goes through ``from_pretrained``, as a user would load it."""
+    tag_dir = os.path.normpath(tag_dir)
+    state_dict = engine.zero_fp32_state_dict(os.path.dirname(tag_dir), os.path.basename(tag_dir))
+    with engine.outside_zero3():
+        exported = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=trust_remote_code).eval()
+        dtype = str(next(exported.parameters()).dtype).removeprefix("torch.")
+        reference = _build(os.path.join(os.path.dirname(tag_dir), BASE), state_dict, dtype, trust_remote_code,
+                           meta=False)
+        batch = probe_batch(exported.config.vocab_size)
+        diff = exported(input_ids=batch).logits.float() - reference(input_ids=batch).logits.float()
+    return float(diff.abs().max())

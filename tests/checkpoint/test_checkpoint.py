@@ -1,0 +1,215 @@
+"""The checkpoint protocol without a process group: tag directories, manifests, what resume picks,
+pruning, RNG and trainer state through ``weights_only=True``, and the pickle scan that guards
+DeepSpeed's own loaders. DeepSpeed's save is replaced by a fake engine that writes one file per
+rank, so every line of megakto.checkpoint.save runs (the barriers are no-ops at world size 1)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megakto import checkpoint
+from megakto.data.sampler import KTOBatchSampler
+from megakto.distributed import engine
+from megakto.errors import ConfigError, ModelError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class FakeEngine:
+    """Stands in for DeepSpeed's engine: save_checkpoint writes a file into save_dir/tag."""
+
+    def __init__(self, payload=b"weights"):
+        self.payload = payload
+        self.calls = []
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        self.calls.append((tag, save_latest))
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        with open(os.path.join(save_dir, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(self.payload)
+
+
+def _save(ckpt_dir, step, keep_last=10, payload=b"weights"):
+    fake = FakeEngine(payload)
+    path = checkpoint.save(fake, str(ckpt_dir), step, {"step": step, "sampler": {"batches_emitted": step}},
+                           keep_last=keep_last, dtype="float32")
+    return fake, path
+
+
+def test_save_commits_one_complete_tag(tmp_path):
+    """DeepSpeed writes into .tmp-step-N with its own `latest` off; the committed step-N holds its
+    files, this rank's trainer state and a manifest listing both with their sizes."""
+    fake, path = _save(tmp_path, 12)
+    assert fake.calls == [(".tmp-step-00000012", False)]
+    assert path == str(tmp_path / "step-00000012")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-00000012"]
+    assert (tmp_path / "latest").read_text() == "step-00000012"
+    manifest = json.loads((tmp_path / "step-00000012" / "complete").read_text())
+    assert manifest["step"] == 12 and manifest["world_size"] == 1 and manifest["dtype"] == "float32"
+    assert manifest["files"] == {"trainer_state_rank0.pt": os.path.getsize(tmp_path / path / "trainer_state_rank0.pt"),
+                                 "zero_pp_rank_0_mp_rank_00_model_states.pt": 7}  # len(b"weights")
+    assert checkpoint.problem(path) is None
+    state = checkpoint.load_state(path)
+    assert state == {"version": 1, "rank": 0, "world_size": 1, "step": 12, "sampler": {"batches_emitted": 12}}
+
+
+def test_problem_names_what_is_wrong(tmp_path):
+    _, path = _save(tmp_path, 3)
+    weights = os.path.join(path, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with open(weights, "ab") as f:
+        f.write(b"!")
+    assert checkpoint.problem(path) == "zero_pp_rank_0_mp_rank_00_model_states.pt has 8 bytes, the manifest says 7"
+    os.remove(weights)
+    assert checkpoint.problem(path) == "zero_pp_rank_0_mp_rank_00_model_states.pt is missing"
+    os.remove(os.path.join(path, "complete"))
+    assert "no 'complete' manifest" in checkpoint.problem(path)
+    assert checkpoint.problem(str(tmp_path / "nowhere")) == "no such directory"
+
+
+def test_crash_before_commit_keeps_previous(tmp_path):
+    """MEGAKTO_FAULT_EXIT_IN_SAVE=8 kills the process (exit 1) after step 8's files are written
+    and before the commit: step 8 is a .tmp directory without manifest, `latest` still names step
+    4, resume picks step 4, and the next save cleans the leftover up."""
+    _save(tmp_path, 4)
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from tests.checkpoint.test_checkpoint import _save; "
+            "_save(sys.argv[1], 8)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), REPO], capture_output=True, text=True,
+                          env={**os.environ, checkpoint.FAULT_ENV: "8"}, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == [".tmp-step-00000008", "latest", "step-00000004"]
+    assert sorted(os.listdir(tmp_path / ".tmp-step-00000008")) == ["trainer_state_rank0.pt",
+                                                                  "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    assert (tmp_path / "latest").read_text() == "step-00000004"
+    assert checkpoint.newest_complete(str(tmp_path)) == str(tmp_path / "step-00000004")
+    _save(tmp_path, 6)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-00000004", "step-00000006"]
+
+
+def test_newest_complete_skips_unfinished_and_damaged(tmp_path):
+    for step in (2, 4, 10):
+        _save(tmp_path, step)
+    os.rename(tmp_path / "step-00000010", tmp_path / ".tmp-step-00000010")  # as if never committed
+    os.makedirs(tmp_path / "step-00000012")  # a directory without manifest
+    assert [s for s, _ in checkpoint.complete_tags(str(tmp_path))] == [2, 4]
+    assert checkpoint.newest_complete(str(tmp_path)) == str(tmp_path / "step-00000004")
+    os.remove(tmp_path / "step-00000004" / "trainer_state_rank0.pt")
+    assert checkpoint.newest_complete(str(tmp_path)) == str(tmp_path / "step-00000002")
+    # Order is numeric, not lexicographic, past 8 digits.
+    _save(tmp_path, 123456789)
+    _save(tmp_path, 99999999)
+    assert checkpoint.newest_complete(str(tmp_path)).endswith("step-123456789")
+
+
+def test_resolve_resume(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    assert checkpoint.resolve_resume("none", str(tmp_path), world_size=1) is None
+    assert checkpoint.resolve_resume("auto", str(tmp_path), world_size=1) is None  # fresh start
+    _save(ckpt, 2)
+    _save(ckpt, 4)
+    assert checkpoint.resolve_resume("auto", str(tmp_path), world_size=1) == str(ckpt / "step-00000004")
+    step2 = str(ckpt / "step-00000002")
+    assert checkpoint.resolve_resume(step2, "elsewhere", world_size=1) == step2
+    with pytest.raises(ConfigError, match=r"^train.resume=\S+missing: not a loadable checkpoint: no such directory;"):
+        checkpoint.resolve_resume(str(tmp_path / "missing"), str(tmp_path), world_size=1)
+    with pytest.raises(ConfigError, match="it holds checkpoints; pass one of its step-\\* directories"):
+        checkpoint.resolve_resume(str(ckpt), str(tmp_path), world_size=1)
+    os.remove(ckpt / "step-00000004" / "complete")
+    with pytest.raises(ConfigError, match="no 'complete' manifest"):
+        checkpoint.resolve_resume(str(ckpt / "step-00000004"), str(tmp_path), world_size=1)
+    with pytest.raises(ConfigError, match="written by 1 ranks but this run has 2"):
+        checkpoint.resolve_resume("auto", str(tmp_path), world_size=2)
+    with pytest.raises(ConfigError) as err:
+        checkpoint.resolve_resume(str(tmp_path / "missing"), str(tmp_path), world_size=1)
+    assert "\n" not in str(err.value)  # one line
+
+
+def test_prune_keeps_newest_complete(tmp_path):
+    """keep_last=2 over steps 2..8 leaves 6 and 8; keep_last below 1 still keeps the newest; a
+    directory without manifest is left alone by prune, .tmp-* only by remove_stale."""
+    for step in (2, 4, 6):
+        _save(tmp_path, step, keep_last=2)
+    assert [s for s, _ in checkpoint.complete_tags(str(tmp_path))] == [4, 6]
+    _save(tmp_path, 8, keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-00000006", "step-00000008"]
+    os.makedirs(tmp_path / "step-00000010")
+    os.makedirs(tmp_path / ".tmp-step-00000012")
+    assert checkpoint.prune(str(tmp_path), 0) == [str(tmp_path / "step-00000006")]
+    assert sorted(os.listdir(tmp_path)) == [".tmp-step-00000012", "latest", "step-00000008", "step-00000010"]
+    assert checkpoint.remove_stale(str(tmp_path)) == [str(tmp_path / ".tmp-step-00000012")]
+    assert checkpoint.prune(str(tmp_path), 1) == []
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+    """A run resumed from step 4 saves step 6 again although an older step 6 exists."""
+    _save(tmp_path, 6, payload=b"old")
+    _save(tmp_path, 6, payload=b"newer")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-00000006"]
+    assert (tmp_path / "step-00000006" / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes() == b"newer"
+    assert checkpoint.problem(str(tmp_path / "step-00000006")) is None
+
+
+def _draws():
+    return (random.random(), float(np.random.rand()), torch.rand(3).tolist(), random.getrandbits(64))
+
+
+def test_rng_states_round_trip_weights_only(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    _draws()
+    np.random.randn()  # a cached gaussian in numpy's state
+    random.gauss(0, 1)  # and in python's
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    expected = _draws()
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draws() == expected
+
+
+def test_trainer_state_continues_the_sampler(tmp_path):
+    """The sampler's state through the trainer-state file: the restored sampler hands out exactly
+    the batches the original would have (no row repeated, none skipped)."""
+    labels = [i % 3 == 0 for i in range(60)]
+    a = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=2, seed=5)
+    first = [a.next_global_batch() for _ in range(3)]
+    fake = FakeEngine()
+    state = {"step": 3, "sampler": a.state_dict(), "rng": checkpoint.rng_state(), "eval_history": [[2, {"loss": 0.5}]]}
+    path = checkpoint.save(fake, str(tmp_path), 3, state, keep_last=1, dtype="float32")
+    rest = [a.next_global_batch() for _ in range(4)]
+    b = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=2, seed=5)
+    state = checkpoint.load_state(path)
+    b.load_state_dict(state["sampler"])
+    assert [b.next_global_batch() for _ in range(4)] == rest
+    assert state["eval_history"] == [[2, {"loss": 0.5}]]
+    assert not set(sum(first, [])) & set(sum(rest, []))  # 56 of 60 rows: one epoch, nothing twice
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_pickle_scan_refuses_foreign_globals(tmp_path):
+    """Plain tensors and DeepSpeed's LossScaler pass; a pickle that names os.getcwd is refused
+    before anything is unpickled, and the weights_only loader used for DeepSpeed's files refuses
+    it too."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    torch.save({"w": torch.ones(2), "scaler": LossScaler(1.0), "n": [1, 2]}, ok / "a_model_states.pt")
+    engine.check_deepspeed_pickles(str(ok))
+    assert engine._weights_only_load(str(ok / "a_model_states.pt"))["n"] == [1, 2]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"w": torch.ones(2), "x": _Payload()}, bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ModelError, match=r"refusing to unpickle \['posix.getcwd'\]"):
+        engine.check_deepspeed_pickles(str(bad))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine._weights_only_load(str(bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))

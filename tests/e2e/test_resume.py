@@ -1,0 +1,193 @@
+"""Crash and resume under the real launcher, 2 CPU processes, ZeRO-3, fp32.
+
+One uninterrupted 8-step run is the reference. The interrupted one goes through both kinds of
+crash, each followed by ``train.resume=auto`` (checkpoints every 2 steps, cosine schedule with
+warm-up so the LR schedule must round-trip too):
+
+    run A  steps 1-6; rank 0 exits (MEGAKTO_FAULT_EXIT_IN_SAVE=6) after every rank wrote step 6's
+           files but before the commit -> step 4 is the newest complete checkpoint
+    run B  resumes at step 4, runs 5-6, saves step 6, then both ranks stop before step 7 and rank
+           1 gets SIGKILL (the launcher ends rank 0)
+    run C  resumes at step 6, runs 7-8
+
+Steps 5-8 must give the reference's losses exactly, the rows consumed (1-4 from A, 5-6 from B,
+7-8 from C) must be the reference's, and the final weights must be bitwise equal. The reference
+run also exports its final checkpoint (train.export_hf) and keeps the newest two checkpoints.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.e2e.conftest import base_overrides, run_trainer
+from tests.launcher import REPO, free_port
+
+pytestmark = pytest.mark.timeout(900)
+
+COMMON = {"train.max_steps": 8, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
+          "optim.schedule": "cosine", "optim.warmup_steps": 2}
+
+
+def _start(assets, out, dump, *, env=None, hang_before_step=None, **extra):
+    """Like tests.launcher.launch, but returns the running launcher (output to DUMP/launcher.log)."""
+    os.makedirs(dump, exist_ok=True)
+    args = ["--deepspeed", "ds_configs/zero3.json", "--dump", dump]
+    if hang_before_step:
+        args += ["--hang-before-step", str(hang_before_step)]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           os.path.join(REPO, "tests/e2e/run_trainer.py"), *args, *base_overrides(assets, out, **{**COMMON, **extra})]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
+                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(env or {})}
+    log = open(os.path.join(dump, "launcher.log"), "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _log(dump):
+    with open(os.path.join(dump, "launcher.log")) as f:
+        return f.read()[-4000:]
+
+
+def _steps(dump):
+    with open(os.path.join(dump, "steps.jsonl")) as f:
+        return {rec["step"]: rec for rec in map(json.loads, f)}
+
+
+def _latest(out):
+    path = os.path.join(out, "checkpoints", "latest")
+    return open(path).read() if os.path.exists(path) else None
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    _, result = run_trainer(assets, out, nproc=2, **COMMON, **{"train.export_hf": "true"})
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def interrupted(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("interrupted")
+    seen = {}
+
+    # A: crash inside the step-6 save.
+    proc = _start(assets, out, out / "dumpA", env={"MEGAKTO_FAULT_EXIT_IN_SAVE": "6"})
+    assert proc.wait(timeout=300) != 0, _log(out / "dumpA")
+    seen["after_A"] = sorted(os.listdir(out / "checkpoints")), _latest(out)
+
+    # B: resume, then SIGKILL rank 1 while both ranks wait to start step 7.
+    proc = _start(assets, out, out / "dumpB", hang_before_step=7, **{"train.resume": "auto"})
+    deadline = time.time() + 300
+    while not all(os.path.exists(out / "dumpB" / f"hanging_rank{r}") for r in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, _log(out / "dumpB")
+        time.sleep(0.5)
+    seen["before_kill"] = _latest(out)
+    os.kill(int((out / "dumpB" / "pid_rank1").read_text()), signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0, _log(out / "dumpB")
+
+    # C: resume and finish.
+    proc = _start(assets, out, out / "dumpC", **{"train.resume": "auto"})
+    assert proc.wait(timeout=300) == 0, _log(out / "dumpC")
+    with open(out / "dumpC" / "result.json") as f:
+        result = json.load(f)
+    return out, seen, result
+
+
+def test_crash_in_save_leaves_previous_checkpoint(interrupted):
+    """After A, step 6 is only a temporary directory (all files written, never committed) and
+    ``latest`` still names step 4; B resumed from step 4, not from the half-saved step 6."""
+    out, seen, _ = interrupted
+    names, latest = seen["after_A"]
+    assert latest == "step-00000004"
+    assert names == [".tmp-step-00000006", "hf_base", "latest", "step-00000002", "step-00000004",
+                     "zero_to_fp32.py", "zero_to_torch.py"]
+    assert sorted(_steps(out / "dumpA")) == [1, 2, 3, 4, 5, 6]
+    assert sorted(_steps(out / "dumpB")) == [5, 6]
+    assert seen["before_kill"] == "step-00000006"
+    assert "resumed from" in _log(out / "dumpB") and "step-00000004 at step 4" in _log(out / "dumpB")
+
+
+def test_resumed_losses_rows_and_weights_equal_straight_run(straight, interrupted):
+    s_out, s_result = straight
+    out, _, result = interrupted
+    a, b = _steps(out / "dumpA"), _steps(out / "dumpB")
+    c = {7 + i: {"metrics": m, "indices": ix} for i, (m, ix) in enumerate(zip(result["history"], result["indices"]))}
+    assert sorted(c) == [7, 8]  # C ran only the last two steps
+    consumed = {**{k: a[k] for k in (1, 2, 3, 4)}, **{k: b[k] for k in (5, 6)}, **c}
+    for step in range(1, 9):
+        ref = s_result["history"][step - 1]
+        got = consumed[step]["metrics"]
+        for key in ("loss", "kl", "learning_rate", "rewards/margins", "grad_norm"):
+            assert got[key] == pytest.approx(ref[key], abs=1e-7, rel=0), (step, key)
+        assert consumed[step]["indices"] == s_result["indices"][step - 1], step
+    # The data stream: same multiset of rows, and within this epoch (128 of 800 rows) none twice.
+    rows = [i for step in range(1, 9) for i in consumed[step]["indices"]]
+    assert Counter(rows) == Counter(i for ix in s_result["indices"] for i in ix)
+    assert len(set(rows)) == len(rows) == 8 * 16
+    # The LR schedule really moved (warm-up, then cosine decay), so restoring it mattered.
+    lrs = [h["learning_rate"] for h in s_result["history"]]
+    assert lrs[0] < lrs[1] and lrs[4] > lrs[7] > 0
+    ref = torch.load(os.path.join(s_out, "dump", "policy.pt"), weights_only=True)
+    got = torch.load(os.path.join(out, "dumpC", "policy.pt"), weights_only=True)
+    assert set(ref) == set(got)
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+
+
+def test_keep_last_prunes_old_checkpoints(straight, interrupted):
+    """keep_last=2: only the newest two complete tags survive; no temporary directory is left."""
+    for out in (straight[0], interrupted[0]):
+        names = sorted(os.listdir(os.path.join(out, "checkpoints")))
+        assert names == ["hf_base", "latest", "step-00000006", "step-00000008", "zero_to_fp32.py", "zero_to_torch.py"]
+        assert _latest(out) == "step-00000008"
+
+
+def test_export_hf_matches_engine(straight):
+    """train.export_hf: output_dir/hf loads with from_pretrained and reproduces the engine's logits
+    (run_trainer computed them with the ZeRO-3 engine after training) and its gathered weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megakto.export import probe_batch
+
+    out, _ = straight
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf")).eval()
+    assert model.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(input_ids=probe_batch(model.config.vocab_size)).logits
+    engine_logits = torch.load(os.path.join(out, "dump", "logits.pt"), weights_only=True)
+    assert float((logits - engine_logits).abs().max()) <= 1e-6
+    weights = load_file(os.path.join(out, "hf", "model.safetensors"))
+    policy = torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
+    assert set(weights) == set(policy) and all(torch.equal(weights[k], policy[k]) for k in policy)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "hf"))
+    assert tokenizer.chat_template and "<|assistant|>" in tokenizer.chat_template
+    assert os.path.isfile(os.path.join(out, "hf", "generation_config.json"))
+
+
+def test_zero_to_hf_tool_check(straight, tmp_path):
+    """tools/zero_to_hf.py --check on the run's checkpoints/ (newest tag): exit 0, diff printed;
+    and the same check on a folder with one weight nudged by 1e-3 reports a difference > 1e-5."""
+    from megakto.export import check_export
+
+    out, _ = straight
+    dest = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "tools/zero_to_hf.py", os.path.join(out, "checkpoints"), str(dest),
+                           "--check"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "check: max abs logit diff 0 (ok" in proc.stdout
+    assert "step-00000008" in proc.stdout
+    exported = load_file(dest / "model.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in load_file(os.path.join(out, "hf", "model.safetensors")).items())
+
+    from safetensors.torch import save_file
+
+    exported["model.norm.weight"] = exported["model.norm.weight"] + 1e-3
+    save_file(exported, dest / "model.safetensors", metadata={"format": "pt"})
+    assert check_export(str(dest), os.path.join(out, "checkpoints", "step-00000008")) > 1e-5
