@@ -143,7 +143,8 @@ class TrainConfig:
         "none = start fresh; otherwise a checkpoint directory."
     )
     export_hf: bool = _opt(
-        False, "At the end, write a consolidated Hugging Face folder (safetensors) of the policy."
+        False, "At the end, write output_dir/hf (safetensors, config, tokenizer) from a final "
+        "checkpoint, saved even when checkpoint.every_steps=0."
     )
 
 
@@ -183,7 +184,7 @@ class RefConfig:
 class CheckpointConfig:
     every_steps: int = _opt(0, "Save a DeepSpeed checkpoint every N optimizer steps; 0 = never.")
     keep_last: int = _opt(
-        2, "Keep only the newest N checkpoints in output_dir (>= 1; large = keep all)."
+        2, "Keep only the newest N complete checkpoints (>= 1); the newest complete one is never deleted."
     )
 
 

@@ -25,7 +25,8 @@ class RunLogger:
         from tqdm.auto import tqdm
 
         self.log_dir = os.path.join(output_dir, "tensorboard")
-        self._writer = SummaryWriter(self.log_dir)
+        # After a resume, drop events past the checkpoint that a crashed run had already written.
+        self._writer = SummaryWriter(self.log_dir, purge_step=initial_step if initial_step > 0 else None)
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="kto", dynamic_ncols=True,
                          disable=not sys.stderr.isatty())
 
