@@ -2,16 +2,19 @@
 
 One optimizer step over a global batch of rows (prompt x, completion y, desirable or not):
 
-1. **No-grad pass** over this rank's micro-batches: reference log-probs of the target rows, and
-   policy and reference log-probs of the mismatched KL rows (x_i, y_partner(i)); partners come from
-   a seeded derangement of the whole global batch that every rank computes from dataset indices.
-2. **Reference point**: the KL estimate's (sum, count) is all-reduced once over the data-parallel
+1. **Plan**: every rank derives, from dataset indices alone, the mismatched KL row of each example
+   (x_i with another example's completion, never one sharing x_i's prompt) and the split of the
+   global batch into equal-row, near-equal-token micro-batches (data-parallel rank r owns
+   micro-batches r·ga .. r·ga+ga−1). Each micro-batch's sequences are packed end to end.
+2. **No-grad pass** over this rank's micro-batches: reference log-probs of target and KL rows
+   (one packed forward, or a cache lookup), policy log-probs of the KL rows.
+3. **Reference point**: the KL estimate's (sum, count) is all-reduced once over the data-parallel
    group, so z_ref = max(0, mean) is exact for the global batch however it is split (eq. 7's z_ref,
    detached). ``kto.kl_scope: microbatch`` reduces per micro-batch instead, as TRL does.
-3. **Policy pass** per micro-batch with grad: eq. (7) loss, backward, ``engine.step()`` at the
+4. **Policy pass** per micro-batch with grad: eq. (7) loss, backward, ``engine.step()`` at the
    boundary. Each micro-batch loss is scaled so the update is the gradient of the mean loss over
    the global batch whatever the data-parallel size and gradient accumulation.
-4. **Metrics** as sums and counts, reduced once per step, written by rank 0.
+5. **Metrics** as sums and counts, reduced once per step, written by rank 0.
 
 Every ``checkpoint.every_steps`` steps the policy engine and the trainer's own state are saved
 atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the same data stream.
@@ -19,7 +22,7 @@ atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the
 
 from __future__ import annotations
 
-import math
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -28,24 +31,20 @@ import torch
 
 from megakto import checkpoint, export
 from megakto.config import Config, save_config
-from megakto.data import (
-    KTOBatchSampler,
-    collate,
-    count_labels,
-    fit_to_length,
-    kl_partners,
-    load_rows,
-    require_both_classes,
-    tokenize_rows,
-)
+from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, require_both_classes, tokenize_rows
+from megakto.data.packing import pack, pad_rows, plan_micro_batches
+from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
 from megakto.distributed.ds_config import build_ds_config, load_ds_json, reference_ds_config
 from megakto.distributed.parallel import ParallelDims
-from megakto.errors import ConfigError
+from megakto.errors import ConfigError, DataError, MegaktoError
+from megakto.evaluate import Evaluator
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss
-from megakto.kto.reward_accuracy import reward_accuracy
-from megakto.model.forward import completion_logps
+from megakto.metrics import StepSums, step_metrics
+from megakto.model.forward import logps_function
 from megakto.model.load import check_model_path, load_tokenizer
+from megakto.ref_cache import RefLogpCache, precompute, reference_fingerprint, sequence_key
+from megakto.reference import CachedReference, OnlineReference, dataset_kl_partners, fit_kl_row
 from megakto.runlog import RunLogger
 
 __all__ = ["KTOTrainer", "StepResult"]
@@ -86,12 +85,16 @@ class KTOTrainer:
                              initial_step=start)
         self.train_rows, self.eval_rows = self._setup_data()
         self.desirable_weight = self._setup_weights()
-        self.sampler = KTOBatchSampler(self.train_rows["label"], global_batch_size=cfg.train.global_batch_size,
-                                       num_micro_batches=self.dims.num_micro_batches, seed=cfg.seed,
-                                       balanced=cfg.data.balanced_sampling)
+        self.sampler = self._setup_sampler()
+        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens)
+        self.use_kl = cfg.kto.loss_type == "kto"
+        # ref.mode=cache needs a fixed KL row per dataset row (see megakto/reference.py).
+        self.cached_ref = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
+        self.train_kl_partner = dataset_kl_partners(self.train_rows.prompt_key) if self.use_kl and self.cached_ref else None
+        self.evaluator = self._setup_evaluator()
         self.policy = self._setup_policy()
+        self.precompute_seconds = 0.0
         self.reference = self._setup_reference()
-        self._eval_ref_cache: dict[str, torch.Tensor] | None = None
         self.eval_history: list[tuple[int, dict[str, float]]] = []
         self.step = self._setup_resume()
         self._saved_step = self.step if self.resume_dir else None
@@ -117,7 +120,7 @@ class KTOTrainer:
                     n_d, n_u = count_labels(tok)
                     require_both_classes(n_d, n_u, loss_type=cfg.kto.loss_type,
                                          allow_single_class=cfg.kto.allow_single_class, source=", ".join(files))
-                loaded[split] = (_Rows(tok), report)
+                loaded[split] = (TokenizedSplit(tok), report)
 
         first = comm.local_rank() == 0
         with comm.fail_together():
@@ -134,7 +137,8 @@ class KTOTrainer:
     def _setup_weights(self) -> float:
         """eq. (8): λD·nD / (λU·nU) should lie in [1, 4/3]; ``auto`` makes it exactly 1."""
         kto = self.cfg.kto
-        n_d, n_u = sum(self.train_rows["label"]), len(self.train_rows) - sum(self.train_rows["label"])
+        n_d = sum(self.train_rows.label)
+        n_u = len(self.train_rows) - n_d
         weight = kto.desirable_weight
         if weight == "auto":
             weight = auto_desirable_weight(n_d, n_u, kto.undesirable_weight)
@@ -164,14 +168,80 @@ class KTOTrainer:
         policy.train()
         return policy
 
-    def _setup_reference(self):
+    def _setup_sampler(self) -> KTOBatchSampler:
+        cfg = self.cfg
+        n, gbs = len(self.train_rows), cfg.train.global_batch_size
+        if n < gbs:
+            raise DataError(f"{', '.join(cfg.data.train_files)}: {n} rows after filtering, fewer than "
+                            f"train.global_batch_size={gbs}")
+        return KTOBatchSampler(self.train_rows.label, global_batch_size=gbs, num_micro_batches=self.dims.num_micro_batches,
+                               seed=cfg.seed, balanced=cfg.data.balanced_sampling)
+
+    def _setup_evaluator(self) -> Evaluator | None:
+        if self.eval_rows is None or self.cfg.kto.loss_type == "sft":
+            return None
+        kl_rows = None
+        if self.use_kl:
+            kl_rows = self._kl_rows(self.eval_rows, range(len(self.eval_rows)),
+                                    dataset_kl_partners(self.eval_rows.prompt_key))
+        return Evaluator(self.eval_rows, kl_rows=kl_rows, dp=self.dims.dp, rank=comm.rank(),
+                         batch_size=self.cfg.train.eval_batch_size)
+
+    def _reference_engine(self):
         cfg = self.cfg
         ref_ds = reference_ds_config(self.ds_config, offload=cfg.ref.offload)
         model = engine.load_model(cfg.ref.path or cfg.model.path, ref_ds, dtype=self._model_dtype(),
                                   attn_implementation=cfg.model.attn_implementation,
                                   trust_remote_code=cfg.model.trust_remote_code)
         engine.disable_dropout(model)
-        return engine.build_reference_engine(model, ref_ds)
+        return OnlineReference(engine.build_reference_engine(model, ref_ds), self._batch, self.logps_fn)
+
+    def _setup_reference(self):
+        """Online: a frozen ZeRO-3 inference engine. Cache: reference log-probs of every target and KL
+        row, computed once (sharded over ranks) into a content-keyed cache; when the cache already
+        holds them all, the reference model is never loaded."""
+        cfg = self.cfg
+        if cfg.kto.loss_type == "sft":
+            return None
+        if not self.cached_ref:
+            return self._reference_engine()
+        with comm.fail_together():
+            fingerprint = reference_fingerprint(cfg.ref.path or cfg.model.path, settings={
+                "dtype": str(self._model_dtype()), "attn": cfg.model.attn_implementation, "logps": cfg.model.logps})
+            if comm.is_main():
+                RefLogpCache.open(cfg.ref.cache_dir, fingerprint, create=True)
+        with comm.fail_together():
+            cache = RefLogpCache.open(cfg.ref.cache_dir, fingerprint, create=False)
+        items = self._cache_items()
+        keys = [k for k, _, _ in items]
+        if cache.missing(keys):
+            start = time.perf_counter()
+            online = self._reference_engine()
+            n = precompute(cache, items, online.logps, rank=comm.rank(), world_size=comm.world_size(),
+                           batch_size=cfg.train.eval_batch_size)
+            comm.barrier()
+            cache.reload()
+            del online
+            gc.collect()
+            self.precompute_seconds = time.perf_counter() - start
+            self.log.info(f"reference cache: computed {int(comm.all_reduce_dict({'n': n})['n'])} log-probs "
+                          f"in {self.precompute_seconds:.1f} s into {cfg.ref.cache_dir}")
+        with comm.fail_together():
+            missing = cache.missing(keys)
+            if missing:
+                raise MegaktoError(f"ref.cache_dir={cfg.ref.cache_dir}: {len(missing)} of {len(keys)} reference "
+                                   "log-probs missing after the precompute pass; is the folder shared by all nodes?")
+        self.log.info(f"reference cache: {len(keys)} log-probs from {cfg.ref.cache_dir}; reference model not loaded")
+        return CachedReference(cache, self.device)
+
+    def _cache_items(self) -> list[tuple[bytes, list, list]]:
+        """(key, prompt_ids, completion_ids) of every sequence the run scores with the reference."""
+        pairs = self.train_rows.pairs(range(len(self.train_rows)))
+        if self.use_kl:
+            pairs += self._kl_rows(self.train_rows, range(len(self.train_rows)), self.train_kl_partner)
+        if self.evaluator is not None:
+            pairs += self.evaluator.targets + (self.evaluator.kl_rows or [])
+        return [(sequence_key(p, c), p, c) for p, c in pairs]
 
     def _setup_resume(self) -> int:
         """Continue from ``self.resume_dir``: engine (weights, Adam, LR schedule), sampler position,
@@ -196,7 +266,7 @@ class KTOTrainer:
         cfg = self.cfg
         history = []
         self.log.info(f"training {cfg.train.max_steps} steps: {self.dims.describe()}")
-        evaluating = self.eval_rows is not None
+        evaluating = self.evaluator is not None
         if evaluating and cfg.train.eval_every and self.step == 0:
             self._evaluate_and_log()  # the reference model's numbers: reward accuracy 0.5 by construction
         while self.step < cfg.train.max_steps:
@@ -240,6 +310,12 @@ class KTOTrainer:
                                        trust_remote_code=self.cfg.model.trust_remote_code)
         self.log.info(f"exported {out}")
 
+    def evaluate(self) -> dict[str, float]:
+        kto = self.cfg.kto
+        return self.evaluator(lambda pairs: self._logps(self.policy, pairs), self.reference.logps, beta=kto.beta,
+                              desirable_weight=self.desirable_weight, undesirable_weight=kto.undesirable_weight,
+                              loss_type=kto.loss_type)
+
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate()
         self.eval_history.append((self.step, metrics))
@@ -249,47 +325,65 @@ class KTOTrainer:
         cfg, kto = self.cfg, self.cfg.kto
         start = time.perf_counter()
         rows = self.train_rows.fetch(indices)
-        use_kl = kto.loss_type == "kto"
-        partners = kl_partners(rows["prompt_key"], seed=cfg.seed, step=self.step) if use_kl else None
-        slices = self.dims.micro_batch_slices(comm.rank())
+        targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
+        kl_rows = self._step_kl_rows(indices, rows) if self.use_kl else None
 
-        # 1. No-grad pass: reference on targets; policy and reference on the mismatched KL rows.
-        targets, ref_logps, kl_parts = [], [], []
+        # 1. Plan: equal rows and near-equal tokens per micro-batch; this rank's share.
+        lengths = [len(p) + len(c) for p, c in targets]
+        if kl_rows is not None:
+            lengths = [n + len(p) + len(c) for n, (p, c) in zip(lengths, kl_rows)]
+        ga = self.dims.grad_accum
+        rank = comm.rank()
+        mine = plan_micro_batches(lengths, rows["label"], self.dims.num_micro_batches)[rank * ga:(rank + 1) * ga]
+
+        # 2. No-grad pass: reference on target (and KL) rows; policy on the KL rows.
+        ref_logps, kl_parts = [], []
         with torch.no_grad():
-            for a, b in slices:
-                batch = self._collate([(rows["prompt_ids"][i], rows["completion_ids"][i]) for i in range(a, b)])
-                targets.append(batch)
-                ref_logps.append(completion_logps(self.reference, batch)[0])
-                if use_kl:
-                    kl_batch = self._collate([self._kl_row(rows, i, partners[i]) for i in range(a, b)])
-                    kl_parts.append(kl_partial(completion_logps(self.policy, kl_batch)[0],
-                                               completion_logps(self.reference, kl_batch)[0]))
+            for positions in mine:
+                t = [targets[i] for i in positions]
+                if self.reference is None:  # sft: no reference
+                    ref_logps.append(None)
+                    continue
+                k = [kl_rows[i] for i in positions] if kl_rows is not None else []
+                both = self.reference.logps(t + k)
+                ref_logps.append(both[:len(t)])
+                if k:
+                    kl_parts.append(kl_partial(self._logps(self.policy, k), both[len(t):]))
 
-        # 2. The reference point z_ref: one all-reduce of (sum, count) over the data-parallel group.
-        kls = self._reduce_kl(kl_parts, len(slices)) if use_kl else [torch.zeros((), device=self.device)] * len(slices)
+        # 3. The reference point z_ref: one all-reduce of (sum, count) over the data-parallel group.
+        zero = torch.zeros((), device=self.device)
+        kls = self._reduce_kl(kl_parts, len(mine)) if kl_rows is not None else [zero] * len(mine)
 
-        # 3. Policy forward/backward per micro-batch; the engine steps at the accumulation boundary.
-        desirable_tokens = sum(len(rows["completion_ids"][i]) for i in range(len(indices)) if rows["label"][i])
+        # 4. Policy forward/backward per micro-batch; the engine steps at the accumulation boundary.
         scale = self.dims.num_micro_batches / len(indices)  # engine: ÷ grad-accum, mean over dp ranks
-        sums = _Sums()
+        target_tokens = sum(len(c) for _, c in targets)
+        desirable_tokens = sum(len(c) for (_, c), d in zip(targets, rows["label"]) if d)
+        sums = StepSums()
         lr = self.policy.get_lr()[0]  # the rate this step's update uses
-        for batch, ref, kl, (a, b) in zip(targets, ref_logps, kls, slices):
-            desirable = torch.tensor(rows["label"][a:b], dtype=torch.bool, device=self.device)
-            logps, n_tokens = completion_logps(self.policy, batch)
-            out = kto_loss(logps, ref, desirable, kl, beta=kto.beta, desirable_weight=self.desirable_weight,
-                           undesirable_weight=kto.undesirable_weight, loss_type=kto.loss_type)
-            loss = out.losses.sum()
-            nll = -(logps * desirable).sum()
-            if kto.sft_weight:
-                # SFT term on desirable rows: weight × mean per-token NLL over the global batch.
-                loss = loss + kto.sft_weight * nll * len(indices) / max(desirable_tokens, 1)
+        for positions, ref, kl in zip(mine, ref_logps, kls):
+            batch = self._batch([targets[i] for i in positions])
+            desirable = torch.tensor([rows["label"][i] for i in positions], dtype=torch.bool, device=self.device)
+            logps, n_tokens = self.logps_fn(self.policy, batch)
+            if kto.loss_type == "sft":
+                # Plain causal-LM loss on every completion: mean per-token NLL over the global batch.
+                loss = -logps.sum() * len(indices) / target_tokens
+                losses, rewards = logps.detach() * 0, torch.zeros_like(logps)
+            else:
+                out = kto_loss(logps, ref, desirable, kl, beta=kto.beta, desirable_weight=self.desirable_weight,
+                               undesirable_weight=kto.undesirable_weight, loss_type=kto.loss_type)
+                loss, losses, rewards = out.losses.sum(), out.losses, out.rewards
+                if kto.sft_weight:
+                    # SFT term on desirable rows: weight × mean per-token NLL over the global batch.
+                    loss = loss - kto.sft_weight * (logps * desirable).sum() * len(indices) / max(desirable_tokens, 1)
             self.policy.backward(loss * scale)
             self.policy.step()
-            sums.add_step(out.losses.detach(), out.rewards, logps.detach(), desirable, n_tokens, batch, nll.detach())
+            sums.add(losses=losses, rewards=rewards, logps=logps, desirable=desirable, n_tokens=n_tokens,
+                     tokens=batch.num_tokens)
+
+        # 5. Metrics: one reduction of sums and counts.
         reduced = comm.all_reduce_dict(sums.values)
-        elapsed = time.perf_counter() - start
-        metrics = _step_metrics(reduced, kl=float(torch.stack([k.float() for k in kls]).mean()), elapsed=elapsed,
-                                sft_weight=kto.sft_weight, desirable_tokens=desirable_tokens)
+        metrics = step_metrics(reduced, kl=float(torch.stack([k.float() for k in kls]).mean()),
+                               elapsed=time.perf_counter() - start, loss_type=kto.loss_type, sft_weight=kto.sft_weight)
         metrics["learning_rate"] = lr
         grad_norm = self.policy.get_global_grad_norm()
         if grad_norm is not None:
@@ -306,124 +400,29 @@ class KTOTrainer:
         comm.all_reduce_sum(flat)
         return [finalize_kl(s, c).to(self.device) for s, c in flat]
 
-    def _kl_row(self, rows, i: int, j: int):
-        """Prompt i with completion j, cut to ``max_length`` the same way target rows are."""
+    def _step_kl_rows(self, indices: list[int], rows: dict) -> list:
+        """Online reference: partners drawn over this global batch, seeded by the step. Cached
+        reference: each row's fixed dataset-level partner."""
+        if self.train_kl_partner is None:
+            partners = kl_partners(rows["prompt_key"], seed=self.cfg.seed, step=self.step)
+            return [self._fit(rows["prompt_ids"][i], rows["completion_ids"][j]) for i, j in enumerate(partners)]
+        return self._kl_rows(self.train_rows, indices, [self.train_kl_partner[i] for i in indices], rows)
+
+    def _kl_rows(self, split: TokenizedSplit, indices, partners, rows: dict | None = None) -> list:
+        """Prompt of row ``indices[n]`` with the completion of dataset row ``partners[n]``."""
+        indices = list(indices)
+        rows = rows or split.fetch(indices)
+        partner_completions = split.fetch(partners)["completion_ids"]
+        return [self._fit(p, c) for p, c in zip(rows["prompt_ids"], partner_completions)]
+
+    def _fit(self, prompt_ids, completion_ids):
         data = self.cfg.data
-        max_prompt = data.max_prompt_length if data.max_prompt_length is not None else data.max_length // 2
-        fitted = fit_to_length(rows["prompt_ids"][i], rows["completion_ids"][j], data.max_length, max_prompt)
-        assert fitted is not None, "max_prompt_length < max_length leaves room for a completion token"
-        return fitted
+        return fit_kl_row(prompt_ids, completion_ids, data.max_length, data.max_prompt_length)
 
-    def _collate(self, pairs):
-        return collate(pairs, pad_id=self.tokenizer.pad_token_id).to(self.device)
+    def _batch(self, pairs):
+        pad_id = self.tokenizer.pad_token_id
+        batch = pack(pairs, self.cfg.data.max_tokens_per_row, pad_id) if self.cfg.data.packing else pad_rows(pairs, pad_id)
+        return batch.to(self.device)
 
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss, KL, reward accuracy and margin. Rows are spread over data-parallel ranks;
-        every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively), the
-        last chunk padded with row 0 at weight 0."""
-        rows, kto = self.eval_rows, self.cfg.kto
-        n = len(rows)
-        everything = rows.fetch(list(range(n)))
-        partners = kl_partners(everything["prompt_key"], seed=self.cfg.seed, step=0) if kto.loss_type == "kto" else None
-        dp, rank, eb = self.dims.dp, comm.rank(), self.cfg.train.eval_batch_size
-        chunks = math.ceil(n / (dp * eb))
-        cached = self._eval_ref_cache is not None
-        ref_cache = self._eval_ref_cache or {"target": torch.zeros(n, dtype=torch.float64),
-                                             "kl": torch.zeros(n, dtype=torch.float64)}
-        policy = torch.zeros(n, dtype=torch.float64)
-        policy_kl = torch.zeros(n, dtype=torch.float64)
-        for c in range(chunks):
-            lo = (c * dp + rank) * eb
-            ids = [i for i in range(lo, lo + eb) if i < n]
-            real = len(ids)
-            ids += [0] * (eb - real)
-            batch = self._collate([(everything["prompt_ids"][i], everything["completion_ids"][i]) for i in ids])
-            policy[ids[:real]] = completion_logps(self.policy, batch)[0][:real].double().cpu()
-            if not cached:
-                ref_cache["target"][ids[:real]] = completion_logps(self.reference, batch)[0][:real].double().cpu()
-            if partners is not None:
-                kl_batch = self._collate([self._kl_row(everything, i, partners[i]) for i in ids])
-                policy_kl[ids[:real]] = completion_logps(self.policy, kl_batch)[0][:real].double().cpu()
-                if not cached:
-                    ref_cache["kl"][ids[:real]] = completion_logps(self.reference, kl_batch)[0][:real].double().cpu()
-        # Each row was filled on exactly one rank; summing assembles the full vectors everywhere.
-        stacked = comm.all_reduce_sum(torch.stack([policy, policy_kl] + ([] if cached else
-                                                                          [ref_cache["target"], ref_cache["kl"]])))
-        policy, policy_kl = stacked[0], stacked[1]
-        if not cached:
-            ref_cache = {"target": stacked[2], "kl": stacked[3]}
-            self._eval_ref_cache = ref_cache
-        kl = finalize_kl(*kl_partial(policy_kl, ref_cache["kl"])) if partners is not None else torch.zeros(())
-        desirable = torch.tensor(everything["label"], dtype=torch.bool)
-        out = kto_loss(policy, ref_cache["target"], desirable, kl.double(), beta=kto.beta,
-                       desirable_weight=self.desirable_weight, undesirable_weight=kto.undesirable_weight,
-                       loss_type=kto.loss_type)
-        acc = reward_accuracy(out.rewards, everything["label"], everything["prompt_key"])
-        return {"loss": float(out.losses.mean()), "kl": float(kl), "reward_accuracy": acc.accuracy,
-                "rewards/margins": acc.margin, "pairs": float(acc.pairs)}
-
-
-class _Rows:
-    """A tokenized split: labels and prompt keys in memory, token ids fetched per batch from Arrow."""
-
-    def __init__(self, ds):
-        self.ds = ds
-        self.label = [bool(x) for x in ds["label"]]
-        self.prompt_key = list(ds["prompt_key"])
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-    def __getitem__(self, column: str):
-        return getattr(self, column)
-
-    def fetch(self, indices: list[int]) -> dict[str, list]:
-        picked = self.ds.select_columns(["prompt_ids", "completion_ids"])[list(indices)]
-        return {"prompt_ids": picked["prompt_ids"], "completion_ids": picked["completion_ids"],
-                "label": [self.label[i] for i in indices], "prompt_key": [self.prompt_key[i] for i in indices]}
-
-
-class _Sums:
-    """Per-rank sums and counts for one step; reduced once, then divided (exact global means)."""
-
-    def __init__(self):
-        self.values: dict[str, float] = {k: 0.0 for k in (
-            "loss", "rows", "rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected",
-            "count_chosen", "count_rejected", "target_tokens", "tokens", "nll_chosen")}
-
-    def add_step(self, losses, rewards, logps, desirable, n_tokens, batch, nll) -> None:
-        v, d = self.values, desirable.float()
-        v["loss"] += float(losses.sum())
-        v["rows"] += len(desirable)
-        v["rewards_chosen"] += float((rewards * d).sum())
-        v["rewards_rejected"] += float((rewards * (1 - d)).sum())
-        v["logps_chosen"] += float((logps * d).sum())
-        v["logps_rejected"] += float((logps * (1 - d)).sum())
-        v["count_chosen"] += float(d.sum())
-        v["count_rejected"] += float((1 - d).sum())
-        v["target_tokens"] += float(n_tokens.sum())
-        v["tokens"] += batch.num_tokens
-        v["nll_chosen"] += float(nll)
-
-
-def _step_metrics(s: dict[str, float], *, kl: float, elapsed: float, sft_weight: float,
-                  desirable_tokens: int) -> dict[str, float]:
-    def mean(num: str, den: str) -> float:
-        return s[num] / s[den] if s[den] else float("nan")
-
-    m = {"loss": s["loss"] / s["rows"], "kl": kl,
-         "rewards/chosen": mean("rewards_chosen", "count_chosen"),
-         "rewards/rejected": mean("rewards_rejected", "count_rejected"),
-         "logps/chosen": mean("logps_chosen", "count_chosen"),
-         "logps/rejected": mean("logps_rejected", "count_rejected"),
-         "count/chosen": s["count_chosen"], "count/rejected": s["count_rejected"],
-         "tokens_per_s": s["target_tokens"] / elapsed, "samples_per_s": s["rows"] / elapsed}
-    if s["count_chosen"] and s["count_rejected"]:
-        m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
-    if sft_weight:
-        m["sft_nll"] = s["nll_chosen"] / max(desirable_tokens, 1)
-        m["loss"] += sft_weight * m["sft_nll"]
-    return m
+    def _logps(self, model, pairs) -> torch.Tensor:
+        return self.logps_fn(model, self._batch(pairs))[0]

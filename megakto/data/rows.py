@@ -116,7 +116,7 @@ def require_both_classes(n_desirable: int, n_undesirable: int, *, loss_type: str
     parsed as true). APO-zero-unpaired anchors each class at zero on its own, so it never needs
     both.
     """
-    if loss_type == "apo_zero_unpaired" or allow_single_class:
+    if loss_type != "kto" or allow_single_class:
         return
     n = n_desirable + n_undesirable
     if n == 0:

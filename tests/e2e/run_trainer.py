@@ -65,24 +65,27 @@ def main():
     cfg = load_config(None, args.overrides)
     engine.configure_cpu_threads()
     trainer = _TracedTrainer(cfg, args.deepspeed, dump=args.dump, hang_before_step=args.hang_before_step)
-    ref_before = engine.gathered_state_dict(trainer.reference.module)
+    ref_engine = getattr(trainer.reference, "engine", None)  # None: cached reference or sft
+    ref_before = engine.gathered_state_dict(ref_engine.module) if ref_engine else {}
     history = trainer.train()
     policy_after = engine.gathered_state_dict(trainer.policy.module)
     with torch.no_grad():  # the engine's own logits on export's fixed batch (a collective forward)
         logits = trainer.policy(input_ids=probe_batch(trainer.policy.module.config.vocab_size)).logits
-    ref_after = engine.gathered_state_dict(trainer.reference.module)
-    shared = len(_storages(trainer.policy.module) & _storages(trainer.reference.module))
+    ref_after = engine.gathered_state_dict(ref_engine.module) if ref_engine else {}
+    shared = len(_storages(trainer.policy.module) & _storages(ref_engine.module)) if ref_engine else 0
     shared = comm.all_reduce_dict({"shared": shared})["shared"]
     if comm.is_main():
         os.makedirs(args.dump, exist_ok=True)
         torch.save(policy_after, os.path.join(args.dump, "policy.pt"))
         torch.save(ref_after, os.path.join(args.dump, "reference.pt"))
         torch.save(logits.float().cpu(), os.path.join(args.dump, "logits.pt"))
-        ref_change = max(float((ref_before[k] - ref_after[k]).abs().max()) for k in ref_before)
+        ref_change = max((float((ref_before[k] - ref_after[k]).abs().max()) for k in ref_before), default=None)
         with open(os.path.join(args.dump, "result.json"), "w") as f:
             json.dump({"history": [h.metrics for h in history], "indices": [h.indices for h in history],
                        "eval": trainer.eval_history, "ref_max_change": ref_change,
-                       "shared_storages": shared, "world_size": comm.world_size()}, f)
+                       "shared_storages": shared, "world_size": comm.world_size(),
+                       "reference_loaded": ref_engine is not None,
+                       "precompute_seconds": trainer.precompute_seconds}, f)
 
 
 if __name__ == "__main__":

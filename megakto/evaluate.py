@@ -1,0 +1,63 @@
+"""Held-out evaluation: KTO loss, KL estimate, reward accuracy and margin on an eval split.
+
+Rows are spread over the data-parallel ranks in chunks; every rank runs the same number of
+forwards (ZeRO-3 gathers parameters collectively), a short last chunk filled with row 0 whose
+results are dropped. Each row's log-probs are computed on exactly one rank, so summing the
+per-rank vectors assembles the full ones everywhere. KL rows use one fixed partner per row
+(:func:`megakto.reference.dataset_kl_partners`), so evaluations are comparable over a run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from megakto.data.split import TokenizedSplit
+from megakto.distributed import comm
+from megakto.kto import finalize_kl, kl_partial, kto_loss
+from megakto.kto.reward_accuracy import reward_accuracy
+
+__all__ = ["Evaluator"]
+
+
+class Evaluator:
+    def __init__(self, split: TokenizedSplit, *, kl_rows: list | None, dp: int, rank: int, batch_size: int):
+        self.split = split
+        self.targets = split.pairs(range(len(split)))
+        self.kl_rows = kl_rows  # (prompt_ids, completion_ids) per row, or None without a KL term
+        self.dp, self.rank, self.batch_size = dp, rank, batch_size
+        self._reference: torch.Tensor | None = None  # the reference never changes: computed once
+
+    def _gather(self, logps_fn: Callable[[list], torch.Tensor], rows: list) -> torch.Tensor:
+        n, eb = len(rows), self.batch_size
+        out = torch.zeros(n, dtype=torch.float64)
+        for c in range(math.ceil(n / (self.dp * eb))):
+            lo = (c * self.dp + self.rank) * eb
+            ids = [i for i in range(lo, lo + eb) if i < n]
+            real = len(ids)
+            ids += [0] * (eb - real)
+            out[ids[:real]] = logps_fn([rows[i] for i in ids])[:real].double().cpu()
+        return comm.all_reduce_sum(out)
+
+    @torch.no_grad()
+    def __call__(self, policy_logps: Callable[[list], torch.Tensor], reference_logps: Callable[[list], torch.Tensor],
+                 *, beta: float, desirable_weight: float, undesirable_weight: float,
+                 loss_type: str) -> dict[str, float]:
+        rows = self.targets + (self.kl_rows or [])
+        if self._reference is None:
+            self._reference = self._gather(reference_logps, rows)
+        policy = self._gather(policy_logps, rows)
+        n = len(self.targets)
+        if self.kl_rows is not None:
+            kl = finalize_kl(*kl_partial(policy[n:], self._reference[n:])).double()
+        else:
+            kl = torch.zeros((), dtype=torch.float64)
+        desirable = torch.tensor(self.split.label, dtype=torch.bool)
+        out = kto_loss(policy[:n], self._reference[:n], desirable, kl, beta=beta,
+                       desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                       loss_type=loss_type)
+        acc = reward_accuracy(out.rewards, self.split.label, self.split.prompt_key)
+        return {"loss": float(out.losses.mean()), "kl": float(kl), "reward_accuracy": acc.accuracy,
+                "rewards/margins": acc.margin, "pairs": float(acc.pairs)}
