@@ -1,0 +1,110 @@
+"""The benchmark harness's own parts: the workload's exact token counts, the memory probe, the
+derived figures and the report. No training runs here (tools/bench.py itself takes minutes)."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _load(name, filename):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", filename))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+workload = _load("_bench_workload", "_bench_workload.py")  # the name bench.py imports it by
+bench = _load("megakto_tools_bench", "bench.py")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return workload.build_tokenizer(100)
+
+
+def test_rows_lengths_labels_and_seed():
+    rows = workload.make_rows(41, 100, seed=3, prompt_words=(2, 9), completion_words=(4, 6))
+    assert len(rows) == 41
+    assert sum(r["label"] for r in rows) == 20  # 41 // 2 desirable
+    assert len({r["prompt"] for r in rows}) == 41
+    assert all(2 <= len(r["prompt"].split()) <= 9 for r in rows)
+    assert all(4 <= len(r["completion"].split()) <= 6 and r["completion"].startswith(" ") for r in rows)
+    assert rows == workload.make_rows(41, 100, seed=3, prompt_words=(2, 9), completion_words=(4, 6))
+    assert rows != workload.make_rows(41, 100, seed=4, prompt_words=(2, 9), completion_words=(4, 6))
+    words = {w for r in rows for w in (r["prompt"] + r["completion"]).split()}
+    assert all(4 <= int(w[1:]) <= 99 for w in words)  # ids 0-3 are the specials
+
+
+def test_one_token_per_word_in_both_trainers_tokenizations(tokenizer):
+    """Prompt 'w5 w99 w7' -> [BOS, 5, 99, 7]; completion ' w4 w8' -> [4, 8]; TRL tokenizes
+    prompt + completion + '</s>' in one go and must get prompt ids + completion ids + [EOS], so
+    both trainers score 2 + 1 = 3 target tokens."""
+    row = {"prompt": "w5 w99 w7", "completion": " w4 w8", "label": True}
+    assert len(tokenizer) == 100
+    assert tokenizer(row["prompt"])["input_ids"] == [2, 5, 99, 7]
+    assert tokenizer(row["completion"], add_special_tokens=False)["input_ids"] == [4, 8]
+    joined = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]
+    assert joined == [2, 5, 99, 7, 4, 8, 3]
+    assert workload.target_tokens(row) == 3
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2, 3)
+
+
+def test_peak_rss_sees_a_touched_allocation():
+    rss = bench.PeakRss(interval=0.005)
+    base = rss.mark()
+    block = bytearray(96 << 20)  # zero-filled by the allocator: resident
+    block[:: 4096] = b"\x01" * len(block[:: 4096])
+    import time
+    time.sleep(0.05)
+    del block
+    peaks = rss.peak()
+    assert peaks, "no peak method available"
+    for value in peaks.values():
+        assert value - base >= 90 << 20
+
+
+def _result(name, tokens, timed_s, rows, setup_s, peak, setup_rss, precompute=None):
+    return {"system": name, "ok": True, "target_tokens": tokens, "timed_s": timed_s, "rows": rows,
+            "tokens_per_s": tokens / timed_s, "samples_per_s": rows / timed_s, "seconds_per_step": timed_s / 2,
+            "timed_steps": 2, "cpu_s_per_step": timed_s,  # 2 threads busy all the time
+            "setup_s": setup_s, "precompute_s": precompute, "peak_rss_mib": peak,
+            "peak_beyond_setup_mib": peak - setup_rss}
+
+
+def test_derived_figures_ratios_and_table():
+    """megakto-kto: 1000 tokens in 10 s = 100/s; cached: 1000 tokens in 5 s = 200/s, precompute
+    not exposed so it is setup 9 s - online setup 3 s = 6 s, charged 16 of 32 rows' share = 3 s,
+    giving 1000 / (5 + 3) = 125/s; sft 1000 in 4 s = 250/s. TRL online 500 in 10 s = 50/s."""
+    results = {
+        "megakto-kto": _result("megakto-kto", 1000, 10.0, 16, 3.0, 900, 600),
+        "megakto-kto-cached": _result("megakto-kto-cached", 1000, 5.0, 16, 9.0, 800, 600),
+        "megakto-sft": _result("megakto-sft", 1000, 4.0, 16, 3.0, 700, 600),
+        "trl-kto": _result("trl-kto", 500, 10.0, 16, 1.0, 1600, 400),
+        "trl-kto-precomputed": {"system": "trl-kto-precomputed", "ok": False, "error": "exit 1: boom"},
+    }
+    bench.add_derived(results, n_rows=32)
+    assert results["megakto-kto-cached"]["precompute_s"] == pytest.approx(6.0)
+    assert results["megakto-kto-cached"]["tokens_per_s_incl_precompute"] == pytest.approx(125.0)
+    assert results["megakto-kto"]["tokens_per_s_incl_precompute"] == pytest.approx(100.0)
+    got = dict(bench.ratios(results))
+    assert got["megakto KTO / megakto SFT, tokens/s"] == pytest.approx(0.4)
+    assert got["megakto KTO cached / megakto SFT, tokens/s"] == pytest.approx(0.8)
+    assert got["megakto KTO cached / megakto SFT, tokens/s incl. precompute"] == pytest.approx(0.5)
+    assert got["megakto KTO / TRL KTO (online), tokens/s"] == pytest.approx(2.0)
+    assert results["megakto-kto"]["tokens_per_cpu_s"] == pytest.approx(1000 / 20)
+    assert got["megakto KTO / TRL KTO (online), tokens per CPU second"] == pytest.approx(2.0)
+    assert got["megakto KTO / TRL KTO (online), peak beyond setup"] == pytest.approx(300 / 1200)
+    assert got["megakto KTO cached / TRL KTO precomputed, tokens/s"] is None  # TRL run failed
+
+    table = bench.markdown(results, bench.ratios(results)).splitlines()
+    assert table[0].startswith("| system | target tokens/s |")
+    widths = {line.count("|") for line in table[:7]}
+    assert widths == {len(bench.COLUMNS) + 1}  # every row, the failed one too, has every column
+    assert table[2].split(" | ")[:3] == ["| megakto-kto", "100", "1.60"]
+    assert "failed: exit 1: boom" in table[6]
+    assert "| megakto KTO / TRL KTO (online), tokens/s | 2.00 |" in table

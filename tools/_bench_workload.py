@@ -1,0 +1,123 @@
+"""The benchmark's workload: a random-init Llama folder, a word-level tokenizer and KTO rows whose
+token lengths are known exactly, all made locally from a seed (nothing is downloaded).
+
+The tokenizer maps each made-up word ``w<i>`` to one id, so a row's prompt of P words is exactly
+1 + P tokens (BOS first) and a completion of C words is exactly C + 1 target tokens (EOS last), in
+megakto (which tokenizes prompt and completion apart) and in TRL (which tokenizes prompt +
+completion together). Lengths are then controlled by the data alone, and the vocabulary size by a
+single argument, which is what the memory-vs-vocabulary check varies.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["SPECIALS", "Workload", "build_tokenizer", "make_rows", "target_tokens", "write_workload"]
+
+# Llama-style special tokens; pad has its own id so padding is never read as the end of a completion.
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+_PAD, _UNK, _BOS, _EOS = range(4)
+
+
+@dataclass
+class Workload:
+    """What :func:`write_workload` wrote, as plain values (it travels to the workers as JSON)."""
+
+    model_dir: str
+    data_file: str
+    vocab_size: int
+    n_rows: int
+    n_params: int
+    seed: int
+    prompt_words: tuple[int, int]
+    completion_words: tuple[int, int]
+    model_shape: dict
+    target_tokens: list[int]  # per row, in file order: completion words + EOS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_tokenizer(vocab_size: int):
+    """A ``PreTrainedTokenizerFast`` over ``vocab_size`` ids: 4 specials plus words ``w4 .. w<V-1>``
+    (a word's number is its id), whitespace-split, BOS prepended by the post-processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size <= len(SPECIALS) + 1:
+        raise ValueError(f"vocab_size={vocab_size} leaves no room for words after {len(SPECIALS)} specials")
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIALS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS[_UNK]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Registered as special so "...w7</s>" (TRL appends the EOS text with no space) splits off "</s>".
+    tok.add_special_tokens(list(SPECIALS))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIALS[_BOS]} $A", pair=f"{SPECIALS[_BOS]} $A $B",
+        special_tokens=[(SPECIALS[_BOS], _BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIALS[_PAD], unk_token=SPECIALS[_UNK],
+                                   bos_token=SPECIALS[_BOS], eos_token=SPECIALS[_EOS], model_max_length=512)
+
+
+def make_rows(n_rows: int, vocab_size: int, *, seed: int, prompt_words: tuple[int, int] = (5, 250),
+              completion_words: tuple[int, int] = (5, 250)) -> list[dict]:
+    """``n_rows`` KTO rows of random words; prompt and completion lengths uniform in the inclusive
+    ranges, independently, so prompt + completion spreads over about 10-500 tokens. Exactly half
+    the rows (rounded down) are desirable, in shuffled order. Every prompt is distinct."""
+    rng = random.Random(seed)
+    first, last = len(SPECIALS), vocab_size - 1
+    labels = [i < n_rows // 2 for i in range(n_rows)]
+    rng.shuffle(labels)
+    rows, seen = [], set()
+    for label in labels:
+        while True:
+            prompt = " ".join(f"w{rng.randint(first, last)}" for _ in range(rng.randint(*prompt_words)))
+            if prompt not in seen:
+                break
+        seen.add(prompt)
+        completion = " ".join(f"w{rng.randint(first, last)}" for _ in range(rng.randint(*completion_words)))
+        # The leading space keeps the word boundary when TRL concatenates prompt + completion.
+        rows.append({"prompt": prompt, "completion": " " + completion, "label": label})
+    return rows
+
+
+def target_tokens(row: dict) -> int:
+    """Completion tokens of a row as both trainers score them: its words plus the EOS."""
+    return len(row["completion"].split()) + 1
+
+
+def write_workload(out_dir: str | Path, *, vocab_size: int = 32000, n_rows: int = 64, seed: int = 0,
+                   hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
+                   intermediate_size: int = 688, prompt_words: tuple[int, int] = (5, 250),
+                   completion_words: tuple[int, int] = (5, 250)) -> Workload:
+    """Write ``out_dir/model`` (HF folder: config, safetensors, tokenizer) and ``out_dir/train.jsonl``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    model_dir, data_file = out / "model", out / "train.jsonl"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    longest = 1 + prompt_words[1] + completion_words[1] + 1
+    shape = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                 num_key_value_heads=num_heads, intermediate_size=intermediate_size,
+                 max_position_embeddings=max(512, longest))
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=_BOS, eos_token_id=_EOS, pad_token_id=_PAD,
+                         tie_word_embeddings=False, attention_dropout=0.0, **shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(str(model_dir))
+    n_params = sum(p.numel() for p in model.parameters())
+    build_tokenizer(vocab_size).save_pretrained(str(model_dir))
+
+    rows = make_rows(n_rows, vocab_size, seed=seed, prompt_words=prompt_words, completion_words=completion_words)
+    with open(data_file, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return Workload(model_dir=str(model_dir), data_file=str(data_file), vocab_size=vocab_size, n_rows=n_rows,
+                    n_params=n_params, seed=seed, prompt_words=tuple(prompt_words),
+                    completion_words=tuple(completion_words), model_shape=shape,
+                    target_tokens=[target_tokens(r) for r in rows])

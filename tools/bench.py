@@ -1,0 +1,512 @@
+#!/usr/bin/env python
+"""Throughput and memory of megakto's KTO, next to SFT on the same engine and TRL's KTOTrainer.
+
+    python tools/bench.py [--systems megakto-kto,trl-kto,...] [--steps 6] [--warmup 2] \
+        [--batch 8] [--vocab 32000] [--json bench.json]
+
+One invocation builds one workload (a random-init Llama, hidden 256, 4 layers, a word-level
+tokenizer of ``--vocab`` ids, rows whose prompt and completion are each 5-250 words) and runs every
+system on it in its own subprocess, so each starts from clean memory: one process, ``--threads``
+torch threads, the same rows and the same global batch for all. Figures only; nothing is asserted.
+
+* throughput: target tokens (completion tokens of the target rows, EOS included) and rows per
+  second over the timed steps, from the end of the last warmup step to the end of the last step;
+  everything a step costs in each trainer (batching, logging) is inside that span.
+* memory: the same for every system: the peak resident set (VmRSS) during the timed steps, and
+  "beyond setup" = that peak minus the RSS once the trainer is built (TRL: after KTOTrainer(...),
+  before train()). The peak is the kernel's VmHWM, reset through /proc/self/clear_refs when the
+  timed window opens; ``--sample-ms 5`` adds a thread sampling VmRSS, at a cost in speed.
+* precompute: the one-off reference pass of the cached/precomputed systems. TRL's is timed
+  directly; megakto's is ``trainer.precompute_seconds`` when the trainer exposes it, else the
+  cached system's setup time minus the online one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
+
+from _bench_workload import write_workload  # noqa: E402
+
+MIB = 1 << 20
+
+# name -> how it runs. "ref" is megakto's ref.mode; TRL's precompute drops the reference model
+# (ref_model=None), which is what TRL's precompute_ref_log_probs is for.
+SYSTEMS = {
+    "megakto-kto": {"kind": "megakto", "loss_type": "kto", "ref": "online"},
+    "megakto-kto-cached": {"kind": "megakto", "loss_type": "kto", "ref": "cache"},
+    "megakto-sft": {"kind": "megakto", "loss_type": "sft", "ref": "online"},
+    "trl-kto": {"kind": "trl", "precompute": False},
+    "trl-kto-precomputed": {"kind": "trl", "precompute": True},
+}
+
+# (label, numerator, denominator, figure)
+RATIOS = [
+    ("megakto KTO / megakto SFT, tokens/s", "megakto-kto", "megakto-sft", "tokens_per_s"),
+    ("megakto KTO cached / megakto SFT, tokens/s", "megakto-kto-cached", "megakto-sft", "tokens_per_s"),
+    ("megakto KTO cached / megakto SFT, tokens/s incl. precompute", "megakto-kto-cached", "megakto-sft",
+     "tokens_per_s_incl_precompute"),
+    ("megakto KTO / TRL KTO (online), tokens/s", "megakto-kto", "trl-kto", "tokens_per_s"),
+    ("megakto KTO cached / TRL KTO precomputed, tokens/s", "megakto-kto-cached", "trl-kto-precomputed",
+     "tokens_per_s"),
+    ("megakto KTO cached / TRL KTO precomputed, tokens/s incl. precompute", "megakto-kto-cached",
+     "trl-kto-precomputed", "tokens_per_s_incl_precompute"),
+    ("megakto KTO / TRL KTO (online), tokens per CPU second", "megakto-kto", "trl-kto", "tokens_per_cpu_s"),
+    ("megakto KTO cached / TRL KTO precomputed, tokens per CPU second", "megakto-kto-cached",
+     "trl-kto-precomputed", "tokens_per_cpu_s"),
+    ("megakto KTO / TRL KTO (online), peak beyond setup", "megakto-kto", "trl-kto", "peak_beyond_setup_mib"),
+    ("megakto KTO cached / TRL KTO precomputed, peak beyond setup", "megakto-kto-cached",
+     "trl-kto-precomputed", "peak_beyond_setup_mib"),
+    ("megakto KTO / TRL KTO (online), peak RSS", "megakto-kto", "trl-kto", "peak_rss_mib"),
+    ("megakto KTO cached / TRL KTO precomputed, peak RSS", "megakto-kto-cached", "trl-kto-precomputed",
+     "peak_rss_mib"),
+]
+
+COLUMNS = [  # (header, key, format)
+    ("system", "system", "{}"),
+    ("target tokens/s", "tokens_per_s", "{:.0f}"),
+    ("samples/s", "samples_per_s", "{:.2f}"),
+    ("s/step", "seconds_per_step", "{:.2f}"),
+    ("CPU s/step", "cpu_s_per_step", "{:.2f}"),
+    ("precompute s", "precompute_s", "{:.1f}"),
+    ("tokens/s incl. precompute", "tokens_per_s_incl_precompute", "{:.0f}"),
+    ("setup s", "setup_s", "{:.1f}"),
+    ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+    ("peak beyond setup MiB", "peak_beyond_setup_mib", "{:.0f}"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement (runs inside each worker)
+
+
+def _read_status(field: str) -> int:
+    """A ``kB`` field of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakRss:
+    """Peak resident memory since the last :meth:`mark`.
+
+    The kernel's own peak (VmHWM, reset through /proc/self/clear_refs) is exact and costs nothing.
+    A sampling thread is the fallback where the reset is not allowed, or on request: on a 2-core
+    machine a thread waking every 5 ms next to 2 torch threads slowed TRL's step 2.3x (78 s against
+    33 s for 3 steps), so it is off by default and its use is recorded with the figures.
+    """
+
+    def __init__(self, interval: float = 0.0):
+        self.hwm = _reset_hwm()
+        self.interval = interval if interval > 0 or self.hwm else 0.005
+        self.sampled = 0
+        self._stop = threading.Event()
+        self._thread = None
+        if self.interval > 0:
+            self.sampled = _read_status("VmRSS")
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sampled = max(self.sampled, _read_status("VmRSS"))
+
+    def mark(self) -> int:
+        """Current RSS, which also becomes the peak (the next window starts here)."""
+        if self.hwm:
+            _reset_hwm()
+        now = _read_status("VmRSS")
+        self.sampled = now
+        return now
+
+    def peak(self) -> dict:
+        """Peak since the last mark, in bytes, by each method in use; stops the sampler."""
+        out = {}
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            out["sampled"] = max(self.sampled, _read_status("VmRSS"))
+        if self.hwm:
+            out["vmhwm"] = _read_status("VmHWM")
+        return out
+
+    def describe(self) -> str:
+        parts = ["VmHWM reset after setup"] if self.hwm else []
+        if self._thread is not None:
+            parts.append(f"VmRSS sampled every {self.interval * 1000:g} ms")
+        return " + ".join(parts)
+
+
+class _Clock:
+    """Step-end times and per-step target tokens/rows; the timed window starts after ``warmup``."""
+
+    def __init__(self, warmup: int, rss: PeakRss):
+        self.warmup, self.rss = warmup, rss
+        self.ends: list[float] = []
+        self.tokens: list[int] = []
+        self.rows: list[int] = []
+        self.cpu: list[float] = []
+        self.warm_rss = 0
+
+    def step_done(self, tokens: int, rows: int) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu.append(_cpu_seconds())
+        self.tokens.append(int(tokens))
+        self.rows.append(int(rows))
+        if len(self.ends) == self.warmup:
+            self.warm_rss = self.rss.mark()
+
+    def summary(self, setup_rss: int) -> dict:
+        w = self.warmup
+        peaks = self.rss.peak()
+        peak = peaks.get("vmhwm", peaks.get("sampled"))
+        timed = self.ends[-1] - self.ends[w - 1]
+        cpu = self.cpu[-1] - self.cpu[w - 1]
+        tokens, rows = sum(self.tokens[w:]), sum(self.rows[w:])
+        out = {
+            "timed_steps": len(self.ends) - w, "timed_s": timed, "target_tokens": tokens, "rows": rows,
+            "tokens_per_s": tokens / timed, "samples_per_s": rows / timed,
+            "seconds_per_step": timed / (len(self.ends) - w), "cpu_s_per_step": cpu / (len(self.ends) - w),
+            "step_s": [b - a for a, b in zip(self.ends[:-1], self.ends[1:])][w - 1:],
+            "tokens_per_step": self.tokens[w:],
+            "setup_rss_mib": setup_rss / MIB, "warm_rss_mib": self.warm_rss / MIB, "peak_rss_mib": peak / MIB,
+            "peak_beyond_setup_mib": (peak - setup_rss) / MIB, "memory_method": self.rss.describe(),
+        }
+        if "sampled" in peaks:
+            out["sampled_peak_beyond_setup_mib"] = (peaks["sampled"] - setup_rss) / MIB
+        return out
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads. Less sensitive than wall time to other
+    jobs on the machine (though not immune: shared caches, and spinning threads waiting for a peer)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_megakto(name: str, spec: dict) -> dict:
+    """megakto in this process at world size 1, without the launcher, stepping the trainer by hand."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from megakto.config import load_config
+    from megakto.trainer import KTOTrainer
+
+    system, work = SYSTEMS[name], spec["workload"]
+    overrides = [
+        f"model.path={work['model_dir']}", f"data.train_files={work['data_file']}", "data.max_length=512",
+        f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['micro_batch']}",
+        f"train.max_steps={spec['warmup'] + spec['steps']}", f"optim.lr={spec['lr']}", "optim.warmup_steps=0",
+        f"kto.loss_type={system['loss_type']}", f"ref.mode={system['ref']}", "ref.offload=none",
+        f"output_dir={spec['out_dir']}", "seed=0",
+    ]
+    cfg = load_config(None, overrides)
+    rss = PeakRss(spec["sample_ms"] / 1000)
+    start = time.perf_counter()
+    trainer = KTOTrainer(cfg, spec["ds_config"])
+    setup_s = time.perf_counter() - start
+    setup_rss = rss.mark()
+    targets = work["target_tokens"]
+    _check_megakto_rows(trainer, targets)
+
+    clock = _Clock(spec["warmup"], rss)
+    own_tps = []
+    for _ in range(cfg.train.max_steps):
+        before = trainer.step
+        result = trainer.train_step(trainer.sampler.next_global_batch())
+        if trainer.step == before:  # train() advances the counter after each train_step
+            trainer.step += 1
+        clock.step_done(sum(targets[i] for i in result.indices), len(result.indices))
+        own_tps.append(result.metrics.get("tokens_per_s"))
+    out = clock.summary(setup_rss)
+    precompute = getattr(trainer, "precompute_seconds", None) if system["ref"] == "cache" else None
+    if system["ref"] == "cache" and not precompute:
+        out["warning"] = ("the trainer reports no precompute time (no precompute_seconds, or 0), so "
+                          "nothing confirms a fresh reference pass; precompute is estimated from setup times")
+        precompute = None
+    out.update(setup_s=setup_s, precompute_s=precompute, trainer_tokens_per_s=own_tps[spec["warmup"]:],
+               settings={"ds_config": spec["ds_config"], "zero_stage": trainer.ds_config.get("zero_optimization", {})
+                         .get("stage"), "overrides": overrides, "packing": getattr(cfg.data, "packing", None)})
+    return out
+
+
+def _check_megakto_rows(trainer, targets: list[int]) -> None:
+    """Dataset index i must be file row i with the expected completion length, or counts are wrong."""
+    rows = getattr(trainer, "train_rows", None)
+    ds = getattr(rows, "ds", None)
+    if ds is None or "completion_ids" not in ds.column_names:
+        return
+    got = [len(c) for c in ds["completion_ids"]]
+    if got != targets:
+        raise RuntimeError(f"megakto tokenized {len(got)} rows whose completion lengths differ from the "
+                           f"workload's ({len(targets)} rows); target token counts would be wrong")
+
+
+def run_trl(name: str, spec: dict) -> dict:
+    """TRL's KTOTrainer on the same folder and rows, timed by a callback at every step end."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import KTOConfig, KTOTrainer
+
+    precompute = SYSTEMS[name]["precompute"]
+    work = spec["workload"]
+    tokenizer = AutoTokenizer.from_pretrained(work["model_dir"])
+    train = datasets.load_dataset("json", data_files=work["data_file"], split="train")
+    rss = PeakRss(spec["sample_ms"] / 1000)
+    clock = _Clock(spec["warmup"], rss)
+    pending = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_done(pending.pop("tokens"), pending.pop("rows"))
+
+    timed_precompute = []
+    original = KTOTrainer._precompute_ref_logps
+
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        result = original(self, *args, **kwargs)
+        timed_precompute.append(time.perf_counter() - t)
+        return result
+
+    KTOTrainer._precompute_ref_logps = timed
+    args = KTOConfig(
+        output_dir=spec["out_dir"], per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["batch"] // spec["micro_batch"], max_length=512, bf16=False,
+        fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
+        logging_steps=1, beta=0.1, loss_type="kto", learning_rate=spec["lr"],
+        max_steps=spec["warmup"] + spec["steps"], dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        precompute_ref_log_probs=precompute)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(work["model_dir"], dtype=torch.float32)
+    ref = None if precompute else AutoModelForCausalLM.from_pretrained(work["model_dir"], dtype=torch.float32)
+    trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=train, processing_class=tokenizer,
+                         callbacks=[Timer()])
+    setup_s = time.perf_counter() - start
+    setup_rss = rss.mark()
+
+    # Count target tokens from the batches the loss actually sees (the collator's completion mask).
+    compute_loss = trainer.compute_loss
+
+    def counting(model, inputs, *a, **kw):
+        pending["tokens"] = pending.get("tokens", 0) + int(inputs["completion_mask"].sum())
+        pending["rows"] = pending.get("rows", 0) + len(inputs["label"])
+        return compute_loss(model, inputs, *a, **kw)
+
+    trainer.compute_loss = counting
+    trainer.train()
+    out = clock.summary(setup_rss)
+    out.update(setup_s=setup_s, precompute_s=sum(timed_precompute) if precompute else None,
+               settings={"ref_model": "none (precomputed)" if precompute else "separate copy",
+                         "train_sampling_strategy": args.train_sampling_strategy,
+                         "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                         "max_grad_norm": args.max_grad_norm})
+    return out
+
+
+def worker(name: str, spec_path: str, result_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    run = run_megakto if SYSTEMS[name]["kind"] == "megakto" else run_trl
+    result = {"system": name, "ok": True, **run(name, spec)}
+    Path(result_path).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration and report (the parent process)
+
+
+def machine_info(threads: int) -> dict:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "trl", "deepspeed", "datasets", "accelerate"):
+        try:
+            from importlib.metadata import version
+            versions[pkg] = version(pkg)
+        except Exception:
+            versions[pkg] = None
+    return {"cpu_model": model, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "torch_threads": threads, "device": "cpu", "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions}
+
+
+def add_derived(results: dict[str, dict], n_rows: int) -> None:
+    """Fill megakto's precompute from setup times when the trainer does not expose it, and the
+    throughput with the precompute amortised over one epoch of the benchmark's rows."""
+    online, cached = results.get("megakto-kto", {}), results.get("megakto-kto-cached", {})
+    if cached.get("ok") and cached.get("precompute_s") is None and online.get("ok"):
+        cached["precompute_s"] = max(0.0, cached["setup_s"] - online["setup_s"])
+        cached["precompute_note"] = "setup time minus megakto-kto's"
+    for r in results.values():
+        if not r.get("ok"):
+            continue
+        pre = r.get("precompute_s") or 0.0
+        # The pass covers every row once; charge the timed steps their share of it.
+        share = pre * r["rows"] / n_rows
+        r["tokens_per_s_incl_precompute"] = r["target_tokens"] / (r["timed_s"] + share)
+        r["tokens_per_cpu_s"] = r["target_tokens"] / (r["cpu_s_per_step"] * r["timed_steps"])
+
+
+def ratios(results: dict[str, dict]) -> list[tuple[str, float | None]]:
+    out = []
+    for label, num, den, key in RATIOS:
+        a, b = results.get(num, {}), results.get(den, {})
+        ok = a.get("ok") and b.get("ok") and a.get(key) is not None and b.get(key)
+        out.append((label, a[key] / b[key] if ok else None))
+    return out
+
+
+def markdown(results: dict[str, dict], ratio_rows: list[tuple[str, float | None]]) -> str:
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for name, r in results.items():
+        if not r.get("ok"):
+            lines.append(f"| {name} | failed: {r.get('error', '?')} |" + " |" * (len(COLUMNS) - 2))
+            continue
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    shown = [(label, v) for label, v in ratio_rows if v is not None]
+    if shown:
+        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {label} | {v:.2f} |" for label, v in shown]
+    return "\n".join(lines)
+
+
+def _worker_env(workdir: Path, name: str, threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(workdir / f"hf-cache-{name}"), TQDM_DISABLE="1",
+               HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
+    return env
+
+
+def run_system(name: str, spec: dict, workdir: Path, timeout: float) -> dict:
+    spec = {**spec, "out_dir": str(workdir / f"out-{name}")}
+    shutil.rmtree(spec["out_dir"], ignore_errors=True)  # megakto's reference cache lives there: start empty
+    spec_path, result_path, log_path = (workdir / f"{name}.{ext}" for ext in ("spec.json", "result.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(spec_path), str(result_path)]
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(workdir, name, spec["threads"]), stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if rc == 0 and result_path.exists():
+        result = json.loads(result_path.read_text())
+        # Other work on the machine slows every figure; the 1-minute load average shows it.
+        result["loadavg_1min_after"] = os.getloadavg()[0]
+        return result
+    tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["?"]
+    return {"system": name, "ok": False, "error": f"exit {rc}: {tail[0][:200]}", "log": str(log_path)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {list(SYSTEMS)}")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per system")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    parser.add_argument("--batch", type=int, default=8, help="global batch (rows per optimizer step)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="rows per forward; default = --batch")
+    parser.add_argument("--vocab", type=int, default=32000, help="tokenizer and embedding size")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every system")
+    parser.add_argument("--lr", type=float, default=5e-6)
+    parser.add_argument("--deepspeed", default="ds_configs/zero3.json", help="megakto's DeepSpeed JSON")
+    parser.add_argument("--json", metavar="OUT", help="write every figure and the machine info here")
+    parser.add_argument("--workdir", help="where the workload and logs go (default: a fresh temp dir, removed)")
+    parser.add_argument("--sample-ms", type=float, default=0.0,
+                        help="also sample VmRSS in a thread every N ms (slows the steps; default off: VmHWM)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per system")
+    parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SPEC", "RESULT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+
+    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SYSTEMS]
+    micro = args.micro_batch or args.batch
+    if unknown or args.warmup < 1 or args.steps < 1 or args.batch % micro:
+        parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup and --steps >= 1; "
+                     f"--batch divisible by --micro-batch")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="megakto-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    # One epoch of rows is exactly the steps run, so a precompute pass covers what is trained on.
+    n_rows = args.batch * (args.warmup + args.steps)
+    t = time.perf_counter()
+    work = write_workload(workdir / "workload", vocab_size=args.vocab, n_rows=n_rows, seed=0)
+    print(f"workload: {n_rows} rows, vocab {args.vocab}, {work.n_params / 1e6:.1f}M parameters, "
+          f"{sum(work.target_tokens)} target tokens ({time.perf_counter() - t:.0f} s) in {workdir}", flush=True)
+    spec = {"workload": work.to_dict(), "batch": args.batch, "micro_batch": micro, "steps": args.steps,
+            "warmup": args.warmup, "threads": args.threads, "lr": args.lr, "sample_ms": args.sample_ms,
+            "ds_config": str((REPO / args.deepspeed).resolve())}
+    results = {}
+    for name in names:
+        t, load = time.perf_counter(), os.getloadavg()[0]
+        results[name] = r = run_system(name, spec, workdir, args.timeout)
+        r["loadavg_1min_before"] = load
+        status = f"{r['tokens_per_s']:.0f} target tokens/s" if r.get("ok") else r["error"]
+        print(f"{name}: {status} ({time.perf_counter() - t:.0f} s wall, load average {load:.1f} before)",
+              flush=True)
+    add_derived(results, n_rows)
+    ratio_rows = ratios(results)
+    info = machine_info(args.threads)
+    print(f"\n{info['cpu_model']}, {info['cpus_usable']} usable cores, {args.threads} torch threads per system, "
+          f"torch {info['versions']['torch']}; global batch {args.batch} (micro {micro}), {args.warmup} warmup + "
+          f"{args.steps} timed steps, vocab {args.vocab}\n")
+    print(markdown(results, ratio_rows))
+    for name, r in results.items():
+        if r.get("warning"):
+            print(f"\nwarning: {name}: {r['warning']}")
+    if args.json:
+        report = {"machine": info, "workload": {k: v for k, v in work.to_dict().items() if k != "target_tokens"},
+                  "settings": {k: v for k, v in spec.items() if k != "workload"}, "results": results,
+                  "ratios": dict(ratio_rows)}
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if not args.workdir and all(r.get("ok") for r in results.values()):
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if all(r.get("ok") for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
