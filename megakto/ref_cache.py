@@ -216,9 +216,9 @@ class RefLogpCache:
             raise MegaktoError(f"ref.cache_dir={cache_dir}: cache format {fmt}, this version reads "
                                f"format {FORMAT}; delete the folder or point ref.cache_dir elsewhere")
         if found != fingerprint:
-            raise MegaktoError(f"ref.cache_dir={cache_dir} holds log-probs of reference {found[:12]}, "
-                               f"but the reference now is {fingerprint[:12]}: delete {cache_dir} or "
-                               f"point ref.cache_dir elsewhere")
+            raise MegaktoError(f"ref.cache_dir={cache_dir} holds log-probs of reference weights with "
+                               f"fingerprint {found[:12]}, but the reference now has fingerprint "
+                               f"{fingerprint[:12]}: delete {cache_dir} or point ref.cache_dir elsewhere")
         cache = cls(cache_dir, fingerprint, tolerance=tolerance)
         cache.reload()
         return cache

@@ -1,0 +1,66 @@
+"""Training modes under the launcher (2 ranks, ZeRO-3): packed + chunked log-probs equal the
+padded full-logits path; the reference cache is filled once, reused without loading the reference,
+and refused for other weights; the SFT baseline trains."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.e2e.conftest import base_overrides, run_trainer
+from tests.launcher import launch
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_packed_chunked_equals_padded_full(assets, tmp_path):
+    """Same rows per step; losses, KL and rewards equal to fp32 tolerance over 3 steps."""
+    _, packed = run_trainer(assets, tmp_path / "packed", nproc=2)
+    _, padded = run_trainer(assets, tmp_path / "padded", nproc=2, **{"data.packing": "false", "model.logps": "full"})
+    assert packed["indices"] == padded["indices"]
+    assert packed["history"][2]["kl"] > 0.01  # the KL term is in play by step 3
+    for a, b in zip(packed["history"], padded["history"]):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+
+
+def test_reference_cache(assets, tmp_path):
+    cache_dir = tmp_path / "ref_cache"
+    extra = {"ref.mode": "cache", "ref.cache_dir": str(cache_dir), "data.eval_files": assets["eval"],
+             "train.eval_every": 3, "train.eval_batch_size": 30}
+    _, first = run_trainer(assets, tmp_path / "first", nproc=2, **extra)
+    assert first["precompute_seconds"] > 0 and not first["reference_loaded"]
+    _, second = run_trainer(assets, tmp_path / "second", nproc=2, **extra)
+    assert second["precompute_seconds"] == 0  # every log-prob came from the cache
+    assert [h["loss"] for h in second["history"]] == [h["loss"] for h in first["history"]]
+    assert second["eval"] == first["eval"]
+    assert first["eval"][0][1]["reward_accuracy"] == 0.5  # the cached reference equals the policy at step 0
+
+    # The online reference gives the same implicit rewards where the KL cannot differ (step 1: KL = 0).
+    _, online = run_trainer(assets, tmp_path / "online", nproc=2, **{"train.max_steps": 1})
+    for key in ("loss", "rewards/chosen", "rewards/rejected"):
+        assert online["history"][0][key] == pytest.approx(first["history"][0][key], abs=1e-6)
+
+    # Other reference weights: the fingerprint differs and the cache is refused, not used.
+    other = tmp_path / "other_model"
+    shutil.copytree(assets["model"], other)
+    weights = load_file(other / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    proc = launch("launch/train_kto.py", ["--deepspeed", "ds_configs/zero3.json",
+                                          *base_overrides(assets, tmp_path / "refused"), f"ref.path={other}",
+                                          "ref.mode=cache", f"ref.cache_dir={cache_dir}"], nproc=2, timeout=300)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "megakto: error:" in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert str(cache_dir) in lines[0] and "fingerprint" in lines[0]
+
+
+def test_sft_baseline(assets, tmp_path):
+    _, result = run_trainer(assets, tmp_path, nproc=2, **{"kto.loss_type": "sft", "train.max_steps": 6})
+    losses = [h["loss"] for h in result["history"]]
+    assert not result["reference_loaded"]
+    assert losses[-1] < losses[0] - 0.1  # mean per-token NLL of the completions falls
+    assert all(h["kl"] == 0.0 for h in result["history"])
