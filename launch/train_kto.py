@@ -39,8 +39,9 @@ def main(argv=None) -> int:
         configure_cpu_threads()
         KTOTrainer(cfg, args.deepspeed).train()
     except MegaktoError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"megakto: error: {err}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or not getattr(err, "shared", False):  # a shared error is printed once, by rank 0
+            print(f"megakto: error: {'' if rank == 0 else f'rank {rank}: '}{err}", file=sys.stderr, flush=True)
         return 1
     return 0
 

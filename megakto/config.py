@@ -526,12 +526,10 @@ def validate(cfg: Config) -> None:
     _check(gbs % mbs == 0, f"train.global_batch_size={gbs} is not divisible by "
            f"train.micro_batch_size={mbs}")
     if cfg.kto.loss_type == "kto":
-        # z_0 is estimated from mismatched (x_i, y_j) pairs inside the KL scope; one row has none.
-        scope_rows = gbs if cfg.kto.kl_scope == "step" else mbs
-        scope_key = "train.global_batch_size" if cfg.kto.kl_scope == "step" else "train.micro_batch_size"
-        _check(scope_rows >= 2, f"kto.loss_type='kto' with kto.kl_scope='{cfg.kto.kl_scope}' needs "
-               f"{scope_key} >= 2 to pair rows for the KL estimate, got {scope_rows}; "
-               "use kto.loss_type=apo_zero_unpaired for no KL term")
+        # z_0 is estimated from mismatched (x_i, y_j) pairs drawn over the global batch (whatever the
+        # KL scope), so one row per step has no partner.
+        _check(gbs >= 2, f"kto.loss_type='kto' needs train.global_batch_size >= 2 to pair rows for "
+               f"the KL estimate, got {gbs}; use kto.loss_type=apo_zero_unpaired for no KL term")
 
 
 def resolve_defaults(cfg: Config) -> Config:

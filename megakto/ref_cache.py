@@ -365,7 +365,7 @@ def _publish(folder: str, data: bytes | None, tmp_or_name: str, targets: Iterabl
 def precompute(cache: RefLogpCache, keys_and_rows: Iterable[tuple[bytes, Sequence[int], Sequence[int]]],
                logps_fn: Callable[[list[tuple[Sequence[int], Sequence[int]]]], torch.Tensor], *,
                rank: int, world_size: int, batch_size: int, writer: str | None = None,
-               flush_every: int | None = None) -> int:
+               flush_every: int | None = None, todo: Sequence[bytes] | None = None) -> int:
     """Compute this rank's share of the keys missing from ``cache``; returns how many it computed.
 
     ``keys_and_rows`` is every (key, prompt_ids, completion_ids) the run needs, on every rank in
@@ -373,7 +373,9 @@ def precompute(cache: RefLogpCache, keys_and_rows: Iterable[tuple[bytes, Sequenc
     ``world_size``-th from position r, so the ranks split the work without talking, provided all of
     them see the same cache state. ``logps_fn(rows) -> (len(rows),)`` scores one batch. Results go
     to one shard per rank (``writer`` defaults to ``rank<r>``), or one every ``flush_every`` rows so
-    that a crash keeps finished work. The caller then runs a barrier and :meth:`~RefLogpCache.reload`.
+    that a crash keeps finished work. ``todo``: the sorted keys to compute, decided once for all
+    ranks (default: the ones this rank finds missing). The caller then runs a barrier and
+    :meth:`~RefLogpCache.reload`.
     """
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"rank={rank}, world_size={world_size}, batch_size={batch_size}")
@@ -381,7 +383,7 @@ def precompute(cache: RefLogpCache, keys_and_rows: Iterable[tuple[bytes, Sequenc
     for key, p, c in keys_and_rows:
         rows.setdefault(bytes(key), (p, c))
     wanted = list(rows)
-    todo = sorted(wanted[i] for i in cache.missing(wanted))
+    todo = sorted(wanted[i] for i in cache.missing(wanted)) if todo is None else list(todo)
     if not todo:
         return 0
     mine = todo[rank::world_size]

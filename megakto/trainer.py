@@ -141,6 +141,9 @@ class KTOTrainer:
         n_u = len(self.train_rows) - n_d
         weight = kto.desirable_weight
         if weight == "auto":
+            if not n_d or not n_u:
+                raise ConfigError(f"kto.desirable_weight=auto needs both classes, but {', '.join(self.cfg.data.train_files)} "
+                                  f"has {n_d} desirable and {n_u} undesirable rows: give a number")
             weight = auto_desirable_weight(n_d, n_u, kto.undesirable_weight)
             self.log.info(f"kto.desirable_weight=auto -> {weight:.4f} ({n_d} desirable, {n_u} undesirable rows)")
         warning = check_weights(n_d, n_u, weight, kto.undesirable_weight)
@@ -214,11 +217,14 @@ class KTOTrainer:
             cache = RefLogpCache.open(cfg.ref.cache_dir, fingerprint, create=False)
         items = self._cache_items()
         keys = [k for k, _, _ in items]
-        if cache.missing(keys):
+        # Rank 0 decides what is missing: ranks that saw different folder contents (another job
+        # writing, a lagging network filesystem) would otherwise run different numbers of forwards.
+        todo = comm.broadcast_object(sorted({keys[i] for i in cache.missing(keys)}))
+        if todo:
             start = time.perf_counter()
             online = self._reference_engine()
             n = precompute(cache, items, online.logps, rank=comm.rank(), world_size=comm.world_size(),
-                           batch_size=cfg.train.eval_batch_size)
+                           batch_size=cfg.train.eval_batch_size, todo=todo)
             comm.barrier()
             cache.reload()
             del online
@@ -281,7 +287,8 @@ class KTOTrainer:
             every = cfg.checkpoint.every_steps
             if every and self.step % every == 0 and self.step < cfg.train.max_steps:
                 self._save_checkpoint()
-        if evaluating and (not cfg.train.eval_every or self.step % cfg.train.eval_every):
+        evaluated_last = bool(self.eval_history) and self.eval_history[-1][0] == self.step
+        if evaluating and not evaluated_last:
             self._evaluate_and_log()
         if (cfg.checkpoint.every_steps or cfg.train.export_hf) and self._saved_step != self.step:
             self._save_checkpoint()  # the finished run: resumable with more steps, and what export_hf converts
@@ -404,7 +411,13 @@ class KTOTrainer:
         """Online reference: partners drawn over this global batch, seeded by the step. Cached
         reference: each row's fixed dataset-level partner."""
         if self.train_kl_partner is None:
-            partners = kl_partners(rows["prompt_key"], seed=self.cfg.seed, step=self.step)
+            # Drawn over the batch in dataset-index order, so the pairs (and z_ref) depend on which
+            # rows the step holds, not on how the sampler arranged them for a micro-batch size.
+            order = sorted(range(len(indices)), key=lambda i: (indices[i], i))
+            drawn = kl_partners([rows["prompt_key"][i] for i in order], seed=self.cfg.seed, step=self.step)
+            partners = [0] * len(indices)
+            for k, j in enumerate(drawn):
+                partners[order[k]] = order[j]
             return [self._fit(rows["prompt_ids"][i], rows["completion_ids"][j]) for i, j in enumerate(partners)]
         return self._kl_rows(self.train_rows, indices, [self.train_kl_partner[i] for i in indices], rows)
 

@@ -28,6 +28,7 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_dict",
     "barrier",
+    "broadcast_object",
     "fail_together",
 ]
 
@@ -60,11 +61,34 @@ def group_rank(group=None) -> int:
     return dist.get_rank(group) if is_initialized() else 0
 
 
+def _comm_device(group) -> torch.device:
+    """NCCL reduces only GPU tensors; gloo only CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``tensor`` in place over ``group``; a no-op outside a process group of size > 1."""
+    """Sum ``tensor`` in place over ``group``; a no-op outside a process group of size > 1.
+    A tensor on a device the backend cannot reduce travels to one that it can and back."""
     if group_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        device = _comm_device(group)
+        if tensor.device == device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        else:
+            moved = tensor.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+            tensor.copy_(moved)
     return tensor
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank ``src``'s ``obj`` on every rank (one decision, so ranks cannot disagree)."""
+    if group_size(group) == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]
 
 
 def all_reduce_dict(values: Mapping[str, float | torch.Tensor], group=None) -> dict[str, float]:
@@ -89,8 +113,9 @@ def fail_together(group=None) -> Iterator[None]:
     """Run a block of user-input checks so that all ranks fail, or none does.
 
     A rank whose block raises :class:`MegaktoError` (or ``OSError``) shares its one-line message;
-    every rank then raises the first message, so all exit non-zero and none waits forever in a
-    later collective. Outside a process group this is a plain block.
+    every rank then raises the first message, marked ``shared`` (rank 0 prints it once), so all
+    exit non-zero and none waits forever in a later collective. Outside a process group this is a
+    plain block.
     """
     message = None
     try:
@@ -105,6 +130,11 @@ def fail_together(group=None) -> Iterator[None]:
         failed = [(r, m) for r, m in enumerate(messages) if m is not None]
         if failed:
             r, m = failed[0]
-            raise MegaktoError(m if r == group_rank(group) or message == m else f"rank {r}: {m}")
+            raise _shared(MegaktoError(m if r == 0 or message == m else f"rank {r}: {m}"))
     elif message is not None:
-        raise MegaktoError(message)
+        raise _shared(MegaktoError(message))
+
+
+def _shared(err: MegaktoError) -> MegaktoError:
+    err.shared = True
+    return err

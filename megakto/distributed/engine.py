@@ -66,6 +66,8 @@ def configure_cpu_threads() -> None:
 def init_distributed(timeout_minutes: float) -> None:
     """Start the process group (NCCL on GPU, gloo on CPU) with a bounded collective timeout, so
     that if one rank dies the others fail within ``timeout_minutes`` instead of hanging."""
+    if on_gpu():
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per local rank
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
 
 

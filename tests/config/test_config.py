@@ -316,9 +316,9 @@ def test_yaml_file_errors(tmp_path):
         (REQUIRED + ["train.global_batch_size=10"],
          "train.global_batch_size=10 is not divisible by train.micro_batch_size=4"),
         (REQUIRED + ["train.global_batch_size=1", "train.micro_batch_size=1"],
-         "kto.loss_type='kto' with kto.kl_scope='step' needs train.global_batch_size >= 2"),
-        (REQUIRED + ["train.micro_batch_size=1", "kto.kl_scope=microbatch"],
-         "kto.loss_type='kto' with kto.kl_scope='microbatch' needs train.micro_batch_size >= 2"),
+         "kto.loss_type='kto' needs train.global_batch_size >= 2"),
+        (REQUIRED + ["train.global_batch_size=1", "train.micro_batch_size=1", "kto.kl_scope=microbatch"],
+         "kto.loss_type='kto' needs train.global_batch_size >= 2"),
     ],
 )
 def test_validation_errors(overrides, expected):
@@ -339,3 +339,10 @@ def test_validate_accepts_a_hand_built_config():
     cfg.optim.min_lr_ratio = -0.1
     with pytest.raises(ConfigError, match=r"optim.min_lr_ratio must be in \[0, 1\], got -0.1"):
         validate(cfg)
+
+
+def test_micro_batch_of_one_is_valid_for_kto():
+    """KL partners come from the whole global batch, so a micro-batch of 1 still has partners
+    (TRL's per-device rotation pairs such a row with itself)."""
+    cfg = load_config(None, REQUIRED + ["train.micro_batch_size=1", "kto.kl_scope=microbatch"])
+    assert cfg.train.micro_batch_size == 1 and cfg.kto.kl_scope == "microbatch"

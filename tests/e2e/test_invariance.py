@@ -1,6 +1,7 @@
-"""The same global batch split as (DP 1, GA 4), (DP 2, GA 2) and (DP 4, GA 1) gives the same loss,
-KL and updated weights: the KL reference point is all-reduced as (sum, count) over the whole step
-and each micro-batch loss is scaled to the global mean."""
+"""The same global batch split as (DP 1, GA 4), (DP 2, GA 2), (DP 4, GA 1) and, with micro-batches
+of 2, (DP 2, GA 4) gives the same loss, KL and updated weights: the KL pairs are drawn over the
+global batch in dataset order, the reference point is all-reduced as (sum, count) over the whole
+step, and each micro-batch loss is scaled to the global mean."""
 
 import os
 
@@ -14,21 +15,20 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_dp_ga_invariance(assets, tmp_path):
     runs = {}
-    for nproc in (1, 2, 4):
-        out = tmp_path / f"dp{nproc}"
-        # global batch 16 of micro-batches of 4: grad-accum = 4 / dp
-        _, result = run_trainer(assets, out, nproc=nproc, **{"train.max_steps": 3, "train.micro_batch_size": 4})
-        runs[nproc] = (result, torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True))
-    base, base_weights = runs[1]
-    assert base["world_size"] == 1 and runs[4][0]["world_size"] == 4
-    for nproc in (2, 4):
-        result, weights = runs[nproc]
-        assert result["indices"] == base["indices"]
+    for nproc, micro in ((1, 4), (2, 4), (4, 4), (2, 2)):  # global batch 16: grad-accum = 16 / (micro × dp)
+        out = tmp_path / f"dp{nproc}_mb{micro}"
+        _, result = run_trainer(assets, out, nproc=nproc, **{"train.max_steps": 3, "train.micro_batch_size": micro})
+        runs[nproc, micro] = (result, torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True))
+    base, base_weights = runs[1, 4]
+    assert base["world_size"] == 1 and runs[4, 4][0]["world_size"] == 4
+    for key in ((2, 4), (4, 4), (2, 2)):
+        result, weights = runs[key]
+        assert result["indices"] == base["indices"], key
         for a, b in zip(result["history"], base["history"]):
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-            assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)
-            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), key
+            assert a["kl"] == pytest.approx(b["kl"], abs=1e-5), key
+            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6), key
         for name in base_weights:
-            torch.testing.assert_close(weights[name], base_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(weights[name], base_weights[name], rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
     # The KL is really in play: it is non-zero by step 3, so an unequal split would show.
     assert base["history"][2]["kl"] > 0.01

@@ -64,3 +64,20 @@ def test_sft_baseline(assets, tmp_path):
     assert not result["reference_loaded"]
     assert losses[-1] < losses[0] - 0.1  # mean per-token NLL of the completions falls
     assert all(h["kl"] == 0.0 for h in result["history"])
+
+
+def test_gradient_checkpointing_and_sft_term(assets, tmp_path):
+    """Gradient checkpointing recomputes activations without changing a number; the optional SFT
+    term adds weight × mean per-token NLL of the desirable completions to the loss."""
+    from tests.e2e.test_train import GOLDEN_LOSSES
+
+    _, ckpt = run_trainer(assets, tmp_path / "ckpt", nproc=2, **{"model.gradient_checkpointing": "true"})
+    assert [h["loss"] for h in ckpt["history"]] == pytest.approx(GOLDEN_LOSSES, abs=2e-5)
+
+    _, sft = run_trainer(assets, tmp_path / "sft", nproc=2, **{"kto.sft_weight": 0.5, "train.max_steps": 2})
+    first = sft["history"][0]
+    # Step 1: the policy is the reference, so the KTO part is exactly 0.5.
+    assert first["sft_nll"] > 1.0
+    assert first["loss"] == pytest.approx(0.5 + 0.5 * first["sft_nll"], abs=1e-6)
+    # The SFT gradient changes the update: step 2's KTO rewards differ from the plain run's.
+    assert sft["history"][1]["rewards/chosen"] != pytest.approx(ckpt["history"][1]["rewards/chosen"], abs=1e-6)
