@@ -177,8 +177,8 @@ class KTOTrainer:
         if n < gbs:
             raise DataError(f"{', '.join(cfg.data.train_files)}: {n} rows after filtering, fewer than "
                             f"train.global_batch_size={gbs}")
-        return KTOBatchSampler(self.train_rows.label, global_batch_size=gbs, num_micro_batches=self.dims.num_micro_batches,
-                               seed=cfg.seed, balanced=cfg.data.balanced_sampling)
+        return KTOBatchSampler(self.train_rows.label, global_batch_size=gbs, seed=cfg.seed,
+                               balanced=cfg.data.balanced_sampling)
 
     def _setup_evaluator(self) -> Evaluator | None:
         if self.eval_rows is None or self.cfg.kto.loss_type == "sft":

@@ -5,7 +5,7 @@ from megakto.data.collate import Batch, collate
 from megakto.data.demo import demo_corpus, is_desirable, make_demo_rows, write_demo_data
 from megakto.data.kl_pairs import kl_partners
 from megakto.data.rows import count_labels, load_rows, read_source, require_both_classes
-from megakto.data.sampler import KTOBatchSampler, micro_batches
+from megakto.data.sampler import KTOBatchSampler
 from megakto.data.tokenize import TokenizeReport, fit_to_length, prompt_key, tokenize_rows
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "TokenizeReport",
     "kl_partners",
     "KTOBatchSampler",
-    "micro_batches",
     "make_demo_rows",
     "write_demo_data",
     "is_desirable",

@@ -174,10 +174,10 @@ def plan_micro_batches(lengths: Sequence[int], labels: Sequence[bool], num_micro
     Micro-batch k gets ``nD // B + (k < nD % B)`` desirable rows and the rest undesirable (a
     single-class micro-batch is KTO's classic failure under per-micro-batch statistics). Within
     each class the rows go longest first to the lightest micro-batch with room, the undesirable
-    rows continuing from the loads the desirable ones left, so tokens even out. Layout as the
-    sampler's: data-parallel rank r owns micro-batches ``r*ga .. r*ga+ga-1``; equal tokens per
-    micro-batch means equal work per rank. A function of lengths and labels alone, so every rank
-    computes the same plan without communication.
+    rows continuing from the loads the desirable ones left, so tokens even out. Data-parallel
+    rank r owns micro-batches ``r*ga .. r*ga+ga-1``; equal tokens per micro-batch means equal
+    work per rank. A function of lengths and labels alone, so every rank computes the same plan
+    without communication.
     """
     n, b = len(lengths), num_micro_batches
     if b < 1 or n % b:

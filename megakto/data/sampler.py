@@ -1,22 +1,22 @@
 """Label-balanced, resumable global-batch sampler.
 
 The sampler hands out *global* batches of dataset indices: every rank draws the same sequence
-(same seed, no communication) and slices out its own micro-batches. Micro-batch k is
-``batch[k*mb:(k+1)*mb]`` and data-parallel rank r owns micro-batches ``r*ga .. r*ga+ga-1``.
+(same seed, no communication). It does not arrange rows into micro-batches: the trainer splits
+each global batch with ``megakto.data.packing.plan_micro_batches`` (equal rows, near-equal
+tokens, both classes in every micro-batch whenever each class has at least ``num_micro_batches``
+rows in the batch).
 
 Two properties matter for KTO and are tested:
 
-* **The set of rows in each global batch does not depend on how it is split.** It depends on
-  (labels, global_batch_size, seed, balanced, position) only, so (DP1, GA4), (DP2, GA2) and
-  (DP4, GA1) train on the same global batches, and a run may resume on a different layout. Only
-  the order inside the global batch depends on ``num_micro_batches``.
-* **Balanced mode (default) keeps both classes in every batch and every micro-batch.** A batch
-  with one class leaves one side of eq. (7) of Ethayarajh et al. (2024) without examples, so the
-  per-class weights of eq. (8) stop meaning what they say and per-class metrics become 0/0 (the
-  classic NaN reward logs in peer trainers). Each global batch takes the dataset's class ratio to
-  within one row (cumulative rounding), and the classes are dealt round-robin over micro-batches,
-  so no micro-batch is single-class whenever each class has at least ``num_micro_batches`` rows
-  in the batch.
+* **Each global batch depends on (labels, global_batch_size, seed, balanced, position) only**,
+  order included, never on the data-parallel x grad-accum layout. So (DP1, GA4), (DP2, GA2) and
+  (DP4, GA1) train on the same global batches, and a run may resume on a different layout.
+* **Balanced mode (default) keeps both classes in every batch.** A batch with one class leaves
+  one side of eq. (7) of Ethayarajh et al. (2024) without examples, so the per-class weights of
+  eq. (8) stop meaning what they say and per-class metrics become 0/0 (the classic NaN reward
+  logs in peer trainers). Each global batch takes the dataset's class ratio to within one row
+  (cumulative rounding): its desirable rows, then its undesirable rows, each as drawn from the
+  class's stream.
 
 Rows are never dropped: each stream is an endless chain of per-epoch seeded permutations; the
 tail of epoch e is followed by the head of epoch e+1, so every row of an epoch is used once before
@@ -32,20 +32,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["KTOBatchSampler", "micro_batches"]
+__all__ = ["KTOBatchSampler"]
 
 _STATE_VERSION = 1
-
-
-def micro_batches(batch: Sequence[int], num_micro_batches: int) -> list[list[int]]:
-    """Split a global batch into ``num_micro_batches`` equal consecutive slices."""
-    if num_micro_batches < 1 or len(batch) % num_micro_batches:
-        raise ValueError(
-            f"cannot split a global batch of {len(batch)} rows into {num_micro_batches} equal "
-            "micro-batches"
-        )
-    mb = len(batch) // num_micro_batches
-    return [list(batch[k * mb : (k + 1) * mb]) for k in range(num_micro_batches)]
 
 
 def _epoch_seed(seed: int, tag: str, epoch: int) -> int:
@@ -91,7 +80,6 @@ class KTOBatchSampler:
     Args:
         labels: one bool per dataset row, True for desirable.
         global_batch_size: rows per optimizer step over all ranks (G).
-        num_micro_batches: dp * grad_accum; only changes the order inside a global batch.
         seed: base seed; per-epoch permutations are derived from it.
         balanced: stratify by label (default). False: one uniform stream over all rows.
     """
@@ -101,7 +89,6 @@ class KTOBatchSampler:
         labels: Sequence[bool],
         *,
         global_batch_size: int,
-        num_micro_batches: int,
         seed: int,
         balanced: bool = True,
     ):
@@ -109,24 +96,14 @@ class KTOBatchSampler:
         n = len(flags)
         if n == 0:
             raise ValueError("KTOBatchSampler needs at least one row")
-        if global_batch_size < 1 or num_micro_batches < 1:
-            raise ValueError(
-                f"global_batch_size ({global_batch_size}) and num_micro_batches "
-                f"({num_micro_batches}) must be >= 1"
-            )
-        if global_batch_size % num_micro_batches:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} is not divisible by num_micro_batches "
-                f"{num_micro_batches} ({global_batch_size} % {num_micro_batches} = "
-                f"{global_batch_size % num_micro_batches})"
-            )
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1; got {global_batch_size}")
         if global_batch_size > n:
             raise ValueError(
                 f"global_batch_size {global_batch_size} exceeds the dataset's {n} rows; every "
                 "global batch would repeat rows"
             )
         self.global_batch_size = global_batch_size
-        self.num_micro_batches = num_micro_batches
         self.seed = int(seed)
         self.balanced = bool(balanced)
         self._num_rows = n
@@ -151,25 +128,14 @@ class KTOBatchSampler:
         g, nd, n = self.global_batch_size, self._num_desirable, self._num_rows
         return (2 * b * g * nd + n) // (2 * n)
 
-    def _deal(self, desirable: list[int], undesirable: list[int]) -> list[int]:
-        # Deal desirable rows round-robin over the micro-batches, then keep dealing undesirable
-        # rows from where that stopped. Micro-batch k receives deal positions t = k (mod M):
-        # G/M rows each; at least one desirable row if nD >= M (positions 0..M-1 are desirable)
-        # and at least one undesirable row if G - nD >= M (any M consecutive positions cover
-        # every residue). Within a micro-batch the order is the deal order.
-        m = self.num_micro_batches
-        buckets: list[list[int]] = [[] for _ in range(m)]
-        for t, idx in enumerate(desirable + undesirable):
-            buckets[t % m].append(idx)
-        return [idx for bucket in buckets for idx in bucket]
-
     def next_global_batch(self) -> list[int]:
-        """The next global batch (len == global_batch_size), already in micro-batch layout."""
+        """The next global batch (len == global_batch_size): in balanced mode its desirable rows,
+        then its undesirable rows, each in stream order."""
         g = self.global_batch_size
         if self.balanced:
             b = self._batches_emitted
             n_d = self._desirable_before(b + 1) - self._desirable_before(b)
-            batch = self._deal(self._desirable.take(n_d), self._undesirable.take(g - n_d))
+            batch = self._desirable.take(n_d) + self._undesirable.take(g - n_d)
         else:
             batch = self._all.take(g)
         self._batches_emitted += 1
@@ -201,15 +167,12 @@ class KTOBatchSampler:
         }
 
     def state_dict(self) -> dict[str, int]:
-        """Plain ints: the parameters to validate against and the stream positions.
-
-        ``num_micro_batches`` is recorded but not checked on load: the global batches do not
-        depend on it, so a run may resume on a different DP x grad-accum layout.
-        """
+        """Plain ints: the parameters to validate against and the stream positions. No
+        micro-batch layout: the global batches do not depend on it, so a run may resume on a
+        different DP x grad-accum layout."""
         return {
             "version": _STATE_VERSION,
             **self._params(),
-            "num_micro_batches": self.num_micro_batches,
             "batches_emitted": self._batches_emitted,
             "desirable_consumed": self._desirable.position,
             "undesirable_consumed": self._undesirable.position,
@@ -217,7 +180,11 @@ class KTOBatchSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the saved sampler stopped; ValueError names any mismatch."""
+        """Continue exactly where the saved sampler stopped; ValueError names any mismatch.
+
+        Keys this version does not read (``num_micro_batches``, written by earlier versions) are
+        ignored.
+        """
         if state.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"sampler state version {state.get('version')!r} is not {_STATE_VERSION}"

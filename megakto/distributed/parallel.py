@@ -2,9 +2,9 @@
 
 ``world = dp × tp × pp``. Ranks in one tensor/pipeline group see the same rows, so only ``dp``
 splits the data: each optimizer step consumes ``global_batch_size = micro_batch_size × grad_accum
-× dp`` rows. The global batch is laid out as ``dp × grad_accum`` micro-batches in a row; data-
-parallel rank ``r`` owns micro-batches ``r*grad_accum .. r*grad_accum + grad_accum - 1`` (the same
-layout as ``KTOBatchSampler.next_global_batch``).
+× dp`` rows, split into ``dp × grad_accum`` micro-batches (the trainer's
+``megakto.data.packing.plan_micro_batches``); data-parallel rank ``r`` owns micro-batches
+``r*grad_accum .. r*grad_accum + grad_accum - 1``.
 
 Pure arithmetic: no torch.distributed here, so every check runs before any process group exists.
 """
@@ -74,10 +74,3 @@ class ParallelDims:
     def num_micro_batches(self) -> int:
         """Micro-batches in one global batch, over all data-parallel ranks."""
         return self.dp * self.grad_accum
-
-    def micro_batch_slices(self, dp_rank: int) -> list[tuple[int, int]]:
-        """``(start, stop)`` into the global batch for each of ``dp_rank``'s micro-batches, in order."""
-        if not 0 <= dp_rank < self.dp:
-            raise ValueError(f"dp_rank must be in [0, {self.dp}), got {dp_rank}")
-        mb, ga = self.micro_batch_size, self.grad_accum
-        return [(k * mb, (k + 1) * mb) for k in range(dp_rank * ga, (dp_rank + 1) * ga)]

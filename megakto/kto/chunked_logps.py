@@ -8,8 +8,8 @@ dominates activation memory. Here the output projection and the log-softmax are 
   keeps only the per-token log-normaliser (N,) for backward;
 * backward recomputes each block and applies d log p(y) / d z = onehot(y) - softmax(z), the
   gradient that the log-prob of eq. (7)'s log pi(y|x) needs (Ethayarajh et al. 2024);
-* only completion positions are projected at all (:func:`chunked_sequence_logps`): prompt and
-  padding tokens never get logits.
+* the caller passes only the scored positions (:func:`megakto.model.forward.packed_completion_logps`
+  selects completion tokens), so prompt and padding tokens never get logits.
 
 Vocabulary parallelism follows Megatron's ``vocab_parallel_cross_entropy``: ``weight`` may be the
 rows [vocab_start, vocab_start + V_local) of the output matrix, and two callables supplied by the
@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["token_logps", "chunked_sequence_logps"]
+__all__ = ["token_logps"]
 
 Reducer = Callable[[torch.Tensor], Optional[torch.Tensor]]
 
@@ -151,36 +151,3 @@ def token_logps(
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     return _TokenLogps.apply(hidden, weight, targets, int(chunk_size), int(vocab_start), reduce_max, reduce_sum)
 
-
-def chunked_sequence_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    input_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    **kw,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`megakto.kto.sequence_logps` of ``hidden @ weight.T`` without building those logits.
-
-    Args:
-        hidden: (B, T, H) final hidden states; ``hidden[:, t]`` predicts ``input_ids[:, t + 1]``.
-        weight, **kw: as in :func:`token_logps`.
-        input_ids, completion_mask: (B, T), as in :func:`megakto.kto.sequence_logps`.
-
-    Returns:
-        ``logps`` (B,) summed completion log-probs and ``n_tokens`` (B,) int64.
-    """
-    if hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"hidden must be (B, T, H) matching input_ids (B, T); got {tuple(hidden.shape)} and "
-            f"{tuple(input_ids.shape)}"
-        )
-    if completion_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"completion_mask must match input_ids {tuple(input_ids.shape)}; got {tuple(completion_mask.shape)}"
-        )
-    # Same shift as the reference; only completion positions are projected.
-    mask = completion_mask[:, 1:].bool()
-    rows, cols = torch.nonzero(mask, as_tuple=True)
-    tok = token_logps(hidden[rows, cols], weight, input_ids[rows, cols + 1], **kw)
-    logps = torch.zeros(input_ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
-    return logps, mask.sum(-1)

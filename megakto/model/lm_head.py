@@ -1,16 +1,17 @@
-"""Completion log-probs of a Hugging Face causal LM without its full (B, T, V) logits.
+"""Swapping a Hugging Face causal LM's output head for one call, so log-probs come out instead of
+logits.
 
 The model's own forward is kept (attention masks, position ids, every architecture detail); only
-the output embedding's forward is swapped, for one call, with a function that turns the final
-hidden states straight into summed completion log-probs
-(:func:`megakto.kto.chunked_logps.chunked_sequence_logps`). That function runs *inside* the
-module's ``__call__``, which is what makes it work under DeepSpeed ZeRO-3:
+the output embedding's forward is swapped, for one call, with a function of the final hidden
+states and the head weight (:func:`megakto.model.forward.packed_completion_logps` passes one that
+returns summed completion log-probs). That function runs *inside* the module's ``__call__``, which
+is what makes it work under DeepSpeed ZeRO-3:
 
 * the engine's pre-forward hook has gathered the partitioned ``lm_head.weight`` (or the tied input
   embedding) by the time ``self.weight`` is read, and the post-forward hook releases it;
 * the engine hooks the module's *output* tensor so that backward re-gathers the weight before
   gradients reach it. The log-probs are therefore returned as the module's output, shaped
-  (B, 1, 1) so that the model passes them on as ``logits``, and read back from the model output
+  (S, 1, 1) so that the model passes them on as ``logits``, and read back from the model output
   (not from a side channel, which would bypass that hook).
 
 Models that transform logits after the head (Gemma's soft-capping, Cohere's logit scale) or that
@@ -25,11 +26,9 @@ from typing import Iterator
 
 import torch
 
-from megakto.data.collate import Batch
 from megakto.errors import ModelError
-from megakto.kto.chunked_logps import chunked_sequence_logps
 
-__all__ = ["completion_logps_chunked", "chunked_output_head", "replaced_output_head", "check_head_output", "output_head"]
+__all__ = ["replaced_output_head", "check_head_output", "output_head"]
 
 
 def output_head(model) -> torch.nn.Module:
@@ -40,11 +39,12 @@ def output_head(model) -> torch.nn.Module:
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ModelError(
             f"{type(model).__name__} has no output embedding with a .weight; chunked log-probs need one; "
-            "use megakto.model.forward.completion_logps (full logits) instead"
+            "set model.logps=full"
         )
     if getattr(head, "bias", None) is not None:
         raise ModelError(
-            f"output embedding {type(head).__name__} has a bias; chunked log-probs support bias-free heads only"
+            f"output embedding {type(head).__name__} has a bias; chunked log-probs support bias-free heads only; "
+            "set model.logps=full"
         )
     return head
 
@@ -89,32 +89,3 @@ def check_head_output(model, logits: torch.Tensor, state: dict, n: int) -> torch
     # The model's output, not state["logps"]: under ZeRO-3 only this tensor carries the engine's
     # backward hook that re-gathers the head weight.
     return logits.reshape(n)
-
-
-@contextlib.contextmanager
-def chunked_output_head(
-    head: torch.nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor, *, chunk_size: int = 1024
-) -> Iterator[dict]:
-    """While active, ``head(hidden)`` returns the (B, 1, 1) summed completion log-probs of
-    ``input_ids`` instead of logits; the yielded dict records the call count and the last result."""
-
-    def fn(hidden_states, weight):
-        logps, _ = chunked_sequence_logps(hidden_states, weight, input_ids, completion_mask, chunk_size=chunk_size)
-        return logps.view(-1, 1, 1)
-
-    with replaced_output_head(head, fn) as state:
-        yield state
-
-
-def completion_logps_chunked(model, batch: Batch, *, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`megakto.model.forward.completion_logps`, without full logits.
-
-    ``model`` is an HF causal LM or a DeepSpeed engine wrapping one (called as given, so the
-    engine's hooks run). Returns (B,) summed completion log-probs (fp32) and (B,) token counts.
-    """
-    head = output_head(model)
-    with chunked_output_head(head, batch.input_ids, batch.completion_mask, chunk_size=chunk_size) as state:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    logps = check_head_output(model, logits, state, batch.input_ids.shape[0])
-    return logps, batch.completion_mask[:, 1:].bool().sum(-1)

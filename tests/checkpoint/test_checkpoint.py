@@ -176,13 +176,13 @@ def test_trainer_state_continues_the_sampler(tmp_path):
     """The sampler's state through the trainer-state file: the restored sampler hands out exactly
     the batches the original would have (no row repeated, none skipped)."""
     labels = [i % 3 == 0 for i in range(60)]
-    a = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=2, seed=5)
+    a = KTOBatchSampler(labels, global_batch_size=8, seed=5)
     first = [a.next_global_batch() for _ in range(3)]
     fake = FakeEngine()
     state = {"step": 3, "sampler": a.state_dict(), "rng": checkpoint.rng_state(), "eval_history": [[2, {"loss": 0.5}]]}
     path = checkpoint.save(fake, str(tmp_path), 3, state, keep_last=1, dtype="float32")
     rest = [a.next_global_batch() for _ in range(4)]
-    b = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=2, seed=5)
+    b = KTOBatchSampler(labels, global_batch_size=8, seed=5)
     state = checkpoint.load_state(path)
     b.load_state_dict(state["sampler"])
     assert [b.next_global_batch() for _ in range(4)] == rest

@@ -66,35 +66,6 @@ def test_non_positive_degrees(name):
         ParallelDims(**kwargs)
 
 
-def test_micro_batch_slices_hand_worked():
-    # world 2, 16 rows, micro 4 -> ga 2: micro-batches [0,4) [4,8) on rank 0, [8,12) [12,16) on rank 1.
-    dims = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4)
-    assert dims.micro_batch_slices(0) == [(0, 4), (4, 8)]
-    assert dims.micro_batch_slices(1) == [(8, 12), (12, 16)]
-    with pytest.raises(ValueError, match=r"dp_rank must be in \[0, 2\), got 2"):
-        dims.micro_batch_slices(2)
-
-
-@pytest.mark.parametrize(
-    "world, tp, pp, gbs, mbs",
-    [(1, 1, 1, 16, 4), (2, 1, 1, 16, 4), (4, 1, 1, 16, 2), (4, 2, 1, 12, 3), (4, 2, 2, 8, 1),
-     (4, 1, 1, 32, 8)],
-)
-def test_micro_batch_slices_cover_the_global_batch_once(world, tp, pp, gbs, mbs):
-    dims = ParallelDims(world_size=world, global_batch_size=gbs, micro_batch_size=mbs, tp=tp, pp=pp)
-    owned = []
-    slices = []
-    for rank in range(dims.dp):
-        rank_slices = dims.micro_batch_slices(rank)
-        assert len(rank_slices) == dims.grad_accum
-        assert all(stop - start == mbs for start, stop in rank_slices)
-        slices += rank_slices
-        owned += [i for start, stop in rank_slices for i in range(start, stop)]
-    # Rank-major order of micro-batches k = r*ga .. r*ga+ga-1 gives k*mb .. (k+1)*mb.
-    assert slices == [(k * mbs, (k + 1) * mbs) for k in range(dims.num_micro_batches)]
-    assert owned == list(range(gbs))
-
-
 def test_from_config():
     cfg = load_config(None, ["model.path=m", "data.train_files=t.jsonl",
                              "train.global_batch_size=24", "train.micro_batch_size=3"])

@@ -5,6 +5,7 @@ import random
 import pytest
 
 from megakto.data.packing import plan_micro_batches
+from megakto.data.sampler import KTOBatchSampler
 
 
 def test_hand_worked():
@@ -49,3 +50,26 @@ def test_balances_better_than_fixed_slices():
         spread_plan += max(loads) - min(loads)
         spread_fixed += max(fixed) - min(fixed)
     assert spread_plan * 5 < spread_fixed
+
+
+@pytest.mark.parametrize("g,m,guaranteed", [(16, 4, 100), (12, 4, 60), (8, 8, 0), (24, 3, 100)])
+def test_sampler_batches_plan_into_mixed_micro_batches(g, m, guaranteed):
+    """What the trainer does: sampler batch -> plan. 30 % desirable. (16, 4): 4.8 desirable per
+    batch -> 4 or 5 >= M = 4, always mixed. (12, 4): 3.6 -> 3 or 4; only batches with 4
+    desirable (60 of the first 100) are guaranteed mixed. (8, 8): one row per micro-batch, never.
+    (24, 3): 7.2 -> 7 or 8, always mixed."""
+    rng = random.Random(2)
+    labels = [True] * 60 + [False] * 140
+    rng.shuffle(labels)
+    sampler = KTOBatchSampler(labels, global_batch_size=g, seed=3)
+    mixed = 0
+    for _ in range(100):
+        batch = sampler.next_global_batch()
+        flags = [labels[i] for i in batch]
+        n_d = sum(flags)
+        if n_d >= m and g - n_d >= m:
+            mixed += 1
+            plan = plan_micro_batches([rng.randint(10, 500) for _ in batch], flags, m)
+            for mb in plan:
+                assert {flags[i] for i in mb} == {True, False}, (batch, plan)
+    assert mixed == guaranteed

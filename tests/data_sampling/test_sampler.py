@@ -1,4 +1,4 @@
-"""KTOBatchSampler: class ratio per batch, mixed micro-batches, layout invariance, resume."""
+"""KTOBatchSampler: class ratio per batch, batch order, epochs, resume, determinism."""
 
 import json
 import random
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megakto.data.kl_pairs import kl_partners
-from megakto.data.sampler import KTOBatchSampler, micro_batches
+from megakto.data.sampler import KTOBatchSampler
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def test_class_counts_follow_dataset_ratio_by_cumulative_rounding():
     7, 10, 12 = round(2.4), round(4.8), round(7.2), round(9.6), round(12.0)); every batch has 2 or
     3 and after b batches exactly round(2.4 b) have been used."""
     labels = _labels(100, 30)
-    s = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=2, seed=0)
+    s = KTOBatchSampler(labels, global_batch_size=8, seed=0)
     counts = [sum(labels[i] for i in b) for b in _run(s, 250)]
     assert counts[:5] == [2, 3, 2, 3, 2]
     assert set(counts) == {2, 3}
@@ -43,53 +43,34 @@ def test_class_counts_follow_dataset_ratio_by_cumulative_rounding():
 @pytest.mark.parametrize("n_desirable", [0, 100])
 def test_single_class_dataset_draws_from_the_other_class(n_desirable):
     labels = _labels(100, n_desirable)
-    s = KTOBatchSampler(labels, global_batch_size=10, num_micro_batches=2, seed=1)
+    s = KTOBatchSampler(labels, global_batch_size=10, seed=1)
     batches = _run(s, 10)
     assert all(labels[i] == bool(n_desirable) for b in batches for i in b)
     assert Counter(i for b in batches for i in b) == Counter(range(100))
 
 
-@pytest.mark.parametrize("g,m", [(16, 4), (12, 4), (8, 8), (24, 3)])
-def test_no_single_class_micro_batch_when_both_classes_have_m_rows(g, m):
-    """30 % desirable. (16, 4): 4.8 desirable per batch -> 4 or 5 >= M = 4, always mixed.
-    (12, 4): 3.6 -> 3 or 4; only batches with 4 desirable are guaranteed mixed. (8, 8): mb = 1,
-    never guaranteed. (24, 3): 7.2 -> 7 or 8, always mixed."""
-    labels = _labels(200, 60, seed=2)
-    s = KTOBatchSampler(labels, global_batch_size=g, num_micro_batches=m, seed=3)
-    guaranteed = 0
-    for batch in _run(s, 100):
-        n_d = sum(labels[i] for i in batch)
-        if n_d >= m and g - n_d >= m:
-            guaranteed += 1
-            for mb in micro_batches(batch, m):
-                assert {labels[i] for i in mb} == {True, False}, (batch, mb)
-    expected = {(16, 4): 100, (24, 3): 100, (8, 8): 0}
-    if (g, m) in expected:
-        assert guaranteed == expected[(g, m)]
-    else:  # 3.6 per batch -> 60 % of batches take 4: exactly 60 of the first 100
-        assert guaranteed == 60
-
-
-@pytest.mark.parametrize("balanced", [True, False])
-def test_global_batch_sets_do_not_depend_on_num_micro_batches(balanced):
-    labels = _labels(90, 27, seed=4)
-    runs = {
-        m: _run(KTOBatchSampler(labels, global_batch_size=16, num_micro_batches=m, seed=5,
-                                balanced=balanced), 40)
-        for m in (1, 2, 4, 8)
-    }
-    for m in (2, 4, 8):
-        for b1, bm in zip(runs[1], runs[m]):
-            assert sorted(b1) == sorted(bm)
-    if balanced:
-        # The arrangement does depend on M (that is the point of the deal): not all identical.
-        assert any(a != b for a, b in zip(runs[1], runs[4]))
+def test_balanced_batch_is_its_desirable_rows_then_its_undesirable_rows():
+    """N = 100, 30 desirable, G = 8: batch b holds round(2.4 (b+1)) - round(2.4 b) desirable rows
+    (2, 3, 2, 3, 2, ...) first, then the undesirable rest; each class in its stream's order, so
+    the batches concatenated per class are the two streams."""
+    labels = _labels(100, 30, seed=4)
+    s = KTOBatchSampler(labels, global_batch_size=8, seed=5)
+    batches = _run(s, 12)  # 29 desirable, 67 undesirable: no stream wraps
+    for batch, n_d in zip(batches, [2, 3, 2, 3, 2]):
+        assert [labels[i] for i in batch] == [True] * n_d + [False] * (8 - n_d)
+    for batch in batches:
+        flags = [labels[i] for i in batch]
+        assert flags == sorted(flags, reverse=True)
+    desirable = [i for b in batches for i in b if labels[i]]
+    undesirable = [i for b in batches for i in b if not labels[i]]
+    assert desirable == s._desirable._order(0)[:29]
+    assert undesirable == s._undesirable._order(0)[:67]
 
 
 def test_unbalanced_one_epoch_uses_every_index_once():
     """N = 96, G = 16: 6 batches are exactly one epoch, the next 6 exactly the second."""
     labels = _labels(96, 30, seed=6)
-    s = KTOBatchSampler(labels, global_batch_size=16, num_micro_batches=4, seed=7, balanced=False)
+    s = KTOBatchSampler(labels, global_batch_size=16, seed=7, balanced=False)
     first = [i for b in _run(s, 6) for i in b]
     assert sorted(first) == list(range(96))
     assert s.epoch == 1
@@ -102,8 +83,7 @@ def test_unbalanced_one_epoch_uses_every_index_once():
 def test_unbalanced_epoch_tail_carries_into_the_next_batch():
     """N = 100, G = 16: the first 100 rows handed out (6 batches + 4 rows of the 7th) are each
     index once; the 7th batch's last 12 rows start epoch 1. Nothing is dropped."""
-    s = KTOBatchSampler([True] * 50 + [False] * 50, global_batch_size=16, num_micro_batches=2,
-                        seed=8, balanced=False)
+    s = KTOBatchSampler([True] * 50 + [False] * 50, global_batch_size=16, seed=8, balanced=False)
     rows = [i for b in _run(s, 7) for i in b]
     assert sorted(rows[:100]) == list(range(100))
     assert len(set(rows[100:])) == 12
@@ -115,7 +95,7 @@ def test_balanced_streams_use_each_row_once_per_epoch():
     round(2.4 b): 29 after 12, 31 after 13. Undesirable: 8b minus that: 67 after 12, 73 after 13.
     So after 12 batches no row has repeated; after 13 every row of both classes has been seen."""
     labels = _labels(100, 30, seed=9)
-    s = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=4, seed=10)
+    s = KTOBatchSampler(labels, global_batch_size=8, seed=10)
     batches = _run(s, 12)
     rows = [i for b in batches for i in b]
     assert len(rows) == len(set(rows)) == 96
@@ -133,7 +113,7 @@ def test_balanced_streams_use_each_row_once_per_epoch():
 def test_resume_continues_the_same_stream():
     labels = _labels(50, 17, seed=11)
     for balanced in (True, False):
-        kw = dict(global_batch_size=6, num_micro_batches=3, seed=12, balanced=balanced)
+        kw = dict(global_batch_size=6, seed=12, balanced=balanced)
         full = _run(KTOBatchSampler(labels, **kw), 17)
         first = KTOBatchSampler(labels, **kw)
         assert _run(first, 7) == full[:7]
@@ -146,16 +126,17 @@ def test_resume_continues_the_same_stream():
         assert _run(resumed, 10) == full[7:17]
 
 
-def test_resume_on_a_different_micro_batch_layout_keeps_the_global_batches():
-    """Saved with DP x GA = 4, resumed with 2: same rows per global batch, new arrangement."""
+def test_resume_ignores_an_old_states_num_micro_batches():
+    """Earlier versions recorded the micro-batch count in the state; it no longer matters."""
     labels = _labels(64, 20, seed=13)
-    full = _run(KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=4, seed=0), 12)
-    first = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=4, seed=0)
+    full = _run(KTOBatchSampler(labels, global_batch_size=8, seed=0), 12)
+    first = KTOBatchSampler(labels, global_batch_size=8, seed=0)
     _run(first, 5)
-    resumed = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=2, seed=0)
-    resumed.load_state_dict(first.state_dict())
-    for a, b in zip(full[5:], _run(resumed, 7)):
-        assert sorted(a) == sorted(b)
+    state = {**first.state_dict(), "num_micro_batches": 4}
+    assert "num_micro_batches" not in first.state_dict()
+    resumed = KTOBatchSampler(labels, global_batch_size=8, seed=0)
+    resumed.load_state_dict(state)
+    assert _run(resumed, 7) == full[5:]
 
 
 @pytest.mark.parametrize(
@@ -169,19 +150,18 @@ def test_resume_on_a_different_micro_batch_layout_keeps_the_global_batches():
     ],
 )
 def test_mismatched_state_raises_naming_the_parameter(key, labels, kw):
-    saved = KTOBatchSampler([True] * 15 + [False] * 25, global_batch_size=6, num_micro_batches=2,
-                            seed=0)
+    saved = KTOBatchSampler([True] * 15 + [False] * 25, global_batch_size=6, seed=0)
     _run(saved, 3)
-    other = KTOBatchSampler(labels, num_micro_batches=2, **kw)
+    other = KTOBatchSampler(labels, **kw)
     with pytest.raises(ValueError, match=f"mismatch: {key} is"):
         other.load_state_dict(saved.state_dict())
 
 
 def test_inconsistent_state_raises():
     labels = [True] * 15 + [False] * 25
-    s = KTOBatchSampler(labels, global_batch_size=6, num_micro_batches=2, seed=0)
+    s = KTOBatchSampler(labels, global_batch_size=6, seed=0)
     _run(s, 3)
-    fresh = KTOBatchSampler(labels, global_batch_size=6, num_micro_batches=2, seed=0)
+    fresh = KTOBatchSampler(labels, global_batch_size=6, seed=0)
     state = s.state_dict()
     state["desirable_consumed"] += 1
     with pytest.raises(ValueError, match="desirable_consumed"):
@@ -193,23 +173,12 @@ def test_inconsistent_state_raises():
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match=r"10 % 4 = 2"):
-        KTOBatchSampler([True, False] * 10, global_batch_size=10, num_micro_batches=4, seed=0)
+    with pytest.raises(ValueError, match="global_batch_size must be >= 1; got 0"):
+        KTOBatchSampler([True, False] * 10, global_batch_size=0, seed=0)
     with pytest.raises(ValueError, match="exceeds the dataset's 20 rows"):
-        KTOBatchSampler([True, False] * 10, global_batch_size=32, num_micro_batches=4, seed=0)
+        KTOBatchSampler([True, False] * 10, global_batch_size=32, seed=0)
     with pytest.raises(ValueError):
-        KTOBatchSampler([], global_batch_size=1, num_micro_batches=1, seed=0)
-
-
-def test_micro_batches_helper_and_rank_ownership():
-    """G = 12, DP = 2, GA = 3 -> M = 6, mb = 2; rank 1 owns micro-batches 3, 4, 5 = rows 6..11."""
-    batch = list(range(100, 112))
-    mbs = micro_batches(batch, 6)
-    assert mbs == [[100, 101], [102, 103], [104, 105], [106, 107], [108, 109], [110, 111]]
-    ga = 3
-    assert [i for mb in mbs[1 * ga : 2 * ga] for i in mb] == batch[6:12]
-    with pytest.raises(ValueError):
-        micro_batches(batch, 5)
+        KTOBatchSampler([], global_batch_size=1, seed=0)
 
 
 def test_same_in_a_separate_process_and_no_global_rng():
@@ -217,12 +186,12 @@ def test_same_in_a_separate_process_and_no_global_rng():
     random.seed(0)
     torch.manual_seed(0)
     py_state, torch_state = random.getstate(), torch.get_rng_state()
-    here = _run(KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=2, seed=15), 12)
+    here = _run(KTOBatchSampler(labels, global_batch_size=8, seed=15), 12)
     assert random.getstate() == py_state
     assert torch.equal(torch.get_rng_state(), torch_state)
     code = (
         "from megakto.data.sampler import KTOBatchSampler;"
-        f"s = KTOBatchSampler({labels!r}, global_batch_size=8, num_micro_batches=2, seed=15);"
+        f"s = KTOBatchSampler({labels!r}, global_batch_size=8, seed=15);"
         "print([s.next_global_batch() for _ in range(12)])"
     )
     out = subprocess.run(
@@ -230,8 +199,7 @@ def test_same_in_a_separate_process_and_no_global_rng():
         env={"PYTHONPATH": str(REPO), "PYTHONHASHSEED": "777", "OMP_NUM_THREADS": "1"},
     )
     assert eval(out.stdout.strip()) == here
-    assert here != _run(KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=2,
-                                        seed=16), 12)
+    assert here != _run(KTOBatchSampler(labels, global_batch_size=8, seed=16), 12)
 
 
 def test_paired_dataset_batches_always_get_foreign_kl_partners():
@@ -241,7 +209,7 @@ def test_paired_dataset_batches_always_get_foreign_kl_partners():
     n = 64
     labels = [i % 2 == 0 for i in range(n)]
     prompt_key = [i // 2 for i in range(n)]
-    s = KTOBatchSampler(labels, global_batch_size=8, num_micro_batches=8, seed=17)
+    s = KTOBatchSampler(labels, global_batch_size=8, seed=17)
     for step in range(40):
         batch = s.next_global_batch()
         keys = [prompt_key[i] for i in batch]

@@ -1,5 +1,6 @@
 """One rank of the vocabulary-parallel test: holds rows [start, end) of the output matrix, computes
-completion log-probs and grads over the gloo group, and saves them for the parent to compare."""
+the completion tokens' log-probs and grads over the gloo group, and saves them for the parent to
+compare."""
 
 import os
 
@@ -7,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megakto.distributed.vocab_parallel import group_reducers, vocab_shard_range
-from megakto.kto.chunked_logps import chunked_sequence_logps
+from megakto.kto.chunked_logps import token_logps
 
 
 def make_case(vocab_size: int):
@@ -24,6 +25,13 @@ def make_case(vocab_size: int):
     return hidden, weight, input_ids, mask, upstream
 
 
+def scored_tokens(hidden, input_ids, mask):
+    """Positions t whose successor t+1 is a completion token (what packed_completion_logps scores):
+    their hidden states (N, H), target ids (N,) and sequence index (N,)."""
+    rows, cols = torch.nonzero(mask[:, 1:].bool(), as_tuple=True)
+    return hidden[rows, cols], input_ids[rows, cols + 1], rows
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str, vocab_size: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -31,13 +39,14 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, vocab_size: in
         group = dist.new_group(list(range(world_size)))
         start, end = vocab_shard_range(vocab_size, group)
         hidden, weight, input_ids, mask, upstream = make_case(vocab_size)
+        hidden, targets, seq = scored_tokens(hidden, input_ids, mask)
         hidden.requires_grad_()
         shard = weight[start:end].clone().requires_grad_()
         reduce_max, reduce_sum = group_reducers(group)
-        logps, n = chunked_sequence_logps(hidden, shard, input_ids, mask, chunk_size=5, vocab_start=start,
-                                          reduce_max=reduce_max, reduce_sum=reduce_sum)
-        (logps * upstream).sum().backward()
-        torch.save({"start": start, "end": end, "logps": logps.detach(), "n": n, "grad_hidden": hidden.grad,
+        logps = token_logps(hidden, shard, targets, chunk_size=5, vocab_start=start, reduce_max=reduce_max,
+                            reduce_sum=reduce_sum)
+        (logps * upstream[seq]).sum().backward()
+        torch.save({"start": start, "end": end, "logps": logps.detach(), "grad_hidden": hidden.grad,
                     "grad_weight": shard.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""chunked_logps: hand-worked gradient, gradcheck, equality with sequence_logps over full logits,
+"""token_logps: hand-worked gradient, gradcheck, equality with sequence_logps over full logits,
 vocabulary shards combined through a threaded fake group, and the memory bound (no N x V tensor)."""
 
 import math
@@ -9,13 +9,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megakto.kto import sequence_logps
-from megakto.kto.chunked_logps import chunked_sequence_logps, token_logps
+from megakto.kto.chunked_logps import token_logps
 
 
 def _case(dtype, h=8, v=37, seed=0):
+    """A (B, T) batch as sequence_logps sees it, and the scored tokens token_logps sees: positions t
+    whose successor t+1 is a completion token (what packed_completion_logps selects). Returns the
+    full hidden states and weight, the batch, and the scored hidden rows (a leaf), their targets
+    and their sequence index."""
     b, t = 3, 11
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(b, t, h, generator=g, dtype=dtype).requires_grad_()
+    hidden = torch.randn(b, t, h, generator=g, dtype=dtype)
     weight = torch.randn(v, h, generator=g, dtype=dtype).requires_grad_()
     input_ids = torch.randint(0, v, (b, t), generator=g)
     mask = torch.zeros(b, t, dtype=torch.long)
@@ -23,7 +27,13 @@ def _case(dtype, h=8, v=37, seed=0):
     mask[1, 2:7] = 1  # completion then right padding
     mask[2, 9:] = 1
     input_ids[1, 7:] = -100  # padding ids that are not valid indices must never be gathered
-    return hidden, weight, input_ids, mask
+    rows, cols = torch.nonzero(mask[:, 1:].bool(), as_tuple=True)
+    scored = hidden[rows, cols].clone().requires_grad_()
+    return hidden, weight, input_ids, mask, scored, input_ids[rows, cols + 1], rows
+
+
+def _per_sequence(tok: torch.Tensor, rows: torch.Tensor, b: int = 3) -> torch.Tensor:
+    return torch.zeros(b, dtype=tok.dtype).index_add(0, rows, tok)
 
 
 def test_hand_worked_token():
@@ -44,62 +54,56 @@ def test_hand_worked_token():
 
 def test_gradcheck_fp64():
     """The hand-written backward against finite differences, with chunks that do not divide N."""
-    hidden, weight, input_ids, mask = _case(torch.float64, h=4, v=9)
-    upstream = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
-    fn = lambda h, w: (chunked_sequence_logps(h, w, input_ids, mask, chunk_size=3)[0] * upstream).sum()  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (hidden, weight))
+    _, weight, _, _, h, targets, rows = _case(torch.float64, h=4, v=9)
+    upstream = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)[rows]
+    fn = lambda h, w: (token_logps(h, w, targets, chunk_size=3) * upstream).sum()  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h, weight))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("chunk_size", [1, 4, 1024])
 def test_matches_full_logits(dtype, tol, chunk_size):
-    """Values and grads equal the reference over full logits (fp64: an fp64 log-softmax, since
-    sequence_logps computes in fp32)."""
-    hidden, weight, input_ids, mask = _case(dtype)
+    """Per-sequence sums of the scored tokens' log-probs, and their grads, equal the reference over
+    full logits (fp64: an fp64 log-softmax, since sequence_logps computes in fp32)."""
+    hidden, weight, input_ids, mask, h, targets, rows = _case(dtype)
+    hidden = hidden.requires_grad_()
     upstream = torch.tensor([1.0, -0.5, 2.0], dtype=dtype)
-    logps, n = chunked_sequence_logps(hidden, weight, input_ids, mask, chunk_size=chunk_size)
-    gh, gw = torch.autograd.grad((logps * upstream).sum(), (hidden, weight))
+    tok = token_logps(h, weight, targets, chunk_size=chunk_size)
+    assert tok.shape == targets.shape and tok.dtype == dtype
+    logps = _per_sequence(tok, rows)
+    gh, gw = torch.autograd.grad((logps * upstream).sum(), (h, weight))
     if dtype == torch.float64:
         logits = hidden @ weight.T
         labels = input_ids[:, 1:].masked_fill(~mask[:, 1:].bool(), 0)
-        tok = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        ref = torch.where(mask[:, 1:].bool(), tok, 0.0).sum(-1)
+        ref_tok = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ref = torch.where(mask[:, 1:].bool(), ref_tok, 0.0).sum(-1)
         ref_n = mask[:, 1:].sum(-1)
     else:
         ref, ref_n = sequence_logps(hidden @ weight.T, input_ids, mask)
     rh, rw = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
-    assert logps.dtype == dtype and n.tolist() == ref_n.tolist() == [7, 5, 2]
+    assert torch.bincount(rows, minlength=3).tolist() == ref_n.tolist() == [7, 5, 2]
     torch.testing.assert_close(logps, ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(gh, rh, rtol=tol, atol=tol)
+    scored = mask[:, 1:].bool()
+    torch.testing.assert_close(gh, rh[:, :-1][scored], rtol=tol, atol=tol)
+    assert torch.all(rh[:, :-1][~scored] == 0) and torch.all(rh[:, -1] == 0)  # nothing else is scored
     torch.testing.assert_close(gw, rw, rtol=tol, atol=tol)
 
 
 def test_bf16_matches_reference_path():
     """bf16 hidden and weight: the matmul runs in bf16 like the nn.Linear it replaces, the rest in
     fp32, so it matches sequence_logps(bf16 logits) up to bf16 rounding of the logits."""
-    hidden, weight, input_ids, mask = _case(torch.bfloat16)
-    logps, _ = chunked_sequence_logps(hidden, weight, input_ids, mask, chunk_size=4)
+    hidden, weight, input_ids, mask, h, targets, rows = _case(torch.bfloat16)
+    hidden = hidden.requires_grad_()
+    tok = token_logps(h, weight, targets, chunk_size=4)
+    logps = _per_sequence(tok, rows)
     ref, _ = sequence_logps(hidden @ weight.T, input_ids, mask)
-    assert logps.dtype == torch.float32
+    assert tok.dtype == torch.float32
     torch.testing.assert_close(logps, ref, rtol=1e-5, atol=1e-4)
-    gh, gw = torch.autograd.grad(logps.sum(), (hidden, weight))
+    gh, gw = torch.autograd.grad(logps.sum(), (h, weight))
     rh, rw = torch.autograd.grad(ref.sum(), (hidden, weight))
     assert gh.dtype == gw.dtype == torch.bfloat16
-    torch.testing.assert_close(gh.float(), rh.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gh.float(), rh[:, :-1][mask[:, 1:].bool()].float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gw.float(), rw.float(), rtol=2e-2, atol=2e-2)
-
-
-def test_prompt_and_padding_positions_are_never_projected():
-    """NaN hidden states outside the scored positions change nothing, and get zero gradient."""
-    hidden, weight, input_ids, mask = _case(torch.float32)
-    clean, _ = chunked_sequence_logps(hidden, weight, input_ids, mask)
-    scored = torch.zeros_like(mask, dtype=torch.bool)
-    scored[:, :-1] = mask[:, 1:].bool()
-    poisoned = torch.where(scored.unsqueeze(-1), hidden.detach(), float("nan")).requires_grad_()
-    logps, _ = chunked_sequence_logps(poisoned, weight, input_ids, mask)
-    torch.testing.assert_close(logps, clean)
-    (g,) = torch.autograd.grad(logps.sum(), poisoned)
-    assert torch.all(g[~scored] == 0) and torch.all(g[scored].abs().sum(-1) > 0)
 
 
 class _ThreadGroup:
@@ -130,8 +134,8 @@ def test_vocab_shards_through_fake_group(bounds):
     """Ranks by slicing: uneven vocabulary shards, each in a thread, reproduce the full-vocab
     values; each shard's weight grad is its slice of the full grad; every shard's hidden grad is the
     full hidden grad."""
-    hidden, weight, input_ids, mask = _case(torch.float64)
-    ref, _ = chunked_sequence_logps(hidden, weight, input_ids, mask, chunk_size=4)
+    _, weight, _, _, hidden, targets, _ = _case(torch.float64)
+    ref = token_logps(hidden, weight, targets, chunk_size=4)
     rh, rw = torch.autograd.grad(ref.sum(), (hidden, weight))
     size = len(bounds) - 1
     group, results = _ThreadGroup(size), [None] * size
@@ -140,8 +144,8 @@ def test_vocab_shards_through_fake_group(bounds):
         h = hidden.detach().clone().requires_grad_()
         w = weight.detach()[bounds[r]:bounds[r + 1]].clone().requires_grad_()
         reduce_max, reduce_sum = group.reducers(r) if size > 1 else (None, None)
-        out, _ = chunked_sequence_logps(h, w, input_ids, mask, chunk_size=4, vocab_start=bounds[r],
-                                        reduce_max=reduce_max, reduce_sum=reduce_sum)
+        out = token_logps(h, w, targets, chunk_size=4, vocab_start=bounds[r], reduce_max=reduce_max,
+                          reduce_sum=reduce_sum)
         results[r] = (out.detach(), *torch.autograd.grad(out.sum(), (h, w)))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
@@ -191,10 +195,9 @@ def test_memory_bound_no_tokens_by_vocab_tensor():
 def test_shape_errors():
     with pytest.raises(ValueError, match="hidden must be"):
         token_logps(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="hidden must be"):
+        token_logps(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must be"):
         token_logps(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size"):
         token_logps(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), chunk_size=0)
-    with pytest.raises(ValueError, match="completion_mask"):
-        chunked_sequence_logps(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long),
-                               torch.zeros(2, 4))

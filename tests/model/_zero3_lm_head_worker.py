@@ -1,6 +1,7 @@
 """Under the deepspeed launcher: two ZeRO-3 engines over the same tiny Llama, one trained through
-full logits (megakto.model.forward.completion_logps), one through the chunked output head. Each
-rank feeds its own batch; rank 0 dumps both paths' log-probs, per-step, and final gathered weights.
+full logits on padded rows (megakto.model.forward.completion_logps, the ground truth), one through
+the chunked output head on packed rows (packed_completion_logps). Each rank feeds its own batches
+and dumps both paths' log-probs, per step, and the final gathered weights.
 ``stage3_param_persistence_threshold: 0`` keeps every parameter, lm_head included, partitioned."""
 
 import argparse
@@ -15,9 +16,9 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from megakto.data.collate import collate  # noqa: E402
+from megakto.data.packing import pack  # noqa: E402
 from megakto.distributed import comm, engine  # noqa: E402
-from megakto.model.forward import completion_logps  # noqa: E402
-from megakto.model.lm_head import completion_logps_chunked  # noqa: E402
+from megakto.model.forward import completion_logps, packed_completion_logps  # noqa: E402
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
@@ -50,7 +51,7 @@ def batches(rank: int):
             p = torch.randint(1, 300, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
             c = torch.randint(1, 300, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
             rows.append((p, c))
-        yield collate(rows, pad_id=0)
+        yield rows
 
 
 def main():
@@ -68,16 +69,18 @@ def main():
         # Partitioned: outside a forward this rank holds only its slice of lm_head.
         partitioned = (head.numel() == 0, head.ds_tensor.numel() < head.ds_numel)
         steps = []
-        for batch in batches(comm.rank()):
-            a, na = completion_logps(ref, batch)
-            b, nb = completion_logps_chunked(chk, batch, chunk_size=3)
+        for rows in batches(comm.rank()):
+            packed = pack(rows, 32, 0)  # both sequences (at most 12 tokens each) in one row
+            a, na = completion_logps(ref, collate(rows, pad_id=0))
+            b, nb = packed_completion_logps(chk, packed, chunk_tokens=3)
             # A KTO-like objective with signed per-sequence weights, so grads are not trivial.
             w = torch.tensor([1.0, -0.5])
             ref.backward(-(a * w).sum())
             chk.backward(-(b * w).sum())
             ref.step()
             chk.step()
-            steps.append({"full": a.detach(), "chunked": b.detach(), "n_full": na, "n_chunked": nb})
+            steps.append({"full": a.detach(), "chunked": b.detach(), "n_full": na, "n_chunked": nb,
+                          "packed_rows": packed.input_ids.shape[0]})
         dump[f"tie={tie}"] = {
             "partitioned": partitioned,
             "steps": steps,

@@ -1,4 +1,5 @@
-"""completion_logps_chunked against the full-logits ground truth (megakto.model.forward), on a tiny
+"""The swapped output head (megakto.model.lm_head) behind packed_completion_logps: against the
+full-logits ground truth (megakto.model.forward.completion_logps on collate batches), on a tiny
 random Llama with untied and tied output embeddings, then inside real ZeRO-3 engines (2 ranks)."""
 
 import pytest
@@ -6,10 +7,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megakto.data.collate import collate
+from megakto.data.packing import pack, pad_rows
 from megakto.errors import ModelError
-from megakto.model.forward import completion_logps  # the padded ground truth
-from megakto.model.lm_head import completion_logps_chunked
+from megakto.model.forward import completion_logps, packed_completion_logps  # completion_logps: ground truth
 from tests.launcher import launch
+
+PAD = 0
+# Different prompt/completion lengths and right padding (pad id 0 is also a real token id).
+ROWS = [([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14, 15, 16, 17, 18, 300]), ([19, 20, 21, 22], [23])]
 
 
 def _tiny(tie: bool) -> LlamaForCausalLM:
@@ -19,22 +24,18 @@ def _tiny(tie: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def _batch():
-    # Different prompt/completion lengths and right padding (pad id 0 is also a real token id).
-    return collate([([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14, 15, 16, 17, 18, 300]), ([19, 20, 21, 22], [23])],
-                   pad_id=0)
-
-
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("chunk_size", [2, 1024])
-def test_values_and_all_grads_match_full_logits(tie, chunk_size):
+@pytest.mark.parametrize("chunk_tokens", [2, 1024])
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_values_and_all_grads_match_full_logits(tie, chunk_tokens, layout):
     model = _tiny(tie)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
-    batch = _batch()
+    batch = pack(ROWS, 12, PAD) if layout == "packed" else pad_rows(ROWS, PAD)
+    assert batch.input_ids.shape[0] == (2 if layout == "packed" else 3)
     upstream = torch.tensor([1.0, -0.7, 0.3])  # signed per-sequence weights, like eq. (7)'s v(x, y)
-    ref, ref_n = completion_logps(model, batch)
+    ref, ref_n = completion_logps(model, collate(ROWS, pad_id=PAD))
     ref_grads = torch.autograd.grad((ref * upstream).sum(), list(model.parameters()))
-    out, n = completion_logps_chunked(model, batch, chunk_size=chunk_size)
+    out, n = packed_completion_logps(model, batch, chunk_tokens=chunk_tokens)
     grads = torch.autograd.grad((out * upstream).sum(), list(model.parameters()))
     assert n.tolist() == ref_n.tolist() == [4, 7, 1]
     assert out.shape == (3,) and out.dtype == torch.float32
@@ -42,7 +43,31 @@ def test_values_and_all_grads_match_full_logits(tie, chunk_size):
     for (name, _), g, rg in zip(model.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert "forward" not in model.lm_head.__dict__  # the head is its plain nn.Linear again
-    assert model(input_ids=batch.input_ids).logits.shape == (3, 8, 301)
+    assert model(input_ids=batch.input_ids).logits.shape == (*batch.input_ids.shape, 301)
+
+
+def test_prompt_and_padding_positions_are_never_projected():
+    """NaN final hidden states outside the scored positions (prompt, last token of a segment,
+    padding) change nothing, and every parameter's gradient stays the clean one."""
+    model = _tiny(False)
+    batch = pack(ROWS, 12, PAD)
+    clean, _ = packed_completion_logps(model, batch, chunk_tokens=3)
+    clean_grads = torch.autograd.grad(clean.sum(), list(model.parameters()))
+    # Position t is scored when t + 1 is a completion token of the same segment.
+    seg = batch.segment_ids
+    scored = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    scored[:, :-1] = (batch.completion_mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
+    assert int(scored.sum()) == 4 + 7 + 1
+    poison = model.model.norm.register_forward_hook(
+        lambda module, args, out: torch.where(scored.unsqueeze(-1), out, float("nan")))
+    try:
+        logps, _ = packed_completion_logps(model, batch, chunk_tokens=3)
+        grads = torch.autograd.grad(logps.sum(), list(model.parameters()))
+    finally:
+        poison.remove()
+    torch.testing.assert_close(logps, clean)
+    for (name, _), g, cg in zip(model.named_parameters(), grads, clean_grads):
+        torch.testing.assert_close(g, cg, msg=lambda m: f"{name}: {m}")
 
 
 class _ScaledLogits(LlamaForCausalLM):
@@ -58,16 +83,20 @@ def test_refuses_models_that_change_logits_after_the_head():
     model = _tiny(False)
     scaled = _ScaledLogits(model.config)
     scaled.load_state_dict(model.state_dict())
-    with pytest.raises(ModelError, match="does not return its output head's result unchanged"):
-        completion_logps_chunked(scaled, _batch())
+    with pytest.raises(ModelError, match="does not return its output head's result unchanged.*set model.logps=full"):
+        packed_completion_logps(scaled, pack(ROWS, 12, PAD))
     assert "forward" not in scaled.lm_head.__dict__  # restored after the failure too
+    # The full-logits mode is the way out: it matches the ground truth of the scaled model.
+    full, _ = packed_completion_logps(scaled, pack(ROWS, 12, PAD), mode="full")
+    ref, _ = completion_logps(scaled, collate(ROWS, pad_id=PAD))
+    torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_restores_a_forward_already_patched_on_the_head():
     model = _tiny(False)
     patched = model.lm_head.forward
     model.lm_head.forward = patched  # an instance attribute, as accelerate-style hooks leave it
-    completion_logps_chunked(model, _batch())
+    packed_completion_logps(model, pack(ROWS, 12, PAD))
     assert model.lm_head.__dict__["forward"] is patched
 
 
@@ -83,16 +112,18 @@ def test_engine_like_wrapper_is_unwrapped():
             return self.module(**kw)
 
     model = _tiny(False)
-    ref, _ = completion_logps(model, _batch())
-    out, _ = completion_logps_chunked(Wrapper(model), _batch())
+    ref, _ = completion_logps(model, collate(ROWS, pad_id=PAD))
+    out, _ = packed_completion_logps(Wrapper(model), pack(ROWS, 12, PAD))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert "forward" not in model.lm_head.__dict__
 
 
 def test_zero3_two_ranks_same_logps_and_same_post_step_weights(tmp_path):
     """Two ZeRO-3 engines (every parameter partitioned) from the same init, two AdamW steps on each
-    rank's own batches: one through full logits, one through the chunked head. Log-probs agree to
-    fp32 rounding; weights agree to 1e-4 (Adam divides by sqrt(v), so float-rounding differences in
-    near-zero grads grow to ~1e-5 here, still 200x below the lr=1e-2 update they are part of)."""
+    rank's own batches: one through full logits on padded rows, one through the chunked head on
+    packed rows. Log-probs agree to fp32 rounding; weights agree to 1e-4 (Adam divides by sqrt(v),
+    so float-rounding differences in near-zero grads grow to ~1e-5 here, still 200x below the
+    lr=1e-2 update they are part of)."""
     proc = launch("tests/model/_zero3_lm_head_worker.py", ["--out", str(tmp_path)], nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in (0, 1):
@@ -102,6 +133,7 @@ def test_zero3_two_ranks_same_logps_and_same_post_step_weights(tmp_path):
             assert d["partitioned"] == (True, True), key  # lm_head empty outside forward, sliced
             assert d["forward_restored"]
             for step in d["steps"]:
+                assert step["packed_rows"] < step["n_full"].numel()  # really packed
                 assert step["n_full"].tolist() == step["n_chunked"].tolist()
                 torch.testing.assert_close(step["chunked"], step["full"], rtol=1e-5, atol=1e-5)
             assert sorted(d["full"]) == sorted(d["chunked"]) == sorted(d["init"])
