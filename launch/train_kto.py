@@ -30,9 +30,13 @@ def main(argv=None) -> int:
         print(config_help())
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
-        if not args.deepspeed:
-            raise MegaktoError("--deepspeed PATH is required (e.g. ds_configs/zero3.json)")
+        try:
+            cfg = load_config(args.config, args.overrides)
+            if not args.deepspeed:
+                raise MegaktoError("--deepspeed PATH is required (e.g. ds_configs/zero3.json)")
+        except MegaktoError as err:
+            err.shared = True  # every rank parsed the same command line: rank 0 speaks for all
+            raise
         from megakto.distributed.engine import configure_cpu_threads
         from megakto.trainer import KTOTrainer
 

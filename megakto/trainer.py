@@ -84,14 +84,16 @@ class KTOTrainer:
         self.log = RunLogger(cfg.output_dir, enabled=comm.is_main(), total_steps=cfg.train.max_steps,
                              initial_step=start)
         self.train_rows, self.eval_rows = self._setup_data()
-        self.desirable_weight = self._setup_weights()
-        self.sampler = self._setup_sampler()
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens)
         self.use_kl = cfg.kto.loss_type == "kto"
         # ref.mode=cache needs a fixed KL row per dataset row (see megakto/reference.py).
         self.cached_ref = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
-        self.train_kl_partner = dataset_kl_partners(self.train_rows.prompt_key) if self.use_kl and self.cached_ref else None
-        self.evaluator = self._setup_evaluator()
+        with comm.fail_together():
+            self.desirable_weight = self._setup_weights()
+            self.sampler = self._setup_sampler()
+            self.train_kl_partner = (dataset_kl_partners(self.train_rows.prompt_key)
+                                     if self.use_kl and self.cached_ref else None)
+            self.evaluator = self._setup_evaluator()
         self.policy = self._setup_policy()
         self.precompute_seconds = 0.0
         self.reference = self._setup_reference()

@@ -12,9 +12,12 @@ torch threads, the same rows and the same global batch for all. Figures only; no
 * throughput: target tokens (completion tokens of the target rows, EOS included) and rows per
   second over the timed steps, from the end of the last warmup step to the end of the last step;
   everything a step costs in each trainer (batching, logging) is inside that span.
-* memory: the same for every system: the peak resident set (VmRSS) during the timed steps, and
+* memory: the same for every system: the peak resident set (VmRSS) during the timed steps;
   "beyond setup" = that peak minus the RSS once the trainer is built (TRL: after KTOTrainer(...),
-  before train()). The peak is the kernel's VmHWM, reset through /proc/self/clear_refs when the
+  before train()), which still counts optimizer states allocated at the first step; "beyond warm
+  state" = that peak minus the RSS after the warmup steps, garbage collected and with freed heap
+  returned to the OS (weights, optimizer states and what persists between steps): the memory a
+  step needs beyond weights and optimizer states. The peak is the kernel's VmHWM, reset through /proc/self/clear_refs when the
   timed window opens; ``--sample-ms 5`` adds a thread sampling VmRSS, at a cost in speed.
 * precompute: the one-off reference pass of the cached/precomputed systems. TRL's is timed
   directly; megakto's is ``trainer.precompute_seconds`` when the trainer exposes it, else the
@@ -24,6 +27,8 @@ torch threads, the same rows and the same global batch for all. Figures only; no
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -71,6 +76,7 @@ RATIOS = [
     ("megakto KTO / TRL KTO (online), peak beyond setup", "megakto-kto", "trl-kto", "peak_beyond_setup_mib"),
     ("megakto KTO cached / TRL KTO precomputed, peak beyond setup", "megakto-kto-cached",
      "trl-kto-precomputed", "peak_beyond_setup_mib"),
+    ("megakto KTO / TRL KTO (online), peak beyond warm state", "megakto-kto", "trl-kto", "peak_beyond_warm_mib"),
     ("megakto KTO / TRL KTO (online), peak RSS", "megakto-kto", "trl-kto", "peak_rss_mib"),
     ("megakto KTO cached / TRL KTO precomputed, peak RSS", "megakto-kto-cached", "trl-kto-precomputed",
      "peak_rss_mib"),
@@ -87,6 +93,7 @@ COLUMNS = [  # (header, key, format)
     ("setup s", "setup_s", "{:.1f}"),
     ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
     ("peak beyond setup MiB", "peak_beyond_setup_mib", "{:.0f}"),
+    ("peak beyond warm state MiB", "peak_beyond_warm_mib", "{:.0f}"),
 ]
 
 
@@ -101,6 +108,17 @@ def _read_status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that the
+    RSS taken after the warmup steps is the live state (weights, optimizer states, whatever the
+    trainer keeps between steps) and not the allocator's cache of freed activations."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_hwm() -> bool:
@@ -180,6 +198,7 @@ class _Clock:
         self.tokens.append(int(tokens))
         self.rows.append(int(rows))
         if len(self.ends) == self.warmup:
+            _release_free_memory()
             self.warm_rss = self.rss.mark()
 
     def summary(self, setup_rss: int) -> dict:
@@ -196,7 +215,9 @@ class _Clock:
             "step_s": [b - a for a, b in zip(self.ends[:-1], self.ends[1:])][w - 1:],
             "tokens_per_step": self.tokens[w:],
             "setup_rss_mib": setup_rss / MIB, "warm_rss_mib": self.warm_rss / MIB, "peak_rss_mib": peak / MIB,
-            "peak_beyond_setup_mib": (peak - setup_rss) / MIB, "memory_method": self.rss.describe(),
+            "peak_beyond_setup_mib": (peak - setup_rss) / MIB,
+            # Beyond weights and optimizer states: the peak over the RSS that persists between steps.
+            "peak_beyond_warm_mib": (peak - self.warm_rss) / MIB, "memory_method": self.rss.describe(),
         }
         if "sampled" in peaks:
             out["sampled_peak_beyond_setup_mib"] = (peaks["sampled"] - setup_rss) / MIB
