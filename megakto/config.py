@@ -95,7 +95,8 @@ class DataConfig:
         "(attention stays inside a sequence); false = one sequence per row, right-padded."
     )
     max_tokens_per_row: Optional[int] = _opt(
-        None, "Token budget of a packed row; null = max(max_length, 2048). Must be >= max_length."
+        None, "Token budget of a packed row; null = max_length (sdpa/eager attention costs grow with "
+        "the row length squared; raise it with flash-attention). Must be >= max_length."
     )
 
 
@@ -541,7 +542,7 @@ def resolve_defaults(cfg: Config) -> Config:
     if cfg.data.max_prompt_length is None:
         cfg.data.max_prompt_length = cfg.data.max_length // 2
     if cfg.data.max_tokens_per_row is None:
-        cfg.data.max_tokens_per_row = max(cfg.data.max_length, 2048)
+        cfg.data.max_tokens_per_row = cfg.data.max_length
     if cfg.ref.cache_dir is None:
         cfg.ref.cache_dir = os.path.join(cfg.output_dir, "ref_cache")
     return cfg

@@ -108,7 +108,9 @@ def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implement
 def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, weight_decay: float,
                         betas: tuple[float, float], eps: float, warmup_steps: int, max_steps: int,
                         schedule: str, min_lr_ratio: float):
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    # fused: one kernel per step and no full-size temporaries (ZeRO hands the optimizer one flat
+    # fp32 partition per group, so foreach temporaries would be as large as the whole model).
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         partial(lr_multiplier, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule,
