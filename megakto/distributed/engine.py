@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import os
 import warnings
 from datetime import timedelta
@@ -68,6 +69,12 @@ def init_distributed(timeout_minutes: float) -> None:
     that if one rank dies the others fail within ``timeout_minutes`` instead of hanging."""
     if on_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per local rank
+    else:
+        # DeepSpeed's CPU shared-memory all-reduce serves only its inference all-reduce, never a
+        # training collective (those go through gloo, and inference_all_reduce falls back to it).
+        # Building it costs a ~25 s g++ JIT, and each run leaves a 69 MB /dev/shm segment per rank
+        # behind, which fills a machine's memory over a test suite. Skip it.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
 
 
