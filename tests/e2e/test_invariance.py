@@ -28,7 +28,10 @@ def test_dp_ga_invariance(assets, tmp_path):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), key
             assert a["kl"] == pytest.approx(b["kl"], abs=1e-5), key
             assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6), key
+        # Adam divides each element by its own gradient scale, so an element whose gradient is near
+        # zero turns the float rounding of another packing layout into an update difference of a
+        # few 1e-6; one step moves a weight by up to lr = 3e-4.
         for name in base_weights:
-            torch.testing.assert_close(weights[name], base_weights[name], rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+            torch.testing.assert_close(weights[name], base_weights[name], rtol=1e-5, atol=5e-6, msg=f"{key} {name}")
     # The KL is really in play: it is non-zero by step 3, so an unequal split would show.
     assert base["history"][2]["kl"] > 0.01

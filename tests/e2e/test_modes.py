@@ -36,7 +36,10 @@ def test_reference_cache(assets, tmp_path):
     assert second["precompute_seconds"] == 0  # every log-prob came from the cache
     assert [h["loss"] for h in second["history"]] == [h["loss"] for h in first["history"]]
     assert second["eval"] == first["eval"]
-    assert first["eval"][0][1]["reward_accuracy"] == 0.5  # the cached reference equals the policy at step 0
+    # At step 0 the cached reference equals the policy up to float rounding (the cache was filled
+    # with another packing layout, so near-zero rewards break ties either way).
+    assert abs(first["eval"][0][1]["rewards/margins"]) < 1e-4
+    assert first["eval"][-1][1]["rewards/margins"] > 100 * abs(first["eval"][0][1]["rewards/margins"])
 
     # The online reference gives the same implicit rewards where the KL cannot differ (step 1: KL = 0).
     _, online = run_trainer(assets, tmp_path / "online", nproc=2, **{"train.max_steps": 1})
