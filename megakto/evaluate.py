@@ -23,9 +23,10 @@ __all__ = ["Evaluator"]
 
 
 class Evaluator:
-    def __init__(self, split: TokenizedSplit, *, kl_rows: list | None, dp: int, rank: int, batch_size: int):
+    def __init__(self, split: TokenizedSplit, *, targets: list, kl_rows: list | None, dp: int, rank: int,
+                 batch_size: int):
         self.split = split
-        self.targets = split.pairs(range(len(split)))
+        self.targets = targets  # (prompt_ids, completion_ids) per row
         self.kl_rows = kl_rows  # (prompt_ids, completion_ids) per row, or None without a KL term
         self.dp, self.rank, self.batch_size = dp, rank, batch_size
         self._reference: torch.Tensor | None = None  # the reference never changes: computed once

@@ -185,11 +185,9 @@ class KTOTrainer:
     def _setup_evaluator(self) -> Evaluator | None:
         if self.eval_rows is None or self.cfg.kto.loss_type == "sft":
             return None
-        kl_rows = None
-        if self.use_kl:
-            kl_rows = self._kl_rows(self.eval_rows, range(len(self.eval_rows)),
-                                    dataset_kl_partners(self.eval_rows.prompt_key))
-        return Evaluator(self.eval_rows, kl_rows=kl_rows, dp=self.dims.dp, rank=comm.rank(),
+        partners = dataset_kl_partners(self.eval_rows.prompt_key) if self.use_kl else None
+        targets, kl_rows = self._whole_split(self.eval_rows, partners)
+        return Evaluator(self.eval_rows, targets=targets, kl_rows=kl_rows, dp=self.dims.dp, rank=comm.rank(),
                          batch_size=self.cfg.train.eval_batch_size)
 
     def _reference_engine(self):
@@ -244,9 +242,8 @@ class KTOTrainer:
 
     def _cache_items(self) -> list[tuple[bytes, list, list]]:
         """(key, prompt_ids, completion_ids) of every sequence the run scores with the reference."""
-        pairs = self.train_rows.pairs(range(len(self.train_rows)))
-        if self.use_kl:
-            pairs += self._kl_rows(self.train_rows, range(len(self.train_rows)), self.train_kl_partner)
+        targets, kl_rows = self._whole_split(self.train_rows, self.train_kl_partner)
+        pairs = targets + (kl_rows or [])
         if self.evaluator is not None:
             pairs += self.evaluator.targets + (self.evaluator.kl_rows or [])
         return [(sequence_key(p, c), p, c) for p, c in pairs]
@@ -421,14 +418,17 @@ class KTOTrainer:
             for k, j in enumerate(drawn):
                 partners[order[k]] = order[j]
             return [self._fit(rows["prompt_ids"][i], rows["completion_ids"][j]) for i, j in enumerate(partners)]
-        return self._kl_rows(self.train_rows, indices, [self.train_kl_partner[i] for i in indices], rows)
-
-    def _kl_rows(self, split: TokenizedSplit, indices, partners, rows: dict | None = None) -> list:
-        """Prompt of row ``indices[n]`` with the completion of dataset row ``partners[n]``."""
-        indices = list(indices)
-        rows = rows or split.fetch(indices)
-        partner_completions = split.fetch(partners)["completion_ids"]
+        partner_completions = self.train_rows.fetch([self.train_kl_partner[i] for i in indices])["completion_ids"]
         return [self._fit(p, c) for p, c in zip(rows["prompt_ids"], partner_completions)]
+
+    def _whole_split(self, split: TokenizedSplit, partners: list[int] | None):
+        """Every row's (prompt, completion) and, given dataset-level partners, every row's KL row,
+        from one read of the split."""
+        rows = split.fetch(range(len(split)))
+        targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
+        if partners is None:
+            return targets, None
+        return targets, [self._fit(p, rows["completion_ids"][j]) for p, j in zip(rows["prompt_ids"], partners)]
 
     def _fit(self, prompt_ids, completion_ids):
         data = self.cfg.data

@@ -23,7 +23,3 @@ class TokenizedSplit:
         picked = self._ids[list(indices)]
         return {"prompt_ids": picked["prompt_ids"], "completion_ids": picked["completion_ids"],
                 "label": [self.label[i] for i in indices], "prompt_key": [self.prompt_key[i] for i in indices]}
-
-    def pairs(self, indices: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-        rows = self.fetch(indices)
-        return list(zip(rows["prompt_ids"], rows["completion_ids"]))
