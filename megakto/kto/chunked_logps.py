@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["token_logps"]
+__all__ = ["token_logps", "shard_stats", "local_targets"]
 
 Reducer = Callable[[torch.Tensor], Optional[torch.Tensor]]
 
@@ -51,17 +51,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _TokenLogps(torch.autograd.Function):
+class _ShardStats(torch.autograd.Function):
+    """Per token: the log-sum-exp of ``hidden @ weight.T`` over this shard's rows, and the target's
+    logit where the shard owns the target (0 elsewhere). Chunked forward; recomputing backward."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, vocab_start, reduce_max, reduce_sum):
+    def forward(ctx, hidden, weight, local_t, chunk_size, reduce_grad_h):
         n, v_local = hidden.shape[0], weight.shape[0]
         acc = _compute_dtype(hidden.dtype)
-        local_lse = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
         target_logit = torch.zeros(n, dtype=acc, device=hidden.device)
-        # Where the target sits in this shard's rows; -1 when another shard owns it.
-        local_t = targets - vocab_start
-        owned = (local_t >= 0) & (local_t < v_local)
-        local_t = torch.where(owned, local_t, -1)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             logits = (hidden[s:e] @ weight.T).to(acc)  # the only (chunk, V_local) block
@@ -71,39 +70,32 @@ class _TokenLogps(torch.autograd.Function):
             # log-sum-exp in place (torch.logsumexp would allocate a second block).
             m = logits.amax(dim=-1, keepdim=True) if v_local else logits.new_zeros(e - s, 1)
             m = torch.where(torch.isfinite(m), m, 0.0)
-            local_lse[s:e] = torch.log(logits.sub_(m).exp_().sum(dim=-1)) + m.squeeze(1)
+            lse[s:e] = torch.log(logits.sub_(m).exp_().sum(dim=-1)) + m.squeeze(1)
             del logits
-        # Combine shards: log sum_k exp(lse_k) = m + log sum_k exp(lse_k - m), m = max_k lse_k.
-        # Two collectives per call (not per chunk), each over N numbers.
-        if reduce_max is not None or reduce_sum is not None:
-            m = _reduce(reduce_max, local_lse.clone())
-            m = torch.where(torch.isfinite(m), m, 0.0)  # every shard empty: avoid inf - inf
-            both = _reduce(reduce_sum, torch.stack([torch.exp(local_lse - m), target_logit]))
-            lse = m + torch.log(both[0])
-            target_logit = both[1]
-        else:
-            lse = local_lse
         ctx.save_for_backward(hidden, weight, local_t, lse)
         ctx.chunk_size = chunk_size
-        ctx.reduce_sum = reduce_sum
-        return target_logit - lse
+        ctx.reduce_grad_h = reduce_grad_h
+        return lse, target_logit
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_lse, grad_target):
         hidden, weight, local_t, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        grad_out = grad_out.to(lse.dtype)
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
+        grad_target = torch.zeros_like(lse) if grad_target is None else grad_target.to(lse.dtype)
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, hidden.shape[0])
             logits = (hidden[s:e] @ weight.T).to(lse.dtype)
-            # g = (onehot(y) - softmax(z)) * upstream, built in place in the recomputed block.
-            g = torch.exp_(logits.sub_(lse[s:e].unsqueeze(1))).neg_()
+            # d lse / d z = softmax over the shard's rows; d target_logit / d z = onehot(y). Built
+            # in place in the recomputed block. With lse the full log-normaliser and
+            # grad_lse = -grad_target this is (onehot(y) - softmax(z)) * upstream, eq. (7)'s
+            # d log pi(y|x) / d z (Ethayarajh et al. 2024).
+            g = torch.exp_(logits.sub_(lse[s:e].unsqueeze(1))).mul_(grad_lse[s:e].unsqueeze(1))
             lt = local_t[s:e]
             rows = torch.nonzero(lt >= 0).squeeze(1)
-            g[rows, lt[rows]] += 1.0
-            g.mul_(grad_out[s:e].unsqueeze(1))
+            g[rows, lt[rows]] += grad_target[s:e][rows]
             g = g.to(weight.dtype)
             if need_h:
                 grad_h[s:e] = g @ weight
@@ -112,8 +104,36 @@ class _TokenLogps(torch.autograd.Function):
             del logits, g
         if need_h:
             # Each shard holds the part of dL/dh from its own vocabulary rows; sum them.
-            grad_h = _reduce(ctx.reduce_sum, grad_h)
-        return grad_h, grad_w, None, None, None, None, None
+            grad_h = _reduce(ctx.reduce_grad_h, grad_h)
+        return grad_h, grad_w, None, None, None
+
+
+class _GroupSum(torch.autograd.Function):
+    """All-reduce sum over the vocabulary-parallel group; identity backward (every shard receives
+    the same upstream gradient, Megatron's reduce-from-tensor-parallel-region)."""
+
+    @staticmethod
+    def forward(ctx, t, reduce_sum):
+        return _reduce(reduce_sum, t.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def local_targets(targets: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Target ids relative to the rows ``[start, start + rows)``; -1 where another shard owns them."""
+    local_t = targets - start
+    return torch.where((local_t >= 0) & (local_t < rows), local_t, -1)
+
+
+def shard_stats(hidden: torch.Tensor, weight: torch.Tensor, local_t: torch.Tensor, chunk_size: int,
+                reduce_grad_h: Reducer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, target_logit)``, each (N,): the log-sum-exp of the logits over ``weight``'s rows and
+    the target's logit where ``local_t >= 0`` (0 elsewhere), one chunk of tokens at a time, with a
+    recomputing backward. Shards combine as log-sum-exp of their ``lse`` and sum of their
+    ``target_logit``; ``reduce_grad_h`` sums the hidden gradient over a vocabulary-parallel group."""
+    return _ShardStats.apply(hidden, weight, local_t, int(chunk_size), reduce_grad_h)
 
 
 def token_logps(
@@ -149,5 +169,15 @@ def token_logps(
         raise ValueError(f"targets must be (N,) = {tuple(hidden.shape[:1])}; got {tuple(targets.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    return _TokenLogps.apply(hidden, weight, targets, int(chunk_size), int(vocab_start), reduce_max, reduce_sum)
-
+    if (reduce_max is None) != (reduce_sum is None):
+        raise ValueError("reduce_max and reduce_sum go together: both for a sharded weight, neither otherwise")
+    local_t = local_targets(targets, int(vocab_start), weight.shape[0])
+    lse, target_logit = shard_stats(hidden, weight, local_t, chunk_size, reduce_sum)
+    if reduce_sum is None:
+        return target_logit - lse
+    # Combine shards: log sum_k exp(lse_k) = m + log sum_k exp(lse_k - m), m = max_k lse_k.
+    # Two collectives per call (not per chunk), each over N numbers.
+    m = _reduce(reduce_max, lse.detach().clone())
+    m = torch.where(torch.isfinite(m), m, 0.0)  # every shard empty: avoid inf - inf
+    both = _GroupSum.apply(torch.stack([torch.exp(lse - m), target_logit]), reduce_sum)
+    return both[1] - (m + torch.log(both[0]))
