@@ -73,6 +73,12 @@ class ModelConfig:
     logps_chunk_tokens: Optional[int] = _opt(
         None, "Tokens per lm_head chunk; null = as many as fit 16M logits (flat memory in vocab size)."
     )
+    vocab_block_rows: Union[int, Literal["auto"]] = _opt(
+        "auto", "Split the input embedding and output head into blocks of this many vocabulary rows, "
+        "each its own parameter, so no gradient, ZeRO-3 gather or optimizer temporary is "
+        "vocabulary-sized; auto = 4M elements per block (rows = 4194304 // hidden); 0 = off. "
+        "A resumed run must keep its value."
+    )
 
 
 @dataclass
@@ -517,6 +523,9 @@ def validate(cfg: Config) -> None:
     if mtr is not None:
         _check(mtr >= cfg.data.max_length, f"data.max_tokens_per_row={mtr} must be >= "
                f"data.max_length={cfg.data.max_length}: a sequence is never split across packed rows")
+    if cfg.model.vocab_block_rows != "auto":
+        _check(cfg.model.vocab_block_rows >= 0,
+               f"model.vocab_block_rows must be auto or >= 0 (0 = off), got {cfg.model.vocab_block_rows}")
     if cfg.model.logps_chunk_tokens is not None:
         _check(cfg.model.logps_chunk_tokens >= 1,
                f"model.logps_chunk_tokens must be >= 1, got {cfg.model.logps_chunk_tokens}")

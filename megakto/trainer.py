@@ -43,6 +43,7 @@ from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_pa
 from megakto.metrics import StepSums, step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import check_model_path, load_tokenizer
+from megakto.model.vocab_blocks import vocab_layout
 from megakto.ref_cache import RefLogpCache, precompute, reference_fingerprint, sequence_key
 from megakto.reference import CachedReference, OnlineReference, dataset_kl_partners, fit_kl_row
 from megakto.runlog import RunLogger
@@ -160,7 +161,8 @@ class KTOTrainer:
         cfg = self.cfg
         model = engine.load_model(cfg.model.path, self.ds_config, dtype=self._model_dtype(),
                                   attn_implementation=cfg.model.attn_implementation,
-                                  trust_remote_code=cfg.model.trust_remote_code)
+                                  trust_remote_code=cfg.model.trust_remote_code,
+                                  vocab_block_rows=cfg.model.vocab_block_rows)
         if cfg.model.disable_dropout:
             engine.disable_dropout(model)
         if cfg.model.gradient_checkpointing:
@@ -195,7 +197,8 @@ class KTOTrainer:
         ref_ds = reference_ds_config(self.ds_config, offload=cfg.ref.offload)
         model = engine.load_model(cfg.ref.path or cfg.model.path, ref_ds, dtype=self._model_dtype(),
                                   attn_implementation=cfg.model.attn_implementation,
-                                  trust_remote_code=cfg.model.trust_remote_code)
+                                  trust_remote_code=cfg.model.trust_remote_code,
+                                  vocab_block_rows=cfg.model.vocab_block_rows)
         engine.disable_dropout(model)
         return OnlineReference(engine.build_reference_engine(model, ref_ds), self._batch, self.logps_fn)
 
@@ -259,6 +262,12 @@ class KTOTrainer:
                 self.sampler.load_state_dict(state["sampler"])
             except ValueError as err:
                 raise ConfigError(f"train.resume: {self.resume_dir}: {err}") from None
+            saved, now = state.get("vocab_layout", []), vocab_layout(self.policy.module)
+            if saved != now:
+                def fmt(sizes):
+                    return f"{len(sizes)} blocks of {sizes[0]} rows" if sizes else "unsplit"
+                raise ConfigError(f"train.resume: {self.resume_dir} has its vocabulary matrices {fmt(saved)}, this "
+                                  f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
         checkpoint.load_engine(self.policy, self.resume_dir)
         checkpoint.set_rng_state(state["rng"])
         self.eval_history = [(s, dict(m)) for s, m in state["eval_history"]]
@@ -302,6 +311,7 @@ class KTOTrainer:
         if comm.is_main():
             export.save_hf_base(ckpt_dir, cfg.model.path, self.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
+                 "vocab_layout": vocab_layout(self.policy.module),
                  "eval_history": [[s, m] for s, m in self.eval_history]}
         path = checkpoint.save(self.policy, ckpt_dir, self.step, state, keep_last=cfg.checkpoint.keep_last,
                                dtype="bfloat16" if self.bf16 else "float32")

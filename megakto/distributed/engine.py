@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from megakto.errors import ModelError
+from megakto.model.vocab_blocks import BlockedEmbedding, BlockedHead, merge_vocab_blocks, resolve_block_rows
 from megakto.optim import lr_multiplier, param_groups
 
 # ZeRO-3 on recent torch calls deprecated collective names on every step; the noise hides real logs.
@@ -41,6 +42,7 @@ __all__ = [
     "on_gpu",
     "bf16_supported",
     "load_model",
+    "block_vocab",
     "build_policy_engine",
     "build_reference_engine",
     "disable_dropout",
@@ -101,15 +103,42 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implementation: str,
-               trust_remote_code: bool) -> torch.nn.Module:
-    """``from_pretrained`` under the engine's DeepSpeed config (ZeRO-3: partitioned on load)."""
+               trust_remote_code: bool, vocab_block_rows: int | str = 0) -> torch.nn.Module:
+    """``from_pretrained`` under the engine's DeepSpeed config (ZeRO-3: partitioned on load), then
+    the vocabulary matrices split into row blocks (see :func:`block_vocab`)."""
     dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- must stay alive during from_pretrained
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
         use_safetensors=None,
     )
     model._megakto_dschf = dschf  # keep the zero3 flag alive for later HF calls (e.g. generation)
+    rows = resolve_block_rows(vocab_block_rows, model.config)
+    if rows:
+        block_vocab(model, rows, ds_config)
     return model
+
+
+def block_vocab(model: torch.nn.Module, rows: int, ds_config: dict) -> None:
+    """Replace the input embedding and the output head with their ``rows``-row blocks
+    (:mod:`megakto.model.vocab_blocks`), keeping a tie. Under ZeRO-3 each matrix is gathered once
+    (a one-off full copy per rank), split, and the blocks are partitioned like any parameter."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(emb) is not torch.nn.Embedding or emb.max_norm is not None:
+        raise ModelError(f"model.vocab_block_rows: the input embedding is a {type(emb).__name__}, not a plain "
+                         "nn.Embedding; set model.vocab_block_rows=0")
+    tied = head is not None and head.weight is emb.weight
+    if head is None or type(head) is not torch.nn.Linear or head.bias is not None:
+        raise ModelError(f"model.vocab_block_rows: the output head is a {type(head).__name__}, not a bias-free "
+                         "nn.Linear; set model.vocab_block_rows=0")
+    with deepspeed.zero.GatheredParameters([emb.weight, head.weight], modifier_rank=None):
+        new_emb = BlockedEmbedding.from_weight(emb.weight, rows, emb.padding_idx)
+        new_head = BlockedHead.tied_to(new_emb) if tied else BlockedHead.from_weight(head.weight, rows)
+    if hasattr(emb.weight, "ds_id"):  # ZeRO-3: partition the new blocks as from_pretrained did the rest
+        deepspeed.zero.Init(module=new_emb, config_dict_or_path=ds_config)
+        if not tied:
+            deepspeed.zero.Init(module=new_head, config_dict_or_path=ds_config)
+    model.set_input_embeddings(new_emb)
+    model.set_output_embeddings(new_head)
 
 
 def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, weight_decay: float,
@@ -136,11 +165,12 @@ def build_reference_engine(model: torch.nn.Module, ds_config: dict):
 
 
 def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full-size CPU copies of every parameter, gathered from ZeRO-3 partitions if need be.
+    """Full-size CPU copies of every parameter under its Hugging Face name, gathered from ZeRO-3
+    partitions if need be.
     Collective: every rank of the engine must call it."""
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-        return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        return merge_vocab_blocks({name: p.detach().to("cpu", copy=True) for name, p in params.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,12 +226,14 @@ def load_checkpoint(policy, load_dir: str, tag: str) -> None:
 
 
 def zero_fp32_state_dict(load_dir: str, tag: str) -> dict[str, torch.Tensor]:
-    """The consolidated fp32 weights of a ZeRO checkpoint (DeepSpeed's zero_to_fp32), on CPU.
+    """The consolidated fp32 weights of a ZeRO checkpoint (DeepSpeed's zero_to_fp32), on CPU, under
+    the Hugging Face parameter names.
     Offline: no process group; memory for one full fp32 copy of the model."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     check_deepspeed_pickles(os.path.join(load_dir, tag))
-    return get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+    # Hugging Face names: vocabulary blocks (model.vocab_block_rows) are joined back.
+    return merge_vocab_blocks(get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag))
 
 
 @contextlib.contextmanager

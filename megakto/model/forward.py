@@ -10,7 +10,8 @@ Two ways to turn hidden states into log-probs, same result:
 * ``chunked`` (default): ``lm_head`` runs only on the positions whose next token is a completion
   token — prompt and padding positions get no logits at all — and in chunks of tokens with a
   recomputing backward, so no (tokens × vocabulary) tensor exists whole. The output head's forward
-  is swapped for the call, which keeps ZeRO-3's parameter gathering in play.
+  is swapped for the call, which keeps ZeRO-3's parameter gathering in play. A head split into
+  vocabulary blocks (:mod:`megakto.model.vocab_blocks`) is scored block by block.
 * ``full``: the model's ordinary logits, then per-segment sums; for models whose head cannot be
   swapped (a bias, or logits changed after the head).
 """
@@ -28,6 +29,7 @@ from megakto.kto.logps import sequence_logps
 from megakto.kto.segment_logps import segment_logps
 from megakto.model.lm_head import check_head_output, output_head, replaced_output_head
 from megakto.model.packed import packed_forward_logps
+from megakto.model.vocab_blocks import BlockedHead, blocked_token_logps
 
 __all__ = ["packed_completion_logps", "completion_logps", "logps_function", "chunk_tokens_for",
            "LOGITS_BLOCK_ELEMENTS"]
@@ -72,9 +74,13 @@ def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
     n = batch.num_segments
     n_tokens = torch.bincount(seg_of, minlength=n)
 
-    def head_fn(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
-        tok = token_logps(hidden[:, :-1][mask], weight, targets, chunk_size=chunk)
+    def head_fn(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+        scored = hidden[:, :-1][mask]
+        if isinstance(head, BlockedHead):
+            tok = blocked_token_logps(head, scored, targets, lambda rows: chunk_tokens or chunk_tokens_for(rows))
+        else:
+            chunk = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
+            tok = token_logps(scored, head.weight, targets, chunk_size=chunk)
         return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg_of, tok).view(n, 1, 1)
 
     head = output_head(model)

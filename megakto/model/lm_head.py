@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 
 from megakto.errors import ModelError
+from megakto.model.vocab_blocks import BlockedHead
 
 __all__ = ["replaced_output_head", "check_head_output", "output_head"]
 
@@ -36,6 +37,8 @@ def output_head(model) -> torch.nn.Module:
     inner = model if hasattr(model, "get_output_embeddings") else getattr(model, "module", None)
     has_head = inner is not None and hasattr(inner, "get_output_embeddings")
     head = inner.get_output_embeddings() if has_head else None
+    if isinstance(head, BlockedHead):
+        return head
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ModelError(
             f"{type(model).__name__} has no output embedding with a .weight; chunked log-probs need one; "
@@ -51,13 +54,14 @@ def output_head(model) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def replaced_output_head(head: torch.nn.Module, fn) -> Iterator[dict]:
-    """While active, ``head(hidden)`` returns ``fn(hidden, head.weight)``; the yielded dict records
-    the call count and a detached copy of the last result."""
+    """While active, ``head(hidden)`` returns ``fn(hidden, head)``; the yielded dict records the
+    call count and a detached copy of the last result. ``fn`` reads the head's weights (``.weight``,
+    or a :class:`~megakto.model.vocab_blocks.BlockedHead`'s blocks) during that call."""
     state = {"calls": 0, "logps": None}
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        # head.weight is read here, inside the module call: under ZeRO-3 it is materialised now.
-        result = fn(hidden_states, head.weight)
+        # The weights are read inside the module call: under ZeRO-3 they are materialised now.
+        result = fn(hidden_states, head)
         state["calls"] += 1
         state["logps"] = result.detach()
         return result

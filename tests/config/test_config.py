@@ -185,7 +185,7 @@ def test_config_help_lists_every_key_with_type_and_default():
     text = config_help()
     lines = text.splitlines()
     keys = list(_leaves(config_to_dict(Config())))
-    assert len(lines) == len(keys) == 49  # 2 top-level + 9+8+7+8+8+4+2+1 per section
+    assert len(lines) == len(keys) == 50  # 2 top-level + 10+8+7+8+8+4+2+1 per section
     for line, key in zip(lines, keys):
         assert line.startswith(key + ": ")
     assert "train.max_steps: int = 100 " in text
@@ -240,10 +240,19 @@ def test_unknown_section():
         ("optim.betas=0.9,abc", "config key 'optim.betas' expects list of float, got '0.9,abc' (command-line override)"),
         ("kto.desirable_weight=heavy",
          "config key 'kto.desirable_weight' expects float or 'auto', got 'heavy' (command-line override)"),
+        ("model.vocab_block_rows=big",
+         "config key 'model.vocab_block_rows' expects int or 'auto', got 'big' (command-line override)"),
     ],
 )
 def test_wrong_type_names_key_type_and_value(override, expected):
     assert _error(None, REQUIRED + [override]) == expected
+
+
+def test_vocab_block_rows_auto_int_or_off():
+    assert load_config(None, REQUIRED).model.vocab_block_rows == "auto"
+    assert load_config(None, REQUIRED + ["model.vocab_block_rows=4096"]).model.vocab_block_rows == 4096
+    assert load_config(None, REQUIRED + ["model.vocab_block_rows=0"]).model.vocab_block_rows == 0
+    assert "model.vocab_block_rows must be auto or >= 0" in _error(None, REQUIRED + ["model.vocab_block_rows=-2"])
 
 
 def test_literal_names_allowed_values_and_closest():

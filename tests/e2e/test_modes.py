@@ -16,14 +16,18 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def test_packed_chunked_equals_padded_full(assets, tmp_path):
-    """Same rows per step; losses, KL and rewards equal to fp32 tolerance over 3 steps."""
+    """Same rows per step; losses, KL and rewards equal to fp32 tolerance over 3 steps, for the
+    packed chunked path, the padded full-logits path and the vocabulary-blocked path."""
     _, packed = run_trainer(assets, tmp_path / "packed", nproc=2)
     _, padded = run_trainer(assets, tmp_path / "padded", nproc=2, **{"data.packing": "false", "model.logps": "full"})
-    assert packed["indices"] == padded["indices"]
+    # and with the embedding and head split into vocabulary blocks (512 rows -> 100 x 5 + 12)
+    _, blocked = run_trainer(assets, tmp_path / "blocked", nproc=2, **{"model.vocab_block_rows": 100})
+    assert packed["indices"] == padded["indices"] == blocked["indices"]
     assert packed["history"][2]["kl"] > 0.01  # the KL term is in play by step 3
-    for a, b in zip(packed["history"], padded["history"]):
+    for a, b, c in zip(packed["history"], padded["history"], blocked["history"]):
         for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+            assert c[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
 
 
 def test_reference_cache(assets, tmp_path):

@@ -1,6 +1,6 @@
 """Crash and resume under the real launcher, 2 CPU processes, ZeRO-3, fp32.
 
-One uninterrupted 8-step run is the reference. The interrupted one goes through both kinds of
+One uninterrupted 8-step run is the reference (embedding and head split into vocabulary blocks). The interrupted one goes through both kinds of
 crash, each followed by ``train.resume=auto`` (checkpoints every 2 steps, cosine schedule with
 warm-up so the LR schedule must round-trip too):
 
@@ -32,8 +32,10 @@ from tests.launcher import REPO, free_port
 
 pytestmark = pytest.mark.timeout(900)
 
+# The vocabulary matrices (512 rows) split into blocks of 200, 200 and 112 rows: checkpoints,
+# resume, zero_to_fp32 and the HF export all go through the per-block parameter names.
 COMMON = {"train.max_steps": 8, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
-          "optim.schedule": "cosine", "optim.warmup_steps": 2}
+          "optim.schedule": "cosine", "optim.warmup_steps": 2, "model.vocab_block_rows": 200}
 
 
 def _start(assets, out, dump, *, env=None, hang_before_step=None, **extra):
@@ -191,3 +193,19 @@ def test_zero_to_hf_tool_check(straight, tmp_path):
     exported["model.norm.weight"] = exported["model.norm.weight"] + 1e-3
     save_file(exported, dest / "model.safetensors", metadata={"format": "pt"})
     assert check_export(str(dest), os.path.join(out, "checkpoints", "step-00000008")) > 1e-5
+
+
+def test_resume_with_other_vocab_blocks_is_refused(assets, straight, tmp_path):
+    """A checkpoint's parameters are named per vocabulary block: resuming it with another
+    model.vocab_block_rows stops every rank with one line naming the key, before any loading."""
+    from tests.launcher import launch
+
+    out, _ = straight
+    tag = os.path.join(out, "checkpoints", "step-00000008")
+    proc = launch("launch/train_kto.py", ["--deepspeed", "ds_configs/zero3.json", *base_overrides(
+        assets, tmp_path / "other", **{**COMMON, "model.vocab_block_rows": 0, "train.resume": tag})], nproc=2,
+        timeout=300)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "megakto: error:" in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert "has its vocabulary matrices 3 blocks of 200 rows, this run unsplit; set model.vocab_block_rows" \
+        in lines[0]

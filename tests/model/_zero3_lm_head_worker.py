@@ -1,7 +1,9 @@
-"""Under the deepspeed launcher: two ZeRO-3 engines over the same tiny Llama, one trained through
+"""Under the deepspeed launcher: three ZeRO-3 engines over the same tiny Llama, one trained through
 full logits on padded rows (megakto.model.forward.completion_logps, the ground truth), one through
-the chunked output head on packed rows (packed_completion_logps). Each rank feeds its own batches
-and dumps both paths' log-probs, per step, and the final gathered weights.
+the chunked output head on packed rows (packed_completion_logps), and one loaded the way the trainer
+loads (from_pretrained under zero.Init) with its embedding and head split into vocabulary blocks.
+Each rank feeds its own batches and dumps every path's log-probs, per step, and the final gathered
+weights.
 ``stage3_param_persistence_threshold: 0`` keeps every parameter, lm_head included, partitioned."""
 
 import argparse
@@ -54,6 +56,16 @@ def batches(rank: int):
         yield rows
 
 
+def blocked_engine(base, folder: str, rows: int):
+    """The trainer's loading path: from_pretrained under ZeRO-3's zero.Init, then block_vocab."""
+    if comm.rank() == 0:
+        base.save_pretrained(folder)
+    comm.barrier()
+    model = engine.load_model(folder, DS_CONFIG, dtype=torch.float32, attn_implementation="sdpa",
+                              trust_remote_code=False, vocab_block_rows=rows)
+    return make_engine(model)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -65,6 +77,9 @@ def main():
     for tie in (False, True):
         base = tiny_llama(tie)
         ref, chk = make_engine(copy.deepcopy(base)), make_engine(copy.deepcopy(base))
+        blk = blocked_engine(base, os.path.join(args.out, f"model-tie{tie}"), rows=128)
+        blocks = [p for n, p in blk.module.named_parameters() if ".vocab_blocks." in n]
+        blocked = (len(blocks), all(p.numel() == 0 and p.ds_tensor.numel() < p.ds_numel for p in blocks))
         head = chk.module.get_output_embeddings().weight
         # Partitioned: outside a forward this rank holds only its slice of lm_head.
         partitioned = (head.numel() == 0, head.ds_tensor.numel() < head.ds_numel)
@@ -73,13 +88,17 @@ def main():
             packed = pack(rows, 32, 0)  # both sequences (at most 12 tokens each) in one row
             a, na = completion_logps(ref, collate(rows, pad_id=0))
             b, nb = packed_completion_logps(chk, packed, chunk_tokens=3)
+            c, _ = packed_completion_logps(blk, packed, chunk_tokens=3)
             # A KTO-like objective with signed per-sequence weights, so grads are not trivial.
             w = torch.tensor([1.0, -0.5])
             ref.backward(-(a * w).sum())
             chk.backward(-(b * w).sum())
+            blk.backward(-(c * w).sum())
             ref.step()
             chk.step()
-            steps.append({"full": a.detach(), "chunked": b.detach(), "n_full": na, "n_chunked": nb,
+            blk.step()
+            steps.append({"full": a.detach(), "chunked": b.detach(), "blocked": c.detach(),
+                          "n_full": na, "n_chunked": nb,
                           "packed_rows": packed.input_ids.shape[0]})
         dump[f"tie={tie}"] = {
             "partitioned": partitioned,
@@ -87,6 +106,8 @@ def main():
             "init": {k: v.detach().clone() for k, v in base.named_parameters()},
             "full": engine.gathered_state_dict(ref.module),
             "chunked": engine.gathered_state_dict(chk.module),
+            "blocked": engine.gathered_state_dict(blk.module),
+            "vocab_blocks": blocked,
             "forward_restored": "forward" not in chk.module.get_output_embeddings().__dict__,
         }
     torch.save(dump, os.path.join(args.out, f"rank{comm.rank()}.pt"))

@@ -121,7 +121,9 @@ def test_engine_like_wrapper_is_unwrapped():
 def test_zero3_two_ranks_same_logps_and_same_post_step_weights(tmp_path):
     """Two ZeRO-3 engines (every parameter partitioned) from the same init, two AdamW steps on each
     rank's own batches: one through full logits on padded rows, one through the chunked head on
-    packed rows. Log-probs agree to fp32 rounding; weights agree to 1e-4 (Adam divides by sqrt(v),
+    packed rows; and a third loaded through from_pretrained under zero.Init with its vocabulary
+    matrices split into 128-row blocks (3 blocks, each its own partitioned parameter), through the
+    blocked chunked head. Log-probs agree to fp32 rounding; weights agree to 1e-4 (Adam divides by sqrt(v),
     so float-rounding differences in near-zero grads grow to ~1e-5 here, still 200x below the
     lr=1e-2 update they are part of)."""
     proc = launch("tests/model/_zero3_lm_head_worker.py", ["--out", str(tmp_path)], nproc=2)
@@ -136,8 +138,13 @@ def test_zero3_two_ranks_same_logps_and_same_post_step_weights(tmp_path):
                 assert step["packed_rows"] < step["n_full"].numel()  # really packed
                 assert step["n_full"].tolist() == step["n_chunked"].tolist()
                 torch.testing.assert_close(step["chunked"], step["full"], rtol=1e-5, atol=1e-5)
-            assert sorted(d["full"]) == sorted(d["chunked"]) == sorted(d["init"])
+                torch.testing.assert_close(step["blocked"], step["full"], rtol=1e-5, atol=1e-5)
+            # 3 blocks of the embedding (+ 3 of the head unless tied), all partitioned
+            assert d["vocab_blocks"] == (3 if key == "tie=True" else 6, True), key
+            # gathered_state_dict joins the blocks back under the HF names
+            assert sorted(d["full"]) == sorted(d["chunked"]) == sorted(d["blocked"]) == sorted(d["init"])
             for name in d["full"]:
                 torch.testing.assert_close(d["chunked"][name], d["full"][name], rtol=0, atol=1e-4)
+                torch.testing.assert_close(d["blocked"][name], d["full"][name], rtol=0, atol=1e-4)
                 # and training really moved every parameter (a step of ~lr), head included
                 assert (d["full"][name] - d["init"][name]).abs().max() > 5e-3, name
