@@ -254,7 +254,7 @@ def run_megakto(name: str, spec: dict) -> dict:
         f"train.max_steps={spec['warmup'] + spec['steps']}", f"optim.lr={spec['lr']}", "optim.warmup_steps=0",
         f"kto.loss_type={system['loss_type']}", f"ref.mode={system['ref']}", "ref.offload=none",
         f"output_dir={spec['out_dir']}", "seed=0",
-    ]
+    ] + list(spec.get("megakto_overrides", []))
     cfg = load_config(None, overrides)
     rss = PeakRss(spec["sample_ms"] / 1000)
     start = time.perf_counter()
@@ -433,8 +433,12 @@ def markdown(results: dict[str, dict], ratio_rows: list[tuple[str, float | None]
     return "\n".join(lines)
 
 
-def _worker_env(workdir: Path, name: str, threads: int) -> dict:
+def _worker_env(workdir: Path, name: str, threads: int, mmap_threshold: int | None = None) -> dict:
     env = dict(os.environ)
+    if mmap_threshold:
+        # glibc: a fixed threshold (no dynamic raise to 32 MiB), so freed large tensors go back to
+        # the OS at once and RSS follows the live tensors instead of the heap's history.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(workdir / f"hf-cache-{name}"), TQDM_DISABLE="1",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
@@ -449,7 +453,7 @@ def run_system(name: str, spec: dict, workdir: Path, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(spec_path), str(result_path)]
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(workdir, name, spec["threads"]), stdout=log,
+            proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(workdir, name, spec["threads"], spec.get("malloc_mmap_threshold")), stdout=log,
                                   stderr=subprocess.STDOUT, timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
@@ -478,6 +482,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", help="where the workload and logs go (default: a fresh temp dir, removed)")
     parser.add_argument("--sample-ms", type=float, default=0.0,
                         help="also sample VmRSS in a thread every N ms (slows the steps; default off: VmHWM)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra megakto config override for the megakto systems (repeatable)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run every system with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: freed tensors above "
+                             "it return to the OS at once, so peak RSS tracks live memory rather than heap "
+                             "fragmentation (default: glibc's dynamic threshold)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per system")
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -500,6 +510,7 @@ def main(argv=None) -> int:
           f"{sum(work.target_tokens)} target tokens ({time.perf_counter() - t:.0f} s) in {workdir}", flush=True)
     spec = {"workload": work.to_dict(), "batch": args.batch, "micro_batch": micro, "steps": args.steps,
             "warmup": args.warmup, "threads": args.threads, "lr": args.lr, "sample_ms": args.sample_ms,
+            "megakto_overrides": args.overrides, "malloc_mmap_threshold": args.malloc_mmap_threshold,
             "ds_config": str((REPO / args.deepspeed).resolve())}
     results = {}
     for name in names:
@@ -514,7 +525,8 @@ def main(argv=None) -> int:
     info = machine_info(args.threads)
     print(f"\n{info['cpu_model']}, {info['cpus_usable']} usable cores, {args.threads} torch threads per system, "
           f"torch {info['versions']['torch']}; global batch {args.batch} (micro {micro}), {args.warmup} warmup + "
-          f"{args.steps} timed steps, vocab {args.vocab}\n")
+          f"{args.steps} timed steps, vocab {args.vocab}; megakto overrides {args.overrides or 'none'}; "
+          f"MALLOC_MMAP_THRESHOLD_ {args.malloc_mmap_threshold or 'unset (glibc default)'}\n")
     print(markdown(results, ratio_rows))
     for name, r in results.items():
         if r.get("warning"):
