@@ -393,6 +393,19 @@ def machine_info(threads: int) -> dict:
             "platform": platform.platform(), "versions": versions}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the lower one of the middle two), every run's figure
+    attached; a failed run makes the system failed."""
+    failed = [r for r in runs if not r.get("ok")]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    chosen["runs_peak_beyond_warm_mib"] = [r["peak_beyond_warm_mib"] for r in runs]
+    return chosen
+
+
 def add_derived(results: dict[str, dict], n_rows: int) -> None:
     """Fill megakto's precompute from setup times when the trainer does not expose it, and the
     throughput with the precompute amortised over one epoch of the benchmark's rows."""
@@ -488,6 +501,9 @@ def main(argv=None) -> int:
                         help="run every system with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: freed tensors above "
                              "it return to the OS at once, so peak RSS tracks live memory rather than heap "
                              "fragmentation (default: glibc's dynamic threshold)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every system this many times, round-robin, and report each system's "
+                             "median-throughput run (this machine's speed drifts by 10-30%% between runs)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per system")
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -497,8 +513,8 @@ def main(argv=None) -> int:
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in names if s not in SYSTEMS]
     micro = args.micro_batch or args.batch
-    if unknown or args.warmup < 1 or args.steps < 1 or args.batch % micro:
-        parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup and --steps >= 1; "
+    if unknown or args.warmup < 1 or args.steps < 1 or args.repeat < 1 or args.batch % micro:
+        parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup, --steps and --repeat >= 1; "
                      f"--batch divisible by --micro-batch")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="megakto-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -512,21 +528,25 @@ def main(argv=None) -> int:
             "warmup": args.warmup, "threads": args.threads, "lr": args.lr, "sample_ms": args.sample_ms,
             "megakto_overrides": args.overrides, "malloc_mmap_threshold": args.malloc_mmap_threshold,
             "ds_config": str((REPO / args.deepspeed).resolve())}
-    results = {}
-    for name in names:
-        t, load = time.perf_counter(), os.getloadavg()[0]
-        results[name] = r = run_system(name, spec, workdir, args.timeout)
-        r["loadavg_1min_before"] = load
-        status = f"{r['tokens_per_s']:.0f} target tokens/s" if r.get("ok") else r["error"]
-        print(f"{name}: {status} ({time.perf_counter() - t:.0f} s wall, load average {load:.1f} before)",
-              flush=True)
+    runs = {name: [] for name in names}
+    for rep in range(args.repeat):  # round-robin: a slow spell of the machine hits every system
+        for name in names:
+            t, load = time.perf_counter(), os.getloadavg()[0]
+            r = run_system(name, spec, workdir, args.timeout)
+            r["loadavg_1min_before"] = load
+            runs[name].append(r)
+            status = f"{r['tokens_per_s']:.0f} target tokens/s" if r.get("ok") else r["error"]
+            print(f"{name}{f' (run {rep + 1})' if args.repeat > 1 else ''}: {status} "
+                  f"({time.perf_counter() - t:.0f} s wall, load average {load:.1f} before)", flush=True)
+    results = {name: median_run(rs) for name, rs in runs.items()}
     add_derived(results, n_rows)
     ratio_rows = ratios(results)
     info = machine_info(args.threads)
     print(f"\n{info['cpu_model']}, {info['cpus_usable']} usable cores, {args.threads} torch threads per system, "
           f"torch {info['versions']['torch']}; global batch {args.batch} (micro {micro}), {args.warmup} warmup + "
           f"{args.steps} timed steps, vocab {args.vocab}; megakto overrides {args.overrides or 'none'}; "
-          f"MALLOC_MMAP_THRESHOLD_ {args.malloc_mmap_threshold or 'unset (glibc default)'}\n")
+          f"MALLOC_MMAP_THRESHOLD_ {args.malloc_mmap_threshold or 'unset (glibc default)'}; "
+          f"{'median of ' + str(args.repeat) + ' runs each' if args.repeat > 1 else 'one run each'}\n")
     print(markdown(results, ratio_rows))
     for name, r in results.items():
         if r.get("warning"):

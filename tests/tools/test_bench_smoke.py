@@ -108,3 +108,13 @@ def test_derived_figures_ratios_and_table():
     assert table[2].split(" | ")[:3] == ["| megakto-kto", "100", "1.60"]
     assert "failed: exit 1: boom" in table[6]
     assert "| megakto KTO / TRL KTO (online), tokens/s | 2.00 |" in table
+
+
+def test_median_run_picks_the_middle_throughput_and_keeps_every_figure():
+    runs = [{"ok": True, "tokens_per_s": t, "peak_beyond_warm_mib": m} for t, m in ((300, 1), (100, 2), (200, 3))]
+    chosen = bench.median_run(runs)
+    assert chosen["tokens_per_s"] == 200 and chosen["peak_beyond_warm_mib"] == 3
+    assert chosen["runs_tokens_per_s"] == [300, 100, 200] and chosen["runs_peak_beyond_warm_mib"] == [1, 2, 3]
+    assert bench.median_run(runs[:2])["tokens_per_s"] == 100  # even count: the lower middle
+    failed = {"ok": False, "error": "exit 1"}
+    assert bench.median_run(runs + [failed]) is failed
