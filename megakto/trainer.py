@@ -163,6 +163,9 @@ class KTOTrainer:
                                   attn_implementation=cfg.model.attn_implementation,
                                   trust_remote_code=cfg.model.trust_remote_code,
                                   vocab_block_rows=cfg.model.vocab_block_rows)
+        layout = vocab_layout(model)
+        if layout:
+            self.log.info(f"vocabulary blocks: embedding and output head in {len(layout)} blocks of {layout[0]} rows")
         if cfg.model.disable_dropout:
             engine.disable_dropout(model)
         if cfg.model.gradient_checkpointing:

@@ -43,6 +43,7 @@ __all__ = [
     "bf16_supported",
     "load_model",
     "block_vocab",
+    "split_vocab",
     "build_policy_engine",
     "build_reference_engine",
     "disable_dropout",
@@ -112,24 +113,37 @@ def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implement
         use_safetensors=None,
     )
     model._megakto_dschf = dschf  # keep the zero3 flag alive for later HF calls (e.g. generation)
-    rows = resolve_block_rows(vocab_block_rows, model.config)
-    if rows:
-        block_vocab(model, rows, ds_config)
+    split_vocab(model, vocab_block_rows, ds_config)
     return model
+
+
+def split_vocab(model: torch.nn.Module, setting: int | str, ds_config: dict) -> None:
+    """``model.vocab_block_rows``: split as set; ``auto`` leaves a model it cannot split (e.g. a
+    scaled-embedding subclass) as it is, where a row count is an error for it."""
+    rows = resolve_block_rows(setting, model.config)
+    if rows and (setting != "auto" or _unsplittable(model) is None):
+        block_vocab(model, rows, ds_config)
+
+
+def _unsplittable(model: torch.nn.Module) -> str | None:
+    """Why :func:`block_vocab` cannot split this model's vocabulary matrices; None if it can."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(emb) is not torch.nn.Embedding or emb.max_norm is not None:
+        return f"the input embedding is a {type(emb).__name__}, not a plain nn.Embedding"
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return f"the output head is a {type(head).__name__}, not a bias-free nn.Linear"
+    return None
 
 
 def block_vocab(model: torch.nn.Module, rows: int, ds_config: dict) -> None:
     """Replace the input embedding and the output head with their ``rows``-row blocks
     (:mod:`megakto.model.vocab_blocks`), keeping a tie. Under ZeRO-3 each matrix is gathered once
     (a one-off full copy per rank), split, and the blocks are partitioned like any parameter."""
+    why = _unsplittable(model)
+    if why:
+        raise ModelError(f"model.vocab_block_rows={rows}: {why}; set model.vocab_block_rows=0 (or auto)")
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if type(emb) is not torch.nn.Embedding or emb.max_norm is not None:
-        raise ModelError(f"model.vocab_block_rows: the input embedding is a {type(emb).__name__}, not a plain "
-                         "nn.Embedding; set model.vocab_block_rows=0")
-    tied = head is not None and head.weight is emb.weight
-    if head is None or type(head) is not torch.nn.Linear or head.bias is not None:
-        raise ModelError(f"model.vocab_block_rows: the output head is a {type(head).__name__}, not a bias-free "
-                         "nn.Linear; set model.vocab_block_rows=0")
+    tied = head.weight is emb.weight
     with deepspeed.zero.GatheredParameters([emb.weight, head.weight], modifier_rank=None):
         new_emb = BlockedEmbedding.from_weight(emb.weight, rows, emb.padding_idx)
         new_head = BlockedHead.tied_to(new_emb) if tied else BlockedHead.from_weight(head.weight, rows)

@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 
 from megakto.data.collate import collate
 from megakto.data.packing import pack
-from megakto.distributed.engine import block_vocab
+from megakto.distributed.engine import block_vocab, split_vocab
 from megakto.errors import ModelError
 from megakto.model.forward import completion_logps, packed_completion_logps
 from megakto.model.vocab_blocks import (
@@ -146,3 +146,27 @@ def test_refuses_a_head_with_bias():
     model.lm_head = torch.nn.Linear(64, V, bias=True)
     with pytest.raises(ModelError, match="model.vocab_block_rows=0"):
         block_vocab(model, 100, {})
+
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+@pytest.mark.parametrize("setting, split", [("auto", True), (100, True), (0, False), (1000, False)])
+def test_split_vocab_settings(setting, split):
+    model = _model(False)
+    model.config.hidden_size = 64 * 1000  # auto: 4M elements / 64000 = 65 rows -> 5 blocks of 301
+    split_vocab(model, setting, {})
+    assert isinstance(model.get_input_embeddings(), BlockedEmbedding) is split
+
+
+def test_auto_leaves_an_unsplittable_embedding_and_a_row_count_refuses_it():
+    model = _model(False)
+    model.model.embed_tokens = _ScaledEmbedding(V, 64)
+    model.config.hidden_size = 64 * 1000
+    split_vocab(model, "auto", {})
+    assert type(model.get_input_embeddings()) is _ScaledEmbedding
+    with pytest.raises(ModelError, match="model.vocab_block_rows=100: the input embedding is a _ScaledEmbedding, "
+                                         "not a plain nn.Embedding; set model.vocab_block_rows=0"):
+        split_vocab(model, 100, {})
