@@ -120,16 +120,22 @@ def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implement
 def split_vocab(model: torch.nn.Module, setting: int | str, ds_config: dict) -> None:
     """``model.vocab_block_rows``: split as set; ``auto`` leaves a model it cannot split (e.g. a
     scaled-embedding subclass) as it is, where a row count is an error for it."""
-    rows = resolve_block_rows(setting, model.config)
-    if rows and (setting != "auto" or _unsplittable(model) is None):
+    if setting == 0 or (setting == "auto" and _unsplittable(model) is not None):
+        return
+    weight = model.get_input_embeddings().weight
+    vocab_size, hidden_size = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3: the full shape
+    rows = resolve_block_rows(setting, vocab_size, hidden_size)
+    if rows:
         block_vocab(model, rows, ds_config)
 
 
 def _unsplittable(model: torch.nn.Module) -> str | None:
     """Why :func:`block_vocab` cannot split this model's vocabulary matrices; None if it can."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if type(emb) is not torch.nn.Embedding or emb.max_norm is not None:
+    if type(emb) is not torch.nn.Embedding:
         return f"the input embedding is a {type(emb).__name__}, not a plain nn.Embedding"
+    if emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
+        return "the input embedding uses max_norm, scale_grad_by_freq or sparse gradients"
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return f"the output head is a {type(head).__name__}, not a bias-free nn.Linear"
     return None
@@ -137,20 +143,25 @@ def _unsplittable(model: torch.nn.Module) -> str | None:
 
 def block_vocab(model: torch.nn.Module, rows: int, ds_config: dict) -> None:
     """Replace the input embedding and the output head with their ``rows``-row blocks
-    (:mod:`megakto.model.vocab_blocks`), keeping a tie. Under ZeRO-3 each matrix is gathered once
-    (a one-off full copy per rank), split, and the blocks are partitioned like any parameter."""
+    (:mod:`megakto.model.vocab_blocks`), keeping a tie. Under ZeRO-3 each matrix in turn is
+    gathered once (a one-off full copy per rank) and cut into blocks, each partitioned at once."""
     why = _unsplittable(model)
     if why:
         raise ModelError(f"model.vocab_block_rows={rows}: {why}; set model.vocab_block_rows=0 (or auto)")
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head.weight is emb.weight
-    with deepspeed.zero.GatheredParameters([emb.weight, head.weight], modifier_rank=None):
-        new_emb = BlockedEmbedding.from_weight(emb.weight, rows, emb.padding_idx)
-        new_head = BlockedHead.tied_to(new_emb) if tied else BlockedHead.from_weight(head.weight, rows)
-    if hasattr(emb.weight, "ds_id"):  # ZeRO-3: partition the new blocks as from_pretrained did the rest
-        deepspeed.zero.Init(module=new_emb, config_dict_or_path=ds_config)
-        if not tied:
-            deepspeed.zero.Init(module=new_head, config_dict_or_path=ds_config)
+    place = None
+    if hasattr(emb.weight, "ds_id"):  # ZeRO-3: partition each block as from_pretrained did the rest
+        def place(block):
+            deepspeed.zero.Init(module=block, config_dict_or_path=ds_config)
+    # One matrix gathered at a time, each block partitioned as soon as it is cut.
+    with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=None):
+        new_emb = BlockedEmbedding.from_weight(emb.weight, rows, emb.padding_idx, place=place)
+    if tied:
+        new_head = BlockedHead.tied_to(new_emb)
+    else:
+        with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
+            new_head = BlockedHead.from_weight(head.weight, rows, place=place)
     model.set_input_embeddings(new_emb)
     model.set_output_embeddings(new_head)
 

@@ -25,7 +25,10 @@ its copy-to-tensor-parallel-region op).
 
 Precision: the matmuls run in the parameters' dtype, as the ``nn.Linear`` they replace does (so a
 bf16 model matches the reference path, which upcasts bf16 logits with ``.float()``); the
-log-sum-exp, softmax and log-probs are fp32 (fp64 when the inputs are fp64).
+log-sum-exp, softmax and log-probs are fp32 (fp64 when the inputs are fp64). ``hidden`` may be
+wider than the weight (fp32 over a bf16 shard): each chunk is cast for the matmul and the hidden
+gradient comes back in ``hidden``'s dtype, so callers that sum several shards' hidden gradients
+(vocabulary blocks) can do it in fp32.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class _ShardStats(torch.autograd.Function):
         target_logit = torch.zeros(n, dtype=acc, device=hidden.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logits = (hidden[s:e] @ weight.T).to(acc)  # the only (chunk, V_local) block
+            logits = (hidden[s:e].to(weight.dtype) @ weight.T).to(acc)  # the only (chunk, V_local) block
             lt = local_t[s:e]
             picked = logits.gather(1, lt.clamp(min=0).unsqueeze(1)).squeeze(1)
             target_logit[s:e] = torch.where(lt >= 0, picked, 0.0)
@@ -87,7 +90,8 @@ class _ShardStats(torch.autograd.Function):
         grad_target = torch.zeros_like(lse) if grad_target is None else grad_target.to(lse.dtype)
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, hidden.shape[0])
-            logits = (hidden[s:e] @ weight.T).to(lse.dtype)
+            h = hidden[s:e].to(weight.dtype)
+            logits = (h @ weight.T).to(lse.dtype)
             # d lse / d z = softmax over the shard's rows; d target_logit / d z = onehot(y). Built
             # in place in the recomputed block. With lse the full log-normaliser and
             # grad_lse = -grad_target this is (onehot(y) - softmax(z)) * upstream, eq. (7)'s
@@ -98,10 +102,10 @@ class _ShardStats(torch.autograd.Function):
             g[rows, lt[rows]] += grad_target[s:e][rows]
             g = g.to(weight.dtype)
             if need_h:
-                grad_h[s:e] = g @ weight
+                grad_h[s:e] = g @ weight  # cast to hidden's dtype on assignment
             if need_w:
-                grad_w.addmm_(g.T, hidden[s:e])
-            del logits, g
+                grad_w.addmm_(g.T, h)
+            del logits, g, h
         if need_h:
             # Each shard holds the part of dL/dh from its own vocabulary rows; sum them.
             grad_h = _reduce(ctx.reduce_grad_h, grad_h)

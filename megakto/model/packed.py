@@ -85,7 +85,7 @@ def packed_forward_logps(
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"attention='mask' supports attn_implementation sdpa or eager, not {impl!r}")
         # Eager adds the mask to the scores, so it must be additive; sdpa takes bool.
-        dtype = model.get_input_embeddings().weight.dtype if impl == "eager" else None
+        dtype = next(model.get_input_embeddings().parameters()).dtype if impl == "eager" else None
         mask = packed_attention_mask(segment_ids, dtype)
     else:
         raise ValueError(f"attention must be 'auto' or 'mask'; got {attention!r}")

@@ -48,11 +48,11 @@ def auto_block_rows(hidden_size: int) -> int:
     return max(1, AUTO_BLOCK_ELEMENTS // max(1, hidden_size))
 
 
-def resolve_block_rows(setting: int | str, config) -> int:
-    """Rows per block for ``model.vocab_block_rows`` (``auto``, or an int; 0 = off) and an HF
-    config; 0 when the vocabulary fits in one block (nothing to split)."""
-    rows = auto_block_rows(config.hidden_size) if setting == "auto" else int(setting)
-    return rows if 0 < rows < config.vocab_size else 0
+def resolve_block_rows(setting: int | str, vocab_size: int, hidden_size: int) -> int:
+    """Rows per block for ``model.vocab_block_rows`` (``auto``, or an int; 0 = off) and a (V, H)
+    matrix; 0 when the vocabulary fits in one block (nothing to split)."""
+    rows = auto_block_rows(hidden_size) if setting == "auto" else int(setting)
+    return rows if 0 < rows < vocab_size else 0
 
 
 def block_sizes(vocab_size: int, rows: int) -> list[int]:
@@ -72,6 +72,18 @@ class VocabBlock(nn.Module):
 
     def forward(self, fn: Callable, *args):
         return fn(self.weight, *args)
+
+
+def _blocks(weight: torch.Tensor, sizes: list[int], place) -> nn.ModuleList:
+    """One :class:`VocabBlock` per row range, each a copy; ``place(block)`` runs on each as soon as
+    it exists (ZeRO-3 partitions it there), so at most one block's copy is whole at a time."""
+    blocks = nn.ModuleList()
+    for w in weight.detach().split(sizes):
+        block = VocabBlock(w.clone())
+        if place is not None:
+            place(block)
+        blocks.append(block)
+    return blocks
 
 
 class _Blocked(nn.Module):
@@ -96,10 +108,10 @@ class BlockedEmbedding(_Blocked):
         self.padding_idx = padding_idx
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, rows: int, padding_idx: int | None = None) -> "BlockedEmbedding":
+    def from_weight(cls, weight: torch.Tensor, rows: int, padding_idx: int | None = None,
+                    place: Callable[[nn.Module], None] | None = None) -> "BlockedEmbedding":
         sizes = block_sizes(weight.shape[0], rows)
-        blocks = nn.ModuleList(VocabBlock(w.clone()) for w in weight.detach().split(sizes))
-        return cls(blocks, sizes, padding_idx)
+        return cls(_blocks(weight, sizes, place), sizes, padding_idx)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)
@@ -124,16 +136,20 @@ class BlockedHead(_Blocked):
     """A bias-free output projection over row blocks (possibly the embedding's own blocks)."""
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, rows: int) -> "BlockedHead":
+    def from_weight(cls, weight: torch.Tensor, rows: int,
+                    place: Callable[[nn.Module], None] | None = None) -> "BlockedHead":
         sizes = block_sizes(weight.shape[0], rows)
-        return cls(nn.ModuleList(VocabBlock(w.clone()) for w in weight.detach().split(sizes)), sizes)
+        return cls(_blocks(weight, sizes, place), sizes)
 
     @classmethod
     def tied_to(cls, embedding: BlockedEmbedding) -> "BlockedHead":
         return cls(getattr(embedding, BLOCKS), embedding.sizes)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([block(lambda w, h: F.linear(h, w), hidden) for block in getattr(self, BLOCKS)], dim=-1)
+        # fp32 in, so the blocks' hidden gradients are summed in fp32 and rounded once.
+        wide = hidden.float()
+        return torch.cat([block(lambda w, h: F.linear(h.to(w.dtype), w), wide) for block in getattr(self, BLOCKS)],
+                         dim=-1)
 
 
 def blocked_token_logps(head: BlockedHead, hidden: torch.Tensor, targets: torch.Tensor,
@@ -142,6 +158,9 @@ def blocked_token_logps(head: BlockedHead, hidden: torch.Tensor, targets: torch.
     log-normaliser = log-sum-exp of the blocks' log-sum-exps; ``chunk_tokens(rows)`` gives the
     tokens per (chunk, rows) logits block."""
     lse, target = [], []
+    # fp32 in (each block casts its chunks for the matmul), so the blocks' hidden gradients are
+    # summed in fp32 and rounded to the model's dtype once, as the whole-matrix kernel does.
+    hidden = hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden
     for start, rows, block in head.ranges():
         local_t = local_targets(targets, start, rows)
         b_lse, b_target = block(lambda w, h, t, c: shard_stats(h, w, t, c), hidden, local_t, chunk_tokens(rows))
