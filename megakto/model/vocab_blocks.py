@@ -115,17 +115,23 @@ class BlockedEmbedding(_Blocked):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)
-        pieces, where = [], []
-        for start, rows, block in self.ranges():
-            sel = torch.nonzero((flat >= start) & (flat < start + rows)).squeeze(1)
-            pad = self.padding_idx - start if self.padding_idx is not None and 0 <= self.padding_idx - start < rows \
-                else None
-            pieces.append(block(lambda w, ids, p=pad: F.embedding(ids, w, padding_idx=p), flat[sel] - start))
-            where.append(sel)
-        order = torch.cat(where)
-        if order.numel() != flat.numel():
-            bad = flat[(flat < 0) | (flat >= self.vocab_size)]
+        n_blocks, rows = len(self.sizes), self.sizes[0]  # every block but the last has `rows` rows
+        valid = (flat >= 0) & (flat < self.vocab_size)
+        block_of = torch.where(valid, torch.div(flat, rows, rounding_mode="floor"), n_blocks)
+        order = torch.argsort(block_of, stable=True)
+        # The one host sync: how many ids each block looks up (the last bucket counts bad ids).
+        counts = torch.bincount(block_of, minlength=n_blocks + 1).tolist()
+        if counts[-1]:
+            bad = flat[~valid]
             raise IndexError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})")
+        ids = flat[order]
+        pieces, offset = [], 0
+        for (start, size, block), count in zip(self.ranges(), counts):
+            pad = self.padding_idx - start if self.padding_idx is not None and 0 <= self.padding_idx - start < size \
+                else None
+            local = ids[offset:offset + count] - start
+            pieces.append(block(lambda w, i, p=pad: F.embedding(i, w, padding_idx=p), local))
+            offset += count
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         out = torch.cat(pieces).index_select(0, inverse)
