@@ -225,7 +225,7 @@ class KTOTrainer:
         keys = [k for k, _, _ in items]
         # Rank 0 decides what is missing: ranks that saw different folder contents (another job
         # writing, a lagging network filesystem) would otherwise run different numbers of forwards.
-        todo = comm.broadcast_object(sorted({keys[i] for i in cache.missing(keys)}))
+        todo = comm.broadcast_object(sorted({keys[i] for i in cache.missing(keys)}) if comm.is_main() else None)
         if todo:
             start = time.perf_counter()
             online = self._reference_engine()

@@ -74,13 +74,15 @@ def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
     n = batch.num_segments
     n_tokens = torch.bincount(seg_of, minlength=n)
 
+    def chunk_for(rows: int) -> int:
+        return chunk_tokens or chunk_tokens_for(rows)
+
     def head_fn(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
         scored = hidden[:, :-1][mask]
         if isinstance(head, BlockedHead):
-            tok = blocked_token_logps(head, scored, targets, lambda rows: chunk_tokens or chunk_tokens_for(rows))
+            tok = blocked_token_logps(head, scored, targets, chunk_for)
         else:
-            chunk = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
-            tok = token_logps(scored, head.weight, targets, chunk_size=chunk)
+            tok = token_logps(scored, head.weight, targets, chunk_size=chunk_for(head.weight.shape[0]))
         return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg_of, tok).view(n, 1, 1)
 
     head = output_head(model)

@@ -152,10 +152,16 @@ class BlockedHead(_Blocked):
         return cls(getattr(embedding, BLOCKS), embedding.sizes)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # fp32 in, so the blocks' hidden gradients are summed in fp32 and rounded once.
-        wide = hidden.float()
+        wide = _wide(hidden)
         return torch.cat([block(lambda w, h: F.linear(h.to(w.dtype), w), wide) for block in getattr(self, BLOCKS)],
                          dim=-1)
+
+
+def _wide(hidden: torch.Tensor) -> torch.Tensor:
+    """Half-precision hidden states as fp32 (each block casts back for its matmul), so the blocks'
+    hidden gradients are summed in fp32 and rounded to the model's dtype once, as the whole-matrix
+    kernel does."""
+    return hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden
 
 
 def blocked_token_logps(head: BlockedHead, hidden: torch.Tensor, targets: torch.Tensor,
@@ -164,16 +170,12 @@ def blocked_token_logps(head: BlockedHead, hidden: torch.Tensor, targets: torch.
     log-normaliser = log-sum-exp of the blocks' log-sum-exps; ``chunk_tokens(rows)`` gives the
     tokens per (chunk, rows) logits block."""
     lse, target = [], []
-    # fp32 in (each block casts its chunks for the matmul), so the blocks' hidden gradients are
-    # summed in fp32 and rounded to the model's dtype once, as the whole-matrix kernel does.
-    hidden = hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden
+    hidden = _wide(hidden)
     for start, rows, block in head.ranges():
         local_t = local_targets(targets, start, rows)
         b_lse, b_target = block(lambda w, h, t, c: shard_stats(h, w, t, c), hidden, local_t, chunk_tokens(rows))
         lse.append(b_lse)
         target.append(b_target)
-    if len(lse) == 1:
-        return target[0] - lse[0]
     return torch.stack(target).sum(0) - torch.logsumexp(torch.stack(lse), dim=0)
 
 

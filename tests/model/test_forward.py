@@ -30,16 +30,23 @@ def _rows(seed=1, n=7):
     return rows
 
 
+def ground_truth(model, rows):
+    """Padded rows, full logits: the summed completion log-probs, token counts and the gradient of
+    their sum for every parameter (the model's grads are cleared afterwards)."""
+    ref, ref_n = completion_logps(model, collate(rows, pad_id=PAD))
+    ref.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return ref, ref_n, grads
+
+
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("mode,chunk", [("chunked", 3), ("chunked", None), ("full", None)])
 @pytest.mark.parametrize("budget", [20, 64])
 def test_packed_equals_padded(tie, mode, chunk, budget):
     rows = _rows()
     model = _model(tie)
-    ref, ref_n = completion_logps(model, collate(rows, pad_id=PAD))
-    ref.sum().backward()
-    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
+    ref, ref_n, ref_grads = ground_truth(model, rows)
     packed = pack(rows, budget, PAD)
     assert packed.input_ids.shape[0] < len(rows)  # really packed: several sequences share a row
     got, got_n = packed_completion_logps(model, packed, mode=mode, chunk_tokens=chunk)

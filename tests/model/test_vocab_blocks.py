@@ -22,7 +22,7 @@ from megakto.model.vocab_blocks import (
     resolve_block_rows,
 )
 from megakto.kto.chunked_logps import local_targets, shard_stats, token_logps
-from tests.model.test_forward import _model
+from tests.model.test_forward import _model, ground_truth
 from tests.model.test_forward import _rows as _forward_rows
 
 PAD = 0
@@ -56,10 +56,7 @@ def test_block_sizes_and_auto_rows():
 def test_blocked_model_equals_whole_model(tie, rows, mode, chunk):
     data = _rows()
     model = _model(tie)
-    ref, _ = completion_logps(model, collate(data, pad_id=PAD))
-    ref.sum().backward()
-    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    ref, _, ref_grads = ground_truth(model, data)
 
     block_vocab(model, rows, {})
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
