@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
+from megakto._config_hints import unknown_key_hint
 from megakto.errors import ConfigError
 
 __all__ = [
@@ -244,18 +245,10 @@ def _unknown_key(key: str, cls: type, prefix: str) -> ConfigError:
     valid = sorted(f.name for f in dataclasses.fields(cls))
     where = f"valid keys in '{prefix[:-1]}'" if prefix else "valid top-level keys"
     msg = f"unknown config key '{key}'; {where}: {', '.join(valid)}"
-    # Suggest: the same leaf name in another section (train.lr -> optim.lr), else a near spelling.
-    leaves = [k for k, _, _ in _leaf_keys()]
-    same_leaf = [k for k in leaves if k.rsplit(".", 1)[-1] == name and k != key]
-    close = difflib.get_close_matches(name, valid, n=1)
-    if close:
-        msg += f"; did you mean '{prefix}{close[0]}'?"
-    elif same_leaf:
-        msg += f"; did you mean '{same_leaf[0]}'?"
-    else:
-        close = difflib.get_close_matches(key, leaves, n=1)
-        if close:
-            msg += f"; did you mean '{close[0]}'?"
+    sections = [f.name for f in dataclasses.fields(cls) if _is_section(_hints(cls)[f.name])]
+    hint = unknown_key_hint(key, prefix, valid, sections, [k for k, _, _ in _leaf_keys()])
+    if hint:
+        msg += f"; {hint}"
     return ConfigError(msg)
 
 
