@@ -64,7 +64,9 @@ class ModelConfig:
         "auto", "Weights and compute dtype; auto = bfloat16 on GPU, float32 on CPU."
     )
     attn_implementation: str = _opt(
-        "sdpa", "Passed to from_pretrained: sdpa, eager, flash_attention_2, ..."
+        "auto", "Attention implementation for from_pretrained: auto = what transformers picks for the "
+        "model (sdpa where the model supports it, else eager), or eager, sdpa, flex_attention, "
+        "flash_attention_2, ...; checked against the model before any weights load."
     )
     logps: Literal["chunked", "full"] = _opt(
         "chunked", "chunked = lm_head only on completion positions, in chunks of tokens with a "
