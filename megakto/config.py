@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
+from megakto._config_hints import unknown_key_hint
 from megakto.errors import ConfigError
 
 __all__ = [
@@ -63,7 +64,9 @@ class ModelConfig:
         "auto", "Weights and compute dtype; auto = bfloat16 on GPU, float32 on CPU."
     )
     attn_implementation: str = _opt(
-        "sdpa", "Passed to from_pretrained: sdpa, eager, flash_attention_2, ..."
+        "auto", "Attention implementation for from_pretrained: auto = what transformers picks for the "
+        "model (sdpa where the model supports it, else eager), or eager, sdpa, flex_attention, "
+        "flash_attention_2, ...; checked against the model before any weights load."
     )
     logps: Literal["chunked", "full"] = _opt(
         "chunked", "chunked = lm_head only on completion positions, in chunks of tokens with a "
@@ -244,18 +247,10 @@ def _unknown_key(key: str, cls: type, prefix: str) -> ConfigError:
     valid = sorted(f.name for f in dataclasses.fields(cls))
     where = f"valid keys in '{prefix[:-1]}'" if prefix else "valid top-level keys"
     msg = f"unknown config key '{key}'; {where}: {', '.join(valid)}"
-    # Suggest: the same leaf name in another section (train.lr -> optim.lr), else a near spelling.
-    leaves = [k for k, _, _ in _leaf_keys()]
-    same_leaf = [k for k in leaves if k.rsplit(".", 1)[-1] == name and k != key]
-    close = difflib.get_close_matches(name, valid, n=1)
-    if close:
-        msg += f"; did you mean '{prefix}{close[0]}'?"
-    elif same_leaf:
-        msg += f"; did you mean '{same_leaf[0]}'?"
-    else:
-        close = difflib.get_close_matches(key, leaves, n=1)
-        if close:
-            msg += f"; did you mean '{close[0]}'?"
+    sections = [f.name for f in dataclasses.fields(cls) if _is_section(_hints(cls)[f.name])]
+    hint = unknown_key_hint(key, prefix, valid, sections, [k for k, _, _ in _leaf_keys()])
+    if hint:
+        msg += f"; {hint}"
     return ConfigError(msg)
 
 

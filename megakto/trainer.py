@@ -42,7 +42,7 @@ from megakto.evaluate import Evaluator
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss
 from megakto.metrics import StepSums, step_metrics
 from megakto.model.forward import logps_function
-from megakto.model.load import check_model_path, load_tokenizer
+from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.ref_cache import RefLogpCache, precompute, reference_fingerprint, sequence_key
 from megakto.reference import CachedReference, OnlineReference, dataset_kl_partners, fit_kl_row
@@ -76,6 +76,9 @@ class KTOTrainer:
             check_model_path(cfg.model.path, key="model.path", trust_remote_code=cfg.model.trust_remote_code)
             if cfg.ref.path:
                 check_model_path(cfg.ref.path, key="ref.path", trust_remote_code=cfg.model.trust_remote_code)
+            attn = check_model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
+                                        logps=cfg.model.logps, trust_remote_code=cfg.model.trust_remote_code,
+                                        ref_path=cfg.ref.path)
             tok_path = cfg.model.tokenizer_path or cfg.model.path
             self.tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
@@ -84,6 +87,8 @@ class KTOTrainer:
         start = checkpoint.read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
         self.log = RunLogger(cfg.output_dir, enabled=comm.is_main(), total_steps=cfg.train.max_steps,
                              initial_step=start)
+        self.log.info(f"attention: {attn} (model.attn_implementation={cfg.model.attn_implementation})")
+        cfg.model.attn_implementation = attn  # what both models load, and the reference cache fingerprints
         self.train_rows, self.eval_rows = self._setup_data()
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens)
         self.use_kl = cfg.kto.loss_type == "kto"

@@ -106,10 +106,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implementation: str,
                trust_remote_code: bool, vocab_block_rows: int | str = 0) -> torch.nn.Module:
     """``from_pretrained`` under the engine's DeepSpeed config (ZeRO-3: partitioned on load), then
-    the vocabulary matrices split into row blocks (see :func:`block_vocab`)."""
+    the vocabulary matrices split into row blocks (see :func:`block_vocab`). ``attn_implementation``
+    ``auto`` is transformers' own default (sdpa where supported, else eager)."""
     dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- must stay alive during from_pretrained
+    attn = None if attn_implementation == "auto" else attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+        path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
         use_safetensors=None,
     )
     model._megakto_dschf = dschf  # keep the zero3 flag alive for later HF calls (e.g. generation)
