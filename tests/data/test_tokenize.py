@@ -187,6 +187,7 @@ def test_prompt_key_groups_equal_prompt_text(write, tokenizer):
     assert out["prompt_key"][1] == prompt_key("<s><|user|> what is red <|end|> <|assistant|> ")
 
 
+@pytest.mark.gloo
 def test_prompt_key_is_the_same_in_another_process():
     """Python's str hash is salted per process; the key must not be."""
     code = ("from megakto.data.tokenize import prompt_key; "
@@ -201,6 +202,7 @@ def test_prompt_key_is_the_same_in_another_process():
         assert stdout.strip() == str([prompt_key(p) for p in PROMPTS])
 
 
+@pytest.mark.gloo
 def test_map_is_cached_and_num_proc_gives_the_same_rows(write, tokenizer):
     ds = load_rows(write(CHAT * 4))
     first, _ = tokenize_rows(ds, tokenizer, max_length=12)
