@@ -202,7 +202,6 @@ def test_prompt_key_is_the_same_in_another_process():
         assert stdout.strip() == str([prompt_key(p) for p in PROMPTS])
 
 
-@pytest.mark.gloo
 def test_map_is_cached_and_num_proc_gives_the_same_rows(write, tokenizer):
     ds = load_rows(write(CHAT * 4))
     first, _ = tokenize_rows(ds, tokenizer, max_length=12)
