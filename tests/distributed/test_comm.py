@@ -2,8 +2,10 @@
 2-process gloo group (one spawn, shared by the gloo tests through a module fixture).
 
 The gloo worker gives each rank different inputs, so every expected value is a hand-worked sum
-or a choice of one rank's object. The explicit ``group`` argument is checked with a group per
-rank holding only that rank: over it a sum is the rank's own value, where the world sum differs.
+or a choice of one rank's object. The explicit ``group`` argument is checked twice: on 2 ranks with
+a group per rank holding only that rank (a sum over it is the rank's own value, where the world sum
+differs), and on 3 ranks with a pair that leaves rank 2 out, where a collective that fell back to
+the world group would count rank 2 (or wait for it).
 """
 
 import os
@@ -211,3 +213,34 @@ def test_fail_together_every_rank_raises_the_first_message(ranks):
     assert f0["both"] == f1["both"] == (BAD_KEY, True)
     oserror = f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
     assert f0["oserror"] == f"rank 1: {oserror}" and f1["oserror"] == oserror
+
+
+def _exercise_pair_of_three(rank):
+    """World of 3; ``pair`` = ranks 0, 1 and ``tail`` = ranks 1, 2. Only members call a group's
+    collectives; every rank creates both groups, in the same order."""
+    pair, tail = dist.new_group([0, 1]), dist.new_group([1, 2])
+    out = {}
+    if rank in (0, 1):
+        out["pair"] = (comm.group_size(pair), comm.group_rank(pair),
+                       comm.all_reduce_sum(torch.tensor([rank + 1.0]), pair).tolist(),
+                       comm.all_reduce_dict({"n": 10 * (rank + 1)}, pair),
+                       comm.broadcast_object(f"from rank {rank}", src=1, group=pair))
+        comm.barrier(pair)
+        out["pair_fail"] = _fail_case(rank, [None, DataError(BAD_ROW)], pair)
+    if rank in (1, 2):
+        # src is the global rank; the group rank of global rank 2 in ``tail`` is 1.
+        out["tail"] = (comm.group_rank(tail), comm.broadcast_object(f"from rank {rank}", src=2, group=tail))
+    out["world"] = comm.all_reduce_sum(torch.tensor([rank + 1.0])).tolist()
+    return out
+
+
+@pytest.mark.gloo
+def test_a_group_that_leaves_a_rank_out():
+    r0, r1, r2 = run_on_ranks(_exercise_pair_of_three, 3)
+    # Over ranks 0 and 1: 1 + 2 = 3 and 10 + 20 = 30 (the world would give 6 and 60).
+    assert r0["pair"] == (2, 0, [3.0], {"n": 30.0}, "from rank 1")
+    assert r1["pair"] == (2, 1, [3.0], {"n": 30.0}, "from rank 1")
+    assert r0["pair_fail"] == (f"rank 1: {BAD_ROW}", True) and r1["pair_fail"] == (BAD_ROW, True)
+    assert "pair" not in r2
+    assert r1["tail"] == (0, "from rank 2") and r2["tail"] == (1, "from rank 2")
+    assert r0["world"] == r1["world"] == r2["world"] == [6.0]
