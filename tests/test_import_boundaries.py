@@ -147,6 +147,7 @@ def test_only_megakto_distributed_imports_collectives():
     assert offenders == []
 
 
+@pytest.mark.gloo
 def test_import_megakto_does_not_load_deepspeed():
     """At run time too: ``import megakto`` (the KTO math) must not pull deepspeed in."""
     code = "import sys, megakto, megakto.kto; print('deepspeed' in sys.modules)"

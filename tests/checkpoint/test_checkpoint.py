@@ -72,6 +72,7 @@ def test_problem_names_what_is_wrong(tmp_path):
     assert checkpoint.problem(str(tmp_path / "nowhere")) == "no such directory"
 
 
+@pytest.mark.gloo
 def test_crash_before_commit_keeps_previous(tmp_path):
     """MEGAKTO_FAULT_EXIT_IN_SAVE=8 kills the process (exit 1) after step 8's files are written
     and before the commit: step 8 is a .tmp directory without manifest, `latest` still names step

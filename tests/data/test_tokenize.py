@@ -187,6 +187,7 @@ def test_prompt_key_groups_equal_prompt_text(write, tokenizer):
     assert out["prompt_key"][1] == prompt_key("<s><|user|> what is red <|end|> <|assistant|> ")
 
 
+@pytest.mark.gloo
 def test_prompt_key_is_the_same_in_another_process():
     """Python's str hash is salted per process; the key must not be."""
     code = ("from megakto.data.tokenize import prompt_key; "

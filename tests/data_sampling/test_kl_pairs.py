@@ -88,6 +88,7 @@ def test_uses_no_global_rng_state():
     assert kl_partners(keys, seed=5, step=9) == first
 
 
+@pytest.mark.gloo
 def test_same_in_a_separate_process_and_varies_with_step_and_seed():
     keys = [i // 2 for i in range(32)]
     here = kl_partners(keys, seed=3, step=17)

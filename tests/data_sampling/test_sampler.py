@@ -181,6 +181,7 @@ def test_constructor_errors():
         KTOBatchSampler([], global_batch_size=1, seed=0)
 
 
+@pytest.mark.gloo
 def test_same_in_a_separate_process_and_no_global_rng():
     labels = _labels(40, 13, seed=14)
     random.seed(0)

@@ -11,6 +11,7 @@ from megakto.kto import sequence_logps
 from tests.distributed._vocab_parallel_worker import make_case, run, scored_tokens
 
 
+@pytest.mark.gloo
 @pytest.mark.parametrize("world_size,vocab_size", [(2, 40), (4, 37)])
 def test_sharded_equals_full_vocab(tmp_path, world_size, vocab_size):
     """V=37 over 4 ranks gives uneven shards 10/9/9/9; V=40 over 2 divides evenly."""

@@ -8,7 +8,7 @@ import pytest
 from tests.e2e.conftest import base_overrides
 from tests.launcher import launch
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
 def _run(assets, tmp_path, *extra, ds="ds_configs/zero3.json"):

@@ -10,7 +10,7 @@ import torch
 
 from tests.e2e.conftest import run_trainer
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def test_dp_ga_invariance(assets, tmp_path):

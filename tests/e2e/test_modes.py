@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from tests.e2e.conftest import base_overrides, run_trainer
 from tests.launcher import launch
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def test_packed_chunked_equals_padded_full(assets, tmp_path):

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from tests.e2e.conftest import base_overrides, run_trainer
 from tests.launcher import REPO, free_port
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 # The vocabulary matrices (512 rows) split into blocks of 200, 200 and 112 rows: checkpoints,
 # resume, zero_to_fp32 and the HF export all go through the per-block parameter names.

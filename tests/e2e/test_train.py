@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tests.e2e.conftest import run_trainer
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 TRL_SCALARS = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
                "logps/rejected", "count/chosen", "count/rejected", "grad_norm", "learning_rate",

@@ -118,6 +118,7 @@ def test_engine_like_wrapper_is_unwrapped():
     assert "forward" not in model.lm_head.__dict__
 
 
+@pytest.mark.gloo
 def test_zero3_two_ranks_same_logps_and_same_post_step_weights(tmp_path):
     """Two ZeRO-3 engines (every parameter partitioned) from the same init, two AdamW steps on each
     rank's own batches: one through full logits on padded rows, one through the chunked head on

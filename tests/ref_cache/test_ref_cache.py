@@ -322,6 +322,7 @@ def test_precompute_makes_the_same_number_of_calls_on_every_rank(tmp_path):
     assert lengths == sorted(lengths, reverse=True)
 
 
+@pytest.mark.gloo
 def test_another_process_reads_the_same_values(tmp_path):
     d = str(tmp_path / "c")
     cache = RefLogpCache.open(d, FP, create=True)

@@ -90,6 +90,7 @@ def test_missing_chosen_names_the_row():
     assert str(err.value) == "pairs.jsonl: row 2: field 'chosen' is missing"
 
 
+@pytest.mark.e2e
 def test_cli_writes_rows_that_load_rows_accepts(tmp_path):
     from megakto.data.rows import count_labels, load_rows
 
@@ -104,6 +105,7 @@ def test_cli_writes_rows_that_load_rows_accepts(tmp_path):
     assert count_labels(load_rows(out)) == (13, 40)
 
 
+@pytest.mark.e2e
 def test_cli_missing_rejected_column_is_one_line(tmp_path):
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps({"prompt": "a", "chosen": "b"}) + "\n" for _ in range(2)))

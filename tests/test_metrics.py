@@ -1,0 +1,117 @@
+"""megakto.metrics: per-rank sums of two hand-worked micro-batches, their combine across ranks by
+slicing, and the metrics divided out of them (KTO, KTO + SFT term, SFT baseline).
+
+Micro-batch A (3 rows: chosen, rejected, chosen) and B (2 rows, both rejected):
+
+    row      A0     A1      A2     B0      B1
+    loss     0.5    1.0     0.25   0.75    0.5
+    reward   0.25  -0.125   0.5   -0.375   0.125
+    logp    -3.0   -5.0    -1.5   -2.0    -4.0
+    tokens   3      5       2      4       1      (completion tokens; 16 + 8 tokens in the batches)
+
+Sums over A and B: loss 3.0, rows 5; rewards chosen 0.25 + 0.5 = 0.75, rejected
+-0.125 - 0.375 + 0.125 = -0.375; logps chosen -4.5, rejected -11.0; counts 2 and 3; completion
+tokens 15, of chosen rows 5; all tokens 24; NLL of chosen rows 4.5, of all rows 15.5. Every value is
+a dyadic fraction, so the float32 sums are exact.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megakto.metrics import StepSums, step_metrics
+
+A = dict(losses=[0.5, 1.0, 0.25], rewards=[0.25, -0.125, 0.5], logps=[-3.0, -5.0, -1.5],
+         desirable=[True, False, True], n_tokens=[3, 5, 2], tokens=16)
+B = dict(losses=[0.75, 0.5], rewards=[-0.375, 0.125], logps=[-2.0, -4.0],
+         desirable=[False, False], n_tokens=[4, 1], tokens=8)
+
+WHOLE = {"loss": 3.0, "rows": 5, "rewards_chosen": 0.75, "rewards_rejected": -0.375,
+         "logps_chosen": -4.5, "logps_rejected": -11.0, "count_chosen": 2, "count_rejected": 3,
+         "target_tokens": 15, "desirable_tokens": 5, "tokens": 24, "nll_chosen": 4.5, "nll": 15.5}
+
+
+def _tensors(mb):
+    return dict(losses=torch.tensor(mb["losses"]), rewards=torch.tensor(mb["rewards"]),
+                logps=torch.tensor(mb["logps"]), desirable=torch.tensor(mb["desirable"]),
+                n_tokens=torch.tensor(mb["n_tokens"]), tokens=mb["tokens"])
+
+
+def sums(*micro_batches):
+    s = StepSums()
+    for mb in micro_batches:
+        s.add(**_tensors(mb))
+    return s.values
+
+
+def test_sums_of_two_micro_batches():
+    assert sums(A, B) == WHOLE
+    assert sums() == {k: 0.0 for k in WHOLE}
+
+
+def test_inputs_that_carry_a_graph_or_bf16_are_summed_as_float():
+    """Losses and log-probs arrive with a graph (logps in the model's dtype); rewards arrive detached."""
+    mb = _tensors(A)
+    mb["losses"].requires_grad_()
+    mb["logps"] = mb["logps"].to(torch.bfloat16).requires_grad_()  # these values are exact in bf16
+    s = StepSums()
+    s.add(**mb)
+    assert s.values == sums(A)
+
+
+def test_ranks_by_slicing_sum_to_the_whole():
+    """Rank 0 holds A, rank 1 holds B; the trainer's all-reduce adds their sums key by key."""
+    rank0, rank1 = sums(A), sums(B)
+    combined = {k: rank0[k] + rank1[k] for k in rank0}
+    assert combined == sums(A, B) == WHOLE
+    # The same rows in one micro-batch give the same sums.
+    one = {k: A[k] + B[k] for k in ("losses", "rewards", "logps", "desirable", "n_tokens")}
+    assert sums({**one, "tokens": 24}) == WHOLE
+    kw = dict(kl=0.125, elapsed=2.0, loss_type="sigmoid", sft_weight=0.0)
+    assert step_metrics(combined, **kw) == step_metrics(WHOLE, **kw)
+    # A mean of the ranks' means would be wrong: (1.75/3 + 1.25/2) / 2 = 0.6041... != 3/5.
+    assert step_metrics(combined, **kw)["loss"] == 0.6
+    assert (rank0["loss"] / rank0["rows"] + rank1["loss"] / rank1["rows"]) / 2 == pytest.approx(0.60416666)
+
+
+def test_kto_metrics():
+    m = step_metrics(WHOLE, kl=0.125, elapsed=2.0, loss_type="sigmoid", sft_weight=0.0)
+    assert m == {
+        "kl": 0.125, "count/chosen": 2, "count/rejected": 3,
+        "tokens_per_s": 7.5,  # 15 completion tokens / 2 s
+        "samples_per_s": 2.5,  # 5 rows / 2 s
+        "loss": 0.6,  # 3.0 / 5 rows
+        "rewards/chosen": 0.375,  # 0.75 / 2
+        "rewards/rejected": -0.125,  # -0.375 / 3
+        "logps/chosen": -2.25,  # -4.5 / 2
+        "logps/rejected": -11.0 / 3,
+        "rewards/margins": 0.5,  # 0.375 - (-0.125)
+    }
+
+
+def test_sft_weight_adds_the_chosen_rows_per_token_nll():
+    m = step_metrics(WHOLE, kl=0.125, elapsed=2.0, loss_type="sigmoid", sft_weight=0.5)
+    assert m["sft_nll"] == 0.9  # 4.5 NLL / 5 chosen-row tokens
+    assert m["loss"] == pytest.approx(1.05, abs=1e-15)  # 0.6 + 0.5 * 0.9
+    assert m["rewards/margins"] == 0.5
+
+
+def test_sft_baseline_loss_is_the_per_token_nll_of_every_completion():
+    m = step_metrics(WHOLE, kl=0.0, elapsed=0.5, loss_type="sft", sft_weight=0.0)
+    assert m == {"kl": 0.0, "count/chosen": 2, "count/rejected": 3, "tokens_per_s": 30.0,
+                 "samples_per_s": 10.0, "loss": 15.5 / 15}
+
+
+def test_a_missing_class_gives_nan_means_and_no_margin():
+    rejected_only = sums(B)
+    m = step_metrics(rejected_only, kl=0.0, elapsed=1.0, loss_type="sigmoid", sft_weight=0.5)
+    assert math.isnan(m["rewards/chosen"]) and math.isnan(m["logps/chosen"])
+    assert m["rewards/rejected"] == -0.125 and m["logps/rejected"] == -3.0  # -0.25 / 2, -6 / 2
+    assert "rewards/margins" not in m
+    assert m["sft_nll"] == 0.0  # no chosen tokens: 0 / max(0, 1)
+    assert m["loss"] == 0.625  # 1.25 / 2 rows, plus 0.5 * 0
+    chosen_only = sums({k: [v[0], v[2]] if isinstance(v, list) else v for k, v in A.items()})
+    m = step_metrics(chosen_only, kl=0.0, elapsed=1.0, loss_type="sigmoid", sft_weight=0.0)
+    assert math.isnan(m["rewards/rejected"]) and math.isnan(m["logps/rejected"])
+    assert m["rewards/chosen"] == 0.375 and "rewards/margins" not in m
