@@ -11,7 +11,7 @@ from megakto.data.demo import write_demo_data
 from megakto.model.tiny import make_tiny_model
 from tests.launcher import launch
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
 def test_unsupported_attention_stops_every_rank_before_loading(tmp_path):
