@@ -68,8 +68,9 @@ def test_overflowing_gradients_stop_the_run_before_any_save(assets, tmp_path):
 
 
 def test_nonfinite_loss_is_skipped_without_backward_and_keeps_the_checkpoint(assets, tmp_path):
-    """A good step saved, then a resume with kto.beta=inf: beta * log-ratio is NaN, so every loss
-    is; the loss flag stops each step before its backward, on both ranks, and no save follows."""
+    """A good step saved, then a resume with kto.sft_weight=inf: every micro-batch's loss is inf
+    (or NaN where it holds no desirable row); the loss flag, reduced over both ranks, stops each
+    step before its backward, and no save follows."""
     out = tmp_path / "out"
     good, output = _run(assets, out, **{"train.max_steps": 1, "checkpoint.every_steps": 1})
     assert good.returncode == 0, output[-4000:]
@@ -78,7 +79,7 @@ def test_nonfinite_loss_is_skipped_without_backward_and_keeps_the_checkpoint(ass
     assert any(p.startswith("step-00000001" + os.sep) for p in before), sorted(before)
 
     proc, output = _run(assets, out, **{"train.max_steps": 8, "checkpoint.every_steps": 1, "train.resume": "auto",
-                                        "kto.beta": "inf", "train.max_skipped_steps": 2})
+                                        "kto.sft_weight": "inf", "train.max_skipped_steps": 2})
     assert proc.returncode == 1, output[-4000:]
     assert _errors(output) == ["megakto: error: 2 consecutive optimizer steps skipped (steps 2-3, last: non-finite "
                                "loss); stopped at train.max_skipped_steps=2 without saving, the last checkpoint is "
