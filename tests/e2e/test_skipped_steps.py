@@ -5,6 +5,8 @@ kto.beta=1e38 keeps the loss finite (1 - sigmoid(beta * 0) = 0.5 at the start) b
 gradient to inf, so DeepSpeed's ZeRO-3 optimizer discards every step: the case that used to train
 nothing, save a checkpoint and exit 0."""
 
+import json
+import math
 import os
 
 import pytest
@@ -88,3 +90,19 @@ def test_nonfinite_loss_is_skipped_without_backward_and_keeps_the_checkpoint(ass
     assert "step 3 skipped: non-finite loss; skipped_steps 2" in output
     assert "Traceback" not in output and "terminate called" not in output, output[-4000:]
     assert _files(ckpts) == before  # nothing written, moved or pruned since the good step
+
+
+def test_nan_in_a_later_micro_batch_discards_the_whole_step_and_training_resumes(assets, tmp_path):
+    """Gradient accumulation 2: step 2's first micro-batch has already run its backward when the
+    second one's loss turns out NaN. megakto makes that backward NaN so that DeepSpeed's ZeRO-3
+    overflow check discards the whole accumulated step; step 3 then trains as usual."""
+    dump = tmp_path / "steps.json"
+    proc = launch("tests/e2e/_nan_microbatch_worker.py", [str(dump), "ds_configs/zero3.json",
+                                                          *base_overrides(assets, tmp_path / "out")],
+                  nproc=2, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = json.loads(dump.read_text())
+    assert [(s["skipped"], s["changed"], s["ds_skipped"]) for s in steps] == [
+        (None, True, 0), ("non-finite loss", False, 1), (None, True, 1)]
+    assert math.isnan(steps[1]["loss"]) and math.isfinite(steps[2]["loss"])
+    assert "warning: step 2 skipped, weights not updated: non-finite loss" in proc.stdout + proc.stderr
