@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     if args.help_config:
         print(config_help())
         return 0
+    comm = None
     try:
         try:
             cfg = load_config(args.config, args.overrides)
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
         except MegaktoError as err:
             err.shared = True  # every rank parsed the same command line: rank 0 speaks for all
             raise
+        from megakto.distributed import comm
         from megakto.distributed.engine import configure_cpu_threads
         from megakto.trainer import KTOTrainer
 
@@ -47,6 +49,13 @@ def main(argv=None) -> int:
         if rank == 0 or not getattr(err, "shared", False):  # a shared error is printed once, by rank 0
             print(f"megakto: error: {'' if rank == 0 else f'rank {rank}: '}{err}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        # Every exit path: a rank exiting with its process group alive can abort at interpreter
+        # exit ("terminate called without an active exception"), turning exit status 1 into 250.
+        if comm is not None:
+            comm.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
     return 0
 
 

@@ -156,6 +156,10 @@ class TrainConfig:
         False, "At the end, write output_dir/hf (safetensors, config, tokenizer) from a final "
         "checkpoint, saved even when checkpoint.every_steps=0."
     )
+    max_skipped_steps: int = _opt(
+        3, "Stop with an error after this many consecutive optimizer steps skipped for a non-finite "
+        "loss, KL or gradient norm (no save: the last checkpoint stays as it was); 0 = never stop."
+    )
 
 
 @dataclass

@@ -13,7 +13,9 @@ One optimizer step over a global batch of rows (prompt x, completion y, desirabl
    detached). ``kto.kl_scope: microbatch`` reduces per micro-batch instead, as TRL does.
 4. **Policy pass** per micro-batch with grad: eq. (7) loss, backward, ``engine.step()`` at the
    boundary. Each micro-batch loss is scaled so the update is the gradient of the mean loss over
-   the global batch whatever the data-parallel size and gradient accumulation.
+   the global batch whatever the data-parallel size and gradient accumulation. A step whose KL,
+   loss or gradient norm is not finite is skipped and counted (megakto/skipped_steps.py); too many
+   in a row stop the run without saving.
 5. **Metrics** as sums and counts, reduced once per step, written by rank 0.
 
 Every ``checkpoint.every_steps`` steps the policy engine and the trainer's own state are saved
@@ -23,7 +25,9 @@ atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the
 from __future__ import annotations
 
 import gc
+import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -47,17 +51,33 @@ from megakto.model.vocab_blocks import vocab_layout
 from megakto.ref_cache import RefLogpCache, precompute, reference_fingerprint, sequence_key
 from megakto.reference import CachedReference, OnlineReference, dataset_kl_partners, fit_kl_row
 from megakto.runlog import RunLogger
+from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
 
 __all__ = ["KTOTrainer", "StepResult"]
 
 
 @dataclass
 class StepResult:
-    """One optimizer step: global (all-rank) metrics under TRL's names, and the dataset rows used."""
+    """One optimizer step: global (all-rank) metrics under TRL's names, the dataset rows used, and
+    why the step left the weights unchanged (None when it was applied)."""
 
     step: int
     metrics: dict[str, float]
     indices: list[int]
+    skipped: str | None = None
+
+
+def _check_output_dir(path: str) -> None:
+    """``output_dir`` must be a folder this rank can write to (made here if missing), before the
+    run logger or a checkpoint writes there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir={path} is a file, not a folder; choose another output_dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".megakto-write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output_dir={path}: cannot write there ({err.strerror or err})") from None
 
 
 class KTOTrainer:
@@ -69,6 +89,7 @@ class KTOTrainer:
         self.bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and engine.bf16_supported())
         # Every user-input check runs before the first training collective; all ranks fail together.
         with comm.fail_together():
+            _check_output_dir(cfg.output_dir)
             self.dims = ParallelDims(world_size=comm.world_size(), global_batch_size=cfg.train.global_batch_size,
                                      micro_batch_size=cfg.train.micro_batch_size)
             self.ds_config = build_ds_config(load_ds_json(deepspeed_config), cfg, self.dims, bf16=self.bf16,
@@ -287,6 +308,14 @@ class KTOTrainer:
     def train(self) -> list[StepResult]:
         cfg = self.cfg
         history = []
+        if cfg.train.max_skipped_steps < 0:
+            err = ConfigError(f"train.max_skipped_steps must be >= 0 (0 = never stop), got {cfg.train.max_skipped_steps}")
+            err.shared = True  # every rank read the same config
+            raise err
+        # Skipped steps (non-finite loss, KL or gradient norm) are counted; too many in a row stop
+        # the run before anything is saved, so the last checkpoint stays the last good state.
+        skips = SkippedSteps(cfg.train.max_skipped_steps, hint=f"optim.lr={cfg.optim.lr:g}, kto.beta={cfg.kto.beta:g}")
+        save_due = False
         self.log.info(f"training {cfg.train.max_steps} steps: {self.dims.describe()}")
         evaluating = self.evaluator is not None
         if evaluating and cfg.train.eval_every and self.step == 0:
@@ -295,14 +324,31 @@ class KTOTrainer:
             result = self.train_step(self.sampler.next_global_batch())
             self.step += 1
             history.append(result)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            stop = warning = None
+            try:  # every rank records the same all-reduced outcome, so all decide alike
+                warning = skips.record(self.step, result.skipped)
+            except TooManySkippedSteps as err:
+                stop = err
+            result.metrics["train/skipped_steps"] = float(skips.total)
+            if warning:
+                self.log.info(warning)
+            if result.skipped:
+                self.log.info(f"step {self.step} skipped: {result.skipped}; skipped_steps {skips.total}")
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps or stop:
                 self.log.scalars(self.step, result.metrics)
             self.log.advance(1, loss=result.metrics["loss"], kl=result.metrics["kl"])
+            if stop is not None:
+                stop.shared = True
+                self.log.close()
+                raise stop  # before any save: the checkpoints on disk predate the skipped steps
             if evaluating and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 self._evaluate_and_log()
             every = cfg.checkpoint.every_steps
-            if every and self.step % every == 0 and self.step < cfg.train.max_steps:
+            save_due = save_due or bool(every and self.step % every == 0)
+            # A save due during skipped steps waits for the next applied one.
+            if save_due and not skips.consecutive and self.step < cfg.train.max_steps:
                 self._save_checkpoint()
+                save_due = False
         evaluated_last = bool(self.eval_history) and self.eval_history[-1][0] == self.step
         if evaluating and not evaluated_last:
             self._evaluate_and_log()
@@ -377,6 +423,8 @@ class KTOTrainer:
         # 3. The reference point z_ref: one all-reduce of (sum, count) over the data-parallel group.
         zero = torch.zeros((), device=self.device)
         kls = self._reduce_kl(kl_parts, len(mine)) if kl_rows is not None else [zero] * len(mine)
+        # z_ref is all-reduced: every rank sees the same value and takes the same decision.
+        skipped = None if all(math.isfinite(float(k)) for k in kls) else "non-finite KL reference point z_ref"
 
         # 4. Policy forward/backward per micro-batch; the engine steps at the accumulation boundary.
         scale = self.dims.num_micro_batches / len(indices)  # engine: ÷ grad-accum, mean over dp ranks
@@ -384,7 +432,10 @@ class KTOTrainer:
         desirable_tokens = sum(len(c) for (_, c), d in zip(targets, rows["label"]) if d)
         sums = StepSums()
         lr = self.policy.get_lr()[0]  # the rate this step's update uses
+        ds_skipped_before, backwards, poisoned = self.policy.skipped_steps, 0, False
         for positions, ref, kl in zip(mine, ref_logps, kls):
+            if skipped is not None and not poisoned:
+                break  # nothing accumulated yet: the step is skipped without a backward
             batch = self._batch([targets[i] for i in positions])
             desirable = torch.tensor([rows["label"][i] for i in positions], dtype=torch.bool, device=self.device)
             logps, n_tokens = self.logps_fn(self.policy, batch)
@@ -399,20 +450,51 @@ class KTOTrainer:
                 if kto.sft_weight:
                     # SFT term on desirable rows: weight × mean per-token NLL over the global batch.
                     loss = loss - kto.sft_weight * (logps * desirable).sum() * len(indices) / max(desirable_tokens, 1)
+            # One flag over the data-parallel group (the world: tp = pp = 1), so that all ranks skip alike.
+            if not poisoned and comm.any_rank(not bool(torch.isfinite(loss.detach())), group=None):
+                skipped = "non-finite loss"
+                if not backwards:
+                    sums.add(losses=losses, rewards=rewards, logps=logps, desirable=desirable, n_tokens=n_tokens,
+                             tokens=batch.num_tokens)
+                    break
+                # Earlier micro-batches' gradients already sit in the engine, which can only drop them at
+                # the accumulation boundary: a NaN gradient makes DeepSpeed's overflow check discard the
+                # whole step there (checked below), and the engine stays in step with its micro-batches.
+                poisoned = True
+                loss = loss * float("nan")
             self.policy.backward(loss * scale)
             self.policy.step()
+            backwards += 1
             sums.add(losses=losses, rewards=rewards, logps=logps, desirable=desirable, n_tokens=n_tokens,
                      tokens=batch.num_tokens)
 
         # 5. Metrics: one reduction of sums and counts.
         reduced = comm.all_reduce_dict(sums.values)
-        metrics = step_metrics(reduced, kl=float(torch.stack([k.float() for k in kls]).mean()),
-                               elapsed=time.perf_counter() - start, loss_type=kto.loss_type, sft_weight=kto.sft_weight)
+        kl_mean = float(torch.stack([k.float() for k in kls]).mean())
+        if reduced["rows"]:
+            metrics = step_metrics(reduced, kl=kl_mean, elapsed=time.perf_counter() - start,
+                                   loss_type=kto.loss_type, sft_weight=kto.sft_weight)
+        else:  # skipped before the policy pass
+            metrics = {"loss": float("nan"), "kl": kl_mean}
         metrics["learning_rate"] = lr
-        grad_norm = self.policy.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        return StepResult(self.step, metrics, list(indices))
+        if backwards:  # the engine reached the accumulation boundary and ran its optimizer step
+            grad_norm = self.policy.get_global_grad_norm()
+            norm = None if grad_norm is None else float(grad_norm)
+            if norm is not None:
+                metrics["grad_norm"] = norm
+            # DeepSpeed's ZeRO optimizers discard a step whose global gradient norm is not finite
+            # (fp32 and bf16, stages 1-3, unless bf16.check_grad_overflow is off); the overflow is
+            # all-reduced, so every rank sees the same count.
+            if self.policy.skipped_steps > ds_skipped_before:
+                skipped = skipped or f"non-finite gradient norm ({norm}), update discarded by DeepSpeed"
+            elif poisoned or (norm is not None and not math.isfinite(norm)):
+                err = MegaktoError(
+                    f"step {self.step + 1}: the optimizer applied a non-finite gradient (norm {norm}), so the weights "
+                    "are no longer finite; stopped without saving. Keep DeepSpeed's overflow check on "
+                    "(bf16.check_grad_overflow, zero_optimization.compute_grad_norm) and lower optim.lr or kto.beta")
+                err.shared = True
+                raise err
+        return StepResult(self.step, metrics, list(indices), skipped)
 
     def _reduce_kl(self, parts: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[torch.Tensor]:
         """Step scope: one (sum, count) over all micro-batches and ranks. Micro-batch scope: one

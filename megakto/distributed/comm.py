@@ -27,9 +27,11 @@ __all__ = [
     "group_rank",
     "all_reduce_sum",
     "all_reduce_dict",
+    "any_rank",
     "barrier",
     "broadcast_object",
     "fail_together",
+    "shutdown",
 ]
 
 
@@ -103,6 +105,12 @@ def all_reduce_dict(values: Mapping[str, float | torch.Tensor], group=None) -> d
     return dict(zip(keys, flat.tolist()))
 
 
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank of ``group`` if ``flag`` is true on any of them (one decision for all)."""
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+    return bool(all_reduce_sum(t, group)[0] > 0)
+
+
 def barrier(group=None) -> None:
     if group_size(group) > 1:
         dist.barrier(group=group)
@@ -138,3 +146,12 @@ def fail_together(group=None) -> Iterator[None]:
 def _shared(err: MegaktoError) -> MegaktoError:
     err.shared = True
     return err
+
+
+def shutdown() -> None:
+    """Destroy the process group, if any, without a collective: safe on an error path where the
+    ranks may disagree on what comes next. Exiting with the group alive lets the gloo/NCCL
+    threads be destroyed mid-flight at interpreter exit (``terminate called without an active
+    exception``, exit 250 instead of 1)."""
+    if is_initialized():
+        dist.destroy_process_group()

@@ -185,7 +185,7 @@ def test_config_help_lists_every_key_with_type_and_default():
     text = config_help()
     lines = text.splitlines()
     keys = list(_leaves(config_to_dict(Config())))
-    assert len(lines) == len(keys) == 50  # 2 top-level + 10+8+7+8+8+4+2+1 per section
+    assert len(lines) == len(keys) == 51  # 2 top-level + 10+8+7+9+8+4+2+1 per section
     for line, key in zip(lines, keys):
         assert line.startswith(key + ": ")
     assert "train.max_steps: int = 100 " in text
@@ -205,7 +205,7 @@ def test_unknown_key_lists_valid_keys_and_closest_match():
     msg = _error(None, REQUIRED + ["train.max_step=5"])
     assert msg == (
         "unknown config key 'train.max_step'; valid keys in 'train': eval_batch_size, eval_every, "
-        "export_hf, global_batch_size, log_every, max_steps, micro_batch_size, resume; "
+        "export_hf, global_batch_size, log_every, max_skipped_steps, max_steps, micro_batch_size, resume; "
         "did you mean 'train.max_steps'?"
     )
 

@@ -92,6 +92,40 @@ def test_refuses_models_that_change_logits_after_the_head():
     torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["layer", "head_row"])
+def test_nan_weights_give_nan_logps_not_a_modified_head_error(where):
+    """NaN in the weights makes NaN logits: the head's result and the model's output are both NaN
+    there, which torch.equal calls different. That must come back as NaN log-probs (the trainer
+    then skips and counts the step), never as "does not return its output head's result
+    unchanged ... set model.logps=full"."""
+    model = _tiny(False)
+    with torch.no_grad():
+        if where == "layer":  # every hidden state, so every log-prob, becomes NaN
+            model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+        else:  # one vocabulary row: every logsumexp, so every log-prob, becomes NaN
+            model.lm_head.weight[7, 0] = float("nan")
+    out, n = packed_completion_logps(model, pack(ROWS, 12, PAD), chunk_tokens=3)
+    full, _ = packed_completion_logps(model, pack(ROWS, 12, PAD), mode="full")
+    assert n.tolist() == [4, 7, 1]
+    assert torch.isnan(out).all() and torch.isnan(full).all()
+
+
+def test_a_head_result_changed_with_nan_elsewhere_is_still_refused():
+    """NaN in one sequence's log-prob (a hidden state poisoned at one scored position) and a
+    changed result elsewhere: still the modified-head error, NaN does not hide it."""
+    model = _tiny(False)
+    scaled = _ScaledLogits(model.config)
+    scaled.load_state_dict(model.state_dict())
+    batch = pack(ROWS, 12, PAD)
+    poison = scaled.model.norm.register_forward_hook(
+        lambda module, args, out: torch.cat([out[:, :3].clone().fill_(float("nan")), out[:, 3:]], dim=1))
+    try:
+        with pytest.raises(ModelError, match="does not return its output head's result unchanged"):
+            packed_completion_logps(scaled, batch)
+    finally:
+        poison.remove()
+
+
 def test_restores_a_forward_already_patched_on_the_head():
     model = _tiny(False)
     patched = model.lm_head.forward

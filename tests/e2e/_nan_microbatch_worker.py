@@ -1,0 +1,57 @@
+"""Under the launcher: the trainer with one micro-batch's policy log-probs made NaN (step 2's
+second micro-batch, after the first one's backward). Rank 0 writes, per step, whether it was
+skipped, whether the gathered weights changed, and DeepSpeed's skipped-step count to OUT.json.
+
+    worker.py OUT.json DS_JSON key=value ...
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from megakto.config import load_config  # noqa: E402
+from megakto.distributed import comm, engine  # noqa: E402
+from megakto.trainer import KTOTrainer  # noqa: E402
+
+POISONED_CALL = 4  # grad-pass calls: step 1 -> 1, 2; step 2 -> 3, 4 (grad-accum 2)
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    out, ds, overrides = args[0], args[1], args[2:]
+    trainer = KTOTrainer(load_config(None, overrides), ds)
+    logps_fn, calls = trainer.logps_fn, [0]
+
+    def poisoned(model, batch):
+        logps, n_tokens = logps_fn(model, batch)
+        if torch.is_grad_enabled():  # the policy pass; the reference and KL rows run under no_grad
+            calls[0] += 1
+            if calls[0] == POISONED_CALL:
+                logps = logps * float("nan")
+        return logps, n_tokens
+
+    trainer.logps_fn = poisoned
+    train_step, steps = trainer.train_step, []
+
+    def traced(indices):
+        before = engine.gathered_state_dict(trainer.policy.module)
+        result = train_step(indices)
+        after = engine.gathered_state_dict(trainer.policy.module)
+        steps.append({"skipped": result.skipped, "changed": any(not torch.equal(before[k], after[k]) for k in before),
+                      "ds_skipped": trainer.policy.skipped_steps, "loss": result.metrics["loss"]})
+        return result
+
+    trainer.train_step = traced
+    trainer.train()
+    if comm.is_main():
+        with open(out, "w") as f:
+            json.dump(steps, f)
+    comm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
