@@ -14,7 +14,7 @@ import pytest
 from tests.e2e.conftest import base_overrides
 from tests.launcher import launch
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def _files(folder):
