@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 from transformers import AutoConfig, AutoTokenizer
 
 from megakto.errors import ModelError
 
-__all__ = ["check_model_path", "load_tokenizer"]
+__all__ = ["check_model_path", "load_tokenizer", "padding_note"]
+
+# Tokenizers that load_tokenizer gave EOS as their pad token (a weak set: the tokenizer itself is
+# left as transformers built it, so its datasets fingerprint is unchanged).
+_PADDED_WITH_EOS = weakref.WeakSet()
 
 
 def check_model_path(path: str, *, key: str, trust_remote_code: bool) -> None:
@@ -28,6 +33,8 @@ def check_model_path(path: str, *, key: str, trust_remote_code: bool) -> None:
 
 
 def load_tokenizer(path: str, *, key: str, trust_remote_code: bool):
+    """AutoTokenizer with an EOS token checked for, and EOS as the pad token when it has none
+    (see :func:`padding_note`)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -37,4 +44,14 @@ def load_tokenizer(path: str, *, key: str, trust_remote_code: bool):
         raise ModelError(f"{key}={path}: the tokenizer has no eos_token; KTO completions end with EOS")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out everywhere
+        _PADDED_WITH_EOS.add(tokenizer)
     return tokenizer
+
+
+def padding_note(tokenizer) -> str | None:
+    """The line to log when :func:`load_tokenizer` made EOS the pad token, else None."""
+    if tokenizer not in _PADDED_WITH_EOS:
+        return None
+    return (f"tokenizer {type(tokenizer).__name__}({tokenizer.name_or_path}) has no pad token: "
+            f"padding uses its EOS token {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}), "
+            f"masked out of every loss and log-prob")
