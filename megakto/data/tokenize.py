@@ -9,6 +9,10 @@ When a row is too long we keep the end of the prompt (the part next to the answe
 of the completion, as TRL's KTO trainer does. A completion cut short loses its EOS: it no longer
 ends there, and teaching the model to stop mid-answer would be wrong.
 
+The :class:`TokenizeReport` also says how many completion tokens ``max_length`` cut and whether
+the tokenizer kept the text: a tokenizer that transformers builds wrongly from its files loses
+words without an error (megakto/data/_token_checks.py has the measures and thresholds).
+
 ``prompt_key`` is a 63-bit hash of the prompt text, identical in every process (Python's ``hash``
 is salted per process, so it cannot be used). The KL estimate pairs prompt i with completion j
 from a different prompt (KTO, Ethayarajh et al. 2024, sec. 3.2); the key is how that pairing tells
@@ -67,7 +71,9 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
 
     Returns the dataset (columns prompt_ids, completion_ids, label, prompt_key, source, row) with
     rows that had no room for a completion token removed, and a :class:`TokenizeReport`.
-    ``datasets`` caches the map, so a second run over the same rows and tokenizer is quick.
+    Raises :class:`DataError` when most rows lose their text to the tokenizer (see
+    :meth:`TokenizeReport.problem`). ``datasets`` caches the map, so a second run over the same
+    rows and tokenizer is quick.
     """
     if max_prompt_length is None:
         max_prompt_length = max_length // 2
