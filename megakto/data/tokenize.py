@@ -139,8 +139,7 @@ def _check_tokenizer(report: TokenizeReport, ds: datasets.Dataset, cols, tokeniz
     if len(eos_only):
         report.examples["eos_only"] = _example(tokenizer, ds, int(eos_only[0]), "completion")
     identical, report.n_paired = checks.identical_pairs(
-        cols["prompt_key"].tolist(), cols["label"].tolist(), cols["_ids_key"].tolist(),
-        cols["_text_key"].tolist())
+        cols["prompt_key"], cols["label"], cols["_ids_key"], cols["_text_key"])
     report.n_identical = int(identical.sum())
     if report.n_identical:
         report.examples["identical"] = _example(tokenizer, ds, int(np.argmax(identical)), "completion")

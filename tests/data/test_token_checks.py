@@ -3,6 +3,7 @@ most rows are hit) stop the run with the tokenizer class and an example row."""
 
 import json
 
+import numpy as np
 import pytest
 from tokenizers import normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -34,6 +35,21 @@ def test_identical_pairs_needs_the_other_label_and_another_text():
         ids_key=[7, 7, 7, 8, 8], text_key=[10, 11, 10, 12, 13])
     assert mask.tolist() == [True, True, False, False, False]
     assert n_paired == 3
+
+
+def test_identical_pairs_matches_its_definition_row_by_row():
+    """Random small cases (few distinct keys, so groups collide often) against the definition
+    checked pair by pair."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        p, c, t = (rng.integers(0, k, n) for k in (4, 3, 3))
+        y = rng.random(n) < 0.5
+        want = [any(p[j] == p[i] and y[j] != y[i] and c[j] == c[i] and t[j] != t[i]
+                    for j in range(n)) for i in range(n)]
+        paired = sum(any(p[j] == p[i] and y[j] != y[i] for j in range(n)) for i in range(n))
+        mask, n_paired = checks.identical_pairs(p, y, c, t)
+        assert mask.tolist() == want and n_paired == paired
 
 
 def test_decode_sample_is_fixed_and_spread():
