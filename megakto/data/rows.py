@@ -7,7 +7,8 @@ data, lists of ``{"role", "content"}`` messages.
 
 Loading is left to ``datasets`` (JSON lines, JSON, Parquet, CSV, ``save_to_disk`` folders, hub
 names); this module only checks what came back, so a bad row fails here with the file, the row and
-the field, rather than as a shape error deep inside a training step.
+the field, rather than as a shape error deep inside a training step. A text file that fails to
+load, or holds bytes that are not UTF-8, is then scanned for the line to blame (``_file_errors``).
 
 Row numbers are 1-based positions within their source: the n-th object of a JSON lines file, the
 n-th data row of a CSV file (the header is not a row).

@@ -11,8 +11,8 @@ from megakto.errors import ModelError
 
 __all__ = ["check_model_path", "load_tokenizer", "padding_note"]
 
-# Tokenizers that load_tokenizer gave EOS as their pad token (a weak set: the tokenizer itself is
-# left as transformers built it, so its datasets fingerprint is unchanged).
+# Tokenizers that load_tokenizer gave EOS as their pad token: a weak set rather than an attribute,
+# so nothing of ours travels with the tokenizer (pickled into datasets' map, saved by an export).
 _PADDED_WITH_EOS = weakref.WeakSet()
 
 
