@@ -151,6 +151,11 @@ class KTOTrainer:
                                          allow_single_class=cfg.kto.allow_single_class, source=", ".join(files))
                 loaded[split] = (TokenizedSplit(tok), report)
 
+        from megakto.model.load import padding_note
+
+        note = padding_note(self.tokenizer)
+        if note:
+            self.log.info(note)
         first = comm.local_rank() == 0
         with comm.fail_together():
             if first:
@@ -160,6 +165,8 @@ class KTOTrainer:
                 load()
         for split, (rows, report) in loaded.items():
             self.log.info(f"{split} data: {report.summary()}")
+            for warning in report.warnings():
+                self.log.info(f"warning: {split} data: {warning}")
         train = loaded["train"][0]
         return train, loaded["eval"][0] if "eval" in loaded else None
 

@@ -7,7 +7,8 @@ data, lists of ``{"role", "content"}`` messages.
 
 Loading is left to ``datasets`` (JSON lines, JSON, Parquet, CSV, ``save_to_disk`` folders, hub
 names); this module only checks what came back, so a bad row fails here with the file, the row and
-the field, rather than as a shape error deep inside a training step.
+the field, rather than as a shape error deep inside a training step. A text file that fails to
+load, or holds bytes that are not UTF-8, is then scanned for the line to blame (``_file_errors``).
 
 Row numbers are 1-based positions within their source: the n-th object of a JSON lines file, the
 n-th data row of a CSV file (the header is not a row).
@@ -22,6 +23,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from megakto.data import _file_errors
 from megakto.errors import DataError
 
 __all__ = ["load_rows", "read_source", "count_labels", "require_both_classes"]
@@ -47,7 +49,10 @@ def load_rows(sources: str | list[str]) -> datasets.Dataset:
     kinds = set()
     for name in names:
         ds = read_source(name)
-        kinds |= _check_rows(ds, name)
+        try:
+            kinds |= _check_rows(ds, name)
+        except UnicodeDecodeError as err:  # pyarrow's JSON reader keeps bytes that are not UTF-8
+            raise DataError(f"{name}: cannot be loaded ({_where_not_utf8(name, ds, err)})") from None
         checked.append((name, ds))
     text = (datasets.Value("string") if kinds == {"text"}
             else _MESSAGES if kinds == {"chat"} else datasets.Json())
@@ -87,7 +92,7 @@ def read_source(source: str) -> datasets.Dataset:
         # CSV: an empty cell is an empty string, not a missing value (pandas' default).
         extra = {"na_filter": False} if ext == ".csv" else {}
         ds = _load(source, datasets.load_dataset, _BUILDERS[ext], data_files=path, split="train",
-                   **extra)
+                   locate=(path, ext), **extra)
     elif os.path.exists(path):
         raise DataError(f"{source}: unsupported file type {ext or '(none)'!r}; expected "
                         f"{', '.join(_BUILDERS)}, a save_to_disk folder or a hub dataset name")
@@ -128,8 +133,9 @@ def require_both_classes(n_desirable: int, n_undesirable: int, *, loss_type: str
                     f"one against the other); set kto.allow_single_class=true to train anyway")
 
 
-def _load(source, fn, *args, **kwargs):
-    """Call a datasets loader and turn any failure into a one-line DataError naming the source."""
+def _load(source, fn, *args, locate=None, **kwargs):
+    """Call a datasets loader and turn any failure into a one-line DataError naming the source,
+    and for a text file ``locate=(path, ext)`` the line it breaks on."""
     try:
         return fn(*args, **kwargs)
     except DataError:
@@ -137,9 +143,27 @@ def _load(source, fn, *args, **kwargs):
     except Exception as err:  # datasets raises many types; the user needs the first line only
         if "corresponds to no data" in str(err):  # datasets' way of saying the split is empty
             raise DataError(f"{source}: no rows") from err
+        found = _file_errors.locate(*locate, err) if locate else None
+        if found:
+            raise DataError(f"{source}: cannot be loaded ({found})") from err
         first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
         detail = f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
         raise DataError(f"{source}: cannot be loaded ({detail})") from err
+
+
+def _where_not_utf8(source: str, ds: datasets.Dataset, err: UnicodeDecodeError) -> str:
+    """The line of a text file, or else the row, that holds a string that is not UTF-8."""
+    path = os.path.expanduser(source)
+    found = _file_errors.bad_utf8(path) if os.path.isfile(path) else None
+    if found:
+        return found
+    cols = ds.select_columns(list(_FIELDS))
+    for i in range(len(cols)):  # the error path only: one row at a time until it fails again
+        try:
+            cols[i]
+        except UnicodeDecodeError:
+            return f"row {i + 1}: a text field is not valid UTF-8"
+    return f"a text field is not valid UTF-8 ({err})"
 
 
 def _is_saved_dataset(path: str) -> bool:

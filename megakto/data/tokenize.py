@@ -9,6 +9,10 @@ When a row is too long we keep the end of the prompt (the part next to the answe
 of the completion, as TRL's KTO trainer does. A completion cut short loses its EOS: it no longer
 ends there, and teaching the model to stop mid-answer would be wrong.
 
+The :class:`TokenizeReport` also says how many completion tokens ``max_length`` cut and whether
+the tokenizer kept the text: a tokenizer that transformers builds wrongly from its files loses
+words without an error (megakto/data/_token_checks.py has the measures and thresholds).
+
 ``prompt_key`` is a 63-bit hash of the prompt text, identical in every process (Python's ``hash``
 is salted per process, so it cannot be used). The KL estimate pairs prompt i with completion j
 from a different prompt (KTO, Ethayarajh et al. 2024, sec. 3.2); the key is how that pairing tells
@@ -18,39 +22,21 @@ prompts apart without shipping text around.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import datasets
 import numpy as np
 
+from megakto.data import _token_checks as checks
+from megakto.data._token_checks import Example, TokenizeReport
 from megakto.errors import ConfigError, DataError, ModelError
 
 __all__ = ["fit_to_length", "prompt_key", "tokenize_rows", "TokenizeReport"]
 
 _FITS, _TRUNCATED, _DROPPED = 0, 1, 2
+# Per-row facts the report and the tokenizer checks need; removed before the dataset is returned.
+_CHECK_COLUMNS = ["_fit", "_c_len", "_c_cut", "_eos_only", "_ids_key", "_text_key"]
 _MASK63 = (1 << 63) - 1
-
-
-@dataclass
-class TokenizeReport:
-    """What tokenizing did to the rows: how many were shortened, which were dropped."""
-
-    n_rows: int
-    n_truncated: int
-    n_dropped: int
-    dropped_rows: list[tuple[str, int]] = field(default_factory=list)
-    max_length: int = 0
-    max_prompt_length: int = 0
-
-    def summary(self) -> str:
-        text = (f"tokenized {self.n_rows} rows (max_length={self.max_length}, "
-                f"max_prompt_length={self.max_prompt_length}): {self.n_truncated} truncated, "
-                f"{self.n_dropped} dropped")
-        if self.dropped_rows:
-            src, row = self.dropped_rows[0]
-            text += f" (no room for a completion token; first: {src} row {row})"
-        return text
 
 
 def fit_to_length(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int,
@@ -85,7 +71,9 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
 
     Returns the dataset (columns prompt_ids, completion_ids, label, prompt_key, source, row) with
     rows that had no room for a completion token removed, and a :class:`TokenizeReport`.
-    ``datasets`` caches the map, so a second run over the same rows and tokenizer is quick.
+    Raises :class:`DataError` when most rows lose their text to the tokenizer (see
+    :meth:`TokenizeReport.problem`). ``datasets`` caches the map, so a second run over the same
+    rows and tokenizer is quick.
     """
     if max_prompt_length is None:
         max_prompt_length = max_length // 2
@@ -105,13 +93,19 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         "source": datasets.Value("string"),
         "row": datasets.Value("int64"),
         "_fit": datasets.Value("int8"),
+        "_c_len": datasets.Value("int32"),
+        "_c_cut": datasets.Value("int32"),
+        "_eos_only": datasets.Value("bool"),
+        "_ids_key": datasets.Value("int64"),
+        "_text_key": datasets.Value("int64"),
     })
     out = ds.map(
         _tokenize_batch, batched=True, num_proc=num_proc, features=features,
         remove_columns=ds.column_names, desc="tokenizing",
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
                    "max_prompt_length": max_prompt_length})
-    fit = np.asarray(out.with_format("numpy")["_fit"])
+    cols = out.select_columns(_CHECK_COLUMNS + ["prompt_key", "label"]).with_format("numpy")[:]
+    fit = cols["_fit"]
     dropped = np.flatnonzero(fit == _DROPPED)
     dropped_rows = []
     if len(dropped):
@@ -119,7 +113,14 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         dropped_rows = list(zip(gone["source"], gone["row"]))
     report = TokenizeReport(n_rows=len(ds), n_truncated=int((fit == _TRUNCATED).sum()),
                             n_dropped=len(dropped), dropped_rows=dropped_rows,
-                            max_length=max_length, max_prompt_length=max_prompt_length)
+                            max_length=max_length, max_prompt_length=max_prompt_length,
+                            completion_tokens=int(cols["_c_len"].sum()),
+                            completion_tokens_cut=int(cols["_c_cut"].sum()),
+                            tokenizer=_name(tokenizer))
+    _check_tokenizer(report, ds, cols, tokenizer)
+    problem = report.problem()
+    if problem:
+        raise DataError(problem)
     if len(dropped) == len(out):
         sources = ", ".join(dict.fromkeys(src for src, _ in dropped_rows))
         raise DataError(f"{sources}: all {len(out)} rows dropped: prompt plus completion leaves no "
@@ -128,7 +129,55 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
     if len(dropped):
         out = out.filter(lambda f: [x != _DROPPED for x in f], input_columns="_fit",
                          batched=True, desc="dropping rows that do not fit")
-    return out.remove_columns("_fit"), report
+    return out.remove_columns(_CHECK_COLUMNS), report
+
+
+def _check_tokenizer(report: TokenizeReport, ds: datasets.Dataset, cols, tokenizer) -> None:
+    """Fill in the report's tokenizer checks (megakto/data/_token_checks.py) and their examples."""
+    eos_only = np.flatnonzero(cols["_eos_only"])
+    report.n_eos_only = len(eos_only)
+    if len(eos_only):
+        report.examples["eos_only"] = _example(tokenizer, ds, int(eos_only[0]), "completion")
+    identical, report.n_paired = checks.identical_pairs(
+        cols["prompt_key"], cols["label"], cols["_ids_key"], cols["_text_key"])
+    report.n_identical = int(identical.sum())
+    if report.n_identical:
+        report.examples["identical"] = _example(tokenizer, ds, int(np.argmax(identical)), "completion")
+
+    sample = checks.sample_indices(len(ds))
+    texts, where = [], []
+    for i, row in zip(sample, ds.select(sample)):
+        texts.extend(_texts(tokenizer, row))
+        where.extend([(i, "prompt"), (i, "completion")])
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    worst, worst_share = None, 0.0
+    for k, (text, back) in enumerate(zip(texts, decoded)):
+        n, lost = checks.chars_lost(text, back)
+        report.chars_decoded += n
+        report.chars_lost += lost
+        if n and lost / n > worst_share:
+            worst, worst_share = k, lost / n
+    report.n_decoded = len(sample)
+    if worst is not None:
+        report.examples["decode"] = _example(tokenizer, ds, *where[worst])
+
+
+def _texts(tokenizer, row) -> tuple[str, str]:
+    """(prompt text, completion text) of one row as the tokenizer sees them."""
+    if isinstance(row["prompt"], str):
+        return row["prompt"], row["completion"]
+    return _render_chat(tokenizer, row["prompt"], row["completion"], row["source"], row["row"])
+
+
+def _example(tokenizer, ds: datasets.Dataset, i: int, field: str) -> Example:
+    row = ds[i]
+    text = _texts(tokenizer, row)[field == "completion"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if field == "completion" and not (ids and ids[-1] == tokenizer.eos_token_id):
+        ids = ids + [tokenizer.eos_token_id]  # as _tokenize_batch ends every completion
+    return Example(row["source"], row["row"], field, checks.show_text(text),
+                   checks.show_tokens(tokenizer, ids))
 
 
 def _name(tokenizer) -> str:
@@ -177,17 +226,24 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length):
     # A template that already closes the turn with EOS gets no second one.
     completion_ids = [c if c and c[-1] == eos else c + [eos] for c in completion_ids]
 
-    out = {"prompt_ids": [], "completion_ids": [], "_fit": []}
+    out = {"prompt_ids": [], "completion_ids": [], "_fit": [], "_c_cut": []}
     for p, c in zip(prompt_ids, completion_ids):
         fitted = fit_to_length(p, c, max_length, max_prompt_length)
         if fitted is None:
             out["prompt_ids"].append([])
             out["completion_ids"].append([])
             out["_fit"].append(_DROPPED)
+            out["_c_cut"].append(len(c))
         else:
             out["prompt_ids"].append(fitted[0])
             out["completion_ids"].append(fitted[1])
             out["_fit"].append(_TRUNCATED if len(p) + len(c) > max_length else _FITS)
+            out["_c_cut"].append(len(c) - len(fitted[1]))
+    out["_c_len"] = [len(c) for c in completion_ids]
+    out["_eos_only"] = [bool(t.strip()) and all(x == eos for x in c)
+                        for t, c in zip(completion_texts, completion_ids)]
+    out["_ids_key"] = [checks.ids_fingerprint(c) for c in completion_ids]
+    out["_text_key"] = [checks.text_fingerprint(t) for t in completion_texts]
     out["label"] = list(batch["label"])
     out["prompt_key"] = [prompt_key(t) for t in prompt_texts]
     out["source"] = list(batch["source"])

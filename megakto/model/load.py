@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megakto.errors import ConfigError, ModelError
 
-__all__ = ["check_model_path", "check_model_settings", "attn_choices", "load_tokenizer"]
+__all__ = ["check_model_path", "check_model_settings", "attn_choices", "load_tokenizer", "padding_note"]
 
 # Implementations whose availability is asked of transformers for the error message; any other
 # name transformers accepts (e.g. a hub kernel) is passed through as well.
@@ -27,6 +28,10 @@ ATTN_CANDIDATES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flas
 # Config fields of models that change the logits after the output head (Gemma 2/3 soft-capping,
 # Cohere's and Granite's logit scales); chunked log-probs read the head's own output.
 _LOGIT_TRANSFORMS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+
+# Tokenizers that load_tokenizer gave EOS as their pad token: a weak set rather than an attribute,
+# so nothing of ours travels with the tokenizer (pickled into datasets' map, saved by an export).
+_PADDED_WITH_EOS = weakref.WeakSet()
 
 
 def check_model_path(path: str, *, key: str, trust_remote_code: bool) -> None:
@@ -46,6 +51,8 @@ def check_model_path(path: str, *, key: str, trust_remote_code: bool) -> None:
 
 
 def load_tokenizer(path: str, *, key: str, trust_remote_code: bool):
+    """AutoTokenizer with an EOS token checked for, and EOS as the pad token when it has none
+    (see :func:`padding_note`)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -55,6 +62,7 @@ def load_tokenizer(path: str, *, key: str, trust_remote_code: bool):
         raise ModelError(f"{key}={path}: the tokenizer has no eos_token; KTO completions end with EOS")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out everywhere
+        _PADDED_WITH_EOS.add(tokenizer)
     return tokenizer
 
 
@@ -139,3 +147,12 @@ def check_model_settings(path: str, *, attn_implementation: str, logps: str, tru
         _check_logps(model, logps, key=key, path=p)
         picked.append(str(model.config._attn_implementation))
     return "eager" if attn_implementation == "auto" and len(set(picked)) > 1 else picked[0]
+
+
+def padding_note(tokenizer) -> str | None:
+    """The line to log when :func:`load_tokenizer` made EOS the pad token, else None."""
+    if tokenizer not in _PADDED_WITH_EOS:
+        return None
+    return (f"tokenizer {type(tokenizer).__name__}({tokenizer.name_or_path}) has no pad token: "
+            f"padding uses its EOS token {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}), "
+            f"masked out of every loss and log-prob")

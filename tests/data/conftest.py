@@ -10,7 +10,7 @@ import json
 import datasets
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, Qwen2Config
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 WORDS = ("the a cat dog sat ran on in mat hat red blue big small what is why how say "
@@ -40,6 +40,25 @@ def build_tokenizer(chat_template=CHAT_TEMPLATE_WITH_BOS, eos=True):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
     fast.chat_template = chat_template
     return fast
+
+
+def word_level_qwen2_folder(path, config=True):
+    """A Qwen2 model folder whose tokenizer.json is word-level: AutoTokenizer builds Qwen2Tokenizer
+    (byte-level BPE) from its vocabulary, which keeps only what is a vocabulary entry after
+    byte-level pre-tokenization: punctuation glued to a word, never a word with its space (nor a
+    letter inside one, since no single letter is in the vocabulary). ``config=False`` leaves out
+    config.json: AutoTokenizer then loads tokenizer.json as written. No pad token either way."""
+    words = "what is red blue the hat say hi hello bad ? .".split()
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                            unk_token="<unk>").save_pretrained(str(path))
+    if config:
+        Qwen2Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1).save_pretrained(str(path))
+    return str(path)
 
 
 @pytest.fixture

@@ -70,7 +70,11 @@ def test_plain_rows_get_bos_and_eos(write, tokenizer):
     assert out["label"][:] == [True, False]
     assert out["source"][:] == [path, path]
     assert out["row"][:] == [1, 2]
-    assert report == TokenizeReport(2, 0, 0, [], 32, 16)
+    # 5 + 2 completion tokens, none cut; no prompt has both labels; the decode of both rows keeps
+    # all 6 + 11 + 0 + 5 = 22 non-space characters of "the cat", "sat on the mat", "", "hello"
+    assert report == TokenizeReport(2, 0, 0, [], 32, 16, completion_tokens=7, n_decoded=2,
+                                    chars_decoded=22,
+                                    tokenizer=f"{type(tokenizer).__name__}(<in memory>)")
 
 
 CHAT = [{"prompt": [{"role": "system", "content": "say yes"}, {"role": "user", "content": "hi"}],
@@ -128,6 +132,8 @@ def test_report_counts_the_rows_built_to_be_truncated_and_dropped(write, tokeniz
       row 2: p=3, c=5 -> 8 > 6; prompt keeps min(3, max(1, 6)) = 3, completion 6-3 = 3: truncated
       row 5: p=2, c=6 -> 8 > 6; prompt keeps min(2, 6) = 2, completion 4: truncated
       rows 3, 6: p=7, c=2 -> prompt keeps min(7, max(4, 6)) = 6, completion 0: dropped
+    Completion tokens: 3 + 5 + 2 + 3 + 6 + 2 = 21; cut: 2 (row 2) + 2 (row 5) + 2 + 2 (dropped
+    rows 3, 6) = 8. Paired rows (prompt with both labels): rows 3, 6 and rows 4, 5.
     """
     w = "one two three four five six".split()
     rows = [
@@ -149,7 +155,9 @@ def test_report_counts_the_rows_built_to_be_truncated_and_dropped(write, tokeniz
     assert tokenizer.convert_ids_to_tokens(out["completion_ids"][1]) == ["one", "two", "three"]
     assert report.summary() == (
         "tokenized 6 rows (max_length=6, max_prompt_length=6): 2 truncated, 2 dropped "
-        f"(no room for a completion token; first: {path} row 3)")
+        f"(no room for a completion token; first: {path} row 3); 8 of 21 completion tokens "
+        "(38.1%) cut by max_length; tokenizer check: 0 completions only EOS, 0 of 4 paired rows "
+        "token-identical to the other label, 0.0% of characters lost in a decode of 6 rows")
 
 
 def test_all_rows_dropped_names_source_and_max_length(write, tokenizer):
