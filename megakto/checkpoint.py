@@ -12,19 +12,21 @@ shared one: rank 0 renames the directory that all ranks wrote into)::
                                    sha256 (each hashed by the rank that wrote it, just after)
         trainer_state_rank{r}.pt   step, sampler position, RNG states, eval history (plain types)
         zero_pp_rank_*_mp_rank_00_{model,optim}_states.pt   DeepSpeed's: weights, Adam, LR schedule
+        mp_rank_00_model_states.pt                          (ZeRO-1/2: the whole module, from rank 0)
     .tmp-step-00000016/            a save in progress, or left by a crash: never loaded, removed
 
 A save is atomic. Every rank writes into ``.tmp-step-N`` (DeepSpeed's files, then its own trainer
-state), a barrier waits for all of them, and rank 0 writes the manifest and renames the directory
+state, hashing each file just after writing it), an all-gather of those checksums waits for all
+of them, and rank 0 writes the manifest and renames the directory
 to ``step-N``: the rename is the commit. Only then does ``latest`` move (temp file + os.replace)
 and old tags get pruned, so a kill at any point leaves the previous complete checkpoint loadable,
 and ``resume: auto`` picks the newest directory that has a manifest whose files are all there.
 
 Before a resume every file is verified: its size, its sha256 against the manifest, and its pickle
-(no global beyond tensors, plain types and DeepSpeed's own classes). The hashing is shared: rank r
-reads files r, r + world, ... of the manifest's sorted list, so each rank reads about 1/world of
-the checkpoint and rank 0 none more than the others; the verdicts are gathered, so every rank
-takes the same decision. With ``resume: auto`` a newest checkpoint that fails is skipped with a
+(no global beyond tensors, plain types and DeepSpeed's own classes). The hashing is shared: the
+manifest's files are dealt out round robin, largest first, so each rank reads about 1/world of the
+checkpoint (rank 0 no more than the others) and the verdicts are gathered, so every rank takes the
+same decision. With ``resume: auto`` a newest checkpoint that fails is skipped with a
 warning naming it and why, and the next older one is tried; if none passes, the run stops (it does
 not silently start over). A manifest from before checksums were recorded is accepted on sizes and
 the pickle scan alone, with a warning saying so.
@@ -168,7 +170,8 @@ def verify(tag_dir: str, *, collective: bool = True) -> str | None:
     why = problem(tag_dir)
     if why is None:
         manifest = read_manifest(tag_dir)
-        names = sorted(manifest["files"])
+        sizes = manifest["files"]
+        names = sorted(sizes, key=lambda n: (-sizes[n], n))  # largest first: even shares
         if collective:
             names = names[comm.rank()::comm.world_size()]
         why = _check_files(tag_dir, names, manifest.get(DIGEST))

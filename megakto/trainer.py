@@ -79,6 +79,7 @@ class KTOTrainer:
             tok_path = cfg.model.tokenizer_path or cfg.model.path
             self.tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
+        with comm.fail_together():  # its own block: verifying a checkpoint is collective
             self.resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir,
                                                         world_size=comm.world_size())
         start = checkpoint.read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
