@@ -8,16 +8,28 @@ shared one: rank 0 renames the directory that all ranks wrote into)::
     hf_base/                       the run's model config, generation config, tokenizer and chat
                                    template, written once (megakto.export reads it)
     step-00000012/                 one checkpoint ("tag"), policy only, never the reference
-        complete                   JSON manifest: step, world size, dtype, every file and its size
+        complete                   JSON manifest: step, world size, dtype, every file's size and
+                                   sha256 (each hashed by the rank that wrote it, just after)
         trainer_state_rank{r}.pt   step, sampler position, RNG states, eval history (plain types)
         zero_pp_rank_*_mp_rank_00_{model,optim}_states.pt   DeepSpeed's: weights, Adam, LR schedule
+        mp_rank_00_model_states.pt                          (ZeRO-1/2: the whole module, from rank 0)
     .tmp-step-00000016/            a save in progress, or left by a crash: never loaded, removed
 
 A save is atomic. Every rank writes into ``.tmp-step-N`` (DeepSpeed's files, then its own trainer
-state), a barrier waits for all of them, and rank 0 writes the manifest and renames the directory
+state, hashing each file just after writing it), an all-gather of those checksums waits for all
+of them, and rank 0 writes the manifest and renames the directory
 to ``step-N``: the rename is the commit. Only then does ``latest`` move (temp file + os.replace)
 and old tags get pruned, so a kill at any point leaves the previous complete checkpoint loadable,
 and ``resume: auto`` picks the newest directory that has a manifest whose files are all there.
+
+Before a resume every file is verified: its size, its sha256 against the manifest, and its pickle
+(no global beyond tensors, plain types and DeepSpeed's own classes). The hashing is shared: the
+manifest's files are dealt out round robin, largest first, so each rank reads about 1/world of the
+checkpoint (rank 0 no more than the others) and the verdicts are gathered, so every rank takes the
+same decision. With ``resume: auto`` a newest checkpoint that fails is skipped with a
+warning naming it and why, and the next older one is tried; if none passes, the run stops (it does
+not silently start over). A manifest from before checksums were recorded is accepted on sizes and
+the pickle scan alone, with a warning saying so.
 
 Resume restores the engine (weights, optimizer, LR schedule), then the sampler position, every
 rank's RNG states and the step, so the data stream continues where it stopped: within an epoch no
@@ -28,18 +40,20 @@ DeepSpeed unpickles them (see ``engine.check_deepspeed_pickles``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import time
 
 import numpy as np
 import torch
 
 from megakto.distributed import comm, engine
-from megakto.errors import ConfigError
+from megakto.errors import ConfigError, MegaktoError
 
 __all__ = [
     "CHECKPOINTS",
@@ -49,6 +63,8 @@ __all__ = [
     "checkpoints_dir",
     "read_manifest",
     "problem",
+    "file_digest",
+    "verify",
     "complete_tags",
     "newest_complete",
     "resolve_resume",
@@ -66,6 +82,7 @@ LATEST = "latest"
 MANIFEST = "complete"
 TMP_PREFIX = ".tmp-"
 STATE_VERSION = 1
+DIGEST = "sha256"  # the manifest's key for the files' checksums (hashlib name)
 # Test-only fault injection: rank 0 exits after every rank has written step N's files and before
 # the rename that commits them, the worst moment for a crash.
 FAULT_ENV = "MEGAKTO_FAULT_EXIT_IN_SAVE"
@@ -118,6 +135,56 @@ def problem(tag_dir: str) -> str | None:
     return None
 
 
+def file_digest(path: str) -> str:
+    """Hex ``DIGEST`` of the file at ``path`` (read in pieces, never whole into memory)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, DIGEST).hexdigest()
+
+
+def _check_files(tag_dir: str, names: list[str], digests: dict | None) -> str | None:
+    """Why one of ``names`` (files of a committed tag) cannot be loaded, or None: a checksum that
+    differs from the manifest's (``digests``; None: an old manifest without them), or a pickle
+    that names a foreign class or cannot be read at all."""
+    for name in names:
+        path = os.path.join(tag_dir, name)
+        try:
+            if digests is not None:
+                if name not in digests:
+                    return f"{name} has no {DIGEST} in the manifest"
+                if file_digest(path) != digests[name]:
+                    return f"{name} does not match its {DIGEST} in the manifest (damaged after the save)"
+            if name.endswith(".pt"):
+                why = engine.unsafe_pickle(path)
+                if why is not None:
+                    return f"{name}: {why}"
+        except OSError as err:
+            return f"{name} cannot be read ({err.strerror or err})"
+    return None
+
+
+def verify(tag_dir: str, *, collective: bool = True) -> str | None:
+    """Why ``tag_dir`` cannot be loaded (one phrase), or None: :func:`problem` (sizes), then every
+    file's checksum and pickle (:func:`_check_files`). ``collective``: every rank calls it and
+    checks its share of the files (see the module docstring); all get the same answer. Otherwise
+    this process checks them all (the offline tools)."""
+    why = problem(tag_dir)
+    if why is None:
+        manifest = read_manifest(tag_dir)
+        sizes = manifest["files"]
+        names = sorted(sizes, key=lambda n: (-sizes[n], n))  # largest first: even shares
+        if collective:
+            names = names[comm.rank()::comm.world_size()]
+        why = _check_files(tag_dir, names, manifest.get(DIGEST))
+    if collective:
+        why = next((w for w in comm.all_gather_object(why) if w is not None), None)
+    return why
+
+
+def _warn(message: str) -> None:
+    if comm.is_main():
+        print(f"megakto: warning: {message}", file=sys.stderr, flush=True)
+
+
 def complete_tags(ckpt_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every ``step-*`` directory with a manifest, oldest first."""
     if not os.path.isdir(ckpt_dir):
@@ -139,29 +206,45 @@ def newest_complete(ckpt_dir: str) -> str | None:
     return None
 
 
-def resolve_resume(resume: str, output_dir: str, *, world_size: int) -> str | None:
-    """``train.resume`` -> the tag directory to load, or None to start fresh.
+def resolve_resume(resume: str, output_dir: str, *, world_size: int, warn=_warn) -> str | None:
+    """``train.resume`` -> the tag directory to load, or None to start fresh. Collective.
 
-    auto: the newest complete checkpoint in output_dir/checkpoints, None if there is none.
-    none: None. Anything else: a tag directory, which must be complete and written by as many
-    ranks as this run has (DeepSpeed's ZeRO partitions are per rank)."""
+    auto: the newest checkpoint in output_dir/checkpoints that passes :func:`verify` (a damaged
+    newer one is skipped with ``warn``), None if there is none at all. none: None. Anything else:
+    a tag directory, which must pass :func:`verify`. Either way it must have been written by as
+    many ranks as this run has (DeepSpeed's ZeRO partitions are per rank)."""
     resume = resume.strip()
     if resume == "none":
         return None
-    if resume == "auto":
-        path = newest_complete(checkpoints_dir(output_dir))
-    else:
-        path = os.path.abspath(resume)
-        why = problem(path)
-        if why is not None:
+    auto = resume == "auto"
+    ckpt_dir = checkpoints_dir(output_dir)
+    candidates = [p for _, p in reversed(complete_tags(ckpt_dir))] if auto else [os.path.abspath(resume)]
+    candidates = comm.broadcast_object(candidates)  # rank 0's listing: every rank verifies the same tags
+    path, skipped = None, []
+    for candidate in candidates:
+        why = verify(candidate)
+        if why is None:
+            path = candidate
+            break
+        if not auto:
             hint = ("it holds checkpoints; pass one of its step-* directories or train.resume=auto"
-                    if complete_tags(path) else "pass a complete step-* directory, auto or none")
+                    if complete_tags(candidate) else "pass a complete step-* directory, auto or none")
             raise ConfigError(f"train.resume={resume}: not a loadable checkpoint: {why}; {hint}")
-    if path is not None:
-        saved = read_manifest(path)["world_size"]
-        if saved != world_size:
-            raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks but this run has "
-                              f"{world_size}; ZeRO partitions are per rank, resume with {saved} processes")
+        warn(f"train.resume=auto: skipping {candidate}: {why}")
+        skipped.append(f"{os.path.basename(candidate)} ({why})")
+    if path is None:
+        if skipped:
+            raise ConfigError(f"train.resume=auto: no checkpoint in {ckpt_dir} passes verification: "
+                              f"{'; '.join(skipped)}; set train.resume=none to start over")
+        return None
+    manifest = read_manifest(path)
+    if DIGEST not in manifest:
+        warn(f"{path}: its manifest has no checksums (saved before they were recorded); only file sizes and "
+             "pickles were checked")
+    saved = manifest["world_size"]
+    if saved != world_size:
+        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks but this run has "
+                          f"{world_size}; ZeRO partitions are per rank, resume with {saved} processes")
     return path
 
 
@@ -257,17 +340,24 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
         shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash while saving this same step
     comm.barrier()
 
-    engine.save_checkpoint(policy, ckpt_dir, tmp_tag)
+    digests = {}  # this rank's files -> checksum, taken right after each is written
+
+    def written(path):
+        digests[os.path.basename(path)] = file_digest(path)
+
+    engine.save_checkpoint(policy, ckpt_dir, tmp_tag, on_write=written)
     state = {"version": STATE_VERSION, "rank": rank, "world_size": comm.world_size(), **trainer_state}
     path = os.path.join(tmp_dir, state_file(rank))
     torch.save(state, path)
     _fsync(path)
-    comm.barrier()  # every rank's files are in tmp_dir
+    written(path)
+    gathered = comm.all_gather_object(digests)  # also the barrier: every rank's files are in tmp_dir
 
     if rank == 0:
         if os.environ.get(FAULT_ENV) == str(step):
             os._exit(1)
-        _commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype)
+        digests = {name: digest for d in gathered for name, digest in d.items()}
+        _commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests)
         _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
         prune(ckpt_dir, keep_last)
         remove_stale(ckpt_dir)
@@ -275,15 +365,18 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
     return final_dir
 
 
-def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str) -> None:
-    files = {}
+def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str, digests: dict) -> None:
+    """Manifest, then the rename. ``digests``: the checksums the writing ranks took; a file that
+    none reported (written outside the checkpoint engine's ``save``) is hashed here."""
+    files, sums = {}, {}
     for name in sorted(os.listdir(tmp_dir)):
         path = os.path.join(tmp_dir, name)
         if os.path.isfile(path):
             _fsync(path)
             files[name] = os.path.getsize(path)
+            sums[name] = digests.get(name) or file_digest(path)
     manifest = {"step": step, "tag": os.path.basename(final_dir), "world_size": world_size, "dtype": dtype,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, DIGEST: sums}
     _write_atomic(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     aside = None
     if os.path.exists(final_dir):
@@ -301,14 +394,19 @@ def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: 
 def load_state(tag_dir: str) -> dict:
     """This rank's trainer state from ``tag_dir`` (``weights_only=True``: plain types only)."""
     rank = comm.rank()
-    state = torch.load(os.path.join(tag_dir, state_file(rank)), map_location="cpu", weights_only=True)
-    if state.get("version") != STATE_VERSION or state.get("rank") != rank:
+    try:
+        state = engine.weights_only_load(os.path.join(tag_dir, state_file(rank)), map_location="cpu")
+    except MegaktoError as err:
+        raise ConfigError(f"train.resume: {err}") from None
+    info = state if isinstance(state, dict) else {}
+    if info.get("version") != STATE_VERSION or info.get("rank") != rank:
         raise ConfigError(f"train.resume: {os.path.join(tag_dir, state_file(rank))} is not rank {rank}'s "
-                          f"trainer state (version {state.get('version')}, rank {state.get('rank')})")
+                          f"trainer state (version {info.get('version')}, rank {info.get('rank')})")
     return state
 
 
 def load_engine(policy, tag_dir: str) -> None:
-    """Restore weights, optimizer and LR schedule from ``tag_dir`` into a fresh engine. Collective."""
+    """Restore weights, optimizer and LR schedule from ``tag_dir`` into a fresh engine. Collective.
+    A file that cannot be loaded is a ModelError naming it (call it inside ``comm.fail_together``)."""
     tag_dir = os.path.normpath(tag_dir)
     engine.load_checkpoint(policy, os.path.dirname(tag_dir), os.path.basename(tag_dir))

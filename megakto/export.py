@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -50,14 +51,19 @@ def save_hf_base(ckpt_dir: str, model_path: str, tokenizer, *, trust_remote_code
 
 
 def resolve_checkpoint(path: str, tag: str | None = None) -> str:
-    """A checkpoints/ directory (newest complete tag, or ``tag``) or a tag directory -> the
-    complete tag directory to convert; ConfigError (one line) otherwise."""
+    """A checkpoints/ directory (its newest tag that passes ``checkpoint.verify``, or ``tag``) or
+    a tag directory -> the verified tag directory to convert; ConfigError (one line) otherwise."""
     path = os.path.abspath(path)
+    tags = [path]
     if tag is not None:
-        path = os.path.join(path, tag)
+        tags = [os.path.join(path, tag)]
     elif checkpoint.read_manifest(path) is None and checkpoint.complete_tags(path):
-        path = checkpoint.newest_complete(path) or checkpoint.complete_tags(path)[-1][1]
-    why = checkpoint.problem(path)
+        tags = [p for _, p in reversed(checkpoint.complete_tags(path))]
+    for path in tags:  # the newest that passes (sizes, checksums, pickles); a damaged newer one is named
+        why = checkpoint.verify(path, collective=False)
+        if why is None or path == tags[-1]:
+            break
+        print(f"megakto: warning: skipping {path}: {why}", file=sys.stderr, flush=True)
     if why is not None:
         raise ConfigError(f"{path}: not a complete megakto checkpoint: {why}; pass output_dir/checkpoints "
                           "or one of its step-* directories")

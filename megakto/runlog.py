@@ -25,8 +25,10 @@ class RunLogger:
         from tqdm.auto import tqdm
 
         self.log_dir = os.path.join(output_dir, "tensorboard")
-        # After a resume, drop events past the checkpoint that a crashed run had already written.
-        self._writer = SummaryWriter(self.log_dir, purge_step=initial_step if initial_step > 0 else None)
+        # After a resume, drop the events past the checkpoint that a crashed run had already
+        # written. TensorBoard's loader discards every event with step >= purge_step, so the
+        # checkpoint step's own scalars (written before the crash, not logged again) need + 1.
+        self._writer = SummaryWriter(self.log_dir, purge_step=initial_step + 1 if initial_step > 0 else None)
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="kto", dynamic_ncols=True,
                          disable=not sys.stderr.isatty())
 

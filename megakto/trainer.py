@@ -103,6 +103,7 @@ class KTOTrainer:
             tok_path = cfg.model.tokenizer_path or cfg.model.path
             self.tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
+        with comm.fail_together():  # its own block: verifying a checkpoint is collective
             self.resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir,
                                                         world_size=comm.world_size())
         start = checkpoint.read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
@@ -304,7 +305,8 @@ class KTOTrainer:
                     return f"{len(sizes)} blocks of {sizes[0]} rows" if sizes else "unsplit"
                 raise ConfigError(f"train.resume: {self.resume_dir} has its vocabulary matrices {fmt(saved)}, this "
                                   f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
-        checkpoint.load_engine(self.policy, self.resume_dir)
+        with comm.fail_together():  # a file DeepSpeed cannot load: one line naming it, every rank exits 1
+            checkpoint.load_engine(self.policy, self.resume_dir)
         checkpoint.set_rng_state(state["rng"])
         self.eval_history = [(s, dict(m)) for s, m in state["eval_history"]]
         self.log.info(f"resumed from {self.resume_dir} at step {state['step']}")

@@ -30,6 +30,7 @@ __all__ = [
     "any_rank",
     "barrier",
     "broadcast_object",
+    "all_gather_object",
     "fail_together",
     "shutdown",
 ]
@@ -91,6 +92,15 @@ def broadcast_object(obj, src: int = 0, group=None):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank of ``group``."""
+    if group_size(group) == 1:
+        return [obj]
+    gathered = [None] * group_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
 
 
 def all_reduce_dict(values: Mapping[str, float | torch.Tensor], group=None) -> dict[str, float]:

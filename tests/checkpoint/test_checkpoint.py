@@ -19,20 +19,29 @@ from megakto.distributed import engine
 from megakto.errors import ConfigError, ModelError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WEIGHTS = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+class FakeCheckpointEngine:
+    """DeepSpeed's checkpoint engine writes every file through ``save(state_dict, path)``."""
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
 
 
 class FakeEngine:
-    """Stands in for DeepSpeed's engine: save_checkpoint writes a file into save_dir/tag."""
+    """Stands in for DeepSpeed's engine: save_checkpoint writes one torch file (holding the bytes
+    ``payload``) into save_dir/tag through its checkpoint engine."""
 
     def __init__(self, payload=b"weights"):
         self.payload = payload
         self.calls = []
+        self.checkpoint_engine = FakeCheckpointEngine()
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         self.calls.append((tag, save_latest))
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        with open(os.path.join(save_dir, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt"), "wb") as f:
-            f.write(self.payload)
+        self.checkpoint_engine.save(self.payload, os.path.join(save_dir, tag, WEIGHTS))
 
 
 def _save(ckpt_dir, step, keep_last=10, payload=b"weights"):
@@ -53,7 +62,7 @@ def test_save_commits_one_complete_tag(tmp_path):
     manifest = json.loads((tmp_path / "step-00000012" / "complete").read_text())
     assert manifest["step"] == 12 and manifest["world_size"] == 1 and manifest["dtype"] == "float32"
     assert manifest["files"] == {"trainer_state_rank0.pt": os.path.getsize(tmp_path / path / "trainer_state_rank0.pt"),
-                                 "zero_pp_rank_0_mp_rank_00_model_states.pt": 7}  # len(b"weights")
+                                 WEIGHTS: os.path.getsize(tmp_path / path / WEIGHTS)}
     assert checkpoint.problem(path) is None
     state = checkpoint.load_state(path)
     assert state == {"version": 1, "rank": 0, "world_size": 1, "step": 12, "sampler": {"batches_emitted": 12}}
@@ -64,7 +73,8 @@ def test_problem_names_what_is_wrong(tmp_path):
     weights = os.path.join(path, "zero_pp_rank_0_mp_rank_00_model_states.pt")
     with open(weights, "ab") as f:
         f.write(b"!")
-    assert checkpoint.problem(path) == "zero_pp_rank_0_mp_rank_00_model_states.pt has 8 bytes, the manifest says 7"
+    size = os.path.getsize(weights)
+    assert checkpoint.problem(path) == f"{WEIGHTS} has {size} bytes, the manifest says {size - 1}"
     os.remove(weights)
     assert checkpoint.problem(path) == "zero_pp_rank_0_mp_rank_00_model_states.pt is missing"
     os.remove(os.path.join(path, "complete"))
@@ -151,7 +161,7 @@ def test_saving_a_step_again_replaces_it(tmp_path):
     _save(tmp_path, 6, payload=b"old")
     _save(tmp_path, 6, payload=b"newer")
     assert sorted(os.listdir(tmp_path)) == ["latest", "step-00000006"]
-    assert (tmp_path / "step-00000006" / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes() == b"newer"
+    assert torch.load(tmp_path / "step-00000006" / WEIGHTS, weights_only=True) == b"newer"
     assert checkpoint.problem(str(tmp_path / "step-00000006")) is None
 
 

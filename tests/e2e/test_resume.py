@@ -11,12 +11,18 @@ warm-up so the LR schedule must round-trip too):
     run C  resumes at step 6, runs 7-8
 
 Steps 5-8 must give the reference's losses exactly, the rows consumed (1-4 from A, 5-6 from B,
-7-8 from C) must be the reference's, and the final weights must be bitwise equal. The reference
-run also exports its final checkpoint (train.export_hf) and keeps the newest two checkpoints.
+7-8 from C) must be the reference's, and the final weights must be bitwise equal, and so must the
+loss curve TensorBoard shows. The reference run also exports its final checkpoint
+(train.export_hf) and keeps the newest two checkpoints.
+
+ZeRO-1 and ZeRO-2 (whose optimizer files pickle another DeepSpeed class) get a shorter pair: a
+4-step run crashes inside its final save, the next resumes at step 2, finishes, and exports.
+A copy of the reference's checkpoints with same-size damage checks what resume verifies.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,10 +44,10 @@ COMMON = {"train.max_steps": 8, "checkpoint.every_steps": 2, "checkpoint.keep_la
           "optim.schedule": "cosine", "optim.warmup_steps": 2, "model.vocab_block_rows": 200}
 
 
-def _start(assets, out, dump, *, env=None, hang_before_step=None, **extra):
+def _start(assets, out, dump, *, env=None, hang_before_step=None, ds="ds_configs/zero3.json", **extra):
     """Like tests.launcher.launch, but returns the running launcher (output to DUMP/launcher.log)."""
     os.makedirs(dump, exist_ok=True)
-    args = ["--deepspeed", "ds_configs/zero3.json", "--dump", dump]
+    args = ["--deepspeed", ds, "--dump", dump]
     if hang_before_step:
         args += ["--hang-before-step", str(hang_before_step)]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
@@ -60,6 +66,15 @@ def _log(dump):
 def _steps(dump):
     with open(os.path.join(dump, "steps.jsonl")) as f:
         return {rec["step"]: rec for rec in map(json.loads, f)}
+
+
+def _tensorboard_losses(out):
+    """(step, loss) as TensorBoard's own loader shows the run's event files (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(out, "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("loss")]
 
 
 def _latest(out):
@@ -209,3 +224,104 @@ def test_resume_with_other_vocab_blocks_is_refused(assets, straight, tmp_path):
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
     assert "has its vocabulary matrices 3 blocks of 200 rows, this run unsplit; set model.vocab_block_rows" \
         in lines[0]
+
+
+def test_tensorboard_shows_each_step_once(straight, interrupted):
+    """Across both crashes and resumes the loss curve TensorBoard loads is the straight run's:
+    the checkpoint steps (4, 6) written before each crash survive, steps the crashed runs logged
+    past them (5-6 from A) are purged, and nothing appears twice."""
+    ref = _tensorboard_losses(straight[0])
+    got = _tensorboard_losses(interrupted[0])
+    assert [s for s, _ in ref] == [s for s, _ in got] == list(range(1, 9))
+    assert [v for _, v in got] == pytest.approx([v for _, v in ref], abs=1e-7, rel=0)
+
+
+@pytest.fixture(scope="module", params=["zero1", "zero2"])
+def zero12(request, assets, tmp_path_factory):
+    """ZeRO-1/2: run X (4 steps) crashes inside the step-4 save, run Y resumes from step 2 and
+    exports. X's steps are the uninterrupted reference for Y's."""
+    stage = request.param
+    out = tmp_path_factory.mktemp(stage)
+    short = {"train.max_steps": 4, "ds": f"ds_configs/{stage}.json"}
+    proc = _start(assets, out, out / "dumpX", env={"MEGAKTO_FAULT_EXIT_IN_SAVE": "4"}, **short)
+    assert proc.wait(timeout=300) != 0, _log(out / "dumpX")
+    assert _latest(out) == "step-00000002"
+    proc = _start(assets, out, out / "dump", **short, **{"train.resume": "auto", "train.export_hf": "true"})
+    assert proc.wait(timeout=300) == 0, _log(out / "dump")
+    with open(out / "dump" / "result.json") as f:
+        return out, json.load(f)
+
+
+def test_zero12_resume_and_export(zero12, tmp_path):
+    """Resume from a ZeRO-1/2 checkpoint gives the uninterrupted losses; train.export_hf and
+    tools/zero_to_hf.py --check convert it; TensorBoard shows steps 1-4 once each."""
+    from transformers import AutoModelForCausalLM
+
+    from megakto.export import probe_batch
+
+    out, result = zero12
+    assert "step-00000002 at step 2" in _log(out / "dump")
+    x = _steps(out / "dumpX")
+    assert sorted(x) == [1, 2, 3, 4] and len(result["history"]) == 2
+    for step, got in zip((3, 4), result["history"]):
+        for key in ("loss", "kl", "learning_rate", "grad_norm"):
+            assert got[key] == pytest.approx(x[step]["metrics"][key], abs=1e-7, rel=0), (step, key)
+    shown = _tensorboard_losses(out)
+    assert [s for s, _ in shown] == [1, 2, 3, 4]
+    assert [v for _, v in shown] == pytest.approx([x[s]["metrics"]["loss"] for s in (1, 2, 3, 4)], abs=1e-6, rel=0)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf")).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe_batch(model.config.vocab_size)).logits
+    engine_logits = torch.load(os.path.join(out, "dump", "logits.pt"), weights_only=True)
+    assert float((logits - engine_logits).abs().max()) <= 1e-6
+    weights = load_file(os.path.join(out, "hf", "model.safetensors"))
+    policy = torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
+    assert set(weights) == set(policy) and all(torch.equal(weights[k], policy[k]) for k in policy)
+    proc = subprocess.run([sys.executable, "tools/zero_to_hf.py", os.path.join(out, "checkpoints"),
+                           str(tmp_path / "hf"), "--check"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "check: max abs logit diff 0 (ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def _damaged_copy(straight, dest):
+    """The reference run's checkpoints (steps 6 and 8) with 4 KB of step 8's rank-0 optimizer
+    state overwritten in place: same size, so only the checksum can tell."""
+    shutil.copytree(os.path.join(straight[0], "checkpoints"), dest / "checkpoints")
+    victim = dest / "checkpoints" / "step-00000008" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    size = os.path.getsize(victim)
+    with open(victim, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xa5" * 4096)
+    assert os.path.getsize(victim) == size
+    return victim
+
+
+def test_damaged_checkpoint_is_refused_in_one_line(assets, straight, tmp_path):
+    """train.resume naming a checkpoint whose file was damaged (size kept): every rank exits 1,
+    one line names the file."""
+    from tests.launcher import launch
+
+    victim = _damaged_copy(straight, tmp_path)
+    proc = launch("launch/train_kto.py", ["--deepspeed", "ds_configs/zero3.json", *base_overrides(
+        assets, tmp_path, **{**COMMON, "train.resume": str(victim.parent)})], nproc=2, timeout=300)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "megakto: error:" in line]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].endswith(f"megakto: error: train.resume={victim.parent}: not a loadable checkpoint: {victim.name} "
+                             "does not match its sha256 in the manifest (damaged after the save); pass a complete "
+                             "step-* directory, auto or none")
+
+
+def test_auto_skips_damaged_newest(assets, straight, tmp_path):
+    """train.resume=auto with the newest checkpoint damaged: a warning names it and why, the run
+    resumes from step 6 instead and steps 7-8 give the reference's losses."""
+    s_out, s_result = straight
+    victim = _damaged_copy(straight, tmp_path)
+    proc = _start(assets, tmp_path, tmp_path / "dump", **{"train.resume": "auto"})
+    assert proc.wait(timeout=300) == 0, _log(tmp_path / "dump")
+    log = (tmp_path / "dump" / "launcher.log").read_text()
+    assert (f"megakto: warning: train.resume=auto: skipping {victim.parent}: {victim.name} does not match its "
+            "sha256 in the manifest (damaged after the save)") in log
+    assert "step-00000006 at step 6" in log
+    c = _steps(tmp_path / "dump")
+    assert sorted(c) == [7, 8]
+    for step in (7, 8):
+        assert c[step]["metrics"]["loss"] == pytest.approx(s_result["history"][step - 1]["loss"], abs=1e-7, rel=0)
