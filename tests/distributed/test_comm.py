@@ -145,6 +145,15 @@ def _exercise(rank, scratch):
                 open(missing)
     except MegaktoError as err:
         out["fail"]["oserror"] = str(err)
+    # A bug (not a MegaktoError) on rank 1: it keeps its own exception, rank 0 stops with one line.
+    try:
+        with comm.fail_together():
+            if rank == 1:
+                raise ValueError("bug")
+    except MegaktoError as err:
+        out["fail"]["bug"] = (str(err), getattr(err, "shared", False))
+    except ValueError as err:
+        out["fail"]["bug"] = ("ValueError", str(err), hasattr(err, "shared"))
     # After every case the ranks are still in step: one more collective matches.
     out["in_step"] = comm.all_reduce_sum(torch.tensor([1.0])).item()
     return out, missing
@@ -213,6 +222,8 @@ def test_fail_together_every_rank_raises_the_first_message(ranks):
     assert f0["both"] == f1["both"] == (BAD_KEY, True)
     oserror = f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
     assert f0["oserror"] == f"rank 1: {oserror}" and f1["oserror"] == oserror
+    assert f0["bug"] == ("rank 1: unexpected ValueError: bug (traceback on that rank)", True)
+    assert f1["bug"] == ("ValueError", "bug", False)
 
 
 def _exercise_pair_of_three(rank):
