@@ -43,7 +43,7 @@ from megakto.distributed.ds_config import build_ds_config, load_ds_json, referen
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError, MegaktoError
 from megakto.evaluate import Evaluator
-from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss
+from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss, nll_share
 from megakto.metrics import StepSums, step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
@@ -448,17 +448,16 @@ class KTOTrainer:
             batch = self._batch([targets[i] for i in positions])
             desirable = torch.tensor([rows["label"][i] for i in positions], dtype=torch.bool, device=self.device)
             logps, n_tokens = self.logps_fn(self.policy, batch)
+            # Each loss is a sum over rows, like eq. (7)'s per-row losses; ``scale`` makes it a global mean.
             if kto.loss_type == "sft":
-                # Plain causal-LM loss on every completion: mean per-token NLL over the global batch.
-                loss = -logps.sum() * len(indices) / target_tokens
+                loss = nll_share(logps, target_tokens) * len(indices)
                 losses, rewards = logps.detach() * 0, torch.zeros_like(logps)
             else:
                 out = kto_loss(logps, ref, desirable, kl, beta=kto.beta, desirable_weight=self.desirable_weight,
                                undesirable_weight=kto.undesirable_weight, loss_type=kto.loss_type)
                 loss, losses, rewards = out.losses.sum(), out.losses, out.rewards
                 if kto.sft_weight:
-                    # SFT term on desirable rows: weight × mean per-token NLL over the global batch.
-                    loss = loss - kto.sft_weight * (logps * desirable).sum() * len(indices) / max(desirable_tokens, 1)
+                    loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
             # One flag over the data-parallel group (the world: tp = pp = 1), so that all ranks skip alike.
             if not poisoned and comm.any_rank(not bool(torch.isfinite(loss.detach())), group=None):
                 skipped = "non-finite loss"

@@ -7,6 +7,7 @@ the trainer's job (see :mod:`megakto.kto.kl`).
 from megakto.kto.kl import finalize_kl, kl_partial
 from megakto.kto.logps import sequence_logps
 from megakto.kto.loss import KTOLossOutput, kto_loss
+from megakto.kto.sft import nll_share
 from megakto.kto.weights import auto_desirable_weight, check_weights
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "kl_partial",
     "finalize_kl",
     "sequence_logps",
+    "nll_share",
     "check_weights",
     "auto_desirable_weight",
 ]
