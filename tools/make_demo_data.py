@@ -13,7 +13,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megakto.data.demo import write_demo_data
+from megakto._demo.data import write_demo_data
 
 
 def main(argv=None) -> int:

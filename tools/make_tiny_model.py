@@ -14,7 +14,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megakto.errors import MegaktoError
-from megakto.model.tiny import make_tiny_model
+from megakto._demo.tiny_model import make_tiny_model
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,6 @@
 its share of a global batch from dataset indices alone."""
 
 from megakto.data.collate import Batch, collate
-from megakto.data.demo import demo_corpus, is_desirable, make_demo_rows, write_demo_data
 from megakto.data.kl_pairs import kl_partners
 from megakto.data.rows import count_labels, load_rows, read_source, require_both_classes
 from megakto.data.sampler import KTOBatchSampler
@@ -21,8 +20,4 @@ __all__ = [
     "TokenizeReport",
     "kl_partners",
     "KTOBatchSampler",
-    "make_demo_rows",
-    "write_demo_data",
-    "is_desirable",
-    "demo_corpus",
 ]

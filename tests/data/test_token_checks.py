@@ -170,8 +170,8 @@ def test_completions_cut_by_max_length_warn_with_the_share(write, tokenizer):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from megakto.data.demo import write_demo_data
-    from megakto.model.tiny import make_tiny_model
+    from megakto._demo.data import write_demo_data
+    from megakto._demo.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("demo")
     model = make_tiny_model(root / "model", seed=0)

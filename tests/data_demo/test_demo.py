@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from megakto.data.demo import (
+from megakto._demo.data import (
     CORRUPTIONS,
     demo_corpus,
     format_prompt,

@@ -9,8 +9,8 @@ from tests.launcher import launch
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """The built-in default, made once per session: tiny Llama folder and the sorting demo data."""
-    from megakto.data.demo import write_demo_data
-    from megakto.model.tiny import make_tiny_model
+    from megakto._demo.data import write_demo_data
+    from megakto._demo.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("assets")
     model = make_tiny_model(root / "model", seed=0)

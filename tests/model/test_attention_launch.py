@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import Gemma2Config
 
-from megakto.data.demo import write_demo_data
-from megakto.model.tiny import make_tiny_model
+from megakto._demo.data import write_demo_data
+from megakto._demo.tiny_model import make_tiny_model
 from tests.launcher import launch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

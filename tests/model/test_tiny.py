@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from megakto.errors import ConfigError
-from megakto.model.tiny import make_tiny_model
+from megakto._demo.tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 The folder is an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
 ``generation_config.json``, tokenizer files with a chat template), so every code path that loads a
 real model loads this one too. The tokenizer is a SentencePiece BPE model trained here on the demo
-corpus (:func:`megakto.data.demo.demo_corpus`), with byte fallback so that any text still encodes
+corpus (:func:`megakto._demo.data.demo_corpus`), with byte fallback so that any text still encodes
 without ``<unk>``, and digits split into single pieces so numbers tokenize one digit at a time.
 
 Everything is a function of the arguments: the same seed gives the same tensors and the same bytes.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from megakto.data.demo import demo_corpus
+from megakto._demo.data import demo_corpus
 from megakto.errors import ConfigError
 
 __all__ = ["CHAT_TEMPLATE", "TOKENIZER_VOCAB_SIZE", "make_tiny_model", "train_tokenizer"]
