@@ -298,6 +298,19 @@ class KTOTrainer:
                               desirable_weight=self.desirable_weight, undesirable_weight=kto.undesirable_weight,
                               loss_type=kto.loss_type)
 
+    # ------------------------------------------------------------------ for tools (tools/bench.py)
+
+    def next_step(self) -> StepResult:
+        """One optimizer step on the sampler's next global batch, the step counter advanced: what
+        :meth:`train` does per step, without its logging, evaluation and checkpoints."""
+        result = self.train_step(self.sampler.next_global_batch())
+        self.step += 1
+        return result
+
+    def completion_lengths(self) -> list[int]:
+        """Tokens in each training row's completion, in dataset order (after filtering)."""
+        return [len(c) for c in self.train_rows.fetch(range(len(self.train_rows)))["completion_ids"]]
+
     @property
     def precompute_seconds(self) -> float:
         """Seconds spent at setup filling the reference cache; 0 when online or already complete."""
