@@ -1,21 +1,22 @@
 """Held-out evaluation: KTO loss, KL estimate, reward accuracy and margin on an eval split.
 
-Rows are spread over the data-parallel ranks in chunks; every rank runs the same number of
-forwards (ZeRO-3 gathers parameters collectively), a short last chunk filled with row 0 whose
-results are dropped. Each row's log-probs are computed on exactly one rank, so summing the
-per-rank vectors assembles the full ones everywhere. KL rows use one fixed partner per row
-(:func:`megakto.reference.dataset_kl_partners`), so evaluations are comparable over a run.
+Rows are spread over the data-parallel ranks with
+:func:`~megakto.distributed.sharded.score_sharded` (every rank runs the same number of forwards:
+ZeRO-3 gathers parameters collectively). Each row's log-probs are computed on exactly one rank,
+so summing the per-rank vectors assembles the full ones everywhere. KL rows use one fixed partner
+per row (:func:`megakto.data.kl_pairs.dataset_kl_partners`), so evaluations are comparable over a
+run.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm
+from megakto.distributed.sharded import score_sharded
 from megakto.kto import finalize_kl, kl_partial, kto_loss
 from megakto.kto.reward_accuracy import reward_accuracy
 
@@ -23,23 +24,19 @@ __all__ = ["Evaluator"]
 
 
 class Evaluator:
-    def __init__(self, split: TokenizedSplit, *, targets: list, kl_rows: list | None, dp: int, rank: int,
+    def __init__(self, split: TokenizedSplit, *, targets: list, kl_rows: list | None, dp_rank: int, dp_size: int,
                  batch_size: int):
         self.split = split
         self.targets = targets  # (prompt_ids, completion_ids) per row
         self.kl_rows = kl_rows  # (prompt_ids, completion_ids) per row, or None without a KL term
-        self.dp, self.rank, self.batch_size = dp, rank, batch_size
+        self.dp_rank, self.dp_size, self.batch_size = dp_rank, dp_size, batch_size
         self._reference: torch.Tensor | None = None  # the reference never changes: computed once
 
     def _gather(self, logps_fn: Callable[[list], torch.Tensor], rows: list) -> torch.Tensor:
-        n, eb = len(rows), self.batch_size
-        out = torch.zeros(n, dtype=torch.float64)
-        for c in range(math.ceil(n / (self.dp * eb))):
-            lo = (c * self.dp + self.rank) * eb
-            ids = [i for i in range(lo, lo + eb) if i < n]
-            real = len(ids)
-            ids += [0] * (eb - real)
-            out[ids[:real]] = logps_fn([rows[i] for i in ids])[:real].double().cpu()
+        out = torch.zeros(len(rows), dtype=torch.float64)
+        for positions, values in score_sharded(rows, logps_fn, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                               batch_size=self.batch_size):
+            out[positions] = values
         return comm.all_reduce_sum(out)
 
     @torch.no_grad()

@@ -24,22 +24,23 @@ atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from megakto import checkpoint, export
 from megakto.config import Config, save_config
 from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, require_both_classes, tokenize_rows
+from megakto.data.kl_pairs import dataset_kl_partners, fit_kl_row, split_pairs
 from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
-from megakto.distributed.ds_config import build_ds_config, load_ds_json, reference_ds_config
+from megakto.distributed.ds_config import build_ds_config, load_ds_json
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError, MegaktoError
 from megakto.evaluate import Evaluator
@@ -48,8 +49,7 @@ from megakto.metrics import StepSums, step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
 from megakto.model.vocab_blocks import vocab_layout
-from megakto.ref_cache import RefLogpCache, precompute, reference_fingerprint, sequence_key
-from megakto.reference import CachedReference, OnlineReference, dataset_kl_partners, fit_kl_row
+from megakto.reference.build import build_reference, online_reference
 from megakto.runlog import RunLogger
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
 
@@ -114,7 +114,7 @@ class KTOTrainer:
         self.train_rows, self.eval_rows = self._setup_data()
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens)
         self.use_kl = cfg.kto.loss_type == "kto"
-        # ref.mode=cache needs a fixed KL row per dataset row (see megakto/reference.py).
+        # ref.mode=cache needs a fixed KL row per dataset row (see megakto/reference/build.py).
         self.cached_ref = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
         with comm.fail_together():
             self.desirable_weight = self._setup_weights()
@@ -123,7 +123,6 @@ class KTOTrainer:
                                      if self.use_kl and self.cached_ref else None)
             self.evaluator = self._setup_evaluator()
         self.policy = self._setup_policy()
-        self.precompute_seconds = 0.0
         self.reference = self._setup_reference()
         self.eval_history: list[tuple[int, dict[str, float]]] = []
         self.step = self._setup_resume()
@@ -225,68 +224,32 @@ class KTOTrainer:
         if self.eval_rows is None or self.cfg.kto.loss_type == "sft":
             return None
         partners = dataset_kl_partners(self.eval_rows.prompt_key) if self.use_kl else None
-        targets, kl_rows = self._whole_split(self.eval_rows, partners)
-        return Evaluator(self.eval_rows, targets=targets, kl_rows=kl_rows, dp=self.dims.dp, rank=comm.rank(),
+        targets, kl_rows = self._split_pairs(self.eval_rows, partners)
+        # tp = pp = 1: the data-parallel rank is the global rank.
+        return Evaluator(self.eval_rows, targets=targets, kl_rows=kl_rows, dp_rank=comm.rank(), dp_size=self.dims.dp,
                          batch_size=self.cfg.train.eval_batch_size)
 
-    def _reference_engine(self):
-        cfg = self.cfg
-        ref_ds = reference_ds_config(self.ds_config, offload=cfg.ref.offload)
-        model = engine.load_model(cfg.ref.path or cfg.model.path, ref_ds, dtype=self._model_dtype(),
-                                  attn_implementation=cfg.model.attn_implementation,
-                                  trust_remote_code=cfg.model.trust_remote_code,
-                                  vocab_block_rows=cfg.model.vocab_block_rows)
-        engine.disable_dropout(model)
-        return OnlineReference(engine.build_reference_engine(model, ref_ds), self._batch, self.logps_fn)
-
     def _setup_reference(self):
-        """Online: a frozen ZeRO-3 inference engine. Cache: reference log-probs of every target and KL
-        row, computed once (sharded over ranks) into a content-keyed cache; when the cache already
-        holds them all, the reference model is never loaded."""
+        """None for sft; else the scorer of reference log-probs (megakto/reference/build.py): a frozen
+        ZeRO-3 inference engine, or a content-keyed cache filled once, sharded over the ranks (when
+        it already holds every sequence, the reference model is never loaded)."""
         cfg = self.cfg
         if cfg.kto.loss_type == "sft":
             return None
-        if not self.cached_ref:
-            return self._reference_engine()
-        with comm.fail_together():
-            fingerprint = reference_fingerprint(cfg.ref.path or cfg.model.path, settings={
-                "dtype": str(self._model_dtype()), "attn": cfg.model.attn_implementation, "logps": cfg.model.logps})
-            if comm.is_main():
-                RefLogpCache.open(cfg.ref.cache_dir, fingerprint, create=True)
-        with comm.fail_together():
-            cache = RefLogpCache.open(cfg.ref.cache_dir, fingerprint, create=False)
-        items = self._cache_items()
-        keys = [k for k, _, _ in items]
-        # Rank 0 decides what is missing: ranks that saw different folder contents (another job
-        # writing, a lagging network filesystem) would otherwise run different numbers of forwards.
-        todo = comm.broadcast_object(sorted({keys[i] for i in cache.missing(keys)}) if comm.is_main() else None)
-        if todo:
-            start = time.perf_counter()
-            online = self._reference_engine()
-            n = precompute(cache, items, online.logps, rank=comm.rank(), world_size=comm.world_size(),
-                           batch_size=cfg.train.eval_batch_size, todo=todo)
-            comm.barrier()
-            cache.reload()
-            del online
-            gc.collect()
-            self.precompute_seconds = time.perf_counter() - start
-            self.log.info(f"reference cache: computed {int(comm.all_reduce_dict({'n': n})['n'])} log-probs "
-                          f"in {self.precompute_seconds:.1f} s into {cfg.ref.cache_dir}")
-        with comm.fail_together():
-            missing = cache.missing(keys)
-            if missing:
-                raise MegaktoError(f"ref.cache_dir={cfg.ref.cache_dir}: {len(missing)} of {len(keys)} reference "
-                                   "log-probs missing after the precompute pass; is the folder shared by all nodes?")
-        self.log.info(f"reference cache: {len(keys)} log-probs from {cfg.ref.cache_dir}; reference model not loaded")
-        return CachedReference(cache, self.device)
+        online = partial(online_reference, cfg.ref, cfg.model, self.ds_config, dtype=self._model_dtype(),
+                         batch_fn=self._batch, logps_fn=self.logps_fn)
+        return build_reference(cfg.ref, cfg.model, dtype=self._model_dtype(), online=online,
+                               pairs=self._reference_pairs, batch_size=cfg.train.eval_batch_size,
+                               dp_rank=comm.rank(), dp_size=self.dims.dp, device=self.device, log=self.log.info)
 
-    def _cache_items(self) -> list[tuple[bytes, list, list]]:
-        """(key, prompt_ids, completion_ids) of every sequence the run scores with the reference."""
-        targets, kl_rows = self._whole_split(self.train_rows, self.train_kl_partner)
+    def _reference_pairs(self) -> list:
+        """Every (prompt_ids, completion_ids) the run scores with the reference: train and eval
+        targets and KL rows."""
+        targets, kl_rows = self._split_pairs(self.train_rows, self.train_kl_partner)
         pairs = targets + (kl_rows or [])
         if self.evaluator is not None:
             pairs += self.evaluator.targets + (self.evaluator.kl_rows or [])
-        return [(sequence_key(p, c), p, c) for p, c in pairs]
+        return pairs
 
     def _setup_resume(self) -> int:
         """Continue from ``self.resume_dir``: engine (weights, Adam, LR schedule), sampler position,
@@ -395,13 +358,31 @@ class KTOTrainer:
                               desirable_weight=self.desirable_weight, undesirable_weight=kto.undesirable_weight,
                               loss_type=kto.loss_type)
 
+    # ------------------------------------------------------------------ for tools (tools/bench.py)
+
+    def next_step(self) -> StepResult:
+        """One optimizer step on the sampler's next global batch, the step counter advanced: what
+        :meth:`train` does per step, without its logging, evaluation and checkpoints."""
+        result = self.train_step(self.sampler.next_global_batch())
+        self.step += 1
+        return result
+
+    def completion_lengths(self) -> list[int]:
+        """Tokens in each training row's completion, in dataset order (after filtering)."""
+        return [len(c) for c in self.train_rows.fetch(range(len(self.train_rows)))["completion_ids"]]
+
+    @property
+    def precompute_seconds(self) -> float:
+        """Seconds spent at setup filling the reference cache; 0 when online or already complete."""
+        return getattr(self.reference, "precompute_seconds", 0.0)
+
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate()
         self.eval_history.append((self.step, metrics))
         self.log.scalars(self.step, metrics, prefix="eval/")
 
     def train_step(self, indices: list[int]) -> StepResult:
-        cfg, kto = self.cfg, self.cfg.kto
+        kto = self.cfg.kto
         start = time.perf_counter()
         rows = self.train_rows.fetch(indices)
         targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
@@ -529,14 +510,9 @@ class KTOTrainer:
         partner_completions = self.train_rows.fetch([self.train_kl_partner[i] for i in indices])["completion_ids"]
         return [self._fit(p, c) for p, c in zip(rows["prompt_ids"], partner_completions)]
 
-    def _whole_split(self, split: TokenizedSplit, partners: list[int] | None):
-        """Every row's (prompt, completion) and, given dataset-level partners, every row's KL row,
-        from one read of the split."""
-        rows = split.fetch(range(len(split)))
-        targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
-        if partners is None:
-            return targets, None
-        return targets, [self._fit(p, rows["completion_ids"][j]) for p, j in zip(rows["prompt_ids"], partners)]
+    def _split_pairs(self, split: TokenizedSplit, partners: list[int] | None):
+        data = self.cfg.data
+        return split_pairs(split, partners, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
 
     def _fit(self, prompt_ids, completion_ids):
         data = self.cfg.data

@@ -20,8 +20,8 @@ torch threads, the same rows and the same global batch for all. Figures only; no
   step needs beyond weights and optimizer states. The peak is the kernel's VmHWM, reset through /proc/self/clear_refs when the
   timed window opens; ``--sample-ms 5`` adds a thread sampling VmRSS, at a cost in speed.
 * precompute: the one-off reference pass of the cached/precomputed systems. TRL's is timed
-  directly; megakto's is ``trainer.precompute_seconds`` when the trainer exposes it, else the
-  cached system's setup time minus the online one's.
+  directly; megakto's is ``trainer.precompute_seconds``, or, when that is 0 (nothing confirms a
+  fresh pass), the cached system's setup time minus the online one's.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def _free_port() -> int:
 
 
 def run_megakto(name: str, spec: dict) -> dict:
-    """megakto in this process at world size 1, without the launcher, stepping the trainer by hand."""
+    """megakto in this process at world size 1, without the launcher, one ``trainer.next_step()`` at a time."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     import torch
@@ -267,16 +267,13 @@ def run_megakto(name: str, spec: dict) -> dict:
     clock = _Clock(spec["warmup"], rss)
     own_tps = []
     for _ in range(cfg.train.max_steps):
-        before = trainer.step
-        result = trainer.train_step(trainer.sampler.next_global_batch())
-        if trainer.step == before:  # train() advances the counter after each train_step
-            trainer.step += 1
+        result = trainer.next_step()
         clock.step_done(sum(targets[i] for i in result.indices), len(result.indices))
         own_tps.append(result.metrics.get("tokens_per_s"))
     out = clock.summary(setup_rss)
-    precompute = getattr(trainer, "precompute_seconds", None) if system["ref"] == "cache" else None
+    precompute = trainer.precompute_seconds if system["ref"] == "cache" else None
     if system["ref"] == "cache" and not precompute:
-        out["warning"] = ("the trainer reports no precompute time (no precompute_seconds, or 0), so "
+        out["warning"] = ("the trainer reports no precompute time (precompute_seconds is 0), so "
                           "nothing confirms a fresh reference pass; precompute is estimated from setup times")
         precompute = None
     out.update(setup_s=setup_s, precompute_s=precompute, trainer_tokens_per_s=own_tps[spec["warmup"]:],
@@ -287,11 +284,7 @@ def run_megakto(name: str, spec: dict) -> dict:
 
 def _check_megakto_rows(trainer, targets: list[int]) -> None:
     """Dataset index i must be file row i with the expected completion length, or counts are wrong."""
-    rows = getattr(trainer, "train_rows", None)
-    ds = getattr(rows, "ds", None)
-    if ds is None or "completion_ids" not in ds.column_names:
-        return
-    got = [len(c) for c in ds["completion_ids"]]
+    got = trainer.completion_lengths()
     if got != targets:
         raise RuntimeError(f"megakto tokenized {len(got)} rows whose completion lengths differ from the "
                            f"workload's ({len(targets)} rows); target token counts would be wrong")

@@ -18,6 +18,11 @@ so every rank computes the same partners from (prompt_keys, seed, step) with no 
 A rank then only has to build the KL rows of its own micro-batches. The estimate of z_0 uses all
 of the global batch's completions exactly once whenever a permutation exists, which it does as
 long as no prompt fills more than half the batch.
+
+With the reference cache (``ref.mode: cache``) the KL rows must be a fixed set, so each row's
+partner is drawn once for the whole split instead (:func:`dataset_kl_partners`, with a fixed seed
+so that runs with different seeds share one cache); :func:`split_pairs` builds every target and
+KL row of a split from those partners.
 """
 
 from __future__ import annotations
@@ -26,9 +31,13 @@ import hashlib
 import random
 from collections.abc import Sequence
 
+from megakto.data.tokenize import fit_to_length
 from megakto.errors import DataError
 
-__all__ = ["kl_partners"]
+__all__ = ["kl_partners", "dataset_kl_partners", "fit_kl_row", "split_pairs"]
+
+# Fixed, so that runs with different seeds share one cache of KL-row log-probs.
+DATASET_KL_SEED, DATASET_KL_STEP = 0, 0
 
 
 def _rng(seed: int, step: int) -> random.Random:
@@ -100,3 +109,26 @@ def kl_partners(prompt_keys: Sequence[int], *, seed: int, step: int) -> list[int
             partner[i] = s[r] if r < p else s[r + a]
         p += a
     return partner
+
+
+def dataset_kl_partners(prompt_keys: Sequence[int]) -> list[int]:
+    """One mismatched partner per row of a whole split, the same in every run."""
+    return kl_partners(prompt_keys, seed=DATASET_KL_SEED, step=DATASET_KL_STEP)
+
+
+def fit_kl_row(prompt_ids, completion_ids, max_length: int, max_prompt_length: int):
+    """Prompt i with completion j, cut to ``max_length`` the same way target rows are."""
+    fitted = fit_to_length(prompt_ids, completion_ids, max_length, max_prompt_length)
+    assert fitted is not None, "max_prompt_length < max_length always leaves room for a completion token"
+    return fitted
+
+
+def split_pairs(split, partners: Sequence[int] | None, *, max_length: int, max_prompt_length: int):
+    """Every row's (prompt, completion) of a :class:`~megakto.data.split.TokenizedSplit` and, given
+    dataset-level partners, every row's KL row (None without), from one read of the split."""
+    rows = split.fetch(range(len(split)))
+    targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
+    if partners is None:
+        return targets, None
+    return targets, [fit_kl_row(p, rows["completion_ids"][j], max_length, max_prompt_length)
+                     for p, j in zip(rows["prompt_ids"], partners)]

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from megakto import ref_cache
 from megakto.errors import ConfigError, MegaktoError
-from megakto.ref_cache import RefLogpCache, precompute, reference_fingerprint, sequence_key
+from megakto.reference import RefLogpCache, fingerprint, reference_fingerprint, sequence_key
+from megakto.reference.precompute import precompute
 
 ROOT = Path(__file__).resolve().parents[2]
 FP = "a" * 64
@@ -100,7 +100,7 @@ def test_fingerprint_samples_first_last_and_strided_bytes(tmp_path, monkeypatch)
     _flip_byte(st, start + (512 << 10) + 3)
     assert reference_fingerprint(str(d)) == sampled
     assert reference_fingerprint(str(d), full=True) != full
-    monkeypatch.setattr(ref_cache, "_STRIDE", 256 << 10)
+    monkeypatch.setattr(fingerprint, "_STRIDE", 256 << 10)
     strided = reference_fingerprint(str(d))
     _flip_byte(st, start + (512 << 10) + 3)  # back to the original bytes
     assert reference_fingerprint(str(d)) != strided
@@ -328,7 +328,7 @@ def test_another_process_reads_the_same_values(tmp_path):
     cache = RefLogpCache.open(d, FP, create=True)
     keys = _keys(5)
     cache.write_shard(keys, torch.tensor(VALUES, dtype=torch.float64), "rank0")
-    code = ("import json, sys\nfrom megakto.ref_cache import RefLogpCache\n"
+    code = ("import json, sys\nfrom megakto.reference import RefLogpCache\n"
             "keys = [bytes.fromhex(h) for h in json.loads(sys.argv[2])]\n"
             "c = RefLogpCache.open(sys.argv[1], 'a' * 64, create=False)\n"
             "print(json.dumps([x.hex() for x in c.lookup(keys).tolist()]))\n")

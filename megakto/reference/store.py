@@ -1,4 +1,4 @@
-"""Content-keyed cache of reference log-probs (``ref.mode: cache``).
+"""Content-keyed store of reference log-probs (``ref.mode: cache``).
 
 KTO's implied reward is beta * log(pi_theta(y|x) / pi_ref(y|x)) and its reference point is the
 same log-ratio on mismatched pairs (Ethayarajh et al. 2024, eq. 7). pi_ref is frozen, so the
@@ -12,22 +12,8 @@ filled it (HALOs keys by token tuple; TRL's row-indexed cache forces a fixed ord
 length is part of the key because log pi(y|x) sums over completion tokens only: the same ids split
 at a different point are a different quantity.
 
-**Which reference the values belong to.** :func:`reference_fingerprint` identifies the weights
-without loading the model. It hashes (sha256), in this order: a scheme tag and whether hashing is
-sampled or full; ``settings`` (e.g. dtype, attention kernel: a bf16 reference gives different
-log-probs from an fp32 one) as sorted JSON; the bytes of ``config.json``; then, for every weight
-file (top-level ``*.safetensors``; ``*.bin``/``*.pt`` only when there is no safetensors file) in
-name order: its name, its size, the whole safetensors header (tensor names, dtypes, shapes, data
-offsets, metadata), and the tensor bytes at the first 64 KiB, the last 64 KiB and 64 KiB every
-64 MiB (about 1/1000 of the data: a 60 GB model reads ~60 MB). A change of weights confined to
-unsampled bytes (same names, shapes, dtypes and file sizes) is NOT detected in that mode; fine-tuned
-weights differ almost everywhere, so the sample sees them, but a hand-edit of a few values may not
-be seen. ``full=True`` hashes every byte instead (minutes for a large model) and gives a different
-fingerprint from the sampled mode. Tokenizer files are not covered: keys are token ids, so a
-different tokenizer just produces different keys. The folder's path is not covered: a copy
-elsewhere has the same fingerprint.
-
-**Layout** of ``cache_dir``: ``meta.json`` ({"fingerprint", "format": 1, "created"}) and shards
+**Layout** of ``cache_dir``: ``meta.json`` ({"fingerprint", "format": 1, "created"}, the
+fingerprint from :mod:`megakto.reference.fingerprint`) and shards
 ``shard-<writer>-<n>.safetensors`` with ``keys`` (uint8, (N, 16)) and ``logps`` (float64, (N,)),
 the fingerprint repeated in the shard metadata. Safetensors only: reading a cache never unpickles.
 A shard is written to a temporary name and published with a no-clobber hard link (``os.replace``
@@ -35,122 +21,35 @@ where the file system has no links), so a reader sees whole shards or none. A ke
 raises: there is no silent fallback to another model (TRL #6443 used the trained policy as the
 reference that way).
 
-**Note for the trainer.** In cache mode the KL rows must be a fixed set, or every reshuffle asks
-for (prompt, completion) pairs never computed. So cache mode pairs rows at the dataset level:
-``kl_partners(prompt_keys of the whole dataset, seed=0, step=0)`` (a fixed seed, not ``cfg.seed``,
-so different seeds share the cache), and row i's KL row is (prompt i, completion partner[i]) fitted
-with ``fit_to_length`` as today. The target and KL rows of the whole dataset (train and eval) are
-precomputed once with :func:`precompute`, keyed by content, and reused across runs, seeds and
-reshuffles with the same ``max_length``. Each step still runs the policy on the KL rows; only the
-reference side comes from the cache.
-
-This module never talks to ``torch.distributed``: :func:`precompute` is told its rank, and the
-caller places the barrier and :meth:`RefLogpCache.reload` after it.
+This module never talks to ``torch.distributed``: after the other ranks have written their shards
+and a barrier, each rank calls :meth:`RefLogpCache.reload`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from megakto.errors import ConfigError, MegaktoError, ModelError
+from megakto.errors import MegaktoError
 
-__all__ = ["RefLogpCache", "precompute", "reference_fingerprint", "sequence_key"]
+__all__ = ["RefLogpCache", "sequence_key"]
 
 FORMAT = 1
 KEY_BYTES = 16
-_SAMPLE = 64 << 10   # bytes read at each sampled position
-_STRIDE = 64 << 20   # distance between sampled positions
-_BLOCK = 8 << 20     # read size when hashing everything
 _SHARD = re.compile(r"shard-([A-Za-z0-9_.-]+)-(\d+)\.safetensors")
 _WRITER = re.compile(r"[A-Za-z0-9_.-]+")
 
-
-# ---------------------------------------------------------------------------------- fingerprint
-
-def reference_fingerprint(model_dir: str, *, full: bool = False,
-                          settings: Mapping[str, object] | None = None) -> str:
-    """sha256 (hex) of a local reference folder's config and weights; see the module docstring."""
-    if not os.path.isdir(model_dir):
-        raise ConfigError(f"ref.path={model_dir} is not a local folder: ref.mode=cache needs a local "
-                          f"model folder to fingerprint the reference weights (download it first)")
-    config = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config):
-        raise ModelError(f"ref.path={model_dir}: folder has no config.json")
-    h = hashlib.sha256()
-    _field(h, b"megakto.reference_fingerprint.v1:" + (b"full" if full else b"sampled"))
-    _field(h, json.dumps(dict(settings or {}), sort_keys=True, default=str).encode())
-    with open(config, "rb") as f:
-        _field(h, f.read())
-    for name in _weight_files(model_dir):
-        path = os.path.join(model_dir, name)
-        size = os.path.getsize(path)
-        _field(h, name.encode())
-        _field(h, struct.pack("<Q", size))
-        with open(path, "rb") as f:
-            start = 0
-            if name.endswith(".safetensors"):
-                header = _safetensors_header(f, size, path)
-                _field(h, header)
-                start = 8 + len(header)
-            for offset, n in _spans(start, size, full):
-                f.seek(offset)
-                data = f.read(n)
-                if len(data) != n:
-                    raise ModelError(f"{path}: short read at byte {offset} (file changed while hashing?)")
-                h.update(struct.pack("<QQ", offset, n))
-                h.update(data)
-    return h.hexdigest()
-
-
-def _field(h, data: bytes) -> None:
-    # Length-prefixed, so no two different field sequences hash the same byte stream.
-    h.update(struct.pack("<Q", len(data)))
-    h.update(data)
-
-
-def _weight_files(model_dir: str) -> list[str]:
-    names = sorted(os.listdir(model_dir))
-    picked = [n for n in names if n.endswith(".safetensors")]
-    if not picked:
-        picked = [n for n in names if n.endswith((".bin", ".pt"))]
-    picked = [n for n in picked if os.path.isfile(os.path.join(model_dir, n))]
-    if not picked:
-        raise ModelError(f"ref.path={model_dir}: no weight files (*.safetensors, *.bin, *.pt) in the folder")
-    return picked
-
-
-def _safetensors_header(f, size: int, path: str) -> bytes:
-    raw = f.read(8)
-    n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-    if n <= 0 or 8 + n > size:
-        raise ModelError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-    return f.read(n)
-
-
-def _spans(start: int, end: int, full: bool) -> list[tuple[int, int]]:
-    """(offset, length) pieces of [start, end) to hash: all of it, or the strided sample."""
-    if end <= start:
-        return []
-    if full:
-        return [(o, min(_BLOCK, end - o)) for o in range(start, end, _BLOCK)]
-    offsets = sorted(set(range(start, end, _STRIDE)) | {max(start, end - _SAMPLE)})
-    return [(o, min(_SAMPLE, end - o)) for o in offsets]
-
-
-# ---------------------------------------------------------------------------------- keys
 
 def sequence_key(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> bytes:
     """16-byte blake2b of (prompt length, completion length, prompt ids, completion ids).
@@ -358,58 +257,3 @@ def _publish(folder: str, data: bytes | None, tmp_or_name: str, targets: Iterabl
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-# ---------------------------------------------------------------------------------- precompute
-
-def precompute(cache: RefLogpCache, keys_and_rows: Iterable[tuple[bytes, Sequence[int], Sequence[int]]],
-               logps_fn: Callable[[list[tuple[Sequence[int], Sequence[int]]]], torch.Tensor], *,
-               rank: int, world_size: int, batch_size: int, writer: str | None = None,
-               flush_every: int | None = None, todo: Sequence[bytes] | None = None) -> int:
-    """Compute this rank's share of the keys missing from ``cache``; returns how many it computed.
-
-    ``keys_and_rows`` is every (key, prompt_ids, completion_ids) the run needs, on every rank in
-    any order (duplicates are dropped by key). The missing keys are sorted and rank r takes every
-    ``world_size``-th from position r, so the ranks split the work without talking, provided all of
-    them see the same cache state. ``logps_fn(rows) -> (len(rows),)`` scores one batch. Results go
-    to one shard per rank (``writer`` defaults to ``rank<r>``), or one every ``flush_every`` rows so
-    that a crash keeps finished work. ``todo``: the sorted keys to compute, decided once for all
-    ranks (default: the ones this rank finds missing). The caller then runs a barrier and
-    :meth:`~RefLogpCache.reload`.
-    """
-    if not 0 <= rank < world_size or batch_size < 1:
-        raise ValueError(f"rank={rank}, world_size={world_size}, batch_size={batch_size}")
-    rows: dict[bytes, tuple] = {}
-    for key, p, c in keys_and_rows:
-        rows.setdefault(bytes(key), (p, c))
-    wanted = list(rows)
-    todo = sorted(wanted[i] for i in cache.missing(wanted)) if todo is None else list(todo)
-    if not todo:
-        return 0
-    mine = todo[rank::world_size]
-    # Longest first: a batch holds rows of similar length (little padding), and running out of
-    # memory shows on the first batch rather than after hours.
-    mine.sort(key=lambda k: (-(len(rows[k][0]) + len(rows[k][1])), k))
-    # Every rank makes the same number of calls: under ZeRO-3 each reference forward gathers the
-    # parameters collectively, so a rank with one batch fewer would leave the others waiting.
-    # A rank out of rows scores a filler row and drops the result.
-    calls = math.ceil(math.ceil(len(todo) / world_size) / batch_size)
-    filler = [rows[todo[0]]]
-    writer = writer or f"rank{rank}"
-    done_keys: list[bytes] = []
-    done_logps: list[torch.Tensor] = []
-    computed = 0
-    for b in range(calls):
-        batch = mine[b * batch_size:(b + 1) * batch_size]
-        inputs = [rows[k] for k in batch] or filler
-        out = torch.as_tensor(logps_fn(inputs)).detach().to("cpu", torch.float64).reshape(-1)
-        if out.numel() != len(inputs):
-            raise ValueError(f"logps_fn returned {out.numel()} values for {len(inputs)} rows")
-        if batch:
-            done_keys += batch
-            done_logps.append(out)
-            computed += len(batch)
-        if done_keys and (b == calls - 1 or (flush_every and len(done_keys) >= flush_every)):
-            cache.write_shard(done_keys, torch.cat(done_logps), writer)
-            done_keys, done_logps = [], []
-    return computed

@@ -1,0 +1,94 @@
+"""``ref.mode`` -> the scorer of reference log-probs for a run: the one call the trainer makes.
+
+* ``online``: the frozen reference weights in a ZeRO-3 inference engine, run every step.
+* ``cache``: fingerprint the reference folder, open the cache (rank 0 creates it), let rank 0
+  decide which of the run's sequences it lacks, compute those once with a temporary online
+  reference sharded over the data-parallel ranks, then read everything from the cache. When the
+  cache already holds every sequence, the reference model is never loaded.
+
+In cache mode the KL rows must be a fixed set, or every reshuffle asks for (prompt, completion)
+pairs never computed: the trainer gives each row one partner for the whole dataset
+(:func:`megakto.data.kl_pairs.dataset_kl_partners`, a fixed seed so runs with different seeds
+share the cache) and passes every target and KL row of train and eval as ``pairs``. Each step still
+runs the policy on the KL rows; only the reference side comes from the cache.
+
+The online scorer is passed in as a factory, so another way to run the reference (a pipeline
+engine, the policy with its adapters off) gets the cache too without a change here.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from megakto.distributed import comm, engine
+from megakto.distributed.ds_config import reference_ds_config
+from megakto.errors import MegaktoError
+from megakto.reference.fingerprint import reference_fingerprint
+from megakto.reference.precompute import precompute
+from megakto.reference.scorers import CachedReference, OnlineReference, Reference
+from megakto.reference.store import RefLogpCache, sequence_key
+
+__all__ = ["build_reference", "online_reference"]
+
+Pair = tuple[Sequence[int], Sequence[int]]
+
+
+def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_fn: Callable,
+                     logps_fn: Callable) -> OnlineReference:
+    """The reference weights (``ref.path``, else ``model.path``) in a frozen ZeRO-3 inference engine
+    beside the policy's ``ds_config``; ``ref.offload`` decides where its parameters live."""
+    ref_ds = reference_ds_config(ds_config, offload=ref.offload)
+    module = engine.load_model(ref.path or model.path, ref_ds, dtype=dtype,
+                               attn_implementation=model.attn_implementation,
+                               trust_remote_code=model.trust_remote_code, vocab_block_rows=model.vocab_block_rows)
+    engine.disable_dropout(module)
+    return OnlineReference(engine.build_reference_engine(module, ref_ds), batch_fn, logps_fn)
+
+
+def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Reference],
+                    pairs: Callable[[], list[Pair]], batch_size: int, dp_rank: int, dp_size: int,
+                    device, log: Callable[[str], None]) -> Reference:
+    """The scorer for ``ref.mode`` (``ref``, ``model``: the config's sections).
+
+    ``online()`` loads the online scorer. ``pairs()`` (called in cache mode only) lists every
+    (prompt_ids, completion_ids) the run will ask the reference for. The precompute scores
+    ``batch_size`` rows per forward on data-parallel rank ``dp_rank`` of ``dp_size``. Collective:
+    every rank calls it.
+    """
+    if ref.mode != "cache":
+        return online()
+    with comm.fail_together():
+        fingerprint = reference_fingerprint(ref.path or model.path, settings={
+            "dtype": str(dtype), "attn": model.attn_implementation, "logps": model.logps})
+        if comm.is_main():
+            RefLogpCache.open(ref.cache_dir, fingerprint, create=True)
+    with comm.fail_together():
+        cache = RefLogpCache.open(ref.cache_dir, fingerprint, create=False)
+    items = [(sequence_key(p, c), p, c) for p, c in pairs()]
+    keys = [k for k, _, _ in items]
+    # Rank 0 decides what is missing: ranks that saw different folder contents (another job
+    # writing, a lagging network filesystem) would otherwise run different numbers of forwards.
+    todo = comm.broadcast_object(sorted({keys[i] for i in cache.missing(keys)}) if comm.is_main() else None)
+    seconds = 0.0
+    if todo:
+        start = time.perf_counter()
+        scorer = online()
+        n = precompute(cache, items, scorer.logps, rank=dp_rank, world_size=dp_size, batch_size=batch_size, todo=todo)
+        comm.barrier()
+        cache.reload()
+        del scorer
+        gc.collect()
+        seconds = time.perf_counter() - start
+        log(f"reference cache: computed {int(comm.all_reduce_dict({'n': n})['n'])} log-probs "
+            f"in {seconds:.1f} s into {ref.cache_dir}")
+    with comm.fail_together():
+        missing = cache.missing(keys)
+        if missing:
+            raise MegaktoError(f"ref.cache_dir={ref.cache_dir}: {len(missing)} of {len(keys)} reference "
+                               "log-probs missing after the precompute pass; is the folder shared by all nodes?")
+    log(f"reference cache: {len(keys)} log-probs from {ref.cache_dir}; reference model not loaded")
+    return CachedReference(cache, device, precompute_seconds=seconds)
