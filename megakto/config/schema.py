@@ -1,0 +1,229 @@
+"""The run configuration's schema: one dataclass per YAML section, every field with its default
+and its help text.
+
+The dotted names (``train.max_steps``, ``kto.beta``, ...) are the user interface: the YAML file is a
+mapping of sections, and every override names one leaf. Every field carries its help text in
+``field(metadata={"help": ...})`` so :func:`~megakto.config.help.config_help` can list all keys with
+type and default. Reading, coercing and checking values is :mod:`megakto.config.loader`'s job; the
+helpers at the end walk the schema for it.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal, Optional, Union, get_type_hints
+
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "DataConfig",
+    "KTOConfig",
+    "TrainConfig",
+    "OptimConfig",
+    "RefConfig",
+    "CheckpointConfig",
+    "DistConfig",
+]
+
+
+def _opt(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _opt("", "Hugging Face model folder (or hub id) of the policy. Required.")
+    tokenizer_path: Optional[str] = _opt(None, "Tokenizer folder; null = model.path.")
+    disable_dropout: bool = _opt(True, "Set every dropout probability to 0 in policy and reference.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    trust_remote_code: bool = _opt(False, "Allow model code shipped inside the model folder.")
+    dtype: Literal["auto", "float32", "bfloat16"] = _opt(
+        "auto", "Weights and compute dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    attn_implementation: str = _opt(
+        "auto", "Attention implementation for from_pretrained: auto = what transformers picks for the "
+        "model (sdpa where the model supports it, else eager), or eager, sdpa, flex_attention, "
+        "flash_attention_2, ...; checked against the model before any weights load."
+    )
+    logps: Literal["chunked", "full"] = _opt(
+        "chunked", "chunked = lm_head only on completion positions, in chunks of tokens with a "
+        "recomputing backward (no tokens x vocab tensor); full = the model's ordinary logits "
+        "(for heads with a bias or logits changed after the head)."
+    )
+    logps_chunk_tokens: Optional[int] = _opt(
+        None, "Tokens per lm_head chunk; null = as many as fit 16M logits (flat memory in vocab size)."
+    )
+    vocab_block_rows: Union[int, Literal["auto"]] = _opt(
+        "auto", "Split the input embedding and output head into blocks of this many vocabulary rows, "
+        "each its own parameter, so no gradient, ZeRO-3 gather or optimizer temporary is "
+        "vocabulary-sized; auto = 4M elements per block (rows = 4194304 // hidden); 0 = off. "
+        "A resumed run must keep its value."
+    )
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _opt(
+        [], "Training JSONL/Parquet files (prompt, completion, label). Required. "
+        "Override as 'a.jsonl,b.jsonl' or '[a.jsonl, b.jsonl]'."
+    )
+    eval_files: list[str] = _opt([], "Evaluation files, same format; empty = no evaluation.")
+    max_length: int = _opt(512, "Maximum prompt + completion tokens per row.")
+    max_prompt_length: Optional[int] = _opt(
+        None, "Maximum prompt tokens (prompts are cut from the left); null = max_length // 2."
+    )
+    balanced_sampling: bool = _opt(
+        True, "Stratify each global batch by label instead of a plain shuffle."
+    )
+    num_proc: Optional[int] = _opt(None, "Worker processes for tokenization; null = one.")
+    packing: bool = _opt(
+        True, "Pack each micro-batch's sequences end to end into rows of max_tokens_per_row "
+        "(attention stays inside a sequence); false = one sequence per row, right-padded."
+    )
+    max_tokens_per_row: Optional[int] = _opt(
+        None, "Token budget of a packed row; null = max_length (sdpa/eager attention costs grow with "
+        "the row length squared; raise it with flash-attention). Must be >= max_length."
+    )
+
+
+@dataclass
+class KTOConfig:
+    loss_type: Literal["kto", "apo_zero_unpaired", "sft"] = _opt(
+        "kto", "kto = KTO with the KL reference point z_0 (Ethayarajh et al. 2024); "
+        "apo_zero_unpaired = no KL term (no KL forward passes); sft = plain causal-LM loss on every "
+        "completion, labels ignored, no reference (a throughput baseline on the same engine)."
+    )
+    beta: float = _opt(0.1, "Scale of the implied reward beta * log(pi / pi_ref); > 0.")
+    desirable_weight: Union[float, Literal["auto"]] = _opt(
+        1.0, "lambda_D, weight of desirable rows; 'auto' = lambda_U * n_U / n_D from the label "
+        "counts, so the eq. (8) ratio lambda_D * n_D / (lambda_U * n_U) is 1 "
+        "(paper: keep it in [1, 4/3])."
+    )
+    undesirable_weight: float = _opt(1.0, "lambda_U, weight of undesirable rows; > 0.")
+    kl_scope: Literal["step", "microbatch"] = _opt(
+        "step", "Rows that share one KL estimate z_0: step = the whole global batch of the "
+        "optimizer step (all micro-batches, all ranks); microbatch = each micro-batch, as TRL does."
+    )
+    sft_weight: float = _opt(
+        0.0, "Weight of an added negative log-likelihood term on desirable completions; 0 = off."
+    )
+    allow_single_class: bool = _opt(
+        False, "Allow data with only desirable or only undesirable rows (normally an error)."
+    )
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _opt(100, "Optimizer steps to run.")
+    global_batch_size: int = _opt(
+        16, "Rows per optimizer step over all ranks = micro_batch_size x grad-accum x dp."
+    )
+    micro_batch_size: int = _opt(4, "Rows per forward pass per data-parallel rank.")
+    log_every: int = _opt(1, "Log metrics every N optimizer steps.")
+    eval_every: int = _opt(
+        0, "Evaluate every N optimizer steps, and once before training (the reference model's "
+        "baseline); 0 = only at the end. Needs data.eval_files."
+    )
+    eval_batch_size: int = _opt(8, "Rows per evaluation forward pass per data-parallel rank.")
+    resume: str = _opt(
+        "none", "auto = continue from the newest checkpoint in output_dir if any; "
+        "none = start fresh; otherwise a checkpoint directory."
+    )
+    export_hf: bool = _opt(
+        False, "At the end, write output_dir/hf (safetensors, config, tokenizer) from a final "
+        "checkpoint, saved even when checkpoint.every_steps=0."
+    )
+    max_skipped_steps: int = _opt(
+        3, "Stop with an error after this many consecutive optimizer steps skipped for a non-finite "
+        "loss, KL or gradient norm (no save: the last checkpoint stays as it was); 0 = never stop."
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _opt(5e-6, "Peak learning rate of torch AdamW.")
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay.")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (beta1, beta2).")
+    eps: float = _opt(1e-8, "AdamW epsilon.")
+    warmup_steps: int = _opt(0, "Linear warm-up from 0 to lr over this many steps.")
+    schedule: Literal["cosine", "linear", "constant"] = _opt(
+        "cosine", "LR decay after warm-up, down to lr * min_lr_ratio at max_steps."
+    )
+    min_lr_ratio: float = _opt(0.0, "Final LR as a fraction of lr, in [0, 1].")
+    grad_clip: float = _opt(
+        1.0, "Clip the global gradient norm to this (DeepSpeed gradient_clipping); 0 = off."
+    )
+
+
+@dataclass
+class RefConfig:
+    mode: Literal["online", "cache"] = _opt(
+        "online", "online = frozen reference forward every step; "
+        "cache = reference log-probs computed once before training."
+    )
+    offload: Literal["cpu", "none"] = _opt(
+        "cpu", "cpu = keep the ZeRO-3 reference parameters in CPU memory (offload_param)."
+    )
+    path: Optional[str] = _opt(None, "Reference model folder; null = model.path.")
+    cache_dir: Optional[str] = _opt(
+        None, "ref.mode=cache: where reference log-probs are stored, keyed by token content and a "
+        "fingerprint of the reference weights; null = output_dir/ref_cache."
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _opt(0, "Save a DeepSpeed checkpoint every N optimizer steps; 0 = never.")
+    keep_last: int = _opt(
+        2, "Keep only the newest N complete checkpoints (>= 1); the newest complete one is never deleted."
+    )
+
+
+@dataclass
+class DistConfig:
+    timeout_minutes: float = _opt(10.0, "Timeout of collective operations (process group).")
+
+
+@dataclass
+class Config:
+    output_dir: str = _opt("outputs/run", "Run directory: checkpoints, logs, resolved config.")
+    seed: int = _opt(0, "Seed for sampling, KL pairing and model init.")
+    model: ModelConfig = _section(ModelConfig, "Policy model and tokenizer.")
+    data: DataConfig = _section(DataConfig, "Datasets and tokenization.")
+    kto: KTOConfig = _section(KTOConfig, "KTO loss.")
+    train: TrainConfig = _section(TrainConfig, "Steps, batch sizes, evaluation, resume.")
+    optim: OptimConfig = _section(OptimConfig, "AdamW and learning-rate schedule.")
+    ref: RefConfig = _section(RefConfig, "Frozen reference model.")
+    checkpoint: CheckpointConfig = _section(CheckpointConfig, "Checkpoint saving.")
+    dist: DistConfig = _section(DistConfig, "torch.distributed settings.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema walking
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _leaf_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
+    """(dotted key, type, Field) for every leaf, in declaration order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if _is_section(tp):
+            out += _leaf_keys(tp, prefix + f.name + ".")
+        else:
+            out.append((prefix + f.name, tp, f))
+    return out

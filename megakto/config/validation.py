@@ -1,0 +1,86 @@
+"""Cross-field rules of a loaded :class:`~megakto.config.schema.Config`, checked once at start-up.
+
+Types are already right (the loader coerced every value); these are the ranges and the relations
+between keys. The first failure is a one-line :class:`~megakto.errors.ConfigError` naming the keys.
+"""
+
+from megakto.config.schema import Config
+from megakto.errors import ConfigError
+
+__all__ = ["validate"]
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field rules once at start-up; raise a one-line ConfigError on the first failure."""
+    _check(bool(cfg.model.path), "model.path is required (a Hugging Face model folder); "
+           "set it in the YAML or pass model.path=PATH")
+    _check(bool(cfg.data.train_files), "data.train_files is required (one or more data files); "
+           "set it in the YAML or pass data.train_files=a.jsonl,b.jsonl")
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "train.max_steps": cfg.train.max_steps,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "kto.beta": cfg.kto.beta,
+        "kto.undesirable_weight": cfg.kto.undesirable_weight,
+        "optim.lr": cfg.optim.lr,
+        "optim.eps": cfg.optim.eps,
+        "dist.timeout_minutes": cfg.dist.timeout_minutes,
+    }
+    if cfg.kto.desirable_weight != "auto":
+        positive["kto.desirable_weight"] = cfg.kto.desirable_weight
+    if cfg.data.max_prompt_length is not None:
+        positive["data.max_prompt_length"] = cfg.data.max_prompt_length
+    if cfg.data.num_proc is not None:
+        positive["data.num_proc"] = cfg.data.num_proc
+    for key, v in positive.items():
+        _check(v > 0, f"{key} must be > 0, got {v}")
+    non_negative = {
+        "train.eval_every": cfg.train.eval_every,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "kto.sft_weight": cfg.kto.sft_weight,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.grad_clip": cfg.optim.grad_clip,
+    }
+    for key, v in non_negative.items():
+        _check(v >= 0, f"{key} must be >= 0, got {v}")
+    _check(0.0 <= cfg.optim.min_lr_ratio <= 1.0,
+           f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    betas = cfg.optim.betas
+    _check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+           f"optim.betas must be two numbers in [0, 1), got {betas}")
+    mpl = cfg.data.max_prompt_length
+    if mpl is not None:
+        _check(mpl < cfg.data.max_length, f"data.max_prompt_length={mpl} must be < "
+               f"data.max_length={cfg.data.max_length} to leave room for the completion")
+    _check(cfg.data.max_length >= 2, f"data.max_length must be >= 2, got {cfg.data.max_length}")
+    mtr = cfg.data.max_tokens_per_row
+    if mtr is not None:
+        _check(mtr >= cfg.data.max_length, f"data.max_tokens_per_row={mtr} must be >= "
+               f"data.max_length={cfg.data.max_length}: a sequence is never split across packed rows")
+    if cfg.model.vocab_block_rows != "auto":
+        _check(cfg.model.vocab_block_rows >= 0,
+               f"model.vocab_block_rows must be auto or >= 0 (0 = off), got {cfg.model.vocab_block_rows}")
+    if cfg.model.logps_chunk_tokens is not None:
+        _check(cfg.model.logps_chunk_tokens >= 1,
+               f"model.logps_chunk_tokens must be >= 1, got {cfg.model.logps_chunk_tokens}")
+    _check(bool(cfg.train.resume.strip()), "train.resume must be 'auto', 'none' or a checkpoint path")
+    # The micro-batch divides the global batch whatever the data-parallel size; ParallelDims checks
+    # the rest once the world size is known.
+    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    _check(gbs % mbs == 0, f"train.global_batch_size={gbs} is not divisible by "
+           f"train.micro_batch_size={mbs}")
+    if cfg.kto.loss_type == "kto":
+        # z_0 is estimated from mismatched (x_i, y_j) pairs drawn over the global batch (whatever the
+        # KL scope), so one row per step has no partner.
+        _check(gbs >= 2, f"kto.loss_type='kto' needs train.global_batch_size >= 2 to pair rows for "
+               f"the KL estimate, got {gbs}; use kto.loss_type=apo_zero_unpaired for no KL term")
