@@ -26,7 +26,6 @@ __all__ = ["load_config", "resolve_defaults", "config_to_dict", "save_config"]
 
 
 def _unknown_key(key: str, cls: type, prefix: str) -> ConfigError:
-    name = key[len(prefix):].split(".")[0]
     valid = sorted(f.name for f in dataclasses.fields(cls))
     where = f"valid keys in '{prefix[:-1]}'" if prefix else "valid top-level keys"
     msg = f"unknown config key '{key}'; {where}: {', '.join(valid)}"
