@@ -1,26 +1,22 @@
 """Run a script under the real ``deepspeed`` launcher, N CPU processes over gloo, each test on its
-own port. Never mocks DeepSpeed or torch.distributed."""
+own port. Never mocks DeepSpeed or torch.distributed. The command line and environment come from
+tools/_launch.py, which tools/bench.py uses too."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 
+from _launch import free_port, launcher_command, rank_env  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["REPO", "free_port", "launch", "launcher_command", "rank_env"]
 
 
 def launch(script: str, args: list[str], *, nproc: int, timeout: float = 300, env: dict | None = None):
     """``deepspeed --num_gpus N --master_port P script args``; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(free_port()), os.path.join(REPO, script), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
-                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(launcher_command(os.path.join(REPO, script), args, nproc=nproc), cwd=REPO,
+                          env=rank_env(env), capture_output=True, text=True, timeout=timeout)

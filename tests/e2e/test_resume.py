@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.e2e.conftest import base_overrides, run_trainer
-from tests.launcher import REPO, free_port
+from tests.launcher import REPO, launcher_command, rank_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -50,12 +50,10 @@ def _start(assets, out, dump, *, env=None, hang_before_step=None, ds="ds_configs
     args = ["--deepspeed", ds, "--dump", dump]
     if hang_before_step:
         args += ["--hang-before-step", str(hang_before_step)]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           os.path.join(REPO, "tests/e2e/run_trainer.py"), *args, *base_overrides(assets, out, **{**COMMON, **extra})]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
-                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(env or {})}
+    cmd = launcher_command(os.path.join(REPO, "tests/e2e/run_trainer.py"),
+                           [*args, *base_overrides(assets, out, **{**COMMON, **extra})], nproc=2)
     log = open(os.path.join(dump, "launcher.log"), "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=REPO, env=rank_env(env), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _log(dump):
