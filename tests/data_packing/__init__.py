@@ -1,1 +1,0 @@
-"""Tests for megakto.data.packing and megakto.kto.segment_logps."""
