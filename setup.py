@@ -6,7 +6,7 @@ setup(
     description="KTO (Kahneman-Tversky Optimization) training at DeepSpeed scale: ZeRO-3 policy, "
     "offloaded reference, packed KL pairs, all-reduced KL baseline.",
     packages=find_packages(include=["megakto", "megakto.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "torch>=2.4,<2.15",
         "deepspeed>=0.16",
