@@ -5,18 +5,9 @@ import textwrap
 
 import pytest
 
-from megakto.config import load_config
-from megakto.errors import ConfigError
+from tests.config.test_config import _error
 
 REQUIRED = ["model.path=models/tiny", "data.train_files=train.jsonl"]
-
-
-def _error(yaml_path, overrides):
-    with pytest.raises(ConfigError) as info:
-        load_config(yaml_path, overrides)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
 
 
 def _hint(msg):

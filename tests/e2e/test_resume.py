@@ -75,6 +75,24 @@ def _tensorboard_losses(out):
     return [(e.step, e.value) for e in acc.Scalars("loss")]
 
 
+def _export_equals_engine(out):
+    """output_dir/hf loads with from_pretrained, gives the engine's logits on the probe batch and
+    holds the engine's weights bitwise; returns the loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    from megakto.export import probe_batch
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf")).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe_batch(model.config.vocab_size)).logits
+    engine_logits = torch.load(os.path.join(out, "dump", "logits.pt"), weights_only=True)
+    assert float((logits - engine_logits).abs().max()) <= 1e-6
+    weights = load_file(os.path.join(out, "hf", "model.safetensors"))
+    policy = torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
+    assert set(weights) == set(policy) and all(torch.equal(weights[k], policy[k]) for k in policy)
+    return model
+
+
 def _latest(out):
     path = os.path.join(out, "checkpoints", "latest")
     return open(path).read() if os.path.exists(path) else None
@@ -167,20 +185,11 @@ def test_keep_last_prunes_old_checkpoints(straight, interrupted):
 def test_export_hf_matches_engine(straight):
     """train.export_hf: output_dir/hf loads with from_pretrained and reproduces the engine's logits
     (run_trainer computed them with the ZeRO-3 engine after training) and its gathered weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megakto.export import probe_batch
+    from transformers import AutoTokenizer
 
     out, _ = straight
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf")).eval()
+    model = _export_equals_engine(out)
     assert model.dtype == torch.float32
-    with torch.no_grad():
-        logits = model(input_ids=probe_batch(model.config.vocab_size)).logits
-    engine_logits = torch.load(os.path.join(out, "dump", "logits.pt"), weights_only=True)
-    assert float((logits - engine_logits).abs().max()) <= 1e-6
-    weights = load_file(os.path.join(out, "hf", "model.safetensors"))
-    policy = torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
-    assert set(weights) == set(policy) and all(torch.equal(weights[k], policy[k]) for k in policy)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "hf"))
     assert tokenizer.chat_template and "<|assistant|>" in tokenizer.chat_template
     assert os.path.isfile(os.path.join(out, "hf", "generation_config.json"))
@@ -253,10 +262,6 @@ def zero12(request, assets, tmp_path_factory):
 def test_zero12_resume_and_export(zero12, tmp_path):
     """Resume from a ZeRO-1/2 checkpoint gives the uninterrupted losses; train.export_hf and
     tools/zero_to_hf.py --check convert it; TensorBoard shows steps 1-4 once each."""
-    from transformers import AutoModelForCausalLM
-
-    from megakto.export import probe_batch
-
     out, result = zero12
     assert "step-00000002 at step 2" in _log(out / "dump")
     x = _steps(out / "dumpX")
@@ -267,14 +272,7 @@ def test_zero12_resume_and_export(zero12, tmp_path):
     shown = _tensorboard_losses(out)
     assert [s for s, _ in shown] == [1, 2, 3, 4]
     assert [v for _, v in shown] == pytest.approx([x[s]["metrics"]["loss"] for s in (1, 2, 3, 4)], abs=1e-6, rel=0)
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf")).eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe_batch(model.config.vocab_size)).logits
-    engine_logits = torch.load(os.path.join(out, "dump", "logits.pt"), weights_only=True)
-    assert float((logits - engine_logits).abs().max()) <= 1e-6
-    weights = load_file(os.path.join(out, "hf", "model.safetensors"))
-    policy = torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
-    assert set(weights) == set(policy) and all(torch.equal(weights[k], policy[k]) for k in policy)
+    _export_equals_engine(out)
     proc = subprocess.run([sys.executable, "tools/zero_to_hf.py", os.path.join(out, "checkpoints"),
                            str(tmp_path / "hf"), "--check"], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and "check: max abs logit diff 0 (ok" in proc.stdout, proc.stderr[-2000:]

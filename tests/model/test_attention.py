@@ -2,7 +2,6 @@
 unsupported choice is one line listing the ones that work, and packed rows give the unpacked
 log-probs in the implementation picked (Llama, Qwen2, Mistral, Gemma2; tiny random models)."""
 
-import random
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from megakto.data.packing import pack
 from megakto.errors import ConfigError
 from megakto.model.forward import completion_logps, packed_completion_logps
 from megakto.model.load import check_model_settings
+from tests.model.test_packed_forward import VOCAB, _rows
 
 PAD = 0
-VOCAB = 300
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD)
 # Sliding windows of 8 tokens, shorter than most rows below, so the sliding-window masks matter.
@@ -107,17 +106,6 @@ def test_chunked_logps_refused_for_soft_capped_logits(tmp_path):
         "set model.logps=full"
     )
     assert _check(_folder(tmp_path, "llama"), "auto", logps="chunked") == "sdpa"
-
-
-def _rows(seed, n=12):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        length = rng.randint(2, 30)
-        ids = [rng.randint(1, VOCAB - 1) for _ in range(length)]
-        k = rng.randint(1, length - 1)
-        rows.append((ids[:k], ids[k:]))
-    return rows
 
 
 def _model(family, attn):
