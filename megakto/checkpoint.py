@@ -222,6 +222,7 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, warn=_warn)
     candidates = comm.broadcast_object(candidates)  # rank 0's listing: every rank verifies the same tags
     path, skipped = None, []
     for candidate in candidates:
+        _check_world_size(candidate, resume, world_size)  # before hashing: a mismatch is no damage
         why = verify(candidate)
         if why is None:
             path = candidate
@@ -241,11 +242,15 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, warn=_warn)
     if DIGEST not in manifest:
         warn(f"{path}: its manifest has no checksums (saved before they were recorded); only file sizes and "
              "pickles were checked")
-    saved = manifest["world_size"]
-    if saved != world_size:
+    return path
+
+
+def _check_world_size(path: str, resume: str, world_size: int) -> None:
+    manifest = read_manifest(path)
+    saved = manifest.get("world_size") if manifest else None
+    if saved is not None and saved != world_size:
         raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks but this run has "
                           f"{world_size}; ZeRO partitions are per rank, resume with {saved} processes")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,3 +164,17 @@ def test_unreadable_trainer_state_is_one_line(tmp_path):
     torch.save([1, 2], state)  # plain types: loads, but is not a trainer state
     with pytest.raises(ConfigError, match="is not rank 0's trainer state"):
         checkpoint.load_state(path)
+
+
+def test_other_world_size_is_refused_before_any_file_is_hashed(tmp_path, monkeypatch):
+    """A checkpoint of 1 rank resumed by 4: one line with both numbers, and no file is read for its
+    checksum first (a large checkpoint would be hashed whole for nothing)."""
+    _, path = _save(tmp_path / "checkpoints", 2, payload=os.urandom(20000))
+    hashed = []
+    monkeypatch.setattr(checkpoint, "file_digest", lambda p: hashed.append(p) or "0" * 64)
+    for resume in (path, "auto"):
+        with pytest.raises(ConfigError) as err:
+            checkpoint.resolve_resume(resume, str(tmp_path), world_size=4)
+        assert str(err.value) == (f"train.resume={resume}: {path} was written by 1 ranks but this run has 4; "
+                                  "ZeRO partitions are per rank, resume with 1 processes")
+    assert hashed == []
