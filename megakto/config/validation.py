@@ -45,6 +45,7 @@ def validate(cfg: Config) -> None:
         _check(v > 0, f"{key} must be > 0, got {v}")
     non_negative = {
         "train.eval_every": cfg.train.eval_every,
+        "train.max_skipped_steps": cfg.train.max_skipped_steps,  # 0 = never stop
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "kto.sft_weight": cfg.kto.sft_weight,
         "optim.weight_decay": cfg.optim.weight_decay,

@@ -317,6 +317,7 @@ def test_yaml_file_errors(tmp_path):
         (REQUIRED + ["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
         (REQUIRED + ["optim.grad_clip=-1"], "optim.grad_clip must be >= 0, got -1.0"),
         (REQUIRED + ["train.eval_every=-2"], "train.eval_every must be >= 0, got -2"),
+        (REQUIRED + ["train.max_skipped_steps=-1"], "train.max_skipped_steps must be >= 0, got -1"),
         (REQUIRED + ["checkpoint.keep_last=0"], "checkpoint.keep_last must be > 0, got 0"),
         (REQUIRED + ["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio must be in [0, 1], got 1.5"),
         (REQUIRED + ["optim.betas=0.9"], "optim.betas must be two numbers in [0, 1), got [0.9]"),
