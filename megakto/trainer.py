@@ -280,10 +280,6 @@ class KTOTrainer:
     def train(self) -> list[StepResult]:
         cfg = self.cfg
         history = []
-        if cfg.train.max_skipped_steps < 0:
-            err = ConfigError(f"train.max_skipped_steps must be >= 0 (0 = never stop), got {cfg.train.max_skipped_steps}")
-            err.shared = True  # every rank read the same config
-            raise err
         # Skipped steps (non-finite loss, KL or gradient norm) are counted; too many in a row stop
         # the run before anything is saved, so the last checkpoint stays the last good state.
         skips = SkippedSteps(cfg.train.max_skipped_steps, hint=f"optim.lr={cfg.optim.lr:g}, kto.beta={cfg.kto.beta:g}")
@@ -293,8 +289,7 @@ class KTOTrainer:
         if evaluating and cfg.train.eval_every and self.step == 0:
             self._evaluate_and_log()  # the reference model's numbers: reward accuracy 0.5 by construction
         while self.step < cfg.train.max_steps:
-            result = self.train_step(self.sampler.next_global_batch())
-            self.step += 1
+            result = self.next_step()
             history.append(result)
             stop = warning = None
             try:  # every rank records the same all-reduced outcome, so all decide alike
