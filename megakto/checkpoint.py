@@ -24,8 +24,8 @@ and ``resume: auto`` picks the newest directory that has a manifest whose files 
 
 Before a resume every file is verified: its size, its sha256 against the manifest, and its pickle
 (no global beyond tensors, plain types and DeepSpeed's own classes). The hashing is shared: the
-manifest's files are dealt out round robin, largest first, so each rank reads about 1/world of the
-checkpoint (rank 0 no more than the others) and the verdicts are gathered, so every rank takes the
+manifest's files are dealt out largest first, each to the rank with the fewest bytes so far, so
+each rank reads about 1/world of the checkpoint, and the verdicts are gathered, so every rank takes the
 same decision. With ``resume: auto`` a newest checkpoint that fails is skipped with a
 warning naming it and why, and the next older one is tried; if none passes, the run stops (it does
 not silently start over). A manifest from before checksums were recorded is accepted on sizes and
@@ -64,6 +64,7 @@ __all__ = [
     "read_manifest",
     "problem",
     "file_digest",
+    "hash_shares",
     "verify",
     "complete_tags",
     "newest_complete",
@@ -162,6 +163,18 @@ def _check_files(tag_dir: str, names: list[str], digests: dict | None) -> str | 
     return None
 
 
+def hash_shares(sizes: dict[str, int], world_size: int) -> list[list[str]]:
+    """The files each rank hashes at resume: largest first, each to the rank with the fewest bytes so
+    far (lowest rank on ties), so no rank reads much more than 1/world of the checkpoint. The same
+    on every rank: it depends on the manifest alone."""
+    shares, loads = [[] for _ in range(world_size)], [0] * world_size
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = loads.index(min(loads))
+        shares[r].append(name)
+        loads[r] += sizes[name]
+    return shares
+
+
 def verify(tag_dir: str, *, collective: bool = True) -> str | None:
     """Why ``tag_dir`` cannot be loaded (one phrase), or None: :func:`problem` (sizes), then every
     file's checksum and pickle (:func:`_check_files`). ``collective``: every rank calls it and
@@ -171,9 +184,7 @@ def verify(tag_dir: str, *, collective: bool = True) -> str | None:
     if why is None:
         manifest = read_manifest(tag_dir)
         sizes = manifest["files"]
-        names = sorted(sizes, key=lambda n: (-sizes[n], n))  # largest first: even shares
-        if collective:
-            names = names[comm.rank()::comm.world_size()]
+        names = hash_shares(sizes, comm.world_size())[comm.rank()] if collective else hash_shares(sizes, 1)[0]
         why = _check_files(tag_dir, names, manifest.get(DIGEST))
     if collective:
         why = next((w for w in comm.all_gather_object(why) if w is not None), None)

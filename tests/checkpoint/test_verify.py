@@ -178,3 +178,11 @@ def test_other_world_size_is_refused_before_any_file_is_hashed(tmp_path, monkeyp
         assert str(err.value) == (f"train.resume={resume}: {path} was written by 1 ranks but this run has 4; "
                                   "ZeRO partitions are per rank, resume with 1 processes")
     assert hashed == []
+
+
+def test_hash_shares_balance_bytes():
+    """Largest first to the lightest rank: a(10) -> 0, b(9) -> 1, c(8) -> 1 (9 < 10), d(1) -> 0
+    (10 < 17): 11 and 17 bytes, where dealing round robin would give 18 and 10."""
+    assert checkpoint.hash_shares({"d": 1, "c": 8, "b": 9, "a": 10}, 2) == [["a", "d"], ["b", "c"]]
+    assert checkpoint.hash_shares({"x": 5, "y": 5}, 1) == [["x", "y"]]
+    assert checkpoint.hash_shares({"x": 5}, 3) == [["x"], [], []]
