@@ -114,7 +114,10 @@ def read_manifest(tag_dir: str) -> dict | None:
             manifest = json.load(fh)
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and "step" in manifest and "files" in manifest else None
+    if not (isinstance(manifest, dict) and "step" in manifest and isinstance(manifest.get("files"), dict)
+            and isinstance(manifest.get(DIGEST, {}), dict)):
+        return None  # not one of ours, or hand-edited: unusable, never a TypeError later
+    return manifest
 
 
 def problem(tag_dir: str) -> str | None:

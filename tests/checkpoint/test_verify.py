@@ -186,3 +186,17 @@ def test_hash_shares_balance_bytes():
     assert checkpoint.hash_shares({"d": 1, "c": 8, "b": 9, "a": 10}, 2) == [["a", "d"], ["b", "c"]]
     assert checkpoint.hash_shares({"x": 5, "y": 5}, 1) == [["x", "y"]]
     assert checkpoint.hash_shares({"x": 5}, 3) == [["x"], [], []]
+
+
+def test_a_manifest_of_the_wrong_shape_is_no_manifest(tmp_path):
+    """A hand-edited manifest whose checksums are not a mapping is refused in one line, not a
+    TypeError halfway through verification."""
+    _, path = _save(tmp_path / "checkpoints", 2, payload=os.urandom(2000))
+    manifest_path = os.path.join(path, checkpoint.MANIFEST)
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["sha256"] = ["not", "a", "mapping"]
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    assert checkpoint.read_manifest(path) is None
+    assert checkpoint.verify(path) == "no 'complete' manifest (the save did not finish)"
