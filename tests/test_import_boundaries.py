@@ -4,7 +4,10 @@
   by import nor as an attribute (``torch.distributed.all_reduce``), nor through
   ``megakto.distributed``;
 - in the whole package, only modules under ``megakto/distributed/`` import ``deepspeed`` or
-  ``torch.distributed``.
+  ``torch.distributed``;
+- in the package, ``tools/`` and ``launch/``, exactly one module talks to ``torch.distributed``
+  (``megakto/distributed/comm.py``) and exactly one imports ``deepspeed``
+  (``megakto/distributed/engine.py``).
 
 Not covered: imports built from strings (``importlib.import_module("deepspeed")``).
 """
@@ -68,10 +71,10 @@ def forbidden_uses(source: str, package: str, forbidden, *, attributes: bool = F
     return sorted(set(hits))
 
 
-def _modules(*subdirs):
-    """(path, package) for every .py file under the given megakto subfolders present now."""
+def _modules(*subdirs, root=PKG):
+    """(path, package) for every .py file under the given subfolders of ``root`` present now."""
     for sub in subdirs:
-        for path in sorted((PKG / sub).rglob("*.py")) if (PKG / sub).is_dir() else []:
+        for path in sorted((root / sub).rglob("*.py")) if (root / sub).is_dir() else []:
             package = ".".join(path.relative_to(ROOT).parent.parts)
             yield path, package
 
@@ -145,6 +148,29 @@ def test_only_megakto_distributed_imports_collectives():
         for line, name in forbidden_uses(path.read_text(), package, COLLECTIVES):
             offenders.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
     assert offenders == []
+
+
+def _all_python():
+    yield from _modules(".")
+    yield from _modules("tools", "launch", root=ROOT)
+
+
+def test_one_module_per_runtime():
+    """torch.distributed in comm.py only, deepspeed in engine.py only, tools and launch included."""
+    owners = {"torch.distributed": "megakto/distributed/comm.py", "deepspeed": "megakto/distributed/engine.py"}
+    seen = {name: set() for name in owners}
+    offenders = []
+    files = list(_all_python())
+    assert any(p.parent.name == "tools" for p, _ in files) and any(p.parent.name == "launch" for p, _ in files)
+    for path, package in files:
+        rel = str(path.relative_to(ROOT))
+        for line, name in forbidden_uses(path.read_text(), package, COLLECTIVES, attributes=True):
+            runtime = _matches(name, COLLECTIVES)
+            seen[runtime].add(rel)
+            if rel != owners[runtime]:
+                offenders.append(f"{rel}:{line} uses {name}; only {owners[runtime]} may")
+    assert offenders == []
+    assert seen == {name: {owner} for name, owner in owners.items()}
 
 
 @pytest.mark.gloo

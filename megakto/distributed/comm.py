@@ -25,7 +25,9 @@ __all__ = [
     "is_main",
     "group_size",
     "group_rank",
+    "group_ranks",
     "all_reduce_sum",
+    "all_reduce_max",
     "all_reduce_dict",
     "any_rank",
     "barrier",
@@ -64,6 +66,13 @@ def group_rank(group=None) -> int:
     return dist.get_rank(group) if is_initialized() else 0
 
 
+def group_ranks(group=None) -> list[int]:
+    """Global ranks of ``group``'s members, in group-rank order."""
+    if not is_initialized():
+        return [0]
+    return list(dist.get_process_group_ranks(group or dist.group.WORLD))
+
+
 def _comm_device(group) -> torch.device:
     """NCCL reduces only GPU tensors; gloo only CPU ones."""
     if dist.get_backend(group) == "nccl":
@@ -71,18 +80,27 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``tensor`` in place over ``group``; a no-op outside a process group of size > 1.
-    A tensor on a device the backend cannot reduce travels to one that it can and back."""
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     if group_size(group) > 1:
         device = _comm_device(group)
         if tensor.device == device:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(tensor, op=op, group=group)
         else:
             moved = tensor.to(device)
-            dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(moved, op=op, group=group)
             tensor.copy_(moved)
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` in place over ``group``; a no-op outside a process group of size > 1.
+    A tensor on a device the backend cannot reduce travels to one that it can and back."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over ``group``, in place (as :func:`all_reduce_sum`)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX, group)
 
 
 def broadcast_object(obj, src: int = 0, group=None):

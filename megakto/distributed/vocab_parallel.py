@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
-from megakto.distributed.comm import group_rank, group_size
+from megakto.distributed.comm import all_reduce_max, all_reduce_sum, group_rank, group_size
 
 __all__ = ["group_reducers", "vocab_shard_range"]
 
@@ -30,12 +29,10 @@ def group_reducers(group) -> tuple[Reducer | None, Reducer | None]:
         return None, None
 
     def reduce_max(t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return t
+        return all_reduce_max(t, group)
 
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        return t
+        return all_reduce_sum(t, group)
 
     return reduce_max, reduce_sum
 
