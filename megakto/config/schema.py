@@ -23,6 +23,7 @@ __all__ = [
     "RefConfig",
     "CheckpointConfig",
     "DistConfig",
+    "ParallelConfig",
 ]
 
 
@@ -186,6 +187,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp_size: int = _opt(
+        1, "Tensor-parallel degree (DeepSpeed AutoTP): each layer's matmuls and the output head split "
+        "over this many ranks, which see the same rows; it must divide the world size, the attention "
+        "and key-value heads, the MLP width and the vocabulary. 1 = off."
+    )
+    pp_size: int = _opt(1, "Pipeline-parallel degree; 1 = off (pipelines are not supported yet).")
+
+
+@dataclass
 class DistConfig:
     timeout_minutes: float = _opt(10.0, "Timeout of collective operations (process group).")
 
@@ -201,6 +212,7 @@ class Config:
     optim: OptimConfig = _section(OptimConfig, "AdamW and learning-rate schedule.")
     ref: RefConfig = _section(RefConfig, "Frozen reference model.")
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "Checkpoint saving.")
+    parallel: ParallelConfig = _section(ParallelConfig, "Tensor and pipeline parallelism.")
     dist: DistConfig = _section(DistConfig, "torch.distributed settings.")
 
 

@@ -34,6 +34,8 @@ def validate(cfg: Config) -> None:
         "optim.lr": cfg.optim.lr,
         "optim.eps": cfg.optim.eps,
         "dist.timeout_minutes": cfg.dist.timeout_minutes,
+        "parallel.tp_size": cfg.parallel.tp_size,
+        "parallel.pp_size": cfg.parallel.pp_size,
     }
     if cfg.kto.desirable_weight != "auto":
         positive["kto.desirable_weight"] = cfg.kto.desirable_weight
@@ -85,3 +87,22 @@ def validate(cfg: Config) -> None:
         # KL scope), so one row per step has no partner.
         _check(gbs >= 2, f"kto.loss_type='kto' needs train.global_batch_size >= 2 to pair rows for "
                f"the KL estimate, got {gbs}; use kto.loss_type=apo_zero_unpaired for no KL term")
+    _check_parallel(cfg)
+
+
+def _check_parallel(cfg: Config) -> None:
+    """Which parallel modes combine; the degrees against the model are checked once its config.json
+    is read (megakto.model.tp_checks)."""
+    tp, pp = cfg.parallel.tp_size, cfg.parallel.pp_size
+    _check(not (tp > 1 and pp > 1), f"parallel.tp_size={tp} with parallel.pp_size={pp}: DeepSpeed has no "
+           "AutoTP inside a pipeline; use one of them")
+    _check(pp == 1, f"parallel.pp_size={pp}: pipeline parallelism is not supported yet; set parallel.pp_size=1 "
+           "(use parallel.tp_size or ZeRO-3 to split the model)")
+    if tp > 1:
+        _check(cfg.model.logps == "chunked", f"model.logps={cfg.model.logps} with parallel.tp_size={tp}: each "
+               "rank holds 1/tp of the output head, so only the chunked vocabulary-parallel log-probs are "
+               "exact; set model.logps=chunked")
+        blocks = cfg.model.vocab_block_rows
+        _check(blocks in (0, "auto"), f"model.vocab_block_rows={blocks} with parallel.tp_size={tp}: AutoTP "
+               "splits the output head itself and needs it whole; set model.vocab_block_rows=0 (or auto, "
+               "which is off under tensor parallelism)")

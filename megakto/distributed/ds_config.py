@@ -23,7 +23,14 @@ from megakto.config import Config
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError
 
-__all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_size"]
+__all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_size", "check_deepspeed_version",
+           "MIN_DEEPSPEED_TP"]
+
+# AutoTP training under ZeRO-3 needs 0.19.4 (earlier releases refuse it or wrote incomplete
+# checkpoints); the vocabulary-parallel output head megakto scores on
+# (tensor_parallel.vocab_parallel_lm_head, VocabParallelLinear) is newer still, and 0.19.8 is the
+# release the tensor-parallel path is tested with.
+MIN_DEEPSPEED_TP = "0.19.8"
 
 _FORBIDDEN = {
     "optimizer": "megakto builds torch AdamW from optim.lr, optim.betas, optim.eps and "
@@ -67,6 +74,62 @@ def autotp_size(ds: dict) -> int:
     """``tensor_parallel.autotp_size`` of a DeepSpeed dict (1 when absent)."""
     size = (ds.get("tensor_parallel") or {}).get("autotp_size", 1)
     return 1 if size in (None, "auto") else int(size)
+
+
+def _fill_tensor_parallel(ds: dict, dims: ParallelDims, source: str) -> int:
+    """``tensor_parallel`` from ``parallel.tp_size``: AutoTP's degree, and the output head split
+    into vocabulary rows (``vocab_parallel_lm_head``) so that no rank ever holds full logits."""
+    section = ds.get("tensor_parallel")
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{source}: tensor_parallel must be a JSON object, got {_show(section)}")
+    section = dict(section or {})
+    have = autotp_size(ds) if "autotp_size" in section else None
+    if have is not None and have != dims.tp:
+        raise ConfigError(
+            f"{source}: tensor_parallel.autotp_size={have} disagrees with parallel.tp_size={dims.tp} "
+            f"(world {dims.world_size} = dp {dims.dp} × tp {dims.tp} × pp {dims.pp}); remove it from "
+            "the JSON (megakto fills it in) or make them agree"
+        )
+    if dims.tp == 1:
+        return 1
+    if section.get("vocab_parallel_lm_head", True) is not True:
+        raise ConfigError(
+            f"{source}: tensor_parallel.vocab_parallel_lm_head={_show(section['vocab_parallel_lm_head'])}: "
+            "megakto scores log-probs on each rank's vocabulary rows and needs it true; remove it"
+        )
+    section.update(autotp_size=dims.tp, vocab_parallel_lm_head=True)
+    ds["tensor_parallel"] = section
+    return dims.tp
+
+
+def check_deepspeed_version(tp: int, installed: str | None = None) -> None:
+    """AutoTP training under ZeRO-3 (and complete TP checkpoints) needs deepspeed >= 0.19.4, and
+    the vocabulary-parallel head came after it; refuse older releases when ``tp > 1``."""
+    if tp == 1:
+        return
+    if installed is None:
+        from importlib.metadata import version
+
+        installed = version("deepspeed")
+    if _release(installed) < _release(MIN_DEEPSPEED_TP):
+        raise ConfigError(
+            f"parallel.tp_size={tp} needs deepspeed >= {MIN_DEEPSPEED_TP} (AutoTP training with "
+            f"ZeRO-3, complete TP checkpoints, a vocabulary-parallel output head), but {installed} is "
+            f"installed; pip install 'deepspeed>={MIN_DEEPSPEED_TP}'"
+        )
+
+
+def _release(text: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as ``0.19.8+cu124`` or ``0.19.4rc1``."""
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 def _show(value: Any) -> str:
@@ -122,13 +185,7 @@ def build_ds_config(
         if key in ds:
             raise ConfigError(f'{source}: remove the "{key}" section; {why}')
 
-    tp = autotp_size(ds)
-    if tp != dims.tp:
-        raise ConfigError(
-            f"{source}: tensor_parallel.autotp_size={tp} disagrees with the tensor-parallel size "
-            f"tp={dims.tp} used for the batch arithmetic (world {dims.world_size} = dp {dims.dp} "
-            f"× tp {dims.tp} × pp {dims.pp})"
-        )
+    tp = _fill_tensor_parallel(ds, dims, source)
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if dims.pp > 1 and isinstance(stage, int) and stage >= 2:
         raise ConfigError(

@@ -6,10 +6,18 @@ splits the data: each optimizer step consumes ``global_batch_size = micro_batch_
 ``megakto.data.packing.plan_micro_batches``); data-parallel rank ``r`` owns micro-batches
 ``r*grad_accum .. r*grad_accum + grad_accum - 1``.
 
+The mesh is (dp, tp) with tensor parallelism innermost, as DeepSpeed's AutoTP builds it: global
+rank ``r`` has ``tp_rank = r % tp`` and ``dp_rank = r // tp``; with 4 ranks and tp 2 the TP groups
+are {0,1}, {2,3} and the DP groups {0,2}, {1,3}.
+
 Pure arithmetic: no torch.distributed here, so every check runs before any process group exists.
+The process groups themselves are attached with :meth:`ParallelDims.with_groups` once the engine
+has built them (:func:`megakto.distributed.engine.parallel_groups`); the trainer checks there that
+their members are the ranks this arithmetic names.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from megakto.errors import ConfigError
 
@@ -23,12 +31,18 @@ class ParallelDims:
     micro_batch_size: int
     tp: int = 1
     pp: int = 1
+    rank: int = 0  # this process's global rank
+    # Process groups (None = the whole world, right while tp = pp = 1): set by with_groups().
+    dp_group: Any = field(default=None, compare=False, repr=False)
+    tp_group: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("world_size", "global_batch_size", "micro_batch_size", "tp", "pp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ParallelDims.{name} must be a positive int, got {value!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"ParallelDims.rank must be in [0, {self.world_size}), got {self.rank!r}")
         model_parallel = self.tp * self.pp
         if self.world_size % model_parallel:
             raise ConfigError(
@@ -52,15 +66,38 @@ class ParallelDims:
                 f"{self.global_batch_size} = micro {self.micro_batch_size} × grad-accum {self.grad_accum} × dp {self.dp}")
 
     @classmethod
-    def from_config(cls, cfg, world_size: int, *, tp: int = 1, pp: int = 1) -> "ParallelDims":
-        """Degrees for ``cfg.train``'s batch sizes on ``world_size`` processes."""
+    def from_config(cls, cfg, world_size: int, *, rank: int = 0, tp: int | None = None,
+                    pp: int | None = None) -> "ParallelDims":
+        """Degrees for ``cfg.train``'s batch sizes and ``cfg.parallel`` on ``world_size`` processes
+        (``tp``/``pp`` override ``cfg.parallel``)."""
         return cls(
             world_size=world_size,
             global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size,
-            tp=tp,
-            pp=pp,
+            tp=cfg.parallel.tp_size if tp is None else tp,
+            pp=cfg.parallel.pp_size if pp is None else pp,
+            rank=rank,
         )
+
+    def with_groups(self, dp_group, tp_group) -> "ParallelDims":
+        """The same degrees with the engine's data- and tensor-parallel process groups attached."""
+        return replace(self, dp_group=dp_group, tp_group=tp_group)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp * self.pp)
+
+    def dp_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's data-parallel group (same tp coordinate), in dp order."""
+        return [d * self.tp + self.tp_rank for d in range(self.dp)]
+
+    def tp_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's tensor-parallel group (same dp coordinate), in tp order."""
+        return [self.dp_rank * self.tp + t for t in range(self.tp)]
 
     @property
     def dp(self) -> int:

@@ -185,7 +185,7 @@ def test_config_help_lists_every_key_with_type_and_default():
     text = config_help()
     lines = text.splitlines()
     keys = list(_leaves(config_to_dict(Config())))
-    assert len(lines) == len(keys) == 51  # 2 top-level + 10+8+7+9+8+4+2+1 per section
+    assert len(lines) == len(keys) == 53  # 2 top-level + 10+8+7+9+8+4+2+2+1 per section
     for line, key in zip(lines, keys):
         assert line.startswith(key + ": ")
     assert "train.max_steps: int = 100 " in text
@@ -223,7 +223,7 @@ def test_unknown_section():
     msg = _error(None, REQUIRED + ["trian.max_steps=5"])
     assert msg == (
         "unknown config key 'trian.max_steps'; valid top-level keys: checkpoint, data, dist, kto, "
-        "model, optim, output_dir, ref, seed, train; did you mean 'train'?"
+        "model, optim, output_dir, parallel, ref, seed, train; did you mean 'train'?"
     )
 
 

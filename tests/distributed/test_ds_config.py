@@ -9,6 +9,7 @@ import pytest
 from megakto.config import load_config
 from megakto.distributed.ds_config import (
     autotp_size,
+    check_deepspeed_version,
     build_ds_config,
     load_ds_json,
     reference_ds_config,
@@ -141,8 +142,8 @@ def test_leftover_auto_is_rejected():
 def test_autotp_omits_train_batch_size():
     # world 4 = dp 2 × tp 2; DeepSpeed would check train_batch_size against 4 ranks, not dp 2.
     dims = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2)
-    ds = {"tensor_parallel": {"autotp_size": 2}, "zero_optimization": {"stage": 1}}
-    assert autotp_size(ds) == 2 and autotp_size({}) == 1
+    ds = {"zero_optimization": {"stage": 1}}
+    assert autotp_size({"tensor_parallel": {"autotp_size": 2}}) == 2 and autotp_size({}) == 1
     out = build_ds_config(ds, _cfg(), dims, bf16=False)
     assert "train_batch_size" not in out
     assert (out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]) == (4, 2)
@@ -155,12 +156,42 @@ def test_autotp_omits_train_batch_size():
     )
 
 
-def test_autotp_size_must_match_dims_tp():
-    msg = _build_error({"tensor_parallel": {"autotp_size": 2}})
-    assert msg == (
-        "ds_configs/x.json: tensor_parallel.autotp_size=2 disagrees with the tensor-parallel size tp=1 "
-        "used for the batch arithmetic (world 2 = dp 2 × tp 1 × pp 1)"
+def test_tensor_parallel_is_filled_from_parallel_tp_size():
+    dims = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2)
+    out = build_ds_config({"zero_optimization": {"stage": 3}}, _cfg(), dims, bf16=False)
+    assert out["tensor_parallel"] == {"autotp_size": 2, "vocab_parallel_lm_head": True}
+    # Other AutoTP settings in the JSON are kept; an agreeing size is fine.
+    out = build_ds_config({"tensor_parallel": {"autotp_size": 2, "partition_config": {}}}, _cfg(), dims, bf16=False)
+    assert out["tensor_parallel"] == {"autotp_size": 2, "partition_config": {}, "vocab_parallel_lm_head": True}
+    assert "tensor_parallel" not in build_ds_config({}, _cfg(), DIMS, bf16=False)  # tp 1: nothing added
+    assert _build_error({"tensor_parallel": {"autotp_size": 2, "vocab_parallel_lm_head": False}}, dims=dims) == (
+        "ds_configs/x.json: tensor_parallel.vocab_parallel_lm_head=false: megakto scores log-probs on each rank's "
+        "vocabulary rows and needs it true; remove it"
     )
+
+
+def test_autotp_size_must_match_parallel_tp_size():
+    assert _build_error({"tensor_parallel": {"autotp_size": 2}}) == (
+        "ds_configs/x.json: tensor_parallel.autotp_size=2 disagrees with parallel.tp_size=1 "
+        "(world 2 = dp 2 × tp 1 × pp 1); remove it from the JSON (megakto fills it in) or make them agree"
+    )
+    dims = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=4)
+    assert _build_error({"tensor_parallel": {"autotp_size": 2}}, dims=dims).startswith(
+        "ds_configs/x.json: tensor_parallel.autotp_size=2 disagrees with parallel.tp_size=4 (world 4 = dp 1 × tp 4")
+
+
+@pytest.mark.parametrize("installed, ok", [("0.19.8", True), ("0.20.0+cu124", True), ("1.0", True),
+                                           ("0.19.7", False), ("0.19.4", False), ("0.18.9", False)])
+def test_deepspeed_version_for_tensor_parallelism(installed, ok):
+    check_deepspeed_version(1, "0.10.0")  # tp 1: any version
+    if ok:
+        check_deepspeed_version(2, installed)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_deepspeed_version(2, installed)
+    assert str(info.value) == (
+        f"parallel.tp_size=2 needs deepspeed >= 0.19.8 (AutoTP training with ZeRO-3, complete TP checkpoints, "
+        f"a vocabulary-parallel output head), but {installed} is installed; pip install 'deepspeed>=0.19.8'")
 
 
 def test_pipeline_with_zero3_is_rejected():
@@ -200,9 +231,10 @@ def test_reference_config_offload_cpu_and_none():
 
 def test_reference_config_keeps_autotp_and_omitted_batch():
     dims = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2)
-    policy = build_ds_config({"tensor_parallel": {"autotp_size": 2}}, _cfg(), dims, bf16=False)
+    policy = build_ds_config({}, _cfg(), dims, bf16=False)
     ref = reference_ds_config(policy, offload="none")
-    assert ref["tensor_parallel"] == {"autotp_size": 2} and "train_batch_size" not in ref
+    assert ref["tensor_parallel"] == {"autotp_size": 2, "vocab_parallel_lm_head": True}
+    assert "train_batch_size" not in ref
 
 
 def test_load_ds_json_errors(tmp_path):
