@@ -220,13 +220,14 @@ def newest_complete(ckpt_dir: str) -> str | None:
     return None
 
 
-def resolve_resume(resume: str, output_dir: str, *, world_size: int, warn=_warn) -> str | None:
+def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: int = 1, warn=_warn) -> str | None:
     """``train.resume`` -> the tag directory to load, or None to start fresh. Collective.
 
     auto: the newest checkpoint in output_dir/checkpoints that passes :func:`verify` (a damaged
     newer one is skipped with ``warn``), None if there is none at all. none: None. Anything else:
     a tag directory, which must pass :func:`verify`. Either way it must have been written by as
-    many ranks as this run has (DeepSpeed's ZeRO partitions are per rank)."""
+    many ranks as this run has (DeepSpeed's ZeRO partitions are per rank), at the same
+    tensor-parallel size (AutoTP shards are per tp rank)."""
     resume = resume.strip()
     if resume == "none":
         return None
@@ -236,7 +237,7 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, warn=_warn)
     candidates = comm.broadcast_object(candidates)  # rank 0's listing: every rank verifies the same tags
     path, skipped = None, []
     for candidate in candidates:
-        _check_world_size(candidate, resume, world_size)  # before hashing: a mismatch is no damage
+        _check_world_size(candidate, resume, world_size, tp_size)  # before hashing: a mismatch is no damage
         why = verify(candidate)
         if why is None:
             path = candidate
@@ -259,9 +260,14 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, warn=_warn)
     return path
 
 
-def _check_world_size(path: str, resume: str, world_size: int) -> None:
-    manifest = read_manifest(path)
-    saved = manifest.get("world_size") if manifest else None
+def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1) -> None:
+    manifest = read_manifest(path) or {}
+    saved_tp = manifest.get("tp_size", 1) if manifest else tp_size
+    if saved_tp != tp_size:
+        raise ConfigError(f"train.resume={resume}: {path} was written with parallel.tp_size={saved_tp} but this run "
+                          f"has parallel.tp_size={tp_size}; its weights are split in {saved_tp} tensor-parallel "
+                          f"shards, resume with parallel.tp_size={saved_tp}")
+    saved = manifest.get("world_size")
     if saved is not None and saved != world_size:
         raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks but this run has "
                           f"{world_size}; ZeRO partitions are per rank, resume with {saved} processes")
@@ -345,7 +351,8 @@ def set_rng_state(state: dict) -> None:
 # Save and load (collective)
 
 
-def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: int, dtype: str) -> str:
+def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: int, dtype: str,
+         tp_size: int = 1) -> str:
     """Write checkpoint ``step`` atomically (see the module docstring); every rank calls it.
 
     ``trainer_state`` is this rank's own state (plain types). Returns the committed tag directory.
@@ -376,7 +383,8 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
         if os.environ.get(FAULT_ENV) == str(step):
             os._exit(1)
         digests = {name: digest for d in gathered for name, digest in d.items()}
-        _commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests)
+        _commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests,
+                tp_size=tp_size)
         _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
         prune(ckpt_dir, keep_last)
         remove_stale(ckpt_dir)
@@ -384,7 +392,8 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
     return final_dir
 
 
-def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str, digests: dict) -> None:
+def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str, digests: dict,
+            tp_size: int = 1) -> None:
     """Manifest, then the rename. ``digests``: the checksums the writing ranks took; a file that
     none reported (written outside the checkpoint engine's ``save``) is hashed here."""
     files, sums = {}, {}
@@ -394,7 +403,8 @@ def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: 
             _fsync(path)
             files[name] = os.path.getsize(path)
             sums[name] = digests.get(name) or file_digest(path)
-    manifest = {"step": step, "tag": os.path.basename(final_dir), "world_size": world_size, "dtype": dtype,
+    manifest = {"step": step, "tag": os.path.basename(final_dir), "world_size": world_size, "tp_size": tp_size,
+                "dtype": dtype,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, DIGEST: sums}
     _write_atomic(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     aside = None

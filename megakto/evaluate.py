@@ -25,11 +25,12 @@ __all__ = ["Evaluator"]
 
 class Evaluator:
     def __init__(self, split: TokenizedSplit, *, targets: list, kl_rows: list | None, dp_rank: int, dp_size: int,
-                 batch_size: int):
+                 batch_size: int, dp_group=None):
         self.split = split
         self.targets = targets  # (prompt_ids, completion_ids) per row
         self.kl_rows = kl_rows  # (prompt_ids, completion_ids) per row, or None without a KL term
         self.dp_rank, self.dp_size, self.batch_size = dp_rank, dp_size, batch_size
+        self.dp_group = dp_group  # tensor-parallel peers score the same rows: sum over dp ranks only
         self._reference: torch.Tensor | None = None  # the reference never changes: computed once
 
     def _gather(self, logps_fn: Callable[[list], torch.Tensor], rows: list) -> torch.Tensor:
@@ -37,7 +38,7 @@ class Evaluator:
         for positions, values in score_sharded(rows, logps_fn, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                                batch_size=self.batch_size):
             out[positions] = values
-        return comm.all_reduce_sum(out)
+        return comm.all_reduce_sum(out, group=self.dp_group)
 
     @torch.no_grad()
     def __call__(self, policy_logps: Callable[[list], torch.Tensor], reference_logps: Callable[[list], torch.Tensor],

@@ -6,6 +6,10 @@ template come from ``checkpoints/hf_base``, which the trainer copies from the ru
 first save, so a checkpoint directory converts without the original model folder. The folder is
 written in the dtype the run trained in (recorded in each tag's manifest): the engine's bf16
 weights are exactly bf16(fp32 master), so the export's logits equal the engine's.
+
+A tensor-parallel checkpoint holds one set of ZeRO files per tp rank (``mp_rank_XX``): each is
+consolidated on its own, then the shards are joined along the dimension AutoTP split
+(:mod:`megakto.model.tp_merge`, whole shapes from ``hf_base``'s config).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from megakto import checkpoint
 from megakto.distributed import engine
-from megakto.errors import ConfigError
+from megakto.errors import ConfigError, ModelError
+from megakto.model.tp_merge import full_shapes, merge_tp_shards
 
 __all__ = ["BASE", "probe_batch", "save_hf_base", "resolve_checkpoint", "export_checkpoint", "write_hf_folder",
-           "check_export"]
+           "check_export", "checkpoint_state_dict"]
 
 BASE = "hf_base"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,9 +84,26 @@ def export_checkpoint(tag_dir: str, out_dir: str, *, dtype: str | None = None,
     ``dtype``: None = the dtype the run trained in."""
     tag_dir = os.path.normpath(tag_dir)
     dtype = dtype or checkpoint.read_manifest(tag_dir).get("dtype", "float32")
-    state_dict = engine.zero_fp32_state_dict(os.path.dirname(tag_dir), os.path.basename(tag_dir))
+    state_dict = checkpoint_state_dict(tag_dir, trust_remote_code=trust_remote_code)
     base = os.path.join(os.path.dirname(tag_dir), BASE)
     return write_hf_folder(state_dict, base, out_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def checkpoint_state_dict(tag_dir: str, *, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a complete tag directory under Hugging Face names, tensor-parallel
+    shards joined. Offline (no process group)."""
+    tag_dir = os.path.normpath(tag_dir)
+    shards = engine.zero_fp32_shards(os.path.dirname(tag_dir), os.path.basename(tag_dir))
+    if len(shards) == 1:
+        return shards[0]
+    base = os.path.join(os.path.dirname(tag_dir), BASE)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    with engine.outside_zero3():
+        shapes = full_shapes(config, trust_remote_code=trust_remote_code)
+    try:
+        return merge_tp_shards(shards, shapes)
+    except ModelError as err:
+        raise ModelError(f"{tag_dir}: {err}") from None
 
 
 def _build(base: str, state_dict: dict[str, torch.Tensor], dtype: str, trust_remote_code: bool, *,
@@ -131,7 +153,7 @@ def check_export(out_dir: str, tag_dir: str, *, trust_remote_code: bool = False)
     """Max |logits(exported folder) - logits(checkpointed weights)| on a fixed batch, in the
     export's dtype. The folder goes through ``from_pretrained``, as a user would load it."""
     tag_dir = os.path.normpath(tag_dir)
-    state_dict = engine.zero_fp32_state_dict(os.path.dirname(tag_dir), os.path.basename(tag_dir))
+    state_dict = checkpoint_state_dict(tag_dir, trust_remote_code=trust_remote_code)
     with engine.outside_zero3():
         exported = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=trust_remote_code).eval()
         dtype = str(next(exported.parameters()).dtype).removeprefix("torch.")

@@ -40,13 +40,15 @@ from megakto.data.kl_pairs import dataset_kl_partners, fit_kl_row, split_pairs
 from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
-from megakto.distributed.ds_config import build_ds_config, load_ds_json
+from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError, MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss, nll_share
 from megakto.metrics import StepSums, step_metrics
 from megakto.model.forward import logps_function
+from megakto.model.lm_head import output_head
+from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.reference.build import build_reference, online_reference
@@ -90,13 +92,16 @@ class KTOTrainer:
         # Every user-input check runs before the first training collective; all ranks fail together.
         with comm.fail_together():
             _check_output_dir(cfg.output_dir)
-            self.dims = ParallelDims(world_size=comm.world_size(), global_batch_size=cfg.train.global_batch_size,
-                                     micro_batch_size=cfg.train.micro_batch_size)
+            # The mesh: world = dp × tp; its process groups are attached once the policy engine exists.
+            self.dims = ParallelDims.from_config(cfg, comm.world_size(), rank=comm.rank())
+            check_deepspeed_version(self.dims.tp)
             self.ds_config = build_ds_config(load_ds_json(deepspeed_config), cfg, self.dims, bf16=self.bf16,
                                              source=deepspeed_config)
-            check_model_path(cfg.model.path, key="model.path", trust_remote_code=cfg.model.trust_remote_code)
+            check_model_path(cfg.model.path, key="model.path", trust_remote_code=cfg.model.trust_remote_code,
+                             tp=self.dims.tp)
             if cfg.ref.path:
-                check_model_path(cfg.ref.path, key="ref.path", trust_remote_code=cfg.model.trust_remote_code)
+                check_model_path(cfg.ref.path, key="ref.path", trust_remote_code=cfg.model.trust_remote_code,
+                                 tp=self.dims.tp)
             attn = check_model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
                                         logps=cfg.model.logps, trust_remote_code=cfg.model.trust_remote_code,
                                         ref_path=cfg.ref.path)
@@ -105,14 +110,18 @@ class KTOTrainer:
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
         with comm.fail_together():  # its own block: verifying a checkpoint is collective
             self.resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir,
-                                                        world_size=comm.world_size())
+                                                        world_size=comm.world_size(), tp_size=self.dims.tp)
         start = checkpoint.read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
         self.log = RunLogger(cfg.output_dir, enabled=comm.is_main(), total_steps=cfg.train.max_steps,
                              initial_step=start)
         self.log.info(f"attention: {attn} (model.attn_implementation={cfg.model.attn_implementation})")
         cfg.model.attn_implementation = attn  # what both models load, and the reference cache fingerprints
+        if self.dims.tp > 1 and cfg.model.vocab_block_rows == "auto":
+            cfg.model.vocab_block_rows = 0  # AutoTP splits the output head by vocabulary rows itself
+            self.log.info("vocabulary blocks: off under tensor parallelism (the output head is split over "
+                          f"{self.dims.tp} ranks instead)")
+        self.log.info(f"parallelism: {self.dims.describe()}")
         self.train_rows, self.eval_rows = self._setup_data()
-        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens)
         self.use_kl = cfg.kto.loss_type == "kto"
         # ref.mode=cache needs a fixed KL row per dataset row (see megakto/reference/build.py).
         self.cached_ref = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
@@ -121,8 +130,11 @@ class KTOTrainer:
             self.sampler = self._setup_sampler()
             self.train_kl_partner = (dataset_kl_partners(self.train_rows.prompt_key)
                                      if self.use_kl and self.cached_ref else None)
-            self.evaluator = self._setup_evaluator()
         self.policy = self._setup_policy()
+        self.dims = self._attach_groups(self.dims)
+        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, tp_group=self.dims.tp_group)
+        with comm.fail_together():
+            self.evaluator = self._setup_evaluator()
         self.reference = self._setup_reference()
         self.eval_history: list[tuple[int, dict[str, float]]] = []
         self.step = self._setup_resume()
@@ -209,7 +221,22 @@ class KTOTrainer:
                                             max_steps=cfg.train.max_steps, schedule=o.schedule,
                                             min_lr_ratio=o.min_lr_ratio)
         policy.train()
+        with comm.fail_together():
+            check_vocab_parallel_head(output_head(policy), policy.module.config.vocab_size, self.dims.tp)
         return policy
+
+    def _attach_groups(self, dims: ParallelDims) -> ParallelDims:
+        """The engine's data- and tensor-parallel groups, checked against the mesh arithmetic: megakto
+        splits rows by ``dims.dp_rank`` and the engine averages gradients over its own group, so the two
+        must be the same ranks."""
+        dims = dims.with_groups(*engine.parallel_groups(dims.tp))
+        if dims.tp > 1:
+            got = (comm.group_ranks(dims.dp_group), comm.group_ranks(dims.tp_group))
+            want = (dims.dp_group_ranks(), dims.tp_group_ranks())
+            if got != want:
+                raise MegaktoError(f"rank {dims.rank}: DeepSpeed's (dp, tp) groups are {got}, the mesh arithmetic "
+                                   f"says {want} ({dims.describe()})")
+        return dims
 
     def _setup_sampler(self) -> KTOBatchSampler:
         cfg = self.cfg
@@ -225,9 +252,8 @@ class KTOTrainer:
             return None
         partners = dataset_kl_partners(self.eval_rows.prompt_key) if self.use_kl else None
         targets, kl_rows = self._split_pairs(self.eval_rows, partners)
-        # tp = pp = 1: the data-parallel rank is the global rank.
-        return Evaluator(self.eval_rows, targets=targets, kl_rows=kl_rows, dp_rank=comm.rank(), dp_size=self.dims.dp,
-                         batch_size=self.cfg.train.eval_batch_size)
+        return Evaluator(self.eval_rows, targets=targets, kl_rows=kl_rows, dp_rank=self.dims.dp_rank,
+                         dp_size=self.dims.dp, dp_group=self.dims.dp_group, batch_size=self.cfg.train.eval_batch_size)
 
     def _setup_reference(self):
         """None for sft; else the scorer of reference log-probs (megakto/reference/build.py): a frozen
@@ -236,11 +262,19 @@ class KTOTrainer:
         cfg = self.cfg
         if cfg.kto.loss_type == "sft":
             return None
-        online = partial(online_reference, cfg.ref, cfg.model, self.ds_config, dtype=self._model_dtype(),
-                         batch_fn=self._batch, logps_fn=self.logps_fn)
+        def online():
+            ref = online_reference(cfg.ref, cfg.model, self.ds_config, dtype=self._model_dtype(),
+                                   batch_fn=self._batch, logps_fn=self.logps_fn)
+            with comm.fail_together():
+                check_vocab_parallel_head(output_head(ref.engine), ref.engine.module.config.vocab_size, self.dims.tp)
+            return ref
+
+        # The precompute is split over the data-parallel ranks: each tensor-parallel group scores the
+        # same rows together, and its rank 0 writes them.
         return build_reference(cfg.ref, cfg.model, dtype=self._model_dtype(), online=online,
                                pairs=self._reference_pairs, batch_size=cfg.train.eval_batch_size,
-                               dp_rank=comm.rank(), dp_size=self.dims.dp, device=self.device, log=self.log.info)
+                               dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, dp_group=self.dims.dp_group,
+                               writes=self.dims.tp_rank == 0, device=self.device, log=self.log.info)
 
     def _reference_pairs(self) -> list:
         """Every (prompt_ids, completion_ids) the run scores with the reference: train and eval
@@ -335,7 +369,7 @@ class KTOTrainer:
                  "vocab_layout": vocab_layout(self.policy.module),
                  "eval_history": [[s, m] for s, m in self.eval_history]}
         path = checkpoint.save(self.policy, ckpt_dir, self.step, state, keep_last=cfg.checkpoint.keep_last,
-                               dtype="bfloat16" if self.bf16 else "float32")
+                               dtype="bfloat16" if self.bf16 else "float32", tp_size=self.dims.tp)
         self._saved_step = self.step
         self.log.info(f"saved {path} ({time.perf_counter() - start:.1f} s)")
 
@@ -387,9 +421,7 @@ class KTOTrainer:
         lengths = [len(p) + len(c) for p, c in targets]
         if kl_rows is not None:
             lengths = [n + len(p) + len(c) for n, (p, c) in zip(lengths, kl_rows)]
-        ga = self.dims.grad_accum
-        rank = comm.rank()
-        mine = plan_micro_batches(lengths, rows["label"], self.dims.num_micro_batches)[rank * ga:(rank + 1) * ga]
+        mine = self._my_micro_batches(lengths, rows["label"])
 
         # 2. No-grad pass: reference on target (and KL) rows; policy on the KL rows.
         ref_logps, kl_parts = [], []
@@ -434,7 +466,7 @@ class KTOTrainer:
                 loss, losses, rewards = out.losses.sum(), out.losses, out.rewards
                 if kto.sft_weight:
                     loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
-            # One flag over the data-parallel group (the world: tp = pp = 1), so that all ranks skip alike.
+            # One flag over the world (group=None), so that every rank of every group skips alike.
             if not poisoned and comm.any_rank(not bool(torch.isfinite(loss.detach())), group=None):
                 skipped = "non-finite loss"
                 if not backwards:
@@ -453,7 +485,8 @@ class KTOTrainer:
                      tokens=batch.num_tokens)
 
         # 5. Metrics: one reduction of sums and counts.
-        reduced = comm.all_reduce_dict(sums.values)
+        # Tensor-parallel peers hold the same rows: the data-parallel group counts each row once.
+        reduced = comm.all_reduce_dict(sums.values, group=self.dims.dp_group)
         kl_mean = float(torch.stack([k.float() for k in kls]).mean())
         if reduced["rows"]:
             metrics = step_metrics(reduced, kl=kl_mean, elapsed=time.perf_counter() - start,
@@ -484,11 +517,18 @@ class KTOTrainer:
         """Step scope: one (sum, count) over all micro-batches and ranks. Micro-batch scope: one
         (sum, count) per micro-batch position, summed over ranks (TRL's granularity)."""
         flat = torch.stack([torch.stack(p) for p in parts]).to(torch.float64).cpu()  # (n, 2)
+        group = self.dims.dp_group  # tensor-parallel peers hold the same rows: count each once
         if self.cfg.kto.kl_scope == "step":
-            total = comm.all_reduce_sum(flat.sum(0))
+            total = comm.all_reduce_sum(flat.sum(0), group=group)
             return [finalize_kl(total[0], total[1]).to(self.device)] * n
-        comm.all_reduce_sum(flat)
+        comm.all_reduce_sum(flat, group=group)
         return [finalize_kl(s, c).to(self.device) for s, c in flat]
+
+    def _my_micro_batches(self, lengths: list[int], labels: list[bool]) -> list[list[int]]:
+        """This data-parallel rank's micro-batches of the step's plan (positions into the batch);
+        the ranks of one tensor-parallel group get the same ones."""
+        ga, r = self.dims.grad_accum, self.dims.dp_rank
+        return plan_micro_batches(lengths, labels, self.dims.num_micro_batches)[r * ga:(r + 1) * ga]
 
     def _step_kl_rows(self, indices: list[int], rows: dict) -> list:
         """Online reference: partners drawn over this global batch, seeded by the step. Cached

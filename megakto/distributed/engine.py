@@ -52,6 +52,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "zero_fp32_state_dict",
+    "zero_fp32_shards",
+    "parallel_groups",
     "check_deepspeed_pickles",
     "unsafe_pickle",
     "weights_only_load",
@@ -111,7 +113,10 @@ def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implement
     """``from_pretrained`` under the engine's DeepSpeed config (ZeRO-3: partitioned on load), then
     the vocabulary matrices split into row blocks (see :func:`block_vocab`). ``attn_implementation``
     ``auto`` is transformers' own default (sdpa where supported, else eager)."""
-    dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- must stay alive during from_pretrained
+    # transformers refuses to load under a config naming tensor_parallel (it would convert the
+    # weights for its own TP); AutoTP splits the loaded model later, in deepspeed.initialize.
+    hf_view = {key: value for key, value in ds_config.items() if key != "tensor_parallel"}
+    dschf = HfDeepSpeedConfig(hf_view)  # noqa: F841 -- must stay alive during from_pretrained
     attn = None if attn_implementation == "auto" else attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
@@ -171,6 +176,17 @@ def block_vocab(model: torch.nn.Module, rows: int, ds_config: dict) -> None:
     model.set_output_embeddings(new_head)
 
 
+def parallel_groups(tp: int):
+    """``(data-parallel group, tensor-parallel group)`` of the AutoTP mesh that the first engine
+    built (``deepspeed.utils.groups``, the groups the engines reduce over); ``(None, None)`` without
+    tensor parallelism, where the data-parallel group is the world. Call after an engine exists."""
+    if tp == 1:
+        return None, None
+    from deepspeed.utils import groups
+
+    return groups.get_data_parallel_group(), groups.get_tensor_model_parallel_group()
+
+
 def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, weight_decay: float,
                         betas: tuple[float, float], eps: float, warmup_steps: int, max_steps: int,
                         schedule: str, min_lr_ratio: float):
@@ -194,13 +210,21 @@ def build_reference_engine(model: torch.nn.Module, ds_config: dict):
     return engine
 
 
-def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gathered_state_dict(module: torch.nn.Module, tp_group=None) -> dict[str, torch.Tensor]:
     """Full-size CPU copies of every parameter under its Hugging Face name, gathered from ZeRO-3
-    partitions if need be.
+    partitions if need be, and from the ranks of ``tp_group`` (AutoTP shards) when given.
     Collective: every rank of the engine must call it."""
+    from megakto.distributed import comm
+    from megakto.model.tp_merge import full_shapes, merge_tp_shards
+
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-        return merge_vocab_blocks({name: p.detach().to("cpu", copy=True) for name, p in params.items()})
+        local = merge_vocab_blocks({name: p.detach().to("cpu", copy=True) for name, p in params.items()})
+    if comm.group_size(tp_group) == 1 or tp_group is None:
+        return local
+    with outside_zero3():
+        shapes = full_shapes(module.config)
+    return merge_tp_shards(comm.all_gather_object(local, group=tp_group), shapes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +340,41 @@ def zero_fp32_state_dict(load_dir: str, tag: str) -> dict[str, torch.Tensor]:
     check_deepspeed_pickles(os.path.join(load_dir, tag))
     # Hugging Face names: vocabulary blocks (model.vocab_block_rows) are joined back.
     return merge_vocab_blocks(get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag))
+
+
+def _mp_ranks(tag_dir: str) -> list[int]:
+    found = set()
+    for path in glob.glob(os.path.join(tag_dir, "*mp_rank_*_model_states.pt")):
+        found.add(int(os.path.basename(path).split("mp_rank_")[1][:2]))
+    return sorted(found)
+
+
+def zero_fp32_shards(load_dir: str, tag: str) -> list[dict[str, torch.Tensor]]:
+    """The consolidated fp32 weights of a ZeRO checkpoint, one state dict per tensor-parallel rank
+    (``mp_rank_XX`` files), in rank order: one dict without tensor parallelism. zero_to_fp32 reads
+    only ``mp_rank_00`` files, so each TP rank's files are shown to it, renamed, in a folder of
+    links; its ZeRO partitions are then joined over the data-parallel ranks as usual.
+    Offline, as :func:`zero_fp32_state_dict`; memory for one full fp32 copy per TP rank."""
+    import tempfile
+
+    tag_dir = os.path.join(load_dir, tag)
+    ranks = _mp_ranks(tag_dir)
+    if len(ranks) <= 1:
+        return [zero_fp32_state_dict(load_dir, tag)]
+    if ranks != list(range(len(ranks))):
+        raise ModelError(f"{tag_dir}: tensor-parallel ranks {ranks} in its file names are not 0..{len(ranks) - 1}")
+    shards = []
+    for m in ranks:
+        with tempfile.TemporaryDirectory(prefix="megakto-tp-") as tmp:
+            view = os.path.join(tmp, tag)
+            os.makedirs(view)
+            mine = f"mp_rank_{m:02d}"
+            for name in os.listdir(tag_dir):
+                if mine in name:
+                    os.symlink(os.path.join(os.path.abspath(tag_dir), name),
+                               os.path.join(view, name.replace(mine, "mp_rank_00")))
+            shards.append(zero_fp32_state_dict(tmp, tag))
+    return shards
 
 
 @contextlib.contextmanager

@@ -14,6 +14,11 @@ Two ways to turn hidden states into log-probs, same result:
   vocabulary blocks (:mod:`megakto.model.vocab_blocks`) is scored block by block.
 * ``full``: the model's ordinary logits, then per-segment sums; for models whose head cannot be
   swapped (a bias, or logits changed after the head).
+
+Under tensor parallelism the output head is DeepSpeed's vocabulary-parallel ``VocabParallelLinear``:
+each rank of the tensor-parallel group holds rows ``[vocab_start_index, vocab_end_index)``, and the
+chunked log-probs reduce the log-sum-exp over the group (Megatron's vocab-parallel cross-entropy),
+so no rank ever holds a full row of logits.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 
 from megakto.data.collate import Batch
 from megakto.data.packing import PackedBatch
+from megakto.distributed.vocab_parallel import group_reducers
+from megakto.errors import ModelError
 from megakto.kto.chunked_logps import token_logps
 from megakto.kto.logps import sequence_logps
 from megakto.kto.segment_logps import segment_logps
@@ -55,12 +62,33 @@ def _flash(model) -> bool:
     return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
 
+def _vocab_shard(model, head: torch.nn.Module, tp_group):
+    """``(vocab_start, reduce_max, reduce_sum)`` for this head: its rows of the vocabulary and the
+    reductions over ``tp_group`` when it is vocabulary-parallel; ``(0, None, None)`` for a whole head."""
+    start = getattr(head, "vocab_start_index", None)
+    if start is not None:
+        reduce_max, reduce_sum = group_reducers(tp_group)
+        if reduce_sum is None:
+            raise ModelError(f"the output head holds vocabulary rows {start}..{head.vocab_end_index} only, but no "
+                             "tensor-parallel group was given to reduce over; set parallel.tp_size")
+        return int(start), reduce_max, reduce_sum
+    config = getattr(getattr(model, "module", model), "config", None)
+    weight = head.weight
+    rows = tuple(getattr(weight, "ds_shape", weight.shape))[0]
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and rows < vocab:
+        raise ModelError(f"the output head has {rows} rows for a vocabulary of {vocab} and says nothing of which; "
+                         "log-probs over part of the vocabulary would be wrong")
+    return 0, None, None
+
+
 def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
-                            chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk_tokens: int | None = None, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) summed completion log-probs (fp32) and (S,) completion token counts, segment order.
 
     ``model`` is an HF causal LM or a DeepSpeed engine wrapping one (called as given, so the
-    engine's hooks run).
+    engine's hooks run). ``tp_group``: the tensor-parallel group a vocabulary-parallel head is
+    split over (None without tensor parallelism).
     """
     if mode == "full":
         return packed_forward_logps(model, batch, segment_logps)
@@ -82,10 +110,12 @@ def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
         if isinstance(head, BlockedHead):
             tok = blocked_token_logps(head, scored, targets, chunk_for)
         else:
-            tok = token_logps(scored, head.weight, targets, chunk_size=chunk_for(head.weight.shape[0]))
+            tok = token_logps(scored, head.weight, targets, chunk_size=chunk_for(head.weight.shape[0]),
+                              vocab_start=start, reduce_max=reduce_max, reduce_sum=reduce_sum)
         return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg_of, tok).view(n, 1, 1)
 
     head = output_head(model)
+    start, reduce_max, reduce_sum = (0, None, None) if isinstance(head, BlockedHead) else _vocab_shard(model, head, tp_group)
     with replaced_output_head(head, head_fn) as state:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
                     use_cache=False)
@@ -93,9 +123,9 @@ def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
     return check_head_output(model, logits, state, n), n_tokens
 
 
-def logps_function(mode: str, chunk_tokens: int | None = None):
+def logps_function(mode: str, chunk_tokens: int | None = None, tp_group=None):
     """The configured log-prob function, ``f(model, batch) -> (logps, n_tokens)``."""
-    return partial(packed_completion_logps, mode=mode, chunk_tokens=chunk_tokens)
+    return partial(packed_completion_logps, mode=mode, chunk_tokens=chunk_tokens, tp_group=tp_group)
 
 
 def completion_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

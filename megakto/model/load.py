@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megakto.errors import ConfigError, ModelError
+from megakto.model.tp_checks import check_tp_config
 
 __all__ = ["check_model_path", "check_model_settings", "attn_choices", "load_tokenizer", "padding_note"]
 
@@ -34,8 +35,9 @@ _LOGIT_TRANSFORMS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("
 _PADDED_WITH_EOS = weakref.WeakSet()
 
 
-def check_model_path(path: str, *, key: str, trust_remote_code: bool) -> None:
-    """Fail early (before any engine is built) if ``path`` is not a loadable causal-LM folder."""
+def check_model_path(path: str, *, key: str, trust_remote_code: bool, tp: int = 1) -> None:
+    """Fail early (before any engine is built) if ``path`` is not a loadable causal-LM folder, or
+    one that does not split ``tp`` ways (:func:`megakto.model.tp_checks.check_tp_config`)."""
     if not path:
         raise ModelError(f"{key} is empty: set it to a local Hugging Face model folder (or a hub name)")
     looks_local = os.path.sep in path or path.startswith(".") or os.path.exists(path)
@@ -44,10 +46,11 @@ def check_model_path(path: str, *, key: str, trust_remote_code: bool) -> None:
     if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"{key}={path}: folder has no config.json; expected a Hugging Face model folder")
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types; the user needs the one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise ModelError(f"{key}={path}: cannot load the model config: {first}") from None
+    check_tp_config(config, tp, key=f"{key}={path}")
 
 
 def load_tokenizer(path: str, *, key: str, trust_remote_code: bool):

@@ -51,13 +51,14 @@ def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_f
 
 def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Reference],
                     pairs: Callable[[], list[Pair]], batch_size: int, dp_rank: int, dp_size: int,
-                    device, log: Callable[[str], None]) -> Reference:
+                    device, log: Callable[[str], None], dp_group=None, writes: bool = True) -> Reference:
     """The scorer for ``ref.mode`` (``ref``, ``model``: the config's sections).
 
     ``online()`` loads the online scorer. ``pairs()`` (called in cache mode only) lists every
     (prompt_ids, completion_ids) the run will ask the reference for. The precompute scores
-    ``batch_size`` rows per forward on data-parallel rank ``dp_rank`` of ``dp_size``. Collective:
-    every rank calls it.
+    ``batch_size`` rows per forward on data-parallel rank ``dp_rank`` of ``dp_size`` (group
+    ``dp_group``); ``writes``: this rank stores its share (one rank of each tensor-parallel group
+    does, its peers computed the same values). Collective: every rank calls it.
     """
     if ref.mode != "cache":
         return online()
@@ -77,13 +78,14 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
     if todo:
         start = time.perf_counter()
         scorer = online()
-        n = precompute(cache, items, scorer.logps, rank=dp_rank, world_size=dp_size, batch_size=batch_size, todo=todo)
+        n = precompute(cache, items, scorer.logps, rank=dp_rank, world_size=dp_size, batch_size=batch_size, todo=todo,
+                       write=writes)
         comm.barrier()
         cache.reload()
         del scorer
         gc.collect()
         seconds = time.perf_counter() - start
-        log(f"reference cache: computed {int(comm.all_reduce_dict({'n': n})['n'])} log-probs "
+        log(f"reference cache: computed {int(comm.all_reduce_dict({'n': n}, group=dp_group)['n'])} log-probs "
             f"in {seconds:.1f} s into {ref.cache_dir}")
     with comm.fail_together():
         missing = cache.missing(keys)

@@ -20,7 +20,7 @@ __all__ = ["precompute"]
 def precompute(cache: RefLogpCache, keys_and_rows: Iterable[tuple[bytes, Sequence[int], Sequence[int]]],
                logps_fn: Callable[[list[tuple[Sequence[int], Sequence[int]]]], torch.Tensor], *,
                rank: int, world_size: int, batch_size: int, writer: str | None = None,
-               flush_every: int | None = None, todo: Sequence[bytes] | None = None) -> int:
+               flush_every: int | None = None, todo: Sequence[bytes] | None = None, write: bool = True) -> int:
     """Compute this rank's share of the keys missing from ``cache``; returns how many it computed.
 
     ``rank`` and ``world_size`` are the data-parallel rank and size. ``keys_and_rows`` is every
@@ -31,7 +31,9 @@ def precompute(cache: RefLogpCache, keys_and_rows: Iterable[tuple[bytes, Sequenc
     (len(rows),)`` scores one batch. Results go to one shard per rank (``writer`` defaults to
     ``rank<r>``), or one every ``flush_every`` rows so that a crash keeps finished work. ``todo``:
     the sorted keys to compute, decided once for all ranks (default: the ones this rank finds
-    missing). The caller then runs a barrier and :meth:`~RefLogpCache.reload`.
+    missing). ``write=False``: compute (the forwards are collective) but store nothing, for the
+    tensor-parallel peers of the rank that writes. The caller then runs a barrier and
+    :meth:`~RefLogpCache.reload`.
     """
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"rank={rank}, world_size={world_size}, batch_size={batch_size}")
@@ -57,7 +59,9 @@ def precompute(cache: RefLogpCache, keys_and_rows: Iterable[tuple[bytes, Sequenc
         done_keys += [todo[i] for i in positions]
         done_logps.append(out)
         computed += len(positions)
-        if flush_every and len(done_keys) >= flush_every:
+        if not write:
+            done_keys, done_logps = [], []
+        elif flush_every and len(done_keys) >= flush_every:
             cache.write_shard(done_keys, torch.cat(done_logps), writer)
             done_keys, done_logps = [], []
     if done_keys:

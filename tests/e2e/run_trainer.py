@@ -39,11 +39,19 @@ class _TracedTrainer(KTOTrainer):
         super().__init__(*args, **kwargs)
         self._dump, self._hang = dump, hang_before_step
 
+    def _my_micro_batches(self, lengths, labels):
+        mine = super()._my_micro_batches(lengths, labels)
+        with open(os.path.join(self._dump, f"micro_rank{comm.rank()}.jsonl"), "a") as f:
+            f.write(json.dumps(mine) + "\n")
+        return mine
+
     def train_step(self, indices):
         if self._hang is not None and self.step + 1 == self._hang:
             open(os.path.join(self._dump, f"hanging_rank{comm.rank()}"), "w").close()
             time.sleep(3600)
         result = super().train_step(indices)
+        with open(os.path.join(self._dump, f"metrics_rank{comm.rank()}.jsonl"), "a") as f:
+            f.write(json.dumps(result.metrics) + "\n")
         if comm.is_main():
             with open(os.path.join(self._dump, "steps.jsonl"), "a") as f:
                 record = {"step": result.step + 1, "metrics": result.metrics, "indices": result.indices}
@@ -66,12 +74,15 @@ def main():
     engine.configure_cpu_threads()
     trainer = _TracedTrainer(cfg, args.deepspeed, dump=args.dump, hang_before_step=args.hang_before_step)
     ref_engine = getattr(trainer.reference, "engine", None)  # None: cached reference or sft
-    ref_before = engine.gathered_state_dict(ref_engine.module) if ref_engine else {}
+    tp_group = trainer.dims.tp_group  # None without tensor parallelism
+    ref_before = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine else {}
     history = trainer.train()
-    policy_after = engine.gathered_state_dict(trainer.policy.module)
+    policy_after = engine.gathered_state_dict(trainer.policy.module, tp_group)
     with torch.no_grad():  # the engine's own logits on export's fixed batch (a collective forward)
         logits = trainer.policy(input_ids=probe_batch(trainer.policy.module.config.vocab_size)).logits
-    ref_after = engine.gathered_state_dict(ref_engine.module) if ref_engine else {}
+    if trainer.dims.tp > 1:  # a vocabulary-parallel head returns this rank's columns
+        logits = torch.cat(comm.all_gather_object(logits.float().cpu(), group=tp_group), dim=-1)
+    ref_after = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine else {}
     shared = len(_storages(trainer.policy.module) & _storages(ref_engine.module)) if ref_engine else 0
     shared = comm.all_reduce_dict({"shared": shared})["shared"]
     if comm.is_main():

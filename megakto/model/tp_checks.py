@@ -1,0 +1,61 @@
+"""Can this model be split ``tp`` ways? Checked from its config.json before any weight is loaded.
+
+AutoTP follows the model's Hugging Face tensor-parallel plan (``base_model_tp_plan``): attention
+splits by heads, the MLP by its width, the output head by vocabulary rows (megakto's log-probs
+reduce over those rows). Each of those sizes must divide evenly, or ranks would hold different
+amounts of a layer (DeepSpeed pads or fails deep inside the first forward). A model without a plan
+would go through DeepSpeed's heuristic parser, which may leave layers whole without saying so.
+
+After the engine is built, :func:`check_vocab_parallel_head` asserts what the head became.
+"""
+
+from __future__ import annotations
+
+from megakto.errors import ModelError
+
+__all__ = ["check_tp_config", "check_vocab_parallel_head"]
+
+# (config attribute, what it is) for the sizes AutoTP divides.
+_DIVIDED = (
+    ("num_attention_heads", "attention heads"),
+    ("num_key_value_heads", "key-value heads"),
+    ("intermediate_size", "MLP width"),
+    ("vocab_size", "vocabulary"),
+)
+
+
+def check_tp_config(config, tp: int, *, key: str = "model.path") -> None:
+    """ModelError naming ``key`` (the config key of the model folder) unless ``config`` (a
+    transformers ``PretrainedConfig``) splits ``tp`` ways."""
+    if tp == 1:
+        return
+    config = getattr(config, "get_text_config", lambda: config)()
+    where = f"{key}: parallel.tp_size={tp}"
+    if not getattr(config, "base_model_tp_plan", None):
+        raise ModelError(f"{where}: {type(config).__name__} ({config.model_type}) has no tensor-parallel plan "
+                         "(base_model_tp_plan), so AutoTP cannot be trusted to split it; use parallel.tp_size=1 "
+                         "(ZeRO-3 splits it instead)")
+    for attr, what in _DIVIDED:
+        value = getattr(config, attr, None)
+        if attr == "num_key_value_heads" and value is None:
+            value = getattr(config, "num_attention_heads", None)
+        if value is None:
+            raise ModelError(f"{where}: config.json has no {attr}, which tensor parallelism divides")
+        if value % tp:
+            hint = (f"pad the vocabulary to a multiple of {tp} (model.resize_token_embeddings(n, pad_to_multiple_of={tp}) "
+                    "and save the model)" if attr == "vocab_size" else f"choose a parallel.tp_size dividing {value}")
+            raise ModelError(f"{where} does not divide the {what}: {attr}={value}; {hint}")
+
+
+def check_vocab_parallel_head(head, vocab_size: int, tp: int) -> None:
+    """After the engine: the output head holds this rank's ``vocab_size / tp`` rows and says which
+    (DeepSpeed's ``VocabParallelLinear``); anything else means log-probs would be wrong."""
+    if tp == 1:
+        return
+    start, end = getattr(head, "vocab_start_index", None), getattr(head, "vocab_end_index", None)
+    weight = head.weight
+    rows = tuple(getattr(weight, "ds_shape", weight.shape))[0]
+    if start is None or end is None or end - start != vocab_size // tp or rows != vocab_size // tp:
+        raise ModelError(f"parallel.tp_size={tp}: the output head is a {type(head).__name__} with {rows} rows, not a "
+                         f"vocabulary-parallel head of {vocab_size // tp} rows per rank; this deepspeed did not split "
+                         "it (needs tensor_parallel.vocab_parallel_lm_head)")

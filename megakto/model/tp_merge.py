@@ -1,0 +1,69 @@
+"""Joining tensor-parallel shards back into whole Hugging Face tensors.
+
+AutoTP splits each linear layer along one dimension: column-parallel layers (q/k/v, gate/up, the
+vocabulary-parallel output head) keep ``1/tp`` of the output rows, row-parallel ones (o_proj,
+down_proj) ``1/tp`` of the input columns; norms and the input embedding stay whole on every rank.
+The shards do not say which, but the full shapes do: a tensor whose shard shape equals the model's
+is replicated, one whose dimension ``d`` is ``1/tp`` of the model's is concatenated along ``d`` in
+tp-rank order.
+
+Pure: shards in, tensors out. The full shapes come from the model config
+(:func:`full_shapes`, a meta-device model), so the same code joins an offline checkpoint's
+per-``mp_rank`` files and a live engine's gathered shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from megakto.errors import ModelError
+
+__all__ = ["merge_tp_shards", "full_shapes"]
+
+
+def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]],
+                    shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """One state dict from ``shards`` (one per tp rank, in rank order) given each tensor's whole
+    ``shapes``. A replicated tensor is taken from rank 0; it must be the same on every rank."""
+    tp = len(shards)
+    if tp == 1:
+        return dict(shards[0])
+    names = list(shards[0])
+    for r, shard in enumerate(shards[1:], 1):
+        if set(shard) != set(names):
+            diff = sorted(set(shard) ^ set(names))[:3]
+            raise ModelError(f"tensor-parallel shards disagree on their tensors: rank 0 vs rank {r} differ in {diff}")
+    merged = {}
+    for name in names:
+        parts = [s[name] for s in shards]
+        if name not in shapes:
+            raise ModelError(f"tensor-parallel shard {name} is not a tensor of the model config")
+        want = tuple(shapes[name])
+        have = tuple(parts[0].shape)
+        if any(tuple(p.shape) != have for p in parts):
+            raise ModelError(f"{name}: tensor-parallel shards have different shapes {[tuple(p.shape) for p in parts]}")
+        if have == want:
+            if not all(torch.equal(parts[0], p) for p in parts[1:]):
+                raise ModelError(f"{name}: replicated on every tensor-parallel rank but the copies differ")
+            merged[name] = parts[0]
+            continue
+        split = [d for d in range(len(want)) if len(have) == len(want) and have[d] * tp == want[d]
+                 and all(have[e] == want[e] for e in range(len(want)) if e != d)]
+        if len(split) != 1:
+            raise ModelError(f"{name}: a tensor-parallel shard of shape {have} is not 1/{tp} of the model's "
+                             f"{want} along one dimension")
+        merged[name] = torch.cat(parts, dim=split[0])
+    return merged
+
+
+def full_shapes(config, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every parameter's whole shape for a Hugging Face model config, from a meta-device model
+    (nothing allocated). Build it outside any live ZeRO-3 config
+    (:func:`megakto.distributed.engine.outside_zero3`)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
