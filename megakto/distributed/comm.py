@@ -32,6 +32,7 @@ __all__ = [
     "any_rank",
     "barrier",
     "broadcast_object",
+    "broadcast_tensor",
     "all_gather_object",
     "fail_together",
     "shutdown",
@@ -110,6 +111,17 @@ def broadcast_object(obj, src: int = 0, group=None):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Global rank ``src``'s ``tensor`` into ``tensor`` on every rank of ``group``, in place."""
+    if group_size(group) > 1:
+        device = _comm_device(group)
+        moved = tensor if tensor.device == device else tensor.to(device)
+        dist.broadcast(moved, src=src, group=group)
+        if moved is not tensor:
+            tensor.copy_(moved)
+    return tensor
 
 
 def all_gather_object(obj, group=None) -> list:

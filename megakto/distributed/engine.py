@@ -118,13 +118,61 @@ def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implement
     hf_view = {key: value for key, value in ds_config.items() if key != "tensor_parallel"}
     dschf = HfDeepSpeedConfig(hf_view)  # noqa: F841 -- must stay alive during from_pretrained
     attn = None if attn_implementation == "auto" else attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
-        use_safetensors=None,
-    )
+    with _tp_zero_init(ds_config, path, trust_remote_code) as tp_group:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
+            use_safetensors=None,
+        )
+    if tp_group is not None:
+        _copy_loaded_weights_over_tp(model, tp_group)
     model._megakto_dschf = dschf  # keep the zero3 flag alive for later HF calls (e.g. generation)
     split_vocab(model, vocab_block_rows, ds_config)
     return model
+
+
+@contextlib.contextmanager
+def _tp_zero_init(ds_config: dict, path: str, trust_remote_code: bool):
+    """Under AutoTP with ZeRO-3: partition the loading model over the data-parallel group only;
+    yields the tensor-parallel group (None in every other case, where nothing changes).
+
+    transformers' own ``zero.Init`` would partition every parameter over the whole world, and the
+    ones AutoTP leaves whole (embedding, norms) would then be split between the ranks of a TP group:
+    each ``mp_rank`` file set of a checkpoint would hold part of them, which neither zero_to_fp32
+    nor ds_to_universal can read. An enclosing ``zero.Init`` wins over the nested one (DeepSpeed
+    patches module construction once, for the outermost context), so this one sets the group. The
+    mesh is AutoTP's own (``_init_tp_mesh_device``, which the engine calls again and finds built).
+    """
+    tp = (ds_config.get("tensor_parallel") or {}).get("autotp_size", 1)
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if tp == 1 or stage != 3:
+        yield None
+        return
+    from deepspeed.utils import groups
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    # Import the model's code first: zero.Init patches tensor construction, and modules imported
+    # under it (torch._dynamo, which transformers' modeling code pulls in) fail their own checks.
+    importlib.import_module("torch._dynamo")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        _ = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the modeling module
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+    hf_view = {key: value for key, value in ds_config.items() if key != "tensor_parallel"}
+    with deepspeed.zero.Init(data_parallel_group=groups.get_data_parallel_group(), config_dict_or_path=hf_view):
+        yield groups.get_tensor_model_parallel_group()
+
+
+def _copy_loaded_weights_over_tp(model: torch.nn.Module, tp_group) -> None:
+    """transformers reads the weights on global rank 0 alone and lets ZeRO-3 spread them over each
+    parameter's group; partitioned over data-parallel groups, only rank 0's group got them. Each
+    parameter in turn is gathered whole and sent from the TP group's first rank (rank 0's group)."""
+    from megakto.distributed import comm
+
+    src = comm.group_ranks(tp_group)[0]
+    for param in model.parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            comm.broadcast_tensor(param.data, src=src, group=tp_group)
 
 
 def split_vocab(model: torch.nn.Module, setting: int | str, ds_config: dict) -> None:
