@@ -224,3 +224,25 @@ def test_pickle_scan_refuses_foreign_globals(tmp_path):
         engine.check_deepspeed_pickles(str(bad))
     with pytest.raises(Exception, match="Weights only load failed"):
         engine._weights_only_load(str(bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+
+
+def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
+    """AutoTP shards are per tp rank: a checkpoint saved at tp_size 2 resumes only at 2, and one
+    whose manifest predates tp_size (tp 1) does not resume at 2; one line with both numbers."""
+    fake = FakeEngine()
+    tp2 = checkpoint.save(fake, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
+                          tp_size=2)
+    assert json.loads((tmp_path / "a" / "checkpoints" / "step-00000004" / "complete").read_text())["tp_size"] == 2
+    assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, tp_size=2) == tp2
+    with pytest.raises(ConfigError) as err:
+        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, tp_size=1)
+    assert str(err.value) == (f"train.resume=auto: {tp2} was written with parallel.tp_size=2 but this run has "
+                              "parallel.tp_size=1; its weights are split in 2 tensor-parallel shards, resume with "
+                              "parallel.tp_size=2")
+    _, old = _save(tmp_path / "b" / "checkpoints", 2)
+    manifest_path = os.path.join(old, "complete")
+    manifest = json.loads(open(manifest_path).read())
+    del manifest["tp_size"]  # written before tensor parallelism existed
+    open(manifest_path, "w").write(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"written with parallel.tp_size=1 but this run has parallel.tp_size=2"):
+        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, tp_size=2)

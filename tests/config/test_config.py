@@ -356,3 +356,26 @@ def test_micro_batch_of_one_is_valid_for_kto():
     (TRL's per-device rotation pairs such a row with itself)."""
     cfg = load_config(None, REQUIRED + ["train.micro_batch_size=1", "kto.kl_scope=microbatch"])
     assert cfg.train.micro_batch_size == 1 and cfg.kto.kl_scope == "microbatch"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["parallel.tp_size=0"], "parallel.tp_size must be > 0, got 0"),
+    (["parallel.tp_size=2", "parallel.pp_size=2"],
+     "parallel.tp_size=2 with parallel.pp_size=2: DeepSpeed has no AutoTP inside a pipeline; use one of them"),
+    (["parallel.pp_size=2"], "parallel.pp_size=2: pipeline parallelism is not supported yet; set "
+     "parallel.pp_size=1 (use parallel.tp_size or ZeRO-3 to split the model)"),
+    (["parallel.tp_size=2", "model.logps=full"],
+     "model.logps=full with parallel.tp_size=2: each rank holds 1/tp of the output head, so only the chunked "
+     "vocabulary-parallel log-probs are exact; set model.logps=chunked"),
+    (["parallel.tp_size=2", "model.vocab_block_rows=128"],
+     "model.vocab_block_rows=128 with parallel.tp_size=2: AutoTP splits the output head itself and needs it "
+     "whole; set model.vocab_block_rows=0 (or auto, which is off under tensor parallelism)"),
+])
+def test_parallel_section_errors(overrides, expected):
+    assert _error(None, REQUIRED + overrides) == expected
+
+
+def test_parallel_defaults_and_tp():
+    assert (load_config(None, REQUIRED).parallel.tp_size, load_config(None, REQUIRED).parallel.pp_size) == (1, 1)
+    cfg = load_config(None, REQUIRED + ["parallel.tp_size=4"])
+    assert cfg.parallel.tp_size == 4 and cfg.model.vocab_block_rows == "auto"

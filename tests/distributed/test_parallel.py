@@ -71,3 +71,35 @@ def test_from_config():
                              "train.global_batch_size=24", "train.micro_batch_size=3"])
     dims = ParallelDims.from_config(cfg, 4, tp=2)
     assert (dims.dp, dims.grad_accum, dims.num_micro_batches) == (2, 4, 8)  # 24 = 3 × 4 × 2
+
+
+def test_mesh_coordinates_tp_innermost():
+    # 4 ranks, tp 2: TP groups {0,1}, {2,3}; DP groups {0,2}, {1,3} (DeepSpeed AutoTP's layout).
+    coords = {}
+    for rank in range(4):
+        d = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2, rank=rank)
+        coords[rank] = (d.dp_rank, d.tp_rank, d.dp_group_ranks(), d.tp_group_ranks())
+    assert coords == {0: (0, 0, [0, 2], [0, 1]), 1: (0, 1, [1, 3], [0, 1]),
+                      2: (1, 0, [0, 2], [2, 3]), 3: (1, 1, [1, 3], [2, 3])}
+    plain = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4, rank=1)
+    assert (plain.dp_rank, plain.tp_rank, plain.dp_group_ranks(), plain.tp_group_ranks()) == (1, 0, [0, 1], [1])
+
+
+def test_groups_attach_without_changing_the_degrees():
+    d = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2, rank=3)
+    g = d.with_groups("dp-group", "tp-group")
+    assert (g.dp_group, g.tp_group) == ("dp-group", "tp-group") and (d.dp_group, d.tp_group) == (None, None)
+    assert g == d and (g.dp, g.tp, g.rank) == (2, 2, 3)
+
+
+@pytest.mark.parametrize("rank", [-1, 4, True])
+def test_rank_outside_the_world(rank):
+    with pytest.raises(ConfigError, match=r"ParallelDims.rank must be in \[0, 4\)"):
+        ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, rank=rank)
+
+
+def test_from_config_reads_parallel_section():
+    cfg = load_config(None, ["model.path=m", "data.train_files=t.jsonl", "train.global_batch_size=16",
+                             "train.micro_batch_size=4", "parallel.tp_size=2"])
+    dims = ParallelDims.from_config(cfg, 4, rank=2)
+    assert (dims.tp, dims.dp, dims.grad_accum, dims.dp_rank, dims.tp_rank) == (2, 2, 2, 1, 0)

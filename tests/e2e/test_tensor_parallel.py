@@ -1,0 +1,208 @@
+"""Tensor parallelism (DeepSpeed AutoTP, parallel.tp_size=2) against single-process runs, under
+the real launcher on CPU (gloo), fp32.
+
+* TP2 with ZeRO-3 and the online ZeRO-3 reference, 12 steps with evaluation and export: the loss
+  and KL of every step, the eval metrics and the final weights equal the single-process run's; the
+  demo learns; the exported folder gives the TP1 export's logits and the engine's own.
+* TP2 × DP2 on 4 ranks (ZeRO-3): each TP group gets identical micro-batches, the DP ranks split the
+  step's rows, every rank holds the same KL and metrics, and the weights after 3 steps equal the
+  single-process run's step-3 checkpoint.
+* TP2 with ZeRO-1 and ZeRO-2; TP2 with ``ref.mode=cache``, whose precompute is written by one rank
+  per TP group.
+* kill -9 of a TP2 run, then ``train.resume=auto``: the resumed steps and final weights are
+  bitwise those of the uninterrupted run.
+"""
+
+import json
+import sys
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from megakto.export import checkpoint_state_dict, probe_batch
+from tests.e2e.conftest import base_overrides, run_trainer
+from tests.launcher import REPO, launcher_command, rank_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+LONG = {"train.max_steps": 12, "checkpoint.every_steps": 3, "checkpoint.keep_last": 4, "train.eval_every": 6,
+        "train.eval_batch_size": 30, "train.export_hf": "true"}
+TP2 = {"parallel.tp_size": 2}
+
+
+def _weights(out):
+    return torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _same_steps(got, want, steps):
+    for step in range(steps):
+        a, b = got["history"][step], want["history"][step]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), step
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-5), step
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6), step
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), step
+    assert got["indices"][:steps] == want["indices"][:steps]
+
+
+def _close_weights(got, want):
+    # Adam divides each element by its own gradient scale, so float rounding of another split of
+    # the matmuls moves an element with a near-zero gradient by a few 1e-6 (as for DP invariance).
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=5e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp1")
+    _, result = run_trainer(assets, out, nproc=1, **LONG, **{"data.eval_files": assets["eval"]})
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def tp2(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2")
+    _, result = run_trainer(assets, out, nproc=2, **LONG, **TP2, **{"data.eval_files": assets["eval"]})
+    return out, result
+
+
+def test_tp2_zero3_equals_single_process(single, tp2):
+    (s_out, s), (t_out, t) = single, tp2
+    assert t["world_size"] == 2
+    _same_steps(t, s, 12)
+    assert [step for step, _ in t["eval"]] == [step for step, _ in s["eval"]] == [0, 6, 12]
+    for (_, a), (_, b) in zip(t["eval"], s["eval"]):
+        for key in ("loss", "kl", "rewards/margins", "reward_accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    _close_weights(_weights(t_out), _weights(s_out))
+    # Both ranks of the TP group computed every metric themselves, from the same reductions.
+    per_rank = [_jsonl(os.path.join(t_out, "dump", f"metrics_rank{r}.jsonl")) for r in (0, 1)]
+    assert [m["kl"] for m in per_rank[0]] == [m["kl"] for m in per_rank[1]]
+    assert [m["loss"] for m in per_rank[0]] == [m["loss"] for m in per_rank[1]]
+    # The reference stayed frozen through AutoTP's split of both engines.
+    assert t["ref_max_change"] == 0.0 and t["shared_storages"] == 0
+
+
+def test_tp2_demo_learns(tp2):
+    _, t = tp2
+    hist, evals = t["history"], t["eval"]
+    assert hist[0]["loss"] == pytest.approx(0.5, abs=1e-6) and hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert sum(h["loss"] for h in hist[-3:]) / 3 < sum(h["loss"] for h in hist[:3]) / 3 - 0.005
+    assert evals[0][1]["reward_accuracy"] == pytest.approx(0.5)
+    assert evals[-1][1]["reward_accuracy"] > 0.75
+
+
+def test_tp2_export_equals_tp1_export_and_the_engine(single, tp2):
+    from transformers import AutoModelForCausalLM
+
+    logits = {}
+    for name, (out, _) in (("tp1", single), ("tp2", tp2)):
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf")).eval()
+        with torch.no_grad():
+            logits[name] = model(input_ids=probe_batch(model.config.vocab_size)).logits
+        engine_logits = torch.load(os.path.join(out, "dump", "logits.pt"), weights_only=True)
+        assert float((logits[name] - engine_logits).abs().max()) <= 1e-6, name
+    assert float((logits["tp2"] - logits["tp1"]).abs().max()) <= 1e-5
+    # The checkpoint holds one set of ZeRO-3 files per TP rank, and its manifest says so.
+    tag = os.path.join(tp2[0], "checkpoints", "step-00000012")
+    names = os.listdir(tag)
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_01_model_states.pt"} <= set(names)
+    with open(os.path.join(tag, "complete")) as f:
+        assert json.load(f)["tp_size"] == 2
+
+
+def test_zero_to_hf_check_on_a_tp_checkpoint(tp2, tmp_path):
+    out, _ = tp2
+    proc = subprocess.run([sys.executable, "tools/zero_to_hf.py", os.path.join(out, "checkpoints"),
+                           str(tmp_path / "hf"), "--tag", "step-00000006", "--check"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "check: max abs logit diff" in proc.stdout and "(ok," in proc.stdout
+
+
+def test_tp2_dp2_four_ranks(assets, single, tmp_path):
+    s_out, s = single
+    _, t = run_trainer(assets, tmp_path, nproc=4, **TP2, **{"train.max_steps": 3})
+    assert t["world_size"] == 4
+    _same_steps(t, s, 3)
+    want = checkpoint_state_dict(os.path.join(s_out, "checkpoints", "step-00000003"))
+    _close_weights(_weights(tmp_path), want)
+    micro = [_jsonl(os.path.join(tmp_path, "dump", f"micro_rank{r}.jsonl")) for r in range(4)]
+    assert micro[0] == micro[1] and micro[2] == micro[3]  # TP groups {0,1}, {2,3}
+    for step in range(3):  # DP ranks 0 and 2 split the step's 16 rows between them
+        rows = [i for mb in micro[0][step] + micro[2][step] for i in mb]
+        assert sorted(rows) == list(range(16))
+    metrics = [_jsonl(os.path.join(tmp_path, "dump", f"metrics_rank{r}.jsonl")) for r in range(4)]
+    for r in (1, 2, 3):
+        assert [m["kl"] for m in metrics[r]] == [m["kl"] for m in metrics[0]]
+        assert [m["loss"] for m in metrics[r]] == [m["loss"] for m in metrics[0]]
+
+
+@pytest.mark.parametrize("ds", ["ds_configs/zero1.json", "ds_configs/zero2.json"])
+def test_tp2_zero1_and_zero2(assets, single, tmp_path, ds):
+    s_out, s = single
+    _, t = run_trainer(assets, tmp_path, nproc=2, ds=ds, **TP2, **{"train.max_steps": 3})
+    _same_steps(t, s, 3)
+    _close_weights(_weights(tmp_path), checkpoint_state_dict(os.path.join(s_out, "checkpoints", "step-00000003")))
+
+
+def test_tp2_cached_reference(assets, tmp_path):
+    cached = {"train.max_steps": 3, "ref.mode": "cache"}
+    _, s = run_trainer(assets, tmp_path / "tp1", nproc=1, **cached, **{"ref.cache_dir": str(tmp_path / "c1")})
+    proc, t = run_trainer(assets, tmp_path / "tp2", nproc=2, ds="ds_configs/zero1.json", **cached, **TP2,
+                          **{"ref.cache_dir": str(tmp_path / "c2")})
+    _same_steps(t, s, 3)
+    _close_weights(_weights(tmp_path / "tp2"), _weights(tmp_path / "tp1"))
+    # One data-parallel rank: the TP group computed every row together and its rank 0 wrote them once.
+    shards = sorted(n for n in os.listdir(tmp_path / "c2") if n.startswith("shard-"))
+    assert shards == ["shard-rank0-0.safetensors"], shards
+    assert sorted(n for n in os.listdir(tmp_path / "c1") if n.startswith("shard-")) == shards
+
+
+def _start(assets, out, dump, *, hang_before_step=None, **extra):
+    os.makedirs(dump, exist_ok=True)
+    args = ["--deepspeed", "ds_configs/zero3.json", "--dump", str(dump)]
+    if hang_before_step:
+        args += ["--hang-before-step", str(hang_before_step)]
+    cmd = launcher_command(os.path.join(REPO, "tests/e2e/run_trainer.py"),
+                           [*args, *base_overrides(assets, out, **{**LONG, **TP2, **extra})], nproc=2)
+    log = open(os.path.join(dump, "launcher.log"), "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=rank_env(None), stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_tp2_kill9_resume_is_bitwise(assets, tp2, tmp_path):
+    """Kill rank 1 (SIGKILL) while both ranks wait to start step 8 (step 6 is the newest
+    checkpoint), resume with train.resume=auto: steps 7-12 and the final weights are bitwise those
+    of the uninterrupted TP2 run. Evaluation and export are off here; they do not touch the state."""
+    quiet = {"data.eval_files": assets["eval"], "train.export_hf": "false"}
+    out = tmp_path / "run"
+    proc = _start(assets, out, tmp_path / "dumpA", hang_before_step=8, **quiet)
+    deadline = time.time() + 300
+    while not all(os.path.exists(tmp_path / "dumpA" / f"hanging_rank{r}") for r in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, open(tmp_path / "dumpA" / "launcher.log").read()[-3000:]
+        time.sleep(0.5)
+    os.kill(int((tmp_path / "dumpA" / "pid_rank1").read_text()), signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    proc = _start(assets, out, tmp_path / "dumpB", **quiet, **{"train.resume": "auto"})
+    assert proc.wait(timeout=300) == 0, open(tmp_path / "dumpB" / "launcher.log").read()[-3000:]
+    log = open(tmp_path / "dumpB" / "launcher.log").read()
+    assert "step-00000006 at step 6" in log
+    with open(tmp_path / "dumpB" / "result.json") as f:
+        resumed = json.load(f)
+    t_out, t = tp2
+    assert resumed["indices"] == t["indices"][6:]
+    for got, want in zip(resumed["history"], t["history"][6:]):
+        for key in ("loss", "kl", "grad_norm", "rewards/margins"):
+            assert got[key] == want[key], key
+    want = _weights(t_out)
+    got = torch.load(tmp_path / "dumpB" / "policy.pt", weights_only=True)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -1,0 +1,103 @@
+"""Tensor-parallel checks on the model config (before loading) and on the head (after the engine),
+and the join of TP shards back into whole tensors."""
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig
+
+from megakto.errors import ModelError
+from megakto.model.tp_checks import check_tp_config, check_vocab_parallel_head
+from megakto.model.tp_merge import full_shapes, merge_tp_shards
+
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512)
+
+
+def _error(config, tp):
+    with pytest.raises(ModelError) as info:
+        check_tp_config(config, tp, key="model.path=m")
+    return str(info.value)
+
+
+def test_divisible_config_passes():
+    check_tp_config(LlamaConfig(**SHAPE), 2)
+    check_tp_config(LlamaConfig(**SHAPE), 1)
+    check_tp_config(GPT2Config(), 1)  # tp 1: nothing is checked
+
+
+@pytest.mark.parametrize("field, value, tp, what, hint", [
+    ("num_attention_heads", 6, 4, "attention heads", "choose a parallel.tp_size dividing 6"),
+    ("num_key_value_heads", 2, 4, "key-value heads", "choose a parallel.tp_size dividing 2"),
+    ("intermediate_size", 130, 4, "MLP width", "choose a parallel.tp_size dividing 130"),
+    ("vocab_size", 510, 4, "vocabulary", "pad the vocabulary to a multiple of 4 "
+     "(model.resize_token_embeddings(n, pad_to_multiple_of=4) and save the model)"),
+])
+def test_indivisible_sizes_are_named(field, value, tp, what, hint):
+    # Everything else divisible by 4: 8 heads, 4 kv heads, width 128, vocabulary 512.
+    shape = {**SHAPE, "num_attention_heads": 8, "num_key_value_heads": 4, field: value}
+    if field == "num_attention_heads":
+        shape.update(num_key_value_heads=6, hidden_size=96)
+    assert _error(LlamaConfig(**shape), tp) == (
+        f"model.path=m: parallel.tp_size={tp} does not divide the {what}: {field}={value}; {hint}")
+
+
+def test_model_without_a_tp_plan_is_refused():
+    assert _error(GPT2Config(), 2) == (
+        "model.path=m: parallel.tp_size=2: GPT2Config (gpt2) has no tensor-parallel plan (base_model_tp_plan), "
+        "so AutoTP cannot be trusted to split it; use parallel.tp_size=1 (ZeRO-3 splits it instead)")
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, rows, start=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(rows, 4))
+        if start is not None:
+            self.vocab_start_index, self.vocab_end_index = start, start + rows
+
+
+def test_vocab_parallel_head_check():
+    check_vocab_parallel_head(_Head(256, start=256), 512, 2)
+    check_vocab_parallel_head(_Head(512), 512, 1)
+    with pytest.raises(ModelError) as info:
+        check_vocab_parallel_head(_Head(512), 512, 2)  # left whole: log-probs would be tp times too many
+    assert str(info.value) == (
+        "parallel.tp_size=2: the output head is a _Head with 512 rows, not a vocabulary-parallel head of 256 "
+        "rows per rank; this deepspeed did not split it (needs tensor_parallel.vocab_parallel_lm_head)")
+    with pytest.raises(ModelError, match="with 128 rows"):
+        check_vocab_parallel_head(_Head(128, start=0), 512, 2)
+
+
+def test_merge_joins_along_the_split_dimension():
+    g = torch.Generator().manual_seed(0)
+    whole = {"col.weight": torch.randn(8, 4, generator=g), "row.weight": torch.randn(4, 8, generator=g),
+             "norm.weight": torch.randn(4, generator=g), "col.bias": torch.randn(8, generator=g)}
+    shapes = {k: tuple(v.shape) for k, v in whole.items()}
+    tp = 2
+    shards = [{"col.weight": whole["col.weight"].chunk(tp, 0)[r], "row.weight": whole["row.weight"].chunk(tp, 1)[r],
+               "norm.weight": whole["norm.weight"].clone(), "col.bias": whole["col.bias"].chunk(tp, 0)[r]}
+              for r in range(tp)]
+    merged = merge_tp_shards(shards, shapes)
+    assert sorted(merged) == sorted(whole)
+    for k in whole:
+        assert torch.equal(merged[k], whole[k]), k
+    assert merge_tp_shards(shards[:1], {}) == shards[0]  # one shard: as it is
+
+
+def test_merge_refuses_what_it_cannot_join():
+    shapes = {"w": (8, 4), "n": (4,)}
+    a = {"w": torch.zeros(4, 4), "n": torch.zeros(4)}
+    with pytest.raises(ModelError, match="n: replicated on every tensor-parallel rank but the copies differ"):
+        merge_tp_shards([a, {"w": torch.zeros(4, 4), "n": torch.ones(4)}], shapes)
+    with pytest.raises(ModelError, match=r"w: a tensor-parallel shard of shape \(3, 4\) is not 1/2 of the model's"):
+        merge_tp_shards([{"w": torch.zeros(3, 4), "n": torch.zeros(4)}] * 2, shapes)
+    with pytest.raises(ModelError, match="disagree on their tensors"):
+        merge_tp_shards([a, {"w": torch.zeros(4, 4)}], shapes)
+    with pytest.raises(ModelError, match="x is not a tensor of the model config"):
+        merge_tp_shards([{"x": torch.zeros(1)}] * 2, shapes)
+
+
+def test_full_shapes_from_a_config_allocates_nothing():
+    shapes = full_shapes(LlamaConfig(**SHAPE, tie_word_embeddings=False))
+    assert shapes["lm_head.weight"] == (512, 64)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (32, 64)  # 2 kv heads × head_dim 16
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (64, 128)
