@@ -2,12 +2,16 @@
 """Throughput and memory of megakto's KTO, next to SFT on the same engine and TRL's KTOTrainer.
 
     python tools/bench.py [--systems megakto-kto,trl-kto,...] [--steps 6] [--warmup 2] \
-        [--batch 8] [--vocab 32000] [--json bench.json]
+        [--batch 8] [--vocab 32000] [--tp 2] [--json bench.json]
 
 One invocation builds one workload (a random-init Llama, hidden 256, 4 layers, a word-level
 tokenizer of ``--vocab`` ids, rows whose prompt and completion are each 5-250 words) and runs every
 system on it in its own subprocess, so each starts from clean memory: one process, ``--threads``
 torch threads, the same rows and the same global batch for all. Figures only; nothing is asserted.
+
+``--tp N`` adds ``megakto-kto-tpN``: megakto's KTO with ``parallel.tp_size=N`` on N ranks under the
+deepspeed launcher (one tensor-parallel group, the same global batch), the ``--threads`` shared out
+among the ranks; its memory figures are the largest rank's.
 
 * throughput: target tokens (completion tokens of the target rows, EOS included) and rows per
   second over the timed steps, from the end of the last warmup step to the end of the last step;
@@ -45,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from _bench_workload import write_workload  # noqa: E402
-from _launch import free_port  # noqa: E402
+from _launch import free_port, launcher_command  # noqa: E402
 
 MIB = 1 << 20
 
@@ -231,23 +235,33 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _system(name: str) -> dict:
+    """SYSTEMS[name], or the tensor-parallel variant ``megakto-kto-tpN`` of megakto-kto."""
+    if name.startswith("megakto-kto-tp") and name.removeprefix("megakto-kto-tp").isdigit():
+        return {**SYSTEMS["megakto-kto"], "tp": int(name.removeprefix("megakto-kto-tp"))}
+    return SYSTEMS[name]
+
+
 def run_megakto(name: str, spec: dict) -> dict:
-    """megakto in this process at world size 1, without the launcher, one ``trainer.next_step()`` at a time."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    """megakto one ``trainer.next_step()`` at a time: in this process at world size 1 without the
+    launcher, or as one rank of a tensor-parallel group that the launcher started."""
+    system, work = _system(name), spec["workload"]
+    tp = system.get("tp", 1)
+    if tp == 1:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     import torch
 
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(max(1, spec["threads"] // tp))
     from megakto.config import load_config
     from megakto.trainer import KTOTrainer
 
-    system, work = SYSTEMS[name], spec["workload"]
     overrides = [
         f"model.path={work['model_dir']}", f"data.train_files={work['data_file']}", "data.max_length=512",
         f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['micro_batch']}",
         f"train.max_steps={spec['warmup'] + spec['steps']}", f"optim.lr={spec['lr']}", "optim.warmup_steps=0",
         f"kto.loss_type={system['loss_type']}", f"ref.mode={system['ref']}", "ref.offload=none",
-        f"output_dir={spec['out_dir']}", "seed=0",
+        f"output_dir={spec['out_dir']}", "seed=0", f"parallel.tp_size={tp}",
     ] + list(spec.get("megakto_overrides", []))
     cfg = load_config(None, overrides)
     rss = PeakRss(spec["sample_ms"] / 1000)
@@ -272,7 +286,16 @@ def run_megakto(name: str, spec: dict) -> dict:
         precompute = None
     out.update(setup_s=setup_s, precompute_s=precompute, trainer_tokens_per_s=own_tps[spec["warmup"]:],
                settings={"ds_config": spec["ds_config"], "zero_stage": trainer.ds_config.get("zero_optimization", {})
-                         .get("stage"), "overrides": overrides, "packing": getattr(cfg.data, "packing", None)})
+                         .get("stage"), "overrides": overrides, "packing": getattr(cfg.data, "packing", None),
+                         "ranks": tp})
+    if tp > 1:  # memory: the largest rank's
+        from megakto.distributed import comm
+
+        ranks = comm.all_gather_object({k: v for k, v in out.items() if k.startswith("peak")})
+        for key in ranks[0]:
+            values = [r[key] for r in ranks if r[key] is not None]
+            out[key] = max(values) if values else None
+        out["peak_rss_mib_per_rank"] = [r.get("peak_rss_mib") for r in ranks]
     return out
 
 
@@ -351,9 +374,10 @@ def run_trl(name: str, spec: dict) -> dict:
 
 def worker(name: str, spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    run = run_megakto if SYSTEMS[name]["kind"] == "megakto" else run_trl
+    run = run_megakto if _system(name)["kind"] == "megakto" else run_trl
     result = {"system": name, "ok": True, **run(name, spec)}
-    Path(result_path).write_text(json.dumps(result, indent=1))
+    if os.environ.get("RANK", "0") == "0":
+        Path(result_path).write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -451,9 +475,13 @@ def run_system(name: str, spec: dict, workdir: Path, timeout: float) -> dict:
     spec_path, result_path, log_path = (workdir / f"{name}.{ext}" for ext in ("spec.json", "result.json", "log"))
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(spec_path), str(result_path)]
+    tp = _system(name).get("tp", 1)
+    if tp > 1:
+        cmd = launcher_command(str(Path(__file__).resolve()), cmd[2:], nproc=tp)
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(workdir, name, spec["threads"], spec.get("malloc_mmap_threshold")), stdout=log,
+            env = _worker_env(workdir, name, max(1, spec["threads"] // tp), spec.get("malloc_mmap_threshold"))
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
@@ -492,13 +520,26 @@ def main(argv=None) -> int:
                         help="run every system this many times, round-robin, and report each system's "
                              "median-throughput run (this machine's speed drifts by 10-30%% between runs)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per system")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="also run megakto-kto at parallel.tp_size=N on N ranks (megakto-kto-tpN)")
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SPEC", "RESULT"), help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SYSTEMS]
+    if args.tp > 1:
+        names.append(f"megakto-kto-tp{args.tp}")
+        RATIOS.extend([
+            (f"megakto KTO TP{args.tp} / megakto KTO, tokens/s", f"megakto-kto-tp{args.tp}", "megakto-kto",
+             "tokens_per_s"),
+            (f"megakto KTO TP{args.tp} / megakto KTO, peak beyond warm state (largest rank)",
+             f"megakto-kto-tp{args.tp}", "megakto-kto", "peak_beyond_warm_mib"),
+            (f"megakto KTO TP{args.tp} / megakto KTO, peak RSS (largest rank)", f"megakto-kto-tp{args.tp}",
+             "megakto-kto", "peak_rss_mib"),
+        ])
+    unknown = [s for s in names if s not in SYSTEMS and not s.startswith("megakto-kto-tp")]
     micro = args.micro_batch or args.batch
     if unknown or args.warmup < 1 or args.steps < 1 or args.repeat < 1 or args.batch % micro:
         parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup, --steps and --repeat >= 1; "
