@@ -74,3 +74,17 @@ def test_output_dir_is_a_file(assets, tmp_path):
     target.write_text("not a folder\n")
     proc, lines, output = _run(assets, tmp_path, f"output_dir={target}")
     _assert_one_error(proc, lines, output, f"output_dir={target}", "is a file, not a folder")
+
+
+def test_tp_size_does_not_divide_the_world(assets, tmp_path):
+    proc, lines, output = _run(assets, tmp_path, "parallel.tp_size=4")
+    _assert_one_error(proc, lines, output, "world size 2 is not divisible by tp × pp = 4 × 1 = 4")
+
+
+def test_tp_size_does_not_divide_the_vocabulary(assets, tmp_path):
+    from megakto._demo.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "odd_vocab", vocab_size=513)
+    proc, lines, output = _run(assets, tmp_path, f"model.path={model}", "parallel.tp_size=2")
+    _assert_one_error(proc, lines, output, f"model.path={model}: parallel.tp_size=2 does not divide the vocabulary: "
+                      "vocab_size=513", "pad_to_multiple_of=2")

@@ -29,7 +29,7 @@ from tests.launcher import REPO, launcher_command, rank_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-LONG = {"train.max_steps": 12, "checkpoint.every_steps": 3, "checkpoint.keep_last": 4, "train.eval_every": 6,
+LONG = {"train.max_steps": 12, "checkpoint.every_steps": 3, "checkpoint.keep_last": 4, "train.eval_every": 3,
         "train.eval_batch_size": 30, "train.export_hf": "true"}
 TP2 = {"parallel.tp_size": 2}
 
@@ -71,7 +71,8 @@ def single(assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tp2(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    _, result = run_trainer(assets, out, nproc=2, **LONG, **TP2, **{"data.eval_files": assets["eval"]})
+    proc, result = run_trainer(assets, out, nproc=2, **LONG, **TP2, **{"data.eval_files": assets["eval"]})
+    result["log"] = proc.stdout + proc.stderr
     return out, result
 
 
@@ -79,7 +80,7 @@ def test_tp2_zero3_equals_single_process(single, tp2):
     (s_out, s), (t_out, t) = single, tp2
     assert t["world_size"] == 2
     _same_steps(t, s, 12)
-    assert [step for step, _ in t["eval"]] == [step for step, _ in s["eval"]] == [0, 6, 12]
+    assert [step for step, _ in t["eval"]] == [step for step, _ in s["eval"]] == [0, 3, 6, 9, 12]
     for (_, a), (_, b) in zip(t["eval"], s["eval"]):
         for key in ("loss", "kl", "rewards/margins", "reward_accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
@@ -90,6 +91,9 @@ def test_tp2_zero3_equals_single_process(single, tp2):
     assert [m["loss"] for m in per_rank[0]] == [m["loss"] for m in per_rank[1]]
     # The reference stayed frozen through AutoTP's split of both engines.
     assert t["ref_max_change"] == 0.0 and t["shared_storages"] == 0
+    # model.vocab_block_rows=auto (the default) is off under TP, and the log says so.
+    assert "vocabulary blocks: off under tensor parallelism" in t["log"]
+    assert "parallelism: world 2 = dp 1 × tp 2 × pp 1" in t["log"]
 
 
 def test_tp2_demo_learns(tp2):
@@ -131,9 +135,15 @@ def test_zero_to_hf_check_on_a_tp_checkpoint(tp2, tmp_path):
 
 def test_tp2_dp2_four_ranks(assets, single, tmp_path):
     s_out, s = single
-    _, t = run_trainer(assets, tmp_path, nproc=4, **TP2, **{"train.max_steps": 3})
+    _, t = run_trainer(assets, tmp_path, nproc=4, **TP2, **{"train.max_steps": 3, "data.eval_files": assets["eval"],
+                                                             "train.eval_every": 3, "train.eval_batch_size": 30})
     assert t["world_size"] == 4
     _same_steps(t, s, 3)
+    # Evaluation split over the 2 DP ranks, summed over the DP group only: the single process's numbers.
+    assert [step for step, _ in t["eval"]] == [0, 3]
+    for (_, a), (_, b) in zip(t["eval"], s["eval"][:2]):
+        for key in ("loss", "kl", "rewards/margins", "reward_accuracy", "pairs"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
     want = checkpoint_state_dict(os.path.join(s_out, "checkpoints", "step-00000003"))
     _close_weights(_weights(tmp_path), want)
     micro = [_jsonl(os.path.join(tmp_path, "dump", f"micro_rank{r}.jsonl")) for r in range(4)]
