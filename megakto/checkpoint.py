@@ -8,11 +8,12 @@ shared one: rank 0 renames the directory that all ranks wrote into)::
     hf_base/                       the run's model config, generation config, tokenizer and chat
                                    template, written once (megakto.export reads it)
     step-00000012/                 one checkpoint ("tag"), policy only, never the reference
-        complete                   JSON manifest: step, world size, dtype, every file's size and
-                                   sha256 (each hashed by the rank that wrote it, just after)
+        complete                   JSON manifest: step, world size, tp size, dtype, every file's
+                                   size and sha256 (each hashed by the rank that wrote it, just after)
         trainer_state_rank{r}.pt   step, sampler position, RNG states, eval history (plain types)
-        zero_pp_rank_*_mp_rank_00_{model,optim}_states.pt   DeepSpeed's: weights, Adam, LR schedule
-        mp_rank_00_model_states.pt                          (ZeRO-1/2: the whole module, from rank 0)
+        zero_pp_rank_*_mp_rank_XX_{model,optim}_states.pt   DeepSpeed's: weights, Adam, LR schedule
+        mp_rank_XX_model_states.pt                          (ZeRO-1/2: the whole module, from dp rank 0)
+                                   XX = the tensor-parallel rank (00 only without tensor parallelism)
     .tmp-step-00000016/            a save in progress, or left by a crash: never loaded, removed
 
 A save is atomic. Every rank writes into ``.tmp-step-N`` (DeepSpeed's files, then its own trainer
