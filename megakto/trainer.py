@@ -29,7 +29,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -48,8 +47,8 @@ from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_pa
 from megakto.metrics import StepSums, step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.lm_head import output_head
-from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
+from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.reference.build import build_reference, online_reference
 from megakto.runlog import RunLogger
@@ -262,6 +261,7 @@ class KTOTrainer:
         cfg = self.cfg
         if cfg.kto.loss_type == "sft":
             return None
+
         def online():
             ref = online_reference(cfg.ref, cfg.model, self.ds_config, dtype=self._model_dtype(),
                                    batch_fn=self._batch, logps_fn=self.logps_fn)
