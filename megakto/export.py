@@ -101,7 +101,8 @@ def checkpoint_state_dict(tag_dir: str, *, trust_remote_code: bool = False) -> d
     with engine.outside_zero3():
         shapes = full_shapes(config, trust_remote_code=trust_remote_code)
     try:
-        return merge_tp_shards(shards, shapes)
+        return merge_tp_shards(shards, shapes, warn=lambda m: print(f"megakto: warning: {tag_dir}: {m}",
+                                                                    file=sys.stderr, flush=True))
     except ModelError as err:
         raise ModelError(f"{tag_dir}: {err}") from None
 

@@ -46,7 +46,6 @@ from megakto.evaluate import Evaluator
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss, nll_share
 from megakto.metrics import StepSums, step_metrics
 from megakto.model.forward import logps_function
-from megakto.model.lm_head import output_head
 from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
@@ -221,7 +220,7 @@ class KTOTrainer:
                                             min_lr_ratio=o.min_lr_ratio)
         policy.train()
         with comm.fail_together():
-            check_vocab_parallel_head(output_head(policy), policy.module.config.vocab_size, self.dims.tp)
+            check_vocab_parallel_head(policy, self.dims.tp)
         return policy
 
     def _attach_groups(self, dims: ParallelDims) -> ParallelDims:
@@ -229,12 +228,13 @@ class KTOTrainer:
         splits rows by ``dims.dp_rank`` and the engine averages gradients over its own group, so the two
         must be the same ranks."""
         dims = dims.with_groups(*engine.parallel_groups(dims.tp))
-        if dims.tp > 1:
-            got = (comm.group_ranks(dims.dp_group), comm.group_ranks(dims.tp_group))
-            want = (dims.dp_group_ranks(), dims.tp_group_ranks())
-            if got != want:
-                raise MegaktoError(f"rank {dims.rank}: DeepSpeed's (dp, tp) groups are {got}, the mesh arithmetic "
-                                   f"says {want} ({dims.describe()})")
+        with comm.fail_together():
+            if dims.tp > 1:
+                got = (comm.group_ranks(dims.dp_group), comm.group_ranks(dims.tp_group))
+                want = (dims.dp_group_ranks(), dims.tp_group_ranks())
+                if got != want:
+                    raise MegaktoError(f"rank {dims.rank}: DeepSpeed's (dp, tp) groups are {got}, the mesh "
+                                       f"arithmetic says {want} ({dims.describe()})")
         return dims
 
     def _setup_sampler(self) -> KTOBatchSampler:
@@ -266,7 +266,7 @@ class KTOTrainer:
             ref = online_reference(cfg.ref, cfg.model, self.ds_config, dtype=self._model_dtype(),
                                    batch_fn=self._batch, logps_fn=self.logps_fn)
             with comm.fail_together():
-                check_vocab_parallel_head(output_head(ref.engine), ref.engine.module.config.vocab_size, self.dims.tp)
+                check_vocab_parallel_head(ref.engine, self.dims.tp)
             return ref
 
         # The precompute is split over the data-parallel ranks: each tensor-parallel group scores the

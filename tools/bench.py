@@ -539,7 +539,8 @@ def main(argv=None) -> int:
             (f"megakto KTO TP{args.tp} / megakto KTO, peak RSS (largest rank)", f"megakto-kto-tp{args.tp}",
              "megakto-kto", "peak_rss_mib"),
         ])
-    unknown = [s for s in names if s not in SYSTEMS and not s.startswith("megakto-kto-tp")]
+    unknown = [s for s in names if s not in SYSTEMS
+               and not (s.startswith("megakto-kto-tp") and s.removeprefix("megakto-kto-tp").isdigit())]
     micro = args.micro_batch or args.batch
     if unknown or args.warmup < 1 or args.steps < 1 or args.repeat < 1 or args.batch % micro:
         parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup, --steps and --repeat >= 1; "

@@ -83,7 +83,7 @@ def _fill_tensor_parallel(ds: dict, dims: ParallelDims, source: str) -> int:
     if section is not None and not isinstance(section, dict):
         raise ConfigError(f"{source}: tensor_parallel must be a JSON object, got {_show(section)}")
     section = dict(section or {})
-    have = autotp_size(ds) if "autotp_size" in section else None
+    have = autotp_size(ds) if section.get("autotp_size", "auto") != "auto" else None
     if have is not None and have != dims.tp:
         raise ConfigError(
             f"{source}: tensor_parallel.autotp_size={have} disagrees with parallel.tp_size={dims.tp} "

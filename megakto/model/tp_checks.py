@@ -47,11 +47,17 @@ def check_tp_config(config, tp: int, *, key: str = "model.path") -> None:
             raise ModelError(f"{where} does not divide the {what}: {attr}={value}; {hint}")
 
 
-def check_vocab_parallel_head(head, vocab_size: int, tp: int) -> None:
-    """After the engine: the output head holds this rank's ``vocab_size / tp`` rows and says which
-    (DeepSpeed's ``VocabParallelLinear``); anything else means log-probs would be wrong."""
+def check_vocab_parallel_head(model, tp: int) -> None:
+    """After the engine: the output head of ``model`` (an engine or an HF model) holds this rank's
+    ``vocab_size / tp`` rows and says which (DeepSpeed's ``VocabParallelLinear``); anything else
+    means log-probs would be wrong. Nothing is asked of the head when ``tp == 1`` (``model.logps=full``
+    models may have heads the chunked path cannot use)."""
     if tp == 1:
         return
+    from megakto.model.lm_head import output_head
+
+    vocab_size = getattr(model, "module", model).config.vocab_size
+    head = output_head(model)
     start, end = getattr(head, "vocab_start_index", None), getattr(head, "vocab_end_index", None)
     weight = head.weight
     rows = tuple(getattr(weight, "ds_shape", weight.shape))[0]

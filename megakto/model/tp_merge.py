@@ -14,7 +14,7 @@ per-``mp_rank`` files and a live engine's gathered shards.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -23,10 +23,12 @@ from megakto.errors import ModelError
 __all__ = ["merge_tp_shards", "full_shapes"]
 
 
-def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]],
-                    shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], shapes: Mapping[str, Sequence[int]],
+                    warn: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """One state dict from ``shards`` (one per tp rank, in rank order) given each tensor's whole
-    ``shapes``. A replicated tensor is taken from rank 0; it must be the same on every rank."""
+    ``shapes``. A replicated tensor is taken from rank 0. Its copies should be equal (each TP rank
+    applies the same update to it); where they are not (non-deterministic kernels can make them
+    drift), ``warn`` is told the largest difference, and without ``warn`` it is an error."""
     tp = len(shards)
     if tp == 1:
         return dict(shards[0])
@@ -46,7 +48,12 @@ def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]],
             raise ModelError(f"{name}: tensor-parallel shards have different shapes {[tuple(p.shape) for p in parts]}")
         if have == want:
             if not all(torch.equal(parts[0], p) for p in parts[1:]):
-                raise ModelError(f"{name}: replicated on every tensor-parallel rank but the copies differ")
+                diff = max(float((p.float() - parts[0].float()).abs().max()) for p in parts[1:])
+                message = (f"{name}: replicated on every tensor-parallel rank but the copies differ by up to "
+                           f"{diff:.3g}; rank 0's copy is used")
+                if warn is None:
+                    raise ModelError(message)
+                warn(message)
             merged[name] = parts[0]
             continue
         split = [d for d in range(len(want)) if len(have) == len(want) and have[d] * tp == want[d]

@@ -164,6 +164,8 @@ def test_tensor_parallel_is_filled_from_parallel_tp_size():
     out = build_ds_config({"tensor_parallel": {"autotp_size": 2, "partition_config": {}}}, _cfg(), dims, bf16=False)
     assert out["tensor_parallel"] == {"autotp_size": 2, "partition_config": {}, "vocab_parallel_lm_head": True}
     assert "tensor_parallel" not in build_ds_config({}, _cfg(), DIMS, bf16=False)  # tp 1: nothing added
+    out = build_ds_config({"tensor_parallel": {"autotp_size": "auto"}}, _cfg(), dims, bf16=False)
+    assert out["tensor_parallel"] == {"autotp_size": 2, "vocab_parallel_lm_head": True}
     assert _build_error({"tensor_parallel": {"autotp_size": 2, "vocab_parallel_lm_head": False}}, dims=dims) == (
         "ds_configs/x.json: tensor_parallel.vocab_parallel_lm_head=false: megakto scores log-probs on each rank's "
         "vocabulary rows and needs it true; remove it"

@@ -48,23 +48,37 @@ def test_model_without_a_tp_plan_is_refused():
 
 
 class _Head(torch.nn.Module):
-    def __init__(self, rows, start=None):
+    def __init__(self, rows, start=None, bias=False):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(rows, 4))
+        self.bias = torch.nn.Parameter(torch.zeros(rows)) if bias else None
         if start is not None:
             self.vocab_start_index, self.vocab_end_index = start, start + rows
 
 
+class _Model(torch.nn.Module):
+    """What the check reads of a model: ``config.vocab_size`` and its output embedding."""
+
+    def __init__(self, head, vocab_size=512):
+        super().__init__()
+        self.head, self.config = head, LlamaConfig(**{**SHAPE, "vocab_size": vocab_size})
+
+    def get_output_embeddings(self):
+        return self.head
+
+
 def test_vocab_parallel_head_check():
-    check_vocab_parallel_head(_Head(256, start=256), 512, 2)
-    check_vocab_parallel_head(_Head(512), 512, 1)
+    check_vocab_parallel_head(_Model(_Head(256, start=256)), 2)
+    check_vocab_parallel_head(_Model(_Head(512)), 1)
+    # tp 1 asks nothing of the head: a biased one (a model.logps=full model such as Phi) is fine.
+    check_vocab_parallel_head(_Model(_Head(512, bias=True)), 1)
     with pytest.raises(ModelError) as info:
-        check_vocab_parallel_head(_Head(512), 512, 2)  # left whole: log-probs would be tp times too many
+        check_vocab_parallel_head(_Model(_Head(512)), 2)  # left whole: log-probs over the wrong rows
     assert str(info.value) == (
         "parallel.tp_size=2: the output head is a _Head with 512 rows, not a vocabulary-parallel head of 256 "
         "rows per rank; this deepspeed did not split it (needs tensor_parallel.vocab_parallel_lm_head)")
     with pytest.raises(ModelError, match="with 128 rows"):
-        check_vocab_parallel_head(_Head(128, start=0), 512, 2)
+        check_vocab_parallel_head(_Model(_Head(128, start=0)), 2)
 
 
 def test_merge_joins_along_the_split_dimension():
@@ -86,8 +100,13 @@ def test_merge_joins_along_the_split_dimension():
 def test_merge_refuses_what_it_cannot_join():
     shapes = {"w": (8, 4), "n": (4,)}
     a = {"w": torch.zeros(4, 4), "n": torch.zeros(4)}
-    with pytest.raises(ModelError, match="n: replicated on every tensor-parallel rank but the copies differ"):
-        merge_tp_shards([a, {"w": torch.zeros(4, 4), "n": torch.ones(4)}], shapes)
+    drifted = [a, {"w": torch.zeros(4, 4), "n": torch.full((4,), 0.5)}]
+    with pytest.raises(ModelError, match="n: replicated on every tensor-parallel rank but the copies differ by up "
+                                         "to 0.5; rank 0's copy is used"):
+        merge_tp_shards(drifted, shapes)
+    warnings = []  # the export's way: rank 0's copy, and a warning naming the difference
+    merged = merge_tp_shards(drifted, shapes, warn=warnings.append)
+    assert torch.equal(merged["n"], torch.zeros(4)) and len(warnings) == 1 and "up to 0.5" in warnings[0]
     with pytest.raises(ModelError, match=r"w: a tensor-parallel shard of shape \(3, 4\) is not 1/2 of the model's"):
         merge_tp_shards([{"w": torch.zeros(3, 4), "n": torch.zeros(4)}] * 2, shapes)
     with pytest.raises(ModelError, match="disagree on their tensors"):
@@ -96,7 +115,7 @@ def test_merge_refuses_what_it_cannot_join():
         merge_tp_shards([{"x": torch.zeros(1)}] * 2, shapes)
 
 
-def test_full_shapes_from_a_config_allocates_nothing():
+def test_full_shapes_from_a_config():
     shapes = full_shapes(LlamaConfig(**SHAPE, tie_word_embeddings=False))
     assert shapes["lm_head.weight"] == (512, 64)
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == (32, 64)  # 2 kv heads × head_dim 16
