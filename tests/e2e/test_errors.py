@@ -76,11 +76,6 @@ def test_output_dir_is_a_file(assets, tmp_path):
     _assert_one_error(proc, lines, output, f"output_dir={target}", "is a file, not a folder")
 
 
-def test_tp_size_does_not_divide_the_world(assets, tmp_path):
-    proc, lines, output = _run(assets, tmp_path, "parallel.tp_size=4")
-    _assert_one_error(proc, lines, output, "world size 2 is not divisible by tp × pp = 4 × 1 = 4")
-
-
 def test_tp_size_does_not_divide_the_vocabulary(assets, tmp_path):
     from megakto._demo.tiny_model import make_tiny_model
 
