@@ -17,6 +17,7 @@ setup(
         "safetensors>=0.4",
         "accelerate>=1.1.0",  # transformers needs it to load a model under ZeRO-3
         "pyyaml>=6.0",
+        "packaging>=20.0",  # deepspeed version checks
         "tqdm>=4.60",
     ],
     extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"]},

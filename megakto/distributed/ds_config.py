@@ -19,6 +19,8 @@ import json
 import os
 from typing import Any, Optional
 
+from packaging.version import Version
+
 from megakto.config import Config
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError
@@ -111,25 +113,12 @@ def check_deepspeed_version(tp: int, installed: str | None = None) -> None:
         from importlib.metadata import version
 
         installed = version("deepspeed")
-    if _release(installed) < _release(MIN_DEEPSPEED_TP):
+    if Version(installed) < Version(MIN_DEEPSPEED_TP):
         raise ConfigError(
             f"parallel.tp_size={tp} needs deepspeed >= {MIN_DEEPSPEED_TP} (AutoTP training with "
             f"ZeRO-3, complete TP checkpoints, a vocabulary-parallel output head), but {installed} is "
             f"installed; pip install 'deepspeed>={MIN_DEEPSPEED_TP}'"
         )
-
-
-def _release(text: str) -> tuple[int, ...]:
-    """(major, minor, patch) of a version string such as ``0.19.8+cu124`` or ``0.19.4rc1``."""
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        parts.append(int(digits or 0))
-    return tuple(parts + [0] * (3 - len(parts)))
 
 
 def _show(value: Any) -> str:

@@ -183,7 +183,8 @@ def test_autotp_size_must_match_parallel_tp_size():
 
 
 @pytest.mark.parametrize("installed, ok", [("0.19.8", True), ("0.20.0+cu124", True), ("1.0", True),
-                                           ("0.19.7", False), ("0.19.4", False), ("0.18.9", False)])
+                                           ("0.19.7", False), ("0.19.4", False), ("0.18.9", False),
+                                           ("0.19.8rc1", False)])
 def test_deepspeed_version_for_tensor_parallelism(installed, ok):
     check_deepspeed_version(1, "0.10.0")  # tp 1: any version
     if ok:
