@@ -262,8 +262,10 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
 
 
 def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1) -> None:
-    manifest = read_manifest(path) or {}
-    saved_tp = manifest.get("tp_size", 1) if manifest else tp_size
+    manifest = read_manifest(path)
+    if not manifest:
+        return  # no manifest: verify() reports that
+    saved_tp = manifest.get("tp_size", 1)  # manifests from before tensor parallelism: tp 1
     if saved_tp != tp_size:
         raise ConfigError(f"train.resume={resume}: {path} was written with parallel.tp_size={saved_tp} but this run "
                           f"has parallel.tp_size={tp_size}; its weights are split in {saved_tp} tensor-parallel "

@@ -235,11 +235,16 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _tp_variant(name: str) -> int | None:
+    """N for the tensor-parallel variant ``megakto-kto-tpN`` of megakto-kto, else None."""
+    suffix = name.removeprefix("megakto-kto-tp")
+    return int(suffix) if suffix != name and suffix.isdigit() else None
+
+
 def _system(name: str) -> dict:
     """SYSTEMS[name], or the tensor-parallel variant ``megakto-kto-tpN`` of megakto-kto."""
-    if name.startswith("megakto-kto-tp") and name.removeprefix("megakto-kto-tp").isdigit():
-        return {**SYSTEMS["megakto-kto"], "tp": int(name.removeprefix("megakto-kto-tp"))}
-    return SYSTEMS[name]
+    tp = _tp_variant(name)
+    return {**SYSTEMS["megakto-kto"], "tp": tp} if tp else SYSTEMS[name]
 
 
 def run_megakto(name: str, spec: dict) -> dict:
@@ -539,8 +544,7 @@ def main(argv=None) -> int:
             (f"megakto KTO TP{args.tp} / megakto KTO, peak RSS (largest rank)", f"megakto-kto-tp{args.tp}",
              "megakto-kto", "peak_rss_mib"),
         ])
-    unknown = [s for s in names if s not in SYSTEMS
-               and not (s.startswith("megakto-kto-tp") and s.removeprefix("megakto-kto-tp").isdigit())]
+    unknown = [s for s in names if s not in SYSTEMS and not _tp_variant(s)]
     micro = args.micro_batch or args.batch
     if unknown or args.warmup < 1 or args.steps < 1 or args.repeat < 1 or args.batch % micro:
         parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup, --steps and --repeat >= 1; "

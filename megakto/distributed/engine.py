@@ -28,6 +28,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
+from megakto.distributed.ds_config import autotp_size
 from megakto.errors import ModelError
 from megakto.model.vocab_blocks import BlockedEmbedding, BlockedHead, merge_vocab_blocks, resolve_block_rows
 from megakto.optim import lr_multiplier, param_groups
@@ -118,7 +119,7 @@ def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implement
     hf_view = {key: value for key, value in ds_config.items() if key != "tensor_parallel"}
     dschf = HfDeepSpeedConfig(hf_view)  # noqa: F841 -- must stay alive during from_pretrained
     attn = None if attn_implementation == "auto" else attn_implementation
-    with _tp_zero_init(ds_config, path, trust_remote_code) as tp_group:
+    with _tp_zero_init(autotp_size(ds_config), hf_view, path, trust_remote_code) as tp_group:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
             use_safetensors=None,
@@ -131,9 +132,10 @@ def load_model(path: str, ds_config: dict, *, dtype: torch.dtype, attn_implement
 
 
 @contextlib.contextmanager
-def _tp_zero_init(ds_config: dict, path: str, trust_remote_code: bool):
-    """Under AutoTP with ZeRO-3: partition the loading model over the data-parallel group only;
-    yields the tensor-parallel group (None in every other case, where nothing changes).
+def _tp_zero_init(tp: int, hf_view: dict, path: str, trust_remote_code: bool):
+    """Under AutoTP (``tp`` > 1) with ZeRO-3 (``hf_view``: the DeepSpeed config transformers sees):
+    partition the loading model over the data-parallel group only; yields the tensor-parallel group
+    (None in every other case, where nothing changes).
 
     transformers' own ``zero.Init`` would partition every parameter over the whole world, and the
     ones AutoTP leaves whole (embedding, norms) would then be split between the ranks of a TP group:
@@ -142,9 +144,7 @@ def _tp_zero_init(ds_config: dict, path: str, trust_remote_code: bool):
     patches module construction once, for the outermost context), so this one sets the group. The
     mesh is AutoTP's own (``_init_tp_mesh_device``, which the engine calls again and finds built).
     """
-    tp = (ds_config.get("tensor_parallel") or {}).get("autotp_size", 1)
-    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-    if tp == 1 or stage != 3:
+    if tp == 1 or (hf_view.get("zero_optimization") or {}).get("stage", 0) != 3:
         yield None
         return
     from deepspeed.utils import groups
@@ -158,7 +158,6 @@ def _tp_zero_init(ds_config: dict, path: str, trust_remote_code: bool):
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         _ = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the modeling module
     groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
-    hf_view = {key: value for key, value in ds_config.items() if key != "tensor_parallel"}
     with deepspeed.zero.Init(data_parallel_group=groups.get_data_parallel_group(), config_dict_or_path=hf_view):
         yield groups.get_tensor_model_parallel_group()
 
@@ -268,7 +267,7 @@ def gathered_state_dict(module: torch.nn.Module, tp_group=None) -> dict[str, tor
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         local = merge_vocab_blocks({name: p.detach().to("cpu", copy=True) for name, p in params.items()})
-    if comm.group_size(tp_group) == 1 or tp_group is None:
+    if tp_group is None or comm.group_size(tp_group) == 1:
         return local
     with outside_zero3():
         shapes = full_shapes(module.config)
