@@ -10,8 +10,12 @@ Dotted ``key=value`` overrides follow the YAML recipe (``--help-config`` lists e
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# How long a rank that stays silent about a shared error waits for rank 0 to print it (see main).
+_SILENT_RANK_GRACE_S = 30.0
 
 
 def main(argv=None) -> int:
@@ -46,8 +50,15 @@ def main(argv=None) -> int:
         KTOTrainer(cfg, args.deepspeed).train()
     except MegaktoError as err:
         rank = int(os.environ.get("RANK", "0"))
-        if rank == 0 or not getattr(err, "shared", False):  # a shared error is printed once, by rank 0
+        shared = getattr(err, "shared", False)
+        if rank == 0 or not shared:  # a shared error is printed once, by rank 0
             print(f"megakto: error: {'' if rank == 0 else f'rank {rank}: '}{err}", file=sys.stderr, flush=True)
+        elif comm is None:
+            # Before any process group the ranks cannot wait for each other, and the launcher kills
+            # every rank as soon as one exits non-zero: a rank that left first could kill rank 0
+            # before it printed the one line. Give rank 0 the time to speak; the launcher ends this
+            # rank as soon as rank 0 has exited.
+            time.sleep(_SILENT_RANK_GRACE_S)
         return 1
     finally:
         # Every exit path: a rank exiting with its process group alive can abort at interpreter
