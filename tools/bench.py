@@ -296,7 +296,9 @@ def run_megakto(name: str, spec: dict) -> dict:
     if tp > 1:  # memory: the largest rank's
         from megakto.distributed import comm
 
-        ranks = comm.all_gather_object({k: v for k, v in out.items() if k.startswith("peak")})
+        # The launcher started one tensor-parallel group (dp 1): gather its ranks' figures.
+        ranks = comm.all_gather_object({k: v for k, v in out.items() if k.startswith("peak")},
+                                       group=trainer.dims.tp_group)
         for key in ranks[0]:
             values = [r[key] for r in ranks if r[key] is not None]
             out[key] = max(values) if values else None
