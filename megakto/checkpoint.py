@@ -8,12 +8,15 @@ shared one: rank 0 renames the directory that all ranks wrote into)::
     hf_base/                       the run's model config, generation config, tokenizer and chat
                                    template, written once (megakto.export reads it)
     step-00000012/                 one checkpoint ("tag"), policy only, never the reference
-        complete                   JSON manifest: step, world size, tp size, dtype, every file's
+        complete                   JSON manifest: step, world size, tp and pp sizes, dtype, every file's
                                    size and sha256 (each hashed by the rank that wrote it, just after)
         trainer_state_rank{r}.pt   step, sampler position, RNG states, eval history (plain types)
         zero_pp_rank_*_mp_rank_XX_{model,optim}_states.pt   DeepSpeed's: weights, Adam, LR schedule
         mp_rank_XX_model_states.pt                          (ZeRO-1/2: the whole module, from dp rank 0)
                                    XX = the tensor-parallel rank (00 only without tensor parallelism)
+        layer_LL-model_00-model_states.pt   pipelines: pipeline layer LL's weights (first data-parallel
+                                   rank of its stage); zero_pp_rank_D_mp_rank_SS_optim_states.pt per
+                                   rank (SS = the stage); mp_rank_SS_model_states.pt the engine state
     .tmp-step-00000016/            a save in progress, or left by a crash: never loaded, removed
 
 A save is atomic. Every rank writes into ``.tmp-step-N`` (DeepSpeed's files, then its own trainer
@@ -221,7 +224,8 @@ def newest_complete(ckpt_dir: str) -> str | None:
     return None
 
 
-def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: int = 1, warn=_warn) -> str | None:
+def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: int = 1, pp_size: int = 1,
+                   warn=_warn) -> str | None:
     """``train.resume`` -> the tag directory to load, or None to start fresh. Collective.
 
     auto: the newest checkpoint in output_dir/checkpoints that passes :func:`verify` (a damaged
@@ -238,7 +242,7 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
     candidates = comm.broadcast_object(candidates)  # rank 0's listing: every rank verifies the same tags
     path, skipped = None, []
     for candidate in candidates:
-        _check_world_size(candidate, resume, world_size, tp_size)  # before hashing: a mismatch is no damage
+        _check_world_size(candidate, resume, world_size, tp_size, pp_size)  # before hashing: a mismatch is no damage
         why = verify(candidate)
         if why is None:
             path = candidate
@@ -261,10 +265,16 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
     return path
 
 
-def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1) -> None:
+def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1) -> None:
     manifest = read_manifest(path)
     if not manifest:
         return  # no manifest: verify() reports that
+    saved_pp = manifest.get("pp_size", 1)  # manifests from before pipelines: pp 1
+    if saved_pp != pp_size:
+        raise ConfigError(f"train.resume={resume}: {path} was written with parallel.pp_size={saved_pp} but this run "
+                          f"has parallel.pp_size={pp_size}; "
+                          + ("its weights are per-layer pipeline files" if saved_pp > 1 else "its weights are ZeRO files")
+                          + f", resume with parallel.pp_size={saved_pp}")
     saved_tp = manifest.get("tp_size", 1)  # manifests from before tensor parallelism: tp 1
     if saved_tp != tp_size:
         raise ConfigError(f"train.resume={resume}: {path} was written with parallel.tp_size={saved_tp} but this run "
@@ -355,7 +365,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: int, dtype: str,
-         tp_size: int = 1) -> str:
+         tp_size: int = 1, pp_size: int = 1) -> str:
     """Write checkpoint ``step`` atomically (see the module docstring); every rank calls it.
 
     ``trainer_state`` is this rank's own state (plain types). Returns the committed tag directory.
@@ -387,7 +397,7 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
             os._exit(1)
         digests = {name: digest for d in gathered for name, digest in d.items()}
         _commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests,
-                tp_size=tp_size)
+                tp_size=tp_size, pp_size=pp_size)
         _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
         prune(ckpt_dir, keep_last)
         remove_stale(ckpt_dir)
@@ -396,7 +406,7 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
 
 
 def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str, digests: dict,
-            tp_size: int = 1) -> None:
+            tp_size: int = 1, pp_size: int = 1) -> None:
     """Manifest, then the rename. ``digests``: the checksums the writing ranks took; a file that
     none reported (written outside the checkpoint engine's ``save``) is hashed here."""
     files, sums = {}, {}
@@ -407,7 +417,7 @@ def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: 
             files[name] = os.path.getsize(path)
             sums[name] = digests.get(name) or file_digest(path)
     manifest = {"step": step, "tag": os.path.basename(final_dir), "world_size": world_size, "tp_size": tp_size,
-                "dtype": dtype,
+                "pp_size": pp_size, "dtype": dtype,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, DIGEST: sums}
     _write_atomic(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     aside = None

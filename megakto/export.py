@@ -10,11 +10,18 @@ weights are exactly bf16(fp32 master), so the export's logits equal the engine's
 A tensor-parallel checkpoint holds one set of ZeRO files per tp rank (``mp_rank_XX``): each is
 consolidated on its own, then the shards are joined along the dimension AutoTP split
 (:mod:`megakto.model.tp_merge`, whole shapes from ``hf_base``'s config).
+
+A pipeline checkpoint (``pp_size`` > 1 in its manifest) holds one file per pipeline layer
+(``layer_LL-model_states.pt``: embedding, decoder layers, final norm, untied head), written by the
+first data-parallel rank of the stage that owns it; they are renamed to Hugging Face names
+(:func:`megakto.model.pipeline_stages.hf_names`). They hold the engine's module weights, in the
+dtype the run trained in.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 
@@ -24,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from megakto import checkpoint
 from megakto.distributed import engine
 from megakto.errors import ConfigError, ModelError
+from megakto.model.pipeline_stages import hf_names
 from megakto.model.tp_merge import full_shapes, merge_tp_shards
 
 __all__ = ["BASE", "probe_batch", "save_hf_base", "resolve_checkpoint", "export_checkpoint", "write_hf_folder",
@@ -89,10 +97,31 @@ def export_checkpoint(tag_dir: str, out_dir: str, *, dtype: str | None = None,
     return write_hf_folder(state_dict, base, out_dir, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+_LAYER_FILE = re.compile(r"^layer_(\d+)-(?:model_\d+-)?model_states\.pt$")
+
+
+def _pipeline_state_dict(tag_dir: str, trust_remote_code: bool) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint's per-layer files joined under Hugging Face names."""
+    config = AutoConfig.from_pretrained(os.path.join(os.path.dirname(tag_dir), BASE), trust_remote_code=trust_remote_code)
+    layers = sorted((int(m.group(1)), name) for name in os.listdir(tag_dir) if (m := _LAYER_FILE.match(name)))
+    want = config.num_hidden_layers + (2 if getattr(config, "tie_word_embeddings", False) else 3)
+    if [i for i, _ in layers] != list(range(want)):
+        raise ModelError(f"{tag_dir}: pipeline layer files {[i for i, _ in layers]}, expected 0..{want - 1} for "
+                         f"{config.num_hidden_layers} decoder layers")
+    engine.check_deepspeed_pickles(tag_dir, [name for _, name in layers])
+    state: dict[str, torch.Tensor] = {}
+    for index, name in layers:
+        layer = engine.weights_only_load(os.path.join(tag_dir, name), map_location="cpu")
+        state.update(hf_names(index, config.num_hidden_layers, layer))
+    return state
+
+
 def checkpoint_state_dict(tag_dir: str, *, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a complete tag directory under Hugging Face names, tensor-parallel
-    shards joined. Offline (no process group)."""
+    """The weights of a complete tag directory under Hugging Face names (fp32 masters of ZeRO
+    checkpoints, tensor-parallel shards joined; a pipeline's module weights). Offline (no process group)."""
     tag_dir = os.path.normpath(tag_dir)
+    if (checkpoint.read_manifest(tag_dir) or {}).get("pp_size", 1) > 1:
+        return _pipeline_state_dict(tag_dir, trust_remote_code)
     shards = engine.zero_fp32_shards(os.path.dirname(tag_dir), os.path.basename(tag_dir))
     if len(shards) == 1:
         return shards[0]

@@ -18,6 +18,10 @@ One optimizer step over a global batch of rows (prompt x, completion y, desirabl
    in a row stop the run without saving.
 5. **Metrics** as sums and counts, reduced once per step, written by rank 0.
 
+The passes of steps 2 and 4 run through the parallel mode's runner (megakto/runners/): one forward,
+backward and step per micro-batch on a ZeRO or ZeRO + AutoTP engine, or ``eval_batch`` and one
+``train_batch`` (1F1B) on a ``deepspeed.pipe`` engine, eq. (7) then evaluated on the last stage.
+
 Every ``checkpoint.every_steps`` steps the policy engine and the trainer's own state are saved
 atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the same data stream.
 """
@@ -44,13 +48,16 @@ from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError, MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss, nll_share
-from megakto.metrics import StepSums, step_metrics
+from megakto.metrics import step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.reference.build import build_reference, online_reference
 from megakto.runlog import RunLogger
+from megakto.runners import pipeline
+from megakto.runners.base import MicroLoss
+from megakto.runners.zero import ZeroRunner
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
 
 __all__ = ["KTOTrainer", "StepResult"]
@@ -92,14 +99,15 @@ class KTOTrainer:
             _check_output_dir(cfg.output_dir)
             # The mesh: world = dp × tp; its process groups are attached once the policy engine exists.
             self.dims = ParallelDims.from_config(cfg, comm.world_size(), rank=comm.rank())
-            check_deepspeed_version(self.dims.tp)
+            check_deepspeed_version(self.dims.tp, self.dims.pp)
             self.ds_config = build_ds_config(load_ds_json(deepspeed_config), cfg, self.dims, bf16=self.bf16,
                                              source=deepspeed_config)
-            check_model_path(cfg.model.path, key="model.path", trust_remote_code=cfg.model.trust_remote_code,
-                             tp=self.dims.tp)
-            if cfg.ref.path:
-                check_model_path(cfg.ref.path, key="ref.path", trust_remote_code=cfg.model.trust_remote_code,
-                                 tp=self.dims.tp)
+            for key in ("model.path", "ref.path"):
+                path = cfg.model.path if key == "model.path" else cfg.ref.path
+                if path:
+                    check_model_path(path, key=key, trust_remote_code=cfg.model.trust_remote_code, tp=self.dims.tp)
+                    if self.dims.pp > 1:
+                        pipeline.check_model(path, self.dims.pp, key=key, trust_remote_code=cfg.model.trust_remote_code)
             attn = check_model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
                                         logps=cfg.model.logps, trust_remote_code=cfg.model.trust_remote_code,
                                         ref_path=cfg.ref.path)
@@ -107,8 +115,8 @@ class KTOTrainer:
             self.tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
         with comm.fail_together():  # its own block: verifying a checkpoint is collective
-            self.resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir,
-                                                        world_size=comm.world_size(), tp_size=self.dims.tp)
+            self.resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir, world_size=comm.world_size(),
+                                                        tp_size=self.dims.tp, pp_size=self.dims.pp)
         start = checkpoint.read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
         self.log = RunLogger(cfg.output_dir, enabled=comm.is_main(), total_steps=cfg.train.max_steps,
                              initial_step=start)
@@ -118,6 +126,10 @@ class KTOTrainer:
             cfg.model.vocab_block_rows = 0  # AutoTP splits the output head by vocabulary rows itself
             self.log.info("vocabulary blocks: off under tensor parallelism (the output head is split over "
                           f"{self.dims.tp} ranks instead)")
+        if self.dims.pp > 1 and cfg.model.vocab_block_rows == "auto":
+            cfg.model.vocab_block_rows = 0  # the embedding and the head sit on their own pipeline stages
+            self.log.info("vocabulary blocks: off under pipeline parallelism (the embedding and the output head "
+                          "are stages of their own)")
         self.log.info(f"parallelism: {self.dims.describe()}")
         self.train_rows, self.eval_rows = self._setup_data()
         self.use_kl = cfg.kto.loss_type == "kto"
@@ -131,6 +143,7 @@ class KTOTrainer:
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, tp_group=self.dims.tp_group)
+        self.runner = self._setup_runner()
         with comm.fail_together():
             self.evaluator = self._setup_evaluator()
         self.reference = self._setup_reference()
@@ -202,6 +215,16 @@ class KTOTrainer:
 
     def _setup_policy(self):
         cfg = self.cfg
+        o = cfg.optim
+        optim = dict(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+                     warmup_steps=o.warmup_steps, max_steps=cfg.train.max_steps, schedule=o.schedule,
+                     min_lr_ratio=o.min_lr_ratio)
+        if self.dims.pp > 1:
+            module = pipeline.pipeline_model(cfg.model.path, self.dims.pp, dtype=self._model_dtype(), model=cfg.model,
+                                             partition=cfg.parallel.pp_partition)
+            policy = engine.build_policy_engine(module, self.ds_config, **optim)
+            self.log.info(f"pipeline: {pipeline.describe_stages(policy)}")
+            return policy
         model = engine.load_model(cfg.model.path, self.ds_config, dtype=self._model_dtype(),
                                   attn_implementation=cfg.model.attn_implementation,
                                   trust_remote_code=cfg.model.trust_remote_code,
@@ -213,11 +236,7 @@ class KTOTrainer:
             engine.disable_dropout(model)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        o = cfg.optim
-        policy = engine.build_policy_engine(model, self.ds_config, lr=o.lr, weight_decay=o.weight_decay,
-                                            betas=tuple(o.betas), eps=o.eps, warmup_steps=o.warmup_steps,
-                                            max_steps=cfg.train.max_steps, schedule=o.schedule,
-                                            min_lr_ratio=o.min_lr_ratio)
+        policy = engine.build_policy_engine(model, self.ds_config, **optim)
         policy.train()
         with comm.fail_together():
             check_vocab_parallel_head(policy, self.dims.tp)
@@ -227,15 +246,30 @@ class KTOTrainer:
         """The engine's data- and tensor-parallel groups, checked against the mesh arithmetic: megakto
         splits rows by ``dims.dp_rank`` and the engine averages gradients over its own group, so the two
         must be the same ranks."""
-        dims = dims.with_groups(*engine.parallel_groups(dims.tp))
+        if dims.pp > 1:
+            dp_group, pp_group = engine.pipeline_groups(self.policy)
+            dims = dims.with_groups(dp_group, None, pp_group)
+        else:
+            dims = dims.with_groups(*engine.parallel_groups(dims.tp))
         with comm.fail_together():
-            if dims.tp > 1:
-                got = (comm.group_ranks(dims.dp_group), comm.group_ranks(dims.tp_group))
-                want = (dims.dp_group_ranks(), dims.tp_group_ranks())
+            if dims.tp > 1 or dims.pp > 1:
+                model_group = (dims.tp_group, dims.tp_group_ranks()) if dims.tp > 1 else (dims.pp_group,
+                                                                                         dims.pp_group_ranks())
+                got = (comm.group_ranks(dims.dp_group), comm.group_ranks(model_group[0]))
+                want = (dims.dp_group_ranks(), model_group[1])
                 if got != want:
-                    raise MegaktoError(f"rank {dims.rank}: DeepSpeed's (dp, tp) groups are {got}, the mesh "
+                    kind = "tp" if dims.tp > 1 else "pp"
+                    raise MegaktoError(f"rank {dims.rank}: DeepSpeed's (dp, {kind}) groups are {got}, the mesh "
                                        f"arithmetic says {want} ({dims.describe()})")
         return dims
+
+    def _setup_runner(self):
+        """How the policy's passes run: per micro-batch (ZeRO, TP) or through the pipeline schedule."""
+        if self.dims.pp > 1:
+            return pipeline.PipelineRunner(self.policy, self.policy.module.loss_fn, batch_fn=self._batch,
+                                           dp_group=self.dims.dp_group, pp_group=self.dims.pp_group,
+                                           last=self.dims.pp_group_ranks()[-1], config=self.policy.module.config)
+        return ZeroRunner(self.policy, batch_fn=self._batch, logps_fn=self.logps_fn, dp_group=self.dims.dp_group)
 
     def _setup_sampler(self) -> KTOBatchSampler:
         cfg = self.cfg
@@ -263,18 +297,26 @@ class KTOTrainer:
             return None
 
         def online():
+            if self.dims.pp > 1:  # a second, frozen pipeline over the same stages
+                if cfg.ref.offload != "none":
+                    self.log.info(f"ref.offload={cfg.ref.offload} does not apply under pipeline parallelism (parameter "
+                                  "offload needs ZeRO-3): each stage holds its reference layers in device memory; "
+                                  "ref.mode=cache holds none")
+                return pipeline.online_reference(cfg.ref, cfg.model, self.ds_config, self.runner, self.dims.pp,
+                                                 dtype=self._model_dtype(), partition=cfg.parallel.pp_partition)
             ref = online_reference(cfg.ref, cfg.model, self.ds_config, dtype=self._model_dtype(),
                                    batch_fn=self._batch, logps_fn=self.logps_fn)
             with comm.fail_together():
                 check_vocab_parallel_head(ref.engine, self.dims.tp)
             return ref
 
-        # The precompute is split over the data-parallel ranks: each tensor-parallel group scores the
-        # same rows together, and its rank 0 writes them.
+        # The precompute is split over the data-parallel ranks: each tensor-parallel group (or pipeline)
+        # scores the same rows together, and its first rank writes them.
         return build_reference(cfg.ref, cfg.model, dtype=self._model_dtype(), online=online,
                                pairs=self._reference_pairs, batch_size=cfg.train.eval_batch_size,
                                dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, dp_group=self.dims.dp_group,
-                               writes=self.dims.tp_rank == 0, device=self.device, log=self.log.info)
+                               writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0, device=self.device,
+                               log=self.log.info)
 
     def _reference_pairs(self) -> list:
         """Every (prompt_ids, completion_ids) the run scores with the reference: train and eval
@@ -369,7 +411,8 @@ class KTOTrainer:
                  "vocab_layout": vocab_layout(self.policy.module),
                  "eval_history": [[s, m] for s, m in self.eval_history]}
         path = checkpoint.save(self.policy, ckpt_dir, self.step, state, keep_last=cfg.checkpoint.keep_last,
-                               dtype="bfloat16" if self.bf16 else "float32", tp_size=self.dims.tp)
+                               dtype="bfloat16" if self.bf16 else "float32", tp_size=self.dims.tp,
+                               pp_size=self.dims.pp)
         self._saved_step = self.step
         self.log.info(f"saved {path} ({time.perf_counter() - start:.1f} s)")
 
@@ -383,7 +426,7 @@ class KTOTrainer:
 
     def evaluate(self) -> dict[str, float]:
         kto = self.cfg.kto
-        return self.evaluator(lambda pairs: self._logps(self.policy, pairs), self.reference.logps, beta=kto.beta,
+        return self.evaluator(lambda pairs: self.runner.score([pairs])[0], self.reference.logps, beta=kto.beta,
                               desirable_weight=self.desirable_weight, undesirable_weight=kto.undesirable_weight,
                               loss_type=kto.loss_type)
 
@@ -424,18 +467,16 @@ class KTOTrainer:
         mine = self._my_micro_batches(lengths, rows["label"])
 
         # 2. No-grad pass: reference on target (and KL) rows; policy on the KL rows.
-        ref_logps, kl_parts = [], []
-        with torch.no_grad():
-            for positions in mine:
-                t = [targets[i] for i in positions]
-                if self.reference is None:  # sft: no reference
-                    ref_logps.append(None)
-                    continue
-                k = [kl_rows[i] for i in positions] if kl_rows is not None else []
-                both = self.reference.logps(t + k)
-                ref_logps.append(both[:len(t)])
-                if k:
-                    kl_parts.append(kl_partial(self._logps(self.policy, k), both[len(t):]))
+        t_rows = [[targets[i] for i in positions] for positions in mine]
+        k_rows = [[kl_rows[i] for i in positions] for positions in mine] if kl_rows is not None else None
+        ref_logps, kl_parts = [None] * len(mine), []
+        if self.reference is not None:  # sft: no reference
+            with torch.no_grad():
+                both = self.reference.score([t + (k_rows[j] if k_rows else []) for j, t in enumerate(t_rows)])
+                ref_logps = [b[:len(t)] for b, t in zip(both, t_rows)]
+                if k_rows:
+                    policy_kl = self.runner.score(k_rows)
+                    kl_parts = [kl_partial(p, b[len(t):]) for p, b, t in zip(policy_kl, both, t_rows)]
 
         # 3. The reference point z_ref: one all-reduce of (sum, count) over the data-parallel group.
         zero = torch.zeros((), device=self.device)
@@ -443,50 +484,32 @@ class KTOTrainer:
         # z_ref is all-reduced: every rank sees the same value and takes the same decision.
         skipped = None if all(math.isfinite(float(k)) for k in kls) else "non-finite KL reference point z_ref"
 
-        # 4. Policy forward/backward per micro-batch; the engine steps at the accumulation boundary.
+        # 4. Policy forward/backward per micro-batch (eq. 7); the engine steps at the accumulation boundary.
         scale = self.dims.num_micro_batches / len(indices)  # engine: ÷ grad-accum, mean over dp ranks
         target_tokens = sum(len(c) for _, c in targets)
         desirable_tokens = sum(len(c) for (_, c), d in zip(targets, rows["label"]) if d)
-        sums = StepSums()
         lr = self.policy.get_lr()[0]  # the rate this step's update uses
-        ds_skipped_before, backwards, poisoned = self.policy.skipped_steps, 0, False
-        for positions, ref, kl in zip(mine, ref_logps, kls):
-            if skipped is not None and not poisoned:
-                break  # nothing accumulated yet: the step is skipped without a backward
-            batch = self._batch([targets[i] for i in positions])
-            desirable = torch.tensor([rows["label"][i] for i in positions], dtype=torch.bool, device=self.device)
-            logps, n_tokens = self.logps_fn(self.policy, batch)
-            # Each loss is a sum over rows, like eq. (7)'s per-row losses; ``scale`` makes it a global mean.
+        ds_skipped_before = self.policy.skipped_steps
+
+        def micro_loss(j: int, logps: torch.Tensor) -> MicroLoss:
+            """Micro-batch j's loss, a sum over its rows like eq. (7)'s; ``scale`` makes it a global mean."""
+            desirable = torch.tensor([rows["label"][i] for i in mine[j]], dtype=torch.bool, device=logps.device)
             if kto.loss_type == "sft":
-                loss = nll_share(logps, target_tokens) * len(indices)
-                losses, rewards = logps.detach() * 0, torch.zeros_like(logps)
-            else:
-                out = kto_loss(logps, ref, desirable, kl, beta=kto.beta, desirable_weight=self.desirable_weight,
-                               undesirable_weight=kto.undesirable_weight, loss_type=kto.loss_type)
-                loss, losses, rewards = out.losses.sum(), out.losses, out.rewards
-                if kto.sft_weight:
-                    loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
-            # One flag over the world (group=None), so that every rank of every group skips alike.
-            if not poisoned and comm.any_rank(not bool(torch.isfinite(loss.detach())), group=None):
-                skipped = "non-finite loss"
-                if not backwards:
-                    sums.add(losses=losses, rewards=rewards, logps=logps, desirable=desirable, n_tokens=n_tokens,
-                             tokens=batch.num_tokens)
-                    break
-                # Earlier micro-batches' gradients already sit in the engine, which can only drop them at
-                # the accumulation boundary: a NaN gradient makes DeepSpeed's overflow check discard the
-                # whole step there (checked below), and the engine stays in step with its micro-batches.
-                poisoned = True
-                loss = loss * float("nan")
-            self.policy.backward(loss * scale)
-            self.policy.step()
-            backwards += 1
-            sums.add(losses=losses, rewards=rewards, logps=logps, desirable=desirable, n_tokens=n_tokens,
-                     tokens=batch.num_tokens)
+                return MicroLoss(nll_share(logps, target_tokens) * len(indices), logps.detach() * 0,
+                                 torch.zeros_like(logps), desirable)
+            out = kto_loss(logps, ref_logps[j], desirable, kls[j], beta=kto.beta, desirable_weight=self.desirable_weight,
+                           undesirable_weight=kto.undesirable_weight, loss_type=kto.loss_type)
+            loss = out.losses.sum()
+            if kto.sft_weight:
+                loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
+            return MicroLoss(loss, out.losses, out.rewards, desirable)
+
+        outcome = self.runner.train(t_rows, micro_loss, scale=scale, skipped=skipped)
+        sums, backwards, poisoned, skipped = outcome.sums, outcome.backwards, outcome.poisoned, outcome.skipped
 
         # 5. Metrics: one reduction of sums and counts.
-        # Tensor-parallel peers hold the same rows: the data-parallel group counts each row once.
-        reduced = comm.all_reduce_dict(sums.values, group=self.dims.dp_group)
+        # Tensor-parallel peers and pipeline stages hold the same rows: each row is counted once.
+        reduced = self.runner.reduce_sums(sums.values)
         kl_mean = float(torch.stack([k.float() for k in kls]).mean())
         if reduced["rows"]:
             metrics = step_metrics(reduced, kl=kl_mean, elapsed=time.perf_counter() - start,
@@ -557,6 +580,3 @@ class KTOTrainer:
         pad_id = self.tokenizer.pad_token_id
         batch = pack(pairs, self.cfg.data.max_tokens_per_row, pad_id) if self.cfg.data.packing else pad_rows(pairs, pad_id)
         return batch.to(self.device)
-
-    def _logps(self, model, pairs) -> torch.Tensor:
-        return self.logps_fn(model, self._batch(pairs))[0]

@@ -193,7 +193,15 @@ class ParallelConfig:
         "over this many ranks, which see the same rows; it must divide the world size, the attention "
         "and key-value heads, the MLP width and the vocabulary. 1 = off."
     )
-    pp_size: int = _opt(1, "Pipeline-parallel degree; 1 = off (pipelines are not supported yet).")
+    pp_size: int = _opt(
+        1, "Pipeline-parallel degree (deepspeed.pipe, 1F1B): the model's layers split into this many "
+        "stages on as many ranks, which see the same rows; needs ZeRO stage 0 or 1 and tp_size 1. 1 = off."
+    )
+    pp_partition: str = _opt(
+        "parameters", "How layers are split over pipeline stages: parameters (balance parameter counts; "
+        "the embedding and the output head count as layers), uniform (balance layer counts), or "
+        "type:<regex> (balance the layers whose class matches, e.g. type:DecoderStage)."
+    )
 
 
 @dataclass

@@ -96,8 +96,16 @@ def _check_parallel(cfg: Config) -> None:
     tp, pp = cfg.parallel.tp_size, cfg.parallel.pp_size
     _check(not (tp > 1 and pp > 1), f"parallel.tp_size={tp} with parallel.pp_size={pp}: DeepSpeed has no "
            "AutoTP inside a pipeline; use one of them")
-    _check(pp == 1, f"parallel.pp_size={pp}: pipeline parallelism is not supported yet; set parallel.pp_size=1 "
-           "(use parallel.tp_size or ZeRO-3 to split the model)")
+    part = cfg.parallel.pp_partition
+    _check(part in ("parameters", "uniform") or (part.startswith("type:") and len(part) > 5),
+           f"parallel.pp_partition={part!r}: expected parameters, uniform or type:<regex>")
+    if pp > 1:
+        _check(cfg.model.logps == "chunked", f"model.logps={cfg.model.logps} with parallel.pp_size={pp}: the last "
+               "stage scores log-probs with the chunked head; set model.logps=chunked")
+        blocks = cfg.model.vocab_block_rows
+        _check(blocks in (0, "auto"), f"model.vocab_block_rows={blocks} with parallel.pp_size={pp}: the embedding "
+               "and the output head are pipeline stages of their own; set model.vocab_block_rows=0 (or auto, "
+               "which is off under pipelines)")
     if tp > 1:
         _check(cfg.model.logps == "chunked", f"model.logps={cfg.model.logps} with parallel.tp_size={tp}: each "
                "rank holds 1/tp of the output head, so only the chunked vocabulary-parallel log-probs are "

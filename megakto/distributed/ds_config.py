@@ -33,6 +33,7 @@ __all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_siz
 # (tensor_parallel.vocab_parallel_lm_head, VocabParallelLinear) is newer still, and 0.19.8 is the
 # release the tensor-parallel path is tested with.
 MIN_DEEPSPEED_TP = "0.19.8"
+MIN_DEEPSPEED_PP = "0.19.3"  # pipeline gradients under gradient accumulation (DeepSpeed PR 8154)
 
 _FORBIDDEN = {
     "optimizer": "megakto builds torch AdamW from optim.lr, optim.betas, optim.eps and "
@@ -104,16 +105,24 @@ def _fill_tensor_parallel(ds: dict, dims: ParallelDims, source: str) -> int:
     return dims.tp
 
 
-def check_deepspeed_version(tp: int, installed: str | None = None) -> None:
+def check_deepspeed_version(tp: int, pp: int = 1, installed: str | None = None) -> None:
     """AutoTP training under ZeRO-3 (and complete TP checkpoints) needs deepspeed >= 0.19.4, and
-    the vocabulary-parallel head came after it; refuse older releases when ``tp > 1``."""
-    if tp == 1:
+    the vocabulary-parallel head came after it; refuse older releases when ``tp > 1``. Before 0.19.3
+    every pipeline stage but the last scaled its gradients by the accumulation steps once more
+    (DeepSpeed PR 8154): refuse those when ``pp > 1``."""
+    if tp == 1 and pp == 1:
         return
     if installed is None:
         from importlib.metadata import version
 
         installed = version("deepspeed")
-    if Version(installed) < Version(MIN_DEEPSPEED_TP):
+    if pp > 1 and Version(installed) < Version(MIN_DEEPSPEED_PP):
+        raise ConfigError(
+            f"parallel.pp_size={pp} needs deepspeed >= {MIN_DEEPSPEED_PP} (earlier releases scale the "
+            f"gradients of every stage but the last wrongly under gradient accumulation), but {installed} is "
+            f"installed; pip install 'deepspeed>={MIN_DEEPSPEED_PP}'"
+        )
+    if tp > 1 and Version(installed) < Version(MIN_DEEPSPEED_TP):
         raise ConfigError(
             f"parallel.tp_size={tp} needs deepspeed >= {MIN_DEEPSPEED_TP} (AutoTP training with "
             f"ZeRO-3, complete TP checkpoints, a vocabulary-parallel output head), but {installed} is "
@@ -237,15 +246,20 @@ def build_ds_config(
     return ds
 
 
-def reference_ds_config(policy_ds: dict, offload: str = "cpu") -> dict:
+def reference_ds_config(policy_ds: dict, offload: str = "cpu", *, pipeline: bool = False) -> dict:
     """ZeRO-3 inference settings for the frozen reference, sharing the policy's batch and dtype.
 
     No optimizer, scheduler or optimizer offload: the reference never steps. With ``offload="cpu"``
     its parameters live in CPU memory and are fetched layer by layer (``offload_param``).
+    ``pipeline``: a frozen pipeline engine instead, ZeRO stage 0 (pipelines allow 0 or 1, and
+    parameter offload needs ZeRO-3), each stage holding its layers.
     """
     if offload not in ("cpu", "none"):
         raise ConfigError(f"ref.offload must be one of 'cpu', 'none', got {offload!r}")
     ref = {key: copy.deepcopy(policy_ds[key]) for key in _REF_COPIED if key in policy_ds}
+    if pipeline:
+        ref["zero_optimization"] = {"stage": 0}
+        return ref
     zero: dict[str, Any] = {
         "stage": 3,
         # Small tensors (norms, biases) stay whole on every rank: gathering them costs more

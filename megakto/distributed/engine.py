@@ -55,6 +55,8 @@ __all__ = [
     "zero_fp32_state_dict",
     "zero_fp32_shards",
     "parallel_groups",
+    "build_pipeline_module",
+    "pipeline_groups",
     "check_deepspeed_pickles",
     "unsafe_pickle",
     "weights_only_load",
@@ -232,6 +234,34 @@ def parallel_groups(tp: int):
     from deepspeed.utils import groups
 
     return groups.get_data_parallel_group(), groups.get_tensor_model_parallel_group()
+
+
+def build_pipeline_module(specs, *, num_stages: int, partition: str, loss_fn, activation_checkpointing: bool):
+    """A ``deepspeed.pipe.PipelineModule`` over ``specs`` (:func:`megakto.model.pipeline_stages.stage_specs`):
+    each rank builds only its own stages. ``partition``: ``parameters`` balances the stages' parameter
+    counts (taken from the specs, so no rank builds a layer it does not keep), ``uniform`` the number
+    of layers, ``type:<regex>`` the layers whose class name matches. ``activation_checkpointing``
+    recomputes each decoder stage in the backward (non-reentrant)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+
+    layers = [TiedLayerSpec(s.tie, s.cls, *s.args, forward_fn=s.forward_fn, tied_weight_attr=["embed_tokens.weight"])
+              if s.tie else LayerSpec(s.cls, *s.args) for s in specs]
+    counts = [s.params for s in specs]
+
+    class _Pipeline(PipelineModule):
+        def _count_layer_params(self):
+            return counts
+
+    checkpointing = {"activation_checkpoint_interval": 1, "activation_checkpoint_func": non_reentrant_checkpoint,
+                     "checkpointable_layers": ["DecoderStage"]} if activation_checkpointing else {}
+    return _Pipeline(layers=layers, num_stages=num_stages, loss_fn=loss_fn, partition_method=partition,
+                     dynamic_shape=True, **checkpointing)
+
+
+def pipeline_groups(engine):
+    """``(data-parallel group, pipeline group)`` of a pipeline engine's grid."""
+    return engine.grid.get_data_parallel_group(), engine.grid.get_pipe_parallel_group()
 
 
 def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, weight_decay: float,

@@ -8,7 +8,9 @@ splits the data: each optimizer step consumes ``global_batch_size = micro_batch_
 
 The mesh is (dp, tp) with tensor parallelism innermost, as DeepSpeed's AutoTP builds it: global
 rank ``r`` has ``tp_rank = r % tp`` and ``dp_rank = r // tp``; with 4 ranks and tp 2 the TP groups
-are {0,1}, {2,3} and the DP groups {0,2}, {1,3}.
+are {0,1}, {2,3} and the DP groups {0,2}, {1,3}. Pipelines (tp 1) are pipe-major, as
+``deepspeed.pipe``'s topology lays them out: ``pp_rank = r // dp`` (the stage), ``dp_rank = r % dp``;
+with 4 ranks and pp 2 stage 0 is on {0,1}, stage 1 on {2,3}, the pipelines {0,2}, {1,3}.
 
 Pure arithmetic: no torch.distributed here, so every check runs before any process group exists.
 The process groups themselves are attached with :meth:`ParallelDims.with_groups` once the engine
@@ -35,6 +37,7 @@ class ParallelDims:
     # Process groups (None = the whole world, right while tp = pp = 1): set by with_groups().
     dp_group: Any = field(default=None, compare=False, repr=False)
     tp_group: Any = field(default=None, compare=False, repr=False)
+    pp_group: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("world_size", "global_batch_size", "micro_batch_size", "tp", "pp"):
@@ -79,25 +82,36 @@ class ParallelDims:
             rank=rank,
         )
 
-    def with_groups(self, dp_group, tp_group) -> "ParallelDims":
-        """The same degrees with the engine's data- and tensor-parallel process groups attached."""
-        return replace(self, dp_group=dp_group, tp_group=tp_group)
+    def with_groups(self, dp_group, tp_group, pp_group=None) -> "ParallelDims":
+        """The same degrees with the engine's data-, tensor- and pipeline-parallel groups attached."""
+        return replace(self, dp_group=dp_group, tp_group=tp_group, pp_group=pp_group)
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
 
     @property
+    def pp_rank(self) -> int:
+        """The pipeline stage of this rank (0 without pipelines)."""
+        return self.rank // self.dp if self.pp > 1 else 0
+
+    @property
     def dp_rank(self) -> int:
-        return self.rank // (self.tp * self.pp)
+        return self.rank % self.dp if self.pp > 1 else self.rank // self.tp
 
     def dp_group_ranks(self) -> list[int]:
-        """Global ranks of this rank's data-parallel group (same tp coordinate), in dp order."""
+        """Global ranks of this rank's data-parallel group (same tp coordinate or stage), in dp order."""
+        if self.pp > 1:
+            return [self.pp_rank * self.dp + d for d in range(self.dp)]
         return [d * self.tp + self.tp_rank for d in range(self.dp)]
 
     def tp_group_ranks(self) -> list[int]:
         """Global ranks of this rank's tensor-parallel group (same dp coordinate), in tp order."""
         return [self.dp_rank * self.tp + t for t in range(self.tp)]
+
+    def pp_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's pipeline (same dp coordinate), stage 0 first."""
+        return [s * self.dp + self.dp_rank for s in range(self.pp)]
 
     @property
     def dp(self) -> int:

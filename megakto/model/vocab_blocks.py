@@ -181,7 +181,10 @@ def blocked_token_logps(head: BlockedHead, hidden: torch.Tensor, targets: torch.
 
 def vocab_layout(model: nn.Module) -> list[int]:
     """Rows per block of the model's input embedding; [] when it is not split. A checkpoint only
-    loads into a model with the same layout (its parameters are named per block)."""
+    loads into a model with the same layout (its parameters are named per block). A pipeline module
+    (no ``get_input_embeddings``) never splits them."""
+    if not hasattr(model, "get_input_embeddings"):
+        return []
     emb = model.get_input_embeddings()
     return list(emb.sizes) if isinstance(emb, BlockedEmbedding) else []
 

@@ -5,7 +5,8 @@ trainer does not know which one it has (:class:`Reference`).
 
 * :class:`OnlineReference` packs the sequences and runs a frozen engine (the ZeRO-3 inference
   engine; another runner's reference, e.g. a pipeline engine or the policy with its adapters off,
-  is one more engine behind the same ``batch_fn``/``logps_fn`` pair, or one more class here).
+  is one more engine behind the same ``batch_fn``/``logps_fn`` pair, or one more class here: the
+  pipeline's is :class:`megakto.runners.pipeline.PipelineReference`).
 * :class:`CachedReference` looks each sequence up by content in a
   :class:`~megakto.reference.store.RefLogpCache` built once before training; a missing sequence is
   an error, never a silent fallback.
@@ -29,6 +30,10 @@ class Reference(Protocol):
         """Reference log pi_ref(y|x) of each (prompt_ids, completion_ids), shape (len(pairs),)."""
         ...
 
+    def score(self, batches: Sequence[Pairs]) -> list[torch.Tensor]:
+        """:meth:`logps` of each batch (a pipeline reference runs them through its stages together)."""
+        ...
+
 
 class OnlineReference:
     def __init__(self, engine, batch_fn: Callable, logps_fn: Callable):
@@ -40,6 +45,9 @@ class OnlineReference:
     def logps(self, pairs: Pairs) -> torch.Tensor:
         return self._logps(self.engine, self._batch(pairs))[0]
 
+    def score(self, batches: Sequence[Pairs]) -> list[torch.Tensor]:
+        return [self.logps(pairs) for pairs in batches]
+
 
 class CachedReference:
     def __init__(self, cache: RefLogpCache, device, *, precompute_seconds: float = 0.0):
@@ -49,3 +57,6 @@ class CachedReference:
 
     def logps(self, pairs: Pairs) -> torch.Tensor:
         return self.cache.lookup([sequence_key(p, c) for p, c in pairs]).to(self.device, torch.float32)
+
+    def score(self, batches: Sequence[Pairs]) -> list[torch.Tensor]:
+        return [self.logps(pairs) for pairs in batches]

@@ -246,3 +246,27 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
     open(manifest_path, "w").write(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"written with parallel.tp_size=1 but this run has parallel.tp_size=2"):
         checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, tp_size=2)
+
+
+def test_resume_at_another_pipeline_size_is_refused(tmp_path):
+    """Pipeline checkpoints hold per-layer files and per-stage optimizer partitions: one saved at
+    pp_size 2 resumes only at 2, and a ZeRO checkpoint (no pp_size: pp 1) does not resume at 2."""
+    fake = FakeEngine()
+    pp2 = checkpoint.save(fake, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
+                          pp_size=2)
+    assert json.loads((tmp_path / "a" / "checkpoints" / "step-00000004" / "complete").read_text())["pp_size"] == 2
+    assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, pp_size=2) == pp2
+    with pytest.raises(ConfigError) as err:
+        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1)
+    assert str(err.value) == (f"train.resume=auto: {pp2} was written with parallel.pp_size=2 but this run has "
+                              "parallel.pp_size=1; its weights are per-layer pipeline files, resume with "
+                              "parallel.pp_size=2")
+    _, old = _save(tmp_path / "b" / "checkpoints", 2)
+    manifest_path = os.path.join(old, "complete")
+    manifest = json.loads(open(manifest_path).read())
+    del manifest["pp_size"]  # written before pipelines existed
+    open(manifest_path, "w").write(json.dumps(manifest))
+    with pytest.raises(ConfigError) as err:
+        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, pp_size=2)
+    assert str(err.value) == (f"train.resume={old}: {old} was written with parallel.pp_size=1 but this run has "
+                              "parallel.pp_size=2; its weights are ZeRO files, resume with parallel.pp_size=1")

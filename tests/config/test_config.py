@@ -185,7 +185,7 @@ def test_config_help_lists_every_key_with_type_and_default():
     text = config_help()
     lines = text.splitlines()
     keys = list(_leaves(config_to_dict(Config())))
-    assert len(lines) == len(keys) == 53  # 2 top-level + 10+8+7+9+8+4+2+2+1 per section
+    assert len(lines) == len(keys) == 54  # 2 top-level + 10+8+7+9+8+4+2+3+1 per section
     for line, key in zip(lines, keys):
         assert line.startswith(key + ": ")
     assert "train.max_steps: int = 100 " in text
@@ -362,8 +362,15 @@ def test_micro_batch_of_one_is_valid_for_kto():
     (["parallel.tp_size=0"], "parallel.tp_size must be > 0, got 0"),
     (["parallel.tp_size=2", "parallel.pp_size=2"],
      "parallel.tp_size=2 with parallel.pp_size=2: DeepSpeed has no AutoTP inside a pipeline; use one of them"),
-    (["parallel.pp_size=2"], "parallel.pp_size=2: pipeline parallelism is not supported yet; set "
-     "parallel.pp_size=1 (use parallel.tp_size or ZeRO-3 to split the model)"),
+    (["parallel.pp_size=0"], "parallel.pp_size must be > 0, got 0"),
+    (["parallel.pp_size=2", "model.logps=full"],
+     "model.logps=full with parallel.pp_size=2: the last stage scores log-probs with the chunked head; set "
+     "model.logps=chunked"),
+    (["parallel.pp_size=2", "model.vocab_block_rows=128"],
+     "model.vocab_block_rows=128 with parallel.pp_size=2: the embedding and the output head are pipeline stages "
+     "of their own; set model.vocab_block_rows=0 (or auto, which is off under pipelines)"),
+    (["parallel.pp_partition=layers"], "parallel.pp_partition='layers': expected parameters, uniform or type:<regex>"),
+    (["parallel.pp_partition=type:"], "parallel.pp_partition='type:': expected parameters, uniform or type:<regex>"),
     (["parallel.tp_size=2", "model.logps=full"],
      "model.logps=full with parallel.tp_size=2: each rank holds 1/tp of the output head, so only the chunked "
      "vocabulary-parallel log-probs are exact; set model.logps=chunked"),
@@ -377,5 +384,8 @@ def test_parallel_section_errors(overrides, expected):
 
 def test_parallel_defaults_and_tp():
     assert (load_config(None, REQUIRED).parallel.tp_size, load_config(None, REQUIRED).parallel.pp_size) == (1, 1)
+    assert load_config(None, REQUIRED).parallel.pp_partition == "parameters"
+    for partition in ("uniform", "type:DecoderStage"):
+        assert load_config(None, REQUIRED + [f"parallel.pp_partition={partition}"]).parallel.pp_partition == partition
     cfg = load_config(None, REQUIRED + ["parallel.tp_size=4"])
     assert cfg.parallel.tp_size == 4 and cfg.model.vocab_block_rows == "auto"

@@ -186,15 +186,41 @@ def test_autotp_size_must_match_parallel_tp_size():
                                            ("0.19.7", False), ("0.19.4", False), ("0.18.9", False),
                                            ("0.19.8rc1", False)])
 def test_deepspeed_version_for_tensor_parallelism(installed, ok):
-    check_deepspeed_version(1, "0.10.0")  # tp 1: any version
+    check_deepspeed_version(1, installed="0.10.0")  # tp 1: any version
     if ok:
-        check_deepspeed_version(2, installed)
+        check_deepspeed_version(2, installed=installed)
         return
     with pytest.raises(ConfigError) as info:
-        check_deepspeed_version(2, installed)
+        check_deepspeed_version(2, installed=installed)
     assert str(info.value) == (
         f"parallel.tp_size=2 needs deepspeed >= 0.19.8 (AutoTP training with ZeRO-3, complete TP checkpoints, "
         f"a vocabulary-parallel output head), but {installed} is installed; pip install 'deepspeed>=0.19.8'")
+
+
+@pytest.mark.parametrize("installed, ok", [("0.19.3", True), ("0.19.8", True), ("0.19.2", False),
+                                           ("0.18.5", False), ("0.19.3rc1", False)])
+def test_deepspeed_version_for_pipelines(installed, ok):
+    """Before 0.19.3 every stage but the last scaled its gradients by the accumulation steps again."""
+    if ok:
+        check_deepspeed_version(1, 2, installed=installed)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_deepspeed_version(1, 2, installed=installed)
+    assert str(info.value) == (
+        f"parallel.pp_size=2 needs deepspeed >= 0.19.3 (earlier releases scale the gradients of every stage but "
+        f"the last wrongly under gradient accumulation), but {installed} is installed; "
+        "pip install 'deepspeed>=0.19.3'")
+
+
+def test_pipeline_reference_config_is_zero0_without_offload():
+    from megakto.distributed.ds_config import reference_ds_config
+
+    policy = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16,
+              "bf16": {"enabled": False}, "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}
+    ref = reference_ds_config(policy, "cpu", pipeline=True)
+    assert ref["zero_optimization"] == {"stage": 0}
+    assert ref["train_batch_size"] == 16 and ref["gradient_accumulation_steps"] == 2
+    assert "optimizer" not in ref and "scheduler" not in ref
 
 
 def test_pipeline_with_zero3_is_rejected():

@@ -85,6 +85,21 @@ def test_mesh_coordinates_tp_innermost():
     assert (plain.dp_rank, plain.tp_rank, plain.dp_group_ranks(), plain.tp_group_ranks()) == (1, 0, [0, 1], [1])
 
 
+def test_mesh_coordinates_pipe_major():
+    # 4 ranks, pp 2 (deepspeed.pipe's topology): stage 0 on {0,1}, stage 1 on {2,3}; the pipelines
+    # are {0,2} and {1,3}, and the data-parallel groups are the ranks of one stage.
+    coords = {}
+    for rank in range(4):
+        d = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, pp=2, rank=rank)
+        coords[rank] = (d.dp_rank, d.pp_rank, d.dp_group_ranks(), d.pp_group_ranks())
+    assert coords == {0: (0, 0, [0, 1], [0, 2]), 1: (1, 0, [0, 1], [1, 3]),
+                      2: (0, 1, [2, 3], [0, 2]), 3: (1, 1, [2, 3], [1, 3])}
+    two = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4, pp=2, rank=1)
+    assert (two.dp, two.grad_accum, two.dp_rank, two.pp_rank, two.pp_group_ranks()) == (1, 4, 0, 1, [0, 1])
+    plain = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4, rank=1)
+    assert (plain.pp_rank, plain.pp_group_ranks()) == (0, [1])
+
+
 def test_groups_attach_without_changing_the_degrees():
     d = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2, rank=3)
     g = d.with_groups("dp-group", "tp-group")

@@ -1,6 +1,7 @@
 """Under the launcher: the trainer with one micro-batch's policy log-probs made NaN (step 2's
-second micro-batch, after the first one's backward). Rank 0 writes, per step, whether it was
-skipped, whether the gathered weights changed, and DeepSpeed's skipped-step count to OUT.json.
+second micro-batch, after the first one's backward; under a pipeline, inside its train_batch).
+Rank 0 writes, per step, whether it was skipped, whether its weights changed (a pipeline's first
+stage: its own layers), and DeepSpeed's skipped-step count to OUT.json.
 
     worker.py OUT.json DS_JSON key=value ...
 """
@@ -17,24 +18,24 @@ from megakto.config import load_config  # noqa: E402
 from megakto.distributed import comm, engine  # noqa: E402
 from megakto.trainer import KTOTrainer  # noqa: E402
 
-POISONED_CALL = 4  # grad-pass calls: step 1 -> 1, 2; step 2 -> 3, 4 (grad-accum 2)
+POISONED_CALL = 4  # loss calls: step 1 -> 1, 2; step 2 -> 3, 4 (grad-accum 2)
 
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out, ds, overrides = args[0], args[1], args[2:]
     trainer = KTOTrainer(load_config(None, overrides), ds)
-    logps_fn, calls = trainer.logps_fn, [0]
+    # The policy pass hands each micro-batch's log-probs to the trainer's loss (under a pipeline,
+    # inside train_batch on its last stage): the POISONED_CALL-th becomes NaN.
+    train, calls = trainer.runner.train, [0]
 
-    def poisoned(model, batch):
-        logps, n_tokens = logps_fn(model, batch)
-        if torch.is_grad_enabled():  # the policy pass; the reference and KL rows run under no_grad
+    def poisoned_train(batches, loss_fn, **kwargs):
+        def loss(i, logps):
             calls[0] += 1
-            if calls[0] == POISONED_CALL:
-                logps = logps * float("nan")
-        return logps, n_tokens
+            return loss_fn(i, logps * float("nan") if calls[0] == POISONED_CALL else logps)
+        return train(batches, loss, **kwargs)
 
-    trainer.logps_fn = poisoned
+    trainer.runner.train = poisoned_train
     train_step, steps = trainer.train_step, []
 
     def traced(indices):

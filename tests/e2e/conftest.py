@@ -34,6 +34,20 @@ def base_overrides(assets, out_dir, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# Six steps with a checkpoint every 3, evaluation at 0/3/6 and the HF export: the single-process run
+# that the tensor- and pipeline-parallel runs are compared with.
+LONG = {"train.max_steps": 6, "checkpoint.every_steps": 3, "checkpoint.keep_last": 4, "train.eval_every": 3,
+        "train.eval_batch_size": 30, "train.export_hf": "true"}
+
+
+@pytest.fixture(scope="session")
+def single_long(assets, tmp_path_factory):
+    """One process, ZeRO-3, :data:`LONG` with the eval split: (output dir, result)."""
+    out = tmp_path_factory.mktemp("single_long")
+    _, result = run_trainer(assets, out, nproc=1, **LONG, **{"data.eval_files": assets["eval"]})
+    return out, result
+
+
 def run_trainer(assets, out_dir, *, nproc, ds="ds_configs/zero3.json", timeout=420, **extra):
     """Train under the launcher with tests/e2e/run_trainer.py; returns (process, result dict)."""
     dump = os.path.join(out_dir, "dump")

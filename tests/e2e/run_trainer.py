@@ -75,14 +75,17 @@ def main():
     trainer = _TracedTrainer(cfg, args.deepspeed, dump=args.dump, hang_before_step=args.hang_before_step)
     ref_engine = getattr(trainer.reference, "engine", None)  # None: cached reference or sft
     tp_group = trainer.dims.tp_group  # None without tensor parallelism
-    ref_before = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine else {}
+    piped = trainer.dims.pp > 1  # pipelines: the tests read the weights from the final checkpoint
+    ref_before = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine and not piped else {}
     history = trainer.train()
-    policy_after = engine.gathered_state_dict(trainer.policy.module, tp_group)
-    with torch.no_grad():  # the engine's own logits on export's fixed batch (a collective forward)
-        logits = trainer.policy(input_ids=probe_batch(trainer.policy.module.config.vocab_size)).logits
-    if trainer.dims.tp > 1:  # a vocabulary-parallel head returns this rank's columns
-        logits = torch.cat(comm.all_gather_object(logits.float().cpu(), group=tp_group), dim=-1)
-    ref_after = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine else {}
+    policy_after, logits = {}, torch.zeros(0)
+    if not piped:
+        policy_after = engine.gathered_state_dict(trainer.policy.module, tp_group)
+        with torch.no_grad():  # the engine's own logits on export's fixed batch (a collective forward)
+            logits = trainer.policy(input_ids=probe_batch(trainer.policy.module.config.vocab_size)).logits
+        if trainer.dims.tp > 1:  # a vocabulary-parallel head returns this rank's columns
+            logits = torch.cat(comm.all_gather_object(logits.float().cpu(), group=tp_group), dim=-1)
+    ref_after = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine and not piped else {}
     shared = len(_storages(trainer.policy.module) & _storages(ref_engine.module)) if ref_engine else 0
     shared = comm.all_reduce_dict({"shared": shared})["shared"]
     if comm.is_main():

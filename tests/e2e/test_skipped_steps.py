@@ -92,13 +92,17 @@ def test_nonfinite_loss_is_skipped_without_backward_and_keeps_the_checkpoint(ass
     assert _files(ckpts) == before  # nothing written, moved or pruned since the good step
 
 
-def test_nan_in_a_later_micro_batch_discards_the_whole_step_and_training_resumes(assets, tmp_path):
+@pytest.mark.parametrize("ds, extra", [("ds_configs/zero3.json", {}),
+                                       ("ds_configs/zero1.json", {"parallel.pp_size": 2, "train.micro_batch_size": 8})],
+                         ids=["zero3", "pipeline"])
+def test_nan_in_a_later_micro_batch_discards_the_whole_step_and_training_resumes(assets, tmp_path, ds, extra):
     """Gradient accumulation 2: step 2's first micro-batch has already run its backward when the
-    second one's loss turns out NaN. megakto makes that backward NaN so that DeepSpeed's ZeRO-3
-    overflow check discards the whole accumulated step; step 3 then trains as usual."""
+    second one's loss turns out NaN. megakto makes that backward NaN so that DeepSpeed's overflow
+    check (ZeRO-3; ZeRO-1 under a pipeline, whose train_batch cannot stop half-way) discards the
+    whole accumulated step; step 3 then trains as usual."""
     dump = tmp_path / "steps.json"
-    proc = launch("tests/e2e/_nan_microbatch_worker.py", [str(dump), "ds_configs/zero3.json",
-                                                          *base_overrides(assets, tmp_path / "out")],
+    proc = launch("tests/e2e/_nan_microbatch_worker.py", [str(dump), ds,
+                                                          *base_overrides(assets, tmp_path / "out", **extra)],
                   nproc=2, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = json.loads(dump.read_text())

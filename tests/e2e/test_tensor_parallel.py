@@ -17,21 +17,18 @@ the real launcher on CPU (gloo), fp32.
 import json
 import sys
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
 from megakto.export import checkpoint_state_dict, probe_batch
-from tests.e2e.conftest import base_overrides, run_trainer
-from tests.launcher import REPO, launcher_command, rank_env
+from tests.e2e._parallel_checks import close_weights, jsonl, kill_and_resume, same_steps
+from tests.e2e.conftest import LONG, run_trainer
+from tests.launcher import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-LONG = {"train.max_steps": 6, "checkpoint.every_steps": 3, "checkpoint.keep_last": 4, "train.eval_every": 3,
-        "train.eval_batch_size": 30, "train.export_hf": "true"}
 TP2 = {"parallel.tp_size": 2}
 
 
@@ -39,34 +36,9 @@ def _weights(out):
     return torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
 
 
-def _jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def _same_steps(got, want, steps):
-    for step in range(steps):
-        a, b = got["history"][step], want["history"][step]
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), step
-        assert a["kl"] == pytest.approx(b["kl"], abs=1e-5), step
-        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6), step
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), step
-    assert got["indices"][:steps] == want["indices"][:steps]
-
-
-def _close_weights(got, want):
-    # Adam divides each element by its own gradient scale, so float rounding of another split of
-    # the matmuls moves an element with a near-zero gradient by a few 1e-6 (as for DP invariance).
-    assert sorted(got) == sorted(want)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=5e-6, msg=name)
-
-
 @pytest.fixture(scope="module")
-def single(assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp1")
-    _, result = run_trainer(assets, out, nproc=1, **LONG, **{"data.eval_files": assets["eval"]})
-    return out, result
+def single(single_long):
+    return single_long
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +52,14 @@ def tp2(assets, tmp_path_factory):
 def test_tp2_zero3_equals_single_process(single, tp2):
     (s_out, s), (t_out, t) = single, tp2
     assert t["world_size"] == 2
-    _same_steps(t, s, 6)
+    same_steps(t, s, 6, kl_abs=1e-5)
     assert [step for step, _ in t["eval"]] == [step for step, _ in s["eval"]] == [0, 3, 6]
     for (_, a), (_, b) in zip(t["eval"], s["eval"]):
         for key in ("loss", "kl", "rewards/margins", "reward_accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
-    _close_weights(_weights(t_out), _weights(s_out))
+    close_weights(_weights(t_out), _weights(s_out))
     # Both ranks of the TP group computed every metric themselves, from the same reductions.
-    per_rank = [_jsonl(os.path.join(t_out, "dump", f"metrics_rank{r}.jsonl")) for r in (0, 1)]
+    per_rank = [jsonl(os.path.join(t_out, "dump", f"metrics_rank{r}.jsonl")) for r in (0, 1)]
     assert [m["kl"] for m in per_rank[0]] == [m["kl"] for m in per_rank[1]]
     assert [m["loss"] for m in per_rank[0]] == [m["loss"] for m in per_rank[1]]
     # The reference stayed frozen through AutoTP's split of both engines.
@@ -140,20 +112,20 @@ def test_tp2_dp2_four_ranks(assets, single, tmp_path):
     _, t = run_trainer(assets, tmp_path, nproc=4, **TP2, **{"train.max_steps": 3, "data.eval_files": assets["eval"],
                                                              "train.eval_every": 3, "train.eval_batch_size": 30})
     assert t["world_size"] == 4
-    _same_steps(t, s, 3)
+    same_steps(t, s, 3, kl_abs=1e-5)
     # Evaluation split over the 2 DP ranks, summed over the DP group only: the single process's numbers.
     assert [step for step, _ in t["eval"]] == [0, 3]
     for (_, a), (_, b) in zip(t["eval"], s["eval"][:2]):
         for key in ("loss", "kl", "rewards/margins", "reward_accuracy", "pairs"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     want = checkpoint_state_dict(os.path.join(s_out, "checkpoints", "step-00000003"))
-    _close_weights(_weights(tmp_path), want)
-    micro = [_jsonl(os.path.join(tmp_path, "dump", f"micro_rank{r}.jsonl")) for r in range(4)]
+    close_weights(_weights(tmp_path), want)
+    micro = [jsonl(os.path.join(tmp_path, "dump", f"micro_rank{r}.jsonl")) for r in range(4)]
     assert micro[0] == micro[1] and micro[2] == micro[3]  # TP groups {0,1}, {2,3}
     for step in range(3):  # DP ranks 0 and 2 split the step's 16 rows between them
         rows = [i for mb in micro[0][step] + micro[2][step] for i in mb]
         assert sorted(rows) == list(range(16))
-    metrics = [_jsonl(os.path.join(tmp_path, "dump", f"metrics_rank{r}.jsonl")) for r in range(4)]
+    metrics = [jsonl(os.path.join(tmp_path, "dump", f"metrics_rank{r}.jsonl")) for r in range(4)]
     for r in (1, 2, 3):
         assert [m["kl"] for m in metrics[r]] == [m["kl"] for m in metrics[0]]
         assert [m["loss"] for m in metrics[r]] == [m["loss"] for m in metrics[0]]
@@ -163,8 +135,8 @@ def test_tp2_zero1(assets, single, tmp_path):
     """3 steps then the final save, which joins back into exactly the engine's weights."""
     (s_out, s), ds = single, "ds_configs/zero1.json"
     _, t = run_trainer(assets, tmp_path, nproc=2, ds=ds, **TP2, **{"train.max_steps": 3, "train.export_hf": "true"})
-    _same_steps(t, s, 3)
-    _close_weights(_weights(tmp_path), checkpoint_state_dict(os.path.join(s_out, "checkpoints", "step-00000003")))
+    same_steps(t, s, 3, kl_abs=1e-5)
+    close_weights(_weights(tmp_path), checkpoint_state_dict(os.path.join(s_out, "checkpoints", "step-00000003")))
     # The ZeRO-1/2 TP checkpoint (mp_rank_0X model files, one optimizer file per TP rank) joins back
     # into exactly the engine's weights.
     names = os.listdir(tmp_path / "checkpoints" / "step-00000003")
@@ -192,36 +164,14 @@ def test_tp2_zero2_cached_reference(assets, tmp_path):
     assert shards == ["shard-rank0-0.safetensors"], shards
 
 
-def _start(assets, out, dump, *, hang_before_step=None, **extra):
-    os.makedirs(dump, exist_ok=True)
-    args = ["--deepspeed", "ds_configs/zero3.json", "--dump", str(dump)]
-    if hang_before_step:
-        args += ["--hang-before-step", str(hang_before_step)]
-    cmd = launcher_command(os.path.join(REPO, "tests/e2e/run_trainer.py"),
-                           [*args, *base_overrides(assets, out, **{**LONG, **TP2, **extra})], nproc=2)
-    log = open(os.path.join(dump, "launcher.log"), "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=rank_env(None), stdout=log, stderr=subprocess.STDOUT)
-
-
 def test_tp2_kill9_resume_is_bitwise(assets, tp2, tmp_path):
     """Kill rank 1 (SIGKILL) while both ranks wait to start step 5 (step 3 is the newest
     checkpoint), resume with train.resume=auto: steps 4-6 and the final weights are bitwise those
     of the uninterrupted TP2 run. Evaluation and export are off here: they do not touch the state."""
     quiet = {"train.eval_every": 0, "train.export_hf": "false"}
-    out = tmp_path / "run"
-    proc = _start(assets, out, tmp_path / "dumpA", hang_before_step=5, **quiet)
-    deadline = time.time() + 300
-    while not all(os.path.exists(tmp_path / "dumpA" / f"hanging_rank{r}") for r in (0, 1)):
-        assert proc.poll() is None and time.time() < deadline, open(tmp_path / "dumpA" / "launcher.log").read()[-3000:]
-        time.sleep(0.5)
-    os.kill(int((tmp_path / "dumpA" / "pid_rank1").read_text()), signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
-    proc = _start(assets, out, tmp_path / "dumpB", **quiet, **{"train.resume": "auto"})
-    assert proc.wait(timeout=300) == 0, open(tmp_path / "dumpB" / "launcher.log").read()[-3000:]
-    log = open(tmp_path / "dumpB" / "launcher.log").read()
-    assert "step-00000003 at step 3" in log
-    with open(tmp_path / "dumpB" / "result.json") as f:
-        resumed = json.load(f)
+    out, resumed = kill_and_resume(assets, tmp_path, ds="ds_configs/zero3.json", settings={**LONG, **TP2, **quiet},
+                                   kill_before_step=5)
+    assert "step-00000003 at step 3" in open(tmp_path / "dumpB" / "launcher.log").read()
     t_out, t = tp2
     assert resumed["indices"] == t["indices"][3:]
     assert len(resumed["history"]) == 3

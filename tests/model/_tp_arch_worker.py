@@ -14,50 +14,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import deepspeed  # noqa: E402  (SGD instead of the trainer's AdamW: the update is the gradient)
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from megakto.config import load_config  # noqa: E402
-from megakto.data.collate import collate  # noqa: E402
 from megakto.data.packing import pack  # noqa: E402
 from megakto.distributed import comm, engine  # noqa: E402
 from megakto.distributed.ds_config import build_ds_config  # noqa: E402
 from megakto.distributed.parallel import ParallelDims  # noqa: E402
-from megakto.model.forward import completion_logps, packed_completion_logps  # noqa: E402
+from megakto.model.forward import packed_completion_logps  # noqa: E402
 from megakto.model.tp_checks import check_tp_config, check_vocab_parallel_head  # noqa: E402
-
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=320, max_position_embeddings=128)
-ARCHS = {
-    "llama": lambda: LlamaConfig(**SHAPE, tie_word_embeddings=False),
-    "mistral": lambda: MistralConfig(**SHAPE, tie_word_embeddings=False, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=False),
-    "qwen3": lambda: Qwen3Config(**SHAPE, tie_word_embeddings=False, head_dim=16),
-    "qwen2_tied": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=True),
-}
-LR = 0.05  # SGD: the update is the gradient itself (no clipping: optim.grad_clip=1e9)
-
-
-def rows():
-    g = torch.Generator().manual_seed(7)
-    out = []
-    for _ in range(3):
-        p = torch.randint(1, 320, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-        c = torch.randint(1, 320, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
-        out.append((p, c))
-    return out
-
-
-def whole(folder):
-    with engine.outside_zero3():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-    model.train()
-    logps, _ = completion_logps(model, collate(rows(), pad_id=0))
-    logps.sum().backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= LR * p.grad
-        after, _ = completion_logps(model, collate(rows(), pad_id=0))
-    return logps.detach(), after, {k: v.detach().clone() for k, v in model.named_parameters()}
+from tests.model._arch_cases import ARCHS, LR, rows, whole  # noqa: E402
 
 
 def main():
@@ -91,7 +57,8 @@ def main():
         with torch.no_grad():  # after the step: a tied head must have moved with the embedding
             after, _ = packed_completion_logps(policy, pack(rows(), 64, 0).to("cpu"), tp_group=tp_group)
         weights = engine.gathered_state_dict(policy.module, tp_group)
-        want_logps, want_after, want_weights = whole(folder)
+        with engine.outside_zero3():
+            want_logps, want_after, want_weights = whole(folder)
         if comm.is_main():
             torch.save({"logps": logps.detach(), "want_logps": want_logps, "after": after, "want_after": want_after,
                         "weights": weights, "want_weights": want_weights}, os.path.join(args.out, f"{name}.pt"))

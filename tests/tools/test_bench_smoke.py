@@ -118,3 +118,13 @@ def test_median_run_picks_the_middle_throughput_and_keeps_every_figure():
     assert bench.median_run(runs[:2])["tokens_per_s"] == 100  # even count: the lower middle
     failed = {"ok": False, "error": "exit 1"}
     assert bench.median_run(runs + [failed]) is failed
+
+
+def test_parallel_variants_of_megakto_kto():
+    assert bench._parallel_variant("megakto-kto-tp2") == ("tp", 2)
+    assert bench._parallel_variant("megakto-kto-pp4") == ("pp", 4)
+    assert bench._parallel_variant("megakto-kto") is None and bench._parallel_variant("megakto-kto-ppx") is None
+    pp = bench._system("megakto-kto-pp2")
+    assert (pp["pp"], pp["ranks"], pp.get("tp", 1)) == (2, 2, 1)
+    assert {k: v for k, v in pp.items() if k not in ("pp", "ranks")} == bench.SYSTEMS["megakto-kto"]
+    assert bench._system("megakto-kto")["ranks"] == 1

@@ -1,0 +1,183 @@
+"""The pipeline runner (``deepspeed.pipe``, ZeRO 0/1): the KTO step on a pipeline engine.
+
+The engine owns the schedule, so a step is two kinds of calls:
+
+* no-grad passes (the policy on KL rows, a frozen reference pipeline on target and KL rows, the
+  evaluator, the cache precompute): ``eval_batch`` over all of the rank's micro-batches at once,
+  so the stages overlap; the last stage's (S,) log-probs are then broadcast over the pipeline
+  group, which is all the ranks of one data-parallel replica need to reduce the KL estimate
+  (every stage then knows z_ref) and to evaluate;
+* the policy pass: one ``train_batch`` (1F1B: forward and backward interleaved over the
+  micro-batches, the optimizer step at the end). The loss function, called on the last stage per
+  micro-batch, evaluates eq. (7) from the micro-batch's log-probs and returns one tensor (the
+  engine's output reduction cannot take a tuple); it also keeps the rows' losses, rewards and
+  log-probs as metric sums, which :meth:`PipelineRunner.reduce_sums` totals.
+
+A micro-batch travels as ``((input_ids, position_ids, completion_mask, segment_ids), (index,))``:
+the first stage reads the inputs, the last the micro-batch's position in the step, by which the
+loss function finds its reference log-probs, labels and z_ref.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from megakto.data.packing import PackedBatch
+from megakto.distributed import comm, engine as ds_engine
+from megakto.distributed.ds_config import reference_ds_config
+from megakto.runners.base import LossFn, Pairs, TrainOutcome
+
+__all__ = ["LossSlot", "PipelineRunner", "PipelineReference", "check_model", "pipeline_model", "describe_stages",
+           "online_reference"]
+
+
+class LossSlot:
+    """The pipeline module's ``loss_fn``: calls whatever the runner set for the current pass."""
+
+    def __init__(self):
+        self.fn: Callable | None = None
+
+    def __call__(self, outputs, labels):
+        return self.fn(outputs, labels)
+
+
+def _flash(config) -> bool:
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+class PipelineRunner:
+    """``engine``: a pipeline engine whose module's loss function is ``slot``. ``dp_group``,
+    ``pp_group``: this rank's data-parallel and pipeline groups; ``last``: the global rank of this
+    pipeline's last stage."""
+
+    def __init__(self, engine, slot: LossSlot, *, batch_fn: Callable, dp_group, pp_group, last: int, config=None):
+        self.engine, self._slot = engine, slot
+        self._batch = batch_fn  # pairs -> PackedBatch on the device
+        self.dp_group, self.pp_group, self.last = dp_group, pp_group, last
+        self._flatten = _flash(config)  # flash-attention kernels detect packing only in a single row
+
+    def _micro_batch(self, pairs: Pairs, index: int):
+        batch = self._batch(pairs)
+        if self._flatten:
+            batch = PackedBatch(*(t.reshape(1, -1) for t in (batch.input_ids, batch.position_ids,
+                                                              batch.completion_mask, batch.segment_ids)),
+                                batch.num_segments)
+        inputs = (batch.input_ids, batch.position_ids, batch.completion_mask, batch.segment_ids)
+        return (inputs, (torch.tensor([index]),)), batch
+
+    def _broadcast(self, outputs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+        """The last stage's per-batch log-probs on every stage of the pipeline."""
+        device = outputs[0].device if outputs else torch.device("cpu")
+        flat = torch.cat(outputs).float() if outputs else torch.zeros(sum(sizes), device=device)
+        comm.broadcast_tensor(flat, src=self.last, group=self.pp_group)
+        return list(flat.split(sizes))
+
+    @torch.no_grad()
+    def score(self, batches: list[Pairs], engine=None) -> list[torch.Tensor]:
+        """Log-probs of each batch through ``engine`` (default: the policy), every rank of the pipeline."""
+        engine = engine or self.engine
+        if not batches:
+            return []
+        collected: list[torch.Tensor] = []
+
+        def keep(logps, labels):
+            collected.append(logps.detach())
+            return logps.detach().sum()
+
+        engine.module.loss_fn.fn = keep
+        items = [self._micro_batch(pairs, i)[0] for i, pairs in enumerate(batches)]
+        engine.eval_batch(iter(items), compute_loss=True, reduce_output=None, bcast_loss=False,
+                          num_micro_batches=len(items))
+        return self._broadcast(collected, [len(p) for p in batches])
+
+    def train(self, batches: list[Pairs], loss_fn: LossFn, *, scale: float, skipped: str | None) -> TrainOutcome:
+        out = TrainOutcome(skipped=skipped)
+        if skipped is not None:
+            return out  # nothing ran: the engine has no partial step to drop
+        items, packed = zip(*(self._micro_batch(pairs, i) for i, pairs in enumerate(batches)))
+        from megakto.model.forward import _scored
+
+        non_finite = []
+
+        def kto(logps, labels):
+            i = int(labels[0])
+            micro = loss_fn(i, logps)
+            if not math.isfinite(float(micro.loss.detach())):
+                non_finite.append(i)
+            seg_of = _scored(packed[i])[2]
+            out.sums.add(losses=micro.losses, rewards=micro.rewards, logps=logps, desirable=micro.desirable,
+                         n_tokens=torch.bincount(seg_of, minlength=packed[i].num_segments),
+                         tokens=packed[i].num_tokens)
+            return micro.loss * scale
+
+        self._slot.fn = kto
+        self.engine.train_batch(iter(items))
+        out.backwards = len(items)
+        # One decision for every rank: a non-finite loss was back-propagated on some last stage, so the
+        # step's gradient is not finite and DeepSpeed's overflow check has to discard the update.
+        if comm.any_rank(bool(non_finite), group=None):
+            out.skipped, out.poisoned = "non-finite loss", True
+        return out
+
+    def reduce_sums(self, values: dict[str, float]) -> dict[str, float]:
+        """Only the last stage holds rows: summed over the pipeline (the others add zeros), then over
+        the data-parallel replicas."""
+        return comm.all_reduce_dict(comm.all_reduce_dict(values, group=self.pp_group), group=self.dp_group)
+
+
+class PipelineReference:
+    """``ref.mode=online`` under pipelines: a frozen pipeline engine over the same stages (its own
+    module, no optimizer), run through the policy runner's ``eval_batch`` path."""
+
+    def __init__(self, engine, runner: PipelineRunner):
+        self.engine, self._runner = engine, runner
+
+    def score(self, batches: list[Pairs]) -> list[torch.Tensor]:
+        return self._runner.score(batches, engine=self.engine)
+
+    def logps(self, pairs: Pairs) -> torch.Tensor:
+        return self.score([pairs])[0]
+
+
+def check_model(path: str, pp: int, *, key: str, trust_remote_code: bool = False) -> None:
+    """Before any engine: the model at ``path`` can be cut into ``pp`` pipeline stages."""
+    from transformers import AutoConfig
+
+    from megakto.model.pipeline_stages import check_pipeline_model
+
+    check_pipeline_model(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), pp, key=key)
+
+
+def pipeline_model(path: str, pp: int, *, dtype: torch.dtype, model, partition: str):
+    """The ``PipelineModule`` of the model at ``path`` (``model``: the config's model section), this
+    rank's stages loaded from its safetensors files, the loss function a :class:`LossSlot`."""
+    from megakto.model.pipeline_stages import StageSource, stage_specs
+
+    attn = None if model.attn_implementation == "auto" else model.attn_implementation
+    source = StageSource(path, dtype=dtype, attn_implementation=attn, trust_remote_code=model.trust_remote_code,
+                         chunk_tokens=model.logps_chunk_tokens)
+    module = ds_engine.build_pipeline_module(stage_specs(source), num_stages=pp, partition=partition,
+                                             loss_fn=LossSlot(), activation_checkpointing=model.gradient_checkpointing)
+    module.config = source.config  # what the runner and the logs read (attention implementation)
+    if model.disable_dropout:
+        ds_engine.disable_dropout(module)
+    return module
+
+
+def describe_stages(engine) -> str:
+    """``stage s: layers a-b`` for every stage, from the module's partition."""
+    parts = engine.module.parts
+    return "; ".join(f"stage {s}: layers {parts[s]}-{parts[s + 1] - 1}" for s in range(len(parts) - 1))
+
+
+def online_reference(ref, model, policy_ds: dict, runner: PipelineRunner, pp: int, *, dtype: torch.dtype,
+                     partition: str) -> PipelineReference:
+    """The reference weights (``ref.path``, else ``model.path``) as a frozen pipeline with the policy's
+    partition. ZeRO-3 parameter offload does not combine with pipelines, so ``ref.offload`` does not
+    apply: each stage holds its layers of the reference in device memory (``ref.mode=cache``: none)."""
+    module = pipeline_model(ref.path or model.path, pp, dtype=dtype, model=model, partition=partition)
+    return PipelineReference(ds_engine.build_reference_engine(module, reference_ds_config(policy_ds, pipeline=True)),
+                             runner)
