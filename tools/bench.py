@@ -2,7 +2,7 @@
 """Throughput and memory of megakto's KTO, next to SFT on the same engine and TRL's KTOTrainer.
 
     python tools/bench.py [--systems megakto-kto,trl-kto,...] [--steps 6] [--warmup 2] \
-        [--batch 8] [--vocab 32000] [--tp 2] [--json bench.json]
+        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--json bench.json]
 
 One invocation builds one workload (a random-init Llama, hidden 256, 4 layers, a word-level
 tokenizer of ``--vocab`` ids, rows whose prompt and completion are each 5-250 words) and runs every
@@ -11,7 +11,10 @@ torch threads, the same rows and the same global batch for all. Figures only; no
 
 ``--tp N`` adds ``megakto-kto-tpN``: megakto's KTO with ``parallel.tp_size=N`` on N ranks under the
 deepspeed launcher (one tensor-parallel group, the same global batch), the ``--threads`` shared out
-among the ranks; its memory figures are the largest rank's.
+among the ranks; its memory figures are the largest rank's. ``--pp N`` adds ``megakto-kto-ppN`` the
+same way with ``parallel.pp_size=N`` (one pipeline of N stages; ZeRO 0/1, so pass ``--deepspeed
+ds_configs/zero1.json``, which the PP1 baseline then uses too); the pipeline bubble of its schedule,
+(N - 1) / (micro-batches + N - 1) of each step, is printed (``--micro-batch`` sets the micro-batches).
 
 * throughput: target tokens (completion tokens of the target rows, EOS included) and rows per
   second over the timed steps, from the end of the last warmup step to the end of the last step;
@@ -235,29 +238,37 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _tp_variant(name: str) -> int | None:
-    """N for the tensor-parallel variant ``megakto-kto-tpN`` of megakto-kto, else None."""
-    suffix = name.removeprefix("megakto-kto-tp")
-    return int(suffix) if suffix != name and suffix.isdigit() else None
+def _parallel_variant(name: str) -> tuple[str, int] | None:
+    """("tp", N) for the tensor-parallel variant ``megakto-kto-tpN`` of megakto-kto, ("pp", N) for the
+    pipeline variant ``megakto-kto-ppN``, else None."""
+    for kind in ("tp", "pp"):
+        suffix = name.removeprefix(f"megakto-kto-{kind}")
+        if suffix != name and suffix.isdigit():
+            return kind, int(suffix)
+    return None
 
 
 def _system(name: str) -> dict:
-    """SYSTEMS[name], or the tensor-parallel variant ``megakto-kto-tpN`` of megakto-kto."""
-    tp = _tp_variant(name)
-    return {**SYSTEMS["megakto-kto"], "tp": tp} if tp else SYSTEMS[name]
+    """SYSTEMS[name], or a parallel variant (``megakto-kto-tpN``, ``megakto-kto-ppN``) of megakto-kto;
+    ``ranks``: how many processes it runs on."""
+    variant = _parallel_variant(name)
+    if variant is None:
+        return {**SYSTEMS[name], "ranks": 1}
+    kind, n = variant
+    return {**SYSTEMS["megakto-kto"], kind: n, "ranks": n}
 
 
 def run_megakto(name: str, spec: dict) -> dict:
     """megakto one ``trainer.next_step()`` at a time: in this process at world size 1 without the
     launcher, or as one rank of a tensor-parallel group that the launcher started."""
     system, work = _system(name), spec["workload"]
-    tp = system.get("tp", 1)
-    if tp == 1:
+    tp, pp, ranks = system.get("tp", 1), system.get("pp", 1), system["ranks"]
+    if ranks == 1:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     import torch
 
-    torch.set_num_threads(max(1, spec["threads"] // tp))
+    torch.set_num_threads(max(1, spec["threads"] // ranks))
     from megakto.config import load_config
     from megakto.trainer import KTOTrainer
 
@@ -266,7 +277,7 @@ def run_megakto(name: str, spec: dict) -> dict:
         f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['micro_batch']}",
         f"train.max_steps={spec['warmup'] + spec['steps']}", f"optim.lr={spec['lr']}", "optim.warmup_steps=0",
         f"kto.loss_type={system['loss_type']}", f"ref.mode={system['ref']}", "ref.offload=none",
-        f"output_dir={spec['out_dir']}", "seed=0", f"parallel.tp_size={tp}",
+        f"output_dir={spec['out_dir']}", "seed=0", f"parallel.tp_size={tp}", f"parallel.pp_size={pp}",
     ] + list(spec.get("megakto_overrides", []))
     cfg = load_config(None, overrides)
     rss = PeakRss(spec["sample_ms"] / 1000)
@@ -292,17 +303,20 @@ def run_megakto(name: str, spec: dict) -> dict:
     out.update(setup_s=setup_s, precompute_s=precompute, trainer_tokens_per_s=own_tps[spec["warmup"]:],
                settings={"ds_config": spec["ds_config"], "zero_stage": trainer.ds_config.get("zero_optimization", {})
                          .get("stage"), "overrides": overrides, "packing": getattr(cfg.data, "packing", None),
-                         "ranks": tp})
-    if tp > 1:  # memory: the largest rank's
+                         "ranks": ranks})
+    if pp > 1:
+        m = trainer.dims.grad_accum
+        out["pipeline"] = {"stages": pp, "micro_batches_per_step": m, "bubble": (pp - 1) / (m + pp - 1)}
+    if ranks > 1:  # memory: the largest rank's
         from megakto.distributed import comm
 
-        # The launcher started one tensor-parallel group (dp 1): gather its ranks' figures.
-        ranks = comm.all_gather_object({k: v for k, v in out.items() if k.startswith("peak")},
-                                       group=trainer.dims.tp_group)
-        for key in ranks[0]:
-            values = [r[key] for r in ranks if r[key] is not None]
+        # The launcher started one tensor-parallel group or one pipeline (dp 1): gather its ranks' figures.
+        group = trainer.dims.tp_group if tp > 1 else trainer.dims.pp_group
+        per_rank = comm.all_gather_object({k: v for k, v in out.items() if k.startswith("peak")}, group=group)
+        for key in per_rank[0]:
+            values = [r[key] for r in per_rank if r[key] is not None]
             out[key] = max(values) if values else None
-        out["peak_rss_mib_per_rank"] = [r.get("peak_rss_mib") for r in ranks]
+        out["peak_rss_mib_per_rank"] = [r.get("peak_rss_mib") for r in per_rank]
     return out
 
 
@@ -482,12 +496,12 @@ def run_system(name: str, spec: dict, workdir: Path, timeout: float) -> dict:
     spec_path, result_path, log_path = (workdir / f"{name}.{ext}" for ext in ("spec.json", "result.json", "log"))
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(spec_path), str(result_path)]
-    tp = _system(name).get("tp", 1)
-    if tp > 1:
-        cmd = launcher_command(str(Path(__file__).resolve()), cmd[2:], nproc=tp)
+    ranks = _system(name)["ranks"]
+    if ranks > 1:
+        cmd = launcher_command(str(Path(__file__).resolve()), cmd[2:], nproc=ranks)
     with open(log_path, "w") as log:
         try:
-            env = _worker_env(workdir, name, max(1, spec["threads"] // tp), spec.get("malloc_mmap_threshold"))
+            env = _worker_env(workdir, name, max(1, spec["threads"] // ranks), spec.get("malloc_mmap_threshold"))
             proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, timeout=timeout)
             rc = proc.returncode
@@ -529,6 +543,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per system")
     parser.add_argument("--tp", type=int, default=1,
                         help="also run megakto-kto at parallel.tp_size=N on N ranks (megakto-kto-tpN)")
+    parser.add_argument("--pp", type=int, default=1,
+                        help="also run megakto-kto at parallel.pp_size=N on N ranks (megakto-kto-ppN; needs a "
+                             "ZeRO 0/1 --deepspeed JSON)")
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args(argv)
@@ -536,17 +553,18 @@ def main(argv=None) -> int:
         return worker(*args.worker)
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if args.tp > 1:
-        names.append(f"megakto-kto-tp{args.tp}")
-        RATIOS.extend([
-            (f"megakto KTO TP{args.tp} / megakto KTO, tokens/s", f"megakto-kto-tp{args.tp}", "megakto-kto",
-             "tokens_per_s"),
-            (f"megakto KTO TP{args.tp} / megakto KTO, peak beyond warm state (largest rank)",
-             f"megakto-kto-tp{args.tp}", "megakto-kto", "peak_beyond_warm_mib"),
-            (f"megakto KTO TP{args.tp} / megakto KTO, peak RSS (largest rank)", f"megakto-kto-tp{args.tp}",
-             "megakto-kto", "peak_rss_mib"),
-        ])
-    unknown = [s for s in names if s not in SYSTEMS and not _tp_variant(s)]
+    for kind, n in (("tp", args.tp), ("pp", args.pp)):
+        if n > 1:
+            variant, label = f"megakto-kto-{kind}{n}", f"{kind.upper()}{n}"
+            names.append(variant)
+            RATIOS.extend([
+                (f"megakto KTO {label} / megakto KTO, tokens/s", variant, "megakto-kto", "tokens_per_s"),
+                (f"megakto KTO {label} / megakto KTO, peak beyond warm state (largest rank)", variant, "megakto-kto",
+                 "peak_beyond_warm_mib"),
+                (f"megakto KTO {label} / megakto KTO, peak RSS (largest rank)", variant, "megakto-kto",
+                 "peak_rss_mib"),
+            ])
+    unknown = [s for s in names if s not in SYSTEMS and not _parallel_variant(s)]
     micro = args.micro_batch or args.batch
     if unknown or args.warmup < 1 or args.steps < 1 or args.repeat < 1 or args.batch % micro:
         parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup, --steps and --repeat >= 1; "
@@ -584,6 +602,11 @@ def main(argv=None) -> int:
           f"{'median of ' + str(args.repeat) + ' runs each' if args.repeat > 1 else 'one run each'}\n")
     print(markdown(results, ratio_rows))
     for name, r in results.items():
+        if r.get("pipeline"):
+            p = r["pipeline"]
+            print(f"\n{name}: {p['stages']} stages, {p['micro_batches_per_step']} micro-batches per step: the 1F1B "
+                  f"schedule leaves each stage idle {p['bubble']:.0%} of a step (the bubble, (stages - 1) / "
+                  "(micro-batches + stages - 1))")
         if r.get("warning"):
             print(f"\nwarning: {name}: {r['warning']}")
     if args.json:
