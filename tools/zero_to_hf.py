@@ -1,6 +1,7 @@
-"""Convert a megakto (DeepSpeed ZeRO) checkpoint into a Hugging Face folder: safetensors, the run's
-config.json, generation config, tokenizer and chat template. Runs on one CPU process; needs memory
-for one full fp32 copy of the model.
+"""Convert a megakto checkpoint into a Hugging Face folder: safetensors, the run's config.json,
+generation config, tokenizer and chat template. Every layout megakto writes: ZeRO 1-3, tensor-parallel
+shards (joined), pipeline per-layer files (renamed). Runs on one CPU process; needs memory for one
+full fp32 copy of the model.
 
     python tools/zero_to_hf.py outputs/run/checkpoints outputs/run/hf [--tag step-00000100] [--check]
 

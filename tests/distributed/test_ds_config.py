@@ -223,6 +223,20 @@ def test_pipeline_reference_config_is_zero0_without_offload():
     assert "optimizer" not in ref and "scheduler" not in ref
 
 
+def test_pipeline_config_names_its_clipping_and_batch():
+    """The pipeline engine applied its own clipping default only under ZeRO-1: megakto always writes
+    gradient_clipping from optim.grad_clip, and the batch arithmetic counts dp = world / pp."""
+    cfg = load_config(None, ["model.path=m", "data.train_files=t.jsonl", "train.global_batch_size=16",
+                             "train.micro_batch_size=2", "parallel.pp_size=2", "optim.grad_clip=0.25"])
+    dims = ParallelDims.from_config(cfg, 4, rank=3)
+    for stage in (0, 1):
+        out = build_ds_config({"zero_optimization": {"stage": stage}}, cfg, dims, bf16=False)
+        assert out["gradient_clipping"] == 0.25
+        assert (out["train_batch_size"], out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]) \
+            == (16, 2, 4)  # dp 2
+        assert "tensor_parallel" not in out
+
+
 def test_pipeline_with_zero3_is_rejected():
     dims = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4, pp=2)
     msg = _build_error({"zero_optimization": {"stage": 3}}, dims=dims)
