@@ -8,7 +8,8 @@ import torch
 __all__ = ["StepSums", "step_metrics"]
 
 _KEYS = ("loss", "rows", "rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected",
-         "count_chosen", "count_rejected", "target_tokens", "desirable_tokens", "tokens", "nll_chosen", "nll")
+         "count_chosen", "count_rejected", "target_tokens", "desirable_tokens", "tokens", "nll_chosen", "nll",
+         "single_class")
 
 
 class StepSums:
@@ -31,6 +32,7 @@ class StepSums:
         v["tokens"] += tokens
         v["nll_chosen"] += float(-(logps * d).sum())
         v["nll"] += float(-logps.sum())
+        v["single_class"] += float(len(desirable) > 0 and bool(d.min() == d.max()))  # a one-class micro-batch
 
 
 def step_metrics(s: dict[str, float], *, kl: float, elapsed: float, loss_type: str,
@@ -39,6 +41,7 @@ def step_metrics(s: dict[str, float], *, kl: float, elapsed: float, loss_type: s
         return s[num] / s[den] if s[den] else float("nan")
 
     m = {"kl": kl, "count/chosen": s["count_chosen"], "count/rejected": s["count_rejected"],
+         "count/single_class_micro_batches": s["single_class"],
          "tokens_per_s": s["target_tokens"] / elapsed, "samples_per_s": s["rows"] / elapsed}
     if loss_type == "sft":
         m["loss"] = mean("nll", "target_tokens")  # mean per-token NLL of every completion

@@ -52,11 +52,24 @@ class RunLogger:
         self.info(f"step {step} {text}" + "".join(
             f" {k} {values[k]:.3g}" for k in ("grad_norm", "learning_rate", "tokens_per_s") if k in values))
 
+    def warning(self, message: str, *, step: int, tag: str = "health") -> None:
+        """A warning line, also a TensorBoard text entry under ``tag``."""
+        if not self.enabled:
+            return
+        self.info(f"warning: {message}")
+        self._writer.add_text(tag, message, step)
+        self._writer.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self._writer.add_text(tag, text, step)
+            self._writer.flush()
+
     def advance(self, n: int = 1, **postfix: float) -> None:
         if self._bar is not None:
             self._bar.update(n)
             if postfix:
-                self._bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -28,6 +28,7 @@ atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -47,6 +48,7 @@ from megakto.distributed.ds_config import build_ds_config, check_deepspeed_versi
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError, MegaktoError
 from megakto.evaluate import Evaluator
+from megakto.health import HealthMonitor, HealthThresholds
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss, nll_share
 from megakto.metrics import step_metrics
 from megakto.model.forward import logps_function
@@ -58,6 +60,7 @@ from megakto.runlog import RunLogger
 from megakto.runners import pipeline
 from megakto.runners.base import MicroLoss
 from megakto.runners.zero import ZeroRunner
+from megakto.samples import SampleWriter, generate, sample_prompts
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
 
 __all__ = ["KTOTrainer", "StepResult"]
@@ -147,6 +150,9 @@ class KTOTrainer:
         with comm.fail_together():
             self.evaluator = self._setup_evaluator()
         self.reference = self._setup_reference()
+        self.samples = self._setup_samples()
+        self.health = (HealthMonitor(HealthThresholds(**dataclasses.asdict(cfg.health)), grad_clip=cfg.optim.grad_clip,
+                                     kl_checks=self.use_kl) if cfg.train.health_checks else None)
         self.eval_history: list[tuple[int, dict[str, float]]] = []
         self.step = self._setup_resume()
         self._saved_step = self.step if self.resume_dir else None
@@ -318,6 +324,35 @@ class KTOTrainer:
                                writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0, device=self.device,
                                log=self.log.info)
 
+    def _setup_samples(self):
+        """The fixed held-out prompts of ``train.eval_samples`` and rank 0's writer, or None (off)."""
+        k = self.cfg.train.eval_samples
+        if not k or self.evaluator is None:
+            return None
+        if self.dims.tp > 1 or self.dims.pp > 1:
+            self.log.info("eval samples: off under tensor and pipeline parallelism (generation needs the whole "
+                          "output head on one rank); set train.eval_samples=0 to silence this")
+            return None
+        return sample_prompts(self.eval_rows, k), SampleWriter(self.cfg.output_dir, self.tokenizer)
+
+    def _write_samples(self) -> None:
+        """Greedy completions of the sample prompts from the policy and the reference (every rank takes
+        part: ZeRO-3 gathers in every forward); rank 0 writes them. A cached reference has no model,
+        so its column stays empty."""
+        prompts, writer = self.samples
+        tok, n = self.tokenizer, self.cfg.train.sample_max_new_tokens
+
+        def run(module):
+            return generate(module, prompts, max_new_tokens=n, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                            device=self.device, synced=comm.world_size() > 1)
+
+        policy = run(self.policy.module)
+        ref_engine = getattr(self.reference, "engine", None)
+        reference = run(ref_engine.module) if ref_engine is not None else None
+        if comm.is_main():
+            records = writer.write(self.step, prompts, policy, reference)
+            self.log.text("samples", SampleWriter.markdown(records), self.step)
+
     def _reference_pairs(self) -> list:
         """Every (prompt_ids, completion_ids) the run scores with the reference: train and eval
         targets and KL rows."""
@@ -379,7 +414,12 @@ class KTOTrainer:
                 self.log.info(f"step {self.step} skipped: {result.skipped}; skipped_steps {skips.total}")
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps or stop:
                 self.log.scalars(self.step, result.metrics)
-            self.log.advance(1, loss=result.metrics["loss"], kl=result.metrics["kl"])
+            self.log.advance(1, loss=result.metrics["loss"], kl=result.metrics["kl"],
+                             tok_s=result.metrics.get("tokens_per_s", float("nan")))
+            if self.health is not None:
+                one_class = result.metrics.get("count/single_class_micro_batches", 0) if self.use_kl else 0
+                for line in self.health.step(self.step, result.metrics, single_class_micro_batches=int(one_class)):
+                    self.log.warning(line, step=self.step)
             if stop is not None:
                 stop.shared = True
                 self.log.close()
@@ -452,6 +492,11 @@ class KTOTrainer:
         metrics = self.evaluate()
         self.eval_history.append((self.step, metrics))
         self.log.scalars(self.step, metrics, prefix="eval/")
+        if self.samples is not None:
+            self._write_samples()
+        if self.health is not None:
+            for line in self.health.evaluated(self.eval_history):
+                self.log.warning(line, step=self.step)
 
     def train_step(self, indices: list[int]) -> StepResult:
         kto = self.cfg.kto

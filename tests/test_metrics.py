@@ -11,8 +11,8 @@ Micro-batch A (3 rows: chosen, rejected, chosen) and B (2 rows, both rejected):
 
 Sums over A and B: loss 3.0, rows 5; rewards chosen 0.25 + 0.5 = 0.75, rejected
 -0.125 - 0.375 + 0.125 = -0.375; logps chosen -4.5, rejected -11.0; counts 2 and 3; completion
-tokens 15, of chosen rows 5; all tokens 24; NLL of chosen rows 4.5, of all rows 15.5. Every value is
-a dyadic fraction, so the float32 sums are exact.
+tokens 15, of chosen rows 5; all tokens 24; NLL of chosen rows 4.5, of all rows 15.5; one micro-batch
+(B) of a single class. Every value is a dyadic fraction, so the float32 sums are exact.
 """
 
 import math
@@ -29,7 +29,8 @@ B = dict(losses=[0.75, 0.5], rewards=[-0.375, 0.125], logps=[-2.0, -4.0],
 
 WHOLE = {"loss": 3.0, "rows": 5, "rewards_chosen": 0.75, "rewards_rejected": -0.375,
          "logps_chosen": -4.5, "logps_rejected": -11.0, "count_chosen": 2, "count_rejected": 3,
-         "target_tokens": 15, "desirable_tokens": 5, "tokens": 24, "nll_chosen": 4.5, "nll": 15.5}
+         "target_tokens": 15, "desirable_tokens": 5, "tokens": 24, "nll_chosen": 4.5, "nll": 15.5,
+         "single_class": 1}
 
 
 def _tensors(mb):
@@ -67,7 +68,7 @@ def test_ranks_by_slicing_sum_to_the_whole():
     assert combined == sums(A, B) == WHOLE
     # The same rows in one micro-batch give the same sums.
     one = {k: A[k] + B[k] for k in ("losses", "rewards", "logps", "desirable", "n_tokens")}
-    assert sums({**one, "tokens": 24}) == WHOLE
+    assert sums({**one, "tokens": 24}) == {**WHOLE, "single_class": 0}  # one micro-batch of both classes
     kw = dict(kl=0.125, elapsed=2.0, loss_type="sigmoid", sft_weight=0.0)
     assert step_metrics(combined, **kw) == step_metrics(WHOLE, **kw)
     # A mean of the ranks' means would be wrong: (1.75/3 + 1.25/2) / 2 = 0.6041... != 3/5.
@@ -78,7 +79,7 @@ def test_ranks_by_slicing_sum_to_the_whole():
 def test_kto_metrics():
     m = step_metrics(WHOLE, kl=0.125, elapsed=2.0, loss_type="sigmoid", sft_weight=0.0)
     assert m == {
-        "kl": 0.125, "count/chosen": 2, "count/rejected": 3,
+        "kl": 0.125, "count/chosen": 2, "count/rejected": 3, "count/single_class_micro_batches": 1,
         "tokens_per_s": 7.5,  # 15 completion tokens / 2 s
         "samples_per_s": 2.5,  # 5 rows / 2 s
         "loss": 0.6,  # 3.0 / 5 rows
@@ -99,7 +100,8 @@ def test_sft_weight_adds_the_chosen_rows_per_token_nll():
 
 def test_sft_baseline_loss_is_the_per_token_nll_of_every_completion():
     m = step_metrics(WHOLE, kl=0.0, elapsed=0.5, loss_type="sft", sft_weight=0.0)
-    assert m == {"kl": 0.0, "count/chosen": 2, "count/rejected": 3, "tokens_per_s": 30.0,
+    assert m == {"kl": 0.0, "count/chosen": 2, "count/rejected": 3, "count/single_class_micro_batches": 1,
+                 "tokens_per_s": 30.0,
                  "samples_per_s": 10.0, "loss": 15.5 / 15}
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointConfig",
     "DistConfig",
     "ParallelConfig",
+    "HealthConfig",
 ]
 
 
@@ -144,6 +145,16 @@ class TrainConfig:
         3, "Stop with an error after this many consecutive optimizer steps skipped for a non-finite "
         "loss, KL or gradient norm (no save: the last checkpoint stays as it was); 0 = never stop."
     )
+    health_checks: bool = _opt(
+        True, "Warn (log line and TensorBoard text 'health') when the step metrics show a failing run: "
+        "both rewards falling, KL rising, margin flat, saturated sigmoids, KL clamped at 0, one-class "
+        "micro-batches, gradient spikes, held-out accuracy at chance; thresholds in the health section."
+    )
+    eval_samples: int = _opt(
+        3, "At each evaluation, greedy completions of this many fixed held-out prompts from the policy "
+        "and the reference, to TensorBoard text 'samples' and output_dir/samples.jsonl; 0 = off."
+    )
+    sample_max_new_tokens: int = _opt(24, "Longest eval sample completion, in tokens.")
 
 
 @dataclass
@@ -205,6 +216,24 @@ class ParallelConfig:
 
 
 @dataclass
+class HealthConfig:
+    window: int = _opt(20, "Steps over which each trend (rewards, KL, margin, gradient norm) is measured.")
+    warmup_steps: int = _opt(50, "Steps before the margin, the held-out accuracy and a zero KL are judged.")
+    reward_drop: float = _opt(
+        0.5, "Warn when the rewards of desirable and of undesirable completions both fall by more than "
+        "this over the window (likelihood displacement)."
+    )
+    kl_rise: float = _opt(1.0, "Warn when the KL estimate rises steadily by more than this over the window.")
+    chance_margin: float = _opt(0.05, "Held-out reward accuracy within this of 0.5 counts as chance.")
+    grad_collapse: float = _opt(
+        0.01, "Warn when the gradient norm stays below this fraction of its run maximum over the window "
+        "while the loss stops moving (saturated sigmoids)."
+    )
+    grad_spike: float = _opt(10.0, "Warn when the gradient norm exceeds this multiple of its window median.")
+    every_steps: int = _opt(50, "Report each symptom at most once per this many steps.")
+
+
+@dataclass
 class DistConfig:
     timeout_minutes: float = _opt(10.0, "Timeout of collective operations (process group).")
 
@@ -221,6 +250,7 @@ class Config:
     ref: RefConfig = _section(RefConfig, "Frozen reference model.")
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "Checkpoint saving.")
     parallel: ParallelConfig = _section(ParallelConfig, "Tensor and pipeline parallelism.")
+    health: HealthConfig = _section(HealthConfig, "Thresholds of the training-health warnings (train.health_checks).")
     dist: DistConfig = _section(DistConfig, "torch.distributed settings.")
 
 

@@ -36,6 +36,10 @@ def validate(cfg: Config) -> None:
         "dist.timeout_minutes": cfg.dist.timeout_minutes,
         "parallel.tp_size": cfg.parallel.tp_size,
         "parallel.pp_size": cfg.parallel.pp_size,
+        "train.sample_max_new_tokens": cfg.train.sample_max_new_tokens,
+        "health.window": cfg.health.window,
+        "health.every_steps": cfg.health.every_steps,
+        "health.grad_spike": cfg.health.grad_spike,
     }
     if cfg.kto.desirable_weight != "auto":
         positive["kto.desirable_weight"] = cfg.kto.desirable_weight
@@ -53,6 +57,12 @@ def validate(cfg: Config) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
+        "train.eval_samples": cfg.train.eval_samples,
+        "health.warmup_steps": cfg.health.warmup_steps,
+        "health.reward_drop": cfg.health.reward_drop,
+        "health.kl_rise": cfg.health.kl_rise,
+        "health.chance_margin": cfg.health.chance_margin,
+        "health.grad_collapse": cfg.health.grad_collapse,
     }
     for key, v in non_negative.items():
         _check(v >= 0, f"{key} must be >= 0, got {v}")

@@ -185,7 +185,7 @@ def test_config_help_lists_every_key_with_type_and_default():
     text = config_help()
     lines = text.splitlines()
     keys = list(_leaves(config_to_dict(Config())))
-    assert len(lines) == len(keys) == 54  # 2 top-level + 10+8+7+9+8+4+2+3+1 per section
+    assert len(lines) == len(keys) == 65  # 2 top-level + 10+8+7+12+8+4+2+3+8+1 per section
     for line, key in zip(lines, keys):
         assert line.startswith(key + ": ")
     assert "train.max_steps: int = 100 " in text
@@ -205,8 +205,8 @@ def test_unknown_key_lists_valid_keys_and_closest_match():
     msg = _error(None, REQUIRED + ["train.max_step=5"])
     assert msg == (
         "unknown config key 'train.max_step'; valid keys in 'train': eval_batch_size, eval_every, "
-        "export_hf, global_batch_size, log_every, max_skipped_steps, max_steps, micro_batch_size, resume; "
-        "did you mean 'train.max_steps'?"
+        "eval_samples, export_hf, global_batch_size, health_checks, log_every, max_skipped_steps, max_steps, "
+        "micro_batch_size, resume, sample_max_new_tokens; did you mean 'train.max_steps'?"
     )
 
 
@@ -222,7 +222,7 @@ def test_unknown_key_in_yaml_and_in_wrong_section(tmp_path):
 def test_unknown_section():
     msg = _error(None, REQUIRED + ["trian.max_steps=5"])
     assert msg == (
-        "unknown config key 'trian.max_steps'; valid top-level keys: checkpoint, data, dist, kto, "
+        "unknown config key 'trian.max_steps'; valid top-level keys: checkpoint, data, dist, health, kto, "
         "model, optim, output_dir, parallel, ref, seed, train; did you mean 'train'?"
     )
 

@@ -35,6 +35,24 @@ def demo_run(assets, tmp_path_factory):
     return out, result
 
 
+def test_eval_samples_show_the_policy_learning(demo_run):
+    """train.eval_samples=3 (the default): at each evaluation 3 fixed held-out prompts, completed
+    greedily by the policy and the frozen reference; once the demo is learned the policy's change."""
+    import json
+
+    out, _ = demo_run
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert [s["step"] for s in samples] == [0] * 3 + [12] * 3 + [24] * 3
+    by_step = {step: [s for s in samples if s["step"] == step] for step in (0, 12, 24)}
+    assert [s["prompt"] for s in by_step[0]] == [s["prompt"] for s in by_step[24]]
+    assert all(p["prompt"].startswith("sort:") for p in by_step[0])
+    assert [s["reference"] for s in by_step[0]] == [s["reference"] for s in by_step[12]] == \
+        [s["reference"] for s in by_step[24]]
+    assert [s["policy"] for s in by_step[0]] == [s["reference"] for s in by_step[0]]
+    assert [s["policy"] for s in by_step[24]] != [s["policy"] for s in by_step[0]]
+
+
 def test_demo_learns(demo_run):
     """Loss falls, the margin grows and held-out reward accuracy rises from the reference's 0.5."""
     _, result = demo_run

@@ -1,0 +1,165 @@
+"""Training-health checks: the ways a KTO run goes wrong while its log looks calm, each with the
+fix to try.
+
+Pure functions over the step metrics the trainer already reduces (``rewards/chosen``,
+``rewards/rejected``, ``rewards/margins``, ``kl``, ``loss``, ``grad_norm``; TRL's names) and the
+held-out metrics: no collectives, every rank could run them and reach the same verdict, rank 0
+prints them. :class:`HealthMonitor` keeps the history and rate-limits each symptom.
+
+The symptoms (Ethayarajh et al. 2024 and the peers' issue trackers):
+
+* ``rewards_falling``: the implied rewards of desirable *and* undesirable completions both fall
+  (likelihood displacement: the policy lowers every completion's log-probability, so the margin
+  says little and held-out accuracy drifts to chance);
+* ``kl_rising``: the KL estimate z_ref climbs steadily (the policy drifts away from the reference);
+* ``margin_flat``: after the warm-up the reward margin stays at or below 0, or the held-out reward
+  accuracy sits at chance;
+* ``saturated``: the gradient norm collapses towards 0 while the loss stops moving (eq. 7's
+  sigmoids saturated: no signal reaches the weights);
+* ``kl_zero``: the KL estimate has been clamped at 0 for the whole run (the policy moved the
+  mismatched completions down, so z_ref gives no reference point);
+* ``single_class``: a micro-batch held rows of one class only;
+* ``grad_spike``: the gradient norm jumps far above its recent median.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+__all__ = ["HealthThresholds", "Finding", "check_steps", "check_eval", "HealthMonitor"]
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    window: int = 20  # steps each trend is measured over
+    warmup_steps: int = 50  # margin and held-out accuracy are judged after this many steps
+    reward_drop: float = 0.5  # both rewards fell by more than this over the window
+    kl_rise: float = 1.0  # the KL estimate rose by more than this over the window
+    chance_margin: float = 0.05  # held-out reward accuracy within this of 0.5 is chance
+    grad_collapse: float = 0.01  # gradient norm below this fraction of its run maximum
+    grad_spike: float = 10.0  # gradient norm above this multiple of its window median
+    every_steps: int = 50  # a symptom is reported at most once per this many steps
+
+
+@dataclass(frozen=True)
+class Finding:
+    symptom: str
+    message: str  # the symptom, the numbers and the fix to try, one line
+
+
+def _series(history: Sequence[Mapping[str, float]], key: str) -> list[float]:
+    return [float(m[key]) for m in history if key in m and m[key] == m[key]]  # NaN-free
+
+
+def _change(values: Sequence[float]) -> float:
+    """Least-squares slope times span: how much ``values`` moved over their window, robust to noise."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    num = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+    den = sum((i - mean_x) ** 2 for i in range(n))
+    return num / den * (n - 1)
+
+
+def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, step: int,
+                single_class_micro_batches: int = 0, grad_clip: float = 0.0, kl_checks: bool = True) -> list[Finding]:
+    """Findings from the step metrics so far (``history[-1]`` is step ``step``); ``grad_clip``: the
+    run's optim.grad_clip, named in the spike warning; ``kl_checks``: the loss has a KL reference
+    point (``kto.loss_type=kto``), so the KL trends mean something."""
+    out: list[Finding] = []
+    recent = history[-t.window:]
+    full = len(recent) >= t.window
+    chosen, rejected = _series(recent, "rewards/chosen"), _series(recent, "rewards/rejected")
+    if full and len(chosen) == len(rejected) == t.window:
+        dc, dr = _change(chosen), _change(rejected)
+        if dc < -t.reward_drop and dr < -t.reward_drop:
+            out.append(Finding("rewards_falling", (
+                f"rewards of desirable and undesirable completions both fell over the last {t.window} steps "
+                f"({chosen[0]:.3g} -> {chosen[-1]:.3g} and {rejected[0]:.3g} -> {rejected[-1]:.3g}): the policy is "
+                "lowering every completion (likelihood displacement); lower optim.lr, raise kto.beta, or add "
+                "kto.sft_weight")))
+    kl = _series(recent, "kl")
+    if kl_checks and full and len(kl) == t.window:
+        rise = _change(kl)
+        ups = sum(b > a for a, b in zip(kl, kl[1:]))
+        if rise > t.kl_rise and ups >= 0.6 * (len(kl) - 1):
+            out.append(Finding("kl_rising", (
+                f"the KL estimate rose from {kl[0]:.3g} to {kl[-1]:.3g} over the last {t.window} steps: the policy is "
+                "drifting away from the reference; lower optim.lr")))
+    margins = _series(recent, "rewards/margins")
+    if full and step >= t.warmup_steps and len(margins) == t.window and statistics.fmean(margins) <= 0:
+        out.append(Finding("margin_flat", (
+            f"the reward margin averaged {statistics.fmean(margins):.3g} over the last {t.window} steps, after "
+            f"{step} steps: desirable completions are not gaining on undesirable ones; check the labels, "
+            "kto.beta and optim.lr")))
+    norms, losses = _series(history, "grad_norm"), _series(recent, "loss")
+    if full and len(norms) >= t.window and len(losses) == t.window:
+        top, last = max(norms), norms[-t.window:]
+        if top > 0 and max(last) < t.grad_collapse * top and abs(_change(losses)) < 1e-3:
+            out.append(Finding("saturated", (
+                f"the gradient norm fell to {last[-1]:.3g} ({max(last) / top:.1%} of its peak {top:.3g}) while the "
+                f"loss stayed at {losses[-1]:.4f}: the sigmoids of eq. (7) are saturated and no signal reaches "
+                "the weights; lower optim.lr or kto.beta")))
+    all_kl = _series(history, "kl")
+    if kl_checks and step >= t.warmup_steps and all_kl and len(all_kl) == len(history) and max(all_kl) == 0.0:
+        out.append(Finding("kl_zero", (
+            f"the KL estimate has been 0 (clamped) for all {step} steps: the policy moved the mismatched "
+            "completions below the reference, so z_ref gives no reference point and KTO acts like its "
+            "reference-free variant; lower optim.lr, or check that desirable and undesirable rows share prompts")))
+    if single_class_micro_batches:
+        out.append(Finding("single_class", (
+            f"{single_class_micro_batches} micro-batch(es) of step {step} held rows of one class only: their "
+            "z_ref and loss see one side; keep data.balanced_sampling on, or add rows of the rarer class")))
+    if len(norms) > t.window and norms[-1] > 0:
+        median = statistics.median(norms[-t.window - 1:-1])
+        if median > 0 and norms[-1] > t.grad_spike * median:
+            out.append(Finding("grad_spike", (
+                f"the gradient norm jumped to {norms[-1]:.3g}, {norms[-1] / median:.0f}x its median {median:.3g} over "
+                f"the previous {t.window} steps (optim.grad_clip={grad_clip:g} bounds the update); a bad row or too high "
+                "a learning rate; look at this step's rows, or lower optim.lr")))
+    return out
+
+
+def check_eval(history: Sequence[tuple[int, Mapping[str, float]]], t: HealthThresholds) -> list[Finding]:
+    """Findings from the held-out metrics ``[(step, metrics), ...]``: accuracy at chance after the
+    warm-up."""
+    if not history:
+        return []
+    step, metrics = history[-1]
+    acc = metrics.get("reward_accuracy")
+    if step >= t.warmup_steps and acc is not None and abs(acc - 0.5) <= t.chance_margin:
+        return [Finding("eval_chance", (
+            f"held-out reward accuracy is {acc:.3f} at step {step}, chance level: the policy has not learned to "
+            "prefer desirable completions; check the labels, kto.beta and optim.lr"))]
+    return []
+
+
+class HealthMonitor:
+    """The step history and when each symptom was last reported."""
+
+    def __init__(self, thresholds: HealthThresholds, *, grad_clip: float = 0.0, kl_checks: bool = True):
+        self.t = thresholds
+        self.grad_clip, self.kl_checks = grad_clip, kl_checks
+        self.history: list[dict[str, float]] = []
+        self._last: dict[str, int] = {}
+
+    def _due(self, findings: list[Finding], step: int) -> list[str]:
+        out = []
+        for f in findings:
+            last = self._last.get(f.symptom)
+            if last is None or step - last >= self.t.every_steps:
+                self._last[f.symptom] = step
+                out.append(f.message)
+        return out
+
+    def step(self, step: int, metrics: Mapping[str, float], *, single_class_micro_batches: int = 0) -> list[str]:
+        """Record step ``step``; the warning lines due now."""
+        self.history.append(dict(metrics))
+        return self._due(check_steps(self.history, self.t, step=step, grad_clip=self.grad_clip, kl_checks=self.kl_checks,
+                                     single_class_micro_batches=single_class_micro_batches), step)
+
+    def evaluated(self, eval_history: Sequence[tuple[int, Mapping[str, float]]]) -> list[str]:
+        return self._due(check_eval(eval_history, self.t), eval_history[-1][0]) if eval_history else []

@@ -1,0 +1,131 @@
+"""megakto.health: each detector on synthetic metric sequences, fired by the failure it names and
+silent on a healthy run; the monitor's rate limit."""
+
+import pytest
+
+from megakto.health import HealthMonitor, HealthThresholds, check_eval, check_steps
+
+T = HealthThresholds(window=10, warmup_steps=20, every_steps=30)
+
+
+def healthy(n):
+    """Learning as the demo does: chosen rewards up, rejected down, margin up, KL mild and noisy."""
+    return [{"loss": 0.5 - 0.002 * i, "kl": 0.2 + 0.05 * (i % 3), "rewards/chosen": 0.01 * i,
+             "rewards/rejected": -0.01 * i, "rewards/margins": 0.02 * i, "grad_norm": 0.3 + 0.01 * (i % 4)}
+            for i in range(n)]
+
+
+def symptoms(history, **kw):
+    return [f.symptom for f in check_steps(history, T, step=len(history), **kw)]
+
+
+def test_a_healthy_run_is_silent():
+    for n in range(1, 60):
+        assert symptoms(healthy(n)) == [], n
+
+
+def test_both_rewards_falling():
+    h = healthy(30)
+    for i, m in enumerate(h[-10:]):  # the last 10 steps: both classes lose 0.1 per step
+        m["rewards/chosen"], m["rewards/rejected"] = 0.0 - 0.1 * i, -0.2 - 0.1 * i
+        m["rewards/margins"] = 0.2
+    found = check_steps(h, T, step=30)
+    assert [f.symptom for f in found] == ["rewards_falling"]
+    assert found[0].message == (
+        "rewards of desirable and undesirable completions both fell over the last 10 steps (0 -> -0.9 and -0.2 -> "
+        "-1.1): the policy is lowering every completion (likelihood displacement); lower optim.lr, raise kto.beta, "
+        "or add kto.sft_weight")
+    # Only one class falling is what KTO is for.
+    for m in h[-10:]:
+        m["rewards/chosen"] = 0.5
+    assert symptoms(h) == []
+
+
+def test_kl_rising_steadily_but_not_noise_or_without_a_kl_term():
+    h = healthy(30)
+    for i, m in enumerate(h[-10:]):
+        m["kl"] = 0.5 + 0.2 * i  # 0.5 -> 2.3
+    assert symptoms(h) == ["kl_rising"]
+    assert symptoms(h, kl_checks=False) == []  # apo_zero_unpaired, sft: the KL metric means nothing
+    for i, m in enumerate(h[-10:]):
+        m["kl"] = 3.0 if i % 2 else 0.2  # large but not a trend
+    assert symptoms(h) == []
+
+
+def test_margin_flat_only_after_the_warmup():
+    h = healthy(30)
+    for m in h[-10:]:
+        m["rewards/margins"] = -0.01
+    assert symptoms(h) == ["margin_flat"]
+    assert check_steps(h[:15] + h[-10:], HealthThresholds(window=10, warmup_steps=100), step=25) == []
+
+
+def test_saturated_sigmoids():
+    h = healthy(30)
+    for m in h[-10:]:
+        m["grad_norm"], m["loss"] = 0.001, 0.5
+    found = check_steps(h, T, step=30)
+    assert [f.symptom for f in found] == ["saturated"]
+    assert "the gradient norm fell to 0.001 (0.3% of its peak 0.33) while the loss stayed at 0.5000" in found[0].message
+    h[-1]["loss"] = 0.3  # the loss still moves: small gradients, not saturation
+    assert symptoms(h) == []
+
+
+def test_kl_clamped_at_zero_for_the_whole_run():
+    h = healthy(25)
+    for m in h:
+        m["kl"] = 0.0
+    found = check_steps(h, T, step=25)
+    assert [f.symptom for f in found] == ["kl_zero"]
+    assert found[0].message.startswith("the KL estimate has been 0 (clamped) for all 25 steps")
+    h[3]["kl"] = 0.01
+    assert symptoms(h) == []
+    assert symptoms(h[:10] + [dict(m, kl=0.0) for m in h[10:]]) == []  # was not zero the whole run
+
+
+def test_single_class_micro_batches_and_gradient_spikes():
+    found = check_steps(healthy(5), T, step=5, single_class_micro_batches=2)
+    assert [f.symptom for f in found] == ["single_class"]
+    assert found[0].message.startswith("2 micro-batch(es) of step 5 held rows of one class only")
+    h = healthy(15)
+    h[-1]["grad_norm"] = 20.0
+    found = check_steps(h, T, step=15, grad_clip=1.0)
+    assert [f.symptom for f in found] == ["grad_spike"]
+    assert "(optim.grad_clip=1 bounds the update)" in found[0].message
+
+
+def test_held_out_accuracy_at_chance_after_the_warmup():
+    assert check_eval([(0, {"reward_accuracy": 0.5})], T) == []  # the reference itself
+    assert check_eval([(10, {"reward_accuracy": 0.52})], T) == []  # still warming up
+    found = check_eval([(0, {"reward_accuracy": 0.5}), (40, {"reward_accuracy": 0.52})], T)
+    assert [f.symptom for f in found] == ["eval_chance"]
+    assert found[0].message.startswith("held-out reward accuracy is 0.520 at step 40, chance level")
+    assert check_eval([(40, {"reward_accuracy": 0.8})], T) == []
+
+
+def test_nan_metrics_of_skipped_steps_are_ignored():
+    h = healthy(30)
+    h[-3] = {"loss": float("nan"), "kl": 0.2}
+    assert symptoms(h) == []
+
+
+def test_the_monitor_reports_each_symptom_once_per_every_steps():
+    monitor = HealthMonitor(T, grad_clip=1.0)
+    fired = []
+    for step, m in enumerate(healthy(100), start=1):
+        if step > 20:
+            m = dict(m, **{"rewards/margins": -0.1})
+        fired += [(step, line.split(":")[0]) for line in monitor.step(step, m)]
+    # First at step 28: the window of steps 19-28 averages (0.34 + 0.36 - 8 x 0.1) / 10 < 0; then every 30 steps.
+    assert [s for s, _ in fired] == [28, 58, 88]
+    assert all(text.startswith("the reward margin averaged") for _, text in fired)
+
+
+@pytest.mark.parametrize("field", ["window", "every_steps"])
+def test_thresholds_come_from_the_config(field):
+    from dataclasses import asdict
+
+    from megakto.config import Config
+
+    assert set(asdict(HealthThresholds())) == set(asdict(Config().health))
+    assert getattr(HealthThresholds(**asdict(Config().health)), field) == getattr(HealthThresholds(), field)
