@@ -19,6 +19,7 @@ setup(
         "pyyaml>=6.0",
         "packaging>=20.0",  # deepspeed version checks
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # tools/plot_run.py: pictures of a finished run
     ],
     extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"]},
 )
