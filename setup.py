@@ -20,6 +20,7 @@ setup(
         "packaging>=20.0",  # deepspeed version checks
         "tqdm>=4.60",
         "matplotlib>=3.7",  # tools/plot_run.py: pictures of a finished run
+        "peft>=0.13",  # model.lora: adapters, the reference as the adapters switched off
     ],
     extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"]},
 )

@@ -34,17 +34,21 @@ from megakto.errors import ConfigError, ModelError
 from megakto.model.pipeline_stages import hf_names
 from megakto.model.tp_merge import full_shapes, merge_tp_shards
 
-__all__ = ["BASE", "probe_batch", "save_hf_base", "resolve_checkpoint", "export_checkpoint", "write_hf_folder",
-           "check_export", "checkpoint_state_dict"]
+__all__ = ["BASE", "LORA_CONFIG", "probe_batch", "save_hf_base", "resolve_checkpoint", "export_checkpoint",
+           "write_hf_folder", "write_lora_folders", "is_lora_checkpoint", "check_export", "checkpoint_state_dict"]
 
 BASE = "hf_base"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def save_hf_base(ckpt_dir: str, model_path: str, tokenizer, *, trust_remote_code: bool) -> str:
+LORA_CONFIG = "adapter_config.json"  # in hf_base: the checkpoint holds a LoRA policy (peft's config)
+
+
+def save_hf_base(ckpt_dir: str, model_path: str, tokenizer, *, trust_remote_code: bool, lora=None) -> str:
     """Copy the run's model config, generation config and tokenizer into ``ckpt_dir/hf_base``
     once (rank 0). The config is re-read from ``model_path`` rather than taken from the live
-    model, whose dropout the trainer has switched off."""
+    model, whose dropout the trainer has switched off. ``lora``: the policy's peft ``LoraConfig``,
+    saved beside them, so that the export knows the weights' adapter layout."""
     target = os.path.join(ckpt_dir, BASE)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
@@ -58,6 +62,8 @@ def save_hf_base(ckpt_dir: str, model_path: str, tokenizer, *, trust_remote_code
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if lora is not None:
+        lora.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.rename(tmp, target)
     return target
@@ -86,15 +92,59 @@ def resolve_checkpoint(path: str, tag: str | None = None) -> str:
     return path
 
 
-def export_checkpoint(tag_dir: str, out_dir: str, *, dtype: str | None = None,
-                      trust_remote_code: bool = False) -> str:
+def is_lora_checkpoint(tag_dir: str) -> bool:
+    return os.path.isfile(os.path.join(os.path.dirname(os.path.normpath(tag_dir)), BASE, LORA_CONFIG))
+
+
+def export_checkpoint(tag_dir: str, out_dir: str | None, *, dtype: str | None = None,
+                      trust_remote_code: bool = False, adapter_dir: str | None = None) -> str | None:
     """Convert a complete tag directory into an HF folder at ``out_dir``; returns ``out_dir``.
-    ``dtype``: None = the dtype the run trained in."""
+    ``dtype``: None = the dtype the run trained in. A LoRA checkpoint gives the merged model
+    (W + (alpha / r) B A) in ``out_dir`` and, with ``adapter_dir``, the adapter alone in peft's
+    format there (either may be None)."""
     tag_dir = os.path.normpath(tag_dir)
     dtype = dtype or checkpoint.read_manifest(tag_dir).get("dtype", "float32")
     state_dict = checkpoint_state_dict(tag_dir, trust_remote_code=trust_remote_code)
     base = os.path.join(os.path.dirname(tag_dir), BASE)
+    if is_lora_checkpoint(tag_dir):
+        write_lora_folders(state_dict, base, out_dir, adapter_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        return out_dir
+    if adapter_dir is not None:
+        raise ConfigError(f"{tag_dir}: not a LoRA checkpoint (no {BASE}/{LORA_CONFIG}); there is no adapter to export")
     return write_hf_folder(state_dict, base, out_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _lora_model(base: str, state_dict: dict[str, torch.Tensor], dtype: str, trust_remote_code: bool):
+    """The peft model of ``base``'s config and LoRA config holding ``state_dict``, on CPU."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _build(base, {}, dtype, trust_remote_code, meta=False, allow_missing=True)
+    peft_model = get_peft_model(model, LoraConfig.from_pretrained(base), autocast_adapter_dtype=False)
+    weights = {k: v.to(_DTYPES[dtype]) for k, v in state_dict.items()}
+    result = peft_model.load_state_dict(weights, strict=False)
+    names = dict(peft_model.named_parameters())
+    loaded = {names[k].data_ptr() for k in weights if k in names}
+    missing = [k for k in result.missing_keys if k in names and names[k].data_ptr() not in loaded]
+    if result.unexpected_keys or missing:
+        raise ModelError(f"{base}: the LoRA checkpoint does not fit its config: unexpected {result.unexpected_keys[:3]}, "
+                         f"missing {missing[:3]}")
+    return peft_model.eval()
+
+
+def write_lora_folders(state_dict: dict[str, torch.Tensor], base: str, out_dir: str | None, adapter_dir: str | None,
+                       *, dtype: str, trust_remote_code: bool = False) -> None:
+    """A LoRA checkpoint's adapter alone (peft's ``save_pretrained``: adapter_config.json and
+    adapter_model.safetensors, loadable with ``PeftModel.from_pretrained`` on the base model) and
+    the merged model as a plain Hugging Face folder (peft's ``merge_and_unload``)."""
+    with engine.outside_zero3():
+        peft_model = _lora_model(base, state_dict, dtype, trust_remote_code)
+        if adapter_dir is not None:
+            peft_model.save_pretrained(adapter_dir)
+        if out_dir is not None:
+            merged = peft_model.merge_and_unload()
+            os.makedirs(out_dir, exist_ok=True)
+            merged.save_pretrained(out_dir, safe_serialization=True)
+            _copy_base_files(base, out_dir)
 
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-(?:model_\d+-)?model_states\.pt$")
@@ -137,7 +187,7 @@ def checkpoint_state_dict(tag_dir: str, *, trust_remote_code: bool = False) -> d
 
 
 def _build(base: str, state_dict: dict[str, torch.Tensor], dtype: str, trust_remote_code: bool, *,
-           meta: bool):
+           meta: bool, allow_missing: bool = False):
     """The model of ``base``'s config holding ``state_dict`` (cast to ``dtype``). ``meta``: built
     without allocating a throw-away random init (for writing; non-persistent buffers such as rotary
     frequencies stay unallocated, which save_pretrained does not need); else a runnable CPU model."""
@@ -155,7 +205,7 @@ def _build(base: str, state_dict: dict[str, torch.Tensor], dtype: str, trust_rem
     loaded = {p.data_ptr() for n, p in model.named_parameters() if n in weights}
     missing = [n for n in result.missing_keys if model.get_parameter(n).data_ptr() not in loaded] \
         if not meta else [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
+    if missing and not allow_missing:
         raise ConfigError(f"{base}: model tensors missing from the checkpoint: {missing[:5]}")
     return model.eval()
 
@@ -167,10 +217,15 @@ def write_hf_folder(state_dict: dict[str, torch.Tensor], base: str, out_dir: str
         model = _build(base, state_dict, dtype, trust_remote_code, meta=True)
         os.makedirs(out_dir, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
-    for name in os.listdir(base):
-        if name not in ("config.json",) and os.path.isfile(os.path.join(base, name)):
-            shutil.copy2(os.path.join(base, name), os.path.join(out_dir, name))
+    _copy_base_files(base, out_dir)
     return out_dir
+
+
+def _copy_base_files(base: str, out_dir: str) -> None:
+    """Generation config, tokenizer and chat template from ``hf_base`` (the config came with the model)."""
+    for name in os.listdir(base):
+        if name not in ("config.json", LORA_CONFIG) and os.path.isfile(os.path.join(base, name)):
+            shutil.copy2(os.path.join(base, name), os.path.join(out_dir, name))
 
 
 def probe_batch(vocab_size: int) -> torch.Tensor:
@@ -184,11 +239,14 @@ def check_export(out_dir: str, tag_dir: str, *, trust_remote_code: bool = False)
     export's dtype. The folder goes through ``from_pretrained``, as a user would load it."""
     tag_dir = os.path.normpath(tag_dir)
     state_dict = checkpoint_state_dict(tag_dir, trust_remote_code=trust_remote_code)
+    base = os.path.join(os.path.dirname(tag_dir), BASE)
     with engine.outside_zero3():
         exported = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=trust_remote_code).eval()
         dtype = str(next(exported.parameters()).dtype).removeprefix("torch.")
-        reference = _build(os.path.join(os.path.dirname(tag_dir), BASE), state_dict, dtype, trust_remote_code,
-                           meta=False)
+        if is_lora_checkpoint(tag_dir):  # the checkpointed weights with their adapters, not merged
+            reference = _lora_model(base, state_dict, dtype, trust_remote_code)
+        else:
+            reference = _build(base, state_dict, dtype, trust_remote_code, meta=False)
         batch = probe_batch(exported.config.vocab_size)
         diff = exported(input_ids=batch).logits.float() - reference(input_ids=batch).logits.float()
     return float(diff.abs().max())

@@ -35,4 +35,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         # Under ZeRO-3 a partitioned parameter keeps its full shape in ``ds_shape``.
         ndim = len(getattr(p, "ds_shape", p.shape))
         (decay if ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # An empty group is left out (LoRA adapters are all matrices): ZeRO drops empty groups, and the
+    # LR schedule must see as many groups as the optimizer DeepSpeed builds.
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

@@ -53,9 +53,11 @@ from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_pa
 from megakto.metrics import step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
+from megakto.model.lora import ADAPTER_DIR, apply_lora
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.reference.build import build_reference, online_reference
+from megakto.reference.scorers import AdapterOffReference
 from megakto.runlog import RunLogger
 from megakto.runners import pipeline
 from megakto.runners.base import MicroLoss
@@ -242,6 +244,12 @@ class KTOTrainer:
             engine.disable_dropout(model)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora.r:
+            model = apply_lora(model, cfg.model.lora, seed=cfg.seed)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+            self.log.info(f"LoRA: r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g} on "
+                          f"{','.join(cfg.model.lora.target_modules)}: {trainable:,} trainable of {total:,} parameters")
         policy = engine.build_policy_engine(model, self.ds_config, **optim)
         policy.train()
         with comm.fail_together():
@@ -303,6 +311,10 @@ class KTOTrainer:
             return None
 
         def online():
+            same_weights = os.path.abspath(cfg.ref.path or cfg.model.path) == os.path.abspath(cfg.model.path)
+            if cfg.model.lora.r and same_weights:  # π_ref is the base model: the adapters switched off
+                self.log.info("reference: the policy with its LoRA adapters off (no second model)")
+                return AdapterOffReference(self.policy, self._batch, self.logps_fn)
             if self.dims.pp > 1:  # a second, frozen pipeline over the same stages
                 if cfg.ref.offload != "none":
                     self.log.info(f"ref.offload={cfg.ref.offload} does not apply under pipeline parallelism (parameter "
@@ -349,6 +361,9 @@ class KTOTrainer:
         policy = run(self.policy.module)
         ref_engine = getattr(self.reference, "engine", None)
         reference = run(ref_engine.module) if ref_engine is not None else None
+        if isinstance(self.reference, AdapterOffReference):
+            with self.policy.module.disable_adapter():
+                reference = run(self.policy.module)
         if comm.is_main():
             records = writer.write(self.step, prompts, policy, reference)
             self.log.text("samples", SampleWriter.markdown(records), self.step)
@@ -446,7 +461,9 @@ class KTOTrainer:
         cfg, start = self.cfg, time.perf_counter()
         ckpt_dir = checkpoint.checkpoints_dir(cfg.output_dir)
         if comm.is_main():
-            export.save_hf_base(ckpt_dir, cfg.model.path, self.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+            lora = self.policy.module.peft_config["default"] if cfg.model.lora.r else None
+            export.save_hf_base(ckpt_dir, cfg.model.path, self.tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+                                lora=lora)
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
                  "vocab_layout": vocab_layout(self.policy.module),
                  "eval_history": [[s, m] for s, m in self.eval_history]}
@@ -460,9 +477,10 @@ class KTOTrainer:
         """Rank 0 converts the final checkpoint (DeepSpeed's zero_to_fp32) into output_dir/hf; the
         other ranks do not wait, so a long conversion cannot trip the collective timeout."""
         tag_dir = os.path.join(checkpoint.checkpoints_dir(self.cfg.output_dir), checkpoint.tag_name(self.step))
-        out = export.export_checkpoint(tag_dir, os.path.join(self.cfg.output_dir, "hf"),
+        adapter = os.path.join(self.cfg.output_dir, ADAPTER_DIR) if self.cfg.model.lora.r else None
+        out = export.export_checkpoint(tag_dir, os.path.join(self.cfg.output_dir, "hf"), adapter_dir=adapter,
                                        trust_remote_code=self.cfg.model.trust_remote_code)
-        self.log.info(f"exported {out}")
+        self.log.info(f"exported {out}" + (f" (merged) and the adapter to {adapter}" if adapter else ""))
 
     def evaluate(self) -> dict[str, float]:
         kto = self.cfg.kto

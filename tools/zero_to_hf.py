@@ -4,11 +4,18 @@ shards (joined), pipeline per-layer files (renamed). Runs on one CPU process; ne
 full fp32 copy of the model.
 
     python tools/zero_to_hf.py outputs/run/checkpoints outputs/run/hf [--tag step-00000100] [--check]
+    python tools/zero_to_hf.py outputs/run/checkpoints outputs/run/adapter     # a LoRA run: the adapter
+    python tools/zero_to_hf.py outputs/run/checkpoints outputs/run/hf --merge-lora [--check]
 
 CKPT_DIR is a run's checkpoints/ directory (its newest complete checkpoint is used unless --tag
 names one) or one step-* directory. --check reloads the folder with from_pretrained and compares
 its logits with those of the checkpointed weights on a fixed batch; exit 1 if they differ by more
 than 1e-5.
+
+A LoRA checkpoint (model.lora.r > 0) converts to the adapter alone in peft's format
+(adapter_config.json, adapter_model.safetensors; load it with PeftModel.from_pretrained on the
+base model), or with --merge-lora to the merged model W + (alpha / r) B A as a plain Hugging Face
+folder, which --check compares with the checkpointed adapters.
 """
 
 import argparse
@@ -33,16 +40,30 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: the dtype the run trained in")
     parser.add_argument("--check", action="store_true", help=f"compare logits; exit 1 above {TOLERANCE:g}")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="a LoRA checkpoint: write the merged model instead of the adapter alone")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the model config to run code from its folder (off by default)")
     args = parser.parse_args(argv)
 
-    from megakto.export import check_export, export_checkpoint, resolve_checkpoint
+    from megakto.errors import ConfigError
+    from megakto.export import check_export, export_checkpoint, is_lora_checkpoint, resolve_checkpoint
 
     try:
         tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
+        lora = is_lora_checkpoint(tag_dir)
+        if args.merge_lora and not lora:
+            raise ConfigError(f"--merge-lora: {tag_dir} is not a LoRA checkpoint; leave the flag out")
+        if lora and not args.merge_lora:
+            if args.check:
+                raise ConfigError("--check compares a Hugging Face folder's logits: with a LoRA checkpoint, add "
+                                  "--merge-lora")
+            export_checkpoint(tag_dir, None, adapter_dir=args.out_dir, dtype=args.dtype,
+                              trust_remote_code=args.trust_remote_code)
+            print(f"wrote the LoRA adapter {args.out_dir} from {tag_dir} (--merge-lora for the merged model)")
+            return 0
         export_checkpoint(tag_dir, args.out_dir, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-        print(f"wrote {args.out_dir} from {tag_dir}")
+        print(f"wrote {args.out_dir} from {tag_dir}" + (" (LoRA merged)" if lora else ""))
         if args.check:
             diff = check_export(args.out_dir, tag_dir, trust_remote_code=args.trust_remote_code)
             ok = diff <= TOLERANCE

@@ -39,6 +39,19 @@ def _section(cls: type, help: str) -> Any:
 
 
 @dataclass
+class LoraSettings:
+    r: int = _opt(0, "LoRA rank (peft adapters on the policy, base weights frozen; the reference is the "
+                  "policy with its adapters off); 0 = off, full fine-tuning.")
+    alpha: float = _opt(16.0, "LoRA alpha: the adapter update is (alpha / r) * B @ A.")
+    dropout: float = _opt(0.0, "Dropout on the adapters' input.")
+    target_modules: list[str] = _opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module names that get adapters (the attention and MLP projections); not the embedding or head."
+    )
+    modules_to_save: list[str] = _opt([], "Modules trained in full beside the adapters (e.g. a norm).")
+
+
+@dataclass
 class ModelConfig:
     path: str = _opt("", "Hugging Face model folder (or hub id) of the policy. Required.")
     tokenizer_path: Optional[str] = _opt(None, "Tokenizer folder; null = model.path.")
@@ -67,6 +80,7 @@ class ModelConfig:
         "vocabulary-sized; auto = 4M elements per block (rows = 4194304 // hidden); 0 = off. "
         "A resumed run must keep its value."
     )
+    lora: LoraSettings = _section(LoraSettings, "LoRA adapters (peft); r = 0 is off.")
 
 
 @dataclass

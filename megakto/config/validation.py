@@ -98,6 +98,25 @@ def validate(cfg: Config) -> None:
         _check(gbs >= 2, f"kto.loss_type='kto' needs train.global_batch_size >= 2 to pair rows for "
                f"the KL estimate, got {gbs}; use kto.loss_type=apo_zero_unpaired for no KL term")
     _check_parallel(cfg)
+    _check_lora(cfg)
+
+
+def _check_lora(cfg: Config) -> None:
+    """What LoRA (model.lora.r > 0) combines with."""
+    lora, tp, pp = cfg.model.lora, cfg.parallel.tp_size, cfg.parallel.pp_size
+    _check(lora.r >= 0, f"model.lora.r must be >= 0 (0 = off), got {lora.r}")
+    if not lora.r:
+        return
+    bad = [m for m in lora.target_modules if m in ("embed_tokens", "lm_head", "wte", "embed_out")]
+    _check(not bad, f"model.lora.target_modules={','.join(lora.target_modules)}: adapters on {bad} are not supported "
+           "(the chunked log-probs and vocabulary blocks read the whole matrix); adapt the attention and MLP "
+           "projections, or list the module in model.lora.modules_to_save")
+    _check(tp == 1 and pp == 1, f"model.lora.r={lora.r} with parallel.tp_size={tp}, parallel.pp_size={pp}: LoRA runs "
+           "under ZeRO 0-3 only (DeepSpeed's AutoTP and the pipeline stages do not carry peft adapters); set "
+           "parallel.tp_size=1 and parallel.pp_size=1")
+    _check(lora.alpha > 0 and 0.0 <= lora.dropout < 1.0 and bool(lora.target_modules),
+           f"model.lora: alpha must be > 0, dropout in [0, 1) and target_modules non-empty; got alpha={lora.alpha}, "
+           f"dropout={lora.dropout}, target_modules={lora.target_modules}")
 
 
 def _check_parallel(cfg: Config) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from megakto.reference.store import RefLogpCache, sequence_key
 
-__all__ = ["Reference", "OnlineReference", "CachedReference"]
+__all__ = ["Reference", "OnlineReference", "AdapterOffReference", "CachedReference"]
 
 Pairs = Sequence[tuple[Sequence[int], Sequence[int]]]
 
@@ -44,6 +44,24 @@ class OnlineReference:
     @torch.no_grad()
     def logps(self, pairs: Pairs) -> torch.Tensor:
         return self._logps(self.engine, self._batch(pairs))[0]
+
+    def score(self, batches: Sequence[Pairs]) -> list[torch.Tensor]:
+        return [self.logps(pairs) for pairs in batches]
+
+
+class AdapterOffReference:
+    """LoRA: π_ref is the policy's base weights, so the reference is the policy engine run with its
+    adapters off (peft's ``disable_adapter``); no second model exists. ``policy`` is the engine."""
+
+    def __init__(self, policy, batch_fn: Callable, logps_fn: Callable):
+        self.policy = policy
+        self._batch = batch_fn
+        self._logps = logps_fn
+
+    @torch.no_grad()
+    def logps(self, pairs: Pairs) -> torch.Tensor:
+        with self.policy.module.disable_adapter():
+            return self._logps(self.policy, self._batch(pairs))[0]
 
     def score(self, batches: Sequence[Pairs]) -> list[torch.Tensor]:
         return [self.logps(pairs) for pairs in batches]

@@ -77,7 +77,13 @@ def main():
     tp_group = trainer.dims.tp_group  # None without tensor parallelism
     piped = trainer.dims.pp > 1  # pipelines: the tests read the weights from the final checkpoint
     ref_before = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine and not piped else {}
+    # The reference's log-probs of a few held-out (or training) rows before and after training: a
+    # frozen reference gives the same numbers bitwise.
+    probe_split = trainer.eval_rows if trainer.eval_rows is not None else trainer.train_rows
+    probe = [tuple(map(list, pc)) for pc in zip(*[probe_split.fetch(range(4))[k] for k in ("prompt_ids", "completion_ids")])]
+    ref_probe_before = trainer.reference.logps(probe).cpu() if trainer.reference is not None and not piped else None
     history = trainer.train()
+    ref_probe_after = trainer.reference.logps(probe).cpu() if trainer.reference is not None and not piped else None
     policy_after, logits = {}, torch.zeros(0)
     if not piped:
         policy_after = engine.gathered_state_dict(trainer.policy.module, tp_group)
@@ -93,6 +99,8 @@ def main():
         torch.save(policy_after, os.path.join(args.dump, "policy.pt"))
         torch.save(ref_after, os.path.join(args.dump, "reference.pt"))
         torch.save(logits.float().cpu(), os.path.join(args.dump, "logits.pt"))
+        torch.save({"pairs": probe, "before": ref_probe_before, "after": ref_probe_after},
+                   os.path.join(args.dump, "ref_probe.pt"))
         ref_change = max((float((ref_before[k] - ref_after[k]).abs().max()) for k in ref_before), default=None)
         with open(os.path.join(args.dump, "result.json"), "w") as f:
             json.dump({"history": [h.metrics for h in history], "indices": [h.indices for h in history],
