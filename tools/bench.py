@@ -2,7 +2,7 @@
 """Throughput and memory of megakto's KTO, next to SFT on the same engine and TRL's KTOTrainer.
 
     python tools/bench.py [--systems megakto-kto,trl-kto,...] [--steps 6] [--warmup 2] \
-        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--json bench.json]
+        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--lora 16] [--json bench.json]
 
 One invocation builds one workload (a random-init Llama, hidden 256, 4 layers, a word-level
 tokenizer of ``--vocab`` ids, rows whose prompt and completion are each 5-250 words) and runs every
@@ -15,6 +15,8 @@ among the ranks; its memory figures are the largest rank's. ``--pp N`` adds ``me
 same way with ``parallel.pp_size=N`` (one pipeline of N stages; ZeRO 0/1, so pass ``--deepspeed
 ds_configs/zero1.json``, which the PP1 baseline then uses too); the pipeline bubble of its schedule,
 (N - 1) / (micro-batches + N - 1) of each step, is printed (``--micro-batch`` sets the micro-batches).
+``--lora R`` adds ``megakto-kto-loraR``: megakto's KTO with LoRA adapters of rank R on the attention
+and MLP projections (``model.lora.r=R``), the reference being the policy with its adapters off.
 
 * throughput: target tokens (completion tokens of the target rows, EOS included) and rows per
   second over the timed steps, from the end of the last warmup step to the end of the last step;
@@ -251,6 +253,9 @@ def _parallel_variant(name: str) -> tuple[str, int] | None:
 def _system(name: str) -> dict:
     """SYSTEMS[name], or a parallel variant (``megakto-kto-tpN``, ``megakto-kto-ppN``) of megakto-kto;
     ``ranks``: how many processes it runs on."""
+    lora = name.removeprefix("megakto-kto-lora")
+    if lora != name and lora.isdigit():
+        return {**SYSTEMS["megakto-kto"], "lora": int(lora), "ranks": 1}
     variant = _parallel_variant(name)
     if variant is None:
         return {**SYSTEMS[name], "ranks": 1}
@@ -278,6 +283,7 @@ def run_megakto(name: str, spec: dict) -> dict:
         f"train.max_steps={spec['warmup'] + spec['steps']}", f"optim.lr={spec['lr']}", "optim.warmup_steps=0",
         f"kto.loss_type={system['loss_type']}", f"ref.mode={system['ref']}", "ref.offload=none",
         f"output_dir={spec['out_dir']}", "seed=0", f"parallel.tp_size={tp}", f"parallel.pp_size={pp}",
+        f"model.lora.r={system.get('lora', 0)}", "train.eval_samples=0",
     ] + list(spec.get("megakto_overrides", []))
     cfg = load_config(None, overrides)
     rss = PeakRss(spec["sample_ms"] / 1000)
@@ -546,6 +552,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pp", type=int, default=1,
                         help="also run megakto-kto at parallel.pp_size=N on N ranks (megakto-kto-ppN; needs a "
                              "ZeRO 0/1 --deepspeed JSON)")
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help="also run megakto-kto with LoRA adapters of rank R (megakto-kto-loraR)")
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args(argv)
@@ -564,7 +572,17 @@ def main(argv=None) -> int:
                 (f"megakto KTO {label} / megakto KTO, peak RSS (largest rank)", variant, "megakto-kto",
                  "peak_rss_mib"),
             ])
-    unknown = [s for s in names if s not in SYSTEMS and not _parallel_variant(s)]
+    if args.lora:
+        variant = f"megakto-kto-lora{args.lora}"
+        names.append(variant)
+        RATIOS.extend([
+            (f"megakto KTO LoRA r={args.lora} / megakto KTO, tokens/s", variant, "megakto-kto", "tokens_per_s"),
+            (f"megakto KTO LoRA r={args.lora} / megakto KTO, peak beyond warm state", variant, "megakto-kto",
+             "peak_beyond_warm_mib"),
+            (f"megakto KTO LoRA r={args.lora} / megakto KTO, peak RSS", variant, "megakto-kto", "peak_rss_mib"),
+        ])
+    unknown = [s for s in names if s not in SYSTEMS and not _parallel_variant(s)
+               and not s.removeprefix("megakto-kto-lora").isdigit()]
     micro = args.micro_batch or args.batch
     if unknown or args.warmup < 1 or args.steps < 1 or args.repeat < 1 or args.batch % micro:
         parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup, --steps and --repeat >= 1; "

@@ -128,3 +128,9 @@ def test_parallel_variants_of_megakto_kto():
     assert (pp["pp"], pp["ranks"], pp.get("tp", 1)) == (2, 2, 1)
     assert {k: v for k, v in pp.items() if k not in ("pp", "ranks")} == bench.SYSTEMS["megakto-kto"]
     assert bench._system("megakto-kto")["ranks"] == 1
+
+
+def test_lora_variant_of_megakto_kto():
+    lora = bench._system("megakto-kto-lora16")
+    assert (lora["lora"], lora["ranks"]) == (16, 1)
+    assert {k: v for k, v in lora.items() if k not in ("lora", "ranks")} == bench.SYSTEMS["megakto-kto"]
