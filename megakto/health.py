@@ -36,7 +36,7 @@ class HealthThresholds:
     window: int = 20  # steps each trend is measured over
     warmup_steps: int = 50  # margin and held-out accuracy are judged after this many steps
     reward_drop: float = 0.5  # both rewards fell by more than this over the window
-    kl_rise: float = 1.0  # the KL estimate rose by more than this over the window
+    kl_rise: float = 5.0  # the KL estimate rose by more than this over the window
     chance_margin: float = 0.05  # held-out reward accuracy within this of 0.5 is chance
     grad_collapse: float = 0.01  # gradient norm below this fraction of its run maximum
     grad_spike: float = 10.0  # gradient norm above this multiple of its window median

@@ -44,7 +44,7 @@ def test_both_rewards_falling():
 def test_kl_rising_steadily_but_not_noise_or_without_a_kl_term():
     h = healthy(30)
     for i, m in enumerate(h[-10:]):
-        m["kl"] = 0.5 + 0.2 * i  # 0.5 -> 2.3
+        m["kl"] = 0.5 + 0.8 * i  # 0.5 -> 7.7
     assert symptoms(h) == ["kl_rising"]
     assert symptoms(h, kl_checks=False) == []  # apo_zero_unpaired, sft: the KL metric means nothing
     for i, m in enumerate(h[-10:]):

@@ -237,7 +237,7 @@ class HealthConfig:
         0.5, "Warn when the rewards of desirable and of undesirable completions both fall by more than "
         "this over the window (likelihood displacement)."
     )
-    kl_rise: float = _opt(1.0, "Warn when the KL estimate rises steadily by more than this over the window.")
+    kl_rise: float = _opt(5.0, "Warn when the KL estimate rises steadily by more than this (nats) over the window.")
     chance_margin: float = _opt(0.05, "Held-out reward accuracy within this of 0.5 counts as chance.")
     grad_collapse: float = _opt(
         0.01, "Warn when the gradient norm stays below this fraction of its run maximum over the window "
