@@ -119,7 +119,10 @@ def _lora_model(base: str, state_dict: dict[str, torch.Tensor], dtype: str, trus
     from peft import LoraConfig, get_peft_model
 
     model = _build(base, {}, dtype, trust_remote_code, meta=False, allow_missing=True)
-    peft_model = get_peft_model(model, LoraConfig.from_pretrained(base), autocast_adapter_dtype=False)
+    config = LoraConfig.from_pretrained(base)
+    base_name = config.base_model_name_or_path  # the run's model.path
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name  # not hf_base, which holds no weights
     weights = {k: v.to(_DTYPES[dtype]) for k, v in state_dict.items()}
     result = peft_model.load_state_dict(weights, strict=False)
     names = dict(peft_model.named_parameters())
@@ -134,14 +137,15 @@ def _lora_model(base: str, state_dict: dict[str, torch.Tensor], dtype: str, trus
 def write_lora_folders(state_dict: dict[str, torch.Tensor], base: str, out_dir: str | None, adapter_dir: str | None,
                        *, dtype: str, trust_remote_code: bool = False) -> None:
     """A LoRA checkpoint's adapter alone (peft's ``save_pretrained``: adapter_config.json and
-    adapter_model.safetensors, loadable with ``PeftModel.from_pretrained`` on the base model) and
-    the merged model as a plain Hugging Face folder (peft's ``merge_and_unload``)."""
+    adapter_model.safetensors, loadable with ``PeftModel.from_pretrained`` on the base model; fp32,
+    as the optimizer's masters) and the merged model as a plain Hugging Face folder (peft's
+    ``merge_and_unload``, computed in fp32 and written in ``dtype``)."""
     with engine.outside_zero3():
-        peft_model = _lora_model(base, state_dict, dtype, trust_remote_code)
+        peft_model = _lora_model(base, state_dict, "float32", trust_remote_code)
         if adapter_dir is not None:
             peft_model.save_pretrained(adapter_dir)
         if out_dir is not None:
-            merged = peft_model.merge_and_unload()
+            merged = peft_model.merge_and_unload().to(_DTYPES[dtype])
             os.makedirs(out_dir, exist_ok=True)
             merged.save_pretrained(out_dir, safe_serialization=True)
             _copy_base_files(base, out_dir)
@@ -243,8 +247,10 @@ def check_export(out_dir: str, tag_dir: str, *, trust_remote_code: bool = False)
     with engine.outside_zero3():
         exported = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=trust_remote_code).eval()
         dtype = str(next(exported.parameters()).dtype).removeprefix("torch.")
-        if is_lora_checkpoint(tag_dir):  # the checkpointed weights with their adapters, not merged
+        if is_lora_checkpoint(tag_dir) and dtype == "float32":  # the checkpointed adapters, not merged
             reference = _lora_model(base, state_dict, dtype, trust_remote_code)
+        elif is_lora_checkpoint(tag_dir):  # a rounded export: what it should hold, merged in fp32 then rounded
+            reference = _lora_model(base, state_dict, "float32", trust_remote_code).merge_and_unload().to(_DTYPES[dtype])
         else:
             reference = _build(base, state_dict, dtype, trust_remote_code, meta=False)
         batch = probe_batch(exported.config.vocab_size)

@@ -104,7 +104,8 @@ def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, 
                 f"loss stayed at {losses[-1]:.4f}: the sigmoids of eq. (7) are saturated and no signal reaches "
                 "the weights; lower optim.lr or kto.beta")))
     all_kl = _series(history, "kl")
-    if kl_checks and step >= t.warmup_steps and all_kl and len(all_kl) == len(history) and max(all_kl) == 0.0:
+    if (kl_checks and step >= t.warmup_steps and len(history) >= t.warmup_steps and len(all_kl) == len(history)
+            and max(all_kl) == 0.0):  # this process saw it: a resumed run's history starts at the resume
         out.append(Finding("kl_zero", (
             f"the KL estimate has been 0 (clamped) for all {step} steps: the policy moved the mismatched "
             "completions below the reference, so z_ref gives no reference point and KTO acts like its "

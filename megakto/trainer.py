@@ -432,7 +432,9 @@ class KTOTrainer:
             self.log.advance(1, loss=result.metrics["loss"], kl=result.metrics["kl"],
                              tok_s=result.metrics.get("tokens_per_s", float("nan")))
             if self.health is not None:
-                one_class = result.metrics.get("count/single_class_micro_batches", 0) if self.use_kl else 0
+                # A one-class micro-batch changes z_ref only when each micro-batch has its own (kl_scope=microbatch).
+                per_micro = self.use_kl and cfg.kto.kl_scope == "microbatch" and cfg.train.micro_batch_size > 1
+                one_class = result.metrics.get("count/single_class_micro_batches", 0) if per_micro else 0
                 for line in self.health.step(self.step, result.metrics, single_class_micro_batches=int(one_class)):
                     self.log.warning(line, step=self.step)
             if stop is not None:

@@ -81,6 +81,8 @@ def test_kl_clamped_at_zero_for_the_whole_run():
     h[3]["kl"] = 0.01
     assert symptoms(h) == []
     assert symptoms(h[:10] + [dict(m, kl=0.0) for m in h[10:]]) == []  # was not zero the whole run
+    # A run resumed at step 60 has seen 3 steps itself: too few to say "the whole run".
+    assert [f.symptom for f in check_steps([{"kl": 0.0}] * 3, T, step=60)] == []
 
 
 def test_single_class_micro_batches_and_gradient_spikes():

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from megakto.data.packing import PackedBatch
 from megakto.errors import ModelError
@@ -40,10 +39,20 @@ __all__ = ["PIPELINE_MODEL_TYPES", "StageSource", "StageSpec", "EmbedStage", "De
 # Families whose forward is embed → layers(mask, rotary) → norm → lm_head, checked against one
 # process in tests/model/test_pipeline_stages.py.
 PIPELINE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The mask functions' keyword interface (inputs_embeds, cache, position_ids) the stages call.
+MIN_TRANSFORMERS_PP = "5.0"
 
 
 def check_pipeline_model(config, pp: int, key: str = "model.path") -> None:
-    """The model can be cut into ``pp`` stages: a supported family with at least ``pp`` layers."""
+    """The model can be cut into ``pp`` stages: a supported family with at least ``pp`` layers, and a
+    transformers whose mask functions the stages know."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS_PP):
+        raise ModelError(f"parallel.pp_size={pp} needs transformers >= {MIN_TRANSFORMERS_PP} (the stages rebuild the "
+                         f"attention mask with its masking_utils), but {transformers.__version__} is installed; "
+                         f"pip install 'transformers>={MIN_TRANSFORMERS_PP}'")
     if config.model_type not in PIPELINE_MODEL_TYPES:
         raise ModelError(f"{key}: model_type {config.model_type!r} with parallel.pp_size={pp}: pipeline stages are "
                          f"built for {', '.join(PIPELINE_MODEL_TYPES)}; use ZeRO-3 or parallel.tp_size for it")
@@ -126,6 +135,8 @@ class StageSource:
             memo = self._memo = (position_ids, hidden.dtype, rotary(hidden, position_ids), {})
         masks = memo[3]
         if attention_type not in masks:
+            from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
             make = create_sliding_window_causal_mask if attention_type == "sliding_attention" else create_causal_mask
             masks[attention_type] = make(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None,
                                          position_ids=position_ids)

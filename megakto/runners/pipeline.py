@@ -70,8 +70,8 @@ class PipelineRunner:
 
     def _broadcast(self, outputs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
         """The last stage's per-batch log-probs on every stage of the pipeline."""
-        device = outputs[0].device if outputs else torch.device("cpu")
-        flat = torch.cat(outputs).float() if outputs else torch.zeros(sum(sizes), device=device)
+        # Every stage gets its copy on its own device (the cache and the KL reduce use the same one).
+        flat = torch.cat(outputs).float() if outputs else torch.zeros(sum(sizes), device=self.engine.device)
         comm.broadcast_tensor(flat, src=self.last, group=self.pp_group)
         return list(flat.split(sizes))
 

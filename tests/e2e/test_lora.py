@@ -68,6 +68,7 @@ def test_merged_export_is_w_plus_scaled_ba_and_the_adapter_loads_with_peft(asset
     with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
         config = json.load(f)
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (R, ALPHA, "LORA")
+    assert config["base_model_name_or_path"] == assets["model"]  # the run's base, which holds the weights
     merged, base = load_file(os.path.join(out, "hf", "model.safetensors")), _base(assets)
     assert sorted(merged) == sorted(base)
     adapted = 0

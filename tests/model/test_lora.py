@@ -64,3 +64,35 @@ def test_refused_combinations(overrides, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, REQUIRED + overrides)
     assert str(err.value) == expected
+
+
+def test_export_merges_in_fp32_and_names_the_real_base(tmp_path):
+    """A bf16 export: the merged weights are W + (alpha / r) B A computed in fp32 and then rounded
+    (rounding first would lose the small update), and the adapter's config names the run's base
+    model, not the checkpoint's weightless hf_base folder."""
+    from safetensors.torch import load_file
+
+    from megakto.export import write_lora_folders
+
+    base_dir = tmp_path / "hf_base"
+    model = apply_lora(_model(), _lora(alpha=8), seed=3)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            with torch.no_grad():
+                p.normal_(std=1e-3)  # a small trained update
+    model.peft_config["default"].base_model_name_or_path = "/models/the-base"
+    model.base_model.model.config.save_pretrained(base_dir)
+    model.peft_config["default"].save_pretrained(base_dir)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    write_lora_folders(state, str(base_dir), str(tmp_path / "hf"), str(tmp_path / "adapter"), dtype="bfloat16")
+    merged = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj"
+    a = state[f"base_model.model.{key}.lora_A.default.weight"]
+    b = state[f"base_model.model.{key}.lora_B.default.weight"]
+    w = state[f"base_model.model.{key}.base_layer.weight"]
+    assert merged[f"{key}.weight"].dtype == torch.bfloat16
+    assert torch.equal(merged[f"{key}.weight"], (w + 2.0 * b @ a).to(torch.bfloat16))
+    import json
+
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == "/models/the-base"
