@@ -24,11 +24,13 @@ The symptoms (Ethayarajh et al. 2024 and the peers' issue trackers):
 
 from __future__ import annotations
 
+import math
 import statistics
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-__all__ = ["HealthThresholds", "Finding", "check_steps", "check_eval", "HealthMonitor"]
+__all__ = ["HealthThresholds", "Finding", "RunSummary", "check_steps", "check_eval", "HealthMonitor"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,39 @@ class Finding:
     message: str  # the symptom, the numbers and the fix to try, one line
 
 
+@dataclass
+class RunSummary:
+    """What the whole-run checks need of every step so far, kept in constant memory: the step
+    count, the peak gradient norm and the last ``window + 1`` of them, and whether every step's KL
+    estimate was exactly 0."""
+
+    window: int
+    steps: int = 0
+    peak_grad_norm: float = 0.0
+    norms: deque = field(default=None)
+    kl_all_zero: bool = True
+
+    def __post_init__(self):
+        if self.norms is None:
+            self.norms = deque(maxlen=self.window + 1)
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        self.steps += 1
+        norm = metrics.get("grad_norm")
+        if norm is not None and not math.isnan(norm):
+            self.peak_grad_norm = max(self.peak_grad_norm, float(norm))
+            self.norms.append(float(norm))
+        kl = metrics.get("kl")
+        self.kl_all_zero = self.kl_all_zero and kl is not None and not math.isnan(kl) and float(kl) == 0.0
+
+    @classmethod
+    def of(cls, history: Sequence[Mapping[str, float]], window: int) -> "RunSummary":
+        summary = cls(window)
+        for metrics in history:
+            summary.add(metrics)
+        return summary
+
+
 def _series(history: Sequence[Mapping[str, float]], key: str) -> list[float]:
     return [float(m[key]) for m in history if key in m and m[key] == m[key]]  # NaN-free
 
@@ -65,11 +100,15 @@ def _change(values: Sequence[float]) -> float:
 
 
 def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, step: int,
-                single_class_micro_batches: int = 0, grad_clip: float = 0.0, kl_checks: bool = True) -> list[Finding]:
+                single_class_micro_batches: int = 0, grad_clip: float = 0.0, kl_checks: bool = True,
+                summary: RunSummary | None = None) -> list[Finding]:
     """Findings from the step metrics so far (``history[-1]`` is step ``step``); ``grad_clip``: the
     run's optim.grad_clip, named in the spike warning; ``kl_checks``: the loss has a KL reference
-    point (``kto.loss_type=kto``), so the KL trends mean something."""
+    point (``kto.loss_type=kto``), so the KL trends mean something. ``summary``: the whole run's
+    :class:`RunSummary`, when ``history`` holds only its last ``t.window`` steps (default: made
+    from ``history``)."""
     out: list[Finding] = []
+    run = summary or RunSummary.of(history, t.window)
     recent = history[-t.window:]
     full = len(recent) >= t.window
     chosen, rejected = _series(recent, "rewards/chosen"), _series(recent, "rewards/rejected")
@@ -95,17 +134,16 @@ def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, 
             f"the reward margin averaged {statistics.fmean(margins):.3g} over the last {t.window} steps, after "
             f"{step} steps: desirable completions are not gaining on undesirable ones; check the labels, "
             "kto.beta and optim.lr")))
-    norms, losses = _series(history, "grad_norm"), _series(recent, "loss")
+    norms, losses = list(run.norms), _series(recent, "loss")
     if full and len(norms) >= t.window and len(losses) == t.window:
-        top, last = max(norms), norms[-t.window:]
+        top, last = run.peak_grad_norm, norms[-t.window:]
         if top > 0 and max(last) < t.grad_collapse * top and abs(_change(losses)) < 1e-3:
             out.append(Finding("saturated", (
                 f"the gradient norm fell to {last[-1]:.3g} ({max(last) / top:.1%} of its peak {top:.3g}) while the "
                 f"loss stayed at {losses[-1]:.4f}: the sigmoids of eq. (7) are saturated and no signal reaches "
                 "the weights; lower optim.lr or kto.beta")))
-    all_kl = _series(history, "kl")
-    if (kl_checks and step >= t.warmup_steps and len(history) >= t.warmup_steps and len(all_kl) == len(history)
-            and max(all_kl) == 0.0):  # this process saw it: a resumed run's history starts at the resume
+    if kl_checks and step >= t.warmup_steps and run.steps >= t.warmup_steps and run.steps and run.kl_all_zero:
+        # run.steps: what this process saw (a resumed run's history starts at the resume)
         out.append(Finding("kl_zero", (
             f"the KL estimate has been 0 (clamped) for all {step} steps: the policy moved the mismatched "
             "completions below the reference, so z_ref gives no reference point and KTO acts like its "
@@ -139,12 +177,14 @@ def check_eval(history: Sequence[tuple[int, Mapping[str, float]]], t: HealthThre
 
 
 class HealthMonitor:
-    """The step history and when each symptom was last reported."""
+    """The last ``window`` steps, the run's :class:`RunSummary` (constant memory and time per step,
+    however long the run) and when each symptom was last reported."""
 
     def __init__(self, thresholds: HealthThresholds, *, grad_clip: float = 0.0, kl_checks: bool = True):
         self.t = thresholds
         self.grad_clip, self.kl_checks = grad_clip, kl_checks
-        self.history: list[dict[str, float]] = []
+        self.history: deque[dict[str, float]] = deque(maxlen=thresholds.window)
+        self.summary = RunSummary(thresholds.window)
         self._last: dict[str, int] = {}
 
     def _due(self, findings: list[Finding], step: int) -> list[str]:
@@ -159,7 +199,9 @@ class HealthMonitor:
     def step(self, step: int, metrics: Mapping[str, float], *, single_class_micro_batches: int = 0) -> list[str]:
         """Record step ``step``; the warning lines due now."""
         self.history.append(dict(metrics))
-        return self._due(check_steps(self.history, self.t, step=step, grad_clip=self.grad_clip, kl_checks=self.kl_checks,
+        self.summary.add(metrics)
+        return self._due(check_steps(list(self.history), self.t, step=step, grad_clip=self.grad_clip,
+                                     kl_checks=self.kl_checks, summary=self.summary,
                                      single_class_micro_batches=single_class_micro_batches), step)
 
     def evaluated(self, eval_history: Sequence[tuple[int, Mapping[str, float]]]) -> list[str]:

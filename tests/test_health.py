@@ -131,3 +131,24 @@ def test_thresholds_come_from_the_config(field):
 
     assert set(asdict(HealthThresholds())) == set(asdict(Config().health))
     assert getattr(HealthThresholds(**asdict(Config().health)), field) == getattr(HealthThresholds(), field)
+
+
+def test_the_monitor_keeps_constant_memory_and_finds_what_the_whole_history_shows():
+    """The monitor holds the last window of steps and a RunSummary, not the run: its findings at
+    every step equal check_steps over the whole history (collapse, zero KL, a spike)."""
+    t = HealthThresholds(window=10, warmup_steps=20, every_steps=1)
+    history = healthy(40)
+    for i, m in enumerate(history):
+        m["kl"] = 0.0
+        if i >= 25:
+            m.update({"grad_norm": 1e-5, "loss": 0.5, "rewards/chosen": -0.5 * i, "rewards/rejected": -0.5 * i})
+    history[12]["grad_norm"] = 30.0  # a spike early on: the run's peak, then the collapse is measured against it
+    history[5] = {"loss": float("nan"), "kl": 0.0}  # a skipped step
+    monitor = HealthMonitor(t)
+    for step, m in enumerate(history, start=1):
+        got = monitor.step(step, m)
+        want = [f.message for f in check_steps(history[:step], t, step=step)]
+        assert got == want, step
+    assert len(monitor.history) == 10 and len(monitor.summary.norms) == 11
+    kinds = {f.symptom for step in range(1, 41) for f in check_steps(history[:step], t, step=step)}
+    assert {"grad_spike", "saturated", "kl_zero", "rewards_falling"} <= kinds
