@@ -39,7 +39,7 @@ from megakto.model.packed import packed_forward_logps
 from megakto.model.vocab_blocks import BlockedHead, blocked_token_logps
 
 __all__ = ["packed_completion_logps", "completion_logps", "logps_function", "chunk_tokens_for",
-           "LOGITS_BLOCK_ELEMENTS"]
+           "LOGITS_BLOCK_ELEMENTS", "uses_flash", "for_attention", "completion_token_counts"]
 
 # One (chunk × vocabulary) block of fp32 logits is at most this many elements (64 MiB), whatever
 # the vocabulary size: memory beyond the weights stays flat as V grows.
@@ -57,9 +57,22 @@ def _scored(batch: PackedBatch):
     return mask, batch.input_ids[:, 1:][mask], seg[:, 1:][mask]
 
 
-def _flash(model) -> bool:
-    config = getattr(model, "config", None)
+def uses_flash(config) -> bool:
     return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+def for_attention(batch: PackedBatch, config) -> PackedBatch:
+    """``batch`` as the model's attention needs it: flash-attention kernels detect packing only in
+    a single row, so for them the rows become one (a segment never spans rows)."""
+    if not uses_flash(config):
+        return batch
+    return PackedBatch(*(t.reshape(1, -1) for t in (batch.input_ids, batch.position_ids, batch.completion_mask,
+                                                     batch.segment_ids)), batch.num_segments)
+
+
+def completion_token_counts(batch: PackedBatch) -> torch.Tensor:
+    """(S,) scored completion tokens of each segment."""
+    return torch.bincount(_scored(batch)[2], minlength=batch.num_segments)
 
 
 def _vocab_shard(model, head: torch.nn.Module, tp_group):
@@ -94,10 +107,7 @@ def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
         return packed_forward_logps(model, batch, segment_logps)
     if mode != "chunked":
         raise ValueError(f"unknown log-prob mode {mode!r}; expected chunked or full")
-    if _flash(model):  # flash-attention kernels detect packing only in a single row
-        batch = PackedBatch(*(t.reshape(1, -1) for t in (batch.input_ids, batch.position_ids,
-                                                          batch.completion_mask, batch.segment_ids)),
-                            batch.num_segments)
+    batch = for_attention(batch, getattr(model, "config", None))
     mask, targets, seg_of = _scored(batch)
     n = batch.num_segments
     n_tokens = torch.bincount(seg_of, minlength=n)

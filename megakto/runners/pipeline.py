@@ -25,9 +25,9 @@ from typing import Callable
 
 import torch
 
-from megakto.data.packing import PackedBatch
 from megakto.distributed import comm, engine as ds_engine
 from megakto.distributed.ds_config import reference_ds_config
+from megakto.model.forward import completion_token_counts, for_attention
 from megakto.runners.base import LossFn, Pairs, TrainOutcome
 
 __all__ = ["LossSlot", "PipelineRunner", "PipelineReference", "check_model", "pipeline_model", "describe_stages",
@@ -44,10 +44,6 @@ class LossSlot:
         return self.fn(outputs, labels)
 
 
-def _flash(config) -> bool:
-    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
-
-
 class PipelineRunner:
     """``engine``: a pipeline engine whose module's loss function is ``slot``. ``dp_group``,
     ``pp_group``: this rank's data-parallel and pipeline groups; ``last``: the global rank of this
@@ -57,14 +53,10 @@ class PipelineRunner:
         self.engine, self._slot = engine, slot
         self._batch = batch_fn  # pairs -> PackedBatch on the device
         self.dp_group, self.pp_group, self.last = dp_group, pp_group, last
-        self._flatten = _flash(config)  # flash-attention kernels detect packing only in a single row
+        self._config = config  # the attention implementation decides the rows' layout
 
     def _micro_batch(self, pairs: Pairs, index: int):
-        batch = self._batch(pairs)
-        if self._flatten:
-            batch = PackedBatch(*(t.reshape(1, -1) for t in (batch.input_ids, batch.position_ids,
-                                                              batch.completion_mask, batch.segment_ids)),
-                                batch.num_segments)
+        batch = for_attention(self._batch(pairs), self._config)
         inputs = (batch.input_ids, batch.position_ids, batch.completion_mask, batch.segment_ids)
         return (inputs, (torch.tensor([index]),)), batch
 
@@ -98,8 +90,6 @@ class PipelineRunner:
         if skipped is not None:
             return out  # nothing ran: the engine has no partial step to drop
         items, packed = zip(*(self._micro_batch(pairs, i) for i, pairs in enumerate(batches)))
-        from megakto.model.forward import _scored
-
         non_finite = []
 
         def kto(logps, labels):
@@ -107,10 +97,8 @@ class PipelineRunner:
             micro = loss_fn(i, logps)
             if not math.isfinite(float(micro.loss.detach())):
                 non_finite.append(i)
-            seg_of = _scored(packed[i])[2]
             out.sums.add(losses=micro.losses, rewards=micro.rewards, logps=logps, desirable=micro.desirable,
-                         n_tokens=torch.bincount(seg_of, minlength=packed[i].num_segments),
-                         tokens=packed[i].num_tokens)
+                         n_tokens=completion_token_counts(packed[i]), tokens=packed[i].num_tokens)
             return micro.loss * scale
 
         self._slot.fn = kto
