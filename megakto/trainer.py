@@ -40,7 +40,7 @@ import torch
 from megakto import checkpoint, export
 from megakto.config import Config, save_config
 from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, require_both_classes, tokenize_rows
-from megakto.data.kl_pairs import dataset_kl_partners, fit_kl_row, split_pairs
+from megakto.data.kl_pairs import dataset_kl_partners, fit_kl_row
 from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
@@ -58,6 +58,7 @@ from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.reference.build import build_reference, online_reference
 from megakto.reference.scorers import AdapterOffReference
+from megakto.reference.sequences import ConcatSequences, SplitSequences
 from megakto.runlog import RunLogger
 from megakto.runners import pipeline
 from megakto.runners.base import MicroLoss
@@ -298,8 +299,8 @@ class KTOTrainer:
         if self.eval_rows is None or self.cfg.kto.loss_type == "sft":
             return None
         partners = dataset_kl_partners(self.eval_rows.prompt_key) if self.use_kl else None
-        targets, kl_rows = self._split_pairs(self.eval_rows, partners)
-        return Evaluator(self.eval_rows, targets=targets, kl_rows=kl_rows, dp_rank=self.dims.dp_rank,
+        return Evaluator(self.eval_rows, self._sequences(self.eval_rows, partners), has_kl=self.use_kl,
+                         dp_rank=self.dims.dp_rank,
                          dp_size=self.dims.dp, dp_group=self.dims.dp_group, batch_size=self.cfg.train.eval_batch_size)
 
     def _setup_reference(self):
@@ -331,7 +332,7 @@ class KTOTrainer:
         # The precompute is split over the data-parallel ranks: each tensor-parallel group (or pipeline)
         # scores the same rows together, and its first rank writes them.
         return build_reference(cfg.ref, cfg.model, dtype=self._model_dtype(), online=online,
-                               pairs=self._reference_pairs, batch_size=cfg.train.eval_batch_size,
+                               sequences=self._reference_sequences, batch_size=cfg.train.eval_batch_size,
                                dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, dp_group=self.dims.dp_group,
                                writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0, device=self.device,
                                log=self.log.info)
@@ -368,14 +369,13 @@ class KTOTrainer:
             records = writer.write(self.step, prompts, policy, reference)
             self.log.text("samples", SampleWriter.markdown(records), self.step)
 
-    def _reference_pairs(self) -> list:
+    def _reference_sequences(self) -> ConcatSequences:
         """Every (prompt_ids, completion_ids) the run scores with the reference: train and eval
-        targets and KL rows."""
-        targets, kl_rows = self._split_pairs(self.train_rows, self.train_kl_partner)
-        pairs = targets + (kl_rows or [])
+        targets and KL rows, as keys and lengths (token ids stay in the Arrow tables)."""
+        parts = [self._sequences(self.train_rows, self.train_kl_partner)]
         if self.evaluator is not None:
-            pairs += self.evaluator.targets + (self.evaluator.kl_rows or [])
-        return pairs
+            parts.append(self.evaluator.sequences)
+        return ConcatSequences(parts)
 
     def _setup_resume(self) -> int:
         """Continue from ``self.resume_dir``: engine (weights, Adam, LR schedule), sampler position,
@@ -501,7 +501,7 @@ class KTOTrainer:
 
     def completion_lengths(self) -> list[int]:
         """Tokens in each training row's completion, in dataset order (after filtering)."""
-        return [len(c) for c in self.train_rows.fetch(range(len(self.train_rows)))["completion_ids"]]
+        return self.train_rows.column_lengths("completion_ids").tolist()
 
     @property
     def precompute_seconds(self) -> float:
@@ -633,9 +633,9 @@ class KTOTrainer:
         partner_completions = self.train_rows.fetch([self.train_kl_partner[i] for i in indices])["completion_ids"]
         return [self._fit(p, c) for p, c in zip(rows["prompt_ids"], partner_completions)]
 
-    def _split_pairs(self, split: TokenizedSplit, partners: list[int] | None):
+    def _sequences(self, split: TokenizedSplit, partners) -> SplitSequences:
         data = self.cfg.data
-        return split_pairs(split, partners, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
+        return SplitSequences(split, partners, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
 
     def _fit(self, prompt_ids, completion_ids):
         data = self.cfg.data

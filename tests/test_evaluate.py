@@ -9,6 +9,7 @@ from datasets import Dataset
 
 from megakto.data.split import TokenizedSplit
 from megakto.evaluate import Evaluator
+from megakto.reference.sequences import SplitSequences
 
 # Prompt A = [1, 2] and prompt B = [3, 4], each with a desirable and an undesirable completion.
 PROMPTS = [[1, 2], [1, 2], [3, 4], [3, 4]]
@@ -27,8 +28,11 @@ def _split():
 
 
 def _evaluator(dp_rank=0, dp_size=1, batch_size=2):
-    return Evaluator(_split(), targets=list(zip(PROMPTS, COMPLETIONS)), kl_rows=KL_ROWS, dp_rank=dp_rank,
-                     dp_size=dp_size, batch_size=batch_size)
+    split = _split()
+    # Partners 2, 3, 0, 1 give KL_ROWS; the rows are read from the split's Arrow table per batch.
+    sequences = SplitSequences(split, [2, 3, 0, 1], max_length=16, max_prompt_length=8)
+    assert sequences.fetch(range(8)) == list(zip(PROMPTS, COMPLETIONS)) + KL_ROWS
+    return Evaluator(split, sequences, has_kl=True, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size)
 
 
 def _policy(pairs):
@@ -64,11 +68,11 @@ def test_hand_worked_metrics_and_one_reference_pass():
 
 def test_ranks_by_slicing():
     rows = list(zip(PROMPTS, COMPLETIONS)) + KL_ROWS
-    whole = _evaluator()._gather(_policy, rows)
+    whole = _evaluator()._gather(_policy)
     counts, parts = [], []
     for rank in (0, 1):
         calls = []
-        parts.append(_evaluator(rank, 2, batch_size=3)._gather(lambda p: calls.append(len(p)) or _policy(p), rows))
+        parts.append(_evaluator(rank, 2, batch_size=3)._gather(lambda p: calls.append(len(p)) or _policy(p)))
         counts.append(len(calls))
     assert counts == [2, 2]  # 4 rows each in batches of 3: every rank makes the same calls
     assert torch.equal(parts[0] + parts[1], whole)

@@ -21,8 +21,8 @@ long as no prompt fills more than half the batch.
 
 With the reference cache (``ref.mode: cache``) the KL rows must be a fixed set, so each row's
 partner is drawn once for the whole split instead (:func:`dataset_kl_partners`, with a fixed seed
-so that runs with different seeds share one cache); :func:`split_pairs` builds every target and
-KL row of a split from those partners.
+so that runs with different seeds share one cache); :mod:`megakto.reference.sequences` builds
+every target and KL row of a split from those partners.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ import hashlib
 import random
 from collections.abc import Sequence
 
+import numpy as np
+
 from megakto.data.tokenize import fit_to_length
 from megakto.errors import DataError
 
-__all__ = ["kl_partners", "dataset_kl_partners", "fit_kl_row", "split_pairs"]
+__all__ = ["kl_partners", "dataset_kl_partners", "fit_kl_row"]
 
 # Fixed, so that runs with different seeds share one cache of KL-row log-probs.
 DATASET_KL_SEED, DATASET_KL_STEP = 0, 0
@@ -111,9 +113,10 @@ def kl_partners(prompt_keys: Sequence[int], *, seed: int, step: int) -> list[int
     return partner
 
 
-def dataset_kl_partners(prompt_keys: Sequence[int]) -> list[int]:
-    """One mismatched partner per row of a whole split, the same in every run."""
-    return kl_partners(prompt_keys, seed=DATASET_KL_SEED, step=DATASET_KL_STEP)
+def dataset_kl_partners(prompt_keys: Sequence[int]) -> np.ndarray:
+    """One mismatched partner per row of a whole split, the same in every run (int64 array: 8
+    bytes a row, where a list of Python ints would take 36)."""
+    return np.asarray(kl_partners(prompt_keys, seed=DATASET_KL_SEED, step=DATASET_KL_STEP), dtype=np.int64)
 
 
 def fit_kl_row(prompt_ids, completion_ids, max_length: int, max_prompt_length: int):
@@ -122,13 +125,3 @@ def fit_kl_row(prompt_ids, completion_ids, max_length: int, max_prompt_length: i
     assert fitted is not None, "max_prompt_length < max_length always leaves room for a completion token"
     return fitted
 
-
-def split_pairs(split, partners: Sequence[int] | None, *, max_length: int, max_prompt_length: int):
-    """Every row's (prompt, completion) of a :class:`~megakto.data.split.TokenizedSplit` and, given
-    dataset-level partners, every row's KL row (None without), from one read of the split."""
-    rows = split.fetch(range(len(split)))
-    targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
-    if partners is None:
-        return targets, None
-    return targets, [fit_kl_row(p, rows["completion_ids"][j], max_length, max_prompt_length)
-                     for p, j in zip(rows["prompt_ids"], partners)]

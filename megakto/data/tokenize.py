@@ -31,7 +31,7 @@ from megakto.data import _token_checks as checks
 from megakto.data._token_checks import Example, TokenizeReport
 from megakto.errors import ConfigError, DataError, ModelError
 
-__all__ = ["fit_to_length", "prompt_key", "tokenize_rows", "TokenizeReport"]
+__all__ = ["fit_to_length", "fitted_lengths", "prompt_key", "tokenize_rows", "TokenizeReport"]
 
 _FITS, _TRUNCATED, _DROPPED = 0, 1, 2
 # Per-row facts the report and the tokenizer checks need; removed before the dataset is returned.
@@ -49,13 +49,19 @@ def fit_to_length(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_
     which is at least one token unless ``max_prompt_length >= max_length``.
     """
     p, c = list(prompt_ids), list(completion_ids)
-    if len(p) + len(c) <= max_length:
-        return p, c
-    keep_p = min(len(p), max(max_length - len(c), max_prompt_length))
-    keep_c = max_length - keep_p
+    keep_p, keep_c = fitted_lengths(len(p), len(c), max_length, max_prompt_length)
     if keep_c <= 0:
         return None
     return p[len(p) - keep_p:], c[:keep_c]
+
+
+def fitted_lengths(n_prompt: int, n_completion: int, max_length: int, max_prompt_length: int) -> tuple[int, int]:
+    """(prompt tokens kept, completion tokens kept) by :func:`fit_to_length`; the second is <= 0
+    when no completion token fits. Lengths only, for code that slices id arrays itself."""
+    if n_prompt + n_completion <= max_length:
+        return n_prompt, n_completion
+    keep_p = min(n_prompt, max(max_length - n_completion, max_prompt_length))
+    return keep_p, max_length - keep_p
 
 
 def prompt_key(text: str) -> int:

@@ -9,8 +9,10 @@
 In cache mode the KL rows must be a fixed set, or every reshuffle asks for (prompt, completion)
 pairs never computed: the trainer gives each row one partner for the whole dataset
 (:func:`megakto.data.kl_pairs.dataset_kl_partners`, a fixed seed so runs with different seeds
-share the cache) and passes every target and KL row of train and eval as ``pairs``. Each step still
-runs the policy on the KL rows; only the reference side comes from the cache.
+share the cache) and passes every target and KL row of train and eval as ``sequences``
+(:mod:`megakto.reference.sequences`: keys and lengths in numpy, token ids read on demand, so no
+rank holds the dataset's ids). Each step still runs the policy on the KL rows; only the reference
+side comes from the cache.
 
 The online scorer is passed in as a factory, so another way to run the reference (a pipeline
 engine, the policy with its adapters off) gets the cache too without a change here.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -28,14 +30,12 @@ from megakto.distributed import comm, engine
 from megakto.distributed.ds_config import reference_ds_config
 from megakto.errors import MegaktoError
 from megakto.reference.fingerprint import reference_fingerprint
-from megakto.reference.precompute import precompute
+from megakto.reference.precompute import missing_positions, precompute
 from megakto.reference.scorers import CachedReference, OnlineReference, Reference
-from megakto.reference.store import RefLogpCache, sequence_key
+from megakto.reference.sequences import Sequences
+from megakto.reference.store import RefLogpCache
 
 __all__ = ["build_reference", "online_reference"]
-
-Pair = tuple[Sequence[int], Sequence[int]]
-
 
 def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_fn: Callable,
                      logps_fn: Callable) -> OnlineReference:
@@ -50,11 +50,11 @@ def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_f
 
 
 def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Reference],
-                    pairs: Callable[[], list[Pair]], batch_size: int, dp_rank: int, dp_size: int,
+                    sequences: Callable[[], Sequences], batch_size: int, dp_rank: int, dp_size: int,
                     device, log: Callable[[str], None], dp_group=None, writes: bool = True) -> Reference:
     """The scorer for ``ref.mode`` (``ref``, ``model``: the config's sections).
 
-    ``online()`` loads the online scorer. ``pairs()`` (called in cache mode only) lists every
+    ``online()`` loads the online scorer. ``sequences()`` (called in cache mode only) gives every
     (prompt_ids, completion_ids) the run will ask the reference for. The precompute scores
     ``batch_size`` rows per forward on data-parallel rank ``dp_rank`` of ``dp_size`` (group
     ``dp_group``); ``writes``: this rank stores its share (one rank of each tensor-parallel group
@@ -69,16 +69,18 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
             RefLogpCache.open(ref.cache_dir, fingerprint, create=True)
     with comm.fail_together():
         cache = RefLogpCache.open(ref.cache_dir, fingerprint, create=False)
-    items = [(sequence_key(p, c), p, c) for p, c in pairs()]
-    keys = [k for k, _, _ in items]
+    start = time.perf_counter()
+    seqs = sequences()
+    log(f"reference cache: keys of {len(seqs):,} sequences in {time.perf_counter() - start:.1f} s")
     # Rank 0 decides what is missing: ranks that saw different folder contents (another job
     # writing, a lagging network filesystem) would otherwise run different numbers of forwards.
-    todo = comm.broadcast_object(sorted({keys[i] for i in cache.missing(keys)}) if comm.is_main() else None)
+    # Every rank computed the same positions, so rank 0 sends positions (8 bytes each), not rows.
+    todo = comm.broadcast_object(missing_positions(cache, seqs) if comm.is_main() else None)
     seconds = 0.0
-    if todo:
+    if len(todo):
         start = time.perf_counter()
         scorer = online()
-        n = precompute(cache, items, scorer.logps, rank=dp_rank, world_size=dp_size, batch_size=batch_size, todo=todo,
+        n = precompute(cache, seqs, scorer.logps, rank=dp_rank, world_size=dp_size, batch_size=batch_size, todo=todo,
                        write=writes)
         comm.barrier()
         cache.reload()
@@ -88,9 +90,9 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
         log(f"reference cache: computed {int(comm.all_reduce_dict({'n': n}, group=dp_group)['n'])} log-probs "
             f"in {seconds:.1f} s into {ref.cache_dir}")
     with comm.fail_together():
-        missing = cache.missing(keys)
-        if missing:
-            raise MegaktoError(f"ref.cache_dir={ref.cache_dir}: {len(missing)} of {len(keys)} reference "
+        missing = cache.missing(seqs.keys)
+        if len(missing):
+            raise MegaktoError(f"ref.cache_dir={ref.cache_dir}: {len(missing)} of {len(seqs)} reference "
                                "log-probs missing after the precompute pass; is the folder shared by all nodes?")
-    log(f"reference cache: {len(keys)} log-probs from {ref.cache_dir}; reference model not loaded")
+    log(f"reference cache: {len(seqs)} log-probs from {ref.cache_dir}; reference model not loaded")
     return CachedReference(cache, device, precompute_seconds=seconds)

@@ -68,7 +68,9 @@ def sequence_key(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> by
     return h.digest()
 
 
-def _as_keys(keys: Iterable[bytes]) -> np.ndarray:
+def _as_keys(keys: Iterable[bytes] | np.ndarray) -> np.ndarray:
+    if isinstance(keys, np.ndarray) and keys.dtype == np.dtype(f"S{KEY_BYTES}"):
+        return keys  # already fixed-width keys (megakto.reference.sequences): no Python bytes objects
     keys = [bytes(k) for k in keys]
     bad = next((i for i, k in enumerate(keys) if len(k) != KEY_BYTES), None)
     if bad is not None:
@@ -133,9 +135,9 @@ class RefLogpCache:
         idx = np.minimum(np.searchsorted(self._keys, q), len(self._keys) - 1)
         return np.where(self._keys[idx] == q, idx, -1)
 
-    def missing(self, keys: Iterable[bytes]) -> list[int]:
-        """Positions in ``keys`` that the cache does not hold."""
-        return np.flatnonzero(self._find(keys) < 0).tolist()
+    def missing(self, keys: Iterable[bytes] | np.ndarray) -> np.ndarray:
+        """Positions in ``keys`` that the cache does not hold (int64, ascending)."""
+        return np.flatnonzero(self._find(keys) < 0)
 
     def lookup(self, keys: Iterable[bytes]) -> torch.Tensor:
         """float64 log-probs in the order of ``keys``; raises if any key is absent."""

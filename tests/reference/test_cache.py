@@ -17,7 +17,8 @@ from safetensors.numpy import load_file, save_file
 
 from megakto.errors import ConfigError, MegaktoError
 from megakto.reference import RefLogpCache, fingerprint, reference_fingerprint, sequence_key
-from megakto.reference.precompute import precompute
+from megakto.reference.precompute import missing_positions, precompute
+from megakto.reference.sequences import PairSequences
 
 ROOT = Path(__file__).resolve().parents[2]
 FP = "a" * 64
@@ -194,14 +195,14 @@ def test_missing_keys_raise_with_the_count(tmp_path):
     cache.write_shard(_keys(3), torch.tensor([-1.0, -2.0, -3.0]), "rank0")
     cache.reload()
     asked = _keys(3) + _keys(2, base=50)
-    assert cache.missing(asked) == [3, 4]
-    assert cache.missing(_keys(3)) == []
+    assert cache.missing(asked).tolist() == [3, 4]
+    assert cache.missing(_keys(3)).tolist() == []
     with pytest.raises(MegaktoError) as err:
         cache.lookup(asked)
     text = _one_line(err)
     assert "2 of 5 sequences" in text and "rebuilt" in text
     empty = RefLogpCache.open(str(tmp_path / "e"), FP, create=True)
-    assert empty.missing(_keys(2)) == [0, 1]
+    assert empty.missing(_keys(2)).tolist() == [0, 1]
     with pytest.raises(MegaktoError, match="2 of 2 sequences"):
         empty.lookup(_keys(2))
 
@@ -278,7 +279,7 @@ def test_precompute_over_three_ranks_computes_each_missing_key_once(tmp_path):
     cache.write_shard([k for k, _, _ in items[:2]],  # 2 already cached: 12 missing
                       torch.tensor([_score(p, c) for _, p, c in items[:2]], dtype=torch.float64), "old")
     cache.reload()
-    asked = items + items[5:9]  # duplicates are asked for once
+    asked = PairSequences(rows + rows[5:9])  # duplicates are asked for once
     scorers = [_Scorer() for _ in range(3)]
     counts = [precompute(cache, asked, scorers[r], rank=r, world_size=3, batch_size=2) for r in range(3)]
     # 12 missing over 3 ranks: 4 each, 2 calls of 2 rows each.
@@ -301,6 +302,7 @@ def test_precompute_over_three_ranks_computes_each_missing_key_once(tmp_path):
 
     again = _Scorer()
     assert precompute(cache, asked, again, rank=1, world_size=3, batch_size=2) == 0
+    assert len(missing_positions(cache, asked)) == 0
     assert again.calls == 0
 
 
@@ -310,11 +312,11 @@ def test_precompute_makes_the_same_number_of_calls_on_every_rank(tmp_path):
     cache = RefLogpCache.open(str(tmp_path / "c"), FP, create=True)
     items = [(sequence_key(p, c), p, c) for p, c in _rows(7)]
     scorers = [_Scorer() for _ in range(3)]
-    counts = [precompute(cache, items, scorers[r], rank=r, world_size=3, batch_size=1,
+    counts = [precompute(cache, PairSequences(_rows(7)), scorers[r], rank=r, world_size=3, batch_size=1,
                          flush_every=1) for r in range(3)]
     assert counts == [3, 2, 2] and [s.calls for s in scorers] == [3, 3, 3]
     cache.reload()
-    assert len(cache) == 7 and cache.missing([k for k, _, _ in items]) == []
+    assert len(cache) == 7 and len(cache.missing([k for k, _, _ in items])) == 0
     # flush_every=1: one shard per computed row, the filler never written.
     assert len([n for n in os.listdir(tmp_path / "c") if n.startswith("shard-")]) == 7
     # Longest row first on each rank.
