@@ -30,6 +30,7 @@ import hashlib
 import zlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["KTOBatchSampler"]
@@ -47,19 +48,19 @@ def _epoch_seed(seed: int, tag: str, epoch: int) -> int:
 class _Stream:
     """An endless sequence over ``indices``: permutation of epoch 0, then of epoch 1, ..."""
 
-    def __init__(self, indices: list[int], seed: int, tag: str):
-        self.indices = torch.tensor(indices, dtype=torch.long)
+    def __init__(self, indices, seed: int, tag: str):
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
         self.seed = seed
         self.tag = tag
         self.position = 0  # rows consumed so far, across epochs
         self._cached_epoch = -1
-        self._cached_order: list[int] = []
+        self._cached_order = torch.empty(0, dtype=torch.long)  # a tensor: 8 bytes a row, not 36
 
-    def _order(self, epoch: int) -> list[int]:
+    def _order(self, epoch: int) -> torch.Tensor:
         if epoch != self._cached_epoch:
             gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.tag, epoch))
             perm = torch.randperm(len(self.indices), generator=gen)
-            self._cached_order = self.indices[perm].tolist()
+            self._cached_order = self.indices[perm]
             self._cached_epoch = epoch
         return self._cached_order
 
@@ -69,7 +70,7 @@ class _Stream:
         while len(out) < n:
             epoch, offset = divmod(self.position, size)
             k = min(n - len(out), size - offset)
-            out.extend(self._order(epoch)[offset : offset + k])
+            out.extend(self._order(epoch)[offset : offset + k].tolist())
             self.position += k
         return out
 
@@ -92,7 +93,7 @@ class KTOBatchSampler:
         seed: int,
         balanced: bool = True,
     ):
-        flags = [bool(x) for x in labels]
+        flags = np.asarray(labels, dtype=bool).reshape(-1)
         n = len(flags)
         if n == 0:
             raise ValueError("KTOBatchSampler needs at least one row")
@@ -107,14 +108,12 @@ class KTOBatchSampler:
         self.seed = int(seed)
         self.balanced = bool(balanced)
         self._num_rows = n
-        self._num_desirable = sum(flags)
-        self._labels_crc32 = zlib.crc32(bytes(flags))
+        self._num_desirable = int(flags.sum())
+        self._labels_crc32 = zlib.crc32(flags.astype(np.uint8).tobytes())  # = crc32(bytes(list of bools))
         self._batches_emitted = 0
-        self._desirable = _Stream([i for i, f in enumerate(flags) if f], self.seed, "desirable")
-        self._undesirable = _Stream(
-            [i for i, f in enumerate(flags) if not f], self.seed, "undesirable"
-        )
-        self._all = _Stream(list(range(n)), self.seed, "all")
+        self._desirable = _Stream(np.flatnonzero(flags), self.seed, "desirable")
+        self._undesirable = _Stream(np.flatnonzero(~flags), self.seed, "undesirable")
+        self._all = _Stream(np.arange(n), self.seed, "all")
 
     # -- batch composition ------------------------------------------------------------------
 

@@ -63,8 +63,8 @@ def test_balanced_batch_is_its_desirable_rows_then_its_undesirable_rows():
         assert flags == sorted(flags, reverse=True)
     desirable = [i for b in batches for i in b if labels[i]]
     undesirable = [i for b in batches for i in b if not labels[i]]
-    assert desirable == s._desirable._order(0)[:29]
-    assert undesirable == s._undesirable._order(0)[:67]
+    assert desirable == s._desirable._order(0)[:29].tolist()
+    assert undesirable == s._undesirable._order(0)[:67].tolist()
 
 
 def test_unbalanced_one_epoch_uses_every_index_once():
