@@ -11,7 +11,26 @@ import sys
 import time
 from typing import Mapping
 
-__all__ = ["RunLogger"]
+__all__ = ["RunLogger", "Phases"]
+
+
+class Phases:
+    """Wall-clock seconds of consecutive start-up phases on this rank: :meth:`done` closes the
+    phase that ran since the previous call (or since construction)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def summary(self) -> str:
+        """``start-up 41.2 s: checks 1.0 s, data 12.1 s, policy 3.0 s, ...``"""
+        total = self._last - self._start
+        return f"start-up {total:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
 
 
 class RunLogger:

@@ -43,6 +43,7 @@ from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, 
 from megakto.data.kl_pairs import dataset_kl_partners, fit_kl_row
 from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
+from megakto.data.tokenize import auto_num_proc
 from megakto.distributed import comm, engine
 from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
 from megakto.distributed.parallel import ParallelDims
@@ -59,7 +60,7 @@ from megakto.model.vocab_blocks import vocab_layout
 from megakto.reference.build import build_reference, online_reference
 from megakto.reference.scorers import AdapterOffReference
 from megakto.reference.sequences import ConcatSequences, SplitSequences
-from megakto.runlog import RunLogger
+from megakto.runlog import Phases, RunLogger
 from megakto.runners import pipeline
 from megakto.runners.base import MicroLoss
 from megakto.runners.zero import ZeroRunner
@@ -97,6 +98,7 @@ class KTOTrainer:
     def __init__(self, cfg: Config, deepspeed_config: str):
         self.cfg = cfg
         self.step = 0
+        self.phases = Phases()  # start-up seconds per phase, logged once the run is set up
         engine.init_distributed(cfg.dist.timeout_minutes)
         self.device = engine.device()
         self.bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and engine.bf16_supported())
@@ -137,7 +139,9 @@ class KTOTrainer:
             self.log.info("vocabulary blocks: off under pipeline parallelism (the embedding and the output head "
                           "are stages of their own)")
         self.log.info(f"parallelism: {self.dims.describe()}")
+        self.phases.done("checks")
         self.train_rows, self.eval_rows = self._setup_data()
+        self.phases.done("data")
         self.use_kl = cfg.kto.loss_type == "kto"
         # ref.mode=cache needs a fixed KL row per dataset row (see megakto/reference/build.py).
         self.cached_ref = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
@@ -146,37 +150,50 @@ class KTOTrainer:
             self.sampler = self._setup_sampler()
             self.train_kl_partner = (dataset_kl_partners(self.train_rows.prompt_key)
                                      if self.use_kl and self.cached_ref else None)
+        self.phases.done("sampler")
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, tp_group=self.dims.tp_group)
         self.runner = self._setup_runner()
+        self.phases.done("policy")
         with comm.fail_together():
             self.evaluator = self._setup_evaluator()
+        self.phases.done("evaluator")
         self.reference = self._setup_reference()
+        self.phases.done("reference")
         self.samples = self._setup_samples()
         self.health = (HealthMonitor(HealthThresholds(**dataclasses.asdict(cfg.health)), grad_clip=cfg.optim.grad_clip,
                                      kl_checks=self.use_kl) if cfg.train.health_checks else None)
         self.eval_history: list[tuple[int, dict[str, float]]] = []
         self.step = self._setup_resume()
+        self.phases.done("resume")
         self._saved_step = self.step if self.resume_dir else None
         if comm.is_main():
             os.makedirs(cfg.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        self.log.info(self.phases.summary())
 
     # ------------------------------------------------------------------ setup
 
     def _setup_data(self):
         """Load, validate and tokenize; local rank 0 first so the others hit the ``datasets`` cache."""
         cfg = self.cfg
-        loaded = {}
+        loaded, timing = {}, {}
 
         def load():
             for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
                 if not files:
                     continue
+                start = time.perf_counter()
                 rows = load_rows(list(files))
+                read = time.perf_counter()
+                num_proc = cfg.data.num_proc or auto_num_proc(len(rows))
                 tok, report = tokenize_rows(rows, self.tokenizer, max_length=cfg.data.max_length,
-                                            max_prompt_length=cfg.data.max_prompt_length, num_proc=cfg.data.num_proc)
+                                            max_prompt_length=cfg.data.max_prompt_length, num_proc=num_proc)
+                done = time.perf_counter()
+                timing[split] = (f"{len(rows):,} rows read in {read - start:.1f} s, tokenized and checked in "
+                                 f"{done - read:.1f} s ({len(rows) / max(done - read, 1e-9):,.0f} rows/s, "
+                                 f"data.num_proc={num_proc}; datasets reuses both on the next run)")
                 if split == "train":
                     n_d, n_u = count_labels(tok)
                     require_both_classes(n_d, n_u, loss_type=cfg.kto.loss_type,
@@ -196,6 +213,7 @@ class KTOTrainer:
             if not first:
                 load()
         for split, (rows, report) in loaded.items():
+            self.log.info(f"{split} data: {timing[split]}")  # local rank 0's: the first to read and tokenize
             self.log.info(f"{split} data: {report.summary()}")
             for warning in report.warnings():
                 self.log.info(f"warning: {split} data: {warning}")

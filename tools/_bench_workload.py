@@ -15,7 +15,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["SPECIALS", "Workload", "build_tokenizer", "make_rows", "target_tokens", "write_workload"]
+__all__ = ["SPECIALS", "Workload", "build_tokenizer", "make_rows", "target_tokens", "write_model", "write_workload"]
 
 # Llama-style special tokens; pad has its own id so padding is never read as the end of a completion.
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -89,18 +89,15 @@ def target_tokens(row: dict) -> int:
     return len(row["completion"].split()) + 1
 
 
-def write_workload(out_dir: str | Path, *, vocab_size: int = 32000, n_rows: int = 64, seed: int = 0,
-                   hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
-                   intermediate_size: int = 688, prompt_words: tuple[int, int] = (5, 250),
-                   completion_words: tuple[int, int] = (5, 250)) -> Workload:
-    """Write ``out_dir/model`` (HF folder: config, safetensors, tokenizer) and ``out_dir/train.jsonl``."""
+def write_model(model_dir: str | Path, *, vocab_size: int, seed: int, longest: int, hidden_size: int = 256,
+                num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 688) -> tuple[int, dict]:
+    """A random-init Llama (seeded) and :func:`build_tokenizer`'s tokenizer in ``model_dir``, with
+    positions for ``longest`` tokens; returns (parameters, shape)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = Path(out_dir)
-    model_dir, data_file = out / "model", out / "train.jsonl"
+    model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    longest = 1 + prompt_words[1] + completion_words[1] + 1
     shape = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                  num_key_value_heads=num_heads, intermediate_size=intermediate_size,
                  max_position_embeddings=max(512, longest))
@@ -110,9 +107,20 @@ def write_workload(out_dir: str | Path, *, vocab_size: int = 32000, n_rows: int 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.save_pretrained(str(model_dir))
-    n_params = sum(p.numel() for p in model.parameters())
     build_tokenizer(vocab_size).save_pretrained(str(model_dir))
+    return sum(p.numel() for p in model.parameters()), shape
 
+
+def write_workload(out_dir: str | Path, *, vocab_size: int = 32000, n_rows: int = 64, seed: int = 0,
+                   hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
+                   intermediate_size: int = 688, prompt_words: tuple[int, int] = (5, 250),
+                   completion_words: tuple[int, int] = (5, 250)) -> Workload:
+    """Write ``out_dir/model`` (HF folder: config, safetensors, tokenizer) and ``out_dir/train.jsonl``."""
+    out = Path(out_dir)
+    model_dir, data_file = out / "model", out / "train.jsonl"
+    n_params, shape = write_model(model_dir, vocab_size=vocab_size, seed=seed,
+                                  longest=1 + prompt_words[1] + completion_words[1] + 1, hidden_size=hidden_size,
+                                  num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size)
     rows = make_rows(n_rows, vocab_size, seed=seed, prompt_words=prompt_words, completion_words=completion_words)
     with open(data_file, "w", encoding="utf-8") as fh:
         for row in rows:

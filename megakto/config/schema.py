@@ -97,7 +97,9 @@ class DataConfig:
     balanced_sampling: bool = _opt(
         True, "Stratify each global batch by label instead of a plain shuffle."
     )
-    num_proc: Optional[int] = _opt(None, "Worker processes for tokenization; null = one.")
+    num_proc: Optional[int] = _opt(
+        None, "Worker processes for tokenization (datasets' map, cached for the next run); null = one per "
+        "50,000 rows, up to the cores available and at most 8.")
     packing: bool = _opt(
         True, "Pack each micro-batch's sequences end to end into rows of max_tokens_per_row "
         "(attention stays inside a sequence); false = one sequence per row, right-padded."

@@ -61,28 +61,51 @@ def kl_partners(prompt_keys: Sequence[int], *, seed: int, step: int) -> list[int
     each example gets an independent, seeded, uniformly random partner among the rows with a
     different prompt, so some completions are used more than once and some not at all.
     """
-    keys = [int(k) for k in prompt_keys]
+    return _partners(prompt_keys, seed=seed, step=step).tolist()
+
+
+def _partners(prompt_keys: Sequence[int], *, seed: int, step: int) -> np.ndarray:
+    """:func:`kl_partners` as an int64 array, vectorised with numpy: a whole split of a million
+    rows takes seconds and ~50 bytes a row, where dicts of Python lists took ~30 s and ~220 MiB.
+    The seeded draws are exactly those of the list version (tests/data/test_kl_pairs.py keeps it
+    as the reference): each same-prompt block, in first-appearance order, is shuffled with the
+    private generator (a block of one row draws nothing), then the order of the blocks."""
+    keys = np.asarray(prompt_keys, dtype=np.int64).reshape(-1)
     g = len(keys)
-    groups: dict[int, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
     if g == 0:
         raise ValueError(f"kl_partners got an empty global batch at step {step}")
-    if len(groups) < 2:
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    if len(counts) < 2:
         raise DataError(
             f"all {g} examples of the global batch at step {step} share one prompt; KTO's KL "
             "reference point needs mismatched (prompt, completion) pairs: shuffle or add prompts, "
             "or use kto.loss_type=apo_zero_unpaired"
         )
-
     rng = _rng(seed, step)
-    # Groups in first-appearance order (dict order), so the result depends only on the inputs.
-    blocks = list(groups.values())
-    for block in blocks:
-        rng.shuffle(block)
-    rng.shuffle(blocks)
-    largest = max(len(block) for block in blocks)
-    partner = [0] * g
+    # Blocks in first-appearance order, so the result depends only on the inputs; each block's
+    # rows in index order, as they were appended.
+    by_appearance = np.argsort(first, kind="stable")
+    block_of = np.empty_like(by_appearance)
+    block_of[by_appearance] = np.arange(len(by_appearance))
+    members = np.argsort(block_of[inverse.reshape(-1)], kind="stable")
+    sizes = counts[by_appearance]
+    starts = np.cumsum(sizes) - sizes
+    multi = sizes > 1
+    if multi.any():
+        rows = members.tolist()  # list slices: ~10x faster than numpy's for blocks of two
+        for start, size in zip(starts[multi].tolist(), sizes[multi].tolist()):
+            block = rows[start:start + size]
+            rng.shuffle(block)
+            rows[start:start + size] = block
+        members = np.asarray(rows, dtype=np.int64)
+    order = list(range(len(sizes)))
+    rng.shuffle(order)  # the same draws as shuffling the list of blocks: shuffle sees only the length
+    order = np.asarray(order, dtype=np.int64)
+    # s: the blocks laid out one after another in shuffled order.
+    laid = sizes[order]
+    s = members[np.repeat(starts[order] - (np.cumsum(laid) - laid), laid) + np.arange(g)]
+    largest = int(sizes.max())
+    partner = np.empty(g, dtype=np.int64)
 
     if 2 * largest <= g:
         # Lay the groups out as contiguous blocks in one list s and send s[k] -> s[(k + m) % G],
@@ -94,19 +117,15 @@ def kl_partners(prompt_keys: Sequence[int], *, seed: int, step: int) -> list[int
         #     k - p < a <= m <= G - m (because 2m <= G); so the target lies before the block.
         # The proof needs only a <= m <= G/2, not any particular block order, so the block order
         # stays random (more varied pairs across steps than largest-first).
-        s = [i for block in blocks for i in block]
-        for k, i in enumerate(s):
-            partner[i] = s[(k + largest) % g]
+        partner[s] = s[(np.arange(g) + largest) % g]
         return partner
 
     # Fallback: one prompt holds more than half of the batch. Draw each partner uniformly from
     # the rows outside the example's own block in O(1): index the other G - a rows by skipping
     # over the block [p, p + a) in the laid-out list.
-    s = [i for block in blocks for i in block]
     p = 0
-    for block in blocks:
-        a = len(block)
-        for i in block:
+    for a in laid.tolist():
+        for i in s[p:p + a].tolist():
             r = rng.randrange(g - a)
             partner[i] = s[r] if r < p else s[r + a]
         p += a
@@ -116,7 +135,7 @@ def kl_partners(prompt_keys: Sequence[int], *, seed: int, step: int) -> list[int
 def dataset_kl_partners(prompt_keys: Sequence[int]) -> np.ndarray:
     """One mismatched partner per row of a whole split, the same in every run (int64 array: 8
     bytes a row, where a list of Python ints would take 36)."""
-    return np.asarray(kl_partners(prompt_keys, seed=DATASET_KL_SEED, step=DATASET_KL_STEP), dtype=np.int64)
+    return _partners(prompt_keys, seed=DATASET_KL_SEED, step=DATASET_KL_STEP)
 
 
 def fit_kl_row(prompt_ids, completion_ids, max_length: int, max_prompt_length: int):

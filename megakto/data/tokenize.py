@@ -22,6 +22,7 @@ prompts apart without shipping text around.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Sequence
 
 import datasets
@@ -31,7 +32,7 @@ from megakto.data import _token_checks as checks
 from megakto.data._token_checks import Example, TokenizeReport
 from megakto.errors import ConfigError, DataError, ModelError
 
-__all__ = ["fit_to_length", "fitted_lengths", "prompt_key", "tokenize_rows", "TokenizeReport"]
+__all__ = ["auto_num_proc", "fit_to_length", "fitted_lengths", "prompt_key", "tokenize_rows", "TokenizeReport"]
 
 _FITS, _TRUNCATED, _DROPPED = 0, 1, 2
 # Per-row facts the report and the tokenizer checks need; removed before the dataset is returned.
@@ -62,6 +63,19 @@ def fitted_lengths(n_prompt: int, n_completion: int, max_length: int, max_prompt
         return n_prompt, n_completion
     keep_p = min(n_prompt, max(max_length - n_completion, max_prompt_length))
     return keep_p, max_length - keep_p
+
+
+ROWS_PER_PROCESS = 50_000
+MAX_PROCESSES = 8
+
+
+def auto_num_proc(n_rows: int, cores: int | None = None) -> int:
+    """``data.num_proc: null``: one tokenizing process per 50,000 rows, at most the cores this
+    process may run on and at most 8 (a small file is not worth starting workers for). Local rank
+    0 tokenizes while the node's other ranks wait, so the node's cores are free."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_PROCESSES, -(-n_rows // ROWS_PER_PROCESS)))
 
 
 def prompt_key(text: str) -> int:

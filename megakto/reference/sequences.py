@@ -10,7 +10,8 @@ the ones it lacks.
 A split of a million rows of 500 tokens holds 10^9 token ids; as Python lists that is tens of GiB
 on every rank. Here a split's sequences are two numpy arrays instead: ``keys`` (16 bytes each) and
 ``lengths`` (int32), about 20 bytes a sequence, computed by walking the Arrow table in chunks; the
-token ids stay in the memory-mapped table, and :meth:`Sequences.fetch` reads just the rows asked
+token ids stay in the memory-mapped table (keys are computed on first use: the online reference
+never needs them), and :meth:`Sequences.fetch` reads just the rows asked
 for (one Arrow ``take`` per call), so the precompute and the evaluator read only their own share.
 
 Positions: a :class:`SplitSequences` of ``n`` rows has the targets at 0..n-1 and, with partners,
@@ -74,23 +75,41 @@ class SplitSequences(Sequences):
         if self.partners is not None and self.partners.shape != (self.n_rows,):
             raise ValueError(f"{len(self.partners)} partners for {self.n_rows} rows")
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        n = self.n_rows * (1 if self.partners is None else 2)
-        self.keys = np.empty(n, dtype=_KEY)
-        self.lengths = np.empty(n, dtype=np.int32)
-        for start in range(0, self.n_rows, chunk_rows):
-            self._fill(start, min(start + chunk_rows, self.n_rows))
+        self.chunk_rows = chunk_rows
+        self._keys = self._lengths = None
+
+    def __len__(self) -> int:
+        return self.n_rows * (1 if self.partners is None else 2)
 
     @property
     def has_kl(self) -> bool:
         return self.partners is not None
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Computed on first use (one pass over the split): only the reference cache needs them."""
+        if self._keys is None:
+            self._walk()
+        return self._keys
+
+    @property
+    def lengths(self) -> np.ndarray:
+        if self._lengths is None:
+            self._walk()
+        return self._lengths
+
+    def _walk(self) -> None:
+        self._keys, self._lengths = np.empty(len(self), dtype=_KEY), np.empty(len(self), dtype=np.int32)
+        for start in range(0, self.n_rows, self.chunk_rows):
+            self._fill(start, min(start + self.chunk_rows, self.n_rows))
 
     def _fill(self, start: int, stop: int) -> None:
         p_off, p_val = self.split.id_arrays("prompt_ids", slice(start, stop))
         c_off, c_val = self.split.id_arrays("completion_ids", slice(start, stop))
         for i in range(stop - start):
             p, c = p_val[p_off[i]:p_off[i + 1]], c_val[c_off[i]:c_off[i + 1]]
-            self.keys[start + i] = sequence_key(p, c)
-            self.lengths[start + i] = len(p) + len(c)
+            self._keys[start + i] = sequence_key(p, c)
+            self._lengths[start + i] = len(p) + len(c)
         if self.partners is None:
             return
         k_off, k_val = self.split.id_arrays("completion_ids", self.partners[start:stop])
@@ -98,8 +117,8 @@ class SplitSequences(Sequences):
         for i in range(stop - start):
             p, c = p_val[p_off[i]:p_off[i + 1]], k_val[k_off[i]:k_off[i + 1]]
             keep_p, keep_c = fitted_lengths(len(p), len(c), self.max_length, self.max_prompt_length)
-            self.keys[n + start + i] = sequence_key(p[len(p) - keep_p:], c[:keep_c])
-            self.lengths[n + start + i] = keep_p + keep_c
+            self._keys[n + start + i] = sequence_key(p[len(p) - keep_p:], c[:keep_c])
+            self._lengths[n + start + i] = keep_p + keep_c
 
     def fetch(self, positions: Sequence[int]) -> list[Pair]:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)

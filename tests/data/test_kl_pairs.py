@@ -159,3 +159,51 @@ def test_dominant_group_random_configs_never_same_prompt():
         keys = [0] * m + [rng.randint(1, 4) for _ in range(g - m)]
         rng.shuffle(keys)
         _assert_mismatched(keys, kl_partners(keys, seed=trial, step=0))
+
+
+def _list_kl_partners(prompt_keys, *, seed, step):
+    """The list-and-dict implementation kl_partners had before it was vectorised, kept as the
+    reference: every cache of KL-row log-probs and every golden loss was made with its draws."""
+    from megakto.data.kl_pairs import _rng
+
+    keys = [int(k) for k in prompt_keys]
+    g = len(keys)
+    groups = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    rng = _rng(seed, step)
+    blocks = list(groups.values())
+    for block in blocks:
+        rng.shuffle(block)
+    rng.shuffle(blocks)
+    largest = max(len(block) for block in blocks)
+    partner = [0] * g
+    s = [i for block in blocks for i in block]
+    if 2 * largest <= g:
+        for k, i in enumerate(s):
+            partner[i] = s[(k + largest) % g]
+        return partner
+    p = 0
+    for block in blocks:
+        a = len(block)
+        for i in block:
+            r = rng.randrange(g - a)
+            partner[i] = s[r] if r < p else s[r + a]
+        p += a
+    return partner
+
+
+def test_vectorised_partners_draw_exactly_what_the_list_version_drew():
+    """Same partners for batches, converted paired data, all-distinct prompts, dominant groups
+    (the fallback) and a split of 20,000 rows: caches and golden losses stay valid."""
+    from megakto.data.kl_pairs import dataset_kl_partners
+
+    rng = random.Random(5)
+    cases = [_random_keys(rng, g, m) for g, m in [(2, 1), (8, 4), (16, 3), (64, 1), (200, 20)]]
+    cases += [[k // 2 for k in range(40)], [0] * 7 + [1, 2], [3] * 30 + list(range(10, 18))]
+    cases.append([rng.randrange(1 << 63) for _ in range(20_000)])
+    for keys in cases:
+        for seed, step in [(0, 0), (3, 17)]:
+            assert kl_partners(keys, seed=seed, step=step) == _list_kl_partners(keys, seed=seed, step=step)
+    paired = [k // 2 * 104729 for k in range(20_000)]
+    assert dataset_kl_partners(paired).tolist() == _list_kl_partners(paired, seed=0, step=0)
