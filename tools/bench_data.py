@@ -22,9 +22,11 @@ process of its own: the trainer is built (every start-up phase) and one optimize
 * ``cache warm``: ``ref.mode=cache`` again: every key is found, the reference is never loaded.
 
 Each run is repeated on a file of ``--baseline-rows`` rows; the difference of the two peaks is
-the memory that grows with the data ("beyond baseline"). Peak = the kernel's VmHWM of each rank
-process (tokenizer worker processes, when ``data.num_proc`` > 1, are separate processes and not
-counted). Times are rank 0's start-up phases (KTOTrainer.phases) and the first step's wall time.
+the memory that grows with the data ("beyond baseline"), for the largest rank. Two peaks per rank
+process: anonymous memory (RssAnon, sampled every 10 ms: the process's own memory, without the
+file-backed pages of the memory-mapped Arrow tables, which the kernel may drop at any time), and
+the kernel's VmHWM (everything resident, those pages included once read). Tokenizer worker
+processes (``data.num_proc`` > 1) are separate processes and not counted. Times are rank 0's start-up phases (KTOTrainer.phases) and the first step's wall time.
 Other work on the machine slows every time figure; the load average is printed with them.
 Figures only; nothing is asserted.
 """
@@ -104,12 +106,37 @@ class _Placeholder:
         return torch.tensor([-float(len(p) + len(c)) for p, c in pairs], dtype=torch.float64)
 
 
-def _vmhwm() -> int:
+def _status(field: str) -> int:
+    """A kB field of /proc/self/status, in bytes."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class _AnonPeak:
+    """The largest RssAnon seen by a thread reading it every ``interval`` s: the process's own
+    memory, without the file-backed pages of the memory-mapped Arrow tables (which count in VmHWM
+    once read, and which the kernel reclaims under pressure). A spike shorter than the interval
+    can be missed."""
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        self.peak = _status("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, _status("RssAnon"))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _status("RssAnon"))
 
 
 def worker(spec_path: str, result_dir: str) -> int:
@@ -131,12 +158,14 @@ def worker(spec_path: str, result_dir: str) -> int:
                                    dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, dp_group=self.dims.dp_group,
                                    device=self.device, log=self.log.info)
 
+    anon = _AnonPeak()
     start = time.perf_counter()
     trainer = Trainer(load_config(None, spec["overrides"]), spec["deepspeed"])
     built = time.perf_counter()
     trainer.next_step()
     stepped = time.perf_counter()
-    out = {"rank": comm.rank(), "peak_rss": _vmhwm(), "startup_s": built - start, "first_step_s": stepped - built,
+    out = {"rank": comm.rank(), "peak_rss": _status("VmHWM"), "peak_anon": anon.stop(),
+           "rss_file_end": _status("RssFile"), "startup_s": built - start, "first_step_s": stepped - built,
            "phases": trainer.phases.seconds, "train_rows": len(trainer.train_rows)}
     Path(result_dir, f"rank{comm.rank()}.json").write_text(json.dumps(out))
     return 0
@@ -184,6 +213,8 @@ def run_one(name: str, data: dict, work: Path, nproc: int, timeout: float) -> di
     first = next(r for r in ranks if r["rank"] == 0)
     return {"ok": True, "wall_s": wall, "startup_s": first["startup_s"], "first_step_s": first["first_step_s"],
             "phases": first["phases"], "peak_rss_mib": [r["peak_rss"] / MIB for r in ranks],
+            "peak_anon_mib": [r["peak_anon"] / MIB for r in ranks],
+            "rss_file_end_mib": [r["rss_file_end"] / MIB for r in ranks],
             "train_rows": first["train_rows"], "loadavg_1min": os.getloadavg()[0], "log": str(log)}
 
 
@@ -194,11 +225,12 @@ def summarize(results: dict) -> dict:
         big, base = results["data"].get(name), results["baseline"].get(name)
         if not big or not big.get("ok"):
             continue
-        row = {"startup_s": big["startup_s"], "first_step_s": big["first_step_s"],
-               "peak_rss_mib": max(big["peak_rss_mib"]), "phases": big["phases"]}
+        row = {"startup_s": big["startup_s"], "first_step_s": big["first_step_s"], "phases": big["phases"],
+               "peak_rss_mib": max(big["peak_rss_mib"]), "peak_anon_mib": max(big["peak_anon_mib"])}
         if base and base.get("ok"):
-            row["baseline_peak_rss_mib"] = max(base["peak_rss_mib"])
-            row["beyond_baseline_mib"] = max(big["peak_rss_mib"]) - max(base["peak_rss_mib"])
+            for key in ("peak_rss_mib", "peak_anon_mib"):
+                row[f"baseline_{key}"] = max(base[key])
+                row[f"{key[:-4]}_beyond_baseline_mib"] = max(big[key]) - max(base[key])
         out[name] = row
     cold, warm = out.get("online cold"), out.get("online warm")
     if cold and warm:
@@ -207,16 +239,19 @@ def summarize(results: dict) -> dict:
 
 
 def markdown(summary: dict, rows: int) -> str:
-    lines = [f"| run ({rows:,} rows) | start-up s | of it: data s | reference s | first step s | peak RSS/rank MiB "
-             f"| beyond baseline MiB |", "|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    lines = [f"| run ({rows:,} rows) | start-up s | of it: data s | reference s | first step s | peak anon/rank MiB "
+             f"| anon beyond baseline MiB | peak RSS (VmHWM)/rank MiB | RSS beyond baseline MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in RUNS:
         r = summary.get(name)
         if r is None:
-            lines.append(f"| {name} | failed | | | | | |")
+            lines.append(f"| {name} | failed | | | | | | | |")
             continue
         lines.append(f"| {name} | {r['startup_s']:.1f} | {r['phases'].get('data', 0):.1f} | "
-                     f"{r['phases'].get('reference', 0):.1f} | {r['first_step_s']:.1f} | {r['peak_rss_mib']:.0f} | "
-                     f"{r.get('beyond_baseline_mib', float('nan')):.0f} |")
+                     f"{r['phases'].get('reference', 0):.1f} | {r['first_step_s']:.1f} | {r['peak_anon_mib']:.0f} | "
+                     f"{r.get('peak_anon_beyond_baseline_mib', nan):.0f} | {r['peak_rss_mib']:.0f} | "
+                     f"{r.get('peak_rss_beyond_baseline_mib', nan):.0f} |")
     if "second start-up speed-up" in summary:
         lines.append(f"\nsecond start-up on the same data: {summary['second start-up speed-up']:.1f}x faster")
     return "\n".join(lines)

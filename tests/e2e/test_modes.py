@@ -2,11 +2,9 @@
 padded full-logits path; the reference cache is filled once, reused without loading the reference,
 and refused for other weights; the SFT baseline trains."""
 
-import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from tests.e2e.conftest import base_overrides, run_trainer
@@ -30,12 +28,22 @@ def test_packed_chunked_equals_padded_full(assets, tmp_path):
             assert c[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
 
 
+# Cache mode on 2 ranks, as made by the implementation that held every sequence as Python lists
+# (before keys and lengths moved to numpy and token ids to on-demand reads): the same numbers.
+CACHE_GOLDEN_LOSSES = [0.5, 0.5010986775159836, 0.49731094390153885]
+CACHE_GOLDEN_KLS = [0.0, 0.0, 0.1666710376739502]
+CACHE_GOLDEN_EVAL = {"loss": 0.4983866401714697, "kl": 0.20160697400569916, "reward_accuracy": 0.8833333333333333}
+
+
 def test_reference_cache(assets, tmp_path):
     cache_dir = tmp_path / "ref_cache"
     extra = {"ref.mode": "cache", "ref.cache_dir": str(cache_dir), "data.eval_files": assets["eval"],
              "train.eval_every": 3, "train.eval_batch_size": 30}
     _, first = run_trainer(assets, tmp_path / "first", nproc=2, **extra)
     assert first["precompute_seconds"] > 0 and not first["reference_loaded"]
+    assert [h["loss"] for h in first["history"]] == pytest.approx(CACHE_GOLDEN_LOSSES, abs=2e-5)
+    assert [h["kl"] for h in first["history"]] == pytest.approx(CACHE_GOLDEN_KLS, abs=2e-5)
+    assert {k: first["eval"][-1][1][k] for k in CACHE_GOLDEN_EVAL} == pytest.approx(CACHE_GOLDEN_EVAL, abs=2e-5)
     _, second = run_trainer(assets, tmp_path / "second", nproc=2, **extra)
     assert second["precompute_seconds"] == 0  # every log-prob came from the cache
     assert [h["loss"] for h in second["history"]] == [h["loss"] for h in first["history"]]
