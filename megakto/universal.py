@@ -110,15 +110,21 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
 
 def fp32_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
     """The fp32 weights of a universal checkpoint under Hugging Face names (``zero/<name>/fp32.pt``:
-    a bare tensor from ZeRO-3, ``{"param": tensor, ...}`` from ZeRO-1/2; tensor-parallel shards
-    already joined by the conversion). Offline."""
+    ``{"param": tensor, ...}`` from ZeRO-1/2; a flat tensor from ZeRO-3, shaped here by the
+    parameter shapes in the trainer state). Offline."""
     zero = os.path.join(tag_dir, "zero")
+    shapes = checkpoint.load_state(tag_dir, 0).get("param_shapes") or {}
     state = {}
     for name in sorted(os.listdir(zero)):
         path = os.path.join(zero, name, "fp32.pt")
         if os.path.isfile(path):
             loaded = engine.weights_only_load(path, map_location="cpu")
-            state[name] = loaded["param"] if isinstance(loaded, dict) else loaded
+            tensor = loaded["param"] if isinstance(loaded, dict) else loaded
+            if tensor.dim() == 1 and len(shapes.get(name, [0])) != 1:
+                if name not in shapes:
+                    raise ModelError(f"{path}: a flat ZeRO-3 tensor and no shape for {name} in the trainer state")
+                tensor = tensor.view(shapes[name])
+            state[name] = tensor
     if not state:
         raise ModelError(f"{tag_dir}: no zero/<parameter>/fp32.pt files (not a universal checkpoint)")
     return merge_vocab_blocks(state)
