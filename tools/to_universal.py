@@ -43,8 +43,7 @@ def main(argv=None) -> int:
         print(f"wrote {out} from {tag_dir} ({manifest['world_size']} ranks); resume with train.resume={out} at any "
               f"number of ranks, train.global_batch_size and parallel.tp_size={manifest['tp_size']} unchanged")
     except MegaktoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        parser.exit(2, f"error: {err}\n")  # one line on stderr, exit 2 as tools/zero_to_hf.py
     return 0
 
 
