@@ -73,11 +73,15 @@ __all__ = [
     "complete_tags",
     "newest_complete",
     "resolve_resume",
+    "resume_layout",
     "prune",
     "remove_stale",
     "rng_state",
     "set_rng_state",
+    "derive_rng_state",
     "save",
+    "commit",
+    "state_file",
     "load_state",
     "load_engine",
 ]
@@ -85,6 +89,8 @@ __all__ = [
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "complete"
+HF_BASE = "hf_base"  # the run's model config and tokenizer, beside the tags (megakto.export)
+UNIVERSAL = "universal"  # a manifest's "format" for DeepSpeed's universal layout (megakto.universal)
 TMP_PREFIX = ".tmp-"
 STATE_VERSION = 1
 DIGEST = "sha256"  # the manifest's key for the files' checksums (hashlib name)
@@ -232,7 +238,8 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
     newer one is skipped with ``warn``), None if there is none at all. none: None. Anything else:
     a tag directory, which must pass :func:`verify`. Either way it must have been written by as
     many ranks as this run has (DeepSpeed's ZeRO partitions are per rank), at the same
-    tensor-parallel size (AutoTP shards are per tp rank)."""
+    tensor-parallel size (AutoTP shards are per tp rank); the number of data-parallel ranks may
+    differ (see :func:`resume_layout`)."""
     resume = resume.strip()
     if resume == "none":
         return None
@@ -266,6 +273,9 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
 
 
 def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1) -> None:
+    """Refuse the layout changes nothing can load: another pipeline or tensor-parallel degree, and a
+    pipeline checkpoint at another world size. Another data-parallel size is fine: see
+    :func:`resume_layout`."""
     manifest = read_manifest(path)
     if not manifest:
         return  # no manifest: verify() reports that
@@ -276,14 +286,37 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
                           + ("its weights are per-layer pipeline files" if saved_pp > 1 else "its weights are ZeRO files")
                           + f", resume with parallel.pp_size={saved_pp}")
     saved_tp = manifest.get("tp_size", 1)  # manifests from before tensor parallelism: tp 1
-    if saved_tp != tp_size:
-        raise ConfigError(f"train.resume={resume}: {path} was written with parallel.tp_size={saved_tp} but this run "
-                          f"has parallel.tp_size={tp_size}; its weights are split in {saved_tp} tensor-parallel "
-                          f"shards, resume with parallel.tp_size={saved_tp}")
     saved = manifest.get("world_size")
-    if saved is not None and saved != world_size:
-        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks but this run has "
-                          f"{world_size}; ZeRO partitions are per rank, resume with {saved} processes")
+    if saved_tp != tp_size or (saved_tp > 1 and saved is not None and saved != world_size
+                               and manifest.get("format") != UNIVERSAL):
+        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.tp_size={saved_tp} "
+                          f"but this run has {world_size} with parallel.tp_size={tp_size}; {TP_UNIVERSAL_UNSUPPORTED}: "
+                          f"resume with {saved} processes and parallel.tp_size={saved_tp}")
+    if saved_pp > 1 and saved is not None and saved != world_size:
+        raise ConfigError(f"train.resume={resume}: {path} is a pipeline checkpoint written by {saved} ranks but this "
+                          f"run has {world_size}; DeepSpeed's universal conversion does not cover pipeline layer "
+                          f"files, resume with {saved} processes")
+
+
+# Measured with deepspeed 0.19.8 on megakto's AutoTP checkpoints (ZeRO-3, TP2 x DP2 on 4 ranks):
+# ds_to_universal stops while merging a replicated norm weight, so neither another data-parallel
+# size nor another TP degree can be reached through a universal checkpoint.
+TP_UNIVERSAL_UNSUPPORTED = ("another parallel.tp_size, or another number of ranks under tensor parallelism, is not "
+                            "supported (deepspeed 0.19.8's universal conversion fails on megakto's AutoTP checkpoints: "
+                            "\"Rank 0 supplied a shard of 64 elements, but the map describes 0\")")
+
+
+def resume_layout(path: str, world_size: int) -> str:
+    """How DeepSpeed loads the checkpoint ``path`` (past :func:`resolve_resume`) in a run of
+    ``world_size`` ranks: ``same`` (its own files: the ranks that wrote it, or ZeRO stage 0, whose
+    files are per model, not per rank), ``universal`` (it is one, megakto.universal) or ``convert``
+    (ZeRO partitions of another data-parallel size: convert it first)."""
+    manifest = read_manifest(path)
+    if manifest.get("format") == UNIVERSAL:
+        return "universal"
+    zero = any(name.endswith("optim_states.pt") for name in manifest["files"])
+    saved = manifest.get("world_size")
+    return "convert" if zero and saved is not None and saved != world_size else "same"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +393,17 @@ def set_rng_state(state: dict) -> None:
     engine.set_accelerator_rng_state(state["accelerator"])
 
 
+def derive_rng_state(seed: int, step: int, rank: int) -> None:
+    """Seed python, numpy, torch and the accelerator from (seed, step, rank): a resume at another
+    number of ranks cannot give each rank a saved state, so every rank derives one the same way on
+    every run (sha256, never the per-process ``hash``)."""
+    digest = hashlib.sha256(f"megakto.rng:{seed}:{step}:{rank}".encode()).digest()
+    value = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    random.seed(value)
+    np.random.seed(value % (1 << 32))
+    torch.manual_seed(value)  # every device's generator too
+
+
 # ---------------------------------------------------------------------------------------------
 # Save and load (collective)
 
@@ -396,7 +440,7 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
         if os.environ.get(FAULT_ENV) == str(step):
             os._exit(1)
         digests = {name: digest for d in gathered for name, digest in d.items()}
-        _commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests,
+        commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests,
                 tp_size=tp_size, pp_size=pp_size)
         _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
         prune(ckpt_dir, keep_last)
@@ -405,19 +449,22 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
     return final_dir
 
 
-def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str, digests: dict,
-            tp_size: int = 1, pp_size: int = 1) -> None:
+def commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str, digests: dict,
+            tp_size: int = 1, pp_size: int = 1, extra: dict | None = None) -> None:
     """Manifest, then the rename. ``digests``: the checksums the writing ranks took; a file that
-    none reported (written outside the checkpoint engine's ``save``) is hashed here."""
+    none reported (written outside the checkpoint engine's ``save``) is hashed here. Files in
+    subfolders (a universal checkpoint's ``zero/``) are listed by their relative paths. ``extra``:
+    more manifest keys."""
     files, sums = {}, {}
-    for name in sorted(os.listdir(tmp_dir)):
-        path = os.path.join(tmp_dir, name)
-        if os.path.isfile(path):
+    for folder, _, names in sorted(os.walk(tmp_dir)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, tmp_dir)
             _fsync(path)
-            files[name] = os.path.getsize(path)
-            sums[name] = digests.get(name) or file_digest(path)
+            files[rel] = os.path.getsize(path)
+            sums[rel] = digests.get(rel) or file_digest(path)
     manifest = {"step": step, "tag": os.path.basename(final_dir), "world_size": world_size, "tp_size": tp_size,
-                "pp_size": pp_size, "dtype": dtype,
+                "pp_size": pp_size, "dtype": dtype, **(extra or {}),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, DIGEST: sums}
     _write_atomic(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     aside = None
@@ -433,9 +480,10 @@ def _commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: 
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def load_state(tag_dir: str) -> dict:
-    """This rank's trainer state from ``tag_dir`` (``weights_only=True``: plain types only)."""
-    rank = comm.rank()
+def load_state(tag_dir: str, rank: int | None = None) -> dict:
+    """Rank ``rank``'s trainer state from ``tag_dir`` (``weights_only=True``: plain types only);
+    None: this rank's."""
+    rank = comm.rank() if rank is None else rank
     try:
         state = engine.weights_only_load(os.path.join(tag_dir, state_file(rank)), map_location="cpu")
     except MegaktoError as err:

@@ -28,7 +28,7 @@ import sys
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from megakto import checkpoint
+from megakto import checkpoint, universal
 from megakto.distributed import engine
 from megakto.errors import ConfigError, ModelError
 from megakto.model.pipeline_stages import hf_names
@@ -37,7 +37,7 @@ from megakto.model.tp_merge import full_shapes, merge_tp_shards
 __all__ = ["BASE", "LORA_CONFIG", "probe_batch", "save_hf_base", "resolve_checkpoint", "export_checkpoint",
            "write_hf_folder", "write_lora_folders", "is_lora_checkpoint", "check_export", "checkpoint_state_dict"]
 
-BASE = "hf_base"
+BASE = checkpoint.HF_BASE
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -172,10 +172,14 @@ def _pipeline_state_dict(tag_dir: str, trust_remote_code: bool) -> dict[str, tor
 
 def checkpoint_state_dict(tag_dir: str, *, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
     """The weights of a complete tag directory under Hugging Face names (fp32 masters of ZeRO
-    checkpoints, tensor-parallel shards joined; a pipeline's module weights). Offline (no process group)."""
+    checkpoints, tensor-parallel shards joined; a pipeline's module weights; a universal
+    checkpoint's fp32 files). Offline (no process group)."""
     tag_dir = os.path.normpath(tag_dir)
-    if (checkpoint.read_manifest(tag_dir) or {}).get("pp_size", 1) > 1:
+    manifest = checkpoint.read_manifest(tag_dir) or {}
+    if manifest.get("pp_size", 1) > 1:
         return _pipeline_state_dict(tag_dir, trust_remote_code)
+    if manifest.get("format") == checkpoint.UNIVERSAL:  # one fp32 file per parameter, shards joined
+        return universal.fp32_state_dict(tag_dir)
     shards = engine.zero_fp32_shards(os.path.dirname(tag_dir), os.path.basename(tag_dir))
     if len(shards) == 1:
         return shards[0]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megakto import checkpoint, export
+from megakto import checkpoint, export, universal
 from megakto.config import Config, save_config
 from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, require_both_classes, tokenize_rows
 from megakto.data.kl_pairs import dataset_kl_partners, fit_kl_row
@@ -92,6 +92,11 @@ def _check_output_dir(path: str) -> None:
             pass
     except OSError as err:
         raise ConfigError(f"output_dir={path}: cannot write there ({err.strerror or err})") from None
+
+
+def _param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Every parameter's shape as this rank holds it (ZeRO-3: the whole, not its partition)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
 
 
 class KTOTrainer:
@@ -151,6 +156,8 @@ class KTOTrainer:
             self.train_kl_partner = (dataset_kl_partners(self.train_rows.prompt_key)
                                      if self.use_kl and self.cached_ref else None)
         self.phases.done("sampler")
+        self.resume_state, self.load_dir = self._prepare_resume()
+        self.phases.done("resume")  # with the universal conversion when the world size changed
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, tp_group=self.dims.tp_group)
@@ -269,7 +276,9 @@ class KTOTrainer:
             total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
             self.log.info(f"LoRA: r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g} on "
                           f"{','.join(cfg.model.lora.target_modules)}: {trainable:,} trainable of {total:,} parameters")
-        policy = engine.build_policy_engine(model, self.ds_config, **optim)
+        universal = self.load_dir is not None and checkpoint.resume_layout(self.load_dir, comm.world_size()) == "universal"
+        ds_config = engine.universal_load_config(self.ds_config) if universal else self.ds_config
+        policy = engine.build_policy_engine(model, ds_config, **optim)
         policy.train()
         with comm.fail_together():
             check_vocab_parallel_head(policy, self.dims.tp)
@@ -395,29 +404,84 @@ class KTOTrainer:
             parts.append(self.evaluator.sequences)
         return ConcatSequences(parts)
 
-    def _setup_resume(self) -> int:
-        """Continue from ``self.resume_dir``: engine (weights, Adam, LR schedule), sampler position,
-        RNG states, eval history; returns the step to continue from (0 = fresh start)."""
+    def _prepare_resume(self) -> tuple[dict | None, str | None]:
+        """Before the policy is built: the saved trainer state this rank continues from, checked
+        against this run's data stream, and the folder DeepSpeed is to load (None, None: a fresh
+        start). At another data-parallel size that is the checkpoint's universal form
+        (megakto/universal.py), converted now by rank 0 unless it already exists."""
         if self.resume_dir is None:
-            return 0
+            return None, None
+        layout = checkpoint.resume_layout(self.resume_dir, comm.world_size())
+        moved = layout != "same"  # the saved ranks are not this run's: rank r takes (r % tp)'s state
         with comm.fail_together():
-            state = checkpoint.load_state(self.resume_dir)
+            state = checkpoint.load_state(self.resume_dir, universal.source_rank(comm.rank(), self.dims.tp)
+                                          if moved else None)
+            saved, now = state["sampler"].get("global_batch_size"), self.cfg.train.global_batch_size
+            if saved is not None and saved != now:
+                raise ConfigError(f"train.resume: {self.resume_dir} was trained with train.global_batch_size={saved} "
+                                  f"but this run has {now}; the data stream continues only at the same global batch "
+                                  f"size: set train.global_batch_size={saved} (the ranks and micro-batch size may change)")
             try:
                 self.sampler.load_state_dict(state["sampler"])
             except ValueError as err:
                 raise ConfigError(f"train.resume: {self.resume_dir}: {err}") from None
+        if layout != "convert":
+            return state, self.resume_dir
+        target = universal.universal_dir(self.resume_dir, checkpoint.checkpoints_dir(self.cfg.output_dir))
+        with comm.fail_together():  # rank 0 converts; the others wait (a large model: use tools/to_universal.py)
+            if comm.is_main():
+                start = time.perf_counter()
+                reused = universal.converted(self.resume_dir, target)
+                universal.convert(self.resume_dir, target)
+                self.log.info(f"{'reusing' if reused else 'converted'} {self.resume_dir} ({state['world_size']} ranks) "
+                              f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
+        with comm.fail_together():  # its own block: verifying the conversion is collective
+            why = checkpoint.verify(target)
+            if why is not None:
+                raise ConfigError(f"train.resume: {target} (the universal form of {self.resume_dir}): {why}")
+        return state, target
+
+    def _setup_resume(self) -> int:
+        """Continue from ``self.resume_dir`` (DeepSpeed loads ``self.load_dir``): the checkpoint must
+        hold this model, then engine (weights, Adam, LR schedule), RNG states (re-derived from the
+        seed and step at another number of ranks), eval history; returns the step to continue from
+        (0 = fresh start). The sampler position was restored by :meth:`_prepare_resume`."""
+        state = self.resume_state
+        if state is None:
+            return 0
+        with comm.fail_together():
             saved, now = state.get("vocab_layout", []), vocab_layout(self.policy.module)
             if saved != now:
                 def fmt(sizes):
                     return f"{len(sizes)} blocks of {sizes[0]} rows" if sizes else "unsplit"
                 raise ConfigError(f"train.resume: {self.resume_dir} has its vocabulary matrices {fmt(saved)}, this "
                                   f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
+            self._check_same_model(state.get("param_shapes"))
         with comm.fail_together():  # a file DeepSpeed cannot load: one line naming it, every rank exits 1
-            checkpoint.load_engine(self.policy, self.resume_dir)
-        checkpoint.set_rng_state(state["rng"])
+            checkpoint.load_engine(self.policy, self.load_dir)
+        if state["rank"] == comm.rank() and state["world_size"] == comm.world_size():
+            checkpoint.set_rng_state(state["rng"])
+        else:
+            checkpoint.derive_rng_state(self.cfg.seed, state["step"], comm.rank())
         self.eval_history = [(s, dict(m)) for s, m in state["eval_history"]]
-        self.log.info(f"resumed from {self.resume_dir} at step {state['step']}")
+        via = "" if self.load_dir == self.resume_dir else f" through {self.load_dir}"
+        self.log.info(f"resumed from {self.resume_dir} at step {state['step']}{via} "
+                      f"({state['world_size']} ranks then, {comm.world_size()} now)")
         return state["step"]
+
+    def _check_same_model(self, saved: dict | None) -> None:
+        """The checkpoint's parameters (names and shapes, as this rank's tensor-parallel rank held
+        them) must be this policy's; checkpoints saved before shapes were recorded pass."""
+        if saved is None:
+            return
+        now = _param_shapes(self.policy.module)
+        if saved == now:
+            return
+        name = next((n for n in sorted(set(saved) | set(now)) if saved.get(n) != now.get(n)), None)
+        where = f"{name} is {saved.get(name, 'absent')} there and {now.get(name, 'absent')} here"
+        raise ConfigError(f"train.resume: {self.resume_dir} holds another model's weights than "
+                          f"model.path={self.cfg.model.path} ({len(saved)} parameters there, {len(now)} here; {where}); "
+                          "resume with the model it was trained from")
 
     # ------------------------------------------------------------------ training
 
@@ -485,7 +549,7 @@ class KTOTrainer:
             export.save_hf_base(ckpt_dir, cfg.model.path, self.tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                 lora=lora)
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
-                 "vocab_layout": vocab_layout(self.policy.module),
+                 "vocab_layout": vocab_layout(self.policy.module), "param_shapes": _param_shapes(self.policy.module),
                  "eval_history": [[s, m] for s, m in self.eval_history]}
         path = checkpoint.save(self.policy, ckpt_dir, self.step, state, keep_last=cfg.checkpoint.keep_last,
                                dtype="bfloat16" if self.bf16 else "float32", tp_size=self.dims.tp,

@@ -11,9 +11,11 @@ Builds the two engines of a KTO run from a local Hugging Face folder (or a hub n
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import importlib
+import io
 import os
 import warnings
 from datetime import timedelta
@@ -52,6 +54,8 @@ __all__ = [
     "gathered_state_dict",
     "save_checkpoint",
     "load_checkpoint",
+    "universal_load_config",
+    "to_universal",
     "zero_fp32_state_dict",
     "zero_fp32_shards",
     "parallel_groups",
@@ -276,7 +280,21 @@ def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, w
                 min_lr_ratio=min_lr_ratio),
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    _mark_universal_info(engine)
     return engine
+
+
+def _mark_universal_info(policy) -> None:
+    """Give every checkpoint what ``ds_to_universal`` needs, so no ``--inject_missing_state`` is ever
+    wanted: for ZeRO-1/2 it requires ``UNIVERSAL_CHECKPOINT_INFO`` in the model states, which the
+    engine saves from this module attribute (DeepSpeed reserves the key in ``client_state``). AutoTP
+    sets its own richer one (its layers' split patterns) during ``deepspeed.initialize``: kept."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    if getattr(policy.module, UNIVERSAL_CHECKPOINT_INFO, None) is None:
+        setattr(policy.module, UNIVERSAL_CHECKPOINT_INFO,
+                {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
 
 
 def build_reference_engine(model: torch.nn.Module, ds_config: dict):
@@ -396,16 +414,55 @@ def load_checkpoint(policy, load_dir: str, tag: str) -> None:
     """Restore weights, optimizer and LR schedule from ``load_dir/tag`` into a freshly built
     engine. Collective. DeepSpeed's checkpoint engine reads every file through its ``load``
     method with ``weights_only=False``; for this call that method is swapped for a
-    ``weights_only=True`` load that allows DeepSpeed's checkpoint classes and nothing else."""
+    ``weights_only=True`` load that allows DeepSpeed's checkpoint classes and nothing else.
+    An engine built with :func:`universal_load_config` reads a universal checkpoint (its
+    ``zero/`` files DeepSpeed loads itself, unguarded: megakto.checkpoint.verify scans them first)."""
     ckpt_engine = policy.checkpoint_engine
     ckpt_engine.load = _weights_only_load  # instance attribute: shadows the method for this engine
+    # ZeRO-3's universal load copies param group 0's hyperparameters into every group; megakto's
+    # groups differ in weight_decay (none on norms and biases), so each group gets its own back.
+    decay = [group.get("weight_decay") for group in policy.optimizer.param_groups]
     try:
         path, _ = policy.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
     finally:
         del ckpt_engine.load
+    if policy.load_universal_checkpoint():
+        for group, value in zip(policy.optimizer.param_groups, decay):
+            group["weight_decay"] = value
+        # ZeRO-3's universal load (deepspeed 0.19.8) gives every sub-group's Adam state one and the
+        # same ``step`` tensor, which torch's AdamW then increments in place once per sub-group per
+        # step: the bias correction runs ahead (measured: KL off by 1e-2 two steps after a resume).
+        for state in getattr(policy.optimizer, "optimizer", policy.optimizer).state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     if path is None:
         raise ModelError(f"{os.path.join(load_dir, tag)}: DeepSpeed found no checkpoint there")
+
+
+def universal_load_config(ds_config: dict) -> dict:
+    """``ds_config`` for a policy engine that loads a universal checkpoint (``checkpoint.load_universal``)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1) -> None:
+    """DeepSpeed's own ``ds_to_universal`` of the ZeRO checkpoint ``tag_dir`` into ``out_dir``: one
+    fp32 file per parameter (weights, Adam moments) that any data-parallel size loads. ``workers``:
+    its extraction processes (1: none forked, as inside a training rank). Offline; it unpickles
+    with ``weights_only=False``, so every file is scanned first. Its progress output is kept back;
+    a failure is one ModelError line naming ``tag_dir``."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    check_deepspeed_pickles(tag_dir)
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=workers,
+                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            ds_to_universal.main(args)
+    except Exception as err:  # DeepSpeed's asserts and RuntimeErrors: one line naming the checkpoint
+        raise ModelError(f"{tag_dir}: DeepSpeed's universal conversion failed: {_first_line(err)}") from None
 
 
 def zero_fp32_state_dict(load_dir: str, tag: str) -> dict[str, torch.Tensor]:

@@ -133,8 +133,8 @@ def test_resolve_resume(tmp_path):
     os.remove(ckpt / "step-00000004" / "complete")
     with pytest.raises(ConfigError, match="no 'complete' manifest"):
         checkpoint.resolve_resume(str(ckpt / "step-00000004"), str(tmp_path), world_size=1)
-    with pytest.raises(ConfigError, match="written by 1 ranks but this run has 2"):
-        checkpoint.resolve_resume("auto", str(tmp_path), world_size=2)
+    # Another data-parallel size is no refusal: resume_layout says how it loads.
+    assert checkpoint.resolve_resume("auto", str(tmp_path), world_size=2) == str(ckpt / "step-00000002")
     with pytest.raises(ConfigError) as err:
         checkpoint.resolve_resume(str(tmp_path / "missing"), str(tmp_path), world_size=1)
     assert "\n" not in str(err.value)  # one line
@@ -227,8 +227,9 @@ def test_pickle_scan_refuses_foreign_globals(tmp_path):
 
 
 def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
-    """AutoTP shards are per tp rank: a checkpoint saved at tp_size 2 resumes only at 2, and one
-    whose manifest predates tp_size (tp 1) does not resume at 2; one line with both numbers."""
+    """AutoTP shards are per tp rank and deepspeed 0.19.8 cannot convert them to a universal
+    checkpoint: one saved at tp_size 2 resumes only at 2 on as many ranks, and one whose manifest
+    predates tp_size (tp 1) does not resume at 2; one line with both layouts and the reason."""
     fake = FakeEngine()
     tp2 = checkpoint.save(fake, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
                           tp_size=2)
@@ -236,15 +237,20 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
     assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, tp_size=2) == tp2
     with pytest.raises(ConfigError) as err:
         checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, tp_size=1)
-    assert str(err.value) == (f"train.resume=auto: {tp2} was written with parallel.tp_size=2 but this run has "
-                              "parallel.tp_size=1; its weights are split in 2 tensor-parallel shards, resume with "
-                              "parallel.tp_size=2")
+    assert str(err.value) == (f"train.resume=auto: {tp2} was written by 1 ranks with parallel.tp_size=2 but this run "
+                              f"has 1 with parallel.tp_size=1; {checkpoint.TP_UNIVERSAL_UNSUPPORTED}: resume with 1 "
+                              "processes and parallel.tp_size=2")
+    assert "\n" not in str(err.value) and "deepspeed 0.19.8" in str(err.value)
+    with pytest.raises(ConfigError, match=r"written by 1 ranks with parallel.tp_size=2 but this run has 2 with "
+                                          r"parallel.tp_size=2; another parallel.tp_size, or another number of ranks"):
+        checkpoint.resolve_resume(tp2, str(tmp_path / "a"), world_size=2, tp_size=2)  # TP2 x DP2: no universal route
     _, old = _save(tmp_path / "b" / "checkpoints", 2)
     manifest_path = os.path.join(old, "complete")
     manifest = json.loads(open(manifest_path).read())
     del manifest["tp_size"]  # written before tensor parallelism existed
     open(manifest_path, "w").write(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=r"written with parallel.tp_size=1 but this run has parallel.tp_size=2"):
+    with pytest.raises(ConfigError, match=r"written by 1 ranks with parallel.tp_size=1 but this run has 1 with "
+                                          r"parallel.tp_size=2"):
         checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, tp_size=2)
 
 
@@ -270,3 +276,34 @@ def test_resume_at_another_pipeline_size_is_refused(tmp_path):
         checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, pp_size=2)
     assert str(err.value) == (f"train.resume={old}: {old} was written with parallel.pp_size=1 but this run has "
                               "parallel.pp_size=2; its weights are ZeRO files, resume with parallel.pp_size=1")
+
+
+def _manifest_with(path, **changes):
+    manifest_path = os.path.join(path, checkpoint.MANIFEST)
+    manifest = {**json.loads(open(manifest_path).read()), **changes}
+    open(manifest_path, "w").write(json.dumps(manifest))
+
+
+def test_resume_layout(tmp_path):
+    """How a checkpoint loads at a world size: its own files at the size that wrote it, or when they
+    hold no per-rank partitions (ZeRO stage 0); a universal conversion first when ZeRO optimizer
+    partitions were cut for another size; a universal checkpoint directly at any size."""
+    _, path = _save(tmp_path, 2)
+    assert checkpoint.resume_layout(path, 1) == "same"
+    assert checkpoint.resume_layout(path, 4) == "same"  # only model states: stage 0, not per rank
+    _manifest_with(path, world_size=4, files={"zero_pp_rank_0_mp_rank_00_optim_states.pt": 1})
+    assert checkpoint.resume_layout(path, 4) == "same"
+    assert checkpoint.resume_layout(path, 2) == "convert"
+    _manifest_with(path, format=checkpoint.UNIVERSAL)
+    assert checkpoint.resume_layout(path, 4) == checkpoint.resume_layout(path, 1) == "universal"
+
+
+def test_derived_rng_state_depends_on_seed_step_and_rank():
+    """At another number of ranks each rank's generators are seeded from (seed, step, rank): the
+    same numbers in every run (sha256, not the salted hash), different ones per rank and step."""
+    def draw(seed, step, rank):
+        checkpoint.derive_rng_state(seed, step, rank)
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    assert draw(0, 4, 1) == draw(0, 4, 1)
+    assert len({draw(0, 4, 0), draw(0, 4, 1), draw(0, 5, 0), draw(1, 4, 0)}) == 4

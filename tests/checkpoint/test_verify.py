@@ -12,7 +12,7 @@ import torch
 from megakto import checkpoint
 from megakto.distributed import engine
 from megakto.errors import ConfigError, ModelError
-from tests.checkpoint.test_checkpoint import WEIGHTS, _save
+from tests.checkpoint.test_checkpoint import WEIGHTS, FakeEngine, _save
 
 
 def _damage(path, offset=64, n=4096):
@@ -166,17 +166,20 @@ def test_unreadable_trainer_state_is_one_line(tmp_path):
         checkpoint.load_state(path)
 
 
-def test_other_world_size_is_refused_before_any_file_is_hashed(tmp_path, monkeypatch):
-    """A checkpoint of 1 rank resumed by 4: one line with both numbers, and no file is read for its
-    checksum first (a large checkpoint would be hashed whole for nothing)."""
-    _, path = _save(tmp_path / "checkpoints", 2, payload=os.urandom(20000))
+def test_other_world_size_of_a_pipeline_is_refused_before_any_file_is_hashed(tmp_path, monkeypatch):
+    """A pipeline checkpoint of 1 rank resumed by 4 (its layer files have no universal form): one
+    line with both numbers, and no file is read for its checksum first (a large checkpoint would be
+    hashed whole for nothing)."""
+    path = checkpoint.save(FakeEngine(os.urandom(20000)), str(tmp_path / "checkpoints"), 2, {"step": 2},
+                           keep_last=2, dtype="float32", pp_size=2)
     hashed = []
     monkeypatch.setattr(checkpoint, "file_digest", lambda p: hashed.append(p) or "0" * 64)
     for resume in (path, "auto"):
         with pytest.raises(ConfigError) as err:
-            checkpoint.resolve_resume(resume, str(tmp_path), world_size=4)
-        assert str(err.value) == (f"train.resume={resume}: {path} was written by 1 ranks but this run has 4; "
-                                  "ZeRO partitions are per rank, resume with 1 processes")
+            checkpoint.resolve_resume(resume, str(tmp_path), world_size=4, pp_size=2)
+        assert str(err.value) == (f"train.resume={resume}: {path} is a pipeline checkpoint written by 1 ranks but "
+                                  "this run has 4; DeepSpeed's universal conversion does not cover pipeline layer "
+                                  "files, resume with 1 processes")
     assert hashed == []
 
 

@@ -20,15 +20,16 @@ def jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def same_steps(got, want, steps, *, kl_abs=1e-6):
-    """Loss, KL, margin and gradient norm of the first ``steps`` steps, and the rows they used."""
+def same_steps(got, want, steps, *, kl_abs=1e-6, start=0):
+    """Loss, KL, margin and gradient norm of the first ``steps`` steps, and the rows they used;
+    ``start``: ``got`` holds ``want``'s steps from that one on (a resumed run)."""
     for step in range(steps):
-        a, b = got["history"][step], want["history"][step]
+        a, b = got["history"][step], want["history"][start + step]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), step
         assert a["kl"] == pytest.approx(b["kl"], abs=kl_abs), step
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6), step
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), step
-    assert got["indices"][:steps] == want["indices"][:steps]
+    assert got["indices"][:steps] == want["indices"][start:start + steps]
 
 
 def close_weights(got, want):

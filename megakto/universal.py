@@ -1,0 +1,130 @@
+"""Resume at another data-parallel size: DeepSpeed's universal checkpoints around megakto's own.
+
+A ZeRO checkpoint's optimizer partitions (and, under ZeRO-3, its weights) are cut per
+data-parallel rank, so only the same number of ranks loads them. DeepSpeed's ``ds_to_universal``
+rewrites them as one unsharded fp32 file per parameter (weights and both Adam moments), which an
+engine built with ``checkpoint.load_universal`` re-partitions over any data-parallel size. What it
+does not carry is megakto's trainer state; :func:`convert` adds it, so the result is a megakto
+checkpoint like any other: verified at resume, exported by tools/zero_to_hf.py.
+
+Layout, beside the ``step-*`` tags (``output_dir/checkpoints/`` or wherever the tool writes it)::
+
+    universal-step-00000004/
+        complete                       manifest: a tag's, plus "format": "universal" and "source"
+                                       (the converted tag); it lists the files below by relative path
+        zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt, zero/optimizer_state.pt   DeepSpeed's
+        *mp_rank_XX_model_states.pt    the source's engine states (LR schedule, step counters)
+        trainer_state_rank{t}.pt       the source's trainer state of ranks 0..tp-1 (the first
+                                       data-parallel rank of each tensor-parallel rank): step,
+                                       sampler position, vocabulary-block layout, parameter shapes
+    hf_base/                           copied from beside the source if missing (the export needs it)
+
+It is written like a save: into a ``.tmp-`` folder, the manifest last, committed by one rename. A
+second conversion of the same tag finds it complete and reuses it. It is never pruned (pruning
+keeps ``step-*`` tags); delete it once the resumed run has saved a checkpoint of its own.
+
+The sampler state is global (megakto.data.sampler), so the resumed run draws the same global
+batches at any data-parallel size as long as the global batch size is unchanged. RNG states were
+per rank and cannot be shared out again: a run resumed at another size derives each rank's from
+(seed, step, rank) instead (megakto.checkpoint.derive_rng_state).
+
+Not covered: pipeline checkpoints (per-layer files, which ``ds_to_universal`` does not convert)
+and tensor-parallel ones (deepspeed 0.19.8's converter fails on megakto's AutoTP files, measured:
+see ``checkpoint.TP_UNIVERSAL_UNSUPPORTED``); megakto.checkpoint refuses both in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from megakto import checkpoint
+from megakto.distributed import engine
+from megakto.errors import ModelError
+from megakto.model.vocab_blocks import merge_vocab_blocks
+
+__all__ = ["PREFIX", "universal_dir", "source_rank", "convert", "converted", "fp32_state_dict"]
+
+PREFIX = "universal-"
+
+
+def universal_dir(tag_dir: str, ckpt_dir: str | None = None) -> str:
+    """Where the universal form of ``tag_dir`` goes: ``universal-<tag>`` in ``ckpt_dir`` (default:
+    beside it)."""
+    tag_dir = os.path.normpath(tag_dir)
+    return os.path.join(ckpt_dir or os.path.dirname(tag_dir), PREFIX + os.path.basename(tag_dir))
+
+
+def source_rank(rank: int, tp_size: int) -> int:
+    """The saved rank whose trainer state rank ``rank`` takes at another data-parallel size: the
+    first data-parallel rank with its tensor-parallel rank (TP is innermost: rank % tp)."""
+    return rank % tp_size
+
+
+def converted(tag_dir: str, out_dir: str) -> bool:
+    """``out_dir`` is a complete universal form of ``tag_dir`` (sizes checked; the resume verifies
+    checksums)."""
+    manifest = checkpoint.read_manifest(out_dir)
+    return (manifest is not None and manifest.get("format") == checkpoint.UNIVERSAL
+            and manifest.get("source") == os.path.abspath(tag_dir) and checkpoint.problem(out_dir) is None)
+
+
+def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
+    """Write the universal form of the complete ZeRO tag ``tag_dir`` (verified by the caller) to
+    ``out_dir``, atomically; returns ``out_dir``. One process; reused if already complete."""
+    tag_dir, out_dir = os.path.abspath(tag_dir), os.path.abspath(out_dir)
+    if converted(tag_dir, out_dir):
+        return out_dir
+    manifest = checkpoint.read_manifest(tag_dir)
+    if manifest.get("format") == checkpoint.UNIVERSAL:
+        raise ModelError(f"{tag_dir} is a universal checkpoint already; resume from it directly")
+    if manifest.get("pp_size", 1) > 1:
+        raise ModelError(f"{tag_dir} is a pipeline checkpoint (parallel.pp_size={manifest['pp_size']}): DeepSpeed's "
+                         "universal conversion does not cover pipeline layer files; resume it with the ranks that "
+                         "wrote it")
+    if manifest.get("tp_size", 1) > 1:
+        raise ModelError(f"{tag_dir} (parallel.tp_size={manifest['tp_size']}): {checkpoint.TP_UNIVERSAL_UNSUPPORTED}")
+    if not any(name.endswith("optim_states.pt") for name in manifest["files"]):
+        raise ModelError(f"{tag_dir} holds no ZeRO partitions (ZeRO stage 0): it loads at any data-parallel size "
+                         "as it is")
+    parent = os.path.dirname(out_dir)
+    work = os.path.join(parent, checkpoint.TMP_PREFIX + os.path.basename(out_dir))
+    staged = os.path.join(work, os.path.basename(out_dir))  # DeepSpeed writes latest_universal beside it
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    engine.to_universal(tag_dir, staged, workers=workers)
+    tp = manifest.get("tp_size", 1)
+    for rank in range(tp):
+        shutil.copy2(os.path.join(tag_dir, checkpoint.state_file(rank)), staged)
+    base, target = (os.path.join(d, checkpoint.HF_BASE) for d in (os.path.dirname(tag_dir), parent))
+    if os.path.isdir(base) and not os.path.isdir(target):
+        shutil.copytree(base, target)
+    checkpoint.commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
+                       dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
+                       extra={"format": checkpoint.UNIVERSAL, "source": tag_dir})
+    shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def fp32_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a universal checkpoint under Hugging Face names (``zero/<name>/fp32.pt``:
+    ``{"param": tensor, ...}`` from ZeRO-1/2; a flat tensor from ZeRO-3, shaped here by the
+    parameter shapes in the trainer state). Offline."""
+    zero = os.path.join(tag_dir, "zero")
+    shapes = checkpoint.load_state(tag_dir, 0).get("param_shapes") or {}
+    state = {}
+    for name in sorted(os.listdir(zero)):
+        path = os.path.join(zero, name, "fp32.pt")
+        if os.path.isfile(path):
+            loaded = engine.weights_only_load(path, map_location="cpu")
+            tensor = loaded["param"] if isinstance(loaded, dict) else loaded
+            if tensor.dim() == 1 and len(shapes.get(name, [0])) != 1:
+                if name not in shapes:
+                    raise ModelError(f"{path}: a flat ZeRO-3 tensor and no shape for {name} in the trainer state")
+                tensor = tensor.view(shapes[name])
+            state[name] = tensor
+    if not state:
+        raise ModelError(f"{tag_dir}: no zero/<parameter>/fp32.pt files (not a universal checkpoint)")
+    return merge_vocab_blocks(state)
