@@ -56,6 +56,7 @@ from megakto.model.load import check_model_path, check_model_settings, load_toke
 from megakto.model.lora import ADAPTER_DIR, apply_lora
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
+from megakto.peak_memory import PeakMemory, reduce_peaks
 from megakto.reference.build import build_reference, online_reference
 from megakto.reference.scorers import AdapterOffReference
 from megakto.runlog import RunLogger
@@ -145,6 +146,8 @@ class KTOTrainer:
             self.sampler = self._setup_sampler()
             self.train_kl_partner = (dataset_kl_partners(self.train_rows.prompt_key)
                                      if self.use_kl and self.cached_ref else None)
+        # Peak memory is measured from here: what the engines, the reference and the steps add.
+        self.peak_memory = PeakMemory(engine.on_gpu())
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, tp_group=self.dims.tp_group)
@@ -428,6 +431,7 @@ class KTOTrainer:
             if result.skipped:
                 self.log.info(f"step {self.step} skipped: {result.skipped}; skipped_steps {skips.total}")
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps or stop:
+                result.metrics.update(reduce_peaks(self.peak_memory).metrics(engine.on_gpu()))
                 self.log.scalars(self.step, result.metrics)
             self.log.advance(1, loss=result.metrics["loss"], kl=result.metrics["kl"],
                              tok_s=result.metrics.get("tokens_per_s", float("nan")))
@@ -456,6 +460,7 @@ class KTOTrainer:
             self._save_checkpoint()  # the finished run: resumable with more steps, and what export_hf converts
         if cfg.train.export_hf and comm.is_main():
             self._export_hf()
+        self.log.info(f"run finished at step {self.step}: {reduce_peaks(self.peak_memory).describe(engine.on_gpu())}")
         self.log.close()
         return history
 
