@@ -39,14 +39,14 @@ import torch
 
 from megakto import checkpoint, export
 from megakto.config import Config, save_config
-from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, require_both_classes, tokenize_rows
-from megakto.data.kl_pairs import dataset_kl_partners, fit_kl_row, split_pairs
+from megakto.data import KTOBatchSampler
+from megakto.data.kl_pairs import dataset_kl_partners, split_pairs
 from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
 from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
 from megakto.distributed.parallel import ParallelDims
-from megakto.errors import ConfigError, DataError, MegaktoError
+from megakto.errors import ConfigError, MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss, nll_share
@@ -65,6 +65,7 @@ from megakto.runners.base import MicroLoss
 from megakto.runners.zero import ZeroRunner
 from megakto.samples import SampleWriter, generate, sample_prompts
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
+from megakto.startup import load_split, make_sampler, step_kl_rows
 
 __all__ = ["KTOTrainer", "StepResult"]
 
@@ -174,16 +175,8 @@ class KTOTrainer:
 
         def load():
             for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-                if not files:
-                    continue
-                rows = load_rows(list(files))
-                tok, report = tokenize_rows(rows, self.tokenizer, max_length=cfg.data.max_length,
-                                            max_prompt_length=cfg.data.max_prompt_length, num_proc=cfg.data.num_proc)
-                if split == "train":
-                    n_d, n_u = count_labels(tok)
-                    require_both_classes(n_d, n_u, loss_type=cfg.kto.loss_type,
-                                         allow_single_class=cfg.kto.allow_single_class, source=", ".join(files))
-                loaded[split] = (TokenizedSplit(tok), report)
+                if files:
+                    loaded[split] = load_split(cfg, files, self.tokenizer, train=split == "train")
 
         from megakto.model.load import padding_note
 
@@ -289,13 +282,7 @@ class KTOTrainer:
         return ZeroRunner(self.policy, batch_fn=self._batch, logps_fn=self.logps_fn, dp_group=self.dims.dp_group)
 
     def _setup_sampler(self) -> KTOBatchSampler:
-        cfg = self.cfg
-        n, gbs = len(self.train_rows), cfg.train.global_batch_size
-        if n < gbs:
-            raise DataError(f"{', '.join(cfg.data.train_files)}: {n} rows after filtering, fewer than "
-                            f"train.global_batch_size={gbs}")
-        return KTOBatchSampler(self.train_rows.label, global_batch_size=gbs, seed=cfg.seed,
-                               balanced=cfg.data.balanced_sampling)
+        return make_sampler(self.cfg, self.train_rows)
 
     def _setup_evaluator(self) -> Evaluator | None:
         if self.eval_rows is None or self.cfg.kto.loss_type == "sft":
@@ -624,27 +611,11 @@ class KTOTrainer:
         return plan_micro_batches(lengths, labels, self.dims.num_micro_batches)[r * ga:(r + 1) * ga]
 
     def _step_kl_rows(self, indices: list[int], rows: dict) -> list:
-        """Online reference: partners drawn over this global batch, seeded by the step. Cached
-        reference: each row's fixed dataset-level partner."""
-        if self.train_kl_partner is None:
-            # Drawn over the batch in dataset-index order, so the pairs (and z_ref) depend on which
-            # rows the step holds, not on how the sampler arranged them for a micro-batch size.
-            order = sorted(range(len(indices)), key=lambda i: (indices[i], i))
-            drawn = kl_partners([rows["prompt_key"][i] for i in order], seed=self.cfg.seed, step=self.step)
-            partners = [0] * len(indices)
-            for k, j in enumerate(drawn):
-                partners[order[k]] = order[j]
-            return [self._fit(rows["prompt_ids"][i], rows["completion_ids"][j]) for i, j in enumerate(partners)]
-        partner_completions = self.train_rows.fetch([self.train_kl_partner[i] for i in indices])["completion_ids"]
-        return [self._fit(p, c) for p, c in zip(rows["prompt_ids"], partner_completions)]
+        return step_kl_rows(self.cfg, self.train_rows, indices, rows, self.step, self.train_kl_partner)
 
     def _split_pairs(self, split: TokenizedSplit, partners: list[int] | None):
         data = self.cfg.data
         return split_pairs(split, partners, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-
-    def _fit(self, prompt_ids, completion_ids):
-        data = self.cfg.data
-        return fit_kl_row(prompt_ids, completion_ids, data.max_length, data.max_prompt_length)
 
     def _batch(self, pairs):
         pad_id = self.tokenizer.pad_token_id

@@ -172,15 +172,20 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         rows.append(("reference weights", ref_states.weights, ref_states.host_weights))
 
     buckets = 0
-    largest = max(s.largest_layer_param() // p.tp, (p.block_rows or s.vocab // p.tp) * s.hidden)
+    largest = min(max(s.largest_layer_param() // p.tp, (p.block_rows or s.vocab // p.tp) * s.hidden), rank_params)
     gathers = 0
+    # A bucket is allocated whole; on a GPU all of it counts, on CPU only the pages its gradients
+    # touch (at most the rank's parameters): the resident set counts written pages.
+    def bucket(elements: int) -> int:
+        return elements if p.on_gpu else min(elements, trainable)
+
     if stage == 3:
-        buckets = int(p.zero_value("reduce_bucket_size")) * w  # contiguous ipg buffer, allocated at init
+        buckets = bucket(int(p.zero_value("reduce_bucket_size"))) * w  # contiguous ipg buffer, made at init
         live = min(int(p.zero_value("stage3_prefetch_bucket_size")) + largest,
-                   int(p.zero_value("stage3_max_live_parameters")))
+                   int(p.zero_value("stage3_max_live_parameters")), rank_params)
         gathers = live * w + largest * w  # gathered weights, and the largest one's gradient before its reduce
     elif stage == 2:
-        buckets = int(p.zero_value("reduce_bucket_size")) * w * (2 if p.zero_value("overlap_comm") else 1)
+        buckets = bucket(int(p.zero_value("reduce_bucket_size"))) * w * (2 if p.zero_value("overlap_comm") else 1)
         gathers = largest * w  # a whole parameter's gradient before it is copied into the bucket
     rows.append(("ZeRO buckets", buckets, 0))
     runtime = 0 if p.on_gpu else CPU_RUNTIME_BYTES
@@ -201,7 +206,8 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     # The reference engine's JSON sets only its stage (megakto.distributed.ds_config.reference_ds_config):
     # DeepSpeed's default prefetch bucket; the policy's KL pass gathers as its forward does.
     ref_gathers = (min(_ZERO_DEFAULTS["stage3_prefetch_bucket_size"] + largest,
-                       _ZERO_DEFAULTS["stage3_max_live_parameters"]) * w if p.ref != "none" and p.pp == 1 else 0)
+                       _ZERO_DEFAULTS["stage3_max_live_parameters"], rank_params) * w
+                   if p.ref != "none" and p.pp == 1 else 0)
     policy_gathers = gathers - largest * w if stage == 3 else 0
     phases["no-grad"] = no_grad + max(ref_gathers if p.ref == "online" else 0, policy_gathers)
     part = -(-trainable // max(1, p.dp))
