@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", default=os.path.join(REPO, "outputs", "calibration"))
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--reuse", metavar="JSON", help="measured peaks from an earlier --json of these configurations "
+                        "(the measurement does not depend on the planner): re-predict without re-running")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="glibc MALLOC_MMAP_THRESHOLD_ for the runs: freed blocks above it go back to the OS, "
                         "so RSS follows live tensors (glibc's default lets it grow to 32 MiB, keeping freed "
@@ -78,6 +80,10 @@ def main(argv=None) -> int:
     from megakto.planning.run_plan import PlanRequest, make_plan
 
     rows = []
+    reused = {}
+    if args.reuse:
+        with open(args.reuse) as f:
+            reused = {r["name"]: r["measured_bytes"] for r in json.load(f)}
     print(f"{'configuration':26s} {'predicted MiB':>14s} {'measured MiB':>13s} {'error':>7s}  peak phase")
     for name, shape, ds, extra in CONFIGS:
         if args.only and name not in args.only:
@@ -88,7 +94,7 @@ def main(argv=None) -> int:
                      "train.micro_batch_size=4", f"train.max_steps={args.steps}", "train.eval_samples=0",
                      f"output_dir={out}", f"ref.cache_dir={out}/ref_cache", "checkpoint.every_steps=0", *extra]
         _, plan = make_plan(PlanRequest(None, ds, tuple(overrides), 2, on_gpu=False))
-        measured = _measure(ds, overrides, args.malloc_mmap_threshold)
+        measured = reused.get(name) or _measure(ds, overrides, args.malloc_mmap_threshold)
         predicted = plan.peak_bytes_per_rank
         err = predicted / measured - 1
         rows.append({"name": name, "predicted_bytes": predicted, "measured_bytes": measured, "error": err,

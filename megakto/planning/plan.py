@@ -170,12 +170,20 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
                   frozen_weights(rank_params, shards=p.dp, weight_bytes=w, offload=p.ref_offload))
     if p.ref == "online":
         rows.append(("reference weights", ref_states.weights, ref_states.host_weights))
+    # The reference engine's JSON sets only its stage (megakto.distributed.ds_config.reference_ds_config),
+    # so DeepSpeed's defaults hold: without a backward to release them, the weights its forwards gather
+    # stay gathered up to stage3_max_live_parameters (measured: an online reference adds its whole
+    # gathered model on CPU, offloaded or not).
+    ref_live = (min(_ZERO_DEFAULTS["stage3_max_live_parameters"], rank_params) * w
+                if p.ref != "none" and p.pp == 1 else 0)
+    if p.ref == "online":
+        rows.append(("reference gathered (max_live_parameters)", ref_live, 0))
 
     buckets = 0
     largest = min(max(s.largest_layer_param() // p.tp, (p.block_rows or s.vocab // p.tp) * s.hidden), rank_params)
     gathers = 0
-    # A bucket is allocated whole; on a GPU all of it counts, on CPU only the pages its gradients
-    # touch (at most the rank's parameters): the resident set counts written pages.
+    # A bucket is allocated whole; on a GPU all of it counts, on CPU only the pages gradients touch
+    # (together at most the rank's parameters): the resident set counts written pages.
     def bucket(elements: int) -> int:
         return elements if p.on_gpu else min(elements, trainable)
 
@@ -185,7 +193,7 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
                    int(p.zero_value("stage3_max_live_parameters")), rank_params)
         gathers = live * w + largest * w  # gathered weights, and the largest one's gradient before its reduce
     elif stage == 2:
-        buckets = bucket(int(p.zero_value("reduce_bucket_size"))) * w * (2 if p.zero_value("overlap_comm") else 1)
+        buckets = bucket(int(p.zero_value("reduce_bucket_size")) * (2 if p.zero_value("overlap_comm") else 1)) * w
         gathers = largest * w  # a whole parameter's gradient before it is copied into the bucket
     rows.append(("ZeRO buckets", buckets, 0))
     runtime = 0 if p.on_gpu else CPU_RUNTIME_BYTES
@@ -203,15 +211,10 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     no_grad = no_grad_pass(stage_shape, both, w=w, tp=p.tp, attn=p.attn) + logits_bytes(
         s, both.completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens, block_rows=p.block_rows,
         grad=False)
-    # The reference engine's JSON sets only its stage (megakto.distributed.ds_config.reference_ds_config):
-    # DeepSpeed's default prefetch bucket; the policy's KL pass gathers as its forward does.
-    ref_gathers = (min(_ZERO_DEFAULTS["stage3_prefetch_bucket_size"] + largest,
-                       _ZERO_DEFAULTS["stage3_max_live_parameters"], rank_params) * w
-                   if p.ref != "none" and p.pp == 1 else 0)
     policy_gathers = gathers - largest * w if stage == 3 else 0
-    phases["no-grad"] = no_grad + max(ref_gathers if p.ref == "online" else 0, policy_gathers)
+    phases["no-grad"] = no_grad + policy_gathers
     part = -(-trainable // max(1, p.dp))
-    if stage in (1, 2) and not off_opt:
+    if stage in (1, 2) and not off_opt and w != 4:  # the partition's gradient cast to fp32 (a no-op in fp32)
         phases["step"] = 4 * part
     elif stage == 3 and not off_opt:
         phases["step"] = 4 * min(int(p.zero_value("sub_group_size")), part)
@@ -223,7 +226,7 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
                                 + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn)
                                 + logits_bytes(s, pre.completion, w=w, tp=p.tp, logps=p.logps,
                                                chunk_tokens=p.chunk_tokens, block_rows=p.block_rows, grad=False)
-                                + ref_gathers)
+                                + ref_live)
         rows.append(("reference weights (precompute only)", 0, ref_states.host_weights if p.on_gpu else 0))
     params = {**s.components(), "total": s.total, "per rank (tp/pp shard)": rank_params, "trainable": trainable}
     return MemoryPlan(p, rows, persistent, phases, params, gpu_memory)
