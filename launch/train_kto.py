@@ -5,6 +5,11 @@
         --deepspeed ds_configs/zero3.json [key=value ...]
 
 Dotted ``key=value`` overrides follow the YAML recipe (``--help-config`` lists every key).
+
+    python launch/train_kto.py --dry-run --world-size 32 --config ... --deepspeed ... [--no-data]
+
+``--dry-run`` runs every start-up check that needs neither weights nor other ranks, in this one
+process, at the given world size, prints the memory plan and exits 0, or 1 with the first error.
 """
 
 import argparse
@@ -24,6 +29,12 @@ def main(argv=None) -> int:
     parser.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed settings; batch fields are filled in")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher passes it
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--dry-run", action="store_true", help="check the start-up, print the memory plan, exit")
+    parser.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks of the run (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--no-data", action="store_true", help="--dry-run: skip the tokenizer and data")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB", help="--dry-run: memory per GPU, for the verdict")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="--dry-run: ranks per node (host memory per node)")
+    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="--dry-run: plan a GPU or a CPU-only run")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
@@ -42,6 +53,15 @@ def main(argv=None) -> int:
         except MegaktoError as err:
             err.shared = True  # every rank parsed the same command line: rank 0 speaks for all
             raise
+        if args.dry_run:
+            from megakto.dry_run import dry_run
+
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            dry_run(cfg, args.deepspeed, world, load_data=not args.no_data, on_gpu=args.device == "gpu",
+                    gpu_memory=args.gpu_memory, gpus_per_node=args.gpus_per_node, overrides=tuple(args.overrides),
+                    config_path=args.config)
+            print("dry run: ok", flush=True)
+            return 0
         from megakto.distributed import comm
         from megakto.distributed.engine import configure_cpu_threads
         from megakto.trainer import KTOTrainer

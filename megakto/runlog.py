@@ -69,7 +69,8 @@ class RunLogger:
         shown = ("loss", "kl", "rewards/margins", "reward_accuracy")
         text = " ".join(f"{prefix}{k} {values[k]:.4f}" for k in shown if k in values)
         self.info(f"step {step} {text}" + "".join(
-            f" {k} {values[k]:.3g}" for k in ("grad_norm", "learning_rate", "tokens_per_s") if k in values))
+            f" {k} {values[k]:.3g}" for k in ("grad_norm", "learning_rate", "tokens_per_s", "memory/peak_gib")
+            if k in values))
 
     def warning(self, message: str, *, step: int, tag: str = "health") -> None:
         """A warning line, also a TensorBoard text entry under ``tag``."""

@@ -39,15 +39,14 @@ import torch
 
 from megakto import checkpoint, export, universal
 from megakto.config import Config, save_config
-from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, require_both_classes, tokenize_rows
-from megakto.data.kl_pairs import dataset_kl_partners, fit_kl_row
+from megakto.data import KTOBatchSampler
+from megakto.data.kl_pairs import dataset_kl_partners
 from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
-from megakto.data.tokenize import auto_num_proc
 from megakto.distributed import comm, engine
 from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
 from megakto.distributed.parallel import ParallelDims
-from megakto.errors import ConfigError, DataError, MegaktoError
+from megakto.errors import ConfigError, MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
 from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss, nll_share
@@ -57,6 +56,7 @@ from megakto.model.load import check_model_path, check_model_settings, load_toke
 from megakto.model.lora import ADAPTER_DIR, apply_lora
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
+from megakto.peak_memory import PeakMemory, reduce_peaks
 from megakto.reference.build import build_reference, online_reference
 from megakto.reference.scorers import AdapterOffReference
 from megakto.reference.sequences import ConcatSequences, SplitSequences
@@ -66,6 +66,7 @@ from megakto.runners.base import MicroLoss
 from megakto.runners.zero import ZeroRunner
 from megakto.samples import SampleWriter, generate, sample_prompts
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
+from megakto.startup import load_split, make_sampler, step_kl_rows
 
 __all__ = ["KTOTrainer", "StepResult"]
 
@@ -158,6 +159,8 @@ class KTOTrainer:
         self.phases.done("sampler")
         self.resume_state, self.load_dir = self._prepare_resume()
         self.phases.done("resume")  # with the universal conversion when the world size changed
+        # Peak memory is measured from here: what the engines, the reference and the steps add.
+        self.peak_memory = PeakMemory(engine.on_gpu())
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, tp_group=self.dims.tp_group)
@@ -189,23 +192,9 @@ class KTOTrainer:
 
         def load():
             for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-                if not files:
-                    continue
-                start = time.perf_counter()
-                rows = load_rows(list(files))
-                read = time.perf_counter()
-                num_proc = cfg.data.num_proc or auto_num_proc(len(rows))
-                tok, report = tokenize_rows(rows, self.tokenizer, max_length=cfg.data.max_length,
-                                            max_prompt_length=cfg.data.max_prompt_length, num_proc=num_proc)
-                done = time.perf_counter()
-                timing[split] = (f"{len(rows):,} rows read in {read - start:.1f} s, tokenized and checked in "
-                                 f"{done - read:.1f} s ({len(rows) / max(done - read, 1e-9):,.0f} rows/s, "
-                                 f"data.num_proc={num_proc}; datasets reuses both on the next run)")
-                if split == "train":
-                    n_d, n_u = count_labels(tok)
-                    require_both_classes(n_d, n_u, loss_type=cfg.kto.loss_type,
-                                         allow_single_class=cfg.kto.allow_single_class, source=", ".join(files))
-                loaded[split] = (TokenizedSplit(tok), report)
+                if files:
+                    rows, report, timing[split] = load_split(cfg, files, self.tokenizer, train=split == "train")
+                    loaded[split] = (rows, report)
 
         from megakto.model.load import padding_note
 
@@ -314,13 +303,7 @@ class KTOTrainer:
         return ZeroRunner(self.policy, batch_fn=self._batch, logps_fn=self.logps_fn, dp_group=self.dims.dp_group)
 
     def _setup_sampler(self) -> KTOBatchSampler:
-        cfg = self.cfg
-        n, gbs = len(self.train_rows), cfg.train.global_batch_size
-        if n < gbs:
-            raise DataError(f"{', '.join(cfg.data.train_files)}: {n} rows after filtering, fewer than "
-                            f"train.global_batch_size={gbs}")
-        return KTOBatchSampler(self.train_rows.label, global_batch_size=gbs, seed=cfg.seed,
-                               balanced=cfg.data.balanced_sampling)
+        return make_sampler(self.cfg, self.train_rows)
 
     def _setup_evaluator(self) -> Evaluator | None:
         if self.eval_rows is None or self.cfg.kto.loss_type == "sft":
@@ -510,6 +493,7 @@ class KTOTrainer:
             if result.skipped:
                 self.log.info(f"step {self.step} skipped: {result.skipped}; skipped_steps {skips.total}")
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps or stop:
+                result.metrics.update(reduce_peaks(self.peak_memory).metrics(engine.on_gpu()))
                 self.log.scalars(self.step, result.metrics)
             self.log.advance(1, loss=result.metrics["loss"], kl=result.metrics["kl"],
                              tok_s=result.metrics.get("tokens_per_s", float("nan")))
@@ -538,6 +522,7 @@ class KTOTrainer:
             self._save_checkpoint()  # the finished run: resumable with more steps, and what export_hf converts
         if cfg.train.export_hf and comm.is_main():
             self._export_hf()
+        self.log.info(f"run finished at step {self.step}: {reduce_peaks(self.peak_memory).describe(engine.on_gpu())}")
         self.log.close()
         return history
 
@@ -701,27 +686,11 @@ class KTOTrainer:
         return plan_micro_batches(lengths, labels, self.dims.num_micro_batches)[r * ga:(r + 1) * ga]
 
     def _step_kl_rows(self, indices: list[int], rows: dict) -> list:
-        """Online reference: partners drawn over this global batch, seeded by the step. Cached
-        reference: each row's fixed dataset-level partner."""
-        if self.train_kl_partner is None:
-            # Drawn over the batch in dataset-index order, so the pairs (and z_ref) depend on which
-            # rows the step holds, not on how the sampler arranged them for a micro-batch size.
-            order = sorted(range(len(indices)), key=lambda i: (indices[i], i))
-            drawn = kl_partners([rows["prompt_key"][i] for i in order], seed=self.cfg.seed, step=self.step)
-            partners = [0] * len(indices)
-            for k, j in enumerate(drawn):
-                partners[order[k]] = order[j]
-            return [self._fit(rows["prompt_ids"][i], rows["completion_ids"][j]) for i, j in enumerate(partners)]
-        partner_completions = self.train_rows.fetch([self.train_kl_partner[i] for i in indices])["completion_ids"]
-        return [self._fit(p, c) for p, c in zip(rows["prompt_ids"], partner_completions)]
+        return step_kl_rows(self.cfg, self.train_rows, indices, rows, self.step, self.train_kl_partner)
 
     def _sequences(self, split: TokenizedSplit, partners) -> SplitSequences:
         data = self.cfg.data
         return SplitSequences(split, partners, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-
-    def _fit(self, prompt_ids, completion_ids):
-        data = self.cfg.data
-        return fit_kl_row(prompt_ids, completion_ids, data.max_length, data.max_prompt_length)
 
     def _batch(self, pairs):
         pad_id = self.tokenizer.pad_token_id

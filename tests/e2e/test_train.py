@@ -29,9 +29,11 @@ def _scalars(log_dir):
 @pytest.fixture(scope="module")
 def demo_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_run")
-    _, result = run_trainer(assets, out, nproc=2, **{
+    proc, result = run_trainer(assets, out, nproc=2, **{
         "data.eval_files": assets["eval"], "train.max_steps": 24, "train.eval_every": 12,
         "train.eval_batch_size": 30})
+    with open(os.path.join(out, "launcher.log"), "w") as f:  # the run's plain log, for test_peak_memory_logged
+        f.write(proc.stdout)
     return out, result
 
 
@@ -96,6 +98,31 @@ def test_tensorboard_scalars(demo_run):
     assert [s for s, _ in scalars["loss"]] == list(range(1, 25))
     assert [v for _, v in scalars["loss"]] == pytest.approx([h["loss"] for h in result["history"]], rel=1e-6)
     assert [v for _, v in scalars["count/chosen"]][0] + [v for _, v in scalars["count/rejected"]][0] == 16
+
+
+def test_peak_memory_logged(demo_run):
+    """memory/peak_gib (max over the 2 ranks) and memory/peak_gib_min at every logged step, never
+    falling (a peak), in the plain log line too; the final line states the run's peak. On CPU: peak RSS
+    beyond the RSS before the engines were built, which holds at least the two engines' weights
+    (2 x 0.2M fp32 parameters = 1.6 MB) and well under a GiB for this tiny model."""
+    import re
+
+    out, _ = demo_run
+    scalars = _scalars(os.path.join(out, "tensorboard"))
+    peak = [v for _, v in scalars["memory/peak_gib"]]
+    low = [v for _, v in scalars["memory/peak_gib_min"]]
+    assert [s for s, _ in scalars["memory/peak_gib"]] == list(range(1, 25))
+    assert all(a >= b for a, b in zip(peak, low))
+    assert peak == sorted(peak) and low == sorted(low)
+    assert 1.6e6 / 2**30 < low[0] and peak[-1] < 1.0
+    log = open(os.path.join(out, "launcher.log")).read()
+    assert re.search(r"step 24 loss .* memory/peak_gib 0\.\d+", log)
+    final = re.search(r"run finished at step 24: peak memory (\d+\.\d+) GiB on the fullest rank, "
+                      r"(\d+\.\d+) GiB on the emptiest \(peak RSS beyond", log)
+    assert final, log[-2000:]
+    # The final evaluation (after step 24's line) can only raise the peak.
+    assert float(final.group(1)) >= peak[-1] - 1e-3 and float(final.group(2)) >= low[-1] - 1e-3
+    assert float(final.group(1)) < peak[-1] + 0.05
 
 
 # First three losses of the tiny default (2 ranks, ZeRO-3, seed 0), recorded from this code and checked in.

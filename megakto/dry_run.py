@@ -1,0 +1,119 @@
+"""``launch/train_kto.py --dry-run``: every start-up check that needs neither the weights nor the
+other ranks, at the run's world size, in one process, then the memory plan.
+
+The checks are the run's own functions, in the trainer's order, so a bad config fails here with the
+same one-line error: the config (already loaded), the parallel arithmetic
+(:class:`~megakto.distributed.parallel.ParallelDims`), the DeepSpeed JSON
+(:func:`~megakto.distributed.ds_config.build_ds_config`), the DeepSpeed version for TP/PP, the model
+folders and their TP/PP divisibility, the attention and log-prob settings against the model built on
+the meta device, then (unless ``load_data`` is off) the tokenizer, the data with its tokenization
+report, the sampler, and the first steps' micro-batch plan: tokens per rank, padding share, KL rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from megakto.config import Config
+from megakto.data.packing import pack, pad_rows, plan_micro_batches
+from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
+from megakto.distributed.parallel import ParallelDims
+from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
+from megakto.planning.activations import Tokens
+
+__all__ = ["dry_run", "first_steps"]
+
+
+def first_steps(cfg: Config, dims: ParallelDims, train_rows, pad_id: int, steps: int = 3,
+                log: Callable[[str], None] = print) -> Tokens:
+    """The micro-batch plan of the first ``steps`` optimizer steps, as every rank would derive it;
+    logs tokens per rank, the padding share and the KL rows; returns the largest micro-batch."""
+    from megakto.data.kl_pairs import dataset_kl_partners
+    from megakto.startup import make_sampler, step_kl_rows
+
+    sampler = make_sampler(cfg, train_rows)
+    use_kl = cfg.kto.loss_type == "kto"
+    cached = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
+    fixed = dataset_kl_partners(train_rows.prompt_key) if use_kl and cached else None
+    largest = Tokens(0, 0, 0, 0)
+    for step in range(steps):
+        indices = sampler.next_global_batch()
+        rows = train_rows.fetch(indices)
+        targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
+        kl = step_kl_rows(cfg, train_rows, indices, rows, step, fixed) if use_kl else None
+        lengths = [len(p) + len(c) for p, c in targets]
+        if kl is not None:
+            lengths = [n + len(p) + len(c) for n, (p, c) in zip(lengths, kl)]
+        plan = plan_micro_batches(lengths, rows["label"], dims.num_micro_batches)
+        per_rank, padded, real = [], 0, 0
+        for r in range(dims.dp):
+            tokens = 0
+            for positions in plan[r * dims.grad_accum:(r + 1) * dims.grad_accum]:
+                pairs = [targets[i] for i in positions]
+                batch = pack(pairs, cfg.data.max_tokens_per_row, pad_id) if cfg.data.packing else pad_rows(pairs, pad_id)
+                n_real = sum(len(p) + len(c) for p, c in pairs)
+                rows_, length = batch.input_ids.shape
+                tokens += n_real
+                padded += rows_ * length
+                real += n_real
+                scored = sum(len(c) for _, c in pairs)
+                if rows_ * length > largest.tokens:
+                    largest = Tokens(rows_ * length, scored, rows_, length)
+            per_rank.append(tokens)
+        kl_rows = len(kl) if kl is not None else 0
+        log(f"dry run: step {step + 1}: target tokens per data-parallel rank min {min(per_rank)} max {max(per_rank)}, "
+            f"padding {1 - real / max(1, padded):.1%} of packed positions, {kl_rows} KL rows "
+            f"({dims.num_micro_batches} micro-batches of {cfg.train.micro_batch_size} rows)")
+    return largest
+
+
+def dry_run(cfg: Config, deepspeed: str, world_size: int, *, load_data: bool = True, on_gpu: bool = True,
+            gpu_memory: float | None = None, gpus_per_node: int = 8, overrides: tuple[str, ...] = (),
+            config_path: str | None = None, log: Callable[[str], None] = print):
+    """Run the checks (raising the run's MegaktoError on the first failure) and log the plan."""
+    from megakto.model.meta import model_shape
+    from megakto.planning.run_plan import PlanRequest, plan_report
+
+    dims = ParallelDims.from_config(cfg, world_size)
+    check_deepspeed_version(dims.tp, dims.pp)
+    bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
+    build_ds_config(load_ds_json(deepspeed), cfg, dims, bf16=bf16, source=deepspeed)
+    log(f"dry run: parallelism: {dims.describe()}")
+    trust = cfg.model.trust_remote_code
+    for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
+        if path:
+            check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp)
+            if dims.pp > 1:
+                from megakto.runners import pipeline
+
+                pipeline.check_model(path, dims.pp, key=key, trust_remote_code=trust)
+    attn = check_model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
+                                logps=cfg.model.logps, trust_remote_code=trust, ref_path=cfg.ref.path)
+    shape = model_shape(cfg.model.path, trust_remote_code=trust)
+    log(f"dry run: model {shape.model_type} built on the meta device: {shape.total / 1e9:.3f}B parameters, "
+        f"{shape.layers} layers, hidden {shape.hidden}, vocabulary {shape.vocab}; attention {attn}")
+    tokens = None
+    if load_data:
+        from megakto.startup import load_split
+
+        tok_path = cfg.model.tokenizer_path or cfg.model.path
+        tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path else "model.path",
+                                   trust_remote_code=trust)
+        train_rows = None
+        for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
+            if files:
+                rows, report, timing = load_split(cfg, files, tokenizer, train=split == "train")
+                log(f"dry run: {split} data: {timing}")
+                log(f"dry run: {split} data: {report.summary()}")
+                for warning in report.warnings():
+                    log(f"dry run: warning: {split} data: {warning}")
+                train_rows = rows if split == "train" else train_rows
+        tokens = first_steps(cfg, dims, train_rows, tokenizer.pad_token_id, log=log)
+    else:
+        log("dry run: data not loaded (--no-data): the memory plan takes the worst micro-batch the config allows")
+    req = PlanRequest(config_path, deepspeed, overrides, world_size, on_gpu=on_gpu, gpu_memory=gpu_memory,
+                      gpus_per_node=gpus_per_node, tokens=tokens)
+    plan, text, _ = plan_report(req, shape)
+    for line in text.splitlines():
+        log(line)
+    return plan

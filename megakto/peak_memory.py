@@ -1,0 +1,101 @@
+"""Per-rank peak memory of a run, measured the way the memory planner predicts it.
+
+* On a GPU: ``torch.cuda.max_memory_allocated`` (what tensors held at the peak) and
+  ``max_memory_reserved`` (what the caching allocator had taken from the driver), since the peak
+  counters were reset just before the engines were built.
+* On CPU: the peak resident set (the kernel's VmHWM) beyond the resident set just before the
+  engines were built. The kernel's counter is reset at that point (``/proc/self/clear_refs``), so
+  tokenization and library imports before it do not count; where the reset is refused the counter
+  runs from process start, which can only over-state the peak (``hwm_reset`` says which).
+
+:func:`reduce_peaks` turns each rank's figure into the run's (max and min over ranks) with one
+all-reduce; the trainer logs it as ``memory/peak_gib`` and ``memory/peak_gib_min``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megakto.distributed import comm
+
+__all__ = ["PeakMemory", "RunPeak", "reduce_peaks", "GIB"]
+
+GIB = 1024 ** 3
+
+
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status, in bytes (0 where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Start the measurement now (call just before the engines are built); :meth:`peak` later."""
+
+    def __init__(self, on_gpu: bool):
+        self.on_gpu = on_gpu
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = 0
+            self.hwm_reset = True
+        else:
+            self.hwm_reset = _reset_hwm()
+            self.baseline = _status_bytes("VmRSS")
+
+    def peak(self) -> tuple[int, int]:
+        """(peak bytes, peak reserved bytes) of this rank since the start; on CPU both are the
+        peak RSS beyond the baseline."""
+        if self.on_gpu:
+            return int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved())
+        beyond = max(0, _status_bytes("VmHWM") - self.baseline)
+        return beyond, beyond
+
+
+@dataclass(frozen=True)
+class RunPeak:
+    """The run's peak over ranks, in bytes."""
+
+    max_bytes: int
+    min_bytes: int
+    max_reserved_bytes: int
+
+    def metrics(self, on_gpu: bool) -> dict[str, float]:
+        out = {"memory/peak_gib": self.max_bytes / GIB, "memory/peak_gib_min": self.min_bytes / GIB}
+        if on_gpu:
+            out["memory/peak_reserved_gib"] = self.max_reserved_bytes / GIB
+        return out
+
+    def describe(self, on_gpu: bool) -> str:
+        what = ("torch.cuda.max_memory_allocated" if on_gpu
+                else "peak RSS beyond the RSS just before the engines were built")
+        text = (f"peak memory {self.max_bytes / GIB:.3f} GiB on the fullest rank, {self.min_bytes / GIB:.3f} GiB "
+                f"on the emptiest ({what})")
+        if on_gpu:
+            text += f"; reserved {self.max_reserved_bytes / GIB:.3f} GiB"
+        return text
+
+
+def reduce_peaks(peak: PeakMemory, group=None) -> RunPeak:
+    """Max and min over ``group`` (None = the world) of every rank's peak: one all-reduce of
+    (peak, -peak, reserved) under MAX. Collective: every rank of the group calls it."""
+    used, reserved = peak.peak()
+    values = torch.tensor([used, -used, reserved], dtype=torch.float64)
+    comm.all_reduce_max(values, group=group)
+    return RunPeak(int(values[0]), int(-values[1]), int(values[2]))

@@ -1,0 +1,109 @@
+"""Activations and temporaries of one micro-batch, per rank: what autograd keeps for backward, the
+chunked log-prob blocks, and the vocabulary-block gradients.
+
+Per token and decoder layer, the tensors a Llama-family layer (RMSNorm, rotary attention through
+sdpa, SwiGLU MLP; Qwen2/3 and Mistral alike) saves for backward, in elements of the weight dtype
+(``h`` hidden, ``q`` = heads·head_dim, ``kv`` = kv_heads·head_dim, ``i`` MLP width; under tensor
+parallelism q, kv and i are the rank's shares, h is whole on every rank):
+
+* two RMSNorms, each: its input, the normalised value and its scaled output (3h; in bf16 the input
+  and the normalised value are fp32 copies: 8h bytes instead of 3h·2);
+* attention: q, rotate_half(q), the rotated q, sdpa's output and o_proj's contiguous input (5q);
+  k, rotate_half(k), the rotated k and v (4kv);
+* MLP: gate, silu(gate), up and their product, down_proj's input (4i).
+
+So one layer saves ``T·(norms + w·(5q + 4kv + 4i))`` bytes for T tokens. With gradient
+checkpointing a layer keeps only its input (h·w per token) and one layer at a time is recomputed in
+full during backward. Backward then needs about one more layer's worth for the gradients of that
+layer's tensors. eager attention adds heads·L² scores and probabilities per packed row and layer;
+sdpa (flash or memory-efficient kernels) adds none, only the block-diagonal mask (R·L² bytes,
+shared by the layers).
+
+Log-probs (``model.logps: chunked``): one (chunk, V_block) fp32 block plus its cast to the weight
+dtype, with chunk = min(scored tokens, ``logps_chunk_tokens`` or 2^24 / V_block); the head's
+gradient is one block's (V_block·h·w) with vocabulary blocks, the whole matrix without.
+``model.logps: full``: fp32 logits of every token, their log-softmax kept for backward (2·T·V·4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megakto.planning.shape import ModelShape
+
+__all__ = ["Tokens", "layer_bytes_per_token", "train_pass", "no_grad_pass", "logits_bytes"]
+
+LOGITS_BLOCK_ELEMENTS = 1 << 24  # megakto.model.forward.LOGITS_BLOCK_ELEMENTS (tested equal)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One micro-batch on one rank: tokens fed to the model (padding included), scored completion
+    tokens, and the packed rows' count and length (for the attention mask)."""
+
+    tokens: int
+    completion: int
+    rows: int
+    row_length: int
+
+
+def _norm_bytes(shape: ModelShape, w: int) -> int:
+    return shape.hidden * (8 if w == 2 else 3 * w)
+
+
+def layer_bytes_per_token(shape: ModelShape, *, w: int, tp: int = 1) -> int:
+    """Bytes one decoder layer saves for backward per token.
+
+    >>> s = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16,
+    ...                vocab=1000, embedding=64000, head=64000, layer_params=(1,))
+    >>> layer_bytes_per_token(s, w=4)   # 2·3·64·4 + 4·(5·64 + 4·32 + 4·128) = 1536 + 3840
+    5376
+    """
+    local = w * (5 * shape.q_dim + 4 * shape.kv_dim + 4 * shape.intermediate) // tp
+    return 2 * _norm_bytes(shape, w) + local
+
+
+def _attention_bytes(shape: ModelShape, t: Tokens, *, w: int, tp: int, attn: str) -> int:
+    """Per layer: eager's scores and probabilities; 0 for sdpa/flash kernels."""
+    if attn != "eager":
+        return 0
+    return 2 * t.rows * (shape.heads // tp) * t.row_length ** 2 * w
+
+
+def logits_bytes(shape: ModelShape, scored: int, *, w: int, tp: int, logps: str, chunk_tokens: int | None,
+                 block_rows: int, grad: bool) -> int:
+    """The output head's temporaries for ``scored`` tokens (see the module docstring).
+
+    >>> s = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16,
+    ...                vocab=1000, embedding=64000, head=64000, layer_params=(1,))
+    >>> logits_bytes(s, 100, w=4, tp=1, logps="chunked", chunk_tokens=None, block_rows=0, grad=True)
+    1056000
+    """
+    v = shape.vocab // tp
+    if logps == "full":
+        return 2 * scored * v * 4 + (v * shape.hidden * w if grad else 0)
+    block = block_rows or v
+    chunk = min(scored, chunk_tokens or max(16, LOGITS_BLOCK_ELEMENTS // block))
+    out = chunk * block * (4 + w)  # 100 · 1000 · 8 = 800000
+    if grad:
+        out += block * shape.hidden * w  # the head block's gradient: 1000 · 64 · 4 = 256000
+    return out
+
+
+def train_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, checkpointing: bool, attn: str) -> dict[str, int]:
+    """The policy's forward with grad and its backward, one micro-batch: bytes by component."""
+    per_layer = layer_bytes_per_token(shape, w=w, tp=tp) * t.tokens + _attention_bytes(shape, t, w=w, tp=tp, attn=attn)
+    final = _norm_bytes(shape, w) * t.tokens + shape.hidden * w * t.completion  # final norm, scored hidden
+    if checkpointing:
+        kept = shape.layers * shape.hidden * w * t.tokens + per_layer  # layer inputs + one recomputed layer
+    else:
+        kept = shape.layers * per_layer
+    mask = t.rows * t.row_length ** 2 if attn != "flash_attention_2" else 0
+    return {"activations": kept + final + mask, "backward": per_layer}
+
+
+def no_grad_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, attn: str) -> int:
+    """A forward without grad (reference, policy on the KL rows, the cache precompute): one layer's
+    live tensors at a time (its input and residual, q/k/v and the MLP's gate, up and product)."""
+    per_token = w * (2 * shape.hidden + (shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate) // tp)
+    return per_token * t.tokens + _attention_bytes(shape, t, w=w, tp=tp, attn=attn) // 2 + t.rows * t.row_length ** 2

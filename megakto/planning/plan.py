@@ -1,0 +1,239 @@
+"""The memory plan of a run: every component's bytes per rank, the predicted peak, host memory per
+node, and whether it fits. Pure arithmetic over a loaded config, the DeepSpeed JSON and a
+:class:`~megakto.planning.shape.ModelShape`; nothing is allocated.
+
+The peak is what persists through the run (model states, the online reference's weights, DeepSpeed's
+gradient buckets, a runtime floor) plus the largest of the run's phases, which never overlap:
+
+* **train**: one micro-batch's forward with grad and backward (activations, the backward's working
+  layer, the chunked head's blocks, ZeRO-3's gathered parameters and their gradients);
+* **no-grad**: the reference over the target and KL rows (2·T tokens) and the policy over the KL rows;
+* **step**: the optimizer step's fp32 gradient (ZeRO-1/2: the whole partition; ZeRO-3: one
+  ``sub_group_size`` group), on the host under optimizer offload;
+* **precompute** (``ref.mode=cache``): the temporary reference engine and its forwards of
+  ``train.eval_batch_size`` rows, before training (freed after it).
+
+On a CPU-only run every byte is process memory, so ``peak_bytes_per_rank`` is device plus host
+(what the trainer's CPU measurement sees: RSS beyond the RSS before the engines were built).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megakto.planning.activations import Tokens, logits_bytes, no_grad_pass, train_pass
+from megakto.planning.shape import ModelShape
+from megakto.planning.states import StateBytes, frozen_weights, model_states
+
+__all__ = ["PlanInputs", "MemoryPlan", "plan_memory", "worst_case_tokens", "lora_params", "GIB",
+           "CPU_RUNTIME_BYTES", "GPU_HEADROOM"]
+
+GIB = 1024 ** 3
+# Process memory a CPU rank adds beyond weights and states when its engines are built and run (the
+# libraries' buffers, gloo, autograd's thread pool): measured 70 MiB on the 2-core AMD EPYC machine
+# for the 0.2M-parameter demo model, where states are under 4 MB. One constant for every plan.
+CPU_RUNTIME_BYTES = 64 * 1024 ** 2
+# Share of a GPU left for the CUDA context, NCCL buffers and the caching allocator's fragmentation
+# (torch's reserved memory above its allocated peak): a plan fits when its peak is under 90 %.
+GPU_HEADROOM = 0.10
+
+# DeepSpeed's defaults where the JSON leaves a key out (deepspeed/runtime/zero/config.py).
+_ZERO_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+                  "stage3_prefetch_bucket_size": 50_000_000, "sub_group_size": 1_000_000_000,
+                  "stage3_max_live_parameters": 1_000_000_000, "overlap_comm": False}
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the plan reads, resolved: the config's choices and the DeepSpeed JSON's."""
+
+    shape: ModelShape
+    world_size: int
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    grad_accum: int = 1
+    zero: dict = field(default_factory=dict)  # the JSON's zero_optimization section
+    weight_bytes: int = 2
+    on_gpu: bool = True
+    gpus_per_node: int = 8
+    ref: str = "online"  # online | cache | none (sft, or LoRA's adapters-off policy)
+    ref_offload: bool = True
+    checkpointing: bool = False
+    attn: str = "sdpa"
+    logps: str = "chunked"
+    chunk_tokens: int | None = None
+    block_rows: int = 0
+    lora_trainable: int = 0  # LoRA adapters' parameters; 0 = full fine-tuning
+    train_tokens: Tokens = Tokens(0, 0, 0, 0)
+    precompute_tokens: Tokens = Tokens(0, 0, 0, 0)
+
+    def zero_value(self, key: str):
+        return self.zero.get(key, _ZERO_DEFAULTS.get(key))
+
+
+@dataclass
+class MemoryPlan:
+    inputs: PlanInputs
+    rows: list[tuple[str, int, int]]  # (component, device bytes per rank, host bytes per rank)
+    persistent: int
+    phases: dict[str, int]
+    params: dict[str, int]
+    gpu_memory: float | None = None
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def device_peak(self) -> int:
+        return self.persistent + max(self.phases.values())
+
+    @property
+    def host_per_rank(self) -> int:
+        return sum(h for _, _, h in self.rows)
+
+    @property
+    def peak_bytes_per_rank(self) -> int:
+        """The predicted peak where the training state lives: GPU memory, or on a CPU-only run the
+        process memory beyond the start-up baseline (device and host are the same memory)."""
+        return self.device_peak if self.inputs.on_gpu else self.device_peak + self.host_per_rank
+
+    @property
+    def host_bytes_per_node(self) -> int:
+        per_node = min(self.inputs.world_size, self.inputs.gpus_per_node)
+        per_rank = self.host_per_rank if self.inputs.on_gpu else self.peak_bytes_per_rank
+        return per_rank * per_node
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu_memory is None:
+            return None
+        return self.peak_bytes_per_rank <= self.gpu_memory * GIB * (1 - GPU_HEADROOM)
+
+
+def lora_params(shape: ModelShape, r: int, targets: list[str]) -> int:
+    """Adapter parameters r·(in + out) per targeted projection and layer (Llama-family names).
+
+    >>> s = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16,
+    ...                vocab=1000, embedding=64000, head=64000, layer_params=(1,))
+    >>> lora_params(s, 8, ["q_proj", "down_proj"])   # 2 layers · 8 · ((64 + 64) + (128 + 64))
+    5120
+    """
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return shape.layers * sum(r * sum(dims[m]) for m in targets if m in dims)
+
+
+def worst_case_tokens(rows: int, max_length: int, row_length: int, packing: bool) -> Tokens:
+    """A micro-batch of ``rows`` rows of ``max_length`` tokens each (the worst the config allows):
+    packed into rows of ``row_length`` tokens, or one row each, padded to the longest."""
+    if not packing:
+        return Tokens(rows * max_length, rows * max_length, rows, max_length)
+    per_row = max(1, row_length // max_length)
+    packed = math.ceil(rows / per_row)
+    return Tokens(packed * row_length if packed > 1 else rows * max_length, rows * max_length, packed,
+                  row_length if packed > 1 else rows * max_length)
+
+
+def _rank_params(shape: ModelShape, tp: int, pp: int) -> int:
+    """Parameters one rank's shard holds: the layers' matrices and the head split tp ways (AutoTP
+    leaves the embedding and the norms whole); the largest pipeline stage under pp."""
+    layers = shape.layers * shape.per_layer
+    if tp > 1:
+        return shape.embedding + shape.head // tp + layers // tp + sum(shape.other_params)
+    if pp > 1:
+        return max(math.ceil(shape.total / pp), shape.embedding + shape.per_layer)
+    return shape.total
+
+
+def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
+    s, w, zero = p.shape, p.weight_bytes, p.zero
+    stage = int(zero.get("stage", 0))
+    off_opt = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
+    off_par = (zero.get("offload_param") or {}).get("device", "none") == "cpu"
+    rank_params = _rank_params(s, p.tp, p.pp)
+    trainable = p.lora_trainable or rank_params
+    frozen = rank_params if p.lora_trainable else 0
+    states = model_states(trainable, frozen, stage=stage, shards=p.dp, weight_bytes=w,
+                          offload_optimizer=off_opt, offload_param=off_par)
+    rows = [("policy weights", states.weights, states.host_weights),
+            ("policy gradients", states.gradients, states.host_gradients),
+            ("fp32 master weights", states.master, states.host_master),
+            ("Adam moments (fp32)", states.optimizer, states.host_optimizer)]
+
+    # The reference: a ZeRO-3 inference engine over the data-parallel group (pipelines: a stage-0
+    # frozen pipeline, each stage its layers on the device).
+    ref_states = (StateBytes(weights=rank_params * w) if p.pp > 1 else
+                  frozen_weights(rank_params, shards=p.dp, weight_bytes=w, offload=p.ref_offload))
+    if p.ref == "online":
+        rows.append(("reference weights", ref_states.weights, ref_states.host_weights))
+    # The reference engine's JSON sets only its stage (megakto.distributed.ds_config.reference_ds_config),
+    # so DeepSpeed's defaults hold: without a backward to release them, the weights its forwards gather
+    # stay gathered up to stage3_max_live_parameters (measured: an online reference adds its whole
+    # gathered model on CPU, offloaded or not).
+    ref_live = (min(_ZERO_DEFAULTS["stage3_max_live_parameters"], rank_params) * w
+                if p.ref != "none" and p.pp == 1 else 0)
+    if p.ref == "online":
+        rows.append(("reference gathered (max_live_parameters)", ref_live, 0))
+
+    buckets = 0
+    largest = min(max(s.largest_layer_param() // p.tp, (p.block_rows or s.vocab // p.tp) * s.hidden), rank_params)
+    gathers = 0
+    # A bucket is allocated whole; on a GPU all of it counts, on CPU only the pages gradients touch
+    # (together at most the rank's parameters): the resident set counts written pages.
+    def bucket(elements: int) -> int:
+        return elements if p.on_gpu else min(elements, trainable)
+
+    if stage == 3:
+        buckets = bucket(int(p.zero_value("reduce_bucket_size"))) * w  # contiguous ipg buffer, made at init
+        live = min(int(p.zero_value("stage3_prefetch_bucket_size")) + largest,
+                   int(p.zero_value("stage3_max_live_parameters")), rank_params)
+        gathers = live * w + largest * w  # gathered weights, and the largest one's gradient before its reduce
+    elif stage == 2:
+        buckets = bucket(int(p.zero_value("reduce_bucket_size")) * (2 if p.zero_value("overlap_comm") else 1)) * w
+        gathers = largest * w  # a whole parameter's gradient before it is copied into the bucket
+    rows.append(("ZeRO buckets", buckets, 0))
+    runtime = 0 if p.on_gpu else CPU_RUNTIME_BYTES
+    rows.append(("runtime (CPU libraries)", runtime, 0))
+    persistent = sum(d for _, d, _ in rows)
+
+    t = p.train_tokens
+    in_flight = min(p.pp, p.grad_accum) if p.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches
+    stage_shape = s if p.pp == 1 else _stage_shape(s, p.pp)
+    train = train_pass(stage_shape, t, w=w, tp=p.tp, checkpointing=p.checkpointing, attn=p.attn)
+    head_grad = logits_bytes(s, t.completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens,
+                             block_rows=p.block_rows, grad=True)
+    phases = {"train": train["activations"] * in_flight + train["backward"] + head_grad + gathers}
+    both = Tokens(2 * t.tokens, 2 * t.completion, 2 * t.rows, t.row_length)  # target + KL rows
+    no_grad = no_grad_pass(stage_shape, both, w=w, tp=p.tp, attn=p.attn) + logits_bytes(
+        s, both.completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens, block_rows=p.block_rows,
+        grad=False)
+    policy_gathers = gathers - largest * w if stage == 3 else 0
+    phases["no-grad"] = no_grad + policy_gathers
+    part = -(-trainable // max(1, p.dp))
+    if stage in (1, 2) and not off_opt and w != 4:  # the partition's gradient cast to fp32 (a no-op in fp32)
+        phases["step"] = 4 * part
+    elif stage == 3 and not off_opt:
+        phases["step"] = 4 * min(int(p.zero_value("sub_group_size")), part)
+    else:
+        phases["step"] = 0
+    if p.ref == "cache":
+        pre = p.precompute_tokens
+        phases["precompute"] = (ref_states.weights + (0 if p.on_gpu else ref_states.host_weights)
+                                + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn)
+                                + logits_bytes(s, pre.completion, w=w, tp=p.tp, logps=p.logps,
+                                               chunk_tokens=p.chunk_tokens, block_rows=p.block_rows, grad=False)
+                                + ref_live)
+        rows.append(("reference weights (precompute only)", 0, ref_states.host_weights if p.on_gpu else 0))
+    params = {**s.components(), "total": s.total, "per rank (tp/pp shard)": rank_params, "trainable": trainable}
+    return MemoryPlan(p, rows, persistent, phases, params, gpu_memory)
+
+
+def _stage_shape(s: ModelShape, pp: int) -> ModelShape:
+    """The layers of the largest pipeline stage (for its activations)."""
+    from dataclasses import replace
+
+    return replace(s, layers=math.ceil(s.layers / pp))

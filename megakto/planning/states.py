@@ -1,0 +1,99 @@
+"""Model states per rank (weights, gradients, fp32 master, Adam moments) as DeepSpeed holds them.
+
+Read from DeepSpeed 0.19.8's ZeRO optimizers (``runtime/zero/stage_1_and_2.py``, ``stage3.py``),
+megakto's torch AdamW (two fp32 moments) and its defaults (the gradient-accumulation dtype is the
+model dtype). ``P`` trainable parameters, ``D`` ranks sharding them (the data-parallel size; each
+tensor-parallel shard is its own P/tp), ``w`` bytes per weight (2 bf16, 4 fp32):
+
+==========  =====================  ===================  ==================  =====================
+stage       weights                gradients            fp32 master         Adam m, v
+==========  =====================  ===================  ==================  =====================
+0           w·P                    w·P                  4·P (a fp32 copy     8·P
+                                                        only under bf16)
+1           w·P (flat groups)      w·P (whole .grad)    4·P/D               8·P/D
+2           w·P                    w·P/D (partition)    4·P/D               8·P/D
+3           w·P/D                  w·P/D (flat buffer)  4·P/D               8·P/D
+==========  =====================  ===================  ==================  =====================
+
+So ZeRO-3 in bf16 holds (2 + 2 + 4 + 8)·P/D = 16·P/D bytes per rank, and in fp32 20·P/D (the
+master is a copy even when the weights are fp32: ``.clone().float()``). DeepSpeed's own estimator
+(``estimate_zero3_model_states_mem_needs``) says 18·P/D: it also counts an fp32 gradient of the
+whole partition, which ZeRO-3 makes one sub-group at a time at the step (``sub_group_size``
+elements, counted as a temporary in :mod:`megakto.planning.temporaries`); ZeRO-1/2 convert the whole
+partition's gradient to fp32 at the step (4·P/D, also a temporary there).
+
+``offload_optimizer`` moves the master, the moments and (ZeRO-3: the gradient partition, then in
+fp32; ZeRO-1/2: an fp32 gradient partition) to host memory; the device keeps the weights (and
+ZeRO-1/2 their gradients). ``offload_param`` (ZeRO-3) moves the weight partition to the host too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["StateBytes", "model_states", "frozen_weights"]
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per rank: on the training device and in host memory."""
+
+    weights: int = 0
+    gradients: int = 0
+    master: int = 0
+    optimizer: int = 0
+    host_weights: int = 0
+    host_gradients: int = 0
+    host_master: int = 0
+    host_optimizer: int = 0
+
+    @property
+    def device(self) -> int:
+        return self.weights + self.gradients + self.master + self.optimizer
+
+    @property
+    def host(self) -> int:
+        return self.host_weights + self.host_gradients + self.host_master + self.host_optimizer
+
+
+def model_states(trainable: int, frozen: int, *, stage: int, shards: int, weight_bytes: int,
+                 offload_optimizer: bool = False, offload_param: bool = False) -> StateBytes:
+    """Model states of ``trainable`` + ``frozen`` parameters (per tensor-parallel shard) over
+    ``shards`` ZeRO ranks.
+
+    >>> s = model_states(1000, 0, stage=3, shards=4, weight_bytes=2)   # 16·P/D = 16·1000/4
+    >>> s.device
+    4000
+    >>> model_states(1000, 0, stage=3, shards=4, weight_bytes=4).device  # fp32: 20·P/D
+    5000
+    >>> model_states(1000, 0, stage=1, shards=4, weight_bytes=2).device  # 2P + 2P + 12P/4
+    7000
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+    p, d, w = trainable, max(1, shards), weight_bytes
+    part = -(-p // d) if stage >= 1 else p  # DeepSpeed pads partitions to equal sizes
+    master = 4 * part if (w != 4 or stage >= 1) else 0  # stage 0 fp32 trains the weights themselves
+    optimizer = 8 * part
+    weights = (p + frozen) * w if stage < 3 else (part + -(-frozen // d)) * w
+    grads = p * w if stage <= 1 else part * w
+    host = dict(host_weights=0, host_gradients=0, host_master=0, host_optimizer=0)
+    if offload_optimizer and stage >= 1:
+        host.update(host_master=master, host_optimizer=optimizer, host_gradients=4 * part)
+        master = optimizer = 0
+        if stage >= 2:  # the reduced gradient partition goes straight to the host's fp32 copy
+            grads = 0
+    if offload_param and stage == 3:
+        host["host_weights"], weights = weights, 0
+    return StateBytes(weights=weights, gradients=grads, master=master, optimizer=optimizer, **host)
+
+
+def frozen_weights(params: int, *, shards: int, weight_bytes: int, offload: bool) -> StateBytes:
+    """A frozen ZeRO-3 inference engine (the reference): its weight partition only, on the host
+    under ``offload_param``.
+
+    >>> frozen_weights(1000, shards=4, weight_bytes=2, offload=True).host   # 2·P/D on the host
+    500
+    """
+    part = -(-params // max(1, shards)) * weight_bytes
+    return StateBytes(host_weights=part) if offload else StateBytes(weights=part)

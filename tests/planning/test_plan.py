@@ -1,0 +1,112 @@
+"""The memory planner's arithmetic against hand-worked cases (the arithmetic in each docstring)."""
+
+import doctest
+
+import pytest
+
+from megakto.planning import activations, plan as plan_mod, states
+from megakto.planning.activations import Tokens, layer_bytes_per_token
+from megakto.planning.plan import PlanInputs, plan_memory, worst_case_tokens
+from megakto.planning.shape import ModelShape
+from megakto.planning.states import model_states
+
+# A Llama-shaped toy: hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 kv heads, vocab 1000, untied.
+# One layer: q 64·64 + k 64·32 + v 64·32 + o 64·64 + gate/up/down 3·64·128 + 2 norms of 64
+#          = 4096 + 2048 + 2048 + 4096 + 24576 + 128 = 36992; P = 2·36992 + 2·64000 + 64 = 202048.
+TOY = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=1000,
+                 embedding=64000, head=64000, layer_params=(4096, 2048, 2048, 4096, 8192, 8192, 8192, 64, 64),
+                 other_params=(64,))
+
+
+def test_docstring_cases():
+    for module in (states, activations, plan_mod):
+        failed, tried = doctest.testmod(module)
+        assert tried > 0 and failed == 0, module.__name__
+
+
+def test_toy_shape_counts():
+    """202048 parameters, as the demo's tiny Llama (tests/_demo) has at hidden 64."""
+    assert TOY.total == 202048 and TOY.per_layer == 36992 and TOY.largest_layer_param() == 8192
+
+
+@pytest.mark.parametrize("stage,w,expected", [
+    # ZeRO-3 bf16 + fp32 Adam: (2 + 2 + 4 + 8)·P/N = 16·P/N; P = 1,000,000, N = 8 -> 2,000,000.
+    (3, 2, 2_000_000),
+    # ZeRO-2 bf16: 2P whole weights + (2 + 4 + 8)·P/N = 2,000,000 + 1,750,000.
+    (2, 2, 3_750_000),
+    # ZeRO-1 bf16: 2P weights + 2P gradients + 12·P/N = 4,000,000 + 1,500,000.
+    (1, 2, 5_500_000),
+    # ZeRO-3 fp32 (CPU): (4 + 4 + 4 + 8)·P/N = 20·P/N.
+    (3, 4, 2_500_000),
+])
+def test_model_states_per_stage(stage, w, expected):
+    assert model_states(1_000_000, 0, stage=stage, shards=8, weight_bytes=w).device == expected
+
+
+def test_offload_moves_master_moments_and_gradients_to_the_host():
+    """ZeRO-3 bf16 + offload_optimizer over 8 ranks, P = 1,000,000: the device keeps the weight
+    partition 2·P/8 = 250,000; the host the fp32 gradient, master and moments (4 + 4 + 8)·P/8."""
+    s = model_states(1_000_000, 0, stage=3, shards=8, weight_bytes=2, offload_optimizer=True)
+    assert (s.device, s.host) == (250_000, 2_000_000)
+    both = model_states(1_000_000, 0, stage=3, shards=8, weight_bytes=2, offload_optimizer=True, offload_param=True)
+    assert (both.device, both.host) == (0, 2_250_000)
+
+
+def test_lora_states_count_adapters_only():
+    """Frozen base weights (ZeRO-3: 2·P/N) and 16 bytes per adapter parameter over N."""
+    s = model_states(1000, 1_000_000, stage=3, shards=4, weight_bytes=2)
+    assert s.device == 2 * 1000 // 4 + 2 * 1_000_000 // 4 + (2 + 4 + 8) * 1000 // 4
+
+
+def test_deepspeed_estimator_is_ours_plus_its_whole_fp32_gradient():
+    """DeepSpeed's estimate for ZeRO-3 without offload is 18·P/N + 4·largest layer: our 16·P/N, its
+    fp32 gradient of the whole partition (2·P/N more than the 2 bytes we hold between steps plus
+    one sub-group's fp32 gradient at the step) and a gathered largest layer with its gradient."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    p, n, largest = 32_763_876_352, 32, 141_557_760
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(p, largest, num_gpus_per_node=8, num_nodes=4,
+                                                      cpu_offload=False, cpu_offload_params=False)
+    ours = model_states(p, 0, stage=3, shards=n, weight_bytes=2).device
+    assert gpu == 4 * largest + int(18 * p / n)
+    assert gpu - ours == pytest.approx(4 * largest + 2 * p / n, rel=1e-9)
+
+
+def test_layer_activations_by_hand():
+    """Qwen2.5-32B's layer (h 5120, q 5120, kv 1024, i 27648) in bf16: norms 2·8·5120 = 81920 bytes,
+    the rest 2·(5·5120 + 4·1024 + 4·27648) = 2·(25600 + 4096 + 110592) = 280576: 362496 bytes per token;
+    TP8 divides all but the norms: 81920 + 280576 / 8 = 116992."""
+    qwen = ModelShape(hidden=5120, intermediate=27648, layers=64, heads=40, kv_heads=8, head_dim=128,
+                      vocab=152064, embedding=1, head=1, layer_params=(1,))
+    assert layer_bytes_per_token(qwen, w=2) == 362496
+    assert layer_bytes_per_token(qwen, w=2, tp=8) == 116992
+
+
+def test_checkpointing_keeps_layer_inputs_and_one_layer():
+    """1000 tokens, toy in fp32 (layer 5376 bytes a token): without checkpointing 2 layers keep
+    2·5376·1000; with it each layer keeps its input (64·4 bytes a token) and one layer is recomputed."""
+    t = Tokens(1000, 100, 1, 1000)
+    off = activations.train_pass(TOY, t, w=4, tp=1, checkpointing=False, attn="sdpa")
+    on = activations.train_pass(TOY, t, w=4, tp=1, checkpointing=True, attn="sdpa")
+    rest = 3 * 64 * 4 * 1000 + 64 * 4 * 100 + 1000 * 1000  # final norm, scored hidden states, the mask
+    assert off["activations"] == 2 * 5376 * 1000 + rest
+    assert on["activations"] == 2 * 64 * 4 * 1000 + 5376 * 1000 + rest
+
+
+def test_worst_case_tokens():
+    """4 rows of 64 tokens packed into rows of 128: 2 rows of 128; unpacked: 4 rows of 64."""
+    assert worst_case_tokens(4, 64, 128, True) == Tokens(256, 256, 2, 128)
+    assert worst_case_tokens(4, 64, 64, False) == Tokens(256, 256, 4, 64)
+
+
+def test_plan_peak_is_persistent_plus_largest_phase():
+    p = PlanInputs(shape=TOY, world_size=2, dp=2, zero={"stage": 3, "reduce_bucket_size": 1000},
+                   weight_bytes=4, on_gpu=True, ref="online", ref_offload=False,
+                   train_tokens=Tokens(256, 100, 2, 128), precompute_tokens=Tokens(256, 100, 2, 128))
+    plan = plan_memory(p, gpu_memory=1.0)
+    # policy 20·P/2, reference weights 4·P/2 on the device, and its forwards' gathered weights (all P of
+    # them: under stage3_max_live_parameters) 4·P, the 1000-element bucket in fp32.
+    states_bytes = 20 * 202048 // 2 + 4 * 202048 // 2 + 4 * 202048
+    assert plan.persistent == pytest.approx(states_bytes + 1000 * 4, abs=64)
+    assert plan.device_peak == plan.persistent + max(plan.phases.values())
+    assert plan.fits is True and plan.host_bytes_per_node == 0

@@ -1,0 +1,49 @@
+"""Every shipped 30B recipe dry-runs (in this process, no data: the model folder holds config.json
+only) and fits its GPUs; a bad config fails in the dry run with the run's own one-line error."""
+
+import importlib.util
+import os
+
+import pytest
+
+from megakto.errors import ModelError
+from megakto.model.tp_checks import check_tp_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPES = {"one_node_offload": 8, "four_nodes": 32, "tp8_dp4": 32}
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("train_kto", os.path.join(REPO, "launch", "train_kto.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dry(name, world, *extra):
+    folder = os.path.join(REPO, "configs", "qwen2.5-32b")
+    return _launcher().main(["--dry-run", "--no-data", "--world-size", str(world), "--gpu-memory", "80",
+                             "--config", os.path.join(folder, f"{name}.yaml"),
+                             "--deepspeed", os.path.join(folder, f"{name}.json"), *extra])
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_dry_runs_and_fits(name, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert _dry(name, RECIPES[name]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: embedding 0.779B, layers 31.207B, head 0.779B" in out
+    assert "fits: yes" in out and out.rstrip().endswith("dry run: ok")
+
+
+def test_bad_tp_size_fails_with_the_runs_error(capsys, monkeypatch):
+    """tp 3 divides world 24 but not the 40 attention heads: the dry run prints exactly the line
+    check_tp_config (what the trainer calls) raises."""
+    monkeypatch.chdir(REPO)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(os.path.join("configs", "models", "qwen2.5-32b"))
+    with pytest.raises(ModelError) as err:
+        check_tp_config(config, 3, key="model.path=configs/models/qwen2.5-32b")
+    assert _dry("tp8_dp4", 24, "parallel.tp_size=3", "train.global_batch_size=64", "train.micro_batch_size=2") == 1
+    assert capsys.readouterr().err.strip() == f"megakto: error: {err.value}"
