@@ -219,7 +219,7 @@ class KTOTrainer:
     def _setup_weights(self) -> float:
         """eq. (8): λD·nD / (λU·nU) should lie in [1, 4/3]; ``auto`` makes it exactly 1."""
         kto = self.cfg.kto
-        n_d = sum(self.train_rows.label)
+        n_d = int(self.train_rows.label.sum())
         n_u = len(self.train_rows) - n_d
         weight = kto.desirable_weight
         if weight == "auto":

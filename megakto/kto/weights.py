@@ -53,6 +53,6 @@ def check_weights(
     return (
         f"desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = "
         f"{desirable_weight} * {n_desirable} / ({undesirable_weight} * {n_undesirable}) = "
-        f"{ratio:.4g}, outside [1, 4/3] recommended by the KTO paper (eq. 8); "
-        f"desirable_weight={round(suggested, 4)} makes it 1"
+        f"{ratio:.6g}, outside [1, 4/3] recommended by the KTO paper (eq. 8); "
+        f"desirable_weight={round(suggested, 6)} makes it 1"
     )

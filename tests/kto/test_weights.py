@@ -35,9 +35,16 @@ def test_too_many_desirable():
 
 
 def test_just_above_upper_edge():
-    """nD=3, nU=2: ratio 1.5 > 4/3 = 1.3333; lambda_D = 2 / 3 = 0.6667."""
+    """nD=3, nU=2: ratio 1.5 > 4/3 = 1.3333; lambda_D = 2 / 3 = 0.666667."""
     msg = check_weights(3, 2, 1.0, 1.0)
-    assert "= 1.5," in msg and "desirable_weight=0.6667" in msg
+    assert "= 1.5," in msg and "desirable_weight=0.666667" in msg
+
+
+def test_just_below_lower_edge_shows_digits_that_differ_from_1():
+    """nD=499997, nU=500003 (a random half of a million rows): ratio 0.999988 < 1, printed with
+    enough digits not to read "= 1, outside [1, 4/3]"; lambda_D = 500003 / 499997 = 1.000012."""
+    msg = check_weights(499997, 500003, 1.0, 1.0)
+    assert "= 0.999988," in msg and "desirable_weight=1.000012 makes it 1" in msg
 
 
 def test_undesirable_weight_enters_ratio_and_suggestion():
