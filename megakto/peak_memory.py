@@ -92,9 +92,10 @@ class RunPeak:
         return text
 
 
-def reduce_peaks(peak: PeakMemory, group=None) -> RunPeak:
-    """Max and min over ``group`` (None = the world) of every rank's peak: one all-reduce of
-    (peak, -peak, reserved) under MAX. Collective: every rank of the group calls it."""
+def reduce_peaks(peak: PeakMemory, *, group) -> RunPeak:
+    """Max and min over ``group`` (the trainer passes every rank: ``comm.world_group()``) of every
+    rank's peak: one all-reduce of (peak, -peak, reserved) under MAX. Collective: every rank of the
+    group calls it."""
     used, reserved = peak.peak()
     values = torch.tensor([used, -used, reserved], dtype=torch.float64)
     comm.all_reduce_max(values, group=group)

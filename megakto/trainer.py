@@ -493,7 +493,8 @@ class KTOTrainer:
             if result.skipped:
                 self.log.info(f"step {self.step} skipped: {result.skipped}; skipped_steps {skips.total}")
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps or stop:
-                result.metrics.update(reduce_peaks(self.peak_memory).metrics(engine.on_gpu()))
+                peaks = reduce_peaks(self.peak_memory, group=comm.world_group())
+                result.metrics.update(peaks.metrics(engine.on_gpu()))
                 self.log.scalars(self.step, result.metrics)
             self.log.advance(1, loss=result.metrics["loss"], kl=result.metrics["kl"],
                              tok_s=result.metrics.get("tokens_per_s", float("nan")))
@@ -520,9 +521,11 @@ class KTOTrainer:
             self._evaluate_and_log()
         if (cfg.checkpoint.every_steps or cfg.train.export_hf) and self._saved_step != self.step:
             self._save_checkpoint()  # the finished run: resumable with more steps, and what export_hf converts
+        # The last collective of the run: before rank 0's export, which the other ranks do not wait for.
+        peak = reduce_peaks(self.peak_memory, group=comm.world_group())
         if cfg.train.export_hf and comm.is_main():
             self._export_hf()
-        self.log.info(f"run finished at step {self.step}: {reduce_peaks(self.peak_memory).describe(engine.on_gpu())}")
+        self.log.info(f"run finished at step {self.step}: {peak.describe(engine.on_gpu())}")
         self.log.close()
         return history
 

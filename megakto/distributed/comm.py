@@ -51,6 +51,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
+def world_group():
+    """Every rank (for the few reductions that span all of them, e.g. peak memory): named, so a
+    call site says it means the world rather than forgetting its data-parallel group."""
+    return dist.group.WORLD if is_initialized() else None
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
