@@ -1,13 +1,15 @@
 """``launch/train_kto.py --dry-run``: every start-up check that needs neither the weights nor the
 other ranks, at the run's world size, in one process, then the memory plan.
 
-The checks are the run's own functions, in the trainer's order, so a bad config fails here with the
-same one-line error: the config (already loaded), the parallel arithmetic
+The checks are the run's own functions (:func:`megakto.startup.check_run`, which the trainer calls
+too), in the trainer's order, so a bad config fails here with the same one-line error: the config
+(already loaded), output_dir, the parallel arithmetic
 (:class:`~megakto.distributed.parallel.ParallelDims`), the DeepSpeed JSON
 (:func:`~megakto.distributed.ds_config.build_ds_config`), the DeepSpeed version for TP/PP, the model
 folders and their TP/PP divisibility, the attention and log-prob settings against the model built on
-the meta device, then (unless ``load_data`` is off) the tokenizer, the data with its tokenization
-report, the sampler, and the first steps' micro-batch plan: tokens per rank, padding share, KL rows.
+the meta device, ``train.resume``'s checkpoint and layout, then (unless ``load_data`` is off) the
+tokenizer, the data with its tokenization report, the class weights of eq. (8), the sampler, and
+the first steps' micro-batch plan: tokens per rank, padding share, KL rows.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from collections.abc import Callable
 
 from megakto.config import Config
 from megakto.data.packing import pack, pad_rows, plan_micro_batches
-from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
 from megakto.distributed.parallel import ParallelDims
-from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
+from megakto.model.load import load_tokenizer
 from megakto.planning.activations import Tokens
 
 __all__ = ["dry_run", "first_steps"]
@@ -74,27 +75,26 @@ def dry_run(cfg: Config, deepspeed: str, world_size: int, *, load_data: bool = T
     from megakto.model.meta import model_shape
     from megakto.planning.run_plan import PlanRequest, plan_report
 
-    dims = ParallelDims.from_config(cfg, world_size)
-    check_deepspeed_version(dims.tp, dims.pp)
-    bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
-    build_ds_config(load_ds_json(deepspeed), cfg, dims, bf16=bf16, source=deepspeed)
-    log(f"dry run: parallelism: {dims.describe()}")
-    trust = cfg.model.trust_remote_code
-    for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
-        if path:
-            check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp)
-            if dims.pp > 1:
-                from megakto.runners import pipeline
+    from megakto import checkpoint
+    from megakto.startup import check_run
 
-                pipeline.check_model(path, dims.pp, key=key, trust_remote_code=trust)
-    attn = check_model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
-                                logps=cfg.model.logps, trust_remote_code=trust, ref_path=cfg.ref.path)
+    bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
+    if cfg.model.dtype == "auto" and on_gpu:
+        log("dry run: model.dtype=auto taken as bfloat16 (a GPU that supports it); set model.dtype to plan otherwise")
+    checked = check_run(cfg, deepspeed, world_size=world_size, rank=0, bf16=bf16)
+    dims, attn, trust = checked.dims, checked.attn, cfg.model.trust_remote_code
+    log(f"dry run: parallelism: {dims.describe()}")
+    # The resume checks a run makes before it loads anything: the checkpoint's manifest and layout.
+    resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir, world_size=world_size,
+                                           tp_size=dims.tp, pp_size=dims.pp)
+    if resume_dir:
+        log(f"dry run: train.resume: {resume_dir} verified")
     shape = model_shape(cfg.model.path, trust_remote_code=trust)
     log(f"dry run: model {shape.model_type} built on the meta device: {shape.total / 1e9:.3f}B parameters, "
         f"{shape.layers} layers, hidden {shape.hidden}, vocabulary {shape.vocab}; attention {attn}")
     tokens = None
     if load_data:
-        from megakto.startup import load_split
+        from megakto.startup import desirable_weight, load_split
 
         tok_path = cfg.model.tokenizer_path or cfg.model.path
         tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path else "model.path",
@@ -108,6 +108,7 @@ def dry_run(cfg: Config, deepspeed: str, world_size: int, *, load_data: bool = T
                 for warning in report.warnings():
                     log(f"dry run: warning: {split} data: {warning}")
                 train_rows = rows if split == "train" else train_rows
+        desirable_weight(cfg, train_rows, lambda line: log(f"dry run: {line}"))
         tokens = first_steps(cfg, dims, train_rows, tokenizer.pad_token_id, log=log)
     else:
         log("dry run: data not loaded (--no-data): the memory plan takes the worst micro-batch the config allows")

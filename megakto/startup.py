@@ -4,16 +4,88 @@ No process group here: the trainer decides which ranks call what."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from megakto.config import Config
 from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, require_both_classes, tokenize_rows
 from megakto.data.kl_pairs import fit_kl_row
 from megakto.data.split import TokenizedSplit
 from megakto.data.tokenize import auto_num_proc
-from megakto.errors import DataError
+from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
+from megakto.distributed.parallel import ParallelDims
+from megakto.errors import ConfigError, DataError
+from megakto.kto import auto_desirable_weight, check_weights
 
-__all__ = ["load_split", "make_sampler", "step_kl_rows"]
+__all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "load_split", "make_sampler",
+           "step_kl_rows"]
+
+
+@dataclass
+class RunChecks:
+    """What :func:`check_run` established: the mesh, the filled-in DeepSpeed config, the attention."""
+
+    dims: ParallelDims
+    ds_config: dict
+    attn: str
+
+
+def check_output_dir(path: str) -> None:
+    """``output_dir`` must be a folder this process can write to (made here if missing), before the
+    run logger or a checkpoint writes there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir={path} is a file, not a folder; choose another output_dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".megakto-write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output_dir={path}: cannot write there ({err.strerror or err})") from None
+
+
+def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: bool) -> RunChecks:
+    """The start-up checks that need neither the weights nor the other ranks, in the trainer's order:
+    output_dir, the parallel arithmetic at ``world_size``, the DeepSpeed version for TP/PP, the
+    DeepSpeed JSON, the model folders and their TP/PP divisibility, the attention and log-prob
+    settings against the model built on the meta device. Raises the run's one-line errors."""
+    from megakto.model.load import check_model_path, check_model_settings
+
+    check_output_dir(cfg.output_dir)
+    dims = ParallelDims.from_config(cfg, world_size, rank=rank)
+    check_deepspeed_version(dims.tp, dims.pp)
+    ds_config = build_ds_config(load_ds_json(deepspeed), cfg, dims, bf16=bf16, source=deepspeed)
+    trust = cfg.model.trust_remote_code
+    for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
+        if path:
+            check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp)
+            if dims.pp > 1:
+                from megakto.runners import pipeline
+
+                pipeline.check_model(path, dims.pp, key=key, trust_remote_code=trust)
+    attn = check_model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
+                                logps=cfg.model.logps, trust_remote_code=trust, ref_path=cfg.ref.path)
+    return RunChecks(dims, ds_config, attn)
+
+
+def desirable_weight(cfg: Config, train_rows: TokenizedSplit, log: Callable[[str], None]) -> float:
+    """eq. (8): λD·nD / (λU·nU) should lie in [1, 4/3]; ``kto.desirable_weight=auto`` makes it 1."""
+    kto = cfg.kto
+    n_d = int(train_rows.label.sum())
+    n_u = len(train_rows) - n_d
+    weight = kto.desirable_weight
+    if weight == "auto":
+        if not n_d or not n_u:
+            raise ConfigError(f"kto.desirable_weight=auto needs both classes, but {', '.join(cfg.data.train_files)} "
+                              f"has {n_d} desirable and {n_u} undesirable rows: give a number")
+        weight = auto_desirable_weight(n_d, n_u, kto.undesirable_weight)
+        log(f"kto.desirable_weight=auto -> {weight:.4f} ({n_d} desirable, {n_u} undesirable rows)")
+    warning = check_weights(n_d, n_u, weight, kto.undesirable_weight)
+    if warning:
+        log(f"warning: {warning}")
+    return float(weight)
 
 
 def load_split(cfg: Config, files: list[str], tokenizer, *, train: bool):

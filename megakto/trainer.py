@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -44,15 +43,14 @@ from megakto.data.kl_pairs import dataset_kl_partners
 from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
-from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
-from megakto.kto import auto_desirable_weight, check_weights, finalize_kl, kl_partial, kto_loss, nll_share
+from megakto.kto import finalize_kl, kl_partial, kto_loss, nll_share
 from megakto.metrics import step_metrics
 from megakto.model.forward import logps_function
-from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
+from megakto.model.load import load_tokenizer
 from megakto.model.lora import ADAPTER_DIR, apply_lora
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
@@ -66,7 +64,7 @@ from megakto.runners.base import MicroLoss
 from megakto.runners.zero import ZeroRunner
 from megakto.samples import SampleWriter, generate, sample_prompts
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
-from megakto.startup import load_split, make_sampler, step_kl_rows
+from megakto.startup import check_run, desirable_weight, load_split, make_sampler, step_kl_rows
 
 __all__ = ["KTOTrainer", "StepResult"]
 
@@ -80,19 +78,6 @@ class StepResult:
     metrics: dict[str, float]
     indices: list[int]
     skipped: str | None = None
-
-
-def _check_output_dir(path: str) -> None:
-    """``output_dir`` must be a folder this rank can write to (made here if missing), before the
-    run logger or a checkpoint writes there."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"output_dir={path} is a file, not a folder; choose another output_dir")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".megakto-write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"output_dir={path}: cannot write there ({err.strerror or err})") from None
 
 
 def _param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
@@ -110,21 +95,9 @@ class KTOTrainer:
         self.bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and engine.bf16_supported())
         # Every user-input check runs before the first training collective; all ranks fail together.
         with comm.fail_together():
-            _check_output_dir(cfg.output_dir)
-            # The mesh: world = dp × tp; its process groups are attached once the policy engine exists.
-            self.dims = ParallelDims.from_config(cfg, comm.world_size(), rank=comm.rank())
-            check_deepspeed_version(self.dims.tp, self.dims.pp)
-            self.ds_config = build_ds_config(load_ds_json(deepspeed_config), cfg, self.dims, bf16=self.bf16,
-                                             source=deepspeed_config)
-            for key in ("model.path", "ref.path"):
-                path = cfg.model.path if key == "model.path" else cfg.ref.path
-                if path:
-                    check_model_path(path, key=key, trust_remote_code=cfg.model.trust_remote_code, tp=self.dims.tp)
-                    if self.dims.pp > 1:
-                        pipeline.check_model(path, self.dims.pp, key=key, trust_remote_code=cfg.model.trust_remote_code)
-            attn = check_model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
-                                        logps=cfg.model.logps, trust_remote_code=cfg.model.trust_remote_code,
-                                        ref_path=cfg.ref.path)
+            checked = check_run(cfg, deepspeed_config, world_size=comm.world_size(), rank=comm.rank(), bf16=self.bf16)
+            # The mesh: world = dp × tp × pp; its process groups are attached once the policy engine exists.
+            self.dims, self.ds_config, attn = checked.dims, checked.ds_config, checked.attn
             tok_path = cfg.model.tokenizer_path or cfg.model.path
             self.tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
@@ -217,21 +190,7 @@ class KTOTrainer:
         return train, loaded["eval"][0] if "eval" in loaded else None
 
     def _setup_weights(self) -> float:
-        """eq. (8): λD·nD / (λU·nU) should lie in [1, 4/3]; ``auto`` makes it exactly 1."""
-        kto = self.cfg.kto
-        n_d = int(self.train_rows.label.sum())
-        n_u = len(self.train_rows) - n_d
-        weight = kto.desirable_weight
-        if weight == "auto":
-            if not n_d or not n_u:
-                raise ConfigError(f"kto.desirable_weight=auto needs both classes, but {', '.join(self.cfg.data.train_files)} "
-                                  f"has {n_d} desirable and {n_u} undesirable rows: give a number")
-            weight = auto_desirable_weight(n_d, n_u, kto.undesirable_weight)
-            self.log.info(f"kto.desirable_weight=auto -> {weight:.4f} ({n_d} desirable, {n_u} undesirable rows)")
-        warning = check_weights(n_d, n_u, weight, kto.undesirable_weight)
-        if warning:
-            self.log.info(f"warning: {warning}")
-        return float(weight)
+        return desirable_weight(self.cfg, self.train_rows, self.log.info)
 
     def _model_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float32

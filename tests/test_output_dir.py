@@ -5,7 +5,7 @@ import os
 import pytest
 
 from megakto.errors import ConfigError
-from megakto.trainer import _check_output_dir
+from megakto.startup import check_output_dir as _check_output_dir
 
 
 def test_missing_folder_is_made(tmp_path):

@@ -28,15 +28,15 @@ def _dry(name, world, *extra):
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_recipe_dry_runs_and_fits(name, capsys, monkeypatch):
+def test_recipe_dry_runs_and_fits(name, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
-    assert _dry(name, RECIPES[name]) == 0
+    assert _dry(name, RECIPES[name], f"output_dir={tmp_path}") == 0
     out = capsys.readouterr().out
     assert "parameters: embedding 0.779B, layers 31.207B, head 0.779B" in out
     assert "fits: yes" in out and out.rstrip().endswith("dry run: ok")
 
 
-def test_bad_tp_size_fails_with_the_runs_error(capsys, monkeypatch):
+def test_bad_tp_size_fails_with_the_runs_error(capsys, monkeypatch, tmp_path):
     """tp 3 divides world 24 but not the 40 attention heads: the dry run prints exactly the line
     check_tp_config (what the trainer calls) raises."""
     monkeypatch.chdir(REPO)
@@ -45,5 +45,20 @@ def test_bad_tp_size_fails_with_the_runs_error(capsys, monkeypatch):
     config = AutoConfig.from_pretrained(os.path.join("configs", "models", "qwen2.5-32b"))
     with pytest.raises(ModelError) as err:
         check_tp_config(config, 3, key="model.path=configs/models/qwen2.5-32b")
-    assert _dry("tp8_dp4", 24, "parallel.tp_size=3", "train.global_batch_size=64", "train.micro_batch_size=2") == 1
+    assert _dry("tp8_dp4", 24, "parallel.tp_size=3", "train.global_batch_size=64", "train.micro_batch_size=2",
+                f"output_dir={tmp_path}") == 1
+    assert capsys.readouterr().err.strip() == f"megakto: error: {err.value}"
+
+
+def test_output_dir_that_is_a_file_fails_as_in_a_run(capsys, monkeypatch, tmp_path):
+    """The dry run calls the trainer's own checks (megakto.startup.check_run), output_dir first."""
+    monkeypatch.chdir(REPO)
+    from megakto.errors import ConfigError
+    from megakto.startup import check_output_dir
+
+    target = tmp_path / "out"
+    target.write_text("")
+    with pytest.raises(ConfigError) as err:
+        check_output_dir(str(target))
+    assert _dry("four_nodes", 32, f"output_dir={target}") == 1
     assert capsys.readouterr().err.strip() == f"megakto: error: {err.value}"
