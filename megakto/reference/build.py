@@ -71,7 +71,10 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
         cache = RefLogpCache.open(ref.cache_dir, fingerprint, create=False)
     start = time.perf_counter()
     seqs = sequences()
-    log(f"reference cache: keys of {len(seqs):,} sequences in {time.perf_counter() - start:.1f} s")
+    # Each data-parallel rank hashes its share of the rows; one all-gather assembles every key.
+    seqs.fill_keys(dp_rank, dp_size, gather=lambda mine: comm.all_gather_object(mine, group=dp_group))
+    log(f"reference cache: keys of {len(seqs):,} sequences in {time.perf_counter() - start:.1f} s "
+        f"(each of {dp_size} data-parallel ranks hashed its share)")
     # Rank 0 decides what is missing: ranks that saw different folder contents (another job
     # writing, a lagging network filesystem) would otherwise run different numbers of forwards.
     # Every rank computed the same positions, so rank 0 sends positions (8 bytes each), not rows.

@@ -21,7 +21,7 @@ the other (train, then eval). :class:`PairSequences` holds a plain list (tests, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -87,38 +87,55 @@ class SplitSequences(Sequences):
 
     @property
     def keys(self) -> np.ndarray:
-        """Computed on first use (one pass over the split): only the reference cache needs them."""
+        """Computed on first use (one pass over the split) unless :meth:`fill_keys` ran: only the
+        reference cache needs them."""
         if self._keys is None:
-            self._walk()
+            self.fill_keys()
         return self._keys
 
     @property
     def lengths(self) -> np.ndarray:
         if self._lengths is None:
-            self._walk()
+            self.fill_keys()
         return self._lengths
 
-    def _walk(self) -> None:
-        self._keys, self._lengths = np.empty(len(self), dtype=_KEY), np.empty(len(self), dtype=np.int32)
-        for start in range(0, self.n_rows, self.chunk_rows):
-            self._fill(start, min(start + self.chunk_rows, self.n_rows))
+    def fill_keys(self, shard: int = 0, shards: int = 1, gather: Callable[[object], list] | None = None) -> None:
+        """Compute keys and lengths for rows ``[n·shard/shards, n·(shard+1)/shards)`` and, with
+        ``gather`` (every shard's object in shard order, e.g. an all-gather over the data-parallel
+        group), assemble the whole arrays from all shards: each rank hashes 1/shards of the split."""
+        lo, hi = self.n_rows * shard // shards, self.n_rows * (shard + 1) // shards
+        mine = self._walk(lo, hi)
+        pieces = [mine] if gather is None else gather(mine)
+        if sum(len(piece[0]) for piece in pieces) != self.n_rows:
+            raise ValueError(f"the shards hold {sum(len(piece[0]) for piece in pieces)} rows, the split {self.n_rows}")
+        kinds = range(len(mine) // 2)  # targets, then KL rows
+        self._keys = np.concatenate([piece[2 * k] for k in kinds for piece in pieces])
+        self._lengths = np.concatenate([piece[2 * k + 1] for k in kinds for piece in pieces])
 
-    def _fill(self, start: int, stop: int) -> None:
+    def _walk(self, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+        """(target keys, target lengths[, KL keys, KL lengths]) of rows lo..hi-1, read in chunks."""
+        out: list[np.ndarray] = []
+        for _ in range(2 if self.has_kl else 1):
+            out += [np.empty(hi - lo, dtype=_KEY), np.empty(hi - lo, dtype=np.int32)]
+        for start in range(lo, hi, self.chunk_rows):
+            self._fill(out, start - lo, start, min(start + self.chunk_rows, hi))
+        return tuple(out)
+
+    def _fill(self, out: list[np.ndarray], at: int, start: int, stop: int) -> None:
         p_off, p_val = self.split.id_arrays("prompt_ids", slice(start, stop))
         c_off, c_val = self.split.id_arrays("completion_ids", slice(start, stop))
         for i in range(stop - start):
             p, c = p_val[p_off[i]:p_off[i + 1]], c_val[c_off[i]:c_off[i + 1]]
-            self._keys[start + i] = sequence_key(p, c)
-            self._lengths[start + i] = len(p) + len(c)
+            out[0][at + i] = sequence_key(p, c)
+            out[1][at + i] = len(p) + len(c)
         if self.partners is None:
             return
         k_off, k_val = self.split.id_arrays("completion_ids", self.partners[start:stop])
-        n = self.n_rows
         for i in range(stop - start):
             p, c = p_val[p_off[i]:p_off[i + 1]], k_val[k_off[i]:k_off[i + 1]]
             keep_p, keep_c = fitted_lengths(len(p), len(c), self.max_length, self.max_prompt_length)
-            self._keys[n + start + i] = sequence_key(p[len(p) - keep_p:], c[:keep_c])
-            self._lengths[n + start + i] = keep_p + keep_c
+            out[2][at + i] = sequence_key(p[len(p) - keep_p:], c[:keep_c])
+            out[3][at + i] = keep_p + keep_c
 
     def fetch(self, positions: Sequence[int]) -> list[Pair]:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
@@ -144,9 +161,31 @@ class ConcatSequences(Sequences):
     def __init__(self, parts: Sequence[Sequences]):
         self.parts = list(parts)
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
-        self.keys = (np.concatenate([p.keys for p in self.parts]) if self.parts else np.empty(0, dtype=_KEY))
-        self.lengths = (np.concatenate([p.lengths for p in self.parts]) if self.parts
-                        else np.empty(0, dtype=np.int32))
+        self._keys = self._lengths = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def fill_keys(self, shard: int = 0, shards: int = 1, gather: Callable[[object], list] | None = None) -> None:
+        """:meth:`SplitSequences.fill_keys` for every part (parts held in memory have theirs)."""
+        for part in self.parts:
+            if hasattr(part, "fill_keys"):
+                part.fill_keys(shard, shards, gather)
+        self._keys = self._lengths = None
+
+    @property
+    def keys(self) -> np.ndarray:
+        if self._keys is None:
+            self._keys = (np.concatenate([p.keys for p in self.parts]) if self.parts
+                          else np.empty(0, dtype=_KEY))
+        return self._keys
+
+    @property
+    def lengths(self) -> np.ndarray:
+        if self._lengths is None:
+            self._lengths = (np.concatenate([p.lengths for p in self.parts]) if self.parts
+                             else np.empty(0, dtype=np.int32))
+        return self._lengths
 
     def fetch(self, positions: Sequence[int]) -> list[Pair]:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)

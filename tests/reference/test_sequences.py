@@ -68,3 +68,24 @@ def test_concatenated_parts_fetch_from_the_right_split():
     assert len(both) == 17
     assert np.array_equal(both.keys, np.concatenate([first.keys, second.keys, pairs.keys]))
     assert both.fetch([16, 0, 13, 11, 12]) == [want[i] for i in (16, 0, 13, 11, 12)]
+
+
+def test_keys_computed_in_shards_and_gathered_equal_the_whole_pass():
+    """Three ranks each hash a third of the rows (23 rows: 7, 8, 8); gathered in rank order, the
+    arrays equal one process's pass over the whole split, targets then KL rows."""
+    split, _, _ = _split()
+    partners = dataset_kl_partners(split.prompt_key)
+    whole = SplitSequences(split, partners, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT)
+    ranks = [SplitSequences(split, partners, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, chunk_rows=3)
+             for _ in range(3)]
+    mine = [r._walk(len(split) * k // 3, len(split) * (k + 1) // 3) for k, r in enumerate(ranks)]
+    assert [len(m[0]) for m in mine] == [7, 8, 8]
+    for k, r in enumerate(ranks):
+        r.fill_keys(k, 3, gather=lambda _: mine)
+        assert np.array_equal(r.keys, whole.keys) and np.array_equal(r.lengths, whole.lengths)
+    both = ConcatSequences([SplitSequences(split, None, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT),
+                            PairSequences([([9], [8, 7])])])
+    both.fill_keys()
+    assert both.keys.tolist() == whole.keys[:len(split)].tolist() + [sequence_key([9], [8, 7])]
+    with pytest.raises(ValueError, match="the shards hold 7 rows, the split 23"):
+        ranks[0].fill_keys(0, 3, gather=lambda m: [m])
