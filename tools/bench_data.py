@@ -289,9 +289,16 @@ def main(argv=None) -> int:
         paths = {}
         for split, m, seed in (("train", n, args.seed), ("eval", min(args.eval_rows, n), args.seed + 1)):
             paths[split] = work / f"{tag}-{n}-{split}.jsonl"
-            write_rows(paths[split], m, prompt_tokens=tuple(args.prompt_tokens),
-                       completion_tokens=tuple(args.completion_tokens), seed=seed)
-        print(f"wrote {n:,} rows to {paths['train']} in {time.perf_counter() - start:.0f} s", flush=True)
+            params = {"rows": m, "prompt_tokens": list(args.prompt_tokens),
+                      "completion_tokens": list(args.completion_tokens), "seed": seed}
+            made = paths[split].with_suffix(".params.json")
+            # The same file again (not rewritten): datasets keys its cache by the file's path and
+            # modification time, so a rewrite would make every run's start-up a first one.
+            if not (paths[split].exists() and made.exists() and json.loads(made.read_text()) == params):
+                write_rows(paths[split], m, prompt_tokens=tuple(args.prompt_tokens),
+                           completion_tokens=tuple(args.completion_tokens), seed=seed)
+                made.write_text(json.dumps(params))
+        print(f"rows ready in {paths['train']} ({time.perf_counter() - start:.0f} s)", flush=True)
         sets[tag] = {"tag": f"{tag}-{n}", **{k: str(v) for k, v in paths.items()}}
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                "rows": args.rows, "baseline_rows": args.baseline_rows, "nproc": args.nproc,
