@@ -414,7 +414,11 @@ class KTOTrainer:
         with comm.fail_together():  # rank 0 converts; the others wait (a large model: use tools/to_universal.py)
             if comm.is_main():
                 start = time.perf_counter()
-                reused = universal.converted(self.resume_dir, target)
+                why = universal.stale(self.resume_dir, target) if os.path.exists(target) else None
+                reused = os.path.exists(target) and why is None
+                if why is not None:  # e.g. the step was saved again since: its old weights must not load
+                    self.log.info(f"{target} is not the universal form of {self.resume_dir} ({why}): converting "
+                                  "it again")
                 universal.convert(self.resume_dir, target)
                 self.log.info(f"{'reusing' if reused else 'converted'} {self.resume_dir} ({state['world_size']} ranks) "
                               f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
