@@ -142,11 +142,12 @@ def fp32_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
         path = os.path.join(zero, name, "fp32.pt")
         if os.path.isfile(path):
             loaded = engine.weights_only_load(path, map_location="cpu")
-            tensor = loaded["param"] if isinstance(loaded, dict) else loaded
-            if tensor.dim() == 1 and len(shapes.get(name, [0])) != 1:
-                if name not in shapes:
-                    raise ModelError(f"{path}: a flat ZeRO-3 tensor and no shape for {name} in the trainer state")
-                tensor = tensor.view(shapes[name])
+            if isinstance(loaded, dict):  # ZeRO-1/2: in its own shape
+                tensor = loaded["param"]
+            elif name in shapes:  # ZeRO-3: flat
+                tensor = loaded.view(shapes[name])
+            else:  # a checkpoint saved before param_shapes were recorded: a matrix would export flat
+                raise ModelError(f"{path}: a flat ZeRO-3 tensor and no shape for {name} in the trainer state")
             state[name] = tensor
     if not state:
         raise ModelError(f"{tag_dir}: no zero/<parameter>/fp32.pt files (not a universal checkpoint)")

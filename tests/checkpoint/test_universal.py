@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megakto import checkpoint, universal
+from megakto.errors import ModelError
 
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
@@ -93,3 +94,30 @@ def test_pruning_or_saving_a_step_again_deletes_its_universal_form(tmp_path, fak
     _save(ckpt, 16, 4, keep_last=2)  # prunes step 4
     assert sorted(os.listdir(ckpt)) == ["latest", "step-00000008", "step-00000016", "universal-step-00000012"]
     assert universal.converted(foreign, str(ckpt / "universal-step-00000012"))
+
+
+def _universal_folder(path, params, state):
+    """A universal folder's ``zero/<name>/fp32.pt`` files and trainer state, no manifest (the export
+    reads the files)."""
+    for name, value in params.items():
+        os.makedirs(path / "zero" / name)
+        torch.save(value, path / "zero" / name / "fp32.pt")
+    torch.save({"version": checkpoint.STATE_VERSION, "rank": 0, **state}, path / checkpoint.state_file(0))
+    return str(path)
+
+
+def test_flat_zero3_tensors_need_their_shapes(tmp_path):
+    """ZeRO-3's converter writes each parameter as a flat tensor; the trainer state's param_shapes
+    give it its shape back. A universal folder of a checkpoint saved before shapes were recorded
+    cannot be exported: one line naming the parameter, never a flat (16,) matrix. ZeRO-1/2 files
+    are {"param": tensor} in their own shapes and need none."""
+    flat = {"m.weight": torch.arange(16.0), "norm.weight": torch.ones(4)}
+    shaped = universal.fp32_state_dict(_universal_folder(tmp_path / "a", flat, {
+        "param_shapes": {"m.weight": [4, 4], "norm.weight": [4]}}))
+    assert shaped["m.weight"].shape == (4, 4) and shaped["norm.weight"].shape == (4,)
+    with pytest.raises(ModelError, match=r"fp32.pt: a flat ZeRO-3 tensor and no shape for m.weight in the trainer "
+                                         r"state"):
+        universal.fp32_state_dict(_universal_folder(tmp_path / "b", flat, {}))
+    zero12 = {"m.weight": {"param": torch.zeros(4, 4)}, "norm.weight": {"param": torch.ones(4)}}
+    got = universal.fp32_state_dict(_universal_folder(tmp_path / "c", zero12, {}))
+    assert got["m.weight"].shape == (4, 4) and got["norm.weight"].shape == (4,)
