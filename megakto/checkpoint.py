@@ -74,6 +74,7 @@ __all__ = [
     "newest_complete",
     "resolve_resume",
     "resume_layout",
+    "ranks_moved",
     "prune",
     "remove_stale",
     "rng_state",
@@ -318,6 +319,15 @@ def resume_layout(path: str, world_size: int) -> str:
     zero = any(name.endswith("optim_states.pt") for name in manifest["files"])
     saved = manifest.get("world_size")
     return "convert" if zero and saved is not None and saved != world_size else "same"
+
+
+def ranks_moved(path: str, world_size: int) -> bool:
+    """Whether this run's ranks are not the ones that wrote ``path``, so none has a trainer state
+    (RNG states above all) of its own there: a universal layout (converted, or resumed directly, at
+    any size), or another number of ranks (ZeRO stage 0's per-model files load as they are, but
+    ``trainer_state_rank{r}.pt`` exists only for the ranks that saved)."""
+    saved = read_manifest(path).get("world_size")
+    return resume_layout(path, world_size) != "same" or (saved is not None and saved != world_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -395,7 +395,9 @@ class KTOTrainer:
         if self.resume_dir is None:
             return None, None
         layout = checkpoint.resume_layout(self.resume_dir, comm.world_size())
-        moved = layout != "same"  # the saved ranks are not this run's: rank r takes (r % tp)'s state
+        # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
+        # rank r takes (r % tp)'s state, and its RNG states are derived (_setup_resume).
+        moved = checkpoint.ranks_moved(self.resume_dir, comm.world_size())
         with comm.fail_together():
             state = checkpoint.load_state(self.resume_dir, universal.source_rank(comm.rank(), self.dims.tp)
                                           if moved else None)
@@ -431,7 +433,8 @@ class KTOTrainer:
     def _setup_resume(self) -> int:
         """Continue from ``self.resume_dir`` (DeepSpeed loads ``self.load_dir``): the checkpoint must
         hold this model, then engine (weights, Adam, LR schedule), RNG states (re-derived from the
-        seed and step at another number of ranks), eval history; returns the step to continue from
+        seed and step on every rank when the ranks are not the ones that saved: another number of
+        ranks, or any universal layout), eval history; returns the step to continue from
         (0 = fresh start). The sampler position was restored by :meth:`_prepare_resume`."""
         state = self.resume_state
         if state is None:
@@ -446,10 +449,10 @@ class KTOTrainer:
             self._check_same_model(state.get("param_shapes"))
         with comm.fail_together():  # a file DeepSpeed cannot load: one line naming it, every rank exits 1
             checkpoint.load_engine(self.policy, self.load_dir)
-        if state["rank"] == comm.rank() and state["world_size"] == comm.world_size():
-            checkpoint.set_rng_state(state["rng"])
-        else:
+        if checkpoint.ranks_moved(self.resume_dir, comm.world_size()):  # every rank alike, rank 0 too
             checkpoint.derive_rng_state(self.cfg.seed, state["step"], comm.rank())
+        else:
+            checkpoint.set_rng_state(state["rng"])
         self.eval_history = [(s, dict(m)) for s, m in state["eval_history"]]
         via = "" if self.load_dir == self.resume_dir else f" through {self.load_dir}"
         self.log.info(f"resumed from {self.resume_dir} at step {state['step']}{via} "

@@ -29,8 +29,9 @@ afresh. Pruning the source tag, or saving its step again, deletes the universal 
 
 The sampler state is global (megakto.data.sampler), so the resumed run draws the same global
 batches at any data-parallel size as long as the global batch size is unchanged. RNG states were
-per rank and cannot be shared out again: a run resumed at another size derives each rank's from
-(seed, step, rank) instead (megakto.checkpoint.derive_rng_state).
+per rank and cannot be shared out again: every rank of a run resumed through a universal folder
+(at any size, the saving one too) derives its own from (seed, step, rank) instead
+(megakto.checkpoint.derive_rng_state, megakto.checkpoint.ranks_moved).
 
 Not covered: pipeline checkpoints (per-layer files, which ``ds_to_universal`` does not convert)
 and tensor-parallel ones (deepspeed 0.19.8's converter fails on megakto's AutoTP files, measured:
