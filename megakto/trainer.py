@@ -54,6 +54,7 @@ from megakto.metrics import step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import check_model_path, check_model_settings, load_tokenizer
 from megakto.model.lora import ADAPTER_DIR, apply_lora
+from megakto.model.meta import hf_shapes, param_shapes
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.peak_memory import PeakMemory, reduce_peaks
@@ -391,7 +392,8 @@ class KTOTrainer:
         """Before the policy is built: the saved trainer state this rank continues from, checked
         against this run's data stream, and the folder DeepSpeed is to load (None, None: a fresh
         start). At another data-parallel size that is the checkpoint's universal form
-        (megakto/universal.py), converted now by rank 0 unless it already exists."""
+        (megakto/universal.py), converted now by rank 0 unless it already exists, once its recorded
+        parameter shapes match model.path's (a 32B conversion is hundreds of GB and minutes)."""
         if self.resume_dir is None:
             return None, None
         layout = checkpoint.resume_layout(self.resume_dir, comm.world_size())
@@ -412,6 +414,10 @@ class KTOTrainer:
                 raise ConfigError(f"train.resume: {self.resume_dir}: {err}") from None
         if layout != "convert":
             return state, self.resume_dir
+        with comm.fail_together():  # before converting: the checkpoint's shapes against config.json's
+            if comm.is_main() and state.get("param_shapes") is not None:
+                self._check_same_model(hf_shapes(state["param_shapes"]),
+                                       param_shapes(self.cfg.model.path, trust_remote_code=self.cfg.model.trust_remote_code))
         target = universal.universal_dir(self.resume_dir, checkpoint.checkpoints_dir(self.cfg.output_dir))
         with comm.fail_together():  # rank 0 converts; the others wait (a large model: use tools/to_universal.py)
             if comm.is_main():
@@ -446,7 +452,8 @@ class KTOTrainer:
                     return f"{len(sizes)} blocks of {sizes[0]} rows" if sizes else "unsplit"
                 raise ConfigError(f"train.resume: {self.resume_dir} has its vocabulary matrices {fmt(saved)}, this "
                                   f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
-            self._check_same_model(state.get("param_shapes"))
+            if state.get("param_shapes") is not None:
+                self._check_same_model(state["param_shapes"], _param_shapes(self.policy.module))
         with comm.fail_together():  # a file DeepSpeed cannot load: one line naming it, every rank exits 1
             checkpoint.load_engine(self.policy, self.load_dir)
         if checkpoint.ranks_moved(self.resume_dir, comm.world_size()):  # every rank alike, rank 0 too
@@ -459,12 +466,11 @@ class KTOTrainer:
                       f"({state['world_size']} ranks then, {comm.world_size()} now)")
         return state["step"]
 
-    def _check_same_model(self, saved: dict | None) -> None:
-        """The checkpoint's parameters (names and shapes, as this rank's tensor-parallel rank held
-        them) must be this policy's; checkpoints saved before shapes were recorded pass."""
-        if saved is None:
-            return
-        now = _param_shapes(self.policy.module)
+    def _check_same_model(self, saved: dict, now: dict) -> None:
+        """The checkpoint's parameters (names and shapes) must be this model's: before a conversion
+        both under Hugging Face names (the model built on the meta device), once the policy exists
+        as this rank's tensor-parallel rank holds them (checkpoints saved before shapes were recorded
+        are not checked)."""
         if saved == now:
             return
         name = next((n for n in sorted(set(saved) | set(now)) if saved.get(n) != now.get(n)), None)

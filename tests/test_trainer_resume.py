@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from megakto import checkpoint
+from megakto import checkpoint, universal
+from megakto._demo.tiny_model import make_tiny_model
+from megakto.errors import MegaktoError
+from megakto.model.meta import param_shapes
 from megakto.trainer import KTOTrainer
 
 SEED, STEP = 7, 4
@@ -24,29 +27,34 @@ class _CheckpointEngine:
         torch.save(state_dict, path)
 
 
-class _Stage0Engine:
-    """DeepSpeed's save at ZeRO stage 0: the whole model and optimizer in one per-model file."""
+STAGE0 = "mp_rank_00_model_states.pt"  # ZeRO stage 0: the whole model and optimizer, one per-model file
+ZERO = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # ZeRO 1-3: a per-rank optimizer partition
 
-    def __init__(self):
+
+class _Engine:
+    """DeepSpeed's save writing the file ``name``."""
+
+    def __init__(self, name):
+        self.name = name
         self.checkpoint_engine = _CheckpointEngine()
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        self.checkpoint_engine.save({"module": {}}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+        self.checkpoint_engine.save({}, os.path.join(save_dir, tag, self.name))
 
 
 def _draws():
     return random.random(), float(np.random.rand()), float(torch.rand(()))
 
 
-def _saved(tmp_path, monkeypatch, *, world_size, **manifest):
+def _saved(tmp_path, monkeypatch, *, world_size, file=STAGE0, extra=None, **manifest):
     """A step-4 checkpoint of ``world_size`` ranks, each rank's RNG states seeded 100 + rank;
-    ``manifest``: keys to change in its manifest."""
+    ``extra``: more trainer state; ``manifest``: keys to change in its manifest."""
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     random.seed(100), np.random.seed(100), torch.manual_seed(100)
     state = {"step": STEP, "sampler": {"global_batch_size": 16}, "rng": checkpoint.rng_state(), "eval_history": [],
-             "vocab_layout": []}
-    path = checkpoint.save(_Stage0Engine(), str(tmp_path / "checkpoints"), STEP, state, keep_last=2, dtype="float32")
+             "vocab_layout": [], **(extra or {})}
+    path = checkpoint.save(_Engine(file), str(tmp_path / "checkpoints"), STEP, state, keep_last=2, dtype="float32")
     for rank in range(1, world_size):  # the other ranks' files, as they would have written them
         random.seed(100 + rank), np.random.seed(100 + rank), torch.manual_seed(100 + rank)
         torch.save({"version": checkpoint.STATE_VERSION, "rank": rank, "world_size": world_size, **state,
@@ -59,17 +67,24 @@ def _saved(tmp_path, monkeypatch, *, world_size, **manifest):
     return path
 
 
-def _resume(path, monkeypatch, *, rank, world_size):
-    """_prepare_resume then _setup_resume as rank ``rank`` of ``world_size``; the state it took."""
+def _trainer(path, monkeypatch, *, rank, world_size, model_path="unused"):
+    """A stand-in ``self`` for the resume methods, as rank ``rank`` of ``world_size``."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
-    monkeypatch.setattr(checkpoint, "load_engine", lambda policy, tag_dir: None)
-    cfg = SimpleNamespace(train=SimpleNamespace(global_batch_size=16), seed=SEED, output_dir=os.path.dirname(path),
-                          model=SimpleNamespace(path="unused"))
+    cfg = SimpleNamespace(train=SimpleNamespace(global_batch_size=16), seed=SEED,
+                          output_dir=os.path.dirname(os.path.dirname(path)),
+                          model=SimpleNamespace(path=model_path, trust_remote_code=False))
     me = SimpleNamespace(resume_dir=path, dims=SimpleNamespace(tp=1), cfg=cfg, log=SimpleNamespace(info=print),
                          sampler=SimpleNamespace(load_state_dict=lambda state: None),
                          policy=SimpleNamespace(module=torch.nn.Linear(1, 1)))
-    me._check_same_model = lambda *args: None
+    me._check_same_model = lambda saved, now: KTOTrainer._check_same_model(me, saved, now)
+    return me
+
+
+def _resume(path, monkeypatch, *, rank, world_size):
+    """_prepare_resume then _setup_resume as rank ``rank`` of ``world_size``; the state it took."""
+    monkeypatch.setattr(checkpoint, "load_engine", lambda policy, tag_dir: None)
+    me = _trainer(path, monkeypatch, rank=rank, world_size=world_size)
     me.resume_state, me.load_dir = KTOTrainer._prepare_resume(me)
     assert KTOTrainer._setup_resume(me) == STEP
     return me.resume_state
@@ -107,6 +122,34 @@ def test_a_universal_checkpoint_derives_rng_on_every_rank(tmp_path, monkeypatch)
     for rank in (0, 1):
         assert _resume(path, monkeypatch, rank=rank, world_size=2)["rank"] == 0
         assert _draws() == _derived(rank) != _restored(path, 0)
+
+
+class _Converting(Exception):
+    pass
+
+
+def test_another_models_checkpoint_is_refused_before_converting(tmp_path, monkeypatch):
+    """A 4-rank ZeRO checkpoint resumed on 1 rank is converted first (for 32B: hundreds of GB and
+    longer than the collective timeout), so its recorded shapes are checked against model.path's
+    config.json (built on the meta device) before: another model is the one-line refusal with
+    nothing converted; the model it was trained from goes on to the conversion."""
+    def convert(*args, **kwargs):
+        raise _Converting()
+
+    monkeypatch.setattr(universal, "convert", convert)
+    trained, other = (make_tiny_model(tmp_path / name, seed=0, intermediate_size=size)
+                      for name, size in (("trained", 128), ("other", 96)))
+    shapes = param_shapes(str(trained))
+    path = _saved(tmp_path, monkeypatch, world_size=4, file=ZERO, extra={"param_shapes": shapes})
+    assert checkpoint.resume_layout(path, 1) == "convert"
+    with pytest.raises(MegaktoError) as err:
+        KTOTrainer._prepare_resume(_trainer(path, monkeypatch, rank=0, world_size=1, model_path=str(other)))
+    assert str(err.value) == (
+        f"train.resume: {path} holds another model's weights than model.path={other} ({len(shapes)} parameters "
+        f"there, {len(shapes)} here; model.layers.0.mlp.down_proj.weight is [64, 128] there and [64, 96] here); "
+        "resume with the model it was trained from")
+    with pytest.raises(_Converting):
+        KTOTrainer._prepare_resume(_trainer(path, monkeypatch, rank=0, world_size=1, model_path=str(trained)))
 
 
 @pytest.fixture(autouse=True)
