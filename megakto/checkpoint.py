@@ -74,6 +74,7 @@ __all__ = [
     "newest_complete",
     "resolve_resume",
     "resume_layout",
+    "ranks_moved",
     "prune",
     "remove_stale",
     "rng_state",
@@ -91,6 +92,7 @@ LATEST = "latest"
 MANIFEST = "complete"
 HF_BASE = "hf_base"  # the run's model config and tokenizer, beside the tags (megakto.export)
 UNIVERSAL = "universal"  # a manifest's "format" for DeepSpeed's universal layout (megakto.universal)
+UNIVERSAL_PREFIX = "universal-"  # universal-<tag>: a tag's universal form, beside it (megakto.universal)
 TMP_PREFIX = ".tmp-"
 STATE_VERSION = 1
 DIGEST = "sha256"  # the manifest's key for the files' checksums (hashlib name)
@@ -319,6 +321,15 @@ def resume_layout(path: str, world_size: int) -> str:
     return "convert" if zero and saved is not None and saved != world_size else "same"
 
 
+def ranks_moved(path: str, world_size: int) -> bool:
+    """Whether this run's ranks are not the ones that wrote ``path``, so none has a trainer state
+    (RNG states above all) of its own there: a universal layout (converted, or resumed directly, at
+    any size), or another number of ranks (ZeRO stage 0's per-model files load as they are, but
+    ``trainer_state_rank{r}.pt`` exists only for the ranks that saved)."""
+    saved = read_manifest(path).get("world_size")
+    return resume_layout(path, world_size) != "same" or (saved is not None and saved != world_size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Housekeeping (rank 0)
 
@@ -328,12 +339,26 @@ def prune(ckpt_dir: str, keep_last: int) -> list[str]:
 
     The newest complete tag is never deleted, whatever ``keep_last`` says. Directories without a
     manifest are not touched here (an unfinished save is a ``.tmp-*`` directory; see
-    :func:`remove_stale`)."""
+    :func:`remove_stale`). A deleted tag's universal form beside it goes too
+    (:func:`_drop_universal`)."""
     tags = complete_tags(ckpt_dir)
     doomed = [path for _, path in tags[: max(0, len(tags) - max(1, keep_last))]]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+        _drop_universal(path)
     return doomed
+
+
+def _drop_universal(tag_dir: str) -> None:
+    """Delete ``universal-<tag>`` beside ``tag_dir`` when it was converted from ``tag_dir`` (its
+    manifest's ``source``), now that the tag is pruned or saved again: it would hold the old weights
+    and Adam moments (12 bytes a parameter) after its source is gone. A universal form of another
+    run's tag, or one without a manifest, is left alone."""
+    tag_dir = os.path.abspath(tag_dir)
+    path = os.path.join(os.path.dirname(tag_dir), UNIVERSAL_PREFIX + os.path.basename(tag_dir))
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("format") == UNIVERSAL and manifest.get("source") == tag_dir:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_stale(ckpt_dir: str) -> list[str]:
@@ -454,7 +479,8 @@ def commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: s
     """Manifest, then the rename. ``digests``: the checksums the writing ranks took; a file that
     none reported (written outside the checkpoint engine's ``save``) is hashed here. Files in
     subfolders (a universal checkpoint's ``zero/``) are listed by their relative paths. ``extra``:
-    more manifest keys."""
+    more manifest keys. A step saved again replaces the old tag, and the universal form of an
+    earlier save of this step goes (:func:`_drop_universal`)."""
     files, sums = {}, {}
     for folder, _, names in sorted(os.walk(tmp_dir)):
         for name in sorted(names):
@@ -474,6 +500,8 @@ def commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: s
         aside = os.path.join(os.path.dirname(final_dir), f"{TMP_PREFIX}old-{os.path.basename(final_dir)}")
         shutil.rmtree(aside, ignore_errors=True)
         os.rename(final_dir, aside)
+    if _TAG.match(os.path.basename(final_dir)):
+        _drop_universal(final_dir)  # converted from an earlier save of this step, if any
     os.rename(tmp_dir, final_dir)  # the commit
     _fsync(os.path.dirname(final_dir))
     if aside:

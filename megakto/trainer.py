@@ -52,6 +52,7 @@ from megakto.metrics import step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import load_tokenizer
 from megakto.model.lora import ADAPTER_DIR, apply_lora
+from megakto.model.meta import hf_shapes, param_shapes
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.peak_memory import PeakMemory, reduce_peaks
@@ -350,11 +351,14 @@ class KTOTrainer:
         """Before the policy is built: the saved trainer state this rank continues from, checked
         against this run's data stream, and the folder DeepSpeed is to load (None, None: a fresh
         start). At another data-parallel size that is the checkpoint's universal form
-        (megakto/universal.py), converted now by rank 0 unless it already exists."""
+        (megakto/universal.py), converted now by rank 0 unless it already exists, once its recorded
+        parameter shapes match model.path's (a 32B conversion is hundreds of GB and minutes)."""
         if self.resume_dir is None:
             return None, None
         layout = checkpoint.resume_layout(self.resume_dir, comm.world_size())
-        moved = layout != "same"  # the saved ranks are not this run's: rank r takes (r % tp)'s state
+        # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
+        # rank r takes (r % tp)'s state, and its RNG states are derived (_setup_resume).
+        moved = checkpoint.ranks_moved(self.resume_dir, comm.world_size())
         with comm.fail_together():
             state = checkpoint.load_state(self.resume_dir, universal.source_rank(comm.rank(), self.dims.tp)
                                           if moved else None)
@@ -369,11 +373,19 @@ class KTOTrainer:
                 raise ConfigError(f"train.resume: {self.resume_dir}: {err}") from None
         if layout != "convert":
             return state, self.resume_dir
+        with comm.fail_together():  # before converting: the checkpoint's shapes against config.json's
+            if comm.is_main() and state.get("param_shapes") is not None:
+                self._check_same_model(hf_shapes(state["param_shapes"]),
+                                       param_shapes(self.cfg.model.path, trust_remote_code=self.cfg.model.trust_remote_code))
         target = universal.universal_dir(self.resume_dir, checkpoint.checkpoints_dir(self.cfg.output_dir))
         with comm.fail_together():  # rank 0 converts; the others wait (a large model: use tools/to_universal.py)
             if comm.is_main():
                 start = time.perf_counter()
-                reused = universal.converted(self.resume_dir, target)
+                why = universal.stale(self.resume_dir, target) if os.path.exists(target) else None
+                reused = os.path.exists(target) and why is None
+                if why is not None:  # e.g. the step was saved again since: its old weights must not load
+                    self.log.info(f"{target} is not the universal form of {self.resume_dir} ({why}): converting "
+                                  "it again")
                 universal.convert(self.resume_dir, target)
                 self.log.info(f"{'reusing' if reused else 'converted'} {self.resume_dir} ({state['world_size']} ranks) "
                               f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
@@ -386,7 +398,8 @@ class KTOTrainer:
     def _setup_resume(self) -> int:
         """Continue from ``self.resume_dir`` (DeepSpeed loads ``self.load_dir``): the checkpoint must
         hold this model, then engine (weights, Adam, LR schedule), RNG states (re-derived from the
-        seed and step at another number of ranks), eval history; returns the step to continue from
+        seed and step on every rank when the ranks are not the ones that saved: another number of
+        ranks, or any universal layout), eval history; returns the step to continue from
         (0 = fresh start). The sampler position was restored by :meth:`_prepare_resume`."""
         state = self.resume_state
         if state is None:
@@ -398,25 +411,25 @@ class KTOTrainer:
                     return f"{len(sizes)} blocks of {sizes[0]} rows" if sizes else "unsplit"
                 raise ConfigError(f"train.resume: {self.resume_dir} has its vocabulary matrices {fmt(saved)}, this "
                                   f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
-            self._check_same_model(state.get("param_shapes"))
+            if state.get("param_shapes") is not None:
+                self._check_same_model(state["param_shapes"], _param_shapes(self.policy.module))
         with comm.fail_together():  # a file DeepSpeed cannot load: one line naming it, every rank exits 1
             checkpoint.load_engine(self.policy, self.load_dir)
-        if state["rank"] == comm.rank() and state["world_size"] == comm.world_size():
-            checkpoint.set_rng_state(state["rng"])
-        else:
+        if checkpoint.ranks_moved(self.resume_dir, comm.world_size()):  # every rank alike, rank 0 too
             checkpoint.derive_rng_state(self.cfg.seed, state["step"], comm.rank())
+        else:
+            checkpoint.set_rng_state(state["rng"])
         self.eval_history = [(s, dict(m)) for s, m in state["eval_history"]]
         via = "" if self.load_dir == self.resume_dir else f" through {self.load_dir}"
         self.log.info(f"resumed from {self.resume_dir} at step {state['step']}{via} "
                       f"({state['world_size']} ranks then, {comm.world_size()} now)")
         return state["step"]
 
-    def _check_same_model(self, saved: dict | None) -> None:
-        """The checkpoint's parameters (names and shapes, as this rank's tensor-parallel rank held
-        them) must be this policy's; checkpoints saved before shapes were recorded pass."""
-        if saved is None:
-            return
-        now = _param_shapes(self.policy.module)
+    def _check_same_model(self, saved: dict, now: dict) -> None:
+        """The checkpoint's parameters (names and shapes) must be this model's: before a conversion
+        both under Hugging Face names (the model built on the meta device), once the policy exists
+        as this rank's tensor-parallel rank holds them (checkpoints saved before shapes were recorded
+        are not checked)."""
         if saved == now:
             return
         name = next((n for n in sorted(set(saved) | set(now)) if saved.get(n) != now.get(n)), None)

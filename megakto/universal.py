@@ -10,8 +10,10 @@ checkpoint like any other: verified at resume, exported by tools/zero_to_hf.py.
 Layout, beside the ``step-*`` tags (``output_dir/checkpoints/`` or wherever the tool writes it)::
 
     universal-step-00000004/
-        complete                       manifest: a tag's, plus "format": "universal" and "source"
-                                       (the converted tag); it lists the files below by relative path
+        complete                       manifest: a tag's, plus "format": "universal", "source" (the
+                                       converted tag) and "source_manifest" (the sha256 of the
+                                       source's manifest, which names that save's every checksum);
+                                       it lists the files below by relative path
         zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt, zero/optimizer_state.pt   DeepSpeed's
         *mp_rank_XX_model_states.pt    the source's engine states (LR schedule, step counters)
         trainer_state_rank{t}.pt       the source's trainer state of ranks 0..tp-1 (the first
@@ -20,13 +22,16 @@ Layout, beside the ``step-*`` tags (``output_dir/checkpoints/`` or wherever the 
     hf_base/                           copied from beside the source if missing (the export needs it)
 
 It is written like a save: into a ``.tmp-`` folder, the manifest last, committed by one rename. A
-second conversion of the same tag finds it complete and reuses it. It is never pruned (pruning
-keeps ``step-*`` tags); delete it once the resumed run has saved a checkpoint of its own.
+second conversion of the same save finds it complete and reuses it; a folder converted from an
+earlier save of the same tag path (a run rolled back and saved that step again) is converted
+afresh. Pruning the source tag, or saving its step again, deletes the universal form beside it
+(megakto.checkpoint); one made from another run's tag stays until deleted by hand.
 
 The sampler state is global (megakto.data.sampler), so the resumed run draws the same global
 batches at any data-parallel size as long as the global batch size is unchanged. RNG states were
-per rank and cannot be shared out again: a run resumed at another size derives each rank's from
-(seed, step, rank) instead (megakto.checkpoint.derive_rng_state).
+per rank and cannot be shared out again: every rank of a run resumed through a universal folder
+(at any size, the saving one too) derives its own from (seed, step, rank) instead
+(megakto.checkpoint.derive_rng_state, megakto.checkpoint.ranks_moved).
 
 Not covered: pipeline checkpoints (per-layer files, which ``ds_to_universal`` does not convert)
 and tensor-parallel ones (deepspeed 0.19.8's converter fails on megakto's AutoTP files, measured:
@@ -45,9 +50,10 @@ from megakto.distributed import engine
 from megakto.errors import ModelError
 from megakto.model.vocab_blocks import merge_vocab_blocks
 
-__all__ = ["PREFIX", "universal_dir", "source_rank", "convert", "converted", "fp32_state_dict"]
+__all__ = ["PREFIX", "universal_dir", "source_rank", "convert", "converted", "stale", "fp32_state_dict"]
 
-PREFIX = "universal-"
+PREFIX = checkpoint.UNIVERSAL_PREFIX
+SOURCE_MANIFEST = "source_manifest"  # the universal manifest's key: sha256 of the source's manifest file
 
 
 def universal_dir(tag_dir: str, ckpt_dir: str | None = None) -> str:
@@ -63,12 +69,28 @@ def source_rank(rank: int, tp_size: int) -> int:
     return rank % tp_size
 
 
-def converted(tag_dir: str, out_dir: str) -> bool:
-    """``out_dir`` is a complete universal form of ``tag_dir`` (sizes checked; the resume verifies
+def _source_digest(tag_dir: str) -> str:
+    return checkpoint.file_digest(os.path.join(tag_dir, checkpoint.MANIFEST))
+
+
+def stale(tag_dir: str, out_dir: str) -> str | None:
+    """Why ``out_dir`` is not a complete universal form of the save now at ``tag_dir`` (one
+    phrase), or None. The source is identified by its manifest's checksum, not its path alone: a
+    tag saved again at the same path is another save (sizes checked here; the resume verifies
     checksums)."""
     manifest = checkpoint.read_manifest(out_dir)
-    return (manifest is not None and manifest.get("format") == checkpoint.UNIVERSAL
-            and manifest.get("source") == os.path.abspath(tag_dir) and checkpoint.problem(out_dir) is None)
+    if manifest is None or manifest.get("format") != checkpoint.UNIVERSAL:
+        return checkpoint.problem(out_dir) or "not a universal checkpoint"
+    if manifest.get("source") != os.path.abspath(tag_dir):
+        return f"converted from {manifest.get('source')}"
+    if manifest.get(SOURCE_MANIFEST) != _source_digest(tag_dir):
+        return f"converted from an earlier save of {os.path.basename(os.path.normpath(tag_dir))}"
+    return checkpoint.problem(out_dir)
+
+
+def converted(tag_dir: str, out_dir: str) -> bool:
+    """``out_dir`` is a complete universal form of the save now at ``tag_dir`` (:func:`stale`)."""
+    return stale(tag_dir, out_dir) is None
 
 
 def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
@@ -77,6 +99,7 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
     tag_dir, out_dir = os.path.abspath(tag_dir), os.path.abspath(out_dir)
     if converted(tag_dir, out_dir):
         return out_dir
+    source = _source_digest(tag_dir)  # before reading it: the save this conversion is of
     manifest = checkpoint.read_manifest(tag_dir)
     if manifest.get("format") == checkpoint.UNIVERSAL:
         raise ModelError(f"{tag_dir} is a universal checkpoint already; resume from it directly")
@@ -103,7 +126,8 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
         shutil.copytree(base, target)
     checkpoint.commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
                        dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
-                       extra={"format": checkpoint.UNIVERSAL, "source": tag_dir})
+                       extra={"format": checkpoint.UNIVERSAL, "source": tag_dir,
+                              SOURCE_MANIFEST: source})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
 
@@ -119,11 +143,12 @@ def fp32_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
         path = os.path.join(zero, name, "fp32.pt")
         if os.path.isfile(path):
             loaded = engine.weights_only_load(path, map_location="cpu")
-            tensor = loaded["param"] if isinstance(loaded, dict) else loaded
-            if tensor.dim() == 1 and len(shapes.get(name, [0])) != 1:
-                if name not in shapes:
-                    raise ModelError(f"{path}: a flat ZeRO-3 tensor and no shape for {name} in the trainer state")
-                tensor = tensor.view(shapes[name])
+            if isinstance(loaded, dict):  # ZeRO-1/2: in its own shape
+                tensor = loaded["param"]
+            elif name in shapes:  # ZeRO-3: flat
+                tensor = loaded.view(shapes[name])
+            else:  # a checkpoint saved before param_shapes were recorded: a matrix would export flat
+                raise ModelError(f"{path}: a flat ZeRO-3 tensor and no shape for {name} in the trainer state")
             state[name] = tensor
     if not state:
         raise ModelError(f"{tag_dir}: no zero/<parameter>/fp32.pt files (not a universal checkpoint)")

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["peft_config", "apply_lora", "is_lora", "ADAPTER_DIR"]
+__all__ = ["peft_config", "apply_lora", "is_lora", "base_name", "ADAPTER_DIR"]
 
 ADAPTER_DIR = "adapter"  # output_dir/adapter: the adapter alone, in peft's format
+_PEFT_PREFIX = "base_model.model."  # a peft causal LM's parameters: base_model (LoraModel).model (the HF model)
+_ADAPTER_PARTS = (".lora_", ".modules_to_save.")  # the adapters' own parameters, and modules_to_save's copies
+_WRAPPER_PARTS = (".base_layer.", ".original_module.")  # peft's wrappers around a base module
 
 
 def peft_config(lora):
@@ -39,3 +42,17 @@ def apply_lora(model: torch.nn.Module, lora, *, seed: int) -> torch.nn.Module:
 
 def is_lora(module: torch.nn.Module) -> bool:
     return hasattr(module, "disable_adapter") and hasattr(module, "peft_config")
+
+
+def base_name(name: str) -> str | None:
+    """The base model's name of the peft-wrapped policy's parameter ``name`` (e.g.
+    ``base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` ->
+    ``model.layers.0.self_attn.q_proj.weight``); None for an adapter's own; other names unchanged."""
+    if not name.startswith(_PEFT_PREFIX):
+        return name
+    name = name[len(_PEFT_PREFIX):]
+    if any(part in name for part in _ADAPTER_PARTS):
+        return None
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, ".")
+    return name

@@ -1,29 +1,51 @@
 """A model's sizes from its config.json alone: the causal-LM class built on the meta device (no
-memory, no weights), its parameters counted by component for the memory plan."""
+memory, no weights), its parameters counted by component for the memory plan, or listed by name
+to check a checkpoint against before anything is converted or loaded."""
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoConfig
 
 from megakto.errors import ModelError
 from megakto.model.load import _meta_model
+from megakto.model.lora import base_name
+from megakto.model.vocab_blocks import merge_vocab_blocks
 from megakto.planning.shape import ModelShape
 
-__all__ = ["model_shape", "shape_of"]
+__all__ = ["model_shape", "shape_of", "param_shapes", "hf_shapes"]
 
 
-def model_shape(path: str, *, trust_remote_code: bool = False, key: str = "model.path") -> ModelShape:
-    """:class:`ModelShape` of the model folder (or hub name) ``path``; needs only its config.json."""
+def _meta(path: str, trust_remote_code: bool, key: str):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types; the user needs the one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{key}={path}: cannot load the model config: {first}") from None
     try:
-        model = _meta_model(config, None, trust_remote_code)
+        return _meta_model(config, None, trust_remote_code)
     except Exception as err:
         raise ModelError(f"{key}={path}: cannot build the model on the meta device: {err}") from None
-    return shape_of(model)
+
+
+def model_shape(path: str, *, trust_remote_code: bool = False, key: str = "model.path") -> ModelShape:
+    """:class:`ModelShape` of the model folder (or hub name) ``path``; needs only its config.json."""
+    return shape_of(_meta(path, trust_remote_code, key))
+
+
+def param_shapes(path: str, *, trust_remote_code: bool = False, key: str = "model.path") -> dict[str, list[int]]:
+    """Every parameter's shape under its Hugging Face name (a tied head once, under the embedding's
+    name, as ``named_parameters`` lists it); needs only config.json."""
+    return {name: list(p.shape) for name, p in _meta(path, trust_remote_code, key).named_parameters()}
+
+
+def hf_shapes(recorded: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The parameter shapes a checkpoint recorded (the trained module's names) under the base
+    model's Hugging Face names, comparable with :func:`param_shapes`: peft's LoRA names reduced to
+    the base model's (the adapters' own dropped), vocabulary blocks joined (their rows summed)."""
+    base = {base_name(name): shape for name, shape in recorded.items() if base_name(name) is not None}
+    meta = {name: torch.empty(shape, device="meta") for name, shape in base.items()}
+    return {name: list(t.shape) for name, t in merge_vocab_blocks(meta).items()}
 
 
 def shape_of(model) -> ModelShape:

@@ -291,11 +291,13 @@ def test_resume_layout(tmp_path):
     _, path = _save(tmp_path, 2)
     assert checkpoint.resume_layout(path, 1) == "same"
     assert checkpoint.resume_layout(path, 4) == "same"  # only model states: stage 0, not per rank
+    assert not checkpoint.ranks_moved(path, 1) and checkpoint.ranks_moved(path, 4)  # trainer states are per rank
     _manifest_with(path, world_size=4, files={"zero_pp_rank_0_mp_rank_00_optim_states.pt": 1})
     assert checkpoint.resume_layout(path, 4) == "same"
     assert checkpoint.resume_layout(path, 2) == "convert"
     _manifest_with(path, format=checkpoint.UNIVERSAL)
     assert checkpoint.resume_layout(path, 4) == checkpoint.resume_layout(path, 1) == "universal"
+    assert checkpoint.ranks_moved(path, 4)  # its trainer states are the source's first ranks'
 
 
 def test_derived_rng_state_depends_on_seed_step_and_rank():

@@ -118,11 +118,13 @@ def test_changed_global_batch_size_is_refused(assets, zero3, tmp_path):
 
 
 def test_another_models_checkpoint_is_refused(assets, zero3, tmp_path):
-    """Checked against the built engine's parameters, before DeepSpeed loads any weight into it
-    (the source's universal form is converted by then, and stays a valid copy of it)."""
+    """Checked against model.path's config.json built on the meta device, before the conversion
+    (for 32B that would be hundreds of GB of disk and longer than the collective timeout): no
+    universal folder is written."""
     from megakto._demo.tiny_model import make_tiny_model
 
     other = make_tiny_model(tmp_path / "other", seed=0, intermediate_size=96)
     line = _refused(assets, tmp_path, **{"train.resume": zero3["tag"], "model.path": other})
     assert f"train.resume: {zero3['tag']} holds another model's weights than model.path={other} " in line
     assert "model.layers.0.mlp.down_proj.weight is [64, 128] there and [64, 96] here" in line
+    assert not os.path.exists(tmp_path / "checkpoints" / "universal-step-00000004")  # refused before converting

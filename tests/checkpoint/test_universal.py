@@ -1,0 +1,123 @@
+"""megakto.universal without DeepSpeed's converter: which universal folder a resume may reuse, what
+pruning and saving again delete, and the export's reading of ``zero/<param>/fp32.pt``. The
+conversion itself (``engine.to_universal``) is replaced by a fake that writes one parameter's
+file, so every other line of ``universal.convert`` runs; tests/e2e/test_universal_resume.py runs
+the real one."""
+
+import os
+
+import pytest
+import torch
+
+from megakto import checkpoint, universal
+from megakto.errors import ModelError
+
+OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+class FakeCheckpointEngine:
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+
+class FakeZeroEngine:
+    """DeepSpeed's save as a ZeRO engine's: an optimizer partition holding ``payload``."""
+
+    def __init__(self, payload):
+        self.payload = payload
+        self.checkpoint_engine = FakeCheckpointEngine()
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        self.checkpoint_engine.save(self.payload, os.path.join(save_dir, tag, OPTIM))
+
+
+def _save(ckpt_dir, step, payload, keep_last=10):
+    return checkpoint.save(FakeZeroEngine(payload), str(ckpt_dir), step, {"step": step, "sampler": {}},
+                           keep_last=keep_last, dtype="float32")
+
+
+@pytest.fixture
+def fake_converter(monkeypatch):
+    """``engine.to_universal`` writing the source's optimizer payload as one parameter's fp32."""
+    calls = []
+
+    def to_universal(tag_dir, out_dir, workers=1):
+        calls.append(tag_dir)
+        os.makedirs(os.path.join(out_dir, "zero", "w"))
+        payload = torch.load(os.path.join(tag_dir, OPTIM), weights_only=True)
+        torch.save({"param": torch.tensor([float(payload)])}, os.path.join(out_dir, "zero", "w", "fp32.pt"))
+
+    monkeypatch.setattr(universal.engine, "to_universal", to_universal)
+    return calls
+
+
+def _weight(out):
+    return float(torch.load(os.path.join(out, "zero", "w", "fp32.pt"), weights_only=True)["param"])
+
+
+def test_a_step_saved_again_is_converted_again(tmp_path, fake_converter):
+    """Resume step-8 at another size (universal-step-8 made), roll back and save step-8 again,
+    resume at another size again: the universal folder of the first save must not be reused (its
+    weights and Adam moments beside the new save's sampler state). The source is identified by its
+    manifest's checksum; a universal folder made elsewhere (so nothing deletes it) is reconverted."""
+    ckpt = tmp_path / "checkpoints"
+    tag = _save(ckpt, 8, 1)
+    out = str(tmp_path / "elsewhere" / "universal-step-00000008")
+    assert not universal.converted(tag, out)
+    universal.convert(tag, out)
+    assert universal.converted(tag, out) and _weight(out) == 1.0
+    assert universal.convert(tag, out) == out and len(fake_converter) == 1  # the same save: reused
+
+    _save(ckpt, 8, 2)  # the rolled-back run saves step 8 again
+    assert not universal.converted(tag, out)
+    universal.convert(tag, out)
+    assert len(fake_converter) == 2 and _weight(out) == 2.0 and universal.converted(tag, out)
+    _save(ckpt, 8, 3)
+    assert universal.stale(tag, out) == "converted from an earlier save of step-00000008"  # what the trainer logs
+    assert universal.stale(str(tmp_path / "other" / "step-00000008"), out).startswith("converted from /")
+
+
+def test_pruning_or_saving_a_step_again_deletes_its_universal_form(tmp_path, fake_converter):
+    """universal-<tag> beside its source goes when the source is pruned or saved again (12 bytes a
+    parameter each); one converted from another run's tag stays."""
+    ckpt = tmp_path / "checkpoints"
+    tag4, tag8 = _save(ckpt, 4, 1), _save(ckpt, 8, 1)
+    universal.convert(tag8, universal.universal_dir(tag8))
+    _save(ckpt, 8, 2)
+    assert not os.path.exists(ckpt / "universal-step-00000008")
+
+    universal.convert(tag4, universal.universal_dir(tag4))
+    foreign = _save(tmp_path / "other", 12, 3)
+    universal.convert(foreign, universal.universal_dir(foreign, str(ckpt)))  # a resume of another run's tag
+    assert os.path.isdir(ckpt / "universal-step-00000004")
+    _save(ckpt, 16, 4, keep_last=2)  # prunes step 4
+    assert sorted(os.listdir(ckpt)) == ["latest", "step-00000008", "step-00000016", "universal-step-00000012"]
+    assert universal.converted(foreign, str(ckpt / "universal-step-00000012"))
+
+
+def _universal_folder(path, params, state):
+    """A universal folder's ``zero/<name>/fp32.pt`` files and trainer state, no manifest (the export
+    reads the files)."""
+    for name, value in params.items():
+        os.makedirs(path / "zero" / name)
+        torch.save(value, path / "zero" / name / "fp32.pt")
+    torch.save({"version": checkpoint.STATE_VERSION, "rank": 0, **state}, path / checkpoint.state_file(0))
+    return str(path)
+
+
+def test_flat_zero3_tensors_need_their_shapes(tmp_path):
+    """ZeRO-3's converter writes each parameter as a flat tensor; the trainer state's param_shapes
+    give it its shape back. A universal folder of a checkpoint saved before shapes were recorded
+    cannot be exported: one line naming the parameter, never a flat (16,) matrix. ZeRO-1/2 files
+    are {"param": tensor} in their own shapes and need none."""
+    flat = {"m.weight": torch.arange(16.0), "norm.weight": torch.ones(4)}
+    shaped = universal.fp32_state_dict(_universal_folder(tmp_path / "a", flat, {
+        "param_shapes": {"m.weight": [4, 4], "norm.weight": [4]}}))
+    assert shaped["m.weight"].shape == (4, 4) and shaped["norm.weight"].shape == (4,)
+    with pytest.raises(ModelError, match=r"fp32.pt: a flat ZeRO-3 tensor and no shape for m.weight in the trainer "
+                                         r"state"):
+        universal.fp32_state_dict(_universal_folder(tmp_path / "b", flat, {}))
+    zero12 = {"m.weight": {"param": torch.zeros(4, 4)}, "norm.weight": {"param": torch.ones(4)}}
+    got = universal.fp32_state_dict(_universal_folder(tmp_path / "c", zero12, {}))
+    assert got["m.weight"].shape == (4, 4) and got["norm.weight"].shape == (4,)

@@ -1,0 +1,160 @@
+"""KTOTrainer's resume decisions, on a stand-in ``self`` without a process group (RANK and
+WORLD_SIZE set as the launcher sets them): which saved trainer state each rank takes, whether its
+RNG states are restored or derived, and what is refused before any conversion. Checkpoints are
+written by megakto.checkpoint.save through a fake DeepSpeed engine; the real multi-rank resumes
+are tests/e2e/test_universal_resume.py."""
+
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from megakto import checkpoint, universal
+from megakto._demo.tiny_model import make_tiny_model
+from megakto.errors import MegaktoError
+from megakto.model.meta import param_shapes
+from megakto.trainer import KTOTrainer
+
+SEED, STEP = 7, 4
+
+
+class _CheckpointEngine:
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+
+STAGE0 = "mp_rank_00_model_states.pt"  # ZeRO stage 0: the whole model and optimizer, one per-model file
+ZERO = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # ZeRO 1-3: a per-rank optimizer partition
+
+
+class _Engine:
+    """DeepSpeed's save writing the file ``name``."""
+
+    def __init__(self, name):
+        self.name = name
+        self.checkpoint_engine = _CheckpointEngine()
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        self.checkpoint_engine.save({}, os.path.join(save_dir, tag, self.name))
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def _saved(tmp_path, monkeypatch, *, world_size, file=STAGE0, extra=None, **manifest):
+    """A step-4 checkpoint of ``world_size`` ranks, each rank's RNG states seeded 100 + rank;
+    ``extra``: more trainer state; ``manifest``: keys to change in its manifest."""
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    random.seed(100), np.random.seed(100), torch.manual_seed(100)
+    state = {"step": STEP, "sampler": {"global_batch_size": 16}, "rng": checkpoint.rng_state(), "eval_history": [],
+             "vocab_layout": [], **(extra or {})}
+    path = checkpoint.save(_Engine(file), str(tmp_path / "checkpoints"), STEP, state, keep_last=2, dtype="float32")
+    for rank in range(1, world_size):  # the other ranks' files, as they would have written them
+        random.seed(100 + rank), np.random.seed(100 + rank), torch.manual_seed(100 + rank)
+        torch.save({"version": checkpoint.STATE_VERSION, "rank": rank, "world_size": world_size, **state,
+                    "rng": checkpoint.rng_state()}, os.path.join(path, checkpoint.state_file(rank)))
+    if manifest:
+        with open(os.path.join(path, checkpoint.MANIFEST)) as fh:
+            written = json.load(fh)
+        with open(os.path.join(path, checkpoint.MANIFEST), "w") as fh:
+            json.dump({**written, **manifest}, fh)
+    return path
+
+
+def _trainer(path, monkeypatch, *, rank, world_size, model_path="unused"):
+    """A stand-in ``self`` for the resume methods, as rank ``rank`` of ``world_size``."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    cfg = SimpleNamespace(train=SimpleNamespace(global_batch_size=16), seed=SEED,
+                          output_dir=os.path.dirname(os.path.dirname(path)),
+                          model=SimpleNamespace(path=model_path, trust_remote_code=False))
+    me = SimpleNamespace(resume_dir=path, dims=SimpleNamespace(tp=1), cfg=cfg, log=SimpleNamespace(info=print),
+                         sampler=SimpleNamespace(load_state_dict=lambda state: None),
+                         policy=SimpleNamespace(module=torch.nn.Linear(1, 1)))
+    me._check_same_model = lambda saved, now: KTOTrainer._check_same_model(me, saved, now)
+    return me
+
+
+def _resume(path, monkeypatch, *, rank, world_size):
+    """_prepare_resume then _setup_resume as rank ``rank`` of ``world_size``; the state it took."""
+    monkeypatch.setattr(checkpoint, "load_engine", lambda policy, tag_dir: None)
+    me = _trainer(path, monkeypatch, rank=rank, world_size=world_size)
+    me.resume_state, me.load_dir = KTOTrainer._prepare_resume(me)
+    assert KTOTrainer._setup_resume(me) == STEP
+    return me.resume_state
+
+
+def _derived(rank):
+    checkpoint.derive_rng_state(SEED, STEP, rank)
+    return _draws()
+
+
+def _restored(path, rank):
+    checkpoint.set_rng_state(checkpoint.load_state(path, rank)["rng"])
+    return _draws()
+
+
+def test_a_stage0_checkpoint_resumes_on_more_ranks(tmp_path, monkeypatch):
+    """ZeRO stage 0 keeps the whole model and optimizer in per-model files, which DeepSpeed loads
+    at any data-parallel size; but the trainer states are per rank: 2 ranks saved, so rank 3 of 4
+    takes rank 0's (the sampler state is global) and derives its RNG states, as rank 0 does."""
+    path = _saved(tmp_path, monkeypatch, world_size=2)
+    assert checkpoint.resume_layout(path, 4) == "same"  # DeepSpeed loads its own files
+    for rank in (3, 0):
+        assert _resume(path, monkeypatch, rank=rank, world_size=4)["rank"] == 0
+        assert _draws() == _derived(rank)
+    # The ranks that wrote it restore their own states.
+    assert _resume(path, monkeypatch, rank=1, world_size=2)["rank"] == 1
+    assert _draws() == _restored(path, 1)
+
+
+def test_a_universal_checkpoint_derives_rng_on_every_rank(tmp_path, monkeypatch):
+    """A universal folder resumed at the size that wrote it: every rank takes rank 0's trainer
+    state, so every rank, rank 0 too, derives its RNG states (rank 0 restoring its own while the
+    others derive would be neither the saved run nor the documented rule)."""
+    path = _saved(tmp_path, monkeypatch, world_size=2, format=checkpoint.UNIVERSAL)
+    for rank in (0, 1):
+        assert _resume(path, monkeypatch, rank=rank, world_size=2)["rank"] == 0
+        assert _draws() == _derived(rank) != _restored(path, 0)
+
+
+class _Converting(Exception):
+    pass
+
+
+def test_another_models_checkpoint_is_refused_before_converting(tmp_path, monkeypatch):
+    """A 4-rank ZeRO checkpoint resumed on 1 rank is converted first (for 32B: hundreds of GB and
+    longer than the collective timeout), so its recorded shapes are checked against model.path's
+    config.json (built on the meta device) before: another model is the one-line refusal with
+    nothing converted; the model it was trained from goes on to the conversion."""
+    def convert(*args, **kwargs):
+        raise _Converting()
+
+    monkeypatch.setattr(universal, "convert", convert)
+    trained, other = (make_tiny_model(tmp_path / name, seed=0, intermediate_size=size)
+                      for name, size in (("trained", 128), ("other", 96)))
+    shapes = param_shapes(str(trained))
+    path = _saved(tmp_path, monkeypatch, world_size=4, file=ZERO, extra={"param_shapes": shapes})
+    assert checkpoint.resume_layout(path, 1) == "convert"
+    with pytest.raises(MegaktoError) as err:
+        KTOTrainer._prepare_resume(_trainer(path, monkeypatch, rank=0, world_size=1, model_path=str(other)))
+    assert str(err.value) == (
+        f"train.resume: {path} holds another model's weights than model.path={other} ({len(shapes)} parameters "
+        f"there, {len(shapes)} here; model.layers.0.mlp.down_proj.weight is [64, 128] there and [64, 96] here); "
+        "resume with the model it was trained from")
+    with pytest.raises(_Converting):
+        KTOTrainer._prepare_resume(_trainer(path, monkeypatch, rank=0, world_size=1, model_path=str(trained)))
+
+
+@pytest.fixture(autouse=True)
+def _keep_rng():
+    """These tests reseed the global generators; give the next test what it had."""
+    state = checkpoint.rng_state()
+    yield
+    checkpoint.set_rng_state(state)
