@@ -50,6 +50,7 @@ __all__ = [
     "split_vocab",
     "build_policy_engine",
     "build_reference_engine",
+    "gathered_numel",
     "disable_dropout",
     "gathered_state_dict",
     "save_checkpoint",
@@ -303,6 +304,14 @@ def build_reference_engine(model: torch.nn.Module, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+def gathered_numel(module: torch.nn.Module) -> int:
+    """Elements of ``module``'s ZeRO-3 parameters gathered (AVAILABLE) on this rank now: what the
+    memory planner's gather terms predict (tools/probe_zero3_gathers.py)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return sum(p.ds_numel for p in module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE)
 
 
 def gathered_state_dict(module: torch.nn.Module, tp_group=None) -> dict[str, torch.Tensor]:

@@ -22,9 +22,22 @@ whole partition, which ZeRO-3 makes one sub-group at a time at the step (``sub_g
 elements, counted as a temporary in :mod:`megakto.planning.temporaries`); ZeRO-1/2 convert the whole
 partition's gradient to fp32 at the step (4·P/D, also a temporary there).
 
-``offload_optimizer`` moves the master, the moments and (ZeRO-3: the gradient partition, then in
-fp32; ZeRO-1/2: an fp32 gradient partition) to host memory; the device keeps the weights (and
-ZeRO-1/2 their gradients). ``offload_param`` (ZeRO-3) moves the weight partition to the host too.
+``offload_optimizer`` moves the master, the moments and an fp32 gradient partition to host
+memory; the device keeps the weights (and ZeRO-1/2 their gradients). ``offload_param`` (ZeRO-3)
+moves the weight partition to the host too. Under optimizer offload DeepSpeed also keeps on the
+host, per rank (line numbers of 0.19.8):
+
+* ZeRO-3: the gradient partition twice. Backward reduces into ``grad_partitions_flat_buffer``, a
+  flat buffer of the whole partition in the gradient-accumulation dtype (the model dtype: w·P/D),
+  made on ``self.device``, which is ``cpu`` under offload (``stage3.py`` 333, 791-795); at the
+  accumulation boundary it is copied into each sub-group's own fp32 ``.grad`` (4·P/D, zero-filled
+  at init: 1337-1342, 1437-1456). So (4 + w)·P/D of gradients on the host, none on the device.
+* ZeRO-1/2: a bit16 copy of the weight partition (w·P/D, ``param_buffer_of_bit16_for_cpu_offload_groups``,
+  ``stage_1_and_2.py`` 563-575) that the step writes before copying to the device.
+
+The fp32 master is a clone in every case: ZeRO-3 shares fp32 weights as their own master only when
+``tensor.device == self.device``, and a ``torch.device`` never equals the accelerator's device
+*string* (``stage3.py`` 1161-1167), so that branch is not taken on CPU or GPU.
 """
 
 from __future__ import annotations
@@ -68,6 +81,9 @@ def model_states(trainable: int, frozen: int, *, stage: int, shards: int, weight
     5000
     >>> model_states(1000, 0, stage=1, shards=4, weight_bytes=2).device  # 2P + 2P + 12P/4
     7000
+    >>> z3 = model_states(1000, 0, stage=3, shards=4, weight_bytes=2, offload_optimizer=True)
+    >>> z3.device, z3.host   # device 2·P/D weights; host (4 + 8 + 4 + 2)·P/D
+    (500, 4500)
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
@@ -81,8 +97,12 @@ def model_states(trainable: int, frozen: int, *, stage: int, shards: int, weight
     if offload_optimizer and stage >= 1:
         host.update(host_master=master, host_optimizer=optimizer, host_gradients=4 * part)
         master = optimizer = 0
-        if stage >= 2:  # the reduced gradient partition goes straight to the host's fp32 copy
-            grads = 0
+        if stage == 3:  # the accumulation partition (grad_partitions_flat_buffer) is on the host too
+            host["host_gradients"], grads = 4 * part + grads, 0
+        else:  # the bit16 staging copy of the weight partition
+            host["host_weights"] = w * part
+            if stage == 2:  # the reduced gradient partition goes straight to the host's fp32 copy
+                grads = 0
     if offload_param and stage == 3:
         host["host_weights"], weights = weights, 0
     return StateBytes(weights=weights, gradients=grads, master=master, optimizer=optimizer, **host)

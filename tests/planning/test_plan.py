@@ -44,12 +44,32 @@ def test_model_states_per_stage(stage, w, expected):
 
 
 def test_offload_moves_master_moments_and_gradients_to_the_host():
-    """ZeRO-3 bf16 + offload_optimizer over 8 ranks, P = 1,000,000: the device keeps the weight
-    partition 2·P/8 = 250,000; the host the fp32 gradient, master and moments (4 + 4 + 8)·P/8."""
+    """ZeRO-3 bf16 + offload_optimizer over 8 ranks, P = 1,000,000, P/8 = 125,000: the device keeps the
+    weight partition 2·125,000 = 250,000; the host the master and moments (4 + 8)·125,000 = 1,500,000,
+    the sub-groups' fp32 gradients 4·125,000 = 500,000 and the bf16 accumulation partition
+    (grad_partitions_flat_buffer, made on the host under offload) 2·125,000 = 250,000: 2,250,000.
+    With offload_param the weight partition moves too: 0 and 2,500,000."""
     s = model_states(1_000_000, 0, stage=3, shards=8, weight_bytes=2, offload_optimizer=True)
-    assert (s.device, s.host) == (250_000, 2_000_000)
+    assert (s.device, s.host) == (250_000, 2_250_000)
+    assert (s.host_gradients, s.host_master, s.host_optimizer) == (750_000, 500_000, 1_000_000)
     both = model_states(1_000_000, 0, stage=3, shards=8, weight_bytes=2, offload_optimizer=True, offload_param=True)
-    assert (both.device, both.host) == (0, 2_250_000)
+    assert (both.device, both.host) == (0, 2_500_000)
+
+
+def test_zero3_offload_calibration_model_by_hand():
+    """The calibration's zero3-offload-opt model: P = 63,972,352 in fp32 over 2 ranks, P/2 = 31,986,176.
+    Host: master 4, moments 8, fp32 sub-group gradients 4 and the fp32 accumulation partition 4 bytes
+    each: 20·31,986,176 = 639,723,520 (610 MiB); the device (here the same memory) 4·P/2 = 127,944,704."""
+    s = model_states(63_972_352, 0, stage=3, shards=2, weight_bytes=4, offload_optimizer=True)
+    assert (s.device, s.host) == (127_944_704, 639_723_520)
+
+
+def test_zero2_offload_keeps_a_bit16_weight_partition_on_the_host():
+    """ZeRO-2 bf16 + offload over 8 ranks, P/8 = 125,000: device 2P whole weights = 2,000,000; host
+    fp32 master 500,000, moments 1,000,000, fp32 gradient 500,000 and the bf16 staging copy of the
+    weight partition 250,000 = 2,250,000."""
+    s = model_states(1_000_000, 0, stage=2, shards=8, weight_bytes=2, offload_optimizer=True)
+    assert (s.device, s.host, s.host_weights) == (2_000_000, 2_250_000, 250_000)
 
 
 def test_lora_states_count_adapters_only():
