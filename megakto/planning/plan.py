@@ -41,7 +41,7 @@ GPU_HEADROOM = 0.10
 # DeepSpeed's defaults where the JSON leaves a key out (deepspeed/runtime/zero/config.py).
 _ZERO_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
                   "stage3_prefetch_bucket_size": 50_000_000, "sub_group_size": 1_000_000_000,
-                  "stage3_max_live_parameters": 1_000_000_000, "overlap_comm": False}
+                  "stage3_max_live_parameters": 1_000_000_000, "overlap_comm": False, "contiguous_gradients": True}
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,15 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         live = min(int(p.zero_value("stage3_prefetch_bucket_size")) + largest,
                    int(p.zero_value("stage3_max_live_parameters")), rank_params)
         gathers = live * w + largest * w  # gathered weights, and the largest one's gradient before its reduce
-    elif stage == 2:
-        buckets = bucket(int(p.zero_value("reduce_bucket_size")) * (2 if p.zero_value("overlap_comm") else 1)) * w
+    elif stage in (1, 2):
+        # DeepSpeed 0.19.8 stage_1_and_2.py: with contiguous_gradients (its default) the gradient hooks
+        # run at stage 1 too (line 713), and setup_buckets (line 3256) allocates reduce_bucket_size
+        # elements, twice with overlap_comm, in the gradient-accumulation dtype at stage 1 when it
+        # differs from the model's (fp32 beside bf16: use_grad_accum_attribute), else the model dtype.
+        if p.zero_value("contiguous_gradients"):
+            bucket_bytes = 4 if stage == 1 else w
+            buckets = bucket(int(p.zero_value("reduce_bucket_size")) * (2 if p.zero_value("overlap_comm") else 1)
+                             ) * bucket_bytes
         gathers = largest * w  # a whole parameter's gradient before it is copied into the bucket
     rows.append(("ZeRO buckets", buckets, 0))
     runtime = 0 if p.on_gpu else CPU_RUNTIME_BYTES

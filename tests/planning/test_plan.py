@@ -130,3 +130,20 @@ def test_plan_peak_is_persistent_plus_largest_phase():
     assert plan.persistent == pytest.approx(states_bytes + 1000 * 4, abs=64)
     assert plan.device_peak == plan.persistent + max(plan.phases.values())
     assert plan.fits is True and plan.host_bytes_per_node == 0
+
+
+@pytest.mark.parametrize("stage, weight_bytes, zero, want", [
+    (1, 2, {}, 2 * 1000 * 4),                            # ZeRO-1 bf16: two fp32 buckets (grad_accum dtype), overlap
+    (2, 2, {}, 2 * 1000 * 2),                            # ZeRO-2 bf16: two buckets in the model dtype
+    (1, 4, {"overlap_comm": False}, 1000 * 4),           # one bucket without overlap_comm
+    (1, 2, {"contiguous_gradients": False}, 0),          # no contiguous buffers, no buckets
+])
+def test_zero_1_and_2_reduce_buckets(stage, weight_bytes, zero, want):
+    """DeepSpeed's stage_1_and_2.setup_buckets: reduce_bucket_size (1000) elements, twice with
+    overlap_comm; ZeRO-1 keeps them in the fp32 accumulation dtype beside a bf16 model."""
+    p = PlanInputs(shape=TOY, world_size=2, dp=2, zero={"stage": stage, "reduce_bucket_size": 1000,
+                                                        "overlap_comm": True, **zero},
+                   weight_bytes=weight_bytes, on_gpu=True, ref="none", ref_offload=False,
+                   train_tokens=Tokens(256, 100, 2, 128), precompute_tokens=Tokens(256, 100, 2, 128))
+    rows = {name: device for name, device, _ in plan_memory(p, gpu_memory=1.0).rows}
+    assert rows["ZeRO buckets"] == want
