@@ -1,18 +1,20 @@
 """Resume at another number of ranks through DeepSpeed's universal checkpoints (megakto/universal.py),
 under the real launcher on CPU over gloo.
 
-One uninterrupted 8-step run per ZeRO stage on 4 ranks saves a checkpoint at step 4 and is the
+One uninterrupted 8-step run per ZeRO stage (ZeRO-3 on 4 ranks, ZeRO-1 on 2) saves a checkpoint at step 4 and is the
 reference: its losses, KL, margins, gradient norms, rows and final weights. Its step-4 checkpoint is
 then resumed to step 8
 
     ZeRO-3  on 2 ranks (the trainer converts it itself) and on 1 rank (converted first with
             tools/to_universal.py, which the HF export then reads as any checkpoint)
-    ZeRO-1  on 2 ranks (its UNIVERSAL_CHECKPOINT_INFO was written at save time)
+    ZeRO-1  from a 2-rank run on 1 rank (its UNIVERSAL_CHECKPOINT_INFO was written at save time;
+            2 ranks, not 4, to keep the suite's time: the converter path is the same)
 
 and steps 5-8 must use the reference's rows (so steps 1-8 see 128 distinct rows of the 800) and
 give its numbers to fp32 tolerance (another data-parallel size sums in another order). A resume
-with another global batch size, or with another model, stops with one line before anything loads.
-Refusals of pipeline and tensor-parallel layouts are checked on manifests (tests/checkpoint).
+with another global batch size stops with one line before anything loads; another model's
+checkpoint is refused before converting in tests/test_trainer_resume.py, and pipeline and
+tensor-parallel layouts on manifests (tests/checkpoint).
 """
 
 import json
@@ -33,20 +35,20 @@ RUN = {"train.max_steps": 8, "checkpoint.every_steps": 4, "checkpoint.keep_last"
 KL_ABS = 5e-6  # the KL sum over a batch of ~1 nat, in another reduction order
 
 
-def _reference(assets, tmp_path_factory, stage):
-    out = tmp_path_factory.mktemp(f"{stage}_4ranks")
-    _, result = run_trainer(assets, out, nproc=4, ds=f"ds_configs/{stage}.json", **RUN)
+def _reference(assets, tmp_path_factory, stage, nproc):
+    out = tmp_path_factory.mktemp(f"{stage}_{nproc}ranks")
+    _, result = run_trainer(assets, out, nproc=nproc, ds=f"ds_configs/{stage}.json", **RUN)
     return {"out": out, "result": result, "tag": str(out / "checkpoints" / "step-00000004"), "ds": stage}
 
 
 @pytest.fixture(scope="module")
 def zero3(assets, tmp_path_factory):
-    return _reference(assets, tmp_path_factory, "zero3")
+    return _reference(assets, tmp_path_factory, "zero3", 4)
 
 
 @pytest.fixture(scope="module")
 def zero1(assets, tmp_path_factory):
-    return _reference(assets, tmp_path_factory, "zero1")
+    return _reference(assets, tmp_path_factory, "zero1", 2)
 
 
 def _resume(assets, ref, tmp_path, nproc, resume):
@@ -94,9 +96,9 @@ def test_zero3_resumes_on_1_rank_from_the_conversion_tool(assets, zero3, tmp_pat
     _continues(zero3, result, tmp_path / "run")
 
 
-def test_zero1_resumes_on_2_ranks(assets, zero1, tmp_path):
-    log, result = _resume(assets, zero1, tmp_path, 2, zero1["tag"])
-    assert "(4 ranks then, 2 now)" in log
+def test_zero1_resumes_on_1_rank(assets, zero1, tmp_path):
+    log, result = _resume(assets, zero1, tmp_path, 1, zero1["tag"])
+    assert "(2 ranks then, 1 now)" in log
     _continues(zero1, result, tmp_path)
 
 
@@ -114,17 +116,4 @@ def test_changed_global_batch_size_is_refused(assets, zero3, tmp_path):
     assert line.endswith(f"train.resume: {zero3['tag']} was trained with train.global_batch_size=16 but this run has "
                          "8; the data stream continues only at the same global batch size: set "
                          "train.global_batch_size=16 (the ranks and micro-batch size may change)")
-    assert not os.path.exists(tmp_path / "checkpoints" / "universal-step-00000004")  # refused before converting
-
-
-def test_another_models_checkpoint_is_refused(assets, zero3, tmp_path):
-    """Checked against model.path's config.json built on the meta device, before the conversion
-    (for 32B that would be hundreds of GB of disk and longer than the collective timeout): no
-    universal folder is written."""
-    from megakto._demo.tiny_model import make_tiny_model
-
-    other = make_tiny_model(tmp_path / "other", seed=0, intermediate_size=96)
-    line = _refused(assets, tmp_path, **{"train.resume": zero3["tag"], "model.path": other})
-    assert f"train.resume: {zero3['tag']} holds another model's weights than model.path={other} " in line
-    assert "model.layers.0.mlp.down_proj.weight is [64, 128] there and [64, 96] here" in line
     assert not os.path.exists(tmp_path / "checkpoints" / "universal-step-00000004")  # refused before converting
