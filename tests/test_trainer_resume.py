@@ -18,29 +18,13 @@ from megakto._demo.tiny_model import make_tiny_model
 from megakto.errors import MegaktoError
 from megakto.model.meta import param_shapes
 from megakto.trainer import KTOTrainer
+from tests.checkpoint.test_checkpoint import FakeEngine
 
 SEED, STEP = 7, 4
 
 
-class _CheckpointEngine:
-    def save(self, state_dict, path):
-        torch.save(state_dict, path)
-
-
 STAGE0 = "mp_rank_00_model_states.pt"  # ZeRO stage 0: the whole model and optimizer, one per-model file
 ZERO = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # ZeRO 1-3: a per-rank optimizer partition
-
-
-class _Engine:
-    """DeepSpeed's save writing the file ``name``."""
-
-    def __init__(self, name):
-        self.name = name
-        self.checkpoint_engine = _CheckpointEngine()
-
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        self.checkpoint_engine.save({}, os.path.join(save_dir, tag, self.name))
 
 
 def _draws():
@@ -54,7 +38,7 @@ def _saved(tmp_path, monkeypatch, *, world_size, file=STAGE0, extra=None, **mani
     random.seed(100), np.random.seed(100), torch.manual_seed(100)
     state = {"step": STEP, "sampler": {"global_batch_size": 16}, "rng": checkpoint.rng_state(), "eval_history": [],
              "vocab_layout": [], **(extra or {})}
-    path = checkpoint.save(_Engine(file), str(tmp_path / "checkpoints"), STEP, state, keep_last=2, dtype="float32")
+    path = checkpoint.save(FakeEngine({}, name=file), str(tmp_path / "checkpoints"), STEP, state, keep_last=2, dtype="float32")
     for rank in range(1, world_size):  # the other ranks' files, as they would have written them
         random.seed(100 + rank), np.random.seed(100 + rank), torch.manual_seed(100 + rank)
         torch.save({"version": checkpoint.STATE_VERSION, "rank": rank, "world_size": world_size, **state,

@@ -30,18 +30,18 @@ class FakeCheckpointEngine:
 
 
 class FakeEngine:
-    """Stands in for DeepSpeed's engine: save_checkpoint writes one torch file (holding the bytes
+    """Stands in for DeepSpeed's engine: save_checkpoint writes one torch file ``name`` (holding
     ``payload``) into save_dir/tag through its checkpoint engine."""
 
-    def __init__(self, payload=b"weights"):
-        self.payload = payload
+    def __init__(self, payload=b"weights", name=WEIGHTS):
+        self.payload, self.name = payload, name
         self.calls = []
         self.checkpoint_engine = FakeCheckpointEngine()
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         self.calls.append((tag, save_latest))
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        self.checkpoint_engine.save(self.payload, os.path.join(save_dir, tag, WEIGHTS))
+        self.checkpoint_engine.save(self.payload, os.path.join(save_dir, tag, self.name))
 
 
 def _save(ckpt_dir, step, keep_last=10, payload=b"weights"):

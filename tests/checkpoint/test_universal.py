@@ -11,29 +11,13 @@ import torch
 
 from megakto import checkpoint, universal
 from megakto.errors import ModelError
+from tests.checkpoint.test_checkpoint import FakeEngine
 
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
-class FakeCheckpointEngine:
-    def save(self, state_dict, path):
-        torch.save(state_dict, path)
-
-
-class FakeZeroEngine:
-    """DeepSpeed's save as a ZeRO engine's: an optimizer partition holding ``payload``."""
-
-    def __init__(self, payload):
-        self.payload = payload
-        self.checkpoint_engine = FakeCheckpointEngine()
-
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        self.checkpoint_engine.save(self.payload, os.path.join(save_dir, tag, OPTIM))
-
-
 def _save(ckpt_dir, step, payload, keep_last=10):
-    return checkpoint.save(FakeZeroEngine(payload), str(ckpt_dir), step, {"step": step, "sampler": {}},
+    return checkpoint.save(FakeEngine(payload, name=OPTIM), str(ckpt_dir), step, {"step": step, "sampler": {}},
                            keep_last=keep_last, dtype="float32")
 
 
