@@ -48,6 +48,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from _bench_workload import SPECIALS, write_model  # noqa: E402
 from _launch import launcher_command, rank_env  # noqa: E402
+from bench import _read_status as _status  # noqa: E402  (a kB field of /proc/self/status, in bytes)
 
 MIB = 1 << 20
 VOCAB = 1000
@@ -104,15 +105,6 @@ class _Placeholder:
         import torch
 
         return torch.tensor([-float(len(p) + len(c)) for p, c in pairs], dtype=torch.float64)
-
-
-def _status(field: str) -> int:
-    """A kB field of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 class _AnonPeak:
@@ -238,12 +230,12 @@ def summarize(results: dict) -> dict:
     return out
 
 
-def markdown(summary: dict, rows: int) -> str:
+def markdown(summary: dict, rows: int, names: list[str]) -> str:
     nan = float("nan")
     lines = [f"| run ({rows:,} rows) | start-up s | of it: data s | reference s | first step s | peak anon/rank MiB "
              f"| anon beyond baseline MiB | peak RSS (VmHWM)/rank MiB | RSS beyond baseline MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name in RUNS:
+    for name in names:
         r = summary.get(name)
         if r is None:
             lines.append(f"| {name} | failed | | | | | | | |")
@@ -313,7 +305,7 @@ def main(argv=None) -> int:
                      f"{max(r['peak_rss_mib']):.0f} MiB" if r["ok"] else r["error"])
             print(f"{tag} {name}: {state}", flush=True)
     results["summary"] = summarize(results)
-    print(markdown(results["summary"], args.rows))
+    print(markdown(results["summary"], args.rows, names))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
