@@ -50,6 +50,10 @@ class Sequences:
         """(prompt_ids, completion_ids) of each position, in that order."""
         raise NotImplementedError
 
+    def fill_keys(self, shard: int = 0, shards: int = 1, gather: Callable[[object], list] | None = None) -> None:
+        """Compute ``keys`` and ``lengths`` (this rank ``shard`` of ``shards``, the rest through
+        ``gather``); sequences held in memory have theirs already."""
+
 
 class PairSequences(Sequences):
     """A list of (prompt_ids, completion_ids) held in memory."""
@@ -167,10 +171,9 @@ class ConcatSequences(Sequences):
         return int(self.starts[-1])
 
     def fill_keys(self, shard: int = 0, shards: int = 1, gather: Callable[[object], list] | None = None) -> None:
-        """:meth:`SplitSequences.fill_keys` for every part (parts held in memory have theirs)."""
+        """:meth:`Sequences.fill_keys` for every part."""
         for part in self.parts:
-            if hasattr(part, "fill_keys"):
-                part.fill_keys(shard, shards, gather)
+            part.fill_keys(shard, shards, gather)
         self._keys = self._lengths = None
 
     @property
