@@ -145,9 +145,11 @@ def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, 
     if kl_checks and step >= t.warmup_steps and run.steps >= t.warmup_steps and run.steps and run.kl_all_zero:
         # run.steps: what this process saw (a resumed run's history starts at the resume)
         out.append(Finding("kl_zero", (
-            f"the KL estimate has been 0 (clamped) for all {step} steps: the policy moved the mismatched "
-            "completions below the reference, so z_ref gives no reference point and KTO acts like its "
-            "reference-free variant; lower optim.lr, or check that desirable and undesirable rows share prompts")))
+            f"the KL estimate has been 0 (clamped) for all {step} steps: the policy gives the mismatched "
+            "completions (other prompts' answers) less probability than the reference, so z_ref = 0 and KTO "
+            "acts as apo_zero_unpaired; usual and harmless when the policy starts from an SFT model (README, "
+            "Alignment quality); if held-out reward accuracy stalls, lower optim.lr, or check that desirable "
+            "and undesirable rows share prompts")))
     if single_class_micro_batches:
         out.append(Finding("single_class", (
             f"{single_class_micro_batches} micro-batch(es) of step {step} held rows of one class only: their "

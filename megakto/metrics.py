@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["StepSums", "step_metrics"]
+__all__ = ["StepSums", "step_metrics", "reference_point_metrics"]
 
 _KEYS = ("loss", "rows", "rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected",
          "count_chosen", "count_rejected", "target_tokens", "desirable_tokens", "tokens", "nll_chosen", "nll",
-         "single_class")
+         "single_class", "abs_rewards", "slopes_chosen", "slopes_rejected")
 
 
 class StepSums:
     def __init__(self):
         self.values: dict[str, float] = {k: 0.0 for k in _KEYS}
 
-    def add(self, *, losses, rewards, logps, desirable: torch.Tensor, n_tokens, tokens: int) -> None:
+    def add_micro(self, micro, *, logps, n_tokens, tokens: int) -> None:
+        """:meth:`add` for a runner's :class:`~megakto.runners.base.MicroLoss`."""
+        self.add(losses=micro.losses, rewards=micro.rewards, logps=logps, desirable=micro.desirable,
+                 n_tokens=n_tokens, tokens=tokens, slopes=micro.slopes)
+
+    def add(self, *, losses, rewards, logps, desirable: torch.Tensor, n_tokens, tokens: int, slopes=None) -> None:
         v, d = self.values, desirable.float()
         logps = logps.detach().float()
         v["loss"] += float(losses.detach().sum())
@@ -33,6 +38,10 @@ class StepSums:
         v["nll_chosen"] += float(-(logps * d).sum())
         v["nll"] += float(-logps.sum())
         v["single_class"] += float(len(desirable) > 0 and bool(d.min() == d.max()))  # a one-class micro-batch
+        v["abs_rewards"] += float(rewards.abs().sum())
+        if slopes is not None:
+            v["slopes_chosen"] += float((slopes.float() * d).sum())
+            v["slopes_rejected"] += float((slopes.float() * (1 - d)).sum())
 
 
 def step_metrics(s: dict[str, float], *, kl: float, elapsed: float, loss_type: str,
@@ -53,7 +62,38 @@ def step_metrics(s: dict[str, float], *, kl: float, elapsed: float, loss_type: s
               "logps/rejected": mean("logps_rejected", "count_rejected")})
     if s["count_chosen"] and s["count_rejected"]:
         m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
+    # Mean sigmoid slope per class (1 = z at 0, the steepest; 0 = saturated, no gradient).
+    for cls in ("chosen", "rejected"):
+        if s[f"count_{cls}"]:
+            m[f"kto/slope/{cls}"] = s[f"slopes_{cls}"] / s[f"count_{cls}"]
     if sft_weight:
         m["sft_nll"] = s["nll_chosen"] / max(s["desirable_tokens"], 1.0)
         m["loss"] += sft_weight * m["sft_nll"]
     return m
+
+
+def reference_point_metrics(raw: list[float], *, beta: float, mean_abs_reward: float,
+                            previous_raw: float | None) -> dict[str, float]:
+    """What the reference point z_ref = beta * max(0, KL estimate) of eq. (7) did this step.
+
+    Args:
+        raw: the step's KL estimates before the clamp, one per reference point used (one at
+            ``kto.kl_scope=step``, one per micro-batch at ``microbatch``), in nats.
+        beta: the KTO beta.
+        mean_abs_reward: mean |beta * log(pi / pi_ref)| over the step's rows.
+        previous_raw: the previous step's ``kl/raw``; None on a run's (or a resume's) first step.
+
+    Returns ``kl/raw`` (mean estimate before the clamp), ``kl/clamped`` (share of the estimates
+    that were negative, so z_ref was 0), ``kl/z_ref`` (mean beta * clamped estimate: the reference
+    point in reward units), ``kl/z_ref_over_reward`` (z_ref against the rewards' mean size: near 1
+    the reference point has moved as far as the rewards and eats their margin) and
+    ``kl/raw_change`` (|raw - previous raw|: the estimate's step-to-step noise and drift).
+    """
+    raw_mean = sum(raw) / len(raw)
+    z_ref = beta * sum(max(0.0, r) for r in raw) / len(raw)
+    out = {"kl/raw": raw_mean, "kl/clamped": sum(r < 0 for r in raw) / len(raw), "kl/z_ref": z_ref}
+    if mean_abs_reward > 0:
+        out["kl/z_ref_over_reward"] = z_ref / mean_abs_reward
+    if previous_raw is not None:
+        out["kl/raw_change"] = abs(raw_mean - previous_raw)
+    return out

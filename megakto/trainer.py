@@ -47,8 +47,8 @@ from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
-from megakto.kto import finalize_kl, kl_partial, kto_loss, nll_share
-from megakto.metrics import step_metrics
+from megakto.kto import finalize_kl, kl_partial, kto_loss, nll_share, raw_kl
+from megakto.metrics import reference_point_metrics, step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import load_tokenizer
 from megakto.model.lora import ADAPTER_DIR, apply_lora
@@ -90,6 +90,7 @@ class KTOTrainer:
     def __init__(self, cfg: Config, deepspeed_config: str):
         self.cfg = cfg
         self.step = 0
+        self._previous_raw_kl: float | None = None  # kl/raw of the last step, for kl/raw_change
         self.phases = Phases()  # start-up seconds per phase, logged once the run is set up
         engine.init_distributed(cfg.dist.timeout_minutes)
         self.device = engine.device()
@@ -587,7 +588,8 @@ class KTOTrainer:
 
         # 3. The reference point z_ref: one all-reduce of (sum, count) over the data-parallel group.
         zero = torch.zeros((), device=self.device)
-        kls = self._reduce_kl(kl_parts, len(mine)) if kl_rows is not None else [zero] * len(mine)
+        kl_sums = self._reduce_kl(kl_parts, len(mine)) if kl_rows is not None else None
+        kls = [finalize_kl(*p).to(self.device) for p in kl_sums] if kl_sums else [zero] * len(mine)
         # z_ref is all-reduced: every rank sees the same value and takes the same decision.
         skipped = None if all(math.isfinite(float(k)) for k in kls) else "non-finite KL reference point z_ref"
 
@@ -609,7 +611,7 @@ class KTOTrainer:
             loss = out.losses.sum()
             if kto.sft_weight:
                 loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
-            return MicroLoss(loss, out.losses, out.rewards, desirable)
+            return MicroLoss(loss, out.losses, out.rewards, desirable, out.slopes)
 
         outcome = self.runner.train(t_rows, micro_loss, scale=scale, skipped=skipped)
         sums, backwards, poisoned, skipped = outcome.sums, outcome.backwards, outcome.poisoned, outcome.skipped
@@ -621,6 +623,11 @@ class KTOTrainer:
         if reduced["rows"]:
             metrics = step_metrics(reduced, kl=kl_mean, elapsed=time.perf_counter() - start,
                                    loss_type=kto.loss_type, sft_weight=kto.sft_weight)
+            if kl_sums:
+                metrics.update(reference_point_metrics(
+                    [float(raw_kl(*p)) for p in kl_sums], beta=kto.beta, previous_raw=self._previous_raw_kl,
+                    mean_abs_reward=reduced["abs_rewards"] / reduced["rows"]))
+                self._previous_raw_kl = metrics["kl/raw"]
         else:  # skipped before the policy pass
             metrics = {"loss": float("nan"), "kl": kl_mean}
         metrics["learning_rate"] = lr
@@ -644,15 +651,15 @@ class KTOTrainer:
         return StepResult(self.step, metrics, list(indices), skipped)
 
     def _reduce_kl(self, parts: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[torch.Tensor]:
-        """Step scope: one (sum, count) over all micro-batches and ranks. Micro-batch scope: one
-        (sum, count) per micro-batch position, summed over ranks (TRL's granularity)."""
+        """The (sum, count) of KL log-ratios behind each of this rank's n micro-batches. Step scope:
+        one (sum, count) over all micro-batches and ranks. Micro-batch scope: one per micro-batch
+        position, summed over ranks (TRL's granularity)."""
         flat = torch.stack([torch.stack(p) for p in parts]).to(torch.float64).cpu()  # (n, 2)
         group = self.dims.dp_group  # tensor-parallel peers hold the same rows: count each once
         if self.cfg.kto.kl_scope == "step":
-            total = comm.all_reduce_sum(flat.sum(0), group=group)
-            return [finalize_kl(total[0], total[1]).to(self.device)] * n
+            return [comm.all_reduce_sum(flat.sum(0), group=group)] * n
         comm.all_reduce_sum(flat, group=group)
-        return [finalize_kl(s, c).to(self.device) for s, c in flat]
+        return list(flat)
 
     def _my_micro_batches(self, lengths: list[int], labels: list[bool]) -> list[list[int]]:
         """This data-parallel rank's micro-batches of the step's plan (positions into the batch);

@@ -6,13 +6,14 @@ Micro-batch A (3 rows: chosen, rejected, chosen) and B (2 rows, both rejected):
     row      A0     A1      A2     B0      B1
     loss     0.5    1.0     0.25   0.75    0.5
     reward   0.25  -0.125   0.5   -0.375   0.125
+    slope    1.0    0.5     0.25   0.75    0.5    (4 sigmoid(z) sigmoid(-z) of each row)
     logp    -3.0   -5.0    -1.5   -2.0    -4.0
     tokens   3      5       2      4       1      (completion tokens; 16 + 8 tokens in the batches)
 
 Sums over A and B: loss 3.0, rows 5; rewards chosen 0.25 + 0.5 = 0.75, rejected
 -0.125 - 0.375 + 0.125 = -0.375; logps chosen -4.5, rejected -11.0; counts 2 and 3; completion
 tokens 15, of chosen rows 5; all tokens 24; NLL of chosen rows 4.5, of all rows 15.5; one micro-batch
-(B) of a single class. Every value is a dyadic fraction, so the float32 sums are exact.
+(B) of a single class; |rewards| 1.375; slopes of chosen rows 1.25, of rejected rows 1.75. Every value is a dyadic fraction, so the float32 sums are exact.
 """
 
 import math
@@ -20,23 +21,23 @@ import math
 import pytest
 import torch
 
-from megakto.metrics import StepSums, step_metrics
+from megakto.metrics import StepSums, reference_point_metrics, step_metrics
 
 A = dict(losses=[0.5, 1.0, 0.25], rewards=[0.25, -0.125, 0.5], logps=[-3.0, -5.0, -1.5],
-         desirable=[True, False, True], n_tokens=[3, 5, 2], tokens=16)
+         desirable=[True, False, True], n_tokens=[3, 5, 2], tokens=16, slopes=[1.0, 0.5, 0.25])
 B = dict(losses=[0.75, 0.5], rewards=[-0.375, 0.125], logps=[-2.0, -4.0],
-         desirable=[False, False], n_tokens=[4, 1], tokens=8)
+         desirable=[False, False], n_tokens=[4, 1], tokens=8, slopes=[0.75, 0.5])
 
 WHOLE = {"loss": 3.0, "rows": 5, "rewards_chosen": 0.75, "rewards_rejected": -0.375,
          "logps_chosen": -4.5, "logps_rejected": -11.0, "count_chosen": 2, "count_rejected": 3,
          "target_tokens": 15, "desirable_tokens": 5, "tokens": 24, "nll_chosen": 4.5, "nll": 15.5,
-         "single_class": 1}
+         "single_class": 1, "abs_rewards": 1.375, "slopes_chosen": 1.25, "slopes_rejected": 1.75}
 
 
 def _tensors(mb):
     return dict(losses=torch.tensor(mb["losses"]), rewards=torch.tensor(mb["rewards"]),
                 logps=torch.tensor(mb["logps"]), desirable=torch.tensor(mb["desirable"]),
-                n_tokens=torch.tensor(mb["n_tokens"]), tokens=mb["tokens"])
+                n_tokens=torch.tensor(mb["n_tokens"]), tokens=mb["tokens"], slopes=torch.tensor(mb["slopes"]))
 
 
 def sums(*micro_batches):
@@ -67,7 +68,7 @@ def test_ranks_by_slicing_sum_to_the_whole():
     combined = {k: rank0[k] + rank1[k] for k in rank0}
     assert combined == sums(A, B) == WHOLE
     # The same rows in one micro-batch give the same sums.
-    one = {k: A[k] + B[k] for k in ("losses", "rewards", "logps", "desirable", "n_tokens")}
+    one = {k: A[k] + B[k] for k in ("losses", "rewards", "logps", "desirable", "n_tokens", "slopes")}
     assert sums({**one, "tokens": 24}) == {**WHOLE, "single_class": 0}  # one micro-batch of both classes
     kw = dict(kl=0.125, elapsed=2.0, loss_type="sigmoid", sft_weight=0.0)
     assert step_metrics(combined, **kw) == step_metrics(WHOLE, **kw)
@@ -88,6 +89,8 @@ def test_kto_metrics():
         "logps/chosen": -2.25,  # -4.5 / 2
         "logps/rejected": -11.0 / 3,
         "rewards/margins": 0.5,  # 0.375 - (-0.125)
+        "kto/slope/chosen": 0.625,  # 1.25 / 2
+        "kto/slope/rejected": 1.75 / 3,
     }
 
 
@@ -111,9 +114,37 @@ def test_a_missing_class_gives_nan_means_and_no_margin():
     assert math.isnan(m["rewards/chosen"]) and math.isnan(m["logps/chosen"])
     assert m["rewards/rejected"] == -0.125 and m["logps/rejected"] == -3.0  # -0.25 / 2, -6 / 2
     assert "rewards/margins" not in m
+    assert m["kto/slope/rejected"] == 0.625 and "kto/slope/chosen" not in m  # (0.75 + 0.5) / 2
     assert m["sft_nll"] == 0.0  # no chosen tokens: 0 / max(0, 1)
     assert m["loss"] == 0.625  # 1.25 / 2 rows, plus 0.5 * 0
     chosen_only = sums({k: [v[0], v[2]] if isinstance(v, list) else v for k, v in A.items()})
     m = step_metrics(chosen_only, kl=0.0, elapsed=1.0, loss_type="sigmoid", sft_weight=0.0)
     assert math.isnan(m["rewards/rejected"]) and math.isnan(m["logps/rejected"])
     assert m["rewards/chosen"] == 0.375 and "rewards/margins" not in m
+
+
+def test_sft_rows_have_no_slopes():
+    """An SFT micro-batch has no sigmoid: its slopes are None and add nothing."""
+    mb = _tensors(A)
+    mb["slopes"] = None
+    s = StepSums()
+    s.add(**mb)
+    assert s.values["slopes_chosen"] == s.values["slopes_rejected"] == 0.0
+    assert s.values["abs_rewards"] == 0.875  # 0.25 + 0.125 + 0.5
+
+
+def test_reference_point_metrics_at_step_scope():
+    """One estimate of 2.5 nats at beta 0.1: z_ref 0.25 against rewards of mean size 1.0."""
+    m = reference_point_metrics([2.5], beta=0.1, mean_abs_reward=1.0, previous_raw=3.0)
+    assert m == pytest.approx({"kl/raw": 2.5, "kl/clamped": 0.0, "kl/z_ref": 0.25,
+                               "kl/z_ref_over_reward": 0.25, "kl/raw_change": 0.5}, abs=1e-15)
+
+
+def test_reference_point_metrics_clamped_and_per_micro_batch():
+    """kl_scope=microbatch, four micro-batches: -2 and -0.5 are clamped to 0, so z_ref is
+    0.5 * (0 + 0 + 1 + 3) / 4 = 0.5 while the raw mean is (-2 - 0.5 + 1 + 3) / 4 = 0.375."""
+    m = reference_point_metrics([-2.0, -0.5, 1.0, 3.0], beta=0.5, mean_abs_reward=2.0, previous_raw=None)
+    assert m == {"kl/raw": 0.375, "kl/clamped": 0.5, "kl/z_ref": 0.5, "kl/z_ref_over_reward": 0.25}
+    # No rows with a reward (all exactly 0, the first step from the reference): no ratio.
+    m = reference_point_metrics([-1.0], beta=0.1, mean_abs_reward=0.0, previous_raw=-3.0)
+    assert m == {"kl/raw": -1.0, "kl/clamped": 1.0, "kl/z_ref": 0.0, "kl/raw_change": 2.0}

@@ -3,8 +3,9 @@
 
     python tools/plot_run.py OUTPUT_DIR [OUTPUT_DIR ...] [--out DIR]
 
-Writes PNGs: loss.png, kl.png, rewards.png (desirable and undesirable completions), margin.png
-and eval_reward_accuracy.png (held-out reward accuracy), into OUTPUT_DIR/plots (the first run's)
+Writes PNGs: loss.png, kl.png (the KL estimate, clamped and raw), rewards.png (desirable and
+undesirable completions, and z_ref in the same units), slopes.png (how saturated eq. 7's sigmoids
+are, per class), margin.png and eval_reward_accuracy.png (held-out reward accuracy), into OUTPUT_DIR/plots (the first run's)
 unless --out names another folder. Several runs go on the same axes, labelled by their folder
 names, to compare them. A panel whose metric no run logged (e.g. rewards of an SFT run) is skipped
 and said so.
@@ -19,9 +20,12 @@ import sys
 # (file name, title, [(tag, label suffix)]): what a KTO run is judged by.
 PANELS = [
     ("loss.png", "training loss", [("loss", "")]),
-    ("kl.png", "KL estimate z_ref = max(0, mean over mismatched pairs)", [("kl", "")]),
-    ("rewards.png", "implied rewards beta * log(pi / pi_ref)", [("rewards/chosen", " desirable"),
-                                                                ("rewards/rejected", " undesirable")]),
+    ("kl.png", "KL estimate over mismatched pairs: clamped at 0 (used) and raw",
+     [("kl", ""), ("kl/raw", " raw")]),
+    ("rewards.png", "implied rewards beta * log(pi / pi_ref) and the reference point z_ref",
+     [("rewards/chosen", " desirable"), ("rewards/rejected", " undesirable"), ("kl/z_ref", " z_ref")]),
+    ("slopes.png", "sigmoid slope 4 s(z) s(-z): 1 = steepest, 0 = saturated (no gradient)",
+     [("kto/slope/chosen", " desirable"), ("kto/slope/rejected", " undesirable")]),
     ("margin.png", "reward margin (desirable - undesirable)", [("rewards/margins", "")]),
     ("eval_reward_accuracy.png", "held-out reward accuracy", [("eval/reward_accuracy", "")]),
 ]

@@ -4,13 +4,14 @@ Nothing here imports torch.distributed or deepspeed; cross-rank reduction of the
 the trainer's job (see :mod:`megakto.kto.kl`).
 """
 
-from megakto.kto.kl import finalize_kl, kl_partial
+from megakto.kto.kl import finalize_kl, kl_partial, raw_kl
 from megakto.kto.logps import sequence_logps
 from megakto.kto.loss import KTOLossOutput, kto_loss
 from megakto.kto.sft import nll_share
 from megakto.kto.weights import auto_desirable_weight, check_weights
 
 __all__ = [
+    "raw_kl",
     "kto_loss",
     "KTOLossOutput",
     "kl_partial",

@@ -25,7 +25,7 @@ Sums are kept in float64: they add up thousands of log-ratios of tens of nats ea
 
 import torch
 
-__all__ = ["kl_partial", "finalize_kl"]
+__all__ = ["kl_partial", "raw_kl", "finalize_kl"]
 
 
 def kl_partial(
@@ -52,8 +52,12 @@ def kl_partial(
     return total, count
 
 
-def finalize_kl(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``max(0, total / count)`` as a detached 0-dim float32 tensor; 0 when ``count == 0``.
+def raw_kl(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` as a detached 0-dim float64 tensor, before the clamp; 0 when ``count == 0``.
+
+    Negative when the policy, on the mismatched pairs, puts less mass than the reference: the
+    estimate is a sample mean, and eq. (7) clamps it (:func:`finalize_kl`). Logged as ``kl/raw``
+    beside the clamped value, so that a reference point pinned at 0 shows how far below it sits.
 
     Written with ``torch.where`` rather than a Python ``if`` so that no value is copied to the
     host (no device sync) in the middle of a step.
@@ -61,5 +65,9 @@ def finalize_kl(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     total = torch.as_tensor(total, dtype=torch.float64).detach()
     count = torch.as_tensor(count, dtype=torch.float64, device=total.device).detach()
     nonempty = count > 0
-    mean = torch.where(nonempty, total / torch.where(nonempty, count, 1.0), 0.0)
-    return mean.clamp_min(0.0).float()
+    return torch.where(nonempty, total / torch.where(nonempty, count, 1.0), 0.0)
+
+
+def finalize_kl(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``max(0, total / count)`` as a detached 0-dim float32 tensor; 0 when ``count == 0``."""
+    return raw_kl(total, count).clamp_min(0.0).float()

@@ -24,6 +24,10 @@ class KTOLossOutput(NamedTuple):
     losses: torch.Tensor  # (B,) weighted per-example losses, same dtype as the log-probs
     rewards: torch.Tensor  # (B,) beta * (policy - ref) log-ratio, detached (the implied reward)
     kl: torch.Tensor  # () the reference point used; for apo_zero_unpaired, the input unchanged
+    # (B,) sigmoid(z) * sigmoid(-z) / (1/4), detached: the share of its largest value that the
+    # sigmoid passes to the gradient. d loss_i / d log pi_theta(y_i|x_i) = -+ lambda * beta * slope_i / 4,
+    # so slope 1 is z = 0 and slope -> 0 is a saturated example that no longer learns.
+    slopes: torch.Tensor
 
 
 def kto_loss(
@@ -83,4 +87,6 @@ def kto_loss(
         undesirable_weight * torch.sigmoid(z),
     )
     rewards = (beta * logratio).detach()
-    return KTOLossOutput(losses=losses, rewards=rewards, kl=kl)
+    z = z.detach()
+    slopes = 4 * torch.sigmoid(z) * torch.sigmoid(-z)
+    return KTOLossOutput(losses=losses, rewards=rewards, kl=kl, slopes=slopes)

@@ -16,13 +16,14 @@ Pairs = Sequence[tuple[Sequence[int], Sequence[int]]]
 
 class MicroLoss(NamedTuple):
     """One micro-batch's loss as the trainer defines it: ``loss`` (a sum over its rows, to be
-    back-propagated), the per-row ``losses`` and ``rewards`` (detached, for metrics), and which rows
-    are desirable."""
+    back-propagated), the per-row ``losses``, ``rewards`` and sigmoid ``slopes`` (detached, for
+    metrics; no slopes for SFT), and which rows are desirable."""
 
     loss: torch.Tensor
     losses: torch.Tensor
     rewards: torch.Tensor
     desirable: torch.Tensor
+    slopes: torch.Tensor | None = None
 
 
 # (micro-batch position in this rank's list, its policy log-probs (S,)) -> MicroLoss

@@ -97,8 +97,8 @@ class PipelineRunner:
             micro = loss_fn(i, logps)
             if not math.isfinite(float(micro.loss.detach())):
                 non_finite.append(i)
-            out.sums.add(losses=micro.losses, rewards=micro.rewards, logps=logps, desirable=micro.desirable,
-                         n_tokens=completion_token_counts(packed[i]), tokens=packed[i].num_tokens)
+            out.sums.add_micro(micro, logps=logps, n_tokens=completion_token_counts(packed[i]),
+                               tokens=packed[i].num_tokens)
             return micro.loss * scale
 
         self._slot.fn = kto

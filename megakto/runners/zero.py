@@ -36,8 +36,7 @@ class ZeroRunner:
             if not out.poisoned and comm.any_rank(not bool(torch.isfinite(loss.detach())), group=None):
                 out.skipped = "non-finite loss"
                 if not out.backwards:
-                    out.sums.add(losses=micro.losses, rewards=micro.rewards, logps=logps, desirable=micro.desirable,
-                                 n_tokens=n_tokens, tokens=batch.num_tokens)
+                    out.sums.add_micro(micro, logps=logps, n_tokens=n_tokens, tokens=batch.num_tokens)
                     break
                 # Earlier micro-batches' gradients already sit in the engine, which can only drop them at
                 # the accumulation boundary: a NaN gradient makes DeepSpeed's overflow check discard the
@@ -47,8 +46,7 @@ class ZeroRunner:
             self.engine.backward(loss * scale)
             self.engine.step()
             out.backwards += 1
-            out.sums.add(losses=micro.losses, rewards=micro.rewards, logps=logps, desirable=micro.desirable,
-                         n_tokens=n_tokens, tokens=batch.num_tokens)
+            out.sums.add_micro(micro, logps=logps, n_tokens=n_tokens, tokens=batch.num_tokens)
         return out
 
     def reduce_sums(self, values: dict[str, float]) -> dict[str, float]:

@@ -23,9 +23,28 @@ def test_packed_chunked_equals_padded_full(assets, tmp_path):
     assert packed["indices"] == padded["indices"] == blocked["indices"]
     assert packed["history"][2]["kl"] > 0.01  # the KL term is in play by step 3
     for a, b, c in zip(packed["history"], padded["history"], blocked["history"]):
-        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "kl/raw",
+                    "kto/slope/chosen", "kto/slope/rejected"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
             assert c[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
+    _check_reference_point_metrics(packed["history"], beta=0.1)
+
+
+def _check_reference_point_metrics(history, *, beta):
+    """The reference-point scalars agree with the KL the loss used: kl = max(0, kl/raw),
+    kl/z_ref = beta * kl, kl/clamped = [kl/raw < 0], kl/raw_change = |step-to-step change|."""
+    first = history[0]  # the policy is the reference: every log-ratio is 0, every sigmoid at z = 0
+    assert first["kl/raw"] == pytest.approx(0.0, abs=1e-5)
+    assert first["kto/slope/chosen"] == pytest.approx(1.0, abs=1e-9) and first["kto/slope/rejected"] == pytest.approx(1.0, abs=1e-9)
+    assert "kl/raw_change" not in first
+    for prev, h in zip([None, *history], history):
+        assert h["kl"] == pytest.approx(max(0.0, h["kl/raw"]), rel=1e-6, abs=1e-7)
+        assert h["kl/z_ref"] == pytest.approx(beta * h["kl"], rel=1e-6, abs=1e-8)
+        assert h["kl/clamped"] == float(h["kl/raw"] < 0)
+        assert 0 < h["kto/slope/rejected"] <= 1 and 0 < h["kto/slope/chosen"] <= 1
+        if prev is not None:
+            assert h["kl/raw_change"] == pytest.approx(abs(h["kl/raw"] - prev["kl/raw"]), rel=1e-12)
+    assert any(h["kl/raw"] != 0 for h in history)  # the policy moved: the check is not of zeros only
 
 
 # Cache mode on 2 ranks, as made by the implementation that held every sequence as Python lists

@@ -63,4 +63,4 @@ def test_samples_and_plots_of_the_run(collapsing, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["eval_reward_accuracy.png", "kl.png", "loss.png", "margin.png",
-                                            "rewards.png"]
+                                            "rewards.png", "slopes.png"]

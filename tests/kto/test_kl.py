@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megakto.kto import finalize_kl, kl_partial
+from megakto.kto import finalize_kl, kl_partial, raw_kl
 
 
 def _combine(parts):
@@ -87,6 +87,10 @@ def test_negative_mean_clamps_to_zero():
     total, count = kl_partial(torch.tensor([-2.0, -4.0]), torch.tensor([-1.0, -2.0]))
     assert (total.item(), count.item()) == (-3.0, 2.0)
     assert finalize_kl(total, count).item() == 0.0
+    # Before the clamp (logged as kl/raw): the mean itself, in float64.
+    raw = raw_kl(total, count)
+    assert raw.item() == -1.5 and raw.dtype == torch.float64
+    assert raw_kl(0.0, 0.0).item() == 0.0 and raw_kl(6.0, 4.0).item() == 1.5
 
 
 def test_zero_count_gives_zero_not_nan():

@@ -200,3 +200,33 @@ def test_unknown_loss_type_names_allowed_values():
 def test_bad_shapes_raise(policy, ref, desirable, kl):
     with pytest.raises(ValueError):
         kto_loss(policy, ref, desirable, kl)
+
+
+def test_slopes_are_the_sigmoid_derivative_over_a_quarter():
+    """slope = 4 sigma(z) sigma(-z), z = beta (logratio - kl) for kto and beta logratio for
+    apo_zero_unpaired. beta 1, kl 1: logratios [2, 1, 0, -1, -2] give z = [1, 0, -1, -2, -3]."""
+    out = _run(LOGRATIOS, [True, False, True, False, True], kl=1.0, beta=1.0)
+
+    def slope(z):
+        return 4 / ((1 + math.exp(-z)) * (1 + math.exp(z)))
+
+    assert slope(0) == 1.0 and slope(2) == pytest.approx(0.41997434161)  # 4 e^-2 / (1 + e^-2)^2
+    want = torch.tensor([slope(z) for z in (1, 0, -1, -2, -3)], dtype=torch.float64)
+    torch.testing.assert_close(out.slopes, want, rtol=1e-12, atol=0)
+    assert not out.slopes.requires_grad
+    apo = _run(LOGRATIOS, [True] * 5, kl=1.0, beta=1.0, loss_type="apo_zero_unpaired")
+    want = torch.tensor([slope(z) for z in LOGRATIOS], dtype=torch.float64)
+    torch.testing.assert_close(apo.slopes, want, rtol=1e-12, atol=0)
+
+
+def test_slope_is_the_gradient_share():
+    """d loss / d policy_logp = -+ lambda * beta * slope / 4 (Proposition 4.1), for both classes."""
+    ref = torch.tensor([-10.0, -20.0, -30.0], dtype=torch.float64)
+    policy = (ref + torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)).requires_grad_()
+    desirable = torch.tensor([True, False, False])
+    out = kto_loss(policy, ref, desirable, torch.tensor(0.7, dtype=torch.float64), beta=0.3,
+                   desirable_weight=1.5, undesirable_weight=0.5)
+    out.losses.sum().backward()
+    sign = torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+    weight = torch.tensor([1.5, 0.5, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(policy.grad, sign * weight * 0.3 * out.slopes / 4, rtol=1e-12, atol=0)
