@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from _launch import free_port, rank_env  # noqa: E402
+from bench import machine_info  # noqa: E402
 
 MAX_NEW_TOKENS = 24
 
@@ -366,10 +366,13 @@ def main(argv=None) -> int:
         results = list(pool.map(lambda s: _run_one(s, runs), specs))
     wall = time.perf_counter() - start
     report = {"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "wall_s": wall,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": machine_info(threads=1),
               "sft_pass_rate": {t: b["pass_rate"] for t, b in bases.items()},
               "runs": [{**{k: s[k] for k in ("name", "task", "label", "beta")}, **r} for s, r in zip(specs, results)]}
     (out / "results.json").write_text(json.dumps(report, indent=1))
+    machine = report["machine"]
+    print(f"\nmachine: {machine['cpu_model']}, {machine['cpus_usable']} usable cores; torch "
+          f"{machine['versions']['torch']}, trl {machine['versions']['trl']}")
     print_table(report, tasks, betas, list(methods))
     plot(report, out / "curves.png", tasks, betas)
     plot_mechanism(report, out / "mechanism.png", tasks, betas)
