@@ -11,7 +11,7 @@ Each task makes prompts with one correct completion (desirable) and one wrong on
   by one. Arithmetic with carries, in the order a left-to-right model can carry.
 
 Every text is digits, spaces and a short tag, so the tiny model's tokenizer (digits split) writes
-prompts and answers of 10-20 tokens. Every wrong completion differs from the right one, and the
+prompts of 12-23 tokens and answers of 4-16. Every wrong completion differs from the right one, and the
 checker rejects it (tests/_demo/test_tasks.py).
 """
 
