@@ -92,9 +92,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    # Leave without the interpreter's teardown: a C++ thread still alive in a library's static state
-    # (gloo, a tokenizer or datasets pool) can abort there ("terminate called without an active
-    # exception"), turning exit status 1 into 250. Everything megakto writes is closed and flushed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    from megakto.distributed import comm
+
+    comm.exit_process(status)  # without the interpreter's teardown, where gloo's threads can abort

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Mapping
+import sys
+import traceback
+from typing import Callable, Iterator, Mapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,8 @@ __all__ = [
     "all_gather_object",
     "fail_together",
     "shutdown",
+    "exit_process",
+    "run_rank",
 ]
 
 
@@ -210,3 +214,31 @@ def shutdown() -> None:
     exception``, exit 250 instead of 1)."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> NoReturn:
+    """End this rank: destroy the process group, flush, and leave without the interpreter's
+    teardown. A C++ thread still alive in a library's static state (gloo, a tokenizer or datasets
+    pool) can abort there (``terminate called without an active exception``), turning a finished
+    run's exit status 0 or 1 into 250; everything megakto writes is closed and flushed by then."""
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def run_rank(main: Callable[[], object]) -> NoReturn:
+    """Run a rank's entry point, then ``exit_process``: status 0; a ``SystemExit``'s own status
+    (its message printed, as the interpreter would); 1 after printing the traceback of any other
+    exception that escaped ``main``."""
+    try:
+        main()
+        status = 0
+    except SystemExit as err:
+        status = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
+        if not isinstance(err.code, (int, type(None))):
+            print(err.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    exit_process(status)

@@ -9,6 +9,8 @@ the world group would count rank 2 (or wait for it).
 """
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from megakto.distributed import comm
 from megakto.errors import ConfigError, DataError, MegaktoError
 from tests.distributed._gloo import run_on_ranks
+from tests.launcher import REPO, free_port
 
 BAD_ROW = "train.jsonl: row 7: field 'label' must be true or false, got 'maybe'"
 BAD_KEY = "config key 'optim.schedule' must be one of cosine, linear, constant, got 'step'"
@@ -255,3 +258,30 @@ def test_a_group_that_leaves_a_rank_out():
     assert "pair" not in r2
     assert r1["tail"] == (0, "from rank 2") and r2["tail"] == (1, "from rank 2")
     assert r0["world"] == r1["world"] == r2["world"] == [6.0]
+
+
+_RUN_RANK = """
+import os, sys
+import torch.distributed as dist
+from megakto.distributed import comm
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+def main():
+    print("group up:", comm.is_initialized(), flush=True)
+    {body}
+comm.run_rank(main)
+print("not reached")
+"""
+
+
+@pytest.mark.gloo
+@pytest.mark.parametrize("body, status, stderr", [
+    ("raise ValueError('boom')", 1, "ValueError: boom"),  # the traceback, as the interpreter prints it
+    ("raise SystemExit('train.jsonl: row 3: bad')", 1, "train.jsonl: row 3: bad"),
+])
+def test_run_rank_exits_with_mains_status_and_no_teardown(body, status, stderr):
+    proc = subprocess.run([sys.executable, "-c", _RUN_RANK.replace("{body}", body), str(free_port())], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["group up: True"]  # nothing after run_rank runs
+    assert stderr in proc.stderr and "terminate called" not in proc.stderr
