@@ -35,6 +35,7 @@ against steps) and ``mechanism.png`` (KTO's z_ref against its rewards). Measures
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -319,10 +320,8 @@ def main(argv=None) -> int:
     betas = [float(b) for b in args.betas.split(",") if b]
     methods = {m: parse_method(m, args.lr) for m in args.methods.split(",") if m}
     if "dpo" in [m["kind"] for m in methods.values()]:
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: the dpo runs need TRL: pip install trl (or leave dpo out of --methods)")
+        if importlib.util.find_spec("trl") is None:
+            raise SystemExit("error: the dpo runs need TRL: pip install trl==1.16.0 (or leave dpo out of --methods)")
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
