@@ -557,8 +557,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args(argv)
-    if args.worker:
-        return worker(*args.worker)
+    if args.worker:  # a subprocess of this tool: it ends without the interpreter's teardown
+        from megakto.distributed import comm
+
+        comm.exit_process(worker(*args.worker))
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     for kind, n in (("tp", args.tp), ("pp", args.pp)):

@@ -265,8 +265,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args(argv)
-    if args.worker:
-        return worker(*args.worker)
+    if args.worker:  # a subprocess of this tool: it ends without the interpreter's teardown
+        from megakto.distributed import comm
+
+        comm.exit_process(worker(*args.worker))
     modes = {m.strip() for m in args.modes.split(",")}
     if not modes <= {"online", "cache"} or args.rows < 8 or args.baseline_rows < 8:
         parser.error("--modes takes online and/or cache; --rows and --baseline-rows need at least 8 (one batch)")

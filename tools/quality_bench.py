@@ -312,8 +312,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="outputs/quality_bench")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
+    if args.worker:  # a subprocess of this tool: it ends without the interpreter's teardown
+        from megakto.distributed import comm
+
+        comm.exit_process(worker(args.worker))
     if args.completions < 2 or args.completions % 2:
         raise SystemExit("error: --completions must be even (DPO takes them as pairs)")
     tasks = [t for t in args.tasks.split(",") if t]
