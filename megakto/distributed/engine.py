@@ -216,8 +216,7 @@ def block_vocab(model: torch.nn.Module, rows: int, ds_config: dict) -> None:
     tied = head.weight is emb.weight
     place = None
     if hasattr(emb.weight, "ds_id"):  # ZeRO-3: partition each block as from_pretrained did the rest
-        def place(block):
-            deepspeed.zero.Init(module=block, config_dict_or_path=ds_config)
+        place = lambda block: deepspeed.zero.Init(module=block, config_dict_or_path=ds_config)  # noqa: E731
     # One matrix gathered at a time, each block partitioned as soon as it is cut.
     with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=None):
         new_emb = BlockedEmbedding.from_weight(emb.weight, rows, emb.padding_idx, place=place)
