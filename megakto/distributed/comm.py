@@ -171,35 +171,36 @@ def fail_together(group=None) -> Iterator[None]:
     """Run a block of user-input checks so that all ranks fail, or none does.
 
     A rank whose block raises :class:`MegaktoError` (or ``OSError``) shares its one-line message;
-    every rank then raises the first message, marked ``shared`` (rank 0 prints it once), so all
-    exit non-zero and none waits forever in a later collective. Any other exception is a bug, not
+    every rank then raises the first message, as the class it was raised as (``DataError``,
+    ``ConfigError``, ...; an ``OSError`` as ``MegaktoError``) and marked ``shared`` (rank 0 prints
+    it once), so all exit non-zero and none waits forever in a later collective. Any other exception is a bug, not
     bad input: the rank that hit it re-raises it (its traceback is the report) and the others
     raise a one-line error naming it. Messages name global ranks. Outside a process group this is
     a plain block.
     """
-    message, unexpected = None, None
+    message, unexpected, kind = None, None, MegaktoError
     try:
         yield
     except MegaktoError as err:
-        message = str(err)
+        message, kind = str(err), type(err)
     except OSError as err:
         message = f"{err.__class__.__name__}: {err}"
     except Exception as err:  # a bug, not bad input: this rank keeps its traceback, the others stop
         message, unexpected = f"unexpected {err.__class__.__name__}: {err} (traceback on that rank)", err
     if group_size(group) > 1:
         messages = [None] * group_size(group)
-        dist.all_gather_object(messages, message, group=group)
+        dist.all_gather_object(messages, None if message is None else (kind, message), group=group)
         failed = [(r, m) for r, m in enumerate(messages) if m is not None]
         if unexpected is not None:
             raise unexpected
         if failed:
-            r, m = failed[0]
+            r, (kind, m) = failed[0]
             r = dist.get_global_rank(group, r) if group is not None else r
-            raise _shared(MegaktoError(m if r == 0 or message == m else f"rank {r}: {m}"))
+            raise _shared(kind(m if r == 0 or message == m else f"rank {r}: {m}"))
     elif unexpected is not None:
         raise unexpected
     elif message is not None:
-        raise _shared(MegaktoError(message))
+        raise _shared(kind(message))
 
 
 def _shared(err: MegaktoError) -> MegaktoError:

@@ -64,13 +64,13 @@ def test_fail_together_without_a_group(tmp_path):
     with pytest.raises(MegaktoError, match="^train.jsonl: row 7: field 'label'") as err:
         with comm.fail_together():
             raise DataError(BAD_ROW)
-    assert str(err.value) == BAD_ROW and err.value.shared
+    assert str(err.value) == BAD_ROW and err.value.shared and type(err.value) is DataError
     missing = tmp_path / "missing.json"
     with pytest.raises(MegaktoError) as err:
         with comm.fail_together():
             open(missing)
     assert str(err.value) == f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
-    assert err.value.shared
+    assert err.value.shared and type(err.value) is MegaktoError
     # Anything else is a bug, not a user error: it passes through untouched.
     with pytest.raises(ValueError, match="^bug$") as err:
         with comm.fail_together():
@@ -88,7 +88,7 @@ def _fail_case(rank, raises, group=None):
             if raises[rank] is not None:
                 raise raises[rank]
     except MegaktoError as err:
-        return str(err), getattr(err, "shared", False)
+        return str(err), getattr(err, "shared", False), type(err).__name__
     return None
 
 
@@ -207,7 +207,7 @@ def test_explicit_group_reaches_the_collective(ranks):
     assert r1["own"] == (1, 0, [10.0], {"n": 2.0}, "rank1")
     # Rank 1's failure inside its own group stays there.
     assert r0["own_fail"] is None
-    assert r1["own_fail"] == (BAD_ROW, True)
+    assert r1["own_fail"] == (BAD_ROW, True, "DataError")
 
 
 @pytest.mark.gloo
@@ -216,13 +216,14 @@ def test_fail_together_every_rank_raises_the_first_message(ranks):
     f0, f1 = r0["fail"], r1["fail"]
     assert f0["none"] is None and f1["none"] is None
     # The failing rank raises its own line; the others name the rank it came from.
-    assert f0["rank1"] == (f"rank 1: {BAD_ROW}", True)
-    assert f1["rank1"] == (BAD_ROW, True)
+    # Every rank raises the class the failing rank raised (rank 0 here raised nothing itself).
+    assert f0["rank1"] == (f"rank 1: {BAD_ROW}", True, "DataError")
+    assert f1["rank1"] == (BAD_ROW, True, "DataError")
     assert f0["pair_rank1"] == f0["rank1"] and f1["pair_rank1"] == f1["rank1"]
     # Rank 0's message is the one rank 0 prints, so it carries no prefix anywhere.
-    assert f0["rank0"] == f1["rank0"] == (BAD_KEY, True)
-    # Several failures: the lowest rank's message wins on every rank.
-    assert f0["both"] == f1["both"] == (BAD_KEY, True)
+    assert f0["rank0"] == f1["rank0"] == (BAD_KEY, True, "ConfigError")
+    # Several failures: the lowest rank's message and class win on every rank.
+    assert f0["both"] == f1["both"] == (BAD_KEY, True, "ConfigError")
     oserror = f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
     assert f0["oserror"] == f"rank 1: {oserror}" and f1["oserror"] == oserror
     assert f0["bug"] == ("rank 1: unexpected ValueError: bug (traceback on that rank)", True)
@@ -254,7 +255,7 @@ def test_a_group_that_leaves_a_rank_out():
     # Over ranks 0 and 1: 1 + 2 = 3 and 10 + 20 = 30 (the world would give 6 and 60).
     assert r0["pair"] == (2, 0, [3.0], {"n": 30.0}, "from rank 1")
     assert r1["pair"] == (2, 1, [3.0], {"n": 30.0}, "from rank 1")
-    assert r0["pair_fail"] == (f"rank 1: {BAD_ROW}", True) and r1["pair_fail"] == (BAD_ROW, True)
+    assert r0["pair_fail"] == (f"rank 1: {BAD_ROW}", True, "DataError") and r1["pair_fail"] == (BAD_ROW, True, "DataError")
     assert "pair" not in r2
     assert r1["tail"] == (0, "from rank 2") and r2["tail"] == (1, "from rank 2")
     assert r0["world"] == r1["world"] == r2["world"] == [6.0]
