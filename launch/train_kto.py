@@ -92,6 +92,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    from megakto.distributed import comm
-
-    comm.exit_process(status)  # without the interpreter's teardown, where gloo's threads can abort
+    # Leave without the interpreter's teardown: a C++ thread still alive in a library's static state
+    # (gloo, a tokenizer or datasets pool) can abort there ("terminate called without an active
+    # exception"), turning exit status 1 into 250. main() has shut the process group down and
+    # flushed; comm.exit_process does the same but would import torch on a config error's way out.
+    os._exit(status)

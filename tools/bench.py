@@ -560,7 +560,7 @@ def main(argv=None) -> int:
     if args.worker:  # a subprocess of this tool: it ends without the interpreter's teardown
         from megakto.distributed import comm
 
-        comm.exit_process(worker(*args.worker))
+        comm.run_rank(lambda: worker(*args.worker))
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     for kind, n in (("tp", args.tp), ("pp", args.pp)):

@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     if args.worker:  # a subprocess of this tool: it ends without the interpreter's teardown
         from megakto.distributed import comm
 
-        comm.exit_process(worker(*args.worker))
+        comm.run_rank(lambda: worker(*args.worker))
     modes = {m.strip() for m in args.modes.split(",")}
     if not modes <= {"online", "cache"} or args.rows < 8 or args.baseline_rows < 8:
         parser.error("--modes takes online and/or cache; --rows and --baseline-rows need at least 8 (one batch)")

@@ -35,7 +35,7 @@ against steps) and ``mechanism.png`` (KTO's z_ref against its rewards). Measures
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -315,15 +315,18 @@ def main(argv=None) -> int:
     if args.worker:  # a subprocess of this tool: it ends without the interpreter's teardown
         from megakto.distributed import comm
 
-        comm.exit_process(worker(args.worker))
+        comm.run_rank(lambda: worker(args.worker))
     if args.completions < 2 or args.completions % 2:
         raise SystemExit("error: --completions must be even (DPO takes them as pairs)")
     tasks = [t for t in args.tasks.split(",") if t]
     betas = [float(b) for b in args.betas.split(",") if b]
     methods = {m: parse_method(m, args.lr) for m in args.methods.split(",") if m}
     if "dpo" in [m["kind"] for m in methods.values()]:
-        if importlib.util.find_spec("trl") is None:
-            raise SystemExit("error: the dpo runs need TRL: pip install trl==1.16.0 (or leave dpo out of --methods)")
+        try:
+            importlib.import_module("trl")
+        except Exception as err:
+            raise SystemExit(f"error: the dpo runs need TRL ({err.__class__.__name__}: {err}): pip install "
+                             "trl==1.16.0, or leave dpo out of --methods")
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

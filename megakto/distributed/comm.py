@@ -229,12 +229,12 @@ def exit_process(status: int) -> NoReturn:
 
 
 def run_rank(main: Callable[[], object]) -> NoReturn:
-    """Run a rank's entry point, then ``exit_process``: status 0; a ``SystemExit``'s own status
-    (its message printed, as the interpreter would); 1 after printing the traceback of any other
-    exception that escaped ``main``."""
+    """Run a rank's entry point, then ``exit_process``: the status ``main`` returns (an int; 0
+    for anything else); a ``SystemExit``'s own status (its message printed, as the interpreter
+    would); 1 after printing the traceback of any other exception that escaped ``main``."""
     try:
-        main()
-        status = 0
+        returned = main()
+        status = returned if isinstance(returned, int) else 0
     except SystemExit as err:
         status = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
         if not isinstance(err.code, (int, type(None))):
