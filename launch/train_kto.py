@@ -94,6 +94,7 @@ if __name__ == "__main__":
     status = main()
     # Leave without the interpreter's teardown: a C++ thread still alive in a library's static state
     # (gloo, a tokenizer or datasets pool) can abort there ("terminate called without an active
-    # exception"), turning exit status 1 into 250. main() has shut the process group down and
-    # flushed; comm.exit_process does the same but would import torch on a config error's way out.
+    # exception"), turning exit status 1 into 250. Everything megakto writes is closed and flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(status)
