@@ -236,9 +236,11 @@ def run_rank(main: Callable[[], object]) -> NoReturn:
         returned = main()
         status = returned if isinstance(returned, int) else 0
     except SystemExit as err:
-        status = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
-        if not isinstance(err.code, (int, type(None))):
+        if err.code is None or isinstance(err.code, int):
+            status = err.code or 0
+        else:  # a message: printed, status 1
             print(err.code, file=sys.stderr)
+            status = 1
     except BaseException:
         traceback.print_exc()
         status = 1

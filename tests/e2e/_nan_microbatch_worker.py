@@ -51,7 +51,6 @@ def main() -> None:
     if comm.is_main():
         with open(out, "w") as f:
             json.dump(steps, f)
-    comm.shutdown()
 
 
 if __name__ == "__main__":

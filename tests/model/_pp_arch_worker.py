@@ -78,7 +78,6 @@ def main():
                        os.path.join(args.out, f"{name}.pt"))
         comm.barrier()
         del policy, module, opt, runner
-    comm.shutdown()
 
 
 if __name__ == "__main__":

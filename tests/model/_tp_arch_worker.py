@@ -64,7 +64,6 @@ def main():
                         "weights": weights, "want_weights": want_weights}, os.path.join(args.out, f"{name}.pt"))
         comm.barrier()
         del policy, model, opt
-    comm.shutdown()
 
 
 if __name__ == "__main__":
