@@ -4,6 +4,7 @@ tools/_launch.py, which tools/bench.py uses too."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,10 +14,20 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 from _launch import free_port, launcher_command, rank_env  # noqa: E402
 
-__all__ = ["REPO", "free_port", "launch", "launcher_command", "rank_env"]
+__all__ = ["REPO", "free_port", "launch", "launcher_command", "load_script", "rank_env"]
 
 
 def launch(script: str, args: list[str], *, nproc: int, timeout: float = 300, env: dict | None = None):
     """``deepspeed --num_gpus N --master_port P script args``; returns the CompletedProcess."""
     return subprocess.run(launcher_command(os.path.join(REPO, script), args, nproc=nproc), cwd=REPO,
                           env=rank_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def load_script(path: str, name: str):
+    """Import the script at ``path`` (relative to the repository) as module ``name``, registered in
+    ``sys.modules`` (dataclasses look their module up while a class is built), to test its parts."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,23 +1,20 @@
 """Every shipped 30B recipe dry-runs (in this process, no data: the model folder holds config.json
 only) and fits its GPUs; a bad config fails in the dry run with the run's own one-line error."""
 
-import importlib.util
 import os
 
 import pytest
 
 from megakto.errors import ModelError
 from megakto.model.tp_checks import check_tp_config
+from tests.launcher import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = {"one_node_offload": 8, "four_nodes": 32, "tp8_dp4": 32}
 
 
 def _launcher():
-    spec = importlib.util.spec_from_file_location("train_kto", os.path.join(REPO, "launch", "train_kto.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/train_kto.py", "train_kto")
 
 
 def _dry(name, world, *extra):

@@ -1,25 +1,17 @@
 """The benchmark harness's own parts: the workload's exact token counts, the memory probe, the
 derived figures and the report. No training runs here (tools/bench.py itself takes minutes)."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
+
+from tests.launcher import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _load(name, filename):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", filename))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-workload = _load("_bench_workload", "_bench_workload.py")  # the name bench.py imports it by
-bench = _load("megakto_tools_bench", "bench.py")
+workload = load_script("tools/_bench_workload.py", "_bench_workload")  # the name bench.py imports it by
+bench = load_script("tools/bench.py", "megakto_tools_bench")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,12 +7,11 @@ import datasets
 import pytest
 
 from megakto.errors import DataError
+from tests.launcher import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "tools", "pairs_to_kto.py")
-_spec = importlib.util.spec_from_file_location("pairs_to_kto", SCRIPT)
-pairs_to_kto = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pairs_to_kto)
+pairs_to_kto = load_script("tools/pairs_to_kto.py", "pairs_to_kto")
 convert = pairs_to_kto.convert
 
 

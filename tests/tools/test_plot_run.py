@@ -1,19 +1,17 @@
 """tools/plot_run.py on TensorBoard events written the way RunLogger writes them: one PNG per
 panel, several runs on one figure, panels nobody logged skipped, a folder without events refused."""
 
-import importlib.util
 import os
 
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from tests.launcher import load_script
+
 # matplotlib builds its font cache on first use by running fc-list (a second process).
 pytestmark = pytest.mark.gloo
 
-_spec = importlib.util.spec_from_file_location(
-    "megakto_tools_plot_run", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "plot_run.py"))
-plot_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot_run)
+plot_run = load_script("tools/plot_run.py", "megakto_tools_plot_run")
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,16 +1,13 @@
 """tools/quality_bench.py's pure parts: method names, per-task SFT steps, and the two forms of a
 task's data (the bench itself measures and is run by hand; see the README)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "megakto_tools_quality_bench", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "quality_bench.py"))
-qb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(qb)
+from tests.launcher import load_script
+
+qb = load_script("tools/quality_bench.py", "megakto_tools_quality_bench")
 
 
 def test_methods():
