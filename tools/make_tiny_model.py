@@ -1,7 +1,9 @@
-"""Write a tiny random-init Llama folder (config, safetensors, local SentencePiece tokenizer, chat
-template) for the quickstart and tests. Nothing is downloaded.
+"""Write a tiny random-init model folder (config, safetensors, local SentencePiece tokenizer, chat
+template) for the quickstart and tests: a Llama, or another family with --family. Nothing is
+downloaded.
 
     python tools/make_tiny_model.py runs/tiny-llama [--hidden-size 64 --num-layers 2 --seed 0]
+    python tools/make_tiny_model.py runs/tiny-qwen3 --family qwen3
 """
 
 import argparse
@@ -14,7 +16,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megakto.errors import MegaktoError
-from megakto._demo.tiny_model import make_tiny_model
+from megakto._demo.tiny_model import FAMILIES, make_tiny_model
 
 
 def main(argv=None) -> int:
@@ -28,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's size")
     parser.add_argument("--max-position-embeddings", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", default="llama", choices=list(FAMILIES),
+                        help="architecture (default llama); qwen3_moe has 4 experts, top-2")
     args = parser.parse_args(argv)
     try:
         out = make_tiny_model(
@@ -40,6 +44,7 @@ def main(argv=None) -> int:
             vocab_size=args.vocab_size,
             seed=args.seed,
             max_position_embeddings=args.max_position_embeddings,
+            family=args.family,
         )
     except MegaktoError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,4 +1,7 @@
-"""A tiny random-init Llama folder for the quickstart and the tests, built without any download.
+"""A tiny random-init model folder for the quickstart and the tests, built without any download.
+
+A Llama by default; ``family`` picks another architecture of the same size (:data:`FAMILIES`), so
+the tests and the README can run every family megakto claims on the same tokenizer and data.
 
 The folder is an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
 ``generation_config.json``, tokenizer files with a chat template), so every code path that loads a
@@ -17,7 +20,7 @@ from pathlib import Path
 from megakto._demo.data import demo_corpus
 from megakto.errors import ConfigError
 
-__all__ = ["CHAT_TEMPLATE", "TOKENIZER_VOCAB_SIZE", "make_tiny_model", "train_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "FAMILIES", "TOKENIZER_VOCAB_SIZE", "family_config", "make_tiny_model", "train_tokenizer"]
 
 # Special ids follow the Llama convention; pad gets its own id so padding is never mistaken for
 # the end of a completion.
@@ -102,6 +105,57 @@ def _save_tokenizer(out: Path, sp_model: bytes, model_max_length: int) -> int:
     return len(tokenizer)
 
 
+# family -> (transformers config class, what differs from a Llama of the same shape). Each is what
+# makes the family a different case for megakto: q/k norms (Qwen3, OLMo-2), a sliding window
+# (Mistral), logit soft-capping and scaled embeddings (Gemma 2), fused qkv and gate_up
+# projections (Phi-3), tied embeddings, routed experts (Qwen3-MoE: 4 experts, top-2).
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen2_tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": None}),
+    "mistral": ("MistralConfig", {"sliding_window": 8}),
+    "gemma2": ("Gemma2Config", {"head_dim": None, "sliding_window": 8, "query_pre_attn_scalar": None,
+                                "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    "phi3": ("Phi3Config", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": None, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": None, "decoder_sparse_step": 1,
+                                     "norm_topk_prob": True}),
+}
+
+
+def family_config(family: str, *, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int,
+                  num_heads: int, num_kv_heads: int, max_position_embeddings: int):
+    """The transformers config of a tiny ``family`` model (see :data:`FAMILIES`)."""
+    import transformers
+
+    if family not in FAMILIES:
+        raise ConfigError(f"make_tiny_model: unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    cls_name, extra = FAMILIES[family]
+    head_dim = hidden_size // num_heads
+    fill = {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "moe_intermediate_size": intermediate_size // 2}
+    extra = {k: (fill[k] if v is None else v) for k, v in extra.items()}
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=_BOS,
+        eos_token_id=_EOS,
+        pad_token_id=_PAD,
+        # Separate input and output embeddings, like the large models this stands in for, so that
+        # sharding and checkpoint code meets the untied case (qwen2_tied is the tied one).
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
+    kwargs.update(extra)
+    return getattr(transformers, cls_name)(**kwargs)
+
+
 def _check_shape(hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
     if min(hidden_size, num_layers, num_heads, num_kv_heads) < 1:
         raise ConfigError("make_tiny_model: hidden_size, num_layers, num_heads, num_kv_heads must all be >= 1")
@@ -122,15 +176,19 @@ def make_tiny_model(
     vocab_size: int | None = None,
     seed: int = 0,
     max_position_embeddings: int = 512,
+    family: str = "llama",
 ) -> Path:
-    """Write a random-init Llama model folder to ``out_dir`` (created if needed) and return its path.
+    """Write a random-init model folder of ``family`` (default Llama) to ``out_dir`` (created if
+    needed) and return its path.
 
     ``vocab_size`` defaults to the tokenizer's size; a larger value pads the embedding (as real
     checkpoints often do), a smaller one is refused because some token ids would have no row.
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
+    if family not in FAMILIES:
+        raise ConfigError(f"make_tiny_model: unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     _check_shape(hidden_size, num_layers, num_heads, num_kv_heads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,30 +199,17 @@ def make_tiny_model(
     elif vocab_size < n_tokens:
         raise ConfigError(f"make_tiny_model: vocab_size={vocab_size} is below the tokenizer's {n_tokens} tokens")
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=_BOS,
-        eos_token_id=_EOS,
-        pad_token_id=_PAD,
-        # Separate input and output embeddings, like the large Llamas this stands in for, so that
-        # sharding and checkpoint code meets the untied case.
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-    )
-    # Not a Llama field; stored so code that zeroes dropout for KTO finds it in config.json.
+    config = family_config(family, vocab_size=vocab_size, hidden_size=hidden_size,
+                           intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
+                           num_kv_heads=num_kv_heads, max_position_embeddings=max_position_embeddings)
+    # Not a field of every family; stored so code that zeroes dropout for KTO finds it in config.json.
     config.hidden_dropout = 0.0
 
     # Build and initialise on CPU under a private generator state, so the weights depend on
     # `seed` only and the caller's global RNG is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=_BOS, eos_token_id=_EOS, pad_token_id=_PAD, max_new_tokens=32, do_sample=False
     )

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from megakto.errors import ConfigError
-from megakto._demo.tiny_model import make_tiny_model
+from megakto._demo.tiny_model import FAMILIES, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,21 @@ def test_larger_vocab_pads_the_embedding(tmp_path, tok):
     folder = make_tiny_model(tmp_path, vocab_size=len(tok) + 64)
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.model.embed_tokens.weight.shape == (len(tok) + 64, 64)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_builds_and_loads(tmp_path, family):
+    """Each family of the matrix is a real transformers class of the demo's size and tokenizer."""
+    from transformers import AutoConfig
+
+    folder = make_tiny_model(tmp_path / family, family=family)
+    config = AutoConfig.from_pretrained(folder)
+    want = FAMILIES[family][0].removesuffix("Config").lower().replace("_", "")
+    assert config.model_type.replace("_", "") == want
+    assert config.vocab_size == 512 and config.hidden_size == 64
+    assert config.tie_word_embeddings == (family == "qwen2_tied")
+
+
+def test_unknown_family_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="unknown family 'gpt5'; choose one of llama"):
+        make_tiny_model(tmp_path, family="gpt5")
