@@ -32,6 +32,8 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from megakto.distributed.ds_config import autotp_size
 from megakto.errors import ModelError
+from megakto.model.families import moe_block_classes
+from megakto.model.load import outside_zero3
 from megakto.model.vocab_blocks import BlockedEmbedding, BlockedHead, merge_vocab_blocks, resolve_block_rows
 from megakto.optim import lr_multiplier, param_groups
 
@@ -50,6 +52,8 @@ __all__ = [
     "split_vocab",
     "build_policy_engine",
     "build_reference_engine",
+    "with_moe_leaves",
+    "zero3_leaf_classes",
     "gathered_numel",
     "disable_dropout",
     "gathered_state_dict",
@@ -279,9 +283,35 @@ def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, w
         partial(lr_multiplier, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule,
                 min_lr_ratio=min_lr_ratio),
     )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=with_moe_leaves(model, ds_config))
     _mark_universal_info(engine)
     return engine
+
+
+def with_moe_leaves(model: torch.nn.Module, ds_config: dict) -> dict:
+    """``ds_config`` with ``model``'s mixture-of-experts block classes added to ZeRO-3's leaf modules
+    (:func:`megakto.model.families.moe_block_classes`). ZeRO-3 prefetches parameters in the order
+    modules ran in the last forward; routing changes which experts run, so a leaf MoE block gathers
+    all of its experts on entry instead. DeepSpeed's default list names Mixtral and Qwen2/3-MoE only;
+    other families (Qwen3.5-MoE, Qwen3-Next, OLMoE, ...) are added here from the model's own class."""
+    from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+
+    zero = dict(ds_config.get("zero_optimization") or {})
+    classes = [f"{c.__module__}.{c.__qualname__}" for c in moe_block_classes(model)]
+    if zero.get("stage") != 3 or not classes:
+        return ds_config
+    leaf = dict(zero.get("leaf_module") or {})
+    known = list(leaf.get("classes", DEFAULT_LEAF_MODULE_CLASSES))
+    leaf["classes"] = known + [c for c in classes if c not in known]
+    return {**ds_config, "zero_optimization": {**zero, "leaf_module": leaf}}
+
+
+def zero3_leaf_classes(module: torch.nn.Module) -> list[str]:
+    """Class names of the modules DeepSpeed made ZeRO-3 leaves in ``module`` (for the start-up log)."""
+    from deepspeed.utils.z3_leaf_module import z3_leaf_module
+
+    return sorted({type(m).__name__ for m in module.modules() if z3_leaf_module(m)})
 
 
 def _mark_universal_info(policy) -> None:
@@ -298,9 +328,16 @@ def _mark_universal_info(policy) -> None:
 
 
 def build_reference_engine(model: torch.nn.Module, ds_config: dict):
+    """The frozen reference: an engine without optimizer, in eval mode, no parameter requiring grad.
+
+    The parameters are frozen *after* ``deepspeed.initialize``: under AutoTP, DeepSpeed registers a
+    tensor-parallel gradient all-reduce hook on every replicated parameter its plan marks
+    ``replicated_with_grad_allreduce`` (Qwen3's q/k norms), and registering a hook on a tensor that
+    does not require grad raises. The hooks of a frozen model never fire: it runs under no_grad.
+    """
     model.eval()
-    model.requires_grad_(False)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=with_moe_leaves(model, ds_config))
+    engine.module.requires_grad_(False)
     engine.eval()
     return engine
 
@@ -318,7 +355,7 @@ def gathered_state_dict(module: torch.nn.Module, tp_group=None) -> dict[str, tor
     partitions if need be, and from the ranks of ``tp_group`` (AutoTP shards) when given.
     Collective: every rank of the engine must call it."""
     from megakto.distributed import comm
-    from megakto.model.tp_merge import full_shapes, merge_tp_shards
+    from megakto.model.tp_merge import full_shapes, merge_tp_shards, tied_aliases
 
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
@@ -326,8 +363,8 @@ def gathered_state_dict(module: torch.nn.Module, tp_group=None) -> dict[str, tor
     if tp_group is None or comm.group_size(tp_group) == 1:
         return local
     with outside_zero3():
-        shapes = full_shapes(module.config)
-    return merge_tp_shards(comm.all_gather_object(local, group=tp_group), shapes)
+        shapes, aliases = full_shapes(module.config), tied_aliases(module.config)
+    return merge_tp_shards(comm.all_gather_object(local, group=tp_group), shapes, aliases=aliases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,22 +554,6 @@ def zero_fp32_shards(load_dir: str, tag: str) -> list[dict[str, torch.Tensor]]:
                                os.path.join(view, name.replace(mine, "mp_rank_00")))
             shards.append(zero_fp32_state_dict(tmp, tag))
     return shards
-
-
-@contextlib.contextmanager
-def outside_zero3():
-    """Build plain, whole HF models in a process whose engines use ZeRO-3 (the export at the end
-    of training). While an ``HfDeepSpeedConfig`` is alive, transformers wraps every model
-    construction in ``zero.Init``, a collective that would wait for the other ranks forever; its
-    module-level reference is the only switch, so it is cleared here and put back after."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def accelerator_rng_state() -> torch.Tensor | None:
