@@ -26,11 +26,14 @@ __all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "lo
 
 @dataclass
 class RunChecks:
-    """What :func:`check_run` established: the mesh, the filled-in DeepSpeed config, the attention."""
+    """What :func:`check_run` established: the mesh, the filled-in DeepSpeed config, the attention
+    implementation and log-prob mode resolved for the model family, and the lines to log about them."""
 
     dims: ParallelDims
     ds_config: dict
     attn: str
+    logps: str
+    notes: list[str]
 
 
 def check_output_dir(path: str) -> None:
@@ -50,8 +53,9 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
     """The start-up checks that need neither the weights nor the other ranks, in the trainer's order:
     output_dir, the parallel arithmetic at ``world_size``, the DeepSpeed version for TP/PP, the
     DeepSpeed JSON, the model folders and their TP/PP divisibility, the attention and log-prob
-    settings against the model built on the meta device. Raises the run's one-line errors."""
-    from megakto.model.load import check_model_path, check_model_settings
+    settings and the model family against the parallel mode and packing, with the model built on the
+    meta device. Raises the run's one-line errors."""
+    from megakto.model.load import check_model_path, model_settings
 
     check_output_dir(cfg.output_dir)
     dims = ParallelDims.from_config(cfg, world_size, rank=rank)
@@ -65,9 +69,10 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
                 from megakto.runners import pipeline
 
                 pipeline.check_model(path, dims.pp, key=key, trust_remote_code=trust)
-    attn = check_model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
-                                logps=cfg.model.logps, trust_remote_code=trust, ref_path=cfg.ref.path)
-    return RunChecks(dims, ds_config, attn)
+    settings = model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation, logps=cfg.model.logps,
+                              trust_remote_code=trust, ref_path=cfg.ref.path, tp=dims.tp, pp=dims.pp,
+                              packing=cfg.data.packing)
+    return RunChecks(dims, ds_config, settings.attn, settings.logps, settings.notes)
 
 
 def desirable_weight(cfg: Config, train_rows: TokenizedSplit, log: Callable[[str], None]) -> float:

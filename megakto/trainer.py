@@ -110,7 +110,10 @@ class KTOTrainer:
         self.log = RunLogger(cfg.output_dir, enabled=comm.is_main(), total_steps=cfg.train.max_steps,
                              initial_step=start)
         self.log.info(f"attention: {attn} (model.attn_implementation={cfg.model.attn_implementation})")
+        for note in checked.notes:
+            self.log.info(note)
         cfg.model.attn_implementation = attn  # what both models load, and the reference cache fingerprints
+        cfg.model.logps = checked.logps  # auto resolved for the family
         if self.dims.tp > 1 and cfg.model.vocab_block_rows == "auto":
             cfg.model.vocab_block_rows = 0  # AutoTP splits the output head by vocabulary rows itself
             self.log.info("vocabulary blocks: off under tensor parallelism (the output head is split over "
@@ -230,6 +233,9 @@ class KTOTrainer:
         ds_config = engine.universal_load_config(self.ds_config) if universal else self.ds_config
         policy = engine.build_policy_engine(model, ds_config, **optim)
         policy.train()
+        leaves = engine.zero3_leaf_classes(policy.module)
+        if leaves:  # mixture-of-experts blocks: every expert gathered on entry, whatever the routing
+            self.log.info(f"ZeRO-3 leaf modules: {', '.join(leaves)}")
         with comm.fail_together():
             check_vocab_parallel_head(policy, self.dims.tp)
         return policy

@@ -66,10 +66,11 @@ class ModelConfig:
         "model (sdpa where the model supports it, else eager), or eager, sdpa, flex_attention, "
         "flash_attention_2, ...; checked against the model before any weights load."
     )
-    logps: Literal["chunked", "full"] = _opt(
-        "chunked", "chunked = lm_head only on completion positions, in chunks of tokens with a "
+    logps: Literal["auto", "chunked", "full"] = _opt(
+        "auto", "chunked = lm_head only on completion positions, in chunks of tokens with a "
         "recomputing backward (no tokens x vocab tensor); full = the model's ordinary logits "
-        "(for heads with a bias or logits changed after the head)."
+        "(for heads with a bias or logits changed after the head); auto = chunked, or full for a "
+        "model that changes its logits after the head (Gemma 2 soft-capping), logged at start-up."
     )
     logps_chunk_tokens: Optional[int] = _opt(
         None, "Tokens per lm_head chunk; null = as many as fit 16M logits (flat memory in vocab size)."

@@ -129,16 +129,16 @@ def _check_parallel(cfg: Config) -> None:
     _check(part in ("parameters", "uniform") or (part.startswith("type:") and len(part) > 5),
            f"parallel.pp_partition={part!r}: expected parameters, uniform or type:<regex>")
     if pp > 1:
-        _check(cfg.model.logps == "chunked", f"model.logps={cfg.model.logps} with parallel.pp_size={pp}: the last "
-               "stage scores log-probs with the chunked head; set model.logps=chunked")
+        _check(cfg.model.logps != "full", f"model.logps={cfg.model.logps} with parallel.pp_size={pp}: the last "
+               "stage scores log-probs with the chunked head; set model.logps=chunked (or auto)")
         blocks = cfg.model.vocab_block_rows
         _check(blocks in (0, "auto"), f"model.vocab_block_rows={blocks} with parallel.pp_size={pp}: the embedding "
                "and the output head are pipeline stages of their own; set model.vocab_block_rows=0 (or auto, "
                "which is off under pipelines)")
     if tp > 1:
-        _check(cfg.model.logps == "chunked", f"model.logps={cfg.model.logps} with parallel.tp_size={tp}: each "
+        _check(cfg.model.logps != "full", f"model.logps={cfg.model.logps} with parallel.tp_size={tp}: each "
                "rank holds 1/tp of the output head, so only the chunked vocabulary-parallel log-probs are "
-               "exact; set model.logps=chunked")
+               "exact; set model.logps=chunked (or auto)")
         blocks = cfg.model.vocab_block_rows
         _check(blocks in (0, "auto"), f"model.vocab_block_rows={blocks} with parallel.tp_size={tp}: AutoTP "
                "splits the output head itself and needs it whole; set model.vocab_block_rows=0 (or auto, "

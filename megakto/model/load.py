@@ -1,7 +1,8 @@
 """Checks and loaders for the model folder that fail with one actionable line.
 
-:func:`check_model_settings` asks transformers, before any weights load, whether the configured
-attention implementation and log-prob mode can run on the model: the model class is built on the
+:func:`model_settings` asks transformers, before any weights load, whether the configured
+attention implementation and log-prob mode can run on the model (and its family in the run's
+parallel mode, :mod:`megakto.model.families`): the model class is built on the
 meta device (no memory, no weights), which runs transformers' own attention checks, so ``auto``
 resolves to what ``from_pretrained`` would pick (sdpa where the class supports it, else eager) and
 an explicit choice the class or the installed packages cannot run is one line listing those that
@@ -10,25 +11,25 @@ can. Packed rows stay block-diagonal in each of them (see :mod:`megakto.model.pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import weakref
+from typing import NamedTuple
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megakto.errors import ConfigError, ModelError
+from megakto.model.families import resolve_family_modes
 from megakto.model.tp_checks import check_tp_config
 
-__all__ = ["check_model_path", "check_model_settings", "attn_choices", "load_tokenizer", "padding_note"]
+__all__ = ["ModelSettings", "check_model_path", "model_settings", "check_model_settings", "attn_choices", "load_tokenizer",
+           "outside_zero3", "padding_note"]
 
 # Implementations whose availability is asked of transformers for the error message; any other
 # name transformers accepts (e.g. a hub kernel) is passed through as well.
 ATTN_CANDIDATES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-
-# Config fields of models that change the logits after the output head (Gemma 2/3 soft-capping,
-# Cohere's and Granite's logit scales); chunked log-probs read the head's own output.
-_LOGIT_TRANSFORMS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
 
 # Tokenizers that load_tokenizer gave EOS as their pad token: a weak set rather than an attribute,
 # so nothing of ours travels with the tokenizer (pickled into datasets' map, saved by an export).
@@ -74,10 +75,27 @@ def _first_sentence(err: Exception) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
+@contextlib.contextmanager
+def outside_zero3():
+    """Build plain, whole HF models in a process whose engines use ZeRO-3 (the export at the end
+    of training, a meta-device model after an engine exists). While an ``HfDeepSpeedConfig`` is
+    alive, transformers wraps every model construction in ``zero.Init``, a collective that would
+    wait for the other ranks forever (and cannot copy meta tensors); its module-level reference is
+    the only switch, so it is cleared here and put back after."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def _meta_model(config, attn: str | None, trust_remote_code: bool):
     """The causal-LM class of ``config`` built on the meta device with ``attn`` (None = transformers'
     default); raises what transformers raises for an implementation it cannot run."""
-    with torch.device("meta"):
+    with torch.device("meta"), outside_zero3():
         return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn,
                                                 trust_remote_code=trust_remote_code)
 
@@ -114,32 +132,29 @@ def _resolve_attn(config, setting: str, *, key: str, path: str, trust_remote_cod
         ) from None
 
 
-def _check_logps(model, mode: str, *, key: str, path: str) -> None:
-    if mode != "chunked":
-        return
-    text = model.config.get_text_config()
-    for name, neutral in _LOGIT_TRANSFORMS:
-        value = getattr(text, name, neutral)
-        if value is not None and value != neutral:
-            raise ConfigError(
-                f"model.logps=chunked cannot be used with {type(model).__name__} ({key}={path}): it changes "
-                f"the logits after the output head ({name}={value}), which chunked log-probs skip; "
-                "set model.logps=full"
-            )
+class ModelSettings(NamedTuple):
+    """What :func:`model_settings` resolved: the attention implementation, the log-prob mode and the
+    lines to log about them."""
+
+    attn: str
+    logps: str
+    notes: list[str]
 
 
-def check_model_settings(path: str, *, attn_implementation: str, logps: str, trust_remote_code: bool,
-                         ref_path: str | None = None) -> str:
-    """The attention implementation to load the policy (and the reference at ``ref_path``) with.
+def model_settings(path: str, *, attn_implementation: str, logps: str, trust_remote_code: bool,
+                   ref_path: str | None = None, tp: int = 1, pp: int = 1, packing: bool = True) -> ModelSettings:
+    """The attention implementation and log-prob mode to load the policy (and the reference at
+    ``ref_path``) with, checked against each model's family (:mod:`megakto.model.families`).
 
-    ``auto`` is what transformers picks for the model; when policy and reference resolve
-    differently, eager, which every model runs. Raises a one-line ConfigError for a choice, or a
-    ``model.logps=chunked``, that the model cannot run. No weights are read.
+    ``auto`` attention is what transformers picks for the model; when policy and reference resolve
+    differently, eager, which every model runs. ``auto`` log-probs are chunked unless the family
+    changes its logits after the head. Raises a one-line ConfigError for a choice, or a parallel
+    mode or packing, that a model cannot run. No weights are read.
     """
     paths = [("model.path", path)]
     if ref_path and ref_path != path:
         paths.append(("ref.path", ref_path))
-    picked = []
+    picked, modes, notes = [], [], []
     for key, p in paths:
         try:
             config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
@@ -147,9 +162,20 @@ def check_model_settings(path: str, *, attn_implementation: str, logps: str, tru
             raise ModelError(f"{key}={p}: cannot load the model config: {_first_sentence(err)}") from None
         model = _resolve_attn(config, attn_implementation, key=key, path=p,
                               trust_remote_code=trust_remote_code)
-        _check_logps(model, logps, key=key, path=p)
+        family = resolve_family_modes(model, key=key, path=p, logps=logps, tp=tp, pp=pp, packing=packing)
         picked.append(str(model.config._attn_implementation))
-    return "eager" if attn_implementation == "auto" and len(set(picked)) > 1 else picked[0]
+        modes.append(family.logps)
+        notes += [n for n in family.notes if n not in notes]
+    attn = "eager" if attn_implementation == "auto" and len(set(picked)) > 1 else picked[0]
+    # Both models are scored by one log-prob function: full serves every head, chunked only some.
+    return ModelSettings(attn, "full" if "full" in modes else modes[0], notes)
+
+
+def check_model_settings(path: str, *, attn_implementation: str, logps: str, trust_remote_code: bool,
+                         ref_path: str | None = None) -> str:
+    """The attention implementation of :func:`model_settings` (the checks without a parallel mode)."""
+    return model_settings(path, attn_implementation=attn_implementation, logps=logps,
+                          trust_remote_code=trust_remote_code, ref_path=ref_path).attn
 
 
 def padding_note(tokenizer) -> str | None:

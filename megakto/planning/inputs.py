@@ -10,12 +10,23 @@ import os
 from megakto.config import Config
 from megakto.distributed.ds_config import build_ds_config
 from megakto.distributed.parallel import ParallelDims
+from megakto.model.families import logit_transform
 from megakto.model.vocab_blocks import resolve_block_rows
 from megakto.planning.activations import Tokens
 from megakto.planning.plan import PlanInputs, lora_params, worst_case_tokens
 from megakto.planning.shape import ModelShape
 
 __all__ = ["plan_inputs"]
+
+
+def _logps(model) -> str:
+    """``model.logps`` with ``auto`` resolved as the run resolves it (:mod:`megakto.model.families`)."""
+    if model.logps != "auto":
+        return model.logps
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    return "full" if logit_transform(config) else "chunked"
 
 
 def plan_inputs(cfg: Config, ds: dict, shape: ModelShape, *, world_size: int, on_gpu: bool, gpus_per_node: int = 8,
@@ -38,6 +49,6 @@ def plan_inputs(cfg: Config, ds: dict, shape: ModelShape, *, world_size: int, on
         zero=dict(filled.get("zero_optimization") or {}), weight_bytes=2 if bf16 else 4, on_gpu=on_gpu,
         gpus_per_node=gpus_per_node, ref=ref, ref_offload=cfg.ref.offload == "cpu" and dims.pp == 1,
         checkpointing=m.gradient_checkpointing,
-        attn="sdpa" if m.attn_implementation == "auto" else m.attn_implementation, logps=m.logps,
+        attn="sdpa" if m.attn_implementation == "auto" else m.attn_implementation, logps=_logps(m),
         chunk_tokens=m.logps_chunk_tokens, block_rows=blocks, lora_trainable=lora, train_tokens=tokens,
         precompute_tokens=worst_case_tokens(cfg.train.eval_batch_size, d.max_length, row, d.packing))

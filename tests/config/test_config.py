@@ -365,7 +365,7 @@ def test_micro_batch_of_one_is_valid_for_kto():
     (["parallel.pp_size=0"], "parallel.pp_size must be > 0, got 0"),
     (["parallel.pp_size=2", "model.logps=full"],
      "model.logps=full with parallel.pp_size=2: the last stage scores log-probs with the chunked head; set "
-     "model.logps=chunked"),
+     "model.logps=chunked (or auto)"),
     (["parallel.pp_size=2", "model.vocab_block_rows=128"],
      "model.vocab_block_rows=128 with parallel.pp_size=2: the embedding and the output head are pipeline stages "
      "of their own; set model.vocab_block_rows=0 (or auto, which is off under pipelines)"),
@@ -373,7 +373,7 @@ def test_micro_batch_of_one_is_valid_for_kto():
     (["parallel.pp_partition=type:"], "parallel.pp_partition='type:': expected parameters, uniform or type:<regex>"),
     (["parallel.tp_size=2", "model.logps=full"],
      "model.logps=full with parallel.tp_size=2: each rank holds 1/tp of the output head, so only the chunked "
-     "vocabulary-parallel log-probs are exact; set model.logps=chunked"),
+     "vocabulary-parallel log-probs are exact; set model.logps=chunked (or auto)"),
     (["parallel.tp_size=2", "model.vocab_block_rows=128"],
      "model.vocab_block_rows=128 with parallel.tp_size=2: AutoTP splits the output head itself and needs it "
      "whole; set model.vocab_block_rows=0 (or auto, which is off under tensor parallelism)"),

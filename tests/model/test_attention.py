@@ -103,7 +103,7 @@ def test_chunked_logps_refused_for_soft_capped_logits(tmp_path):
     assert _error(path, "auto", logps="chunked") == (
         f"model.logps=chunked cannot be used with Gemma2ForCausalLM (model.path={path}): it changes the "
         "logits after the output head (final_logit_softcapping=30.0), which chunked log-probs skip; "
-        "set model.logps=full"
+        "set model.logps=full (or auto)"
     )
     assert _check(_folder(tmp_path, "llama"), "auto", logps="chunked") == "sdpa"
 
