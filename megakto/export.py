@@ -32,7 +32,7 @@ from megakto import checkpoint, universal
 from megakto.distributed import engine
 from megakto.errors import ConfigError, ModelError
 from megakto.model.pipeline_stages import hf_names
-from megakto.model.tp_merge import full_shapes, merge_tp_shards
+from megakto.model.tp_merge import full_shapes, merge_tp_shards, tied_aliases
 
 __all__ = ["BASE", "LORA_CONFIG", "probe_batch", "save_hf_base", "resolve_checkpoint", "export_checkpoint",
            "write_hf_folder", "write_lora_folders", "is_lora_checkpoint", "check_export", "checkpoint_state_dict"]
@@ -187,9 +187,10 @@ def checkpoint_state_dict(tag_dir: str, *, trust_remote_code: bool = False) -> d
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     with engine.outside_zero3():
         shapes = full_shapes(config, trust_remote_code=trust_remote_code)
+        aliases = tied_aliases(config, trust_remote_code=trust_remote_code)
     try:
         return merge_tp_shards(shards, shapes, warn=lambda m: print(f"megakto: warning: {tag_dir}: {m}",
-                                                                    file=sys.stderr, flush=True))
+                                                                    file=sys.stderr, flush=True), aliases=aliases)
     except ModelError as err:
         raise ModelError(f"{tag_dir}: {err}") from None
 

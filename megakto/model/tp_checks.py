@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from megakto.errors import ModelError
 
-__all__ = ["check_tp_config", "check_vocab_parallel_head"]
+__all__ = ["AUTOTP_PLAN_STYLES", "check_tp_config", "check_vocab_parallel_head"]
+
+# The tp_plan styles DeepSpeed's AutoTP converts (deepspeed.module_inject.tp_plan_converter's
+# SUPPORTED_STYLES in 0.19.8; a unit test compares them). A plan with any other style is rejected
+# whole inside deepspeed.initialize, after the weights loaded: Phi-3's fused projections and
+# OLMo-2's full-width q/k norms use rowwise_split_input.
+AUTOTP_PLAN_STYLES = frozenset({"colwise", "colwise_rep", "colwise_gather_output", "rowwise",
+                                "replicated_with_grad_allreduce", "embedding_rowwise"})
 
 # (config attribute, what it is) for the sizes AutoTP divides.
 _DIVIDED = (
@@ -31,10 +38,17 @@ def check_tp_config(config, tp: int, *, key: str = "model.path") -> None:
         return
     config = getattr(config, "get_text_config", lambda: config)()
     where = f"{key}: parallel.tp_size={tp}"
-    if not getattr(config, "base_model_tp_plan", None):
+    plan = getattr(config, "base_model_tp_plan", None)
+    if not plan:
         raise ModelError(f"{where}: {type(config).__name__} ({config.model_type}) has no tensor-parallel plan "
                          "(base_model_tp_plan), so AutoTP cannot be trusted to split it; use parallel.tp_size=1 "
                          "(ZeRO-3 splits it instead)")
+    odd = sorted((str(style), layer) for layer, style in plan.items() if str(style).lower() not in AUTOTP_PLAN_STYLES)
+    if odd:
+        styles = ", ".join(sorted({style for style, _ in odd}))
+        raise ModelError(f"{where}: {type(config).__name__} ({config.model_type})'s tensor-parallel plan splits "
+                         f"{odd[0][1]} as {styles}, which DeepSpeed's AutoTP does not implement; use "
+                         "parallel.tp_size=1 (ZeRO-3 splits it instead)")
     for attr, what in _DIVIDED:
         value = getattr(config, attr, None)
         if attr == "num_key_value_heads" and value is None:

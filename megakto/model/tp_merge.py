@@ -20,18 +20,26 @@ import torch
 
 from megakto.errors import ModelError
 
-__all__ = ["merge_tp_shards", "full_shapes"]
+__all__ = ["merge_tp_shards", "full_shapes", "tied_aliases"]
 
 
 def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], shapes: Mapping[str, Sequence[int]],
-                    warn: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+                    warn: Callable[[str], None] | None = None,
+                    aliases: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """One state dict from ``shards`` (one per tp rank, in rank order) given each tensor's whole
     ``shapes``. A replicated tensor is taken from rank 0. Its copies should be equal (each TP rank
     applies the same update to it); where they are not (non-deterministic kernels can make them
-    drift), ``warn`` is told the largest difference, and without ``warn`` it is an error."""
+    drift), ``warn`` is told the largest difference, and without ``warn`` it is an error.
+
+    ``aliases`` (:func:`tied_aliases`): tied names and the tensor they are. A checkpoint records a
+    tied tensor under its alias on some ranks only (zero_to_fp32 restores the shared name where
+    that rank's file lists it), so aliases are set aside, the tensors joined, and each alias given
+    its source's whole tensor."""
     tp = len(shards)
     if tp == 1:
         return dict(shards[0])
+    aliases = dict(aliases or {})
+    shards = [{k: v for k, v in s.items() if k not in aliases} for s in shards]
     names = list(shards[0])
     for r, shard in enumerate(shards[1:], 1):
         if set(shard) != set(names):
@@ -62,6 +70,9 @@ def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], shapes: Mappin
             raise ModelError(f"{name}: a tensor-parallel shard of shape {have} is not 1/{tp} of the model's "
                              f"{want} along one dimension")
         merged[name] = torch.cat(parts, dim=split[0])
+    for alias, source in aliases.items():
+        if source in merged:
+            merged[alias] = merged[source]
     return merged
 
 
@@ -74,3 +85,21 @@ def full_shapes(config, *, trust_remote_code: bool = False) -> dict[str, tuple[i
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def tied_aliases(config, *, trust_remote_code: bool = False) -> dict[str, str]:
+    """``{alias: source}`` of the parameters a Hugging Face model config ties (the output head to
+    the input embedding), from a meta-device model: every name beyond the first of one parameter.
+    Build it outside any live ZeRO-3 config, as :func:`full_shapes`."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases

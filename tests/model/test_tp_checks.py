@@ -6,8 +6,8 @@ import torch
 from transformers import GPT2Config, LlamaConfig
 
 from megakto.errors import ModelError
-from megakto.model.tp_checks import check_tp_config, check_vocab_parallel_head
-from megakto.model.tp_merge import full_shapes, merge_tp_shards
+from megakto.model.tp_checks import AUTOTP_PLAN_STYLES, check_tp_config, check_vocab_parallel_head
+from megakto.model.tp_merge import full_shapes, merge_tp_shards, tied_aliases
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=512)
@@ -120,3 +120,41 @@ def test_full_shapes_from_a_config():
     assert shapes["lm_head.weight"] == (512, 64)
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == (32, 64)  # 2 kv heads × head_dim 16
     assert shapes["model.layers.0.mlp.down_proj.weight"] == (64, 128)
+
+
+def test_tied_alias_given_on_one_rank_only_is_the_joined_source():
+    """A tied head recorded under its alias in one TP rank's checkpoint file only (zero_to_fp32 on a
+    tied Qwen2 under AutoTP) is set aside and given the joined embedding."""
+    emb = torch.arange(32.0).reshape(8, 4)
+    shapes = {"embed.weight": (8, 4), "head.weight": (8, 4)}
+    shards = [{"embed.weight": emb[:4], "head.weight": emb[:4]}, {"embed.weight": emb[4:]}]
+    with pytest.raises(ModelError, match="disagree on their tensors"):
+        merge_tp_shards(shards, shapes)
+    merged = merge_tp_shards(shards, shapes, aliases={"head.weight": "embed.weight"})
+    assert torch.equal(merged["embed.weight"], emb) and merged["head.weight"] is merged["embed.weight"]
+
+
+def test_tied_aliases_from_a_config():
+    assert tied_aliases(LlamaConfig(**SHAPE, tie_word_embeddings=True)) == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert tied_aliases(LlamaConfig(**SHAPE, tie_word_embeddings=False)) == {}
+
+
+def test_plan_styles_are_deepspeeds():
+    from deepspeed.module_inject.tp_plan_converter import SUPPORTED_STYLES
+
+    assert AUTOTP_PLAN_STYLES == frozenset(SUPPORTED_STYLES)
+
+
+@pytest.mark.parametrize("family, layer", [("phi3", "layers.*.mlp.down_proj"), ("olmo2", "layers.*.self_attn.o_proj")])
+def test_plan_styles_autotp_lacks_are_refused_before_loading(family, layer):
+    from megakto._demo.tiny_model import family_config
+
+    config = family_config(family, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                           num_kv_heads=2, max_position_embeddings=64)
+    with pytest.raises(ModelError) as info:
+        check_tp_config(config, 2)
+    name = type(config).__name__
+    assert str(info.value) == (
+        f"model.path: parallel.tp_size=2: {name} ({config.model_type})'s tensor-parallel plan splits {layer} as "
+        "rowwise_split_input, which DeepSpeed's AutoTP does not implement; use parallel.tp_size=1 (ZeRO-3 splits "
+        "it instead)")
