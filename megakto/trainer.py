@@ -138,7 +138,7 @@ class KTOTrainer:
         self.peak_memory = PeakMemory(engine.on_gpu())
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
-        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, tp_group=self.dims.tp_group)
+        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, self.dims.tp_group, attn=attn)
         self.runner = self._setup_runner()
         self.phases.done("policy")
         with comm.fail_together():
@@ -260,7 +260,7 @@ class KTOTrainer:
         if self.dims.pp > 1:
             return pipeline.PipelineRunner(self.policy, self.policy.module.loss_fn, batch_fn=self._batch,
                                            dp_group=self.dims.dp_group, pp_group=self.dims.pp_group,
-                                           last=self.dims.pp_group_ranks()[-1], config=self.policy.module.config)
+                                           last=self.dims.pp_group_ranks()[-1], attn=self.cfg.model.attn_implementation)
         return ZeroRunner(self.policy, batch_fn=self._batch, logps_fn=self.logps_fn, dp_group=self.dims.dp_group)
 
     def _setup_sampler(self) -> KTOBatchSampler:
