@@ -53,6 +53,7 @@ from megakto.model.forward import logps_function
 from megakto.model.load import load_tokenizer
 from megakto.model.lora import ADAPTER_DIR, apply_lora
 from megakto.model.meta import hf_shapes, param_shapes
+from megakto.model.packing_check import startup_packing_check
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.peak_memory import PeakMemory, reduce_peaks
@@ -140,6 +141,9 @@ class KTOTrainer:
         self.dims = self._attach_groups(self.dims)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, self.dims.tp_group, attn=attn)
         self.runner = self._setup_runner()
+        with comm.fail_together():  # every rank scores the same rows (collective forwards): all pass or all fail
+            startup_packing_check(self.policy, self.logps_fn, cfg, self.dims.pp, self.tokenizer,
+                                  dtype=self._model_dtype(), device=self.device, log=self.log.info)
         self.phases.done("policy")
         with comm.fail_together():
             self.evaluator = self._setup_evaluator()

@@ -29,9 +29,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-__all__ = ["NAME", "CALLS", "register", "use_flash_emulation", "tiny_model"]
+__all__ = ["NAME", "LEAKY", "LEAKY_FLASH", "CALLS", "register", "use_flash_emulation", "tiny_model"]
 
 NAME = "flash_emulation"
+# Dense causal attention over each whole row, whatever the positions say: packed sequences see the
+# sequences before them in their row. LEAKY is not a flash name, so megakto does not flatten the rows
+# for it; LEAKY_FLASH is (a flash kernel without varlen support), so the rows run as one and leak there.
+LEAKY, LEAKY_FLASH = "leaky_causal", "flash_leaky"
 CALLS: list[tuple[int, str]] = []
 
 
@@ -80,11 +84,24 @@ def _flash_emulation(module, query, key, value, attention_mask, dropout=0.0, sca
     return _attend(module, query, key, value, allowed, scaling, softcap), None
 
 
+def _leaky(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None,
+           **kwargs):
+    length = query.shape[2]
+    q_idx = torch.arange(length, device=query.device)
+    allowed = (q_idx[None, :] <= q_idx[:, None])[None]
+    if sliding_window is not None:
+        allowed = allowed & (q_idx[None, :] > q_idx[:, None] - sliding_window)[None]
+    return _attend(module, query, key, value, allowed, scaling, softcap), None
+
+
 def register() -> None:
-    """Register the function with transformers (idempotent), with the flash mask (None, or the 2D
-    padding mask)."""
+    """Register the functions with transformers (idempotent). Flash names get the flash mask
+    (None, or the 2D padding mask); the leaky one no mask at all."""
     AttentionInterface.register(NAME, _flash_emulation)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AttentionInterface.register(LEAKY, _leaky)
+    AttentionInterface.register(LEAKY_FLASH, _leaky)
+    for name in (NAME, LEAKY_FLASH):
+        AttentionMaskInterface.register(name, flash_attention_mask)
 
 
 def use_flash_emulation(model, name: str = NAME) -> None:
