@@ -53,6 +53,7 @@ from megakto.model.forward import logps_function
 from megakto.model.load import load_tokenizer
 from megakto.model.lora import ADAPTER_DIR, apply_lora
 from megakto.model.meta import hf_shapes, param_shapes
+from megakto.model.packing_check import startup_packing_check
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.peak_memory import PeakMemory, reduce_peaks
@@ -141,8 +142,11 @@ class KTOTrainer:
         self.peak_memory = PeakMemory(engine.on_gpu())
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
-        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, tp_group=self.dims.tp_group)
+        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, self.dims.tp_group, attn=attn)
         self.runner = self._setup_runner()
+        with comm.fail_together():  # every rank scores the same rows (collective forwards): all pass or all fail
+            startup_packing_check(self.policy, self.logps_fn, cfg, self.dims.pp, self.tokenizer,
+                                  dtype=self._model_dtype(), device=self.device, log=self.log.info)
         self.phases.done("policy")
         with comm.fail_together():
             self.evaluator = self._setup_evaluator()
@@ -266,7 +270,7 @@ class KTOTrainer:
         if self.dims.pp > 1:
             return pipeline.PipelineRunner(self.policy, self.policy.module.loss_fn, batch_fn=self._batch,
                                            dp_group=self.dims.dp_group, pp_group=self.dims.pp_group,
-                                           last=self.dims.pp_group_ranks()[-1], config=self.policy.module.config)
+                                           last=self.dims.pp_group_ranks()[-1], attn=self.cfg.model.attn_implementation)
         return ZeroRunner(self.policy, batch_fn=self._batch, logps_fn=self.logps_fn, dp_group=self.dims.dp_group)
 
     def _setup_sampler(self) -> KTOBatchSampler:

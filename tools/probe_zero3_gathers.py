@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             for layer in engine.module.model.layers:
                 layer.register_full_backward_pre_hook(hook)
 
-    logps = logps_function("chunked")
+    logps = logps_function("chunked", attn="sdpa")
     g = torch.Generator().manual_seed(0)
 
     def rows(n=4):

@@ -66,6 +66,11 @@ class ModelConfig:
         "model (sdpa where the model supports it, else eager), or eager, sdpa, flex_attention, "
         "flash_attention_2, ...; checked against the model before any weights load."
     )
+    packing_check: bool = _opt(
+        True, "At start-up, score a few short sequences packed and alone through the policy (its device, "
+        "dtype and attention) and stop if they differ beyond rounding: packed sequences seeing each "
+        "other; seconds of three small forwards. Skipped under pipeline parallelism."
+    )
     logps: Literal["auto", "chunked", "full"] = _opt(
         "auto", "chunked = lm_head only on completion positions, in chunks of tokens with a "
         "recomputing backward (no tokens x vocab tensor); full = the model's ordinary logits "

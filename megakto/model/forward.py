@@ -35,7 +35,7 @@ from megakto.kto.chunked_logps import token_logps
 from megakto.kto.logps import sequence_logps
 from megakto.kto.segment_logps import segment_logps
 from megakto.model.lm_head import check_head_output, output_head, replaced_output_head
-from megakto.model.packed import packed_forward_logps
+from megakto.model.packed import check_rows, for_attention, packed_forward_logps, uses_flash
 from megakto.model.vocab_blocks import BlockedHead, blocked_token_logps
 
 __all__ = ["packed_completion_logps", "completion_logps", "logps_function", "chunk_tokens_for",
@@ -55,19 +55,6 @@ def _scored(batch: PackedBatch):
     seg = batch.segment_ids
     mask = (batch.completion_mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] >= 0)
     return mask, batch.input_ids[:, 1:][mask], seg[:, 1:][mask]
-
-
-def uses_flash(config) -> bool:
-    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
-
-
-def for_attention(batch: PackedBatch, config) -> PackedBatch:
-    """``batch`` as the model's attention needs it: flash-attention kernels detect packing only in
-    a single row, so for them the rows become one (a segment never spans rows)."""
-    if not uses_flash(config):
-        return batch
-    return PackedBatch(*(t.reshape(1, -1) for t in (batch.input_ids, batch.position_ids, batch.completion_mask,
-                                                     batch.segment_ids)), batch.num_segments)
 
 
 def completion_token_counts(batch: PackedBatch) -> torch.Tensor:
@@ -95,19 +82,21 @@ def _vocab_shard(model, head: torch.nn.Module, tp_group):
     return 0, None, None
 
 
-def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
+def packed_completion_logps(model, batch: PackedBatch, *, attn: str, mode: str = "chunked",
                             chunk_tokens: int | None = None, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) summed completion log-probs (fp32) and (S,) completion token counts, segment order.
 
     ``model`` is an HF causal LM or a DeepSpeed engine wrapping one (called as given, so the
-    engine's hooks run). ``tp_group``: the tensor-parallel group a vocabulary-parallel head is
-    split over (None without tensor parallelism).
+    engine's hooks run). ``attn``: its attention implementation (the run's resolved
+    ``model.attn_implementation``), which decides the rows' layout (:func:`for_attention`).
+    ``tp_group``: the tensor-parallel group a vocabulary-parallel head is split over (None without
+    tensor parallelism).
     """
     if mode == "full":
-        return packed_forward_logps(model, batch, segment_logps)
+        return packed_forward_logps(model, batch, segment_logps, attn=attn)
     if mode != "chunked":
         raise ValueError(f"unknown log-prob mode {mode!r}; expected chunked or full")
-    batch = for_attention(batch, getattr(model, "config", None))
+    batch = for_attention(batch, attn)
     mask, targets, seg_of = _scored(batch)
     n = batch.num_segments
     n_tokens = torch.bincount(seg_of, minlength=n)
@@ -126,6 +115,7 @@ def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
 
     head = output_head(model)
     start, reduce_max, reduce_sum = (0, None, None) if isinstance(head, BlockedHead) else _vocab_shard(model, head, tp_group)
+    check_rows(attn, batch.input_ids)
     with replaced_output_head(head, head_fn) as state:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
                     use_cache=False)
@@ -133,9 +123,11 @@ def packed_completion_logps(model, batch: PackedBatch, *, mode: str = "chunked",
     return check_head_output(model, logits, state, n), n_tokens
 
 
-def logps_function(mode: str, chunk_tokens: int | None = None, tp_group=None):
-    """The configured log-prob function, ``f(model, batch) -> (logps, n_tokens)``."""
-    return partial(packed_completion_logps, mode=mode, chunk_tokens=chunk_tokens, tp_group=tp_group)
+def logps_function(mode: str, chunk_tokens: int | None = None, tp_group=None, *, attn: str):
+    """The configured log-prob function, ``f(model, batch) -> (logps, n_tokens)``, for a model whose
+    attention implementation is ``attn`` (resolved once at start-up: the function is called with
+    DeepSpeed engines, which do not expose the model's config)."""
+    return partial(packed_completion_logps, attn=attn, mode=mode, chunk_tokens=chunk_tokens, tp_group=tp_group)
 
 
 def completion_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

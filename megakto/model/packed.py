@@ -9,8 +9,14 @@ masks become block-diagonal causal. Two conditions the caller must meet:
 
 - ``use_cache=False``: otherwise the model creates an empty cache and the detection is skipped
   (plain causal attention across segments, silently wrong);
-- flash-attention kernels detect packing only for a batch of one row, so for them the rows are
-  flattened to (1, R*L); a segment never spans rows, so nothing else changes.
+- flash-attention kernels detect packing only for a batch of one row (transformers'
+  ``_is_packed_sequence``); with more rows each row is plain causal attention and a segment sees
+  the segments before it in its row. For them the rows are flattened to (1, R*L); a segment never
+  spans rows, so nothing else changes.
+
+Which kernel runs is the run's resolved ``model.attn_implementation``, passed down as ``attn``: it
+is never read from the object called, which may be a DeepSpeed engine (whose ``config`` is the
+DeepSpeed dict, not the model's).
 
 ``attention="mask"`` instead passes an explicit 4D block-diagonal mask built from the segment
 ids (sdpa and eager only), for models whose own mask code does not look at ``position_ids``. It
@@ -25,9 +31,11 @@ from typing import Callable
 import torch
 
 from megakto.data.packing import PackedBatch
+from megakto.errors import ModelError
 from megakto.kto.segment_logps import segment_logps
 
-__all__ = ["SegmentLogpsFn", "packed_attention_mask", "packed_forward_logps"]
+__all__ = ["SegmentLogpsFn", "uses_flash", "for_attention", "check_rows", "packed_attention_mask",
+           "packed_forward_logps"]
 
 SegmentLogpsFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]
@@ -50,9 +58,26 @@ def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype | None =
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def _attn_implementation(model) -> str:
-    config = getattr(model, "config", None)  # a DeepSpeed engine forwards this to its module
-    return str(getattr(config, "_attn_implementation", None) or "")
+def uses_flash(attn: str) -> bool:
+    """Whether ``attn`` (an ``attn_implementation`` name) is a flash-attention kernel, as transformers
+    decides it (``is_flash_attention_requested``: the name contains "flash")."""
+    return "flash" in attn
+
+
+def for_attention(batch: PackedBatch, attn: str) -> PackedBatch:
+    """``batch`` as the kernel ``attn`` needs it: one row for flash kernels, as given otherwise."""
+    if not uses_flash(attn):
+        return batch
+    return PackedBatch(*(t.reshape(1, -1) for t in (batch.input_ids, batch.position_ids, batch.completion_mask,
+                                                     batch.segment_ids)), batch.num_segments)
+
+
+def check_rows(attn: str, input_ids: torch.Tensor) -> None:
+    """The guard before the model runs: a flash kernel given several rows would let packed sequences
+    see each other, silently."""
+    if uses_flash(attn) and input_ids.shape[0] != 1:
+        raise ModelError(f"attn_implementation={attn} keeps packed sequences apart only in a batch of one row, "
+                         f"but {input_ids.shape[0]} rows reached the model; run them through for_attention()")
 
 
 def packed_forward_logps(
@@ -60,20 +85,22 @@ def packed_forward_logps(
     packed: PackedBatch,
     logps_fn: SegmentLogpsFn = segment_logps,
     *,
+    attn: str,
     attention: str = "auto",
     flatten: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) summed completion log-probs and (S,) token counts, segment i = ``pack()``'s rows[i].
 
-    ``attention``: "auto" lets transformers derive the block-diagonal mask from
-    ``position_ids``; "mask" passes :func:`packed_attention_mask` explicitly. ``flatten`` runs the
-    rows as one (1, R*L) row; None means "for flash-attention kernels", which need it.
+    ``attn``: the model's attention implementation (the run's resolved
+    ``model.attn_implementation``). ``attention``: "auto" lets transformers derive the
+    block-diagonal mask from ``position_ids``; "mask" passes :func:`packed_attention_mask`
+    explicitly. ``flatten`` runs the rows as one (1, R*L) row; None means "for flash-attention
+    kernels", which need it.
     """
     input_ids, position_ids = packed.input_ids, packed.position_ids
     completion_mask, segment_ids = packed.completion_mask, packed.segment_ids
-    impl = _attn_implementation(model)
     if flatten is None:
-        flatten = "flash" in impl
+        flatten = uses_flash(attn)
     if flatten:
         # A segment never spans rows, so row ends become ordinary segment boundaries.
         input_ids, position_ids, completion_mask, segment_ids = (
@@ -82,12 +109,13 @@ def packed_forward_logps(
     if attention == "auto":
         mask = None
     elif attention == "mask":
-        if impl not in ("sdpa", "eager"):
-            raise ValueError(f"attention='mask' supports attn_implementation sdpa or eager, not {impl!r}")
+        if attn not in ("sdpa", "eager"):
+            raise ValueError(f"attention='mask' supports attn_implementation sdpa or eager, not {attn!r}")
         # Eager adds the mask to the scores, so it must be additive; sdpa takes bool.
-        dtype = next(model.get_input_embeddings().parameters()).dtype if impl == "eager" else None
+        dtype = next(model.get_input_embeddings().parameters()).dtype if attn == "eager" else None
         mask = packed_attention_mask(segment_ids, dtype)
     else:
         raise ValueError(f"attention must be 'auto' or 'mask'; got {attention!r}")
+    check_rows(attn, input_ids)
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
     return logps_fn(out.logits, input_ids, completion_mask, segment_ids, packed.num_segments)

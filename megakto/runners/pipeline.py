@@ -47,16 +47,16 @@ class LossSlot:
 class PipelineRunner:
     """``engine``: a pipeline engine whose module's loss function is ``slot``. ``dp_group``,
     ``pp_group``: this rank's data-parallel and pipeline groups; ``last``: the global rank of this
-    pipeline's last stage."""
+    pipeline's last stage; ``attn``: the stages' attention implementation."""
 
-    def __init__(self, engine, slot: LossSlot, *, batch_fn: Callable, dp_group, pp_group, last: int, config=None):
+    def __init__(self, engine, slot: LossSlot, *, batch_fn: Callable, dp_group, pp_group, last: int, attn: str):
         self.engine, self._slot = engine, slot
         self._batch = batch_fn  # pairs -> PackedBatch on the device
         self.dp_group, self.pp_group, self.last = dp_group, pp_group, last
-        self._config = config  # the attention implementation decides the rows' layout
+        self._attn = attn  # the resolved attention implementation decides the rows' layout
 
     def _micro_batch(self, pairs: Pairs, index: int):
-        batch = for_attention(self._batch(pairs), self._config)
+        batch = for_attention(self._batch(pairs), self._attn)
         inputs = (batch.input_ids, batch.position_ids, batch.completion_mask, batch.segment_ids)
         return (inputs, (torch.tensor([index]),)), batch
 
@@ -149,7 +149,7 @@ def pipeline_model(path: str, pp: int, *, dtype: torch.dtype, model, partition: 
                          chunk_tokens=model.logps_chunk_tokens)
     module = ds_engine.build_pipeline_module(stage_specs(source), num_stages=pp, partition=partition,
                                              loss_fn=LossSlot(), activation_checkpointing=model.gradient_checkpointing)
-    module.config = source.config  # what the runner and the logs read (attention implementation)
+    module.config = source.config  # the HF config, for whoever reads the module's (e.g. tp_merge shapes)
     if model.disable_dropout:
         ds_engine.disable_dropout(module)
     return module

@@ -125,6 +125,19 @@ def test_peak_memory_logged(demo_run):
     assert float(final.group(1)) < peak[-1] + 0.05
 
 
+def test_packing_check_ran_on_the_policy(demo_run):
+    """The start-up packing check scored its test sequences through the ZeRO-3 policy engine on both
+    ranks before the first step, within the rounding tolerance, in well under a second here."""
+    import re
+
+    out, _ = demo_run
+    log = open(os.path.join(out, "launcher.log")).read()
+    found = re.search(r"packing check: 4 test sequences score packed as alone \(max diff (\S+) nats, (\d+)% of the "
+                      r"rounding tolerance; (\d+\.\d) s\)", log)
+    assert found, log[:3000]
+    assert int(found.group(2)) < 100 and float(found.group(3)) < 5
+
+
 # First three losses of the tiny default (2 ranks, ZeRO-3, seed 0), recorded from this code and checked in.
 GOLDEN_LOSSES = [0.5, 0.5010987222194672, 0.49731096625328064]
 GOLDEN_KLS = [0.0, 0.0, 0.20436596870422363]  # KL partners drawn in dataset-index order

@@ -63,7 +63,7 @@ def main():
         policy, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
         dp_group, pp_group = engine.pipeline_groups(policy)
         runner = PipelineRunner(policy, module.loss_fn, batch_fn=lambda pairs: pack(pairs, 64, 0), dp_group=dp_group,
-                                pp_group=pp_group, last=1, config=module.config)
+                                pp_group=pp_group, last=1, attn=cfg.model.attn_implementation)
         logps = runner.score([rows()])[0]
         zeros = torch.zeros(3)
         runner.train([rows()], lambda i, lp: MicroLoss(lp.sum(), zeros, zeros, zeros.bool()), scale=1.0, skipped=None)

@@ -87,8 +87,8 @@ def main():
         for rows in batches(comm.rank()):
             packed = pack(rows, 32, 0)  # both sequences (at most 12 tokens each) in one row
             a, na = completion_logps(ref, collate(rows, pad_id=0))
-            b, nb = packed_completion_logps(chk, packed, chunk_tokens=3)
-            c, _ = packed_completion_logps(blk, packed, chunk_tokens=3)
+            b, nb = packed_completion_logps(chk, packed, attn="sdpa", chunk_tokens=3)
+            c, _ = packed_completion_logps(blk, packed, attn="sdpa", chunk_tokens=3)
             # A KTO-like objective with signed per-sequence weights, so grads are not trivial.
             w = torch.tensor([1.0, -0.5])
             ref.backward(-(a * w).sum())

@@ -134,7 +134,7 @@ def test_packed_equals_unpacked(tmp_path, family, attn):
 
     packed = pack(rows, max_tokens_per_row=64, pad_id=PAD)
     assert packed.input_ids.shape[0] < len(rows) and (packed.segment_ids < 0).any()
-    logps, n = packed_completion_logps(model, packed, mode=logps_mode)
+    logps, n = packed_completion_logps(model, packed, attn=resolved, mode=logps_mode)
     assert n.tolist() == ref_n.tolist()
     torch.testing.assert_close(logps, ref, rtol=0, atol=2e-5)
     model.zero_grad()

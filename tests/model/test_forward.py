@@ -49,7 +49,7 @@ def test_packed_equals_padded(tie, mode, chunk, budget):
     ref, ref_n, ref_grads = ground_truth(model, rows)
     packed = pack(rows, budget, PAD)
     assert packed.input_ids.shape[0] < len(rows)  # really packed: several sequences share a row
-    got, got_n = packed_completion_logps(model, packed, mode=mode, chunk_tokens=chunk)
+    got, got_n = packed_completion_logps(model, packed, attn="sdpa", mode=mode, chunk_tokens=chunk)
     got.sum().backward()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     assert got_n.tolist() == ref_n.tolist() == [len(c) for _, c in rows]
@@ -66,6 +66,6 @@ def test_pad_rows_layout_equals_padded():
     ref, _ = completion_logps(model, collate(rows, pad_id=PAD))
     batch = pad_rows(rows, PAD)
     assert batch.input_ids.shape[0] == len(rows)
-    got, n = packed_completion_logps(model, batch)
+    got, n = packed_completion_logps(model, batch, attn="sdpa")
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     assert n.tolist() == [len(c) for _, c in rows]

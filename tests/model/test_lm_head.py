@@ -35,7 +35,7 @@ def test_values_and_all_grads_match_full_logits(tie, chunk_tokens, layout):
     upstream = torch.tensor([1.0, -0.7, 0.3])  # signed per-sequence weights, like eq. (7)'s v(x, y)
     ref, ref_n = completion_logps(model, collate(ROWS, pad_id=PAD))
     ref_grads = torch.autograd.grad((ref * upstream).sum(), list(model.parameters()))
-    out, n = packed_completion_logps(model, batch, chunk_tokens=chunk_tokens)
+    out, n = packed_completion_logps(model, batch, attn="sdpa", chunk_tokens=chunk_tokens)
     grads = torch.autograd.grad((out * upstream).sum(), list(model.parameters()))
     assert n.tolist() == ref_n.tolist() == [4, 7, 1]
     assert out.shape == (3,) and out.dtype == torch.float32
@@ -51,7 +51,7 @@ def test_prompt_and_padding_positions_are_never_projected():
     padding) change nothing, and every parameter's gradient stays the clean one."""
     model = _tiny(False)
     batch = pack(ROWS, 12, PAD)
-    clean, _ = packed_completion_logps(model, batch, chunk_tokens=3)
+    clean, _ = packed_completion_logps(model, batch, attn="sdpa", chunk_tokens=3)
     clean_grads = torch.autograd.grad(clean.sum(), list(model.parameters()))
     # Position t is scored when t + 1 is a completion token of the same segment.
     seg = batch.segment_ids
@@ -61,7 +61,7 @@ def test_prompt_and_padding_positions_are_never_projected():
     poison = model.model.norm.register_forward_hook(
         lambda module, args, out: torch.where(scored.unsqueeze(-1), out, float("nan")))
     try:
-        logps, _ = packed_completion_logps(model, batch, chunk_tokens=3)
+        logps, _ = packed_completion_logps(model, batch, attn="sdpa", chunk_tokens=3)
         grads = torch.autograd.grad(logps.sum(), list(model.parameters()))
     finally:
         poison.remove()
@@ -84,10 +84,10 @@ def test_refuses_models_that_change_logits_after_the_head():
     scaled = _ScaledLogits(model.config)
     scaled.load_state_dict(model.state_dict())
     with pytest.raises(ModelError, match="does not return its output head's result unchanged.*set model.logps=full"):
-        packed_completion_logps(scaled, pack(ROWS, 12, PAD))
+        packed_completion_logps(scaled, pack(ROWS, 12, PAD), attn="sdpa")
     assert "forward" not in scaled.lm_head.__dict__  # restored after the failure too
     # The full-logits mode is the way out: it matches the ground truth of the scaled model.
-    full, _ = packed_completion_logps(scaled, pack(ROWS, 12, PAD), mode="full")
+    full, _ = packed_completion_logps(scaled, pack(ROWS, 12, PAD), attn="sdpa", mode="full")
     ref, _ = completion_logps(scaled, collate(ROWS, pad_id=PAD))
     torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
 
@@ -104,8 +104,8 @@ def test_nan_weights_give_nan_logps_not_a_modified_head_error(where):
             model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
         else:  # one vocabulary row: every logsumexp, so every log-prob, becomes NaN
             model.lm_head.weight[7, 0] = float("nan")
-    out, n = packed_completion_logps(model, pack(ROWS, 12, PAD), chunk_tokens=3)
-    full, _ = packed_completion_logps(model, pack(ROWS, 12, PAD), mode="full")
+    out, n = packed_completion_logps(model, pack(ROWS, 12, PAD), attn="sdpa", chunk_tokens=3)
+    full, _ = packed_completion_logps(model, pack(ROWS, 12, PAD), attn="sdpa", mode="full")
     assert n.tolist() == [4, 7, 1]
     assert torch.isnan(out).all() and torch.isnan(full).all()
 
@@ -121,7 +121,7 @@ def test_a_head_result_changed_with_nan_elsewhere_is_still_refused():
         lambda module, args, out: torch.cat([out[:, :3].clone().fill_(float("nan")), out[:, 3:]], dim=1))
     try:
         with pytest.raises(ModelError, match="does not return its output head's result unchanged"):
-            packed_completion_logps(scaled, batch)
+            packed_completion_logps(scaled, batch, attn="sdpa")
     finally:
         poison.remove()
 
@@ -130,7 +130,7 @@ def test_restores_a_forward_already_patched_on_the_head():
     model = _tiny(False)
     patched = model.lm_head.forward
     model.lm_head.forward = patched  # an instance attribute, as accelerate-style hooks leave it
-    packed_completion_logps(model, pack(ROWS, 12, PAD))
+    packed_completion_logps(model, pack(ROWS, 12, PAD), attn="sdpa")
     assert model.lm_head.__dict__["forward"] is patched
 
 
@@ -147,7 +147,7 @@ def test_engine_like_wrapper_is_unwrapped():
 
     model = _tiny(False)
     ref, _ = completion_logps(model, collate(ROWS, pad_id=PAD))
-    out, _ = packed_completion_logps(Wrapper(model), pack(ROWS, 12, PAD))
+    out, _ = packed_completion_logps(Wrapper(model), pack(ROWS, 12, PAD), attn="sdpa")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert "forward" not in model.lm_head.__dict__
 

@@ -81,7 +81,7 @@ def test_packed_equals_padded(attn, attention, flatten):
     packed = pack(rows, max_tokens_per_row=64, pad_id=PAD)
     assert packed.input_ids.shape[0] < len(rows)  # rows really share
     assert (packed.segment_ids < 0).any()  # and some have padding
-    logps, n = packed_forward_logps(model, packed, attention=attention, flatten=flatten)
+    logps, n = packed_forward_logps(model, packed, attn=attn, attention=attention, flatten=flatten)
     assert n.tolist() == ref_n.tolist() == [len(c) for _, c in rows]
     torch.testing.assert_close(logps, ref, rtol=0, atol=1e-5)
     grads = _grads(model, logps)
@@ -98,9 +98,9 @@ def test_without_segment_restarts_segments_leak(attn):
     rows = _rows(seed=2)
     packed = pack(rows, max_tokens_per_row=64, pad_id=PAD)
     with torch.no_grad():
-        good, _ = packed_forward_logps(model, packed)
+        good, _ = packed_forward_logps(model, packed, attn=attn)
         packed.position_ids = torch.arange(packed.input_ids.shape[1]).expand_as(packed.input_ids)
-        bad, _ = packed_forward_logps(model, packed)
+        bad, _ = packed_forward_logps(model, packed, attn=attn)
     row_start = {int(r[0]) for r in packed.segment_ids}
     later = [i for i in range(len(rows)) if i not in row_start]
     assert later, "the layout must put more than one segment in some row"
@@ -111,4 +111,4 @@ def test_bad_arguments():
     model = _model("sdpa")
     packed = pack(_rows(seed=3, n=2), max_tokens_per_row=64, pad_id=PAD)
     with pytest.raises(ValueError, match="'auto' or 'mask'"):
-        packed_forward_logps(model, packed, attention="flex")
+        packed_forward_logps(model, packed, attn="sdpa", attention="flex")

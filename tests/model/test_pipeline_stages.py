@@ -37,7 +37,7 @@ def test_stages_in_sequence_equal_the_whole_model(tmp_path, tied):
     config = (Qwen2Config if tied else LlamaConfig)(**SHAPE, tie_word_embeddings=tied)
     model = _save(tmp_path, config)
     batch = pack(ROWS, 32, 0)  # the three sequences in one row: block-diagonal attention
-    want, _ = packed_completion_logps(model, batch)
+    want, _ = packed_completion_logps(model, batch, attn="sdpa")
     source = StageSource(str(tmp_path), dtype=torch.float32, attn_implementation=None)
     specs = stage_specs(source)
     assert [s.cls for s in specs] == [EmbedStage, DecoderStage, DecoderStage, DecoderStage, NormStage,

@@ -69,7 +69,7 @@ def test_blocked_model_equals_whole_model(tie, rows, mode, chunk):
     if tie:
         assert all(a is b for a, b in zip(emb.vocab_blocks, head.vocab_blocks))
 
-    got, _ = packed_completion_logps(model, pack(data, 40, PAD), mode=mode, chunk_tokens=chunk)
+    got, _ = packed_completion_logps(model, pack(data, 40, PAD), attn="sdpa", mode=mode, chunk_tokens=chunk)
     got.sum().backward()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     grads = _grads(model)
@@ -215,5 +215,5 @@ def test_blocked_model_with_an_explicit_eager_mask():
     model = _model(False, attn="eager")
     ref, _ = completion_logps(model, collate(data, pad_id=PAD))
     block_vocab(model, 100, {})
-    got, _ = packed_forward_logps(model, pack(data, 40, PAD), attention="mask")
+    got, _ = packed_forward_logps(model, pack(data, 40, PAD), attn="eager", attention="mask")
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
