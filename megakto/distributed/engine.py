@@ -91,6 +91,8 @@ def init_distributed(timeout_minutes: float) -> None:
         # Building it costs a ~25 s g++ JIT, and each run leaves a 69 MB /dev/shm segment per rank
         # behind, which fills a machine's memory over a test suite. Skip it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    # Passed explicitly: DeepSpeed's own default (10 min, or $DEEPSPEED_TIMEOUT) never applies, and the
+    # trainer logs what the backend got (comm.describe).
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
 
 

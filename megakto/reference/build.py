@@ -78,7 +78,9 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
     # Rank 0 decides what is missing: ranks that saw different folder contents (another job
     # writing, a lagging network filesystem) would otherwise run different numbers of forwards.
     # Every rank computed the same positions, so rank 0 sends positions (8 bytes each), not rows.
-    todo = comm.broadcast_object(missing_positions(cache, seqs) if comm.is_main() else None)
+    with comm.others_wait(f"rank 0 looks up which of {len(seqs):,} sequences {ref.cache_dir} lacks", log):
+        todo = missing_positions(cache, seqs) if comm.is_main() else None
+    todo = comm.broadcast_object(todo)
     seconds = 0.0
     if len(todo):
         start = time.perf_counter()
