@@ -64,9 +64,10 @@ def main(argv=None) -> int:
             return 0
         from megakto.distributed import comm
         from megakto.distributed.engine import configure_cpu_threads
+        from megakto.startup import offloads_to_host
         from megakto.trainer import KTOTrainer
 
-        configure_cpu_threads()
+        configure_cpu_threads(offloaded=offloads_to_host(cfg, args.deepspeed))
         KTOTrainer(cfg, args.deepspeed).train()
     except MegaktoError as err:
         rank = int(os.environ.get("RANK", "0"))

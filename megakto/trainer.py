@@ -97,7 +97,8 @@ class KTOTrainer:
         self.bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and engine.bf16_supported())
         # Every user-input check runs before the first training collective; all ranks fail together.
         with comm.fail_together():
-            checked = check_run(cfg, deepspeed_config, world_size=comm.world_size(), rank=comm.rank(), bf16=self.bf16)
+            checked = check_run(cfg, deepspeed_config, world_size=comm.world_size(), rank=comm.rank(), bf16=self.bf16,
+                                on_gpu=engine.on_gpu())
             # The mesh: world = dp × tp × pp; its process groups are attached once the policy engine exists.
             self.dims, self.ds_config, attn = checked.dims, checked.ds_config, checked.attn
             tok_path = cfg.model.tokenizer_path or cfg.model.path
@@ -179,7 +180,7 @@ class KTOTrainer:
             self.log.info(note)
         first = comm.local_rank() == 0
         with comm.fail_together(), comm.others_wait("local rank 0 of each node reads and tokenizes the data",
-                                                    self.log.info, timeout=cfg.dist.timeout_minutes):
+                                                    self.log.info):
             if first:
                 load()
         with comm.fail_together():
@@ -382,8 +383,7 @@ class KTOTrainer:
                                        param_shapes(self.cfg.model.path, trust_remote_code=self.cfg.model.trust_remote_code))
         target = universal.universal_dir(self.resume_dir, checkpoint.checkpoints_dir(self.cfg.output_dir))
         with comm.fail_together(), comm.others_wait(  # a large model: convert first with tools/to_universal.py
-                f"rank 0 converts {self.resume_dir} to its universal form", self.log.info,
-                timeout=self.cfg.dist.timeout_minutes):
+                f"rank 0 converts {self.resume_dir} to its universal form", self.log.info):
             if comm.is_main():
                 start = time.perf_counter()
                 why = universal.stale(self.resume_dir, target) if os.path.exists(target) else None

@@ -41,7 +41,7 @@ def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_f
                      logps_fn: Callable) -> OnlineReference:
     """The reference weights (``ref.path``, else ``model.path``) in a frozen ZeRO-3 inference engine
     beside the policy's ``ds_config``; ``ref.offload`` decides where its parameters live."""
-    ref_ds = reference_ds_config(ds_config, offload=ref.offload)
+    ref_ds = reference_ds_config(ds_config, offload=ref.offload, on_gpu=engine.on_gpu())
     module = engine.load_model(ref.path or model.path, ref_ds, dtype=dtype,
                                attn_implementation=model.attn_implementation,
                                trust_remote_code=model.trust_remote_code, vocab_block_rows=model.vocab_block_rows)

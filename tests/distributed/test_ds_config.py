@@ -132,9 +132,10 @@ def test_optimizer_and_scheduler_sections_are_rejected(section, names):
 
 
 def test_leftover_auto_is_rejected():
-    msg = _build_error({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
+    # reduce_bucket_size and the other ZERO_AUTO_KEYS are filled here (test_zero_sizes_follow_the_device).
+    msg = _build_error({"zero_optimization": {"stage": 3, "allgather_bucket_size": "auto"}})
     assert msg == (
-        'ds_configs/x.json: zero_optimization.reduce_bucket_size is "auto", which only the Hugging '
+        'ds_configs/x.json: zero_optimization.allgather_bucket_size is "auto", which only the Hugging '
         "Face Trainer fills in; give a number"
     )
 
@@ -322,3 +323,82 @@ def test_shipped_zero_settings():
     assert {k: v for k, v in z3o["zero_optimization"].items() if k != "offload_optimizer"} == z3
     assert z3o["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert z3o["zero_force_ds_cpu_optimizer"] is False
+
+
+# ----------------------------------------------------------------------------- sizes for the device
+
+REPO = DS_DIR.parent
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload_optimizer.json"])
+def test_zero_sizes_follow_the_device(name):
+    """The shipped ZeRO-3 JSONs leave the bucket and sub-group sizes "auto": the CPU caps on CPU, sizes
+    from the hidden size on GPU (Qwen2.5-32B: 5120² = 26,214,400), DeepSpeed's 1e9 sub-groups."""
+    ds = load_ds_json(str(DS_DIR / name))
+    cpu = build_ds_config(ds, _cfg(), DIMS, bf16=False, on_gpu=False)["zero_optimization"]
+    assert {k: cpu[k] for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "sub_group_size")} == {
+        "reduce_bucket_size": 10_000_000, "stage3_prefetch_bucket_size": 10_000_000, "sub_group_size": 10_000_000}
+    gpu = build_ds_config(ds, _cfg(), DIMS, bf16=True, on_gpu=True, hidden_size=5120)["zero_optimization"]
+    assert gpu["reduce_bucket_size"] == 26_214_400
+    assert gpu["stage3_prefetch_bucket_size"] == 23_592_960  # int(0.9 × 5120²)
+    assert gpu["sub_group_size"] == 1_000_000_000
+    assert gpu["stage3_param_persistence_threshold"] == cpu["stage3_param_persistence_threshold"] == 10000  # as written
+    assert ds["zero_optimization"]["reduce_bucket_size"] == "auto"  # the input is not changed
+    # GPU lint: no shipped ZeRO-3 JSON keeps a CPU cap on GPU, even for a 4096-wide (7B) model.
+    small = build_ds_config(ds, _cfg(), DIMS, bf16=True, on_gpu=True, hidden_size=4096)["zero_optimization"]
+    assert min(small[k] for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "sub_group_size")) > 10 ** 7
+
+
+def test_a_number_in_the_json_wins_and_auto_persistence_scales():
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e7, "sub_group_size": "auto",
+                                "stage3_param_persistence_threshold": "auto"}}
+    zero = build_ds_config(ds, _cfg(), DIMS, bf16=True, on_gpu=True, hidden_size=64)["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": 5e7, "sub_group_size": 1_000_000_000,
+                    "stage3_param_persistence_threshold": 640}
+    zero = build_ds_config(ds, _cfg(), DIMS, bf16=False)["zero_optimization"]  # CPU, the default
+    assert zero == {"stage": 3, "reduce_bucket_size": 5e7, "sub_group_size": 10_000_000,
+                    "stage3_param_persistence_threshold": 10_000}
+    # Absent keys stay absent: DeepSpeed's own defaults apply.
+    assert build_ds_config({"zero_optimization": {"stage": 3}}, _cfg(), DIMS, bf16=True, on_gpu=True,
+                           hidden_size=64)["zero_optimization"] == {"stage": 3}
+
+
+def test_auto_sizes_on_gpu_need_the_hidden_size():
+    with pytest.raises(ConfigError) as info:
+        build_ds_config({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto"}}, _cfg(), DIMS,
+                        bf16=True, on_gpu=True, source="ds_configs/x.json")
+    assert str(info.value) == ('ds_configs/x.json: zero_optimization.stage3_prefetch_bucket_size="auto" is sized from '
+                               "the model's hidden_size on GPU, and none is known here; give a number")
+
+
+def test_check_run_sizes_zero3_from_model_paths_config_on_gpu(tmp_path, monkeypatch):
+    """What the trainer builds at start-up: on GPU the hidden size comes from model.path's config.json."""
+    from megakto.startup import check_run
+
+    monkeypatch.chdir(REPO)
+    cfg = _cfg("model.path=configs/models/qwen2.5-32b", f"output_dir={tmp_path}", "train.global_batch_size=64",
+               "train.micro_batch_size=1")
+    zero = {}
+    for on_gpu in (True, False):
+        checked = check_run(cfg, "ds_configs/zero3.json", world_size=8, rank=0, bf16=True, on_gpu=on_gpu)
+        zero[on_gpu] = checked.ds_config["zero_optimization"]
+    assert (zero[True]["reduce_bucket_size"], zero[True]["stage3_prefetch_bucket_size"]) == (26_214_400, 23_592_960)
+    assert (zero[False]["reduce_bucket_size"], zero[False]["stage3_prefetch_bucket_size"]) == (10_000_000, 10_000_000)
+
+
+def test_reference_offload_is_pinned_on_gpu_only():
+    policy = build_ds_config(load_ds_json(str(DS_DIR / "zero3.json")), _cfg(), DIMS, bf16=True, on_gpu=True,
+                             hidden_size=64)
+    assert reference_ds_config(policy, "cpu", on_gpu=True)["zero_optimization"]["offload_param"] == {
+        "device": "cpu", "pin_memory": True}
+    assert reference_ds_config(policy, "cpu")["zero_optimization"]["offload_param"]["pin_memory"] is False
+    assert "offload_param" not in reference_ds_config(policy, "none", on_gpu=True)["zero_optimization"]
+
+
+def test_host_offload():
+    from megakto.distributed.ds_config import host_offload
+
+    assert host_offload(load_ds_json(str(DS_DIR / "zero3_offload_optimizer.json")))
+    assert not host_offload(load_ds_json(str(DS_DIR / "zero3.json")))
+    assert host_offload({"zero_optimization": {"offload_param": {"device": "nvme"}}})
+    assert not host_offload({"zero_optimization": {"offload_param": {"device": "none"}}})
