@@ -15,8 +15,7 @@ from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, 
 from megakto.data.kl_pairs import fit_kl_row
 from megakto.data.split import TokenizedSplit
 from megakto.data.tokenize import auto_num_proc
-from megakto.distributed.ds_config import (auto_zero_sizes, build_ds_config, check_deepspeed_version, host_offload,
-                                          load_ds_json)
+from megakto.distributed.ds_config import auto_zero_sizes, build_ds_config, check_versions, host_offload, load_ds_json
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError
 from megakto.kto import auto_desirable_weight, check_weights
@@ -63,7 +62,7 @@ def check_output_dir(path: str) -> None:
 def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: bool,
               on_gpu: bool = False) -> RunChecks:
     """The start-up checks that need neither the weights nor the other ranks, in the trainer's order:
-    output_dir, the parallel arithmetic at ``world_size``, the DeepSpeed version for TP/PP, the
+    output_dir, the parallel arithmetic at ``world_size``, the torch, transformers and DeepSpeed versions, the
     DeepSpeed JSON (its ``"auto"`` ZeRO sizes for the device: on GPU from model.path's hidden size,
     whose folder is then checked first), the model folders and their TP/PP divisibility, the
     attention and log-prob settings against the model built on the meta device. Raises the run's
@@ -72,7 +71,7 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
 
     check_output_dir(cfg.output_dir)
     dims = ParallelDims.from_config(cfg, world_size, rank=rank)
-    check_deepspeed_version(dims.tp, dims.pp)
+    check_versions(dims.tp, dims.pp)
     trust = cfg.model.trust_remote_code
     ds_json, hidden = load_ds_json(deepspeed), None
     if on_gpu and auto_zero_sizes(ds_json):

@@ -27,7 +27,7 @@ from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError
 
 __all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_size", "check_deepspeed_version",
-           "MIN_DEEPSPEED_TP", "ZERO_AUTO_KEYS", "CPU_ZERO_SIZES", "zero_sizes", "auto_zero_sizes", "host_offload"]
+           "MIN_DEEPSPEED_TP", "check_versions", "MIN_DEEPSPEED", "MIN_TRANSFORMERS", "TORCH_RANGE", "ZERO_AUTO_KEYS", "CPU_ZERO_SIZES", "zero_sizes", "auto_zero_sizes", "host_offload"]
 
 # AutoTP training under ZeRO-3 needs 0.19.4 (earlier releases refuse it or wrote incomplete
 # checkpoints); the vocabulary-parallel output head megakto scores on
@@ -35,6 +35,18 @@ __all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_siz
 # release the tensor-parallel path is tested with.
 MIN_DEEPSPEED_TP = "0.19.8"
 MIN_DEEPSPEED_PP = "0.19.3"  # pipeline gradients under gradient accumulation (DeepSpeed PR 8154)
+# Every run: before 0.19.2 the engine cast the whole module to bf16 under ZeRO-1/2, the rotary inv_freq
+# buffers included (the fp32-buffer-preserving cast is DeepSpeed PR 8066, v0.19.2). setup.py asks for
+# 0.19.8, the release the suite runs and the tensor-parallel path needs; this refuses what is known wrong.
+MIN_DEEPSPEED = "0.19.2"
+# Every run: packed rows stay apart under sdpa/eager only because transformers builds the block mask from
+# restarting position_ids (PR 39194, 4.54); from_pretrained(dtype=) is 4.56's spelling (older releases
+# ignore it and load fp32); the pipeline stages call the 5.0 masking_utils interface. The suite runs
+# 5.25; 5.x releases before it are untested but share those interfaces.
+MIN_TRANSFORMERS = "5.0"
+# [floor, ceiling): weights_only loading with allow-listed globals needs 2.4; the suite runs 2.13, and
+# releases from 2.15 on are untested (setup.py holds the same range).
+TORCH_RANGE = ("2.4", "2.15")
 
 # ZeRO sizes (elements) that a JSON may leave to megakto as "auto"; a number in the JSON always wins.
 ZERO_AUTO_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "sub_group_size",
@@ -176,6 +188,33 @@ def check_deepspeed_version(tp: int, pp: int = 1, installed: str | None = None) 
             f"ZeRO-3, complete TP checkpoints, a vocabulary-parallel output head), but {installed} is "
             f"installed; pip install 'deepspeed>={MIN_DEEPSPEED_TP}'"
         )
+
+
+def check_versions(tp: int = 1, pp: int = 1, installed: dict[str, str] | None = None) -> None:
+    """Refuse, in one line naming the installed and the required version, a torch, transformers or
+    deepspeed that megakto's results depend on being newer (or, torch, not newer than tested); then
+    the tensor- and pipeline-parallel floors (:func:`check_deepspeed_version`). ``installed``:
+    {package: version} instead of the installed packages' metadata (tests)."""
+    from importlib.metadata import version
+
+    def have(name: str) -> str:
+        return installed[name] if installed is not None else version(name)
+
+    torch_v, low, high = have("torch"), *TORCH_RANGE
+    if not Version(low) <= Version(Version(torch_v).base_version) < Version(high):
+        raise ConfigError(f"megakto needs torch >= {low}, < {high} (the range it is tested in), but {torch_v} is "
+                          f"installed; pip install 'torch>={low},<{high}'")
+    transformers_v = have("transformers")
+    if Version(transformers_v) < Version(MIN_TRANSFORMERS):
+        raise ConfigError(f"megakto needs transformers >= {MIN_TRANSFORMERS} (packed rows kept apart by masks built "
+                          f"from position_ids, models loaded with dtype=), but {transformers_v} is installed; "
+                          f"pip install 'transformers>={MIN_TRANSFORMERS}'")
+    deepspeed_v = have("deepspeed")
+    if Version(deepspeed_v) < Version(MIN_DEEPSPEED):
+        raise ConfigError(f"megakto needs deepspeed >= {MIN_DEEPSPEED} (earlier releases cast the rotary inv_freq "
+                          f"buffers to bf16 under ZeRO-1/2), but {deepspeed_v} is installed; "
+                          f"pip install 'deepspeed>={MIN_DEEPSPEED}'")
+    check_deepspeed_version(tp, pp, installed=deepspeed_v)
 
 
 def _show(value: Any) -> str:

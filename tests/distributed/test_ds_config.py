@@ -10,6 +10,7 @@ from megakto.config import load_config
 from megakto.distributed.ds_config import (
     autotp_size,
     check_deepspeed_version,
+    check_versions,
     build_ds_config,
     load_ds_json,
     reference_ds_config,
@@ -402,3 +403,54 @@ def test_host_offload():
     assert not host_offload(load_ds_json(str(DS_DIR / "zero3.json")))
     assert host_offload({"zero_optimization": {"offload_param": {"device": "nvme"}}})
     assert not host_offload({"zero_optimization": {"offload_param": {"device": "none"}}})
+
+
+# ----------------------------------------------------------------------------- version floors
+
+SUITE = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "deepspeed": "0.19.8"}
+
+
+@pytest.mark.parametrize("package, version, message", [
+    ("torch", "2.3.1", "megakto needs torch >= 2.4, < 2.15 (the range it is tested in), but 2.3.1 is installed; "
+                       "pip install 'torch>=2.4,<2.15'"),
+    ("torch", "2.15.0+cu128", "megakto needs torch >= 2.4, < 2.15 (the range it is tested in), but 2.15.0+cu128 is "
+                              "installed; pip install 'torch>=2.4,<2.15'"),
+    ("transformers", "4.57.1", "megakto needs transformers >= 5.0 (packed rows kept apart by masks built from "
+                               "position_ids, models loaded with dtype=), but 4.57.1 is installed; "
+                               "pip install 'transformers>=5.0'"),
+    ("deepspeed", "0.18.3", "megakto needs deepspeed >= 0.19.2 (earlier releases cast the rotary inv_freq buffers to "
+                            "bf16 under ZeRO-1/2), but 0.18.3 is installed; pip install 'deepspeed>=0.19.2'"),
+])
+def test_versions_below_the_floors_are_refused_in_one_line(package, version, message):
+    check_versions(1, 1, installed=SUITE)  # what the suite runs passes, at every parallel degree
+    check_versions(2, 2, installed=SUITE)
+    check_versions(1, 1, installed={**SUITE, "torch": "2.4.0", "transformers": "5.0.0", "deepspeed": "0.19.2"})
+    with pytest.raises(ConfigError) as info:
+        check_versions(1, 1, installed={**SUITE, package: version})
+    assert str(info.value) == message
+    # The tensor- and pipeline-parallel floors still apply on top.
+    with pytest.raises(ConfigError, match=r"^parallel.tp_size=2 needs deepspeed >= 0.19.8"):
+        check_versions(2, 1, installed={**SUITE, "deepspeed": "0.19.4"})
+
+
+def test_setup_py_floors_are_the_checked_ones_and_the_installed_versions_meet_them():
+    """setup.py asks for at least what check_versions refuses below (deepspeed: the TP floor, which is
+    also the release the suite runs); the environment running these tests passes the check."""
+    import ast
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from megakto.distributed.ds_config import MIN_DEEPSPEED, MIN_DEEPSPEED_TP, MIN_TRANSFORMERS, TORCH_RANGE
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    requires = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "install_requires"))
+    spec = {r.name: r.specifier for r in map(Requirement, requires)}
+    assert str(spec["torch"]) in ("<2.15,>=2.4", ">=2.4,<2.15") and TORCH_RANGE == ("2.4", "2.15")
+    assert str(spec["transformers"]) == f">={MIN_TRANSFORMERS}"
+    assert str(spec["deepspeed"]) == f">={MIN_DEEPSPEED_TP}" and Version(MIN_DEEPSPEED_TP) >= Version(MIN_DEEPSPEED)
+    for name in ("torch", "transformers", "deepspeed"):
+        assert spec[name].contains(version(name), prereleases=True), (name, version(name))
+    check_versions(2, 2)
