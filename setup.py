@@ -8,9 +8,11 @@ setup(
     packages=find_packages(include=["megakto", "megakto.*"]),
     python_requires=">=3.11",
     install_requires=[
+        # The floors the results depend on; megakto/distributed/ds_config.py says why for each and checks
+        # them at start-up (check_versions). The suite runs torch 2.13, deepspeed 0.19.8, transformers 5.25.
         "torch>=2.4,<2.15",
-        "deepspeed>=0.16",
-        "transformers>=4.46",
+        "deepspeed>=0.19.8",  # AutoTP under ZeRO-3 with a vocabulary-parallel head (MIN_DEEPSPEED_TP)
+        "transformers>=5.0",  # position-id packed masks, dtype=, the pipeline stages' masking_utils
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "tensorboard>=2.15",

@@ -64,13 +64,17 @@ def main(argv=None) -> int:
             return 0
         from megakto.distributed import comm
         from megakto.distributed.engine import configure_cpu_threads
+        from megakto.startup import offloads_to_host
         from megakto.trainer import KTOTrainer
 
-        configure_cpu_threads()
+        configure_cpu_threads(offloaded=offloads_to_host(cfg, args.deepspeed))
         KTOTrainer(cfg, args.deepspeed).train()
     except MegaktoError as err:
         rank = int(os.environ.get("RANK", "0"))
         shared = getattr(err, "shared", False)
+        if not shared and comm is not None:  # this rank's alone: one line, then leave at once
+            comm.report_failure(err)
+            comm.abort(1)
         if rank == 0 or not shared:  # a shared error is printed once, by rank 0
             print(f"megakto: error: {'' if rank == 0 else f'rank {rank}: '}{err}", file=sys.stderr, flush=True)
         elif comm is None:
@@ -80,9 +84,18 @@ def main(argv=None) -> int:
             # rank as soon as rank 0 has exited.
             time.sleep(_SILENT_RANK_GRACE_S)
         return 1
+    except BaseException as err:
+        # A failure this rank may have hit alone (an OOM, a bug, a peer gone): its report, then leave
+        # without tearing the process group down, which under NCCL waits for peers that may sit in a
+        # collective until dist.timeout_minutes; the launcher ends them when this rank exits.
+        if comm is None:
+            raise
+        comm.report_failure(err)
+        comm.abort(1)
     finally:
-        # Every exit path: a rank exiting with its process group alive can abort at interpreter
-        # exit ("terminate called without an active exception"), turning exit status 1 into 250.
+        # The exits every rank takes together (0, or a shared error): a rank exiting with its process
+        # group alive can abort at interpreter exit ("terminate called without an active exception"),
+        # turning exit status 1 into 250.
         if comm is not None:
             comm.shutdown()
         sys.stdout.flush()

@@ -52,6 +52,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -209,6 +210,11 @@ def verify(tag_dir: str, *, collective: bool = True) -> str | None:
 def _warn(message: str) -> None:
     if comm.is_main():
         print(f"megakto: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _info(message: str) -> None:
+    if comm.is_main():
+        print(f"megakto: {message}", file=sys.stderr, flush=True)
 
 
 def complete_tags(ckpt_dir: str) -> list[tuple[int, str]]:
@@ -434,10 +440,11 @@ def derive_rng_state(seed: int, step: int, rank: int) -> None:
 
 
 def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: int, dtype: str,
-         tp_size: int = 1, pp_size: int = 1) -> str:
+         tp_size: int = 1, pp_size: int = 1, log: Callable[[str], None] | None = None) -> str:
     """Write checkpoint ``step`` atomically (see the module docstring); every rank calls it.
 
     ``trainer_state`` is this rank's own state (plain types). Returns the committed tag directory.
+    ``log``: where rank 0 says that it commits while the others wait (default: stderr, rank 0).
     """
     tag = tag_name(step)
     tmp_tag = TMP_PREFIX + tag
@@ -461,15 +468,18 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
     written(path)
     gathered = comm.all_gather_object(digests)  # also the barrier: every rank's files are in tmp_dir
 
-    if rank == 0:
-        if os.environ.get(FAULT_ENV) == str(step):
-            os._exit(1)
-        digests = {name: digest for d in gathered for name, digest in d.items()}
-        commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests,
-                tp_size=tp_size, pp_size=pp_size)
-        _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
-        prune(ckpt_dir, keep_last)
-        remove_stale(ckpt_dir)
+    # The fsyncs, the rename and the pruning run on rank 0 alone: on a slow shared filesystem the
+    # others can wait in the barrier below for long, against the collective timeout.
+    with comm.others_wait(f"rank 0 commits {tag} (fsync, manifest, rename, prune)", log or _info):
+        if rank == 0:
+            if os.environ.get(FAULT_ENV) == str(step):
+                os._exit(1)
+            digests = {name: digest for d in gathered for name, digest in d.items()}
+            commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests,
+                   tp_size=tp_size, pp_size=pp_size)
+            _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
+            prune(ckpt_dir, keep_last)
+            remove_stale(ckpt_dir)
     comm.barrier()  # nobody starts the next step (or save) before the commit
     return final_dir
 

@@ -81,7 +81,7 @@ def dry_run(cfg: Config, deepspeed: str, world_size: int, *, load_data: bool = T
     bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
     if cfg.model.dtype == "auto" and on_gpu:
         log("dry run: model.dtype=auto taken as bfloat16 (a GPU that supports it); set model.dtype to plan otherwise")
-    checked = check_run(cfg, deepspeed, world_size=world_size, rank=0, bf16=bf16)
+    checked = check_run(cfg, deepspeed, world_size=world_size, rank=0, bf16=bf16, on_gpu=on_gpu)
     dims, attn, trust = checked.dims, checked.attn, cfg.model.trust_remote_code
     log(f"dry run: parallelism: {dims.describe()}")
     # The resume checks a run makes before it loads anything: the checkpoint's manifest and layout.

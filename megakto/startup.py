@@ -15,13 +15,13 @@ from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, 
 from megakto.data.kl_pairs import fit_kl_row
 from megakto.data.split import TokenizedSplit
 from megakto.data.tokenize import auto_num_proc
-from megakto.distributed.ds_config import build_ds_config, check_deepspeed_version, load_ds_json
+from megakto.distributed.ds_config import auto_zero_sizes, build_ds_config, check_versions, host_offload, load_ds_json
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError
 from megakto.kto import auto_desirable_weight, check_weights
 
 __all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "load_split", "make_sampler",
-           "step_kl_rows"]
+           "step_kl_rows", "offloads_to_host"]
 
 
 @dataclass
@@ -34,6 +34,19 @@ class RunChecks:
     attn: str
     logps: str
     notes: list[str]
+
+
+def offloads_to_host(cfg: Config, deepspeed: str) -> bool:
+    """Whether the run keeps the optimizer or parameters in host memory: the DeepSpeed JSON's
+    offload, or an online reference offloaded to CPU (``ref.offload=cpu``, not under a pipeline).
+    A JSON that cannot be read counts as none (:func:`check_run` reports it)."""
+    try:
+        if host_offload(load_ds_json(deepspeed)):
+            return True
+    except ConfigError:
+        return False
+    return (cfg.kto.loss_type != "sft" and cfg.ref.mode == "online" and cfg.ref.offload == "cpu"
+            and cfg.parallel.pp_size == 1)
 
 
 def check_output_dir(path: str) -> None:
@@ -49,19 +62,25 @@ def check_output_dir(path: str) -> None:
         raise ConfigError(f"output_dir={path}: cannot write there ({err.strerror or err})") from None
 
 
-def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: bool) -> RunChecks:
+def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: bool,
+              on_gpu: bool = False) -> RunChecks:
     """The start-up checks that need neither the weights nor the other ranks, in the trainer's order:
-    output_dir, the parallel arithmetic at ``world_size``, the DeepSpeed version for TP/PP, the
-    DeepSpeed JSON, the model folders and their TP/PP divisibility, the attention and log-prob
-    settings and the model family against the parallel mode and packing, with the model built on the
-    meta device. Raises the run's one-line errors."""
+    output_dir, the parallel arithmetic at ``world_size``, the torch, transformers and DeepSpeed versions, the
+    DeepSpeed JSON (its ``"auto"`` ZeRO sizes for the device: on GPU from model.path's hidden size,
+    whose folder is then checked first), the model folders and their TP/PP divisibility, the
+    attention and log-prob settings and the model family against the parallel mode and packing,
+    with the model built on the meta device. Raises the run's one-line errors."""
     from megakto.model.load import check_model_path, model_settings
 
     check_output_dir(cfg.output_dir)
     dims = ParallelDims.from_config(cfg, world_size, rank=rank)
-    check_deepspeed_version(dims.tp, dims.pp)
-    ds_config = build_ds_config(load_ds_json(deepspeed), cfg, dims, bf16=bf16, source=deepspeed)
+    check_versions(dims.tp, dims.pp)
     trust = cfg.model.trust_remote_code
+    ds_json, hidden = load_ds_json(deepspeed), None
+    if on_gpu and auto_zero_sizes(ds_json):
+        config = check_model_path(cfg.model.path, key="model.path", trust_remote_code=trust, tp=dims.tp)
+        hidden = getattr(config.get_text_config(), "hidden_size", None)
+    ds_config = build_ds_config(ds_json, cfg, dims, bf16=bf16, on_gpu=on_gpu, hidden_size=hidden, source=deepspeed)
     for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
         if path:
             check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp)

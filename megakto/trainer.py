@@ -98,7 +98,8 @@ class KTOTrainer:
         self.bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and engine.bf16_supported())
         # Every user-input check runs before the first training collective; all ranks fail together.
         with comm.fail_together():
-            checked = check_run(cfg, deepspeed_config, world_size=comm.world_size(), rank=comm.rank(), bf16=self.bf16)
+            checked = check_run(cfg, deepspeed_config, world_size=comm.world_size(), rank=comm.rank(), bf16=self.bf16,
+                                on_gpu=engine.on_gpu())
             # The mesh: world = dp × tp × pp; its process groups are attached once the policy engine exists.
             self.dims, self.ds_config, attn = checked.dims, checked.ds_config, checked.attn
             tok_path = cfg.model.tokenizer_path or cfg.model.path
@@ -124,6 +125,7 @@ class KTOTrainer:
             self.log.info("vocabulary blocks: off under pipeline parallelism (the embedding and the output head "
                           "are stages of their own)")
         self.log.info(f"parallelism: {self.dims.describe()}")
+        self.log.info(f"process group: {comm.describe()} (dist.timeout_minutes={cfg.dist.timeout_minutes:g})")
         self.phases.done("checks")
         self.train_rows, self.eval_rows = self._setup_data()
         self.phases.done("data")
@@ -184,7 +186,8 @@ class KTOTrainer:
         if note:
             self.log.info(note)
         first = comm.local_rank() == 0
-        with comm.fail_together():
+        with comm.fail_together(), comm.others_wait("local rank 0 of each node reads and tokenizes the data",
+                                                    self.log.info):
             if first:
                 load()
         with comm.fail_together():
@@ -389,7 +392,8 @@ class KTOTrainer:
                 self._check_same_model(hf_shapes(state["param_shapes"]),
                                        param_shapes(self.cfg.model.path, trust_remote_code=self.cfg.model.trust_remote_code))
         target = universal.universal_dir(self.resume_dir, checkpoint.checkpoints_dir(self.cfg.output_dir))
-        with comm.fail_together():  # rank 0 converts; the others wait (a large model: use tools/to_universal.py)
+        with comm.fail_together(), comm.others_wait(  # a large model: convert first with tools/to_universal.py
+                f"rank 0 converts {self.resume_dir} to its universal form", self.log.info):
             if comm.is_main():
                 start = time.perf_counter()
                 why = universal.stale(self.resume_dir, target) if os.path.exists(target) else None
@@ -524,7 +528,7 @@ class KTOTrainer:
                  "eval_history": [[s, m] for s, m in self.eval_history]}
         path = checkpoint.save(self.policy, ckpt_dir, self.step, state, keep_last=cfg.checkpoint.keep_last,
                                dtype="bfloat16" if self.bf16 else "float32", tp_size=self.dims.tp,
-                               pp_size=self.dims.pp)
+                               pp_size=self.dims.pp, log=self.log.info)
         self._saved_step = self.step
         self.log.info(f"saved {path} ({time.perf_counter() - start:.1f} s)")
 

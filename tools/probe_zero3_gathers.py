@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from megakto._demo.tiny_model import make_tiny_model
     from megakto.data.packing import pad_rows
     from megakto.distributed import comm, engine as E
-    from megakto.distributed.ds_config import reference_ds_config
+    from megakto.distributed.ds_config import CPU_ZERO_SIZES, reference_ds_config
     from megakto.model.forward import logps_function
 
     model = os.path.join(args.work, "model")
@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     comm.barrier()
     with open(os.path.join(REPO, "ds_configs", "zero3.json")) as f:
         ds = json.load(f)
+    zero = ds["zero_optimization"]
+    zero.update({k: v for k, v in CPU_ZERO_SIZES.items() if zero.get(k) == "auto"})  # what the trainer fills on CPU
     world = comm.world_size()
     ds.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, train_batch_size=8 * world,
               gradient_clipping=1.0)

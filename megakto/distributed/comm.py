@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from typing import Callable, Iterator, Mapping, NoReturn
 
@@ -37,7 +38,13 @@ __all__ = [
     "broadcast_tensor",
     "all_gather_object",
     "fail_together",
+    "timeout_minutes",
+    "describe",
+    "others_wait",
+    "collective_failed",
+    "report_failure",
     "shutdown",
+    "abort",
     "exit_process",
     "run_rank",
 ]
@@ -208,20 +215,120 @@ def _shared(err: MegaktoError) -> MegaktoError:
     return err
 
 
+def timeout_minutes(group=None) -> float | None:
+    """The collective timeout ``group``'s backend enforces (its watchdog under NCCL), in minutes: what
+    a rank waiting in a collective waits at most. None outside a process group, or where the backend
+    does not expose it."""
+    if not is_initialized():
+        return None
+    try:
+        backend = (group or dist.group.WORLD)._get_backend(_comm_device(group))
+        return backend.options._timeout.total_seconds() / 60
+    except Exception:  # a private surface: absent on some backends or releases; this is only a diagnostic
+        return None
+
+
+def describe(group=None) -> str:
+    """``gloo, 2 ranks, collective timeout 10 min``: the process group a run works in."""
+    if not is_initialized():
+        return "no process group (one process)"
+    minutes = timeout_minutes(group)
+    limit = f"{minutes:g} min" if minutes is not None else "not exposed by the backend"
+    return f"{dist.get_backend(group)}, {group_size(group)} ranks, collective timeout {limit}"
+
+
+# A phase that some ranks run while the others wait in a collective warns past this share of the timeout.
+_TIMEOUT_WARN_SHARE = 0.8
+
+
+@contextlib.contextmanager
+def others_wait(what: str, log: Callable[[str], None], *, timeout: float | None = None,
+                key: str = "dist.timeout_minutes") -> Iterator[None]:
+    """Log a long phase that one rank (or one per node) runs while the others wait for it in a
+    collective: before it, that they wait and for how long at most; after it, how long it took, and a
+    warning naming ``key`` when that came within 20 % of the timeout. Under NCCL the waiting ranks'
+    watchdog kills them at the timeout without a Python error, so this line is what tells why.
+    ``timeout`` (minutes): the run's setting; None reads it from the process group. Silent with a
+    single rank (nobody waits); the phase runs either way."""
+    if world_size() == 1:
+        yield
+        return
+    minutes = timeout if timeout is not None else timeout_minutes()
+    limit = f"{key}={minutes:g}" if minutes is not None else "the process group's timeout"
+    log(f"{what}; the other ranks wait for it ({limit})")
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    log(f"{what}: done in {seconds:.1f} s")
+    if minutes is not None and seconds > _TIMEOUT_WARN_SHARE * minutes * 60:
+        log(f"warning: {what} took {seconds:.0f} s, {seconds / (minutes * 60):.0%} of {key}={minutes:g} "
+            f"({minutes * 60:.0f} s): a little more and the waiting ranks time out; raise {key}")
+
+
+# What a rank sees when a peer it waits for in a collective is gone (gloo: the peer's sockets closed;
+# NCCL: the communicator aborted or a remote rank exited; the store: its host, rank 0, exited).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "communicator was aborted", "NCCL communicator")
+
+
+def collective_failed(err: BaseException) -> bool:
+    """True when ``err`` says a collective or the rendezvous store failed, typically because another
+    rank left first: that rank's error is the one to read, not this one."""
+    if isinstance(err, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE)
+
+
+def report_failure(err: BaseException) -> None:
+    """Print why this rank stops after an exception it did not share with the others (not a
+    ``fail_together`` error), naming the rank: a :class:`MegaktoError` as its one line; a collective
+    that failed under it as one line that is not an error line (another rank left first, and that
+    rank's line is the one to read); anything else as its traceback and one ``megakto: error`` line."""
+    r = rank()
+    first = (str(err).strip().splitlines() or [""])[0]
+    if isinstance(err, MegaktoError):  # a user error this rank found alone: its one line is the report
+        print(f"megakto: error: {'' if r == 0 else f'rank {r}: '}{first}", file=sys.stderr, flush=True)
+        return
+    if collective_failed(err):
+        print(f"megakto: rank {r}: stopped: a collective failed ({err.__class__.__name__}: {first}); another "
+              "rank most likely failed first: read its error line", file=sys.stderr, flush=True)
+        return
+    traceback.print_exception(err)
+    print(f"megakto: error: rank {r}: unexpected {err.__class__.__name__}: {first} (traceback above)",
+          file=sys.stderr, flush=True)
+
+
 def shutdown() -> None:
-    """Destroy the process group, if any, without a collective: safe on an error path where the
-    ranks may disagree on what comes next. Exiting with the group alive lets the gloo/NCCL
-    threads be destroyed mid-flight at interpreter exit (``terminate called without an active
-    exception``, exit 250 instead of 1)."""
+    """Destroy the process group, if any, without a collective: for an exit every rank takes together
+    (status 0, or an error raised on every rank by :func:`fail_together`). Exiting with the group alive
+    lets the gloo/NCCL threads be destroyed mid-flight at interpreter exit (``terminate called without
+    an active exception``, exit 250 instead of 1); :func:`abort` avoids that by never reaching it."""
     if is_initialized():
         dist.destroy_process_group()
 
 
-def exit_process(status: int) -> NoReturn:
-    """End this rank: destroy the process group, flush, and leave without the interpreter's
-    teardown. A C++ thread still alive in a library's static state (gloo, a tokenizer or datasets
-    pool) can abort there (``terminate called without an active exception``), turning a finished
-    run's exit status 0 or 1 into 250; everything megakto writes is closed and flushed by then."""
+def abort(status: int = 1) -> NoReturn:
+    """Leave at once with ``status`` (never 0), the process group left as it is: the exit of a rank that
+    failed alone while its peers may sit in a collective. Since torch 2.6 ``destroy_process_group``
+    flushes pending NCCL work (pytorch PR 141510), so a graceful teardown here could block until the
+    peers' watchdog fires, ``dist.timeout_minutes`` later. Leaving closes this rank's connections, and
+    the deepspeed launcher then ends every sibling on the node (it terminates them all as soon as one
+    exits non-zero, deepspeed/launcher/launch.py). Skipping the interpreter's teardown (``os._exit``)
+    also skips the C++ destructors that abort with ``terminate called`` on a live group."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 1)
+
+
+def exit_process(status: int, *, together: bool = True) -> NoReturn:
+    """End this rank and leave without the interpreter's teardown. ``together``: every rank ends
+    alike (status 0, or a :func:`fail_together` error), so the process group is destroyed first;
+    otherwise :func:`abort`. A C++ thread still alive in a library's static state (gloo, a tokenizer
+    or datasets pool) can abort at interpreter exit (``terminate called without an active
+    exception``), turning a finished run's exit status 0 or 1 into 250; everything megakto writes is
+    closed and flushed by then."""
+    if not together and status:
+        abort(status)
     shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -229,9 +336,14 @@ def exit_process(status: int) -> NoReturn:
 
 
 def run_rank(main: Callable[[], object]) -> NoReturn:
-    """Run a rank's entry point, then ``exit_process``: the status ``main`` returns (an int; 0
-    for anything else); a ``SystemExit``'s own status (its message printed, as the interpreter
-    would); 1 after printing the traceback of any other exception that escaped ``main``."""
+    """Run a rank's entry point, then end the rank: with the status ``main`` returns (an int; 0 for
+    anything else); a ``SystemExit``'s own status (its message printed, as the interpreter would); 1
+    after the traceback and one ``megakto: error`` line (:func:`report_failure`) of any other
+    exception that escaped ``main``. The process group is torn down only when the ranks end together
+    (status 0, or a :func:`fail_together` error, which every rank raises); any other failure leaves
+    at once (:func:`abort`), so peers waiting in a collective are ended by the launcher instead of
+    hanging until the timeout."""
+    shared = False
     try:
         returned = main()
         status = returned if isinstance(returned, int) else 0
@@ -241,7 +353,14 @@ def run_rank(main: Callable[[], object]) -> NoReturn:
         else:  # a message: printed, status 1
             print(err.code, file=sys.stderr)
             status = 1
-    except BaseException:
-        traceback.print_exc()
+    except MegaktoError as err:
+        shared = getattr(err, "shared", False)
+        if shared:  # every rank raises it: the traceback, as before, then a graceful exit
+            traceback.print_exc()
+        else:
+            report_failure(err)
         status = 1
-    exit_process(status)
+    except BaseException as err:
+        report_failure(err)
+        status = 1
+    exit_process(status, together=status == 0 or shared)

@@ -9,7 +9,8 @@ Two simplifications, on purpose:
 - No ``optimizer``/``scheduler`` sections: megakto builds torch AdamW and the LR schedule itself
   (one code path for every ZeRO stage, and the schedule is checkpointed with the trainer).
 - No ``"auto"`` values except in the fields filled here: only the Hugging Face Trainer resolves
-  ``"auto"``; DeepSpeed itself would fail later with a less useful message.
+  ``"auto"``; DeepSpeed itself would fail later with a less useful message. The fields filled here
+  include the ZeRO sizes of :data:`ZERO_AUTO_KEYS`, sized for the device (:func:`zero_sizes`).
 
 No ``import deepspeed`` here: these are plain dicts, checked before any process group exists.
 """
@@ -26,7 +27,7 @@ from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError
 
 __all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_size", "check_deepspeed_version",
-           "MIN_DEEPSPEED_TP"]
+           "MIN_DEEPSPEED_TP", "check_versions", "MIN_DEEPSPEED", "MIN_TRANSFORMERS", "TORCH_RANGE", "ZERO_AUTO_KEYS", "CPU_ZERO_SIZES", "zero_sizes", "auto_zero_sizes", "host_offload"]
 
 # AutoTP training under ZeRO-3 needs 0.19.4 (earlier releases refuse it or wrote incomplete
 # checkpoints); the vocabulary-parallel output head megakto scores on
@@ -34,6 +35,65 @@ __all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_siz
 # release the tensor-parallel path is tested with.
 MIN_DEEPSPEED_TP = "0.19.8"
 MIN_DEEPSPEED_PP = "0.19.3"  # pipeline gradients under gradient accumulation (DeepSpeed PR 8154)
+# Every run: before 0.19.2 the engine cast the whole module to bf16 under ZeRO-1/2, the rotary inv_freq
+# buffers included (the fp32-buffer-preserving cast is DeepSpeed PR 8066, v0.19.2). setup.py asks for
+# 0.19.8, the release the suite runs and the tensor-parallel path needs; this refuses what is known wrong.
+MIN_DEEPSPEED = "0.19.2"
+# Every run: packed rows stay apart under sdpa/eager only because transformers builds the block mask from
+# restarting position_ids (PR 39194, 4.54); from_pretrained(dtype=) is 4.56's spelling (older releases
+# ignore it and load fp32); the pipeline stages call the 5.0 masking_utils interface. The suite runs
+# 5.25; 5.x releases before it are untested but share those interfaces.
+MIN_TRANSFORMERS = "5.0"
+# [floor, ceiling): weights_only loading with allow-listed globals needs 2.4; the suite runs 2.13, and
+# releases from 2.15 on are untested (setup.py holds the same range).
+TORCH_RANGE = ("2.4", "2.15")
+
+# ZeRO sizes (elements) that a JSON may leave to megakto as "auto"; a number in the JSON always wins.
+ZERO_AUTO_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "sub_group_size",
+                  "stage3_param_persistence_threshold")
+# On CPU, device and host memory are one: small buckets and optimizer sub-groups keep the flat buffers
+# and the step's temporaries small next to the model.
+CPU_ZERO_SIZES = {"reduce_bucket_size": 10_000_000, "stage3_prefetch_bucket_size": 10_000_000,
+                  "sub_group_size": 10_000_000, "stage3_param_persistence_threshold": 10_000}
+
+
+def zero_sizes(on_gpu: bool, hidden_size: int | None) -> dict[str, int]:
+    """What ``"auto"`` means for :data:`ZERO_AUTO_KEYS`. On CPU: :data:`CPU_ZERO_SIZES`. On GPU, the
+    rule of the Hugging Face integration's ``"auto"`` (transformers.integrations.deepspeed): buckets of
+    one hidden x hidden matrix (reduce hidden², prefetch 0.9·hidden²), parameters under 10·hidden
+    elements (norms, biases) kept whole; ``sub_group_size`` DeepSpeed's default, 1e9 (the CPU cap
+    would split the optimizer step of a 32B partition into hundreds of rounds)."""
+    if not on_gpu:
+        return dict(CPU_ZERO_SIZES)
+    h = int(hidden_size)
+    return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "sub_group_size": 1_000_000_000, "stage3_param_persistence_threshold": 10 * h}
+
+
+def auto_zero_sizes(ds: dict) -> list[str]:
+    """The :data:`ZERO_AUTO_KEYS` that ``ds`` leaves as ``"auto"``."""
+    zero = ds.get("zero_optimization")
+    return [k for k in ZERO_AUTO_KEYS if isinstance(zero, dict) and zero.get(k) == "auto"]
+
+
+def _fill_zero_sizes(ds: dict, on_gpu: bool, hidden_size: int | None, source: str) -> None:
+    auto = auto_zero_sizes(ds)
+    if not auto:
+        return
+    if on_gpu and not hidden_size:
+        raise ConfigError(f'{source}: zero_optimization.{auto[0]}="auto" is sized from the model\'s hidden_size '
+                          "on GPU, and none is known here; give a number")
+    sizes = zero_sizes(on_gpu, hidden_size)
+    ds["zero_optimization"] = {**ds["zero_optimization"], **{k: sizes[k] for k in auto}}
+
+
+def host_offload(ds: dict) -> bool:
+    """Whether ``ds`` offloads the optimizer or the parameters to host memory (CPU or NVMe)."""
+    zero = ds.get("zero_optimization")
+    zero = zero if isinstance(zero, dict) else {}
+    return any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") not in ("none", None)
+               for k in ("offload_optimizer", "offload_param"))
+
 
 _FORBIDDEN = {
     "optimizer": "megakto builds torch AdamW from optim.lr, optim.betas, optim.eps and "
@@ -130,6 +190,33 @@ def check_deepspeed_version(tp: int, pp: int = 1, installed: str | None = None) 
         )
 
 
+def check_versions(tp: int = 1, pp: int = 1, installed: dict[str, str] | None = None) -> None:
+    """Refuse, in one line naming the installed and the required version, a torch, transformers or
+    deepspeed that megakto's results depend on being newer (or, torch, not newer than tested); then
+    the tensor- and pipeline-parallel floors (:func:`check_deepspeed_version`). ``installed``:
+    {package: version} instead of the installed packages' metadata (tests)."""
+    from importlib.metadata import version
+
+    def have(name: str) -> str:
+        return installed[name] if installed is not None else version(name)
+
+    torch_v, low, high = have("torch"), *TORCH_RANGE
+    if not Version(low) <= Version(Version(torch_v).base_version) < Version(high):
+        raise ConfigError(f"megakto needs torch >= {low}, < {high} (the range it is tested in), but {torch_v} is "
+                          f"installed; pip install 'torch>={low},<{high}'")
+    transformers_v = have("transformers")
+    if Version(transformers_v) < Version(MIN_TRANSFORMERS):
+        raise ConfigError(f"megakto needs transformers >= {MIN_TRANSFORMERS} (packed rows kept apart by masks built "
+                          f"from position_ids, models loaded with dtype=), but {transformers_v} is installed; "
+                          f"pip install 'transformers>={MIN_TRANSFORMERS}'")
+    deepspeed_v = have("deepspeed")
+    if Version(deepspeed_v) < Version(MIN_DEEPSPEED):
+        raise ConfigError(f"megakto needs deepspeed >= {MIN_DEEPSPEED} (earlier releases cast the rotary inv_freq "
+                          f"buffers to bf16 under ZeRO-1/2), but {deepspeed_v} is installed; "
+                          f"pip install 'deepspeed>={MIN_DEEPSPEED}'")
+    check_deepspeed_version(tp, pp, installed=deepspeed_v)
+
+
 def _show(value: Any) -> str:
     return json.dumps(value)
 
@@ -171,9 +258,13 @@ def build_ds_config(
     dims: ParallelDims,
     *,
     bf16: Optional[bool] = None,
+    on_gpu: bool = False,
+    hidden_size: int | None = None,
     source: str = "DeepSpeed config",
 ) -> dict:
-    """Return a copy of ``ds`` with batch sizes, clipping and precision filled from ``cfg``/``dims``.
+    """Return a copy of ``ds`` with batch sizes, clipping and precision filled from ``cfg``/``dims``,
+    and the ZeRO sizes left ``"auto"`` sized for the device (:func:`zero_sizes`: ``hidden_size``, the
+    model's, is needed on GPU only).
 
     ``bf16`` is the resolved precision (``model.dtype='auto'`` means bf16 on GPU); ``None`` derives
     it from ``cfg.model.dtype`` here. ``source`` names the JSON file in error messages.
@@ -236,6 +327,7 @@ def build_ds_config(
         )
     fp16["enabled"] = False
     ds["fp16"] = fp16
+    _fill_zero_sizes(ds, on_gpu, hidden_size, source)
 
     leftover = _find_auto(ds)
     if leftover:
@@ -246,11 +338,14 @@ def build_ds_config(
     return ds
 
 
-def reference_ds_config(policy_ds: dict, offload: str = "cpu", *, pipeline: bool = False) -> dict:
+def reference_ds_config(policy_ds: dict, offload: str = "cpu", *, pipeline: bool = False,
+                        on_gpu: bool = False) -> dict:
     """ZeRO-3 inference settings for the frozen reference, sharing the policy's batch and dtype.
 
     No optimizer, scheduler or optimizer offload: the reference never steps. With ``offload="cpu"``
-    its parameters live in CPU memory and are fetched layer by layer (``offload_param``).
+    its parameters live in CPU memory and are fetched layer by layer (``offload_param``), from pinned
+    memory on GPU (a copy from pageable memory is staged and synchronous: no overlap, once per
+    micro-batch); on CPU pinning means nothing.
     ``pipeline``: a frozen pipeline engine instead, ZeRO stage 0 (pipelines allow 0 or 1, and
     parameter offload needs ZeRO-3), each stage holding its layers.
     """
@@ -267,6 +362,6 @@ def reference_ds_config(policy_ds: dict, offload: str = "cpu", *, pipeline: bool
         "stage3_param_persistence_threshold": 10000,
     }
     if offload == "cpu":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": bool(on_gpu)}
     ref["zero_optimization"] = zero
     return ref

@@ -97,9 +97,13 @@ class _ShardStats(torch.autograd.Function):
             # grad_lse = -grad_target this is (onehot(y) - softmax(z)) * upstream, eq. (7)'s
             # d log pi(y|x) / d z (Ethayarajh et al. 2024).
             g = torch.exp_(logits.sub_(lse[s:e].unsqueeze(1))).mul_(grad_lse[s:e].unsqueeze(1))
+            # + onehot(y) * grad_target on the rows whose target this shard owns, as a scatter (rows
+            # owned elsewhere add an exact 0 to column 0): no nonzero, so no host sync per chunk and
+            # vocabulary block, which would stall the CPU before every block's ZeRO-3 gather.
             lt = local_t[s:e]
-            rows = torch.nonzero(lt >= 0).squeeze(1)
-            g[rows, lt[rows]] += grad_target[s:e][rows]
+            owned = lt >= 0
+            g.scatter_add_(1, lt.clamp(min=0).unsqueeze(1),
+                           torch.where(owned, grad_target[s:e], 0.0).unsqueeze(1))
             g = g.to(weight.dtype)
             if need_h:
                 grad_h[s:e] = g @ weight  # cast to hidden's dtype on assignment

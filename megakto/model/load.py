@@ -36,9 +36,10 @@ ATTN_CANDIDATES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flas
 _PADDED_WITH_EOS = weakref.WeakSet()
 
 
-def check_model_path(path: str, *, key: str, trust_remote_code: bool, tp: int = 1) -> None:
+def check_model_path(path: str, *, key: str, trust_remote_code: bool, tp: int = 1):
     """Fail early (before any engine is built) if ``path`` is not a loadable causal-LM folder, or
-    one that does not split ``tp`` ways (:func:`megakto.model.tp_checks.check_tp_config`)."""
+    one that does not split ``tp`` ways (:func:`megakto.model.tp_checks.check_tp_config`); returns
+    its config."""
     if not path:
         raise ModelError(f"{key} is empty: set it to a local Hugging Face model folder (or a hub name)")
     looks_local = os.path.sep in path or path.startswith(".") or os.path.exists(path)
@@ -52,6 +53,7 @@ def check_model_path(path: str, *, key: str, trust_remote_code: bool, tp: int = 
         first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise ModelError(f"{key}={path}: cannot load the model config: {first}") from None
     check_tp_config(config, tp, key=f"{key}={path}")
+    return config
 
 
 def load_tokenizer(path: str, *, key: str, trust_remote_code: bool):

@@ -35,7 +35,7 @@ def plan_inputs(cfg: Config, ds: dict, shape: ModelShape, *, world_size: int, on
     None = the worst the config allows (micro_batch_size rows of data.max_length tokens)."""
     dims = ParallelDims.from_config(cfg, world_size)
     bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
-    filled = build_ds_config(ds, cfg, dims, bf16=bf16, source=source)
+    filled = build_ds_config(ds, cfg, dims, bf16=bf16, on_gpu=on_gpu, hidden_size=shape.hidden, source=source)
     d, m = cfg.data, cfg.model
     row = d.max_tokens_per_row or d.max_length
     if tokens is None:

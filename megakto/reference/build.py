@@ -41,7 +41,7 @@ def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_f
                      logps_fn: Callable) -> OnlineReference:
     """The reference weights (``ref.path``, else ``model.path``) in a frozen ZeRO-3 inference engine
     beside the policy's ``ds_config``; ``ref.offload`` decides where its parameters live."""
-    ref_ds = reference_ds_config(ds_config, offload=ref.offload)
+    ref_ds = reference_ds_config(ds_config, offload=ref.offload, on_gpu=engine.on_gpu())
     module = engine.load_model(ref.path or model.path, ref_ds, dtype=dtype,
                                attn_implementation=model.attn_implementation,
                                trust_remote_code=model.trust_remote_code, vocab_block_rows=model.vocab_block_rows)
@@ -78,7 +78,9 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
     # Rank 0 decides what is missing: ranks that saw different folder contents (another job
     # writing, a lagging network filesystem) would otherwise run different numbers of forwards.
     # Every rank computed the same positions, so rank 0 sends positions (8 bytes each), not rows.
-    todo = comm.broadcast_object(missing_positions(cache, seqs) if comm.is_main() else None)
+    with comm.others_wait(f"rank 0 looks up which of {len(seqs):,} sequences {ref.cache_dir} lacks", log):
+        todo = missing_positions(cache, seqs) if comm.is_main() else None
+    todo = comm.broadcast_object(todo)
     seconds = 0.0
     if len(todo):
         start = time.perf_counter()

@@ -268,6 +268,11 @@ from megakto.distributed import comm
 atexit.register(print, "interpreter teardown", flush=True)
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 dist.init_process_group("gloo", rank=0, world_size=1)
+destroy = dist.destroy_process_group
+def traced_destroy():
+    print("group destroyed", flush=True)
+    destroy()
+dist.destroy_process_group = traced_destroy
 def main():
     print("group up:", comm.is_initialized(), flush=True)
     {body}
@@ -277,16 +282,71 @@ print("not reached")
 
 
 @pytest.mark.gloo
-@pytest.mark.parametrize("body, status, stderr", [
-    ("return None", 0, ""),
-    ("return 3", 3, ""),  # main's own status
-    ("raise ValueError('boom')", 1, "ValueError: boom"),  # the traceback, as the interpreter prints it
-    ("raise SystemExit('train.jsonl: row 3: bad')", 1, "train.jsonl: row 3: bad"),
+@pytest.mark.parametrize("body, status, stderr, destroyed", [
+    ("return None", 0, "", True),
+    ("return 3", 3, "", False),  # main's own status; a rank's own decision: no teardown
+    # The traceback, as the interpreter prints it, then the one line.
+    ("raise ValueError('boom')", 1, "ValueError: boom\nmegakto: error: rank 0: unexpected ValueError: boom", False),
+    ("raise SystemExit('train.jsonl: row 3: bad')", 1, "train.jsonl: row 3: bad", False),
+    # A user error this rank found alone: its line, no traceback, no teardown.
+    ("from megakto.errors import DataError; raise DataError('train.jsonl: row 3: bad')", 1,
+     "megakto: error: train.jsonl: row 3: bad", False),
+    # Raised on every rank by fail_together: the ranks end together, the group is torn down.
+    ("from megakto.errors import DataError\n    with comm.fail_together():\n        raise DataError('row 3')", 1,
+     "DataError: row 3", True),
 ])
-def test_run_rank_exits_with_mains_status_and_no_teardown(body, status, stderr):
+def test_run_rank_exits_with_mains_status_and_no_teardown(body, status, stderr, destroyed):
     proc = subprocess.run([sys.executable, "-c", _RUN_RANK.replace("{body}", body), str(free_port())], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == status, proc.stderr[-2000:]
-    # Nothing after run_rank runs, the interpreter's teardown (atexit) included.
-    assert proc.stdout.splitlines() == ["group up: True"]
+    # Nothing after run_rank runs, the interpreter's teardown (atexit) included. The process group is
+    # destroyed only on the exits every rank takes together.
+    assert proc.stdout.splitlines() == ["group up: True"] + ["group destroyed"] * destroyed
     assert stderr in proc.stderr and "terminate called" not in proc.stderr
+    assert ("Traceback" in proc.stderr) == ("ValueError" in body or "fail_together" in body)
+
+
+# ----------------------------------------------------------------------------- exits and long phases
+
+GLOO_PEER_GONE = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:2972. This is typically caused by a remote worker crashing.")
+
+
+def test_report_failure_names_the_rank_and_tells_a_lost_peer_from_a_bug(no_launcher_env, capsys):
+    no_launcher_env.setenv("RANK", "3")
+    comm.report_failure(RuntimeError(GLOO_PEER_GONE))
+    assert capsys.readouterr().err == (f"megakto: rank 3: stopped: a collective failed (RuntimeError: {GLOO_PEER_GONE}); "
+                                       "another rank most likely failed first: read its error line\n")
+    comm.report_failure(DataError(BAD_ROW))
+    assert capsys.readouterr().err == f"megakto: error: rank 3: {BAD_ROW}\n"
+    try:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    except RuntimeError as err:
+        comm.report_failure(err)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "megakto: error: rank 3: unexpected RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB " \
+                        "(traceback above)"
+    assert comm.collective_failed(dist.DistBackendError("NCCL watchdog timeout"))
+    assert not comm.collective_failed(ValueError("Connection closed by peer"))  # only the runtime's errors
+
+
+def test_others_wait_logs_the_wait_the_duration_and_a_timeout_warning(no_launcher_env):
+    lines = []
+    with comm.others_wait("rank 0 converts the checkpoint", lines.append, timeout=10):
+        pass
+    assert lines == []  # one rank: nobody waits, nothing to say
+    no_launcher_env.setenv("WORLD_SIZE", "2")
+    with comm.others_wait("rank 0 converts the checkpoint", lines.append, timeout=10):
+        pass
+    assert lines[0] == "rank 0 converts the checkpoint; the other ranks wait for it (dist.timeout_minutes=10)"
+    assert lines[1].startswith("rank 0 converts the checkpoint: done in 0.") and len(lines) == 2
+    lines.clear()
+    # 0.0002 min = 12 ms; 20 ms is past 80 % of it.
+    with comm.others_wait("local rank 0 tokenizes", lines.append, timeout=0.0002):
+        time.sleep(0.02)
+    assert len(lines) == 3 and lines[2].startswith("warning: local rank 0 tokenizes took 0 s, ")
+    assert lines[2].endswith(" of dist.timeout_minutes=0.0002 (0 s): a little more and the waiting ranks time out; "
+                             "raise dist.timeout_minutes")
+    share = int(lines[2].split(", ")[1].split("%")[0])
+    assert share >= 80

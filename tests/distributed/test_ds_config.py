@@ -10,6 +10,7 @@ from megakto.config import load_config
 from megakto.distributed.ds_config import (
     autotp_size,
     check_deepspeed_version,
+    check_versions,
     build_ds_config,
     load_ds_json,
     reference_ds_config,
@@ -132,9 +133,10 @@ def test_optimizer_and_scheduler_sections_are_rejected(section, names):
 
 
 def test_leftover_auto_is_rejected():
-    msg = _build_error({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
+    # reduce_bucket_size and the other ZERO_AUTO_KEYS are filled here (test_zero_sizes_follow_the_device).
+    msg = _build_error({"zero_optimization": {"stage": 3, "allgather_bucket_size": "auto"}})
     assert msg == (
-        'ds_configs/x.json: zero_optimization.reduce_bucket_size is "auto", which only the Hugging '
+        'ds_configs/x.json: zero_optimization.allgather_bucket_size is "auto", which only the Hugging '
         "Face Trainer fills in; give a number"
     )
 
@@ -322,3 +324,133 @@ def test_shipped_zero_settings():
     assert {k: v for k, v in z3o["zero_optimization"].items() if k != "offload_optimizer"} == z3
     assert z3o["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert z3o["zero_force_ds_cpu_optimizer"] is False
+
+
+# ----------------------------------------------------------------------------- sizes for the device
+
+REPO = DS_DIR.parent
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload_optimizer.json"])
+def test_zero_sizes_follow_the_device(name):
+    """The shipped ZeRO-3 JSONs leave the bucket and sub-group sizes "auto": the CPU caps on CPU, sizes
+    from the hidden size on GPU (Qwen2.5-32B: 5120² = 26,214,400), DeepSpeed's 1e9 sub-groups."""
+    ds = load_ds_json(str(DS_DIR / name))
+    cpu = build_ds_config(ds, _cfg(), DIMS, bf16=False, on_gpu=False)["zero_optimization"]
+    assert {k: cpu[k] for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "sub_group_size")} == {
+        "reduce_bucket_size": 10_000_000, "stage3_prefetch_bucket_size": 10_000_000, "sub_group_size": 10_000_000}
+    gpu = build_ds_config(ds, _cfg(), DIMS, bf16=True, on_gpu=True, hidden_size=5120)["zero_optimization"]
+    assert gpu["reduce_bucket_size"] == 26_214_400
+    assert gpu["stage3_prefetch_bucket_size"] == 23_592_960  # int(0.9 × 5120²)
+    assert gpu["sub_group_size"] == 1_000_000_000
+    assert gpu["stage3_param_persistence_threshold"] == cpu["stage3_param_persistence_threshold"] == 10000  # as written
+    assert ds["zero_optimization"]["reduce_bucket_size"] == "auto"  # the input is not changed
+    # GPU lint: no shipped ZeRO-3 JSON keeps a CPU cap on GPU, even for a 4096-wide (7B) model.
+    small = build_ds_config(ds, _cfg(), DIMS, bf16=True, on_gpu=True, hidden_size=4096)["zero_optimization"]
+    assert min(small[k] for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "sub_group_size")) > 10 ** 7
+
+
+def test_a_number_in_the_json_wins_and_auto_persistence_scales():
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e7, "sub_group_size": "auto",
+                                "stage3_param_persistence_threshold": "auto"}}
+    zero = build_ds_config(ds, _cfg(), DIMS, bf16=True, on_gpu=True, hidden_size=64)["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": 5e7, "sub_group_size": 1_000_000_000,
+                    "stage3_param_persistence_threshold": 640}
+    zero = build_ds_config(ds, _cfg(), DIMS, bf16=False)["zero_optimization"]  # CPU, the default
+    assert zero == {"stage": 3, "reduce_bucket_size": 5e7, "sub_group_size": 10_000_000,
+                    "stage3_param_persistence_threshold": 10_000}
+    # Absent keys stay absent: DeepSpeed's own defaults apply.
+    assert build_ds_config({"zero_optimization": {"stage": 3}}, _cfg(), DIMS, bf16=True, on_gpu=True,
+                           hidden_size=64)["zero_optimization"] == {"stage": 3}
+
+
+def test_auto_sizes_on_gpu_need_the_hidden_size():
+    with pytest.raises(ConfigError) as info:
+        build_ds_config({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto"}}, _cfg(), DIMS,
+                        bf16=True, on_gpu=True, source="ds_configs/x.json")
+    assert str(info.value) == ('ds_configs/x.json: zero_optimization.stage3_prefetch_bucket_size="auto" is sized from '
+                               "the model's hidden_size on GPU, and none is known here; give a number")
+
+
+def test_check_run_sizes_zero3_from_model_paths_config_on_gpu(tmp_path, monkeypatch):
+    """What the trainer builds at start-up: on GPU the hidden size comes from model.path's config.json."""
+    from megakto.startup import check_run
+
+    monkeypatch.chdir(REPO)
+    cfg = _cfg("model.path=configs/models/qwen2.5-32b", f"output_dir={tmp_path}", "train.global_batch_size=64",
+               "train.micro_batch_size=1")
+    zero = {}
+    for on_gpu in (True, False):
+        checked = check_run(cfg, "ds_configs/zero3.json", world_size=8, rank=0, bf16=True, on_gpu=on_gpu)
+        zero[on_gpu] = checked.ds_config["zero_optimization"]
+    assert (zero[True]["reduce_bucket_size"], zero[True]["stage3_prefetch_bucket_size"]) == (26_214_400, 23_592_960)
+    assert (zero[False]["reduce_bucket_size"], zero[False]["stage3_prefetch_bucket_size"]) == (10_000_000, 10_000_000)
+
+
+def test_reference_offload_is_pinned_on_gpu_only():
+    policy = build_ds_config(load_ds_json(str(DS_DIR / "zero3.json")), _cfg(), DIMS, bf16=True, on_gpu=True,
+                             hidden_size=64)
+    assert reference_ds_config(policy, "cpu", on_gpu=True)["zero_optimization"]["offload_param"] == {
+        "device": "cpu", "pin_memory": True}
+    assert reference_ds_config(policy, "cpu")["zero_optimization"]["offload_param"]["pin_memory"] is False
+    assert "offload_param" not in reference_ds_config(policy, "none", on_gpu=True)["zero_optimization"]
+
+
+def test_host_offload():
+    from megakto.distributed.ds_config import host_offload
+
+    assert host_offload(load_ds_json(str(DS_DIR / "zero3_offload_optimizer.json")))
+    assert not host_offload(load_ds_json(str(DS_DIR / "zero3.json")))
+    assert host_offload({"zero_optimization": {"offload_param": {"device": "nvme"}}})
+    assert not host_offload({"zero_optimization": {"offload_param": {"device": "none"}}})
+
+
+# ----------------------------------------------------------------------------- version floors
+
+SUITE = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "deepspeed": "0.19.8"}
+
+
+@pytest.mark.parametrize("package, version, message", [
+    ("torch", "2.3.1", "megakto needs torch >= 2.4, < 2.15 (the range it is tested in), but 2.3.1 is installed; "
+                       "pip install 'torch>=2.4,<2.15'"),
+    ("torch", "2.15.0+cu128", "megakto needs torch >= 2.4, < 2.15 (the range it is tested in), but 2.15.0+cu128 is "
+                              "installed; pip install 'torch>=2.4,<2.15'"),
+    ("transformers", "4.57.1", "megakto needs transformers >= 5.0 (packed rows kept apart by masks built from "
+                               "position_ids, models loaded with dtype=), but 4.57.1 is installed; "
+                               "pip install 'transformers>=5.0'"),
+    ("deepspeed", "0.18.3", "megakto needs deepspeed >= 0.19.2 (earlier releases cast the rotary inv_freq buffers to "
+                            "bf16 under ZeRO-1/2), but 0.18.3 is installed; pip install 'deepspeed>=0.19.2'"),
+])
+def test_versions_below_the_floors_are_refused_in_one_line(package, version, message):
+    check_versions(1, 1, installed=SUITE)  # what the suite runs passes, at every parallel degree
+    check_versions(2, 2, installed=SUITE)
+    check_versions(1, 1, installed={**SUITE, "torch": "2.4.0", "transformers": "5.0.0", "deepspeed": "0.19.2"})
+    with pytest.raises(ConfigError) as info:
+        check_versions(1, 1, installed={**SUITE, package: version})
+    assert str(info.value) == message
+    # The tensor- and pipeline-parallel floors still apply on top.
+    with pytest.raises(ConfigError, match=r"^parallel.tp_size=2 needs deepspeed >= 0.19.8"):
+        check_versions(2, 1, installed={**SUITE, "deepspeed": "0.19.4"})
+
+
+def test_setup_py_floors_are_the_checked_ones_and_the_installed_versions_meet_them():
+    """setup.py asks for at least what check_versions refuses below (deepspeed: the TP floor, which is
+    also the release the suite runs); the environment running these tests passes the check."""
+    import ast
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from megakto.distributed.ds_config import MIN_DEEPSPEED, MIN_DEEPSPEED_TP, MIN_TRANSFORMERS, TORCH_RANGE
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    requires = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "install_requires"))
+    spec = {r.name: r.specifier for r in map(Requirement, requires)}
+    assert str(spec["torch"]) in ("<2.15,>=2.4", ">=2.4,<2.15") and TORCH_RANGE == ("2.4", "2.15")
+    assert str(spec["transformers"]) == f">={MIN_TRANSFORMERS}"
+    assert str(spec["deepspeed"]) == f">={MIN_DEEPSPEED_TP}" and Version(MIN_DEEPSPEED_TP) >= Version(MIN_DEEPSPEED)
+    for name in ("torch", "transformers", "deepspeed"):
+        assert spec[name].contains(version(name), prereleases=True), (name, version(name))
+    check_versions(2, 2)
