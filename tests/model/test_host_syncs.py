@@ -90,7 +90,7 @@ def test_a_blocked_models_micro_batch_has_a_constant_budget():
         block_vocab(model, rows, {})
         batch = pack(data, 40, 0)
         with CountSyncs() as mode:
-            logps, _ = packed_completion_logps(model, batch, chunk_tokens=chunk)
+            logps, _ = packed_completion_logps(model, batch, attn="sdpa", chunk_tokens=chunk)
             logps.sum().backward()
         counts[(rows, chunk)] = dict(mode.counts)
     assert counts[(160, 64)] == counts[(10, 64)] == counts[(10, 3)], counts
