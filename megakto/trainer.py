@@ -234,8 +234,12 @@ class KTOTrainer:
             model = apply_lora(model, cfg.model.lora, seed=cfg.seed)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-            self.log.info(f"LoRA: r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g} on "
-                          f"{','.join(cfg.model.lora.target_modules)}: {trainable:,} trainable of {total:,} parameters")
+            adapted = sorted({name.rsplit(".", 1)[-1] for name in model.base_model.targeted_module_names})
+            missing = sorted(set(cfg.model.lora.target_modules) - set(adapted))
+            self.log.info(f"LoRA: r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g} on {','.join(adapted)}: "
+                          f"{trainable:,} trainable of {total:,} parameters"
+                          + (f" (model.lora.target_modules {','.join(missing)}: no such module in this model)"
+                             if missing else ""))
         universal = self.load_dir is not None and checkpoint.resume_layout(self.load_dir, comm.world_size()) == "universal"
         ds_config = engine.universal_load_config(self.ds_config) if universal else self.ds_config
         policy = engine.build_policy_engine(model, ds_config, **optim)
