@@ -6,6 +6,9 @@ The tokenizer maps each made-up word ``w<i>`` to one id, so a row's prompt of P 
 megakto (which tokenizes prompt and completion apart) and in TRL (which tokenizes prompt +
 completion together). Lengths are then controlled by the data alone, and the vocabulary size by a
 single argument, which is what the memory-vs-vocabulary check varies.
+
+The model is a Llama (hidden 256, 4 layers) unless a family and shape are given: ``qwen3`` with
+Qwen3-0.6B's shape is what tools/gpu_check.sh trains (:data:`FAMILIES`, :func:`add_model_args`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["SPECIALS", "Workload", "build_tokenizer", "make_rows", "target_tokens", "write_model", "write_workload"]
+__all__ = ["FAMILIES", "SPECIALS", "Workload", "add_model_args", "build_tokenizer", "make_rows", "model_shape",
+           "target_tokens", "write_model", "write_workload"]
 
 # Llama-style special tokens; pad has its own id so padding is never read as the end of a completion.
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 _PAD, _UNK, _BOS, _EOS = range(4)
+
+# family -> (config class name, tied embedding and output head). Qwen3 ties them, as Qwen3-0.6B does.
+FAMILIES = {"llama": ("LlamaConfig", False), "qwen3": ("Qwen3Config", True)}
 
 
 @dataclass
@@ -89,38 +96,63 @@ def target_tokens(row: dict) -> int:
     return len(row["completion"].split()) + 1
 
 
-def write_model(model_dir: str | Path, *, vocab_size: int, seed: int, longest: int, hidden_size: int = 256,
-                num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 688) -> tuple[int, dict]:
-    """A random-init Llama (seeded) and :func:`build_tokenizer`'s tokenizer in ``model_dir``, with
-    positions for ``longest`` tokens; returns (parameters, shape)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def add_model_args(parser) -> None:
+    """The workload model's family and shape as command-line flags (defaults: the benchmark's Llama);
+    :func:`model_shape` turns the parsed arguments into :func:`write_model`'s keywords."""
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama", help="model class of the workload")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    parser.add_argument("--head-dim", type=int, default=None, help="per-head size (default: hidden / heads)")
+    parser.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
 
+
+def model_shape(args) -> dict:
+    """:func:`write_model`'s shape keywords from :func:`add_model_args`'s parsed flags."""
+    return dict(family=args.family, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                num_kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate_size=args.intermediate)
+
+
+def write_model(model_dir: str | Path, *, vocab_size: int, seed: int, longest: int, family: str = "llama",
+                hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int | None = None,
+                head_dim: int | None = None, intermediate_size: int = 688) -> tuple[int, dict]:
+    """A random-init model of ``family`` (seeded) and :func:`build_tokenizer`'s tokenizer in
+    ``model_dir``, with positions for ``longest`` tokens; returns (parameters, shape)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}; expected one of {sorted(FAMILIES)}")
+    config_class, tied = FAMILIES[family]
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     shape = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                 num_key_value_heads=num_heads, intermediate_size=intermediate_size,
+                 num_key_value_heads=num_kv_heads or num_heads, intermediate_size=intermediate_size,
                  max_position_embeddings=max(512, longest))
-    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=_BOS, eos_token_id=_EOS, pad_token_id=_PAD,
-                         tie_word_embeddings=False, attention_dropout=0.0, **shape)
+    if head_dim is not None:
+        shape["head_dim"] = head_dim
+    config = getattr(transformers, config_class)(
+        vocab_size=vocab_size, bos_token_id=_BOS, eos_token_id=_EOS, pad_token_id=_PAD, tie_word_embeddings=tied,
+        attention_dropout=0.0, **shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(model_dir))
     build_tokenizer(vocab_size).save_pretrained(str(model_dir))
-    return sum(p.numel() for p in model.parameters()), shape
+    return sum(p.numel() for p in model.parameters()), {"family": family, **shape}
 
 
 def write_workload(out_dir: str | Path, *, vocab_size: int = 32000, n_rows: int = 64, seed: int = 0,
-                   hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
-                   intermediate_size: int = 688, prompt_words: tuple[int, int] = (5, 250),
-                   completion_words: tuple[int, int] = (5, 250)) -> Workload:
-    """Write ``out_dir/model`` (HF folder: config, safetensors, tokenizer) and ``out_dir/train.jsonl``."""
+                   prompt_words: tuple[int, int] = (5, 250), completion_words: tuple[int, int] = (5, 250),
+                   **shape) -> Workload:
+    """Write ``out_dir/model`` (HF folder: config, safetensors, tokenizer) and ``out_dir/train.jsonl``;
+    ``shape``: :func:`write_model`'s family and shape keywords (:func:`model_shape`)."""
     out = Path(out_dir)
     model_dir, data_file = out / "model", out / "train.jsonl"
     n_params, shape = write_model(model_dir, vocab_size=vocab_size, seed=seed,
-                                  longest=1 + prompt_words[1] + completion_words[1] + 1, hidden_size=hidden_size,
-                                  num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size)
+                                  longest=1 + prompt_words[1] + completion_words[1] + 1, **shape)
     rows = make_rows(n_rows, vocab_size, seed=seed, prompt_words=prompt_words, completion_words=completion_words)
     with open(data_file, "w", encoding="utf-8") as fh:
         for row in rows:

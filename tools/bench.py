@@ -2,12 +2,19 @@
 """Throughput and memory of megakto's KTO, next to SFT on the same engine and TRL's KTOTrainer.
 
     python tools/bench.py [--systems megakto-kto,trl-kto,...] [--steps 6] [--warmup 2] \
-        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--lora 16] [--json bench.json]
+        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--lora 16] [--json bench.json] \
+        [--family qwen3 --hidden 1024 --layers 28 ...] [--device cuda] [--dtype bfloat16]
 
 One invocation builds one workload (a random-init Llama, hidden 256, 4 layers, a word-level
 tokenizer of ``--vocab`` ids, rows whose prompt and completion are each 5-250 words) and runs every
 system on it in its own subprocess, so each starts from clean memory: one process, ``--threads``
 torch threads, the same rows and the same global batch for all. Figures only; nothing is asserted.
+
+``--family``, ``--hidden``, ``--layers``, ... set the model's class and shape (tools/gpu_check.sh:
+a Qwen3-0.6B-shaped one). ``--device`` (auto = cuda where torch sees a GPU) and ``--dtype`` (auto =
+megakto's: bfloat16 on GPU, float32 on CPU) apply to every system: megakto's ``model.dtype``, TRL's
+float32 weights under bfloat16 autocast (``bf16=True``, the Trainer's mixed precision). On a GPU the
+table adds peak GPU memory (``torch.cuda.max_memory_allocated`` over the whole worker, setup included).
 
 ``--tp N`` adds ``megakto-kto-tpN``: megakto's KTO with ``parallel.tp_size=N`` on N ranks under the
 deepspeed launcher (one tensor-parallel group, the same global batch), the ``--threads`` shared out
@@ -53,7 +60,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-from _bench_workload import write_workload  # noqa: E402
+from _bench_workload import add_model_args, model_shape, write_workload  # noqa: E402
 from _launch import free_port, launcher_command  # noqa: E402
 
 MIB = 1 << 20
@@ -89,6 +96,10 @@ RATIOS = [
     ("megakto KTO / TRL KTO (online), peak RSS", "megakto-kto", "trl-kto", "peak_rss_mib"),
     ("megakto KTO cached / TRL KTO precomputed, peak RSS", "megakto-kto-cached", "trl-kto-precomputed",
      "peak_rss_mib"),
+    ("megakto KTO / megakto SFT, peak GPU memory", "megakto-kto", "megakto-sft", "peak_gpu_mib"),
+    ("megakto KTO / TRL KTO (online), peak GPU memory", "megakto-kto", "trl-kto", "peak_gpu_mib"),
+    ("megakto KTO cached / TRL KTO precomputed, peak GPU memory", "megakto-kto-cached", "trl-kto-precomputed",
+     "peak_gpu_mib"),
 ]
 
 COLUMNS = [  # (header, key, format)
@@ -103,6 +114,10 @@ COLUMNS = [  # (header, key, format)
     ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
     ("peak beyond setup MiB", "peak_beyond_setup_mib", "{:.0f}"),
     ("peak beyond warm state MiB", "peak_beyond_warm_mib", "{:.0f}"),
+]
+GPU_COLUMNS = [  # shown when some system ran on a GPU
+    ("peak GPU MiB", "peak_gpu_mib", "{:.0f}"),
+    ("peak GPU reserved MiB", "peak_gpu_reserved_mib", "{:.0f}"),
 ]
 
 
@@ -230,7 +245,19 @@ class _Clock:
         }
         if "sampled" in peaks:
             out["sampled_peak_beyond_setup_mib"] = (peaks["sampled"] - setup_rss) / MIB
-        return out
+        return {**out, **_device_figures()}
+
+
+def _device_figures() -> dict:
+    """Where the worker computed, and on a GPU its peak memory since the worker started (what
+    tensors held, and what the caching allocator took from the driver)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {"device": "cpu"}
+    return {"device": f"cuda: {torch.cuda.get_device_name()}",
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / MIB,
+            "peak_gpu_reserved_mib": torch.cuda.max_memory_reserved() / MIB}
 
 
 def _cpu_seconds() -> float:
@@ -283,7 +310,7 @@ def run_megakto(name: str, spec: dict) -> dict:
         f"train.max_steps={spec['warmup'] + spec['steps']}", f"optim.lr={spec['lr']}", "optim.warmup_steps=0",
         f"kto.loss_type={system['loss_type']}", f"ref.mode={system['ref']}", "ref.offload=none",
         f"output_dir={spec['out_dir']}", "seed=0", f"parallel.tp_size={tp}", f"parallel.pp_size={pp}",
-        f"model.lora.r={system.get('lora', 0)}", "train.eval_samples=0",
+        f"model.lora.r={system.get('lora', 0)}", "train.eval_samples=0", f"model.dtype={spec['dtype']}",
     ] + list(spec.get("megakto_overrides", []))
     cfg = load_config(None, overrides)
     rss = PeakRss(spec["sample_ms"] / 1000)
@@ -365,11 +392,13 @@ def run_trl(name: str, spec: dict) -> dict:
         return result
 
     KTOTrainer._precompute_ref_logps = timed
+    # bfloat16: the Trainer's mixed precision (float32 weights, bfloat16 autocast).
+    bf16 = spec["dtype"] == "bfloat16" or (spec["dtype"] == "auto" and spec["device"] == "cuda")
     args = KTOConfig(
         output_dir=spec["out_dir"], per_device_train_batch_size=spec["micro_batch"],
-        gradient_accumulation_steps=spec["batch"] // spec["micro_batch"], max_length=512, bf16=False,
-        fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-        logging_steps=1, beta=0.1, loss_type="kto", learning_rate=spec["lr"],
+        gradient_accumulation_steps=spec["batch"] // spec["micro_batch"], max_length=512, bf16=bf16,
+        fp16=False, gradient_checkpointing=False, use_cpu=spec["device"] == "cpu", report_to="none",
+        save_strategy="no", logging_steps=1, beta=0.1, loss_type="kto", learning_rate=spec["lr"],
         max_steps=spec["warmup"] + spec["steps"], dataloader_num_workers=0, seed=0, disable_tqdm=True,
         precompute_ref_log_probs=precompute)
     start = time.perf_counter()
@@ -393,7 +422,7 @@ def run_trl(name: str, spec: dict) -> dict:
     out = clock.summary(setup_rss)
     out.update(setup_s=setup_s, precompute_s=sum(timed_precompute) if precompute else None,
                settings={"ref_model": "none (precomputed)" if precompute else "separate copy",
-                         "train_sampling_strategy": args.train_sampling_strategy,
+                         "train_sampling_strategy": args.train_sampling_strategy, "bf16_autocast": bf16,
                          "gradient_accumulation_steps": args.gradient_accumulation_steps,
                          "max_grad_norm": args.max_grad_norm})
     return out
@@ -412,7 +441,7 @@ def worker(name: str, spec_path: str, result_path: str) -> int:
 # Orchestration and report (the parent process)
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, device: str = "cpu") -> dict:
     model = "unknown"
     try:
         with open("/proc/cpuinfo") as fh:
@@ -427,7 +456,7 @@ def machine_info(threads: int) -> dict:
         except Exception:
             versions[pkg] = None
     return {"cpu_model": model, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "torch_threads": threads, "device": "cpu", "python": platform.python_version(),
+            "torch_threads": threads, "device": device, "python": platform.python_version(),
             "platform": platform.platform(), "versions": versions}
 
 
@@ -471,12 +500,13 @@ def ratios(results: dict[str, dict]) -> list[tuple[str, float | None]]:
 
 
 def markdown(results: dict[str, dict], ratio_rows: list[tuple[str, float | None]]) -> str:
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    columns = COLUMNS + (GPU_COLUMNS if any("peak_gpu_mib" in r for r in results.values()) else [])
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     for name, r in results.items():
         if not r.get("ok"):
-            lines.append(f"| {name} | failed: {r.get('error', '?')} |" + " |" * (len(COLUMNS) - 2))
+            lines.append(f"| {name} | failed: {r.get('error', '?')} |" + " |" * (len(columns) - 2))
             continue
-        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in COLUMNS]
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     shown = [(label, v) for label, v in ratio_rows if v is not None]
     if shown:
@@ -484,8 +514,11 @@ def markdown(results: dict[str, dict], ratio_rows: list[tuple[str, float | None]
     return "\n".join(lines)
 
 
-def _worker_env(workdir: Path, name: str, threads: int, mmap_threshold: int | None = None) -> dict:
+def _worker_env(workdir: Path, name: str, threads: int, mmap_threshold: int | None = None,
+                device: str = "cpu") -> dict:
     env = dict(os.environ)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # on a GPU machine too: torch, deepspeed and TRL then see none
     if mmap_threshold:
         # glibc: a fixed threshold (no dynamic raise to 32 MiB), so freed large tensors go back to
         # the OS at once and RSS follows the live tensors instead of the heap's history.
@@ -507,7 +540,8 @@ def run_system(name: str, spec: dict, workdir: Path, timeout: float) -> dict:
         cmd = launcher_command(str(Path(__file__).resolve()), cmd[2:], nproc=ranks)
     with open(log_path, "w") as log:
         try:
-            env = _worker_env(workdir, name, max(1, spec["threads"] // ranks), spec.get("malloc_mmap_threshold"))
+            env = _worker_env(workdir, name, max(1, spec["threads"] // ranks), spec.get("malloc_mmap_threshold"),
+                              spec["device"])
             proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, timeout=timeout)
             rc = proc.returncode
@@ -530,6 +564,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="global batch (rows per optimizer step)")
     parser.add_argument("--micro-batch", type=int, default=None, help="rows per forward; default = --batch")
     parser.add_argument("--vocab", type=int, default=32000, help="tokenizer and embedding size")
+    add_model_args(parser)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where every system computes; auto = cuda where torch sees a GPU")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="megakto's model.dtype and TRL's precision; auto = bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every system")
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--deepspeed", default="ds_configs/zero3.json", help="megakto's DeepSpeed JSON")
@@ -589,18 +628,25 @@ def main(argv=None) -> int:
     if unknown or args.warmup < 1 or args.steps < 1 or args.repeat < 1 or args.batch % micro:
         parser.error(f"--systems from {list(SYSTEMS)} (unknown: {unknown}); --warmup, --steps and --repeat >= 1; "
                      f"--batch divisible by --micro-batch")
+    device = args.device
+    if device != "cpu":
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no GPU (torch.cuda.is_available() is False); use --device cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="megakto-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     # One epoch of rows is exactly the steps run, so a precompute pass covers what is trained on.
     n_rows = args.batch * (args.warmup + args.steps)
     t = time.perf_counter()
-    work = write_workload(workdir / "workload", vocab_size=args.vocab, n_rows=n_rows, seed=0)
-    print(f"workload: {n_rows} rows, vocab {args.vocab}, {work.n_params / 1e6:.1f}M parameters, "
+    work = write_workload(workdir / "workload", vocab_size=args.vocab, n_rows=n_rows, seed=0, **model_shape(args))
+    print(f"workload: {n_rows} rows, vocab {args.vocab}, {work.n_params / 1e6:.1f}M parameters ({work.model_shape}), "
           f"{sum(work.target_tokens)} target tokens ({time.perf_counter() - t:.0f} s) in {workdir}", flush=True)
     spec = {"workload": work.to_dict(), "batch": args.batch, "micro_batch": micro, "steps": args.steps,
             "warmup": args.warmup, "threads": args.threads, "lr": args.lr, "sample_ms": args.sample_ms,
             "megakto_overrides": args.overrides, "malloc_mmap_threshold": args.malloc_mmap_threshold,
-            "ds_config": str((REPO / args.deepspeed).resolve())}
+            "ds_config": str((REPO / args.deepspeed).resolve()), "device": device, "dtype": args.dtype}
     runs = {name: [] for name in names}
     for rep in range(args.repeat):  # round-robin: a slow spell of the machine hits every system
         for name in names:
@@ -614,10 +660,12 @@ def main(argv=None) -> int:
     results = {name: median_run(rs) for name, rs in runs.items()}
     add_derived(results, n_rows)
     ratio_rows = ratios(results)
-    info = machine_info(args.threads)
+    # The GPU's name comes from a worker: the parent never initialises CUDA (a context costs GPU memory).
+    info = machine_info(args.threads, next((r["device"] for r in results.values() if r.get("device")), device))
     print(f"\n{info['cpu_model']}, {info['cpus_usable']} usable cores, {args.threads} torch threads per system, "
           f"torch {info['versions']['torch']}; global batch {args.batch} (micro {micro}), {args.warmup} warmup + "
-          f"{args.steps} timed steps, vocab {args.vocab}; megakto overrides {args.overrides or 'none'}; "
+          f"{args.steps} timed steps, vocab {args.vocab}; device {info['device']}, dtype {args.dtype}; "
+          f"megakto overrides {args.overrides or 'none'}; "
           f"MALLOC_MMAP_THRESHOLD_ {args.malloc_mmap_threshold or 'unset (glibc default)'}; "
           f"{'median of ' + str(args.repeat) + ' runs each' if args.repeat > 1 else 'one run each'}\n")
     print(markdown(results, ratio_rows))

@@ -126,3 +126,14 @@ def test_lora_variant_of_megakto_kto():
     lora = bench._system("megakto-kto-lora16")
     assert (lora["lora"], lora["ranks"]) == (16, 1)
     assert {k: v for k, v in lora.items() if k not in ("lora", "ranks")} == bench.SYSTEMS["megakto-kto"]
+
+
+def test_gpu_memory_columns_only_when_a_system_ran_on_a_gpu():
+    cpu = {"megakto-kto": _result("megakto-kto", 1000, 10.0, 16, 3.0, 900, 600)}
+    assert "peak GPU" not in bench.markdown(cpu, [])
+    gpu = {"megakto-kto": {**cpu["megakto-kto"], "peak_gpu_mib": 5000.0, "peak_gpu_reserved_mib": 5500.0},
+           "megakto-sft": {**cpu["megakto-kto"], "peak_gpu_mib": 4000.0, "peak_gpu_reserved_mib": 4500.0}}
+    table = bench.markdown(gpu, []).splitlines()
+    assert table[0].endswith("| peak GPU MiB | peak GPU reserved MiB |")
+    assert table[2].endswith("| 5000 | 5500 |")
+    assert dict(bench.ratios(gpu))["megakto KTO / megakto SFT, peak GPU memory"] == pytest.approx(1.25)
