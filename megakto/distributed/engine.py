@@ -187,7 +187,7 @@ def _copy_loaded_weights_over_tp(model: torch.nn.Module, tp_group) -> None:
     parameter in turn is gathered whole and sent from the TP group's first rank (rank 0's group)."""
     from megakto.distributed import comm
 
-    src = comm.group_ranks(tp_group)[0]
+    src = comm.group_ranks(group=tp_group)[0]
     for param in model.parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             comm.broadcast_tensor(param.data, src=src, group=tp_group)
@@ -368,7 +368,7 @@ def gathered_state_dict(module: torch.nn.Module, tp_group=None) -> dict[str, tor
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         local = merge_vocab_blocks({name: p.detach().to("cpu", copy=True) for name, p in params.items()})
-    if tp_group is None or comm.group_size(tp_group) == 1:
+    if tp_group is None or comm.group_size(group=tp_group) == 1:
         return local
     with outside_zero3():
         shapes, aliases = full_shapes(module.config), tied_aliases(module.config)

@@ -106,7 +106,7 @@ class PipelineRunner:
         out.backwards = len(items)
         # One decision for every rank: a non-finite loss was back-propagated on some last stage, so the
         # step's gradient is not finite and DeepSpeed's overflow check has to discard the update.
-        if comm.any_rank(bool(non_finite), group=None):
+        if comm.any_rank(bool(non_finite), group=comm.world_group()):
             out.skipped, out.poisoned = "non-finite loss", True
         return out
 

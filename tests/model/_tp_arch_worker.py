@@ -43,7 +43,7 @@ def main():
             torch.manual_seed(0)
             with engine.outside_zero3():
                 AutoModelForCausalLM.from_config(make()).save_pretrained(folder)
-        comm.barrier()
+        comm.barrier(group=comm.world_group())
         check_tp_config(make(), 2)
         model = engine.load_model(folder, ds, dtype=torch.float32, attn_implementation="eager",
                                   trust_remote_code=False)
@@ -62,7 +62,7 @@ def main():
         if comm.is_main():
             torch.save({"logps": logps.detach(), "want_logps": want_logps, "after": after, "want_after": want_after,
                         "weights": weights, "want_weights": want_weights}, os.path.join(args.out, f"{name}.pt"))
-        comm.barrier()
+        comm.barrier(group=comm.world_group())
         del policy, model, opt
 
 
