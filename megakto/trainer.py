@@ -44,6 +44,7 @@ from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
 from megakto.distributed.parallel import ParallelDims
+from megakto.distributed.vocab_parallel import group_reducers
 from megakto.errors import ConfigError, MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
@@ -145,7 +146,8 @@ class KTOTrainer:
         self.peak_memory = PeakMemory(engine.on_gpu())
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
-        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, self.dims.tp_group, attn=attn)
+        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, attn=attn,
+                                       reducers=group_reducers(self.dims.tp_group))
         self.runner = self._setup_runner()
         # Every rank scores the same rows (collective forwards): all pass or all fail.
         with comm.fail_together(group=comm.world_group()):
