@@ -3,6 +3,9 @@
 - ``megakto/kto`` and ``megakto/data`` never reach ``torch.distributed`` or ``deepspeed``, neither
   by import nor as an attribute (``torch.distributed.all_reduce``), nor through
   ``megakto.distributed``;
+- ``megakto/model`` imports nothing from ``megakto.distributed`` or ``megakto.planning``: the model
+  code is applied to from outside (the vocabulary-parallel reducers are passed in) and the memory
+  planner reads the model's shape from it, never the other way round;
 - in the whole package, only modules under ``megakto/distributed/`` import ``deepspeed`` or
   ``torch.distributed``;
 - in the package, ``tools/`` and ``launch/``, exactly one module talks to ``torch.distributed``
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "megakto"
 
 COLLECTIVES = ("torch.distributed", "deepspeed")
+HIGHER_THAN_MODEL = ("megakto.distributed", "megakto.planning")
 
 
 def _matches(name: str, prefixes) -> str | None:
@@ -138,6 +142,23 @@ def test_math_and_data_never_touch_collectives(path, package):
         path.read_text(), package, COLLECTIVES + ("megakto.distributed",), attributes=True
     )
     assert hits == [], f"{path.relative_to(ROOT)} reaches a collective: {hits}"
+
+
+@pytest.mark.parametrize(
+    "path,package",
+    list(_modules("model")),
+    ids=lambda x: str(x.relative_to(ROOT)) if isinstance(x, Path) else "",
+)
+def test_model_imports_nothing_from_higher_layers(path, package):
+    hits = forbidden_uses(path.read_text(), package, HIGHER_THAN_MODEL)
+    assert hits == [], f"{path.relative_to(ROOT)} imports from a higher layer: {hits}"
+
+
+def test_model_boundary_is_not_vacuous():
+    """The model walk finds the package's files, and the checker sees both layers' import forms."""
+    assert {"forward.py", "meta.py", "shape.py"} <= {p.name for p, _ in _modules("model")}
+    source = "from megakto.planning.shape import X\nfrom ..distributed import vocab_parallel\nimport megakto.kto\n"
+    assert sorted({line for line, _ in forbidden_uses(source, "megakto.model", HIGHER_THAN_MODEL)}) == [1, 2]
 
 
 def test_only_megakto_distributed_imports_collectives():
