@@ -49,7 +49,8 @@ class PipelineRunner:
     ``pp_group``: this rank's data-parallel and pipeline groups; ``last``: the global rank of this
     pipeline's last stage; ``attn``: the stages' attention implementation."""
 
-    def __init__(self, engine, slot: LossSlot, *, batch_fn: Callable, dp_group, pp_group, last: int, attn: str):
+    def __init__(self, engine, slot: LossSlot, *, batch_fn: Callable, dp_group: comm.ProcessGroup,
+                 pp_group: comm.ProcessGroup, last: int, attn: str):
         self.engine, self._slot = engine, slot
         self._batch = batch_fn  # pairs -> PackedBatch on the device
         self.dp_group, self.pp_group, self.last = dp_group, pp_group, last
