@@ -203,7 +203,7 @@ def verify(tag_dir: str, *, collective: bool = True) -> str | None:
         names = hash_shares(sizes, comm.world_size())[comm.rank()] if collective else hash_shares(sizes, 1)[0]
         why = _check_files(tag_dir, names, manifest.get(DIGEST))
     if collective:
-        why = next((w for w in comm.all_gather_object(why) if w is not None), None)
+        why = next((w for w in comm.all_gather_object(why, group=comm.world_group()) if w is not None), None)
     return why
 
 
@@ -254,7 +254,8 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
     auto = resume == "auto"
     ckpt_dir = checkpoints_dir(output_dir)
     candidates = [p for _, p in reversed(complete_tags(ckpt_dir))] if auto else [os.path.abspath(resume)]
-    candidates = comm.broadcast_object(candidates)  # rank 0's listing: every rank verifies the same tags
+    # Rank 0's listing: every rank verifies the same tags.
+    candidates = comm.broadcast_object(candidates, group=comm.world_group())
     path, skipped = None, []
     for candidate in candidates:
         _check_world_size(candidate, resume, world_size, tp_size, pp_size)  # before hashing: a mismatch is no damage
@@ -453,7 +454,7 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a crash while saving this same step
-    comm.barrier()
+    comm.barrier(group=comm.world_group())
 
     digests = {}  # this rank's files -> checksum, taken right after each is written
 
@@ -466,7 +467,8 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
     torch.save(state, path)
     _fsync(path)
     written(path)
-    gathered = comm.all_gather_object(digests)  # also the barrier: every rank's files are in tmp_dir
+    # Also the barrier: every rank's files are in tmp_dir.
+    gathered = comm.all_gather_object(digests, group=comm.world_group())
 
     # The fsyncs, the rename and the pruning run on rank 0 alone: on a slow shared filesystem the
     # others can wait in the barrier below for long, against the collective timeout.
@@ -480,7 +482,7 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
             _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
             prune(ckpt_dir, keep_last)
             remove_stale(ckpt_dir)
-    comm.barrier()  # nobody starts the next step (or save) before the commit
+    comm.barrier(group=comm.world_group())  # nobody starts the next step (or save) before the commit
     return final_dir
 
 

@@ -92,7 +92,7 @@ class RunPeak:
         return text
 
 
-def reduce_peaks(peak: PeakMemory, *, group) -> RunPeak:
+def reduce_peaks(peak: PeakMemory, *, group: comm.ProcessGroup) -> RunPeak:
     """Max and min over ``group`` (the trainer passes every rank: ``comm.world_group()``) of every
     rank's peak: one all-reduce of (peak, -peak, reserved) under MAX. Collective: every rank of the
     group calls it."""

@@ -44,6 +44,7 @@ from megakto.data.packing import pack, pad_rows, plan_micro_batches
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
 from megakto.distributed.parallel import ParallelDims
+from megakto.distributed.vocab_parallel import group_reducers
 from megakto.errors import ConfigError, MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
@@ -97,7 +98,7 @@ class KTOTrainer:
         self.device = engine.device()
         self.bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and engine.bf16_supported())
         # Every user-input check runs before the first training collective; all ranks fail together.
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             checked = check_run(cfg, deepspeed_config, world_size=comm.world_size(), rank=comm.rank(), bf16=self.bf16,
                                 on_gpu=engine.on_gpu())
             # The mesh: world = dp × tp × pp; its process groups are attached once the policy engine exists.
@@ -105,7 +106,7 @@ class KTOTrainer:
             tok_path = cfg.model.tokenizer_path or cfg.model.path
             self.tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
-        with comm.fail_together():  # its own block: verifying a checkpoint is collective
+        with comm.fail_together(group=comm.world_group()):  # its own block: verifying a checkpoint is collective
             self.resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir, world_size=comm.world_size(),
                                                         tp_size=self.dims.tp, pp_size=self.dims.pp)
         start = checkpoint.read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
@@ -125,14 +126,15 @@ class KTOTrainer:
             self.log.info("vocabulary blocks: off under pipeline parallelism (the embedding and the output head "
                           "are stages of their own)")
         self.log.info(f"parallelism: {self.dims.describe()}")
-        self.log.info(f"process group: {comm.describe()} (dist.timeout_minutes={cfg.dist.timeout_minutes:g})")
+        self.log.info(f"process group: {comm.describe(group=comm.world_group())} "
+                      f"(dist.timeout_minutes={cfg.dist.timeout_minutes:g})")
         self.phases.done("checks")
         self.train_rows, self.eval_rows = self._setup_data()
         self.phases.done("data")
         self.use_kl = cfg.kto.loss_type == "kto"
         # ref.mode=cache needs a fixed KL row per dataset row (see megakto/reference/build.py).
         self.cached_ref = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             self.desirable_weight = self._setup_weights()
             self.sampler = self._setup_sampler()
             self.train_kl_partner = (dataset_kl_partners(self.train_rows.prompt_key)
@@ -144,13 +146,15 @@ class KTOTrainer:
         self.peak_memory = PeakMemory(engine.on_gpu())
         self.policy = self._setup_policy()
         self.dims = self._attach_groups(self.dims)
-        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, self.dims.tp_group, attn=attn)
+        self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, attn=attn,
+                                       reducers=group_reducers(self.dims.tp_group))
         self.runner = self._setup_runner()
-        with comm.fail_together():  # every rank scores the same rows (collective forwards): all pass or all fail
+        # Every rank scores the same rows (collective forwards): all pass or all fail.
+        with comm.fail_together(group=comm.world_group()):
             startup_packing_check(self.policy, self.logps_fn, cfg, self.dims.pp, self.tokenizer,
                                   dtype=self._model_dtype(), device=self.device, log=self.log.info)
         self.phases.done("policy")
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             self.evaluator = self._setup_evaluator()
         self.phases.done("evaluator")
         self.reference = self._setup_reference()
@@ -186,11 +190,11 @@ class KTOTrainer:
         if note:
             self.log.info(note)
         first = comm.local_rank() == 0
-        with comm.fail_together(), comm.others_wait("local rank 0 of each node reads and tokenizes the data",
-                                                    self.log.info):
+        with comm.fail_together(group=comm.world_group()), comm.others_wait(
+                "local rank 0 of each node reads and tokenizes the data", self.log.info):
             if first:
                 load()
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             if not first:
                 load()
         for split, (rows, report) in loaded.items():
@@ -247,7 +251,7 @@ class KTOTrainer:
         leaves = engine.zero3_leaf_classes(policy.module)
         if leaves:  # mixture-of-experts blocks: every expert gathered on entry, whatever the routing
             self.log.info(f"ZeRO-3 leaf modules: {', '.join(leaves)}")
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             check_vocab_parallel_head(policy, self.dims.tp)
         return policy
 
@@ -260,11 +264,11 @@ class KTOTrainer:
             dims = dims.with_groups(dp_group, None, pp_group)
         else:
             dims = dims.with_groups(*engine.parallel_groups(dims.tp))
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             if dims.tp > 1 or dims.pp > 1:
                 model_group = (dims.tp_group, dims.tp_group_ranks()) if dims.tp > 1 else (dims.pp_group,
                                                                                          dims.pp_group_ranks())
-                got = (comm.group_ranks(dims.dp_group), comm.group_ranks(model_group[0]))
+                got = (comm.group_ranks(group=dims.dp_group), comm.group_ranks(group=model_group[0]))
                 want = (dims.dp_group_ranks(), model_group[1])
                 if got != want:
                     kind = "tp" if dims.tp > 1 else "pp"
@@ -313,7 +317,7 @@ class KTOTrainer:
                                                  dtype=self._model_dtype(), partition=cfg.parallel.pp_partition)
             ref = online_reference(cfg.ref, cfg.model, self.ds_config, dtype=self._model_dtype(),
                                    batch_fn=self._batch, logps_fn=self.logps_fn)
-            with comm.fail_together():
+            with comm.fail_together(group=comm.world_group()):
                 check_vocab_parallel_head(ref.engine, self.dims.tp)
             return ref
 
@@ -377,7 +381,7 @@ class KTOTrainer:
         # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
         # rank r takes (r % tp)'s state, and its RNG states are derived (_setup_resume).
         moved = checkpoint.ranks_moved(self.resume_dir, comm.world_size())
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             state = checkpoint.load_state(self.resume_dir, universal.source_rank(comm.rank(), self.dims.tp)
                                           if moved else None)
             saved, now = state["sampler"].get("global_batch_size"), self.cfg.train.global_batch_size
@@ -391,12 +395,14 @@ class KTOTrainer:
                 raise ConfigError(f"train.resume: {self.resume_dir}: {err}") from None
         if layout != "convert":
             return state, self.resume_dir
-        with comm.fail_together():  # before converting: the checkpoint's shapes against config.json's
+        # Before converting: the checkpoint's shapes against config.json's.
+        with comm.fail_together(group=comm.world_group()):
             if comm.is_main() and state.get("param_shapes") is not None:
                 self._check_same_model(hf_shapes(state["param_shapes"]),
                                        param_shapes(self.cfg.model.path, trust_remote_code=self.cfg.model.trust_remote_code))
         target = universal.universal_dir(self.resume_dir, checkpoint.checkpoints_dir(self.cfg.output_dir))
-        with comm.fail_together(), comm.others_wait(  # a large model: convert first with tools/to_universal.py
+        # A large model: convert first with tools/to_universal.py.
+        with comm.fail_together(group=comm.world_group()), comm.others_wait(
                 f"rank 0 converts {self.resume_dir} to its universal form", self.log.info):
             if comm.is_main():
                 start = time.perf_counter()
@@ -408,7 +414,7 @@ class KTOTrainer:
                 universal.convert(self.resume_dir, target)
                 self.log.info(f"{'reusing' if reused else 'converted'} {self.resume_dir} ({state['world_size']} ranks) "
                               f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
-        with comm.fail_together():  # its own block: verifying the conversion is collective
+        with comm.fail_together(group=comm.world_group()):  # its own block: verifying the conversion is collective
             why = checkpoint.verify(target)
             if why is not None:
                 raise ConfigError(f"train.resume: {target} (the universal form of {self.resume_dir}): {why}")
@@ -423,7 +429,7 @@ class KTOTrainer:
         state = self.resume_state
         if state is None:
             return 0
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             saved, now = state.get("vocab_layout", []), vocab_layout(self.policy.module)
             if saved != now:
                 def fmt(sizes):
@@ -432,7 +438,8 @@ class KTOTrainer:
                                   f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
             if state.get("param_shapes") is not None:
                 self._check_same_model(state["param_shapes"], _param_shapes(self.policy.module))
-        with comm.fail_together():  # a file DeepSpeed cannot load: one line naming it, every rank exits 1
+        # A file DeepSpeed cannot load: one line naming it, every rank exits 1.
+        with comm.fail_together(group=comm.world_group()):
             checkpoint.load_engine(self.policy, self.load_dir)
         if checkpoint.ranks_moved(self.resume_dir, comm.world_size()):  # every rank alike, rank 0 too
             checkpoint.derive_rng_state(self.cfg.seed, state["step"], comm.rank())

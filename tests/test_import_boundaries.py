@@ -3,11 +3,15 @@
 - ``megakto/kto`` and ``megakto/data`` never reach ``torch.distributed`` or ``deepspeed``, neither
   by import nor as an attribute (``torch.distributed.all_reduce``), nor through
   ``megakto.distributed``;
+- ``megakto/model`` imports nothing from ``megakto.distributed`` or ``megakto.planning``: the model
+  code is applied to from outside (the vocabulary-parallel reducers are passed in) and the memory
+  planner reads the model's shape from it, never the other way round;
 - in the whole package, only modules under ``megakto/distributed/`` import ``deepspeed`` or
   ``torch.distributed``;
 - in the package, ``tools/`` and ``launch/``, exactly one module talks to ``torch.distributed``
-  (``megakto/distributed/comm.py``) and exactly one imports ``deepspeed``
-  (``megakto/distributed/engine.py``).
+  (``megakto/distributed/comm.py``), and only the private DeepSpeed layer
+  (``megakto/distributed/_deepspeed/``) imports ``deepspeed``: its public facade
+  ``megakto/distributed/engine.py`` re-exports names and imports ``deepspeed`` itself nowhere.
 
 Not covered: imports built from strings (``importlib.import_module("deepspeed")``).
 """
@@ -23,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "megakto"
 
 COLLECTIVES = ("torch.distributed", "deepspeed")
+HIGHER_THAN_MODEL = ("megakto.distributed", "megakto.planning")
 
 
 def _matches(name: str, prefixes) -> str | None:
@@ -140,6 +145,23 @@ def test_math_and_data_never_touch_collectives(path, package):
     assert hits == [], f"{path.relative_to(ROOT)} reaches a collective: {hits}"
 
 
+@pytest.mark.parametrize(
+    "path,package",
+    list(_modules("model")),
+    ids=lambda x: str(x.relative_to(ROOT)) if isinstance(x, Path) else "",
+)
+def test_model_imports_nothing_from_higher_layers(path, package):
+    hits = forbidden_uses(path.read_text(), package, HIGHER_THAN_MODEL)
+    assert hits == [], f"{path.relative_to(ROOT)} imports from a higher layer: {hits}"
+
+
+def test_model_boundary_is_not_vacuous():
+    """The model walk finds the package's files, and the checker sees both layers' import forms."""
+    assert {"forward.py", "meta.py", "shape.py"} <= {p.name for p, _ in _modules("model")}
+    source = "from megakto.planning.shape import X\nfrom ..distributed import vocab_parallel\nimport megakto.kto\n"
+    assert sorted({line for line, _ in forbidden_uses(source, "megakto.model", HIGHER_THAN_MODEL)}) == [1, 2]
+
+
 def test_only_megakto_distributed_imports_collectives():
     offenders = []
     for path, package in _modules("."):
@@ -155,9 +177,18 @@ def _all_python():
     yield from _modules("tools", "launch", root=ROOT)
 
 
-def test_one_module_per_runtime():
-    """torch.distributed in comm.py only, deepspeed in engine.py only, tools and launch included."""
-    owners = {"torch.distributed": "megakto/distributed/comm.py", "deepspeed": "megakto/distributed/engine.py"}
+DEEPSPEED_LAYER = "megakto/distributed/_deepspeed/"
+
+
+def test_one_layer_per_runtime():
+    """torch.distributed in comm.py only, deepspeed in the private DeepSpeed layer only (not its
+    facade engine.py), tools and launch included."""
+    owners = {"torch.distributed": "megakto/distributed/comm.py", "deepspeed": DEEPSPEED_LAYER}
+
+    def owned(rel: str, runtime: str) -> bool:
+        owner = owners[runtime]
+        return rel.startswith(owner) if owner.endswith("/") else rel == owner
+
     seen = {name: set() for name in owners}
     offenders = []
     files = list(_all_python())
@@ -167,10 +198,13 @@ def test_one_module_per_runtime():
         for line, name in forbidden_uses(path.read_text(), package, COLLECTIVES, attributes=True):
             runtime = _matches(name, COLLECTIVES)
             seen[runtime].add(rel)
-            if rel != owners[runtime]:
+            if not owned(rel, runtime):
                 offenders.append(f"{rel}:{line} uses {name}; only {owners[runtime]} may")
     assert offenders == []
-    assert seen == {name: {owner} for name, owner in owners.items()}
+    assert seen["torch.distributed"] == {owners["torch.distributed"]}
+    # Every module of the layer that exists to wrap DeepSpeed does import it; the facade does not.
+    layer = {f"{DEEPSPEED_LAYER}{m}.py" for m in ("runtime", "loading", "engines", "checkpoint_io", "convert")}
+    assert seen["deepspeed"] == layer
 
 
 @pytest.mark.gloo

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     if comm.is_main() and not os.path.isfile(os.path.join(model, "config.json")):
         make_tiny_model(model, seed=0, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                         intermediate_size=704, vocab_size=2048, max_position_embeddings=128)
-    comm.barrier()
+    comm.barrier(group=comm.world_group())
     with open(os.path.join(REPO, "ds_configs", "zero3.json")) as f:
         ds = json.load(f)
     zero = ds["zero_optimization"]

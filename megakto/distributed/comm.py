@@ -1,9 +1,11 @@
 """The one module that talks to ``torch.distributed``.
 
-Every collective takes an explicit group (``None`` is the default world group) and returns early
-when there is nothing to reduce (no process group, or a group of size 1), so the same trainer code
-runs in a single process and under the launcher. Metrics and the KL reference point are reduced as
-(sum, count) pairs in one flat float64 tensor: one collective per call, exact global means.
+Every function that takes a group takes it as a required keyword, the world included
+(``group=world_group()``): a call site says which ranks it means, and no reader has to know a
+default. Collectives return early when there is nothing to reduce (no process group, or a group of
+size 1), so the same trainer code runs in a single process and under the launcher. Metrics and the KL
+reference point are reduced as (sum, count) pairs in one flat float64 tensor: one collective per
+call, exact global means.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable, Iterator, Mapping, NoReturn
+from typing import Callable, Iterator, Mapping, NoReturn, Optional, TypeAlias
 
 import torch
 import torch.distributed as dist
@@ -21,11 +23,13 @@ import torch.distributed as dist
 from megakto.errors import MegaktoError
 
 __all__ = [
+    "ProcessGroup",
     "is_initialized",
     "rank",
     "world_size",
     "local_rank",
     "is_main",
+    "world_group",
     "group_size",
     "group_rank",
     "group_ranks",
@@ -49,6 +53,11 @@ __all__ = [
     "run_rank",
 ]
 
+# A group as torch.distributed hands it out. A value may be None, torch's default group (what
+# world_group() returns in a single process, and a data-parallel group while tp = pp = 1), but no
+# call site writes None itself: it names the group it means.
+ProcessGroup: TypeAlias = Optional[dist.ProcessGroup]
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -62,7 +71,7 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
-def world_group():
+def world_group() -> ProcessGroup:
     """Every rank (for the few reductions that span all of them, e.g. peak memory): named, so a
     call site says it means the world rather than forgetting its data-parallel group."""
     return dist.group.WORLD if is_initialized() else None
@@ -76,30 +85,30 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def group_size(group=None) -> int:
+def group_size(*, group: ProcessGroup) -> int:
     return dist.get_world_size(group) if is_initialized() else 1
 
 
-def group_rank(group=None) -> int:
+def group_rank(*, group: ProcessGroup) -> int:
     return dist.get_rank(group) if is_initialized() else 0
 
 
-def group_ranks(group=None) -> list[int]:
+def group_ranks(*, group: ProcessGroup) -> list[int]:
     """Global ranks of ``group``'s members, in group-rank order."""
     if not is_initialized():
         return [0]
     return list(dist.get_process_group_ranks(group or dist.group.WORLD))
 
 
-def _comm_device(group) -> torch.device:
+def _comm_device(group: ProcessGroup) -> torch.device:
     """NCCL reduces only GPU tensors; gloo only CPU ones."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
-    if group_size(group) > 1:
+def _all_reduce(tensor: torch.Tensor, op, group: ProcessGroup) -> torch.Tensor:
+    if group_size(group=group) > 1:
         device = _comm_device(group)
         if tensor.device == device:
             dist.all_reduce(tensor, op=op, group=group)
@@ -110,29 +119,29 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, *, group: ProcessGroup) -> torch.Tensor:
     """Sum ``tensor`` in place over ``group``; a no-op outside a process group of size > 1.
     A tensor on a device the backend cannot reduce travels to one that it can and back."""
     return _all_reduce(tensor, dist.ReduceOp.SUM, group)
 
 
-def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def all_reduce_max(tensor: torch.Tensor, *, group: ProcessGroup) -> torch.Tensor:
     """Element-wise maximum of ``tensor`` over ``group``, in place (as :func:`all_reduce_sum`)."""
     return _all_reduce(tensor, dist.ReduceOp.MAX, group)
 
 
-def broadcast_object(obj, src: int = 0, group=None):
+def broadcast_object(obj, src: int = 0, *, group: ProcessGroup):
     """Rank ``src``'s ``obj`` on every rank (one decision, so ranks cannot disagree)."""
-    if group_size(group) == 1:
+    if group_size(group=group) == 1:
         return obj
     holder = [obj]
     dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
 
 
-def broadcast_tensor(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+def broadcast_tensor(tensor: torch.Tensor, src: int, *, group: ProcessGroup) -> torch.Tensor:
     """Global rank ``src``'s ``tensor`` into ``tensor`` on every rank of ``group``, in place."""
-    if group_size(group) > 1:
+    if group_size(group=group) > 1:
         device = _comm_device(group)
         moved = tensor if tensor.device == device else tensor.to(device)
         dist.broadcast(moved, src=src, group=group)
@@ -141,16 +150,16 @@ def broadcast_tensor(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor
     return tensor
 
 
-def all_gather_object(obj, group=None) -> list:
+def all_gather_object(obj, *, group: ProcessGroup) -> list:
     """Every rank's ``obj`` (picklable), in rank order, on every rank of ``group``."""
-    if group_size(group) == 1:
+    if group_size(group=group) == 1:
         return [obj]
-    gathered = [None] * group_size(group)
+    gathered = [None] * group_size(group=group)
     dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 
-def all_reduce_dict(values: Mapping[str, float | torch.Tensor], group=None) -> dict[str, float]:
+def all_reduce_dict(values: Mapping[str, float | torch.Tensor], *, group: ProcessGroup) -> dict[str, float]:
     """Sum a dict of scalars over ``group`` with a single collective.
 
     Every rank must pass the same keys; they are sorted so insertion order cannot misalign them
@@ -158,23 +167,23 @@ def all_reduce_dict(values: Mapping[str, float | torch.Tensor], group=None) -> d
     """
     keys = sorted(values)
     flat = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    all_reduce_sum(flat, group)
+    all_reduce_sum(flat, group=group)
     return dict(zip(keys, flat.tolist()))
 
 
-def any_rank(flag: bool, group=None) -> bool:
+def any_rank(flag: bool, *, group: ProcessGroup) -> bool:
     """True on every rank of ``group`` if ``flag`` is true on any of them (one decision for all)."""
     t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
-    return bool(all_reduce_sum(t, group)[0] > 0)
+    return bool(all_reduce_sum(t, group=group)[0] > 0)
 
 
-def barrier(group=None) -> None:
-    if group_size(group) > 1:
+def barrier(*, group: ProcessGroup) -> None:
+    if group_size(group=group) > 1:
         dist.barrier(group=group)
 
 
 @contextlib.contextmanager
-def fail_together(group=None) -> Iterator[None]:
+def fail_together(*, group: ProcessGroup) -> Iterator[None]:
     """Run a block of user-input checks so that all ranks fail, or none does.
 
     A rank whose block raises :class:`MegaktoError` (or ``OSError``) shares its one-line message;
@@ -194,8 +203,8 @@ def fail_together(group=None) -> Iterator[None]:
         message = f"{err.__class__.__name__}: {err}"
     except Exception as err:  # a bug, not bad input: this rank keeps its traceback, the others stop
         message, unexpected = f"unexpected {err.__class__.__name__}: {err} (traceback on that rank)", err
-    if group_size(group) > 1:
-        messages = [None] * group_size(group)
+    if group_size(group=group) > 1:
+        messages = [None] * group_size(group=group)
         dist.all_gather_object(messages, None if message is None else (kind, message), group=group)
         failed = [(r, m) for r, m in enumerate(messages) if m is not None]
         if unexpected is not None:
@@ -215,7 +224,7 @@ def _shared(err: MegaktoError) -> MegaktoError:
     return err
 
 
-def timeout_minutes(group=None) -> float | None:
+def timeout_minutes(*, group: ProcessGroup) -> float | None:
     """The collective timeout ``group``'s backend enforces (its watchdog under NCCL), in minutes: what
     a rank waiting in a collective waits at most. None outside a process group, or where the backend
     does not expose it."""
@@ -228,13 +237,13 @@ def timeout_minutes(group=None) -> float | None:
         return None
 
 
-def describe(group=None) -> str:
+def describe(*, group: ProcessGroup) -> str:
     """``gloo, 2 ranks, collective timeout 10 min``: the process group a run works in."""
     if not is_initialized():
         return "no process group (one process)"
-    minutes = timeout_minutes(group)
+    minutes = timeout_minutes(group=group)
     limit = f"{minutes:g} min" if minutes is not None else "not exposed by the backend"
-    return f"{dist.get_backend(group)}, {group_size(group)} ranks, collective timeout {limit}"
+    return f"{dist.get_backend(group)}, {group_size(group=group)} ranks, collective timeout {limit}"
 
 
 # A phase that some ranks run while the others wait in a collective warns past this share of the timeout.
@@ -253,7 +262,7 @@ def others_wait(what: str, log: Callable[[str], None], *, timeout: float | None 
     if world_size() == 1:
         yield
         return
-    minutes = timeout if timeout is not None else timeout_minutes()
+    minutes = timeout if timeout is not None else timeout_minutes(group=world_group())
     limit = f"{key}={minutes:g}" if minutes is not None else "the process group's timeout"
     log(f"{what}; the other ranks wait for it ({limit})")
     start = time.perf_counter()

@@ -18,7 +18,9 @@ Two ways to turn hidden states into log-probs, same result:
 Under tensor parallelism the output head is DeepSpeed's vocabulary-parallel ``VocabParallelLinear``:
 each rank of the tensor-parallel group holds rows ``[vocab_start_index, vocab_end_index)``, and the
 chunked log-probs reduce the log-sum-exp over the group (Megatron's vocab-parallel cross-entropy),
-so no rank ever holds a full row of logits.
+so no rank ever holds a full row of logits. The reductions come in as two callables built by the
+parallel side (:func:`megakto.distributed.vocab_parallel.group_reducers`): model code never sees a
+process group.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ import torch
 
 from megakto.data.collate import Batch
 from megakto.data.packing import PackedBatch
-from megakto.distributed.vocab_parallel import group_reducers
 from megakto.errors import ModelError
-from megakto.kto.chunked_logps import token_logps
+from megakto.kto.chunked_logps import Reducer, token_logps
 from megakto.kto.logps import sequence_logps
 from megakto.kto.segment_logps import segment_logps
 from megakto.model.lm_head import check_head_output, output_head, replaced_output_head
@@ -39,7 +40,11 @@ from megakto.model.packed import check_rows, for_attention, packed_forward_logps
 from megakto.model.vocab_blocks import BlockedHead, blocked_token_logps
 
 __all__ = ["packed_completion_logps", "completion_logps", "logps_function", "chunk_tokens_for",
-           "LOGITS_BLOCK_ELEMENTS", "uses_flash", "for_attention", "completion_token_counts"]
+           "LOGITS_BLOCK_ELEMENTS", "uses_flash", "for_attention", "completion_token_counts", "VocabReducers"]
+
+# ``(reduce_max, reduce_sum)`` over the ranks a vocabulary-parallel head is split across, each an
+# all-reduce that returns its tensor; ``(None, None)`` when there is nothing to reduce over.
+VocabReducers = tuple[Reducer | None, Reducer | None]
 
 # One (chunk × vocabulary) block of fp32 logits is at most this many elements (64 MiB), whatever
 # the vocabulary size: memory beyond the weights stays flat as V grows.
@@ -62,12 +67,12 @@ def completion_token_counts(batch: PackedBatch) -> torch.Tensor:
     return torch.bincount(_scored(batch)[2], minlength=batch.num_segments)
 
 
-def _vocab_shard(model, head: torch.nn.Module, tp_group):
+def _vocab_shard(model, head: torch.nn.Module, reducers: VocabReducers):
     """``(vocab_start, reduce_max, reduce_sum)`` for this head: its rows of the vocabulary and the
-    reductions over ``tp_group`` when it is vocabulary-parallel; ``(0, None, None)`` for a whole head."""
+    ``reducers`` when it is vocabulary-parallel; ``(0, None, None)`` for a whole head."""
     start = getattr(head, "vocab_start_index", None)
     if start is not None:
-        reduce_max, reduce_sum = group_reducers(tp_group)
+        reduce_max, reduce_sum = reducers
         if reduce_sum is None:
             raise ModelError(f"the output head holds vocabulary rows {start}..{head.vocab_end_index} only, but no "
                              "tensor-parallel group was given to reduce over; set parallel.tp_size")
@@ -83,14 +88,15 @@ def _vocab_shard(model, head: torch.nn.Module, tp_group):
 
 
 def packed_completion_logps(model, batch: PackedBatch, *, attn: str, mode: str = "chunked",
-                            chunk_tokens: int | None = None, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk_tokens: int | None = None,
+                            reducers: VocabReducers = (None, None)) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) summed completion log-probs (fp32) and (S,) completion token counts, segment order.
 
     ``model`` is an HF causal LM or a DeepSpeed engine wrapping one (called as given, so the
     engine's hooks run). ``attn``: its attention implementation (the run's resolved
     ``model.attn_implementation``), which decides the rows' layout (:func:`for_attention`).
-    ``tp_group``: the tensor-parallel group a vocabulary-parallel head is split over (None without
-    tensor parallelism).
+    ``reducers``: ``(reduce_max, reduce_sum)`` over the tensor-parallel group a vocabulary-parallel
+    head is split across (``(None, None)`` without tensor parallelism).
     """
     if mode == "full":
         return packed_forward_logps(model, batch, segment_logps, attn=attn)
@@ -114,7 +120,7 @@ def packed_completion_logps(model, batch: PackedBatch, *, attn: str, mode: str =
         return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg_of, tok).view(n, 1, 1)
 
     head = output_head(model)
-    start, reduce_max, reduce_sum = (0, None, None) if isinstance(head, BlockedHead) else _vocab_shard(model, head, tp_group)
+    start, reduce_max, reduce_sum = (0, None, None) if isinstance(head, BlockedHead) else _vocab_shard(model, head, reducers)
     check_rows(attn, batch.input_ids)
     with replaced_output_head(head, head_fn) as state:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
@@ -123,11 +129,13 @@ def packed_completion_logps(model, batch: PackedBatch, *, attn: str, mode: str =
     return check_head_output(model, logits, state, n), n_tokens
 
 
-def logps_function(mode: str, chunk_tokens: int | None = None, tp_group=None, *, attn: str):
+def logps_function(mode: str, chunk_tokens: int | None = None, *, attn: str,
+                   reducers: VocabReducers = (None, None)):
     """The configured log-prob function, ``f(model, batch) -> (logps, n_tokens)``, for a model whose
     attention implementation is ``attn`` (resolved once at start-up: the function is called with
-    DeepSpeed engines, which do not expose the model's config)."""
-    return partial(packed_completion_logps, attn=attn, mode=mode, chunk_tokens=chunk_tokens, tp_group=tp_group)
+    DeepSpeed engines, which do not expose the model's config). ``reducers``: as in
+    :func:`packed_completion_logps`."""
+    return partial(packed_completion_logps, attn=attn, mode=mode, chunk_tokens=chunk_tokens, reducers=reducers)
 
 
 def completion_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from megakto.errors import ModelError
 from megakto.model.load import _meta_model
 from megakto.model.lora import base_name
 from megakto.model.vocab_blocks import merge_vocab_blocks
-from megakto.planning.shape import ModelShape
+from megakto.model.shape import ModelShape
 
 __all__ = ["model_shape", "shape_of", "param_shapes", "hf_shapes"]
 

@@ -1,7 +1,7 @@
 """Memory planning: how many bytes a run holds per rank and per node, before it runs.
 
 Pure arithmetic (:mod:`~megakto.planning.states`, :mod:`~megakto.planning.activations`,
-:mod:`~megakto.planning.plan`) over a model's shape (:mod:`~megakto.planning.shape`, filled from a
+:mod:`~megakto.planning.plan`) over a model's shape (:mod:`megakto.model.shape`, filled from a
 config.json on the meta device by :mod:`megakto.model.meta`); :mod:`~megakto.planning.run_plan`
 reads a command line's config through the run's own checks.
 """
@@ -9,6 +9,6 @@ reads a command line's config through the run's own checks.
 from megakto.planning.activations import Tokens
 from megakto.planning.plan import GIB, MemoryPlan, PlanInputs, plan_memory
 from megakto.planning.report import format_plan, plan_json
-from megakto.planning.shape import ModelShape
+from megakto.model.shape import ModelShape
 
 __all__ = ["Tokens", "GIB", "MemoryPlan", "PlanInputs", "plan_memory", "format_plan", "plan_json", "ModelShape"]

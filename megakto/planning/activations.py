@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megakto.planning.shape import ModelShape
+from megakto.model.shape import ModelShape
 
 __all__ = ["Tokens", "layer_bytes_per_token", "train_pass", "no_grad_pass", "logits_bytes"]
 

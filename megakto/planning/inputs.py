@@ -14,7 +14,7 @@ from megakto.model.families import logit_transform
 from megakto.model.vocab_blocks import resolve_block_rows
 from megakto.planning.activations import Tokens
 from megakto.planning.plan import PlanInputs, lora_params, worst_case_tokens
-from megakto.planning.shape import ModelShape
+from megakto.model.shape import ModelShape
 
 __all__ = ["plan_inputs"]
 

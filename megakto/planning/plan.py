@@ -1,6 +1,6 @@
 """The memory plan of a run: every component's bytes per rank, the predicted peak, host memory per
 node, and whether it fits. Pure arithmetic over a loaded config, the DeepSpeed JSON and a
-:class:`~megakto.planning.shape.ModelShape`; nothing is allocated.
+:class:`~megakto.model.shape.ModelShape`; nothing is allocated.
 
 The peak is what persists through the run (model states, the online reference's weights, DeepSpeed's
 gradient buckets, a runtime floor) plus the largest of the run's phases, which never overlap:
@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from megakto.planning.activations import Tokens, logits_bytes, no_grad_pass, train_pass
-from megakto.planning.shape import ModelShape
+from megakto.model.shape import ModelShape
 from megakto.planning.states import StateBytes, frozen_weights, model_states
 
 __all__ = ["PlanInputs", "MemoryPlan", "plan_memory", "worst_case_tokens", "lora_params", "GIB",

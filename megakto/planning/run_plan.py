@@ -11,7 +11,7 @@ from megakto.planning.activations import Tokens
 from megakto.planning.inputs import plan_inputs
 from megakto.planning.plan import MemoryPlan, plan_memory
 from megakto.planning.report import fitting_changes, format_plan
-from megakto.planning.shape import ModelShape
+from megakto.model.shape import ModelShape
 
 __all__ = ["PlanRequest", "make_plan", "plan_report"]
 

@@ -62,12 +62,12 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
     """
     if ref.mode != "cache":
         return online()
-    with comm.fail_together():
+    with comm.fail_together(group=comm.world_group()):
         fingerprint = reference_fingerprint(ref.path or model.path, settings={
             "dtype": str(dtype), "attn": model.attn_implementation, "logps": model.logps})
         if comm.is_main():
             RefLogpCache.open(ref.cache_dir, fingerprint, create=True)
-    with comm.fail_together():
+    with comm.fail_together(group=comm.world_group()):
         cache = RefLogpCache.open(ref.cache_dir, fingerprint, create=False)
     start = time.perf_counter()
     seqs = sequences()
@@ -80,21 +80,21 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
     # Every rank computed the same positions, so rank 0 sends positions (8 bytes each), not rows.
     with comm.others_wait(f"rank 0 looks up which of {len(seqs):,} sequences {ref.cache_dir} lacks", log):
         todo = missing_positions(cache, seqs) if comm.is_main() else None
-    todo = comm.broadcast_object(todo)
+    todo = comm.broadcast_object(todo, group=comm.world_group())
     seconds = 0.0
     if len(todo):
         start = time.perf_counter()
         scorer = online()
         n = precompute(cache, seqs, scorer.logps, rank=dp_rank, world_size=dp_size, batch_size=batch_size, todo=todo,
                        write=writes)
-        comm.barrier()
+        comm.barrier(group=comm.world_group())
         cache.reload()
         del scorer
         gc.collect()
         seconds = time.perf_counter() - start
         log(f"reference cache: computed {int(comm.all_reduce_dict({'n': n}, group=dp_group)['n'])} log-probs "
             f"in {seconds:.1f} s into {ref.cache_dir}")
-    with comm.fail_together():
+    with comm.fail_together(group=comm.world_group()):
         missing = cache.missing(seqs.keys)
         if len(missing):
             raise MegaktoError(f"ref.cache_dir={ref.cache_dir}: {len(missing)} of {len(seqs)} reference "

@@ -49,7 +49,8 @@ class PipelineRunner:
     ``pp_group``: this rank's data-parallel and pipeline groups; ``last``: the global rank of this
     pipeline's last stage; ``attn``: the stages' attention implementation."""
 
-    def __init__(self, engine, slot: LossSlot, *, batch_fn: Callable, dp_group, pp_group, last: int, attn: str):
+    def __init__(self, engine, slot: LossSlot, *, batch_fn: Callable, dp_group: comm.ProcessGroup,
+                 pp_group: comm.ProcessGroup, last: int, attn: str):
         self.engine, self._slot = engine, slot
         self._batch = batch_fn  # pairs -> PackedBatch on the device
         self.dp_group, self.pp_group, self.last = dp_group, pp_group, last
@@ -106,7 +107,7 @@ class PipelineRunner:
         out.backwards = len(items)
         # One decision for every rank: a non-finite loss was back-propagated on some last stage, so the
         # step's gradient is not finite and DeepSpeed's overflow check has to discard the update.
-        if comm.any_rank(bool(non_finite), group=None):
+        if comm.any_rank(bool(non_finite), group=comm.world_group()):
             out.skipped, out.poisoned = "non-finite loss", True
         return out
 

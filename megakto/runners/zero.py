@@ -13,7 +13,7 @@ __all__ = ["ZeroRunner"]
 
 
 class ZeroRunner:
-    def __init__(self, engine, *, batch_fn: Callable, logps_fn: Callable, dp_group=None):
+    def __init__(self, engine, *, batch_fn: Callable, logps_fn: Callable, dp_group: comm.ProcessGroup):
         self.engine = engine
         self._batch = batch_fn  # pairs -> PackedBatch on the device
         self._logps = logps_fn  # (model, PackedBatch) -> (logps, n_tokens)
@@ -32,8 +32,9 @@ class ZeroRunner:
             logps, n_tokens = self._logps(self.engine, batch)
             micro = loss_fn(i, logps)
             loss = micro.loss
-            # One flag over the world (group=None), so that every rank of every group skips alike.
-            if not out.poisoned and comm.any_rank(not bool(torch.isfinite(loss.detach())), group=None):
+            # One flag over the world, so that every rank of every group skips alike.
+            if not out.poisoned and comm.any_rank(not bool(torch.isfinite(loss.detach())),
+                                                  group=comm.world_group()):
                 out.skipped = "non-finite loss"
                 if not out.backwards:
                     out.sums.add_micro(micro, logps=logps, n_tokens=n_tokens, tokens=batch.num_tokens)

@@ -16,6 +16,7 @@ import torch
 from megakto import checkpoint
 from megakto.data.sampler import KTOBatchSampler
 from megakto.distributed import engine
+from megakto.distributed._deepspeed import checkpoint_io
 from megakto.errors import ConfigError, ModelError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -216,14 +217,14 @@ def test_pickle_scan_refuses_foreign_globals(tmp_path):
     ok.mkdir()
     torch.save({"w": torch.ones(2), "scaler": LossScaler(1.0), "n": [1, 2]}, ok / "a_model_states.pt")
     engine.check_deepspeed_pickles(str(ok))
-    assert engine._weights_only_load(str(ok / "a_model_states.pt"))["n"] == [1, 2]
+    assert checkpoint_io._weights_only_load(str(ok / "a_model_states.pt"))["n"] == [1, 2]
     bad = tmp_path / "bad"
     bad.mkdir()
     torch.save({"w": torch.ones(2), "x": _Payload()}, bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(ModelError, match=r"refusing to unpickle \['posix.getcwd'\]"):
         engine.check_deepspeed_pickles(str(bad))
     with pytest.raises(Exception, match="Weights only load failed"):
-        engine._weights_only_load(str(bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        checkpoint_io._weights_only_load(str(bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
 
 
 def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):

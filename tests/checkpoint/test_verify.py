@@ -11,6 +11,7 @@ import torch
 
 from megakto import checkpoint
 from megakto.distributed import engine
+from megakto.distributed._deepspeed import checkpoint_io
 from megakto.errors import ConfigError, ModelError
 from tests.checkpoint.test_checkpoint import WEIGHTS, FakeEngine, _save
 
@@ -118,7 +119,7 @@ def test_zero2_classes_are_allowed(tmp_path):
     that resume and export use accept it."""
     torch.save(_fragment_state(), tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     engine.check_deepspeed_pickles(str(tmp_path))
-    loaded = engine._weights_only_load(str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    loaded = checkpoint_io._weights_only_load(str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     assert loaded["optimizer_state_dict"]["param_slice_mappings"][0]["w"].numel == 4
 
 
@@ -137,7 +138,7 @@ def test_foreign_class_is_still_refused(tmp_path):
     with pytest.raises(ModelError, match=r"refusing to unpickle \['tests.checkpoint.test_verify._Foreign'\]"):
         engine.check_deepspeed_pickles(str(tmp_path))
     with pytest.raises(ModelError) as err:
-        engine._weights_only_load(str(path))
+        checkpoint_io._weights_only_load(str(path))
     assert str(err.value) == (f"{path}: Weights only load failed: refusing to unpickle "
                               "['tests.checkpoint.test_verify._Foreign']: a checkpoint holds tensors, plain types "
                               "and DeepSpeed's own classes only")

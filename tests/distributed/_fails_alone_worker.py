@@ -47,12 +47,12 @@ class FailsAlone:
         engine.init_distributed(cfg.dist.timeout_minutes)
 
     def train(self):
-        print(f"rank {comm.rank()}: process group: {comm.describe()}", flush=True)
-        comm.barrier()  # both ranks are up
+        print(f"rank {comm.rank()}: process group: {comm.describe(group=comm.world_group())}", flush=True)
+        comm.barrier(group=comm.world_group())  # both ranks are up
         if comm.rank() == 1:
             _mark("raised_rank1", repr(time.time()))
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected on rank 1 alone)")
-        comm.all_reduce_sum(torch.ones(1))  # rank 0: waits for a rank that never comes
+        comm.all_reduce_sum(torch.ones(1), group=comm.world_group())  # rank 0: waits for a rank that never comes
 
 
 if __name__ == "__main__":

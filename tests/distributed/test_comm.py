@@ -43,37 +43,37 @@ def test_identity_without_a_group_reads_the_launcher_env(no_launcher_env):
     no_launcher_env.setenv("LOCAL_RANK", "1")
     assert (comm.rank(), comm.world_size(), comm.local_rank(), comm.is_main()) == (3, 4, 1, False)
     # Group queries describe the (absent) group, not the environment.
-    assert (comm.group_size(), comm.group_rank()) == (1, 0)
+    assert (comm.group_size(group=comm.world_group()), comm.group_rank(group=comm.world_group())) == (1, 0)
 
 
 def test_collectives_without_a_group_are_no_ops():
     t = torch.tensor([1.5, -2.0])
-    assert comm.all_reduce_sum(t) is t and t.tolist() == [1.5, -2.0]
+    assert comm.all_reduce_sum(t, group=comm.world_group()) is t and t.tolist() == [1.5, -2.0]
     # Sorted keys, plain floats, float64 arithmetic: 2**30 + 1 would round to 2**30 in float32.
-    out = comm.all_reduce_dict({"tokens": 2**30 + 1, "loss": torch.tensor(0.25)})
+    out = comm.all_reduce_dict({"tokens": 2**30 + 1, "loss": torch.tensor(0.25)}, group=comm.world_group())
     assert list(out) == ["loss", "tokens"] and out == {"loss": 0.25, "tokens": 1073741825.0}
     assert all(type(v) is float for v in out.values())
     obj = {"seed": 17}
-    assert comm.broadcast_object(obj) is obj
-    assert comm.barrier() is None
+    assert comm.broadcast_object(obj, group=comm.world_group()) is obj
+    assert comm.barrier(group=comm.world_group()) is None
 
 
 def test_fail_together_without_a_group(tmp_path):
-    with comm.fail_together():
+    with comm.fail_together(group=comm.world_group()):
         pass
     with pytest.raises(MegaktoError, match="^train.jsonl: row 7: field 'label'") as err:
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             raise DataError(BAD_ROW)
     assert str(err.value) == BAD_ROW and err.value.shared and type(err.value) is DataError
     missing = tmp_path / "missing.json"
     with pytest.raises(MegaktoError) as err:
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             open(missing)
     assert str(err.value) == f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
     assert err.value.shared and type(err.value) is MegaktoError
     # Anything else is a bug, not a user error: it passes through untouched.
     with pytest.raises(ValueError, match="^bug$") as err:
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             raise ValueError("bug")
     assert not hasattr(err.value, "shared")
 
@@ -81,10 +81,11 @@ def test_fail_together_without_a_group(tmp_path):
 # ----------------------------------------------------------------------------- 2 ranks over gloo
 
 def _fail_case(rank, raises, group=None):
-    """Run ``fail_together(group)`` with ``raises[rank]`` raised inside (None: no error); returns
-    (message, shared, class name) of the MegaktoError the rank raised, or None."""
+    """Run ``fail_together(group=group)`` with ``raises[rank]`` raised inside (None: no error; the
+    world when ``group`` is None); returns (message, shared, class name) of the MegaktoError the rank
+    raised, or None."""
     try:
-        with comm.fail_together(group):
+        with comm.fail_together(group=comm.world_group() if group is None else group):
             if raises[rank] is not None:
                 raise raises[rank]
     except MegaktoError as err:
@@ -95,20 +96,21 @@ def _fail_case(rank, raises, group=None):
 def _exercise(rank, scratch):
     """Every public function of comm on this rank; the collectives run in the same order on both."""
     out = {"identity": (comm.is_initialized(), comm.rank(), comm.world_size(), comm.local_rank(),
-                        comm.is_main(), comm.group_size(), comm.group_rank())}
+                        comm.is_main(), comm.group_size(group=comm.world_group()), comm.group_rank(group=comm.world_group()))}
 
     t = torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([10.0, -0.5])
-    out["sum_in_place"] = comm.all_reduce_sum(t) is t
+    out["sum_in_place"] = comm.all_reduce_sum(t, group=comm.world_group()) is t
     out["sum"] = t.tolist()
-    out["sum_int"] = comm.all_reduce_sum(torch.tensor([3, 4]) * (rank + 1)).tolist()
-    out["sum_world_named"] = comm.all_reduce_sum(torch.tensor([rank + 1.0]), dist.group.WORLD).tolist()
+    out["sum_int"] = comm.all_reduce_sum(torch.tensor([3, 4]) * (rank + 1), group=comm.world_group()).tolist()
+    out["sum_world_named"] = comm.all_reduce_sum(torch.tensor([rank + 1.0]), group=dist.group.WORLD).tolist()
     # Different insertion order per rank; the keys are matched by name.
     values = ({"tokens": 2**30, "loss": 1.5, "rows": 4} if rank == 0 else
               {"rows": torch.tensor(3), "loss": torch.tensor(0.25), "tokens": 1})
-    out["dict"] = comm.all_reduce_dict(values)
+    out["dict"] = comm.all_reduce_dict(values, group=comm.world_group())
 
-    out["bcast_0"] = comm.broadcast_object({"seed": 17, "files": ["a.jsonl", "b.jsonl"]} if rank == 0 else None)
-    out["bcast_1"] = comm.broadcast_object(("from", rank), src=1)
+    out["bcast_0"] = comm.broadcast_object({"seed": 17, "files": ["a.jsonl", "b.jsonl"]} if rank == 0 else None,
+                                          group=comm.world_group())
+    out["bcast_1"] = comm.broadcast_object(("from", rank), src=1, group=comm.world_group())
 
     # Rank 1 writes a file late; rank 0 looks for it only after the barrier.
     flag = os.path.join(scratch, "written_by_rank1")
@@ -116,22 +118,22 @@ def _exercise(rank, scratch):
         time.sleep(0.5)
         with open(flag, "w"):
             pass
-    comm.barrier()
+    comm.barrier(group=comm.world_group())
     out["barrier_waited"] = os.path.exists(flag)
 
     # Explicit groups: the pair (both ranks, a group object other than the default) and one group
     # per rank holding only that rank. Every rank creates every group, in the same order.
     pair = dist.new_group([0, 1])
     own = [dist.new_group([0]), dist.new_group([1])][rank]
-    out["pair"] = (comm.group_size(pair), comm.group_rank(pair),
-                   comm.all_reduce_sum(torch.tensor([rank + 1.0]), pair).tolist(),
+    out["pair"] = (comm.group_size(group=pair), comm.group_rank(group=pair),
+                   comm.all_reduce_sum(torch.tensor([rank + 1.0]), group=pair).tolist(),
                    comm.broadcast_object(f"rank{rank}", src=1, group=pair))
-    comm.barrier(pair)
-    out["own"] = (comm.group_size(own), comm.group_rank(own),
-                  comm.all_reduce_sum(torch.tensor([5.0 * (rank + 1)]), own).tolist(),
-                  comm.all_reduce_dict({"n": rank + 1}, own),
+    comm.barrier(group=pair)
+    out["own"] = (comm.group_size(group=own), comm.group_rank(group=own),
+                  comm.all_reduce_sum(torch.tensor([5.0 * (rank + 1)]), group=own).tolist(),
+                  comm.all_reduce_dict({"n": rank + 1}, group=own),
                   comm.broadcast_object(f"rank{rank}", src=rank, group=own))
-    comm.barrier(own)
+    comm.barrier(group=own)
     out["own_fail"] = _fail_case(rank, [None, DataError(BAD_ROW)], own)
 
     missing = os.path.join(scratch, "missing.json")
@@ -143,14 +145,14 @@ def _exercise(rank, scratch):
         "pair_rank1": _fail_case(rank, [None, DataError(BAD_ROW)], pair),
     }
     try:
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             if rank == 1:
                 open(missing)
     except MegaktoError as err:
         out["fail"]["oserror"] = str(err)
     # A bug (not a MegaktoError) on rank 1: it keeps its own exception, rank 0 stops with one line.
     try:
-        with comm.fail_together():
+        with comm.fail_together(group=comm.world_group()):
             if rank == 1:
                 raise ValueError("bug")
     except MegaktoError as err:
@@ -158,7 +160,7 @@ def _exercise(rank, scratch):
     except ValueError as err:
         out["fail"]["bug"] = ("ValueError", str(err), hasattr(err, "shared"))
     # After every case the ranks are still in step: one more collective matches.
-    out["in_step"] = comm.all_reduce_sum(torch.tensor([1.0])).item()
+    out["in_step"] = comm.all_reduce_sum(torch.tensor([1.0]), group=comm.world_group()).item()
     return out, missing
 
 
@@ -236,16 +238,16 @@ def _exercise_pair_of_three(rank):
     pair, tail = dist.new_group([0, 1]), dist.new_group([1, 2])
     out = {}
     if rank in (0, 1):
-        out["pair"] = (comm.group_size(pair), comm.group_rank(pair),
-                       comm.all_reduce_sum(torch.tensor([rank + 1.0]), pair).tolist(),
-                       comm.all_reduce_dict({"n": 10 * (rank + 1)}, pair),
+        out["pair"] = (comm.group_size(group=pair), comm.group_rank(group=pair),
+                       comm.all_reduce_sum(torch.tensor([rank + 1.0]), group=pair).tolist(),
+                       comm.all_reduce_dict({"n": 10 * (rank + 1)}, group=pair),
                        comm.broadcast_object(f"from rank {rank}", src=1, group=pair))
-        comm.barrier(pair)
+        comm.barrier(group=pair)
         out["pair_fail"] = _fail_case(rank, [None, DataError(BAD_ROW)], pair)
     if rank in (1, 2):
         # src is the global rank; the group rank of global rank 2 in ``tail`` is 1.
-        out["tail"] = (comm.group_rank(tail), comm.broadcast_object(f"from rank {rank}", src=2, group=tail))
-    out["world"] = comm.all_reduce_sum(torch.tensor([rank + 1.0])).tolist()
+        out["tail"] = (comm.group_rank(group=tail), comm.broadcast_object(f"from rank {rank}", src=2, group=tail))
+    out["world"] = comm.all_reduce_sum(torch.tensor([rank + 1.0]), group=comm.world_group()).tolist()
     return out
 
 
@@ -292,7 +294,7 @@ print("not reached")
     ("from megakto.errors import DataError; raise DataError('train.jsonl: row 3: bad')", 1,
      "megakto: error: train.jsonl: row 3: bad", False),
     # Raised on every rank by fail_together: the ranks end together, the group is torn down.
-    ("from megakto.errors import DataError\n    with comm.fail_together():\n        raise DataError('row 3')", 1,
+    ("from megakto.errors import DataError\n    with comm.fail_together(group=comm.world_group()):\n        raise DataError('row 3')", 1,
      "DataError: row 3", True),
 ])
 def test_run_rank_exits_with_mains_status_and_no_teardown(body, status, stderr, destroyed):

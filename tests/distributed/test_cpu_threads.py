@@ -1,5 +1,5 @@
 """engine.configure_cpu_threads: each local rank gets its share of the node's cores on CPU, and on a
-GPU (the accelerator patched to say so) when the optimizer or parameters live in host memory, where
+GPU (the DeepSpeed runtime's ``on_gpu`` patched to say so) when the optimizer or parameters live in host memory, where
 8 ranks would otherwise run their CPU AdamW steps with all cores each at the same moment."""
 
 import os
@@ -9,6 +9,7 @@ import torch
 
 from megakto.config import load_config
 from megakto.distributed import engine
+from megakto.distributed._deepspeed import runtime
 from megakto.startup import offloads_to_host
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,14 +33,14 @@ def node(monkeypatch):
     (True, False, None),  # GPU, nothing on the host: left alone
 ])
 def test_threads_per_local_rank(node, gpu, offloaded, threads):
-    node.setattr(engine, "on_gpu", lambda: gpu)
+    node.setattr(runtime, "on_gpu", lambda: gpu)
     torch.set_num_threads(3)
     assert engine.configure_cpu_threads(offloaded=offloaded) == threads
     assert torch.get_num_threads() == (threads or 3)
 
 
 def test_omp_num_threads_wins(node):
-    node.setattr(engine, "on_gpu", lambda: True)
+    node.setattr(runtime, "on_gpu", lambda: True)
     node.setenv("OMP_NUM_THREADS", "2")
     torch.set_num_threads(3)
     assert engine.configure_cpu_threads(offloaded=True) is None and torch.get_num_threads() == 3

@@ -93,7 +93,7 @@ def main():
             logits = torch.cat(comm.all_gather_object(logits.float().cpu(), group=tp_group), dim=-1)
     ref_after = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine and not piped else {}
     shared = len(_storages(trainer.policy.module) & _storages(ref_engine.module)) if ref_engine else 0
-    shared = comm.all_reduce_dict({"shared": shared})["shared"]
+    shared = comm.all_reduce_dict({"shared": shared}, group=comm.world_group())["shared"]
     if comm.is_main():
         os.makedirs(args.dump, exist_ok=True)
         torch.save(policy_after, os.path.join(args.dump, "policy.pt"))

@@ -27,6 +27,7 @@ from megakto.data.packing import pack  # noqa: E402
 from megakto.distributed import comm, engine  # noqa: E402
 from megakto.distributed.ds_config import build_ds_config  # noqa: E402
 from megakto.distributed.parallel import ParallelDims  # noqa: E402
+from megakto.distributed.vocab_parallel import group_reducers  # noqa: E402
 from megakto.errors import ModelError  # noqa: E402
 from megakto.model.forward import completion_logps, logps_function  # noqa: E402
 from megakto.model.packing_check import check_packing  # noqa: E402
@@ -65,8 +66,9 @@ def check(policy, attn: str, *, dtype=torch.float32, packing=True, tp_group=None
     """The start-up check as the trainer runs it: its result, or its error line."""
     fe.CALLS.clear()
     try:
-        r = check_packing(policy, logps_function("chunked", None, tp_group, attn=attn), attn=attn, packing=packing,
-                          pad_id=PAD, vocab_size=VOCAB, dtype=dtype, device="cpu")
+        logps = logps_function("chunked", None, attn=attn, reducers=group_reducers(tp_group))
+        r = check_packing(policy, logps, attn=attn, packing=packing, pad_id=PAD, vocab_size=VOCAB, dtype=dtype,
+                          device="cpu")
         return {"worst": r.worst, "max_diff": r.max_diff, "seconds": r.seconds, "calls": sorted(set(fe.CALLS))}
     except ModelError as err:
         return {"error": str(err)}

@@ -57,7 +57,7 @@ def main():
         if comm.is_main():
             torch.manual_seed(0)
             AutoModelForCausalLM.from_config(make()).save_pretrained(folder)
-        comm.barrier()
+        comm.barrier(group=comm.world_group())
         module = pipeline_model(folder, 2, dtype=torch.float32, model=cfg.model, partition="parameters")
         opt = torch.optim.SGD(module.parameters(), lr=LR)
         policy, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
@@ -69,14 +69,14 @@ def main():
         runner.train([rows()], lambda i, lp: MicroLoss(lp.sum(), zeros, zeros, zeros.bool()), scale=1.0, skipped=None)
         after = runner.score([rows()])[0]
         weights = {}
-        for part in comm.all_gather_object(stage_weights(module, SHAPE["num_hidden_layers"])):
+        for part in comm.all_gather_object(stage_weights(module, SHAPE["num_hidden_layers"]), group=comm.world_group()):
             weights.update(part)
         want_logps, want_after, want_weights = whole(folder)
         if comm.is_main():
             torch.save({"logps": logps, "want_logps": want_logps, "after": after, "want_after": want_after,
                         "weights": weights, "want_weights": want_weights, "parts": [int(p) for p in module.parts]},
                        os.path.join(args.out, f"{name}.pt"))
-        comm.barrier()
+        comm.barrier(group=comm.world_group())
         del policy, module, opt, runner
 
 

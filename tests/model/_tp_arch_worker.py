@@ -21,6 +21,7 @@ from megakto.data.packing import pack  # noqa: E402
 from megakto.distributed import comm, engine  # noqa: E402
 from megakto.distributed.ds_config import build_ds_config  # noqa: E402
 from megakto.distributed.parallel import ParallelDims  # noqa: E402
+from megakto.distributed.vocab_parallel import group_reducers  # noqa: E402
 from megakto.model.forward import packed_completion_logps  # noqa: E402
 from megakto.model.tp_checks import check_tp_config, check_vocab_parallel_head  # noqa: E402
 from tests.model._arch_cases import ARCHS, LR, rows, whole  # noqa: E402
@@ -43,7 +44,7 @@ def main():
             torch.manual_seed(0)
             with engine.outside_zero3():
                 AutoModelForCausalLM.from_config(make()).save_pretrained(folder)
-        comm.barrier()
+        comm.barrier(group=comm.world_group())
         check_tp_config(make(), 2)
         model = engine.load_model(folder, ds, dtype=torch.float32, attn_implementation="eager",
                                   trust_remote_code=False)
@@ -51,18 +52,19 @@ def main():
         policy, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
         _, tp_group = engine.parallel_groups(2)
         check_vocab_parallel_head(policy, 2)
-        logps, _ = packed_completion_logps(policy, pack(rows(), 64, 0).to("cpu"), attn="eager", tp_group=tp_group)
+        reducers = group_reducers(tp_group)
+        logps, _ = packed_completion_logps(policy, pack(rows(), 64, 0).to("cpu"), attn="eager", reducers=reducers)
         policy.backward(logps.sum())
         policy.step()
         with torch.no_grad():  # after the step: a tied head must have moved with the embedding
-            after, _ = packed_completion_logps(policy, pack(rows(), 64, 0).to("cpu"), attn="eager", tp_group=tp_group)
+            after, _ = packed_completion_logps(policy, pack(rows(), 64, 0).to("cpu"), attn="eager", reducers=reducers)
         weights = engine.gathered_state_dict(policy.module, tp_group)
         with engine.outside_zero3():
             want_logps, want_after, want_weights = whole(folder)
         if comm.is_main():
             torch.save({"logps": logps.detach(), "want_logps": want_logps, "after": after, "want_after": want_after,
                         "weights": weights, "want_weights": want_weights}, os.path.join(args.out, f"{name}.pt"))
-        comm.barrier()
+        comm.barrier(group=comm.world_group())
         del policy, model, opt
 
 

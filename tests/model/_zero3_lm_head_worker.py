@@ -60,7 +60,7 @@ def blocked_engine(base, folder: str, rows: int):
     """The trainer's loading path: from_pretrained under ZeRO-3's zero.Init, then block_vocab."""
     if comm.rank() == 0:
         base.save_pretrained(folder)
-    comm.barrier()
+    comm.barrier(group=comm.world_group())
     model = engine.load_model(folder, DS_CONFIG, dtype=torch.float32, attn_implementation="sdpa",
                               trust_remote_code=False, vocab_block_rows=rows)
     return make_engine(model)

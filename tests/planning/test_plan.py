@@ -7,7 +7,7 @@ import pytest
 from megakto.planning import activations, plan as plan_mod, states
 from megakto.planning.activations import Tokens, layer_bytes_per_token
 from megakto.planning.plan import PlanInputs, plan_memory, worst_case_tokens
-from megakto.planning.shape import ModelShape
+from megakto.model.shape import ModelShape
 from megakto.planning.states import model_states
 
 # A Llama-shaped toy: hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 kv heads, vocab 1000, untied.

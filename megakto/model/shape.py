@@ -1,6 +1,8 @@
 """What the memory plan needs to know about a model: its sizes and its parameters' element counts,
 grouped by component. Pure: :func:`megakto.model.meta.model_shape` fills it from a config.json
 (the model built on the meta device, so any architecture counts exactly); tests build it by hand.
+It lives with the model code that fills it, so that :mod:`megakto.planning` reads it from here and
+``model/`` imports nothing from ``planning/``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,86 @@
+"""Offline conversions of a ZeRO checkpoint with DeepSpeed's own tools: to the universal form
+(``ds_to_universal``) and to consolidated fp32 weights (``zero_to_fp32``), one state dict per
+tensor-parallel rank. Both unpickle with ``weights_only=False``, so every file is scanned first
+(:func:`~megakto.distributed._deepspeed.checkpoint_io.check_deepspeed_pickles`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import io
+import os
+
+import torch
+
+from megakto.distributed._deepspeed.checkpoint_io import check_deepspeed_pickles, first_line
+from megakto.errors import ModelError
+from megakto.model.vocab_blocks import merge_vocab_blocks
+
+__all__ = ["to_universal", "zero_fp32_state_dict", "zero_fp32_shards"]
+
+
+def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1) -> None:
+    """DeepSpeed's own ``ds_to_universal`` of the ZeRO checkpoint ``tag_dir`` into ``out_dir``: one
+    fp32 file per parameter (weights, Adam moments) that any data-parallel size loads. ``workers``:
+    its extraction processes (1: none forked, as inside a training rank). Offline; it unpickles
+    with ``weights_only=False``, so every file is scanned first. Its progress output is kept back;
+    a failure is one ModelError line naming ``tag_dir``."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    check_deepspeed_pickles(tag_dir)
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=workers,
+                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            ds_to_universal.main(args)
+    except Exception as err:  # DeepSpeed's asserts and RuntimeErrors: one line naming the checkpoint
+        raise ModelError(f"{tag_dir}: DeepSpeed's universal conversion failed: {first_line(err)}") from None
+
+
+def zero_fp32_state_dict(load_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """The consolidated fp32 weights of a ZeRO checkpoint (DeepSpeed's zero_to_fp32), on CPU, under
+    the Hugging Face parameter names.
+    Offline: no process group; memory for one full fp32 copy of the model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_deepspeed_pickles(os.path.join(load_dir, tag))
+    # Hugging Face names: vocabulary blocks (model.vocab_block_rows) are joined back.
+    return merge_vocab_blocks(get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag))
+
+
+def _mp_ranks(tag_dir: str) -> list[int]:
+    found = set()
+    for path in glob.glob(os.path.join(tag_dir, "*mp_rank_*_model_states.pt")):
+        found.add(int(os.path.basename(path).split("mp_rank_")[1][:2]))
+    return sorted(found)
+
+
+def zero_fp32_shards(load_dir: str, tag: str) -> list[dict[str, torch.Tensor]]:
+    """The consolidated fp32 weights of a ZeRO checkpoint, one state dict per tensor-parallel rank
+    (``mp_rank_XX`` files), in rank order: one dict without tensor parallelism. zero_to_fp32 reads
+    only ``mp_rank_00`` files, so each TP rank's files are shown to it, renamed, in a folder of
+    links; its ZeRO partitions are then joined over the data-parallel ranks as usual.
+    Offline, as :func:`zero_fp32_state_dict`; memory for one full fp32 copy per TP rank."""
+    import tempfile
+
+    tag_dir = os.path.join(load_dir, tag)
+    ranks = _mp_ranks(tag_dir)
+    if len(ranks) <= 1:
+        return [zero_fp32_state_dict(load_dir, tag)]
+    if ranks != list(range(len(ranks))):
+        raise ModelError(f"{tag_dir}: tensor-parallel ranks {ranks} in its file names are not 0..{len(ranks) - 1}")
+    shards = []
+    for m in ranks:
+        with tempfile.TemporaryDirectory(prefix="megakto-tp-") as tmp:
+            view = os.path.join(tmp, tag)
+            os.makedirs(view)
+            mine = f"mp_rank_{m:02d}"
+            for name in os.listdir(tag_dir):
+                if mine in name:
+                    os.symlink(os.path.join(os.path.abspath(tag_dir), name),
+                               os.path.join(view, name.replace(mine, "mp_rank_00")))
+            shards.append(zero_fp32_state_dict(tmp, tag))
+    return shards
