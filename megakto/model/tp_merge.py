@@ -33,12 +33,13 @@ def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], shapes: Mappin
 
     ``aliases`` (:func:`tied_aliases`): tied names and the tensor they are. A checkpoint records a
     tied tensor under its alias on some ranks only (zero_to_fp32 restores the shared name where
-    that rank's file lists it), so aliases are set aside, the tensors joined, and each alias given
-    its source's whole tensor."""
+    that rank's file lists it), so aliases are set aside, the tensors joined, and each alias that
+    some shard held given its source's whole tensor."""
     tp = len(shards)
     if tp == 1:
         return dict(shards[0])
-    aliases = dict(aliases or {})
+    held = {name for s in shards for name in s if name in (aliases or {})}
+    aliases = {alias: source for alias, source in (aliases or {}).items() if alias in held}
     shards = [{k: v for k, v in s.items() if k not in aliases} for s in shards]
     names = list(shards[0])
     for r, shard in enumerate(shards[1:], 1):

@@ -132,6 +132,9 @@ def test_tied_alias_given_on_one_rank_only_is_the_joined_source():
         merge_tp_shards(shards, shapes)
     merged = merge_tp_shards(shards, shapes, aliases={"head.weight": "embed.weight"})
     assert torch.equal(merged["embed.weight"], emb) and merged["head.weight"] is merged["embed.weight"]
+    # A live gather names each parameter once: an alias no shard held stays absent.
+    unnamed = [{"embed.weight": emb[:4]}, {"embed.weight": emb[4:]}]
+    assert sorted(merge_tp_shards(unnamed, shapes, aliases={"head.weight": "embed.weight"})) == ["embed.weight"]
 
 
 def test_tied_aliases_from_a_config():
