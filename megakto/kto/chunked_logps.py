@@ -33,9 +33,11 @@ The log-sum-exp, softmax and log-probs are fp32 (fp64 when the inputs are fp64);
 recomputes the same fp32 logits, keeps the softmax gradient in fp32 for both matmuls and sums the
 weight gradient over the chunks in an fp32 buffer, cast to the weight's dtype once at the end (a bf16
 running sum would be rounded again after every chunk). fp32 and fp64 weights take the very same path
-as before, bit for bit. ``hidden`` may be wider than the weight (fp32 over a bf16 shard, from
-:mod:`megakto.model.vocab_blocks`); the hidden gradient comes back in ``hidden``'s dtype, so callers
-that sum several shards' hidden gradients can do it in fp32.
+as before, bit for bit. On a GPU these fp32 matmuls forgo bf16 tensor cores, so the head's share of a
+step grows there (torch's CUDA-only ``mm(..., out_dtype=torch.float32)`` keeps bf16 operands with an
+fp32 output; not used while it cannot be tested on CPU). ``hidden`` may be wider than the weight
+(fp32 over a bf16 shard, from :mod:`megakto.model.vocab_blocks`); the hidden gradient comes back in
+``hidden``'s dtype, so callers that sum several shards' hidden gradients can do it in fp32.
 """
 
 from __future__ import annotations
