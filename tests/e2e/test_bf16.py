@@ -19,7 +19,7 @@ mode trained under the real launcher against its fp32 twin, 2 ranks each.
 The fp32 twins are recorded numbers, as the golden losses are (an fp32 run on CPU repeats itself
 bitwise): the same settings with ``model.dtype=float32``. ZeRO-1, ZeRO-2, TP2 and PP2 share the
 ZeRO-3 twin: their own fp32 runs agree with it to 4e-6 on every metric compared here (measured),
-a thousandth of the tightest tolerance.
+under a thousandth of the tightest tolerance.
 """
 
 import json
@@ -126,8 +126,8 @@ def _tolerances(twin: dict, metrics: dict, n: int) -> dict:
     The model is of rounding at fixed weights; after 3-4 steps of Adam the two trajectories have
     separated too, by less (measured: every difference below 15 % of its tolerance, the largest
     LoRA's step-3 logps/rejected, below 12 % without LoRA). The tolerances are tight enough to
-    fail a bf16 run that stops learning: step 3's fp32 rewards/chosen is 0.031, its tolerance
-    0.021; and a wrong KL or log-prob by a tenth of a nat per sequence."""
+    fail a bf16 run that stops learning (step 3's fp32 rewards/chosen is 0.031, its tolerance
+    0.021) and a KL or a batch's mean log-prob off by more than 0.16 nats."""
     def sigma4(s: float, m: float) -> float:
         return 4 * U * (abs(s) / math.sqrt(n) + math.sqrt(n)) / math.sqrt(m)
 
