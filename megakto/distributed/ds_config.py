@@ -27,7 +27,8 @@ from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError
 
 __all__ = ["build_ds_config", "reference_ds_config", "load_ds_json", "autotp_size", "check_deepspeed_version",
-           "MIN_DEEPSPEED_TP", "check_versions", "MIN_DEEPSPEED", "MIN_TRANSFORMERS", "TORCH_RANGE", "ZERO_AUTO_KEYS", "CPU_ZERO_SIZES", "zero_sizes", "auto_zero_sizes", "host_offload"]
+           "MIN_DEEPSPEED_TP", "check_versions", "MIN_DEEPSPEED", "MIN_TRANSFORMERS", "TORCH_RANGE", "ZERO_AUTO_KEYS", "CPU_ZERO_SIZES", "zero_sizes", "auto_zero_sizes", "host_offload",
+           "grad_accum_bytes"]
 
 # AutoTP training under ZeRO-3 needs 0.19.4 (earlier releases refuse it or wrote incomplete
 # checkpoints); the vocabulary-parallel output head megakto scores on
@@ -217,6 +218,54 @@ def check_versions(tp: int = 1, pp: int = 1, installed: dict[str, str] | None = 
     check_deepspeed_version(tp, pp, installed=deepspeed_v)
 
 
+_ACCUM_DTYPES = {"fp32": 4, "float32": 4, "float": 4, "torch.float32": 4,
+                 "bf16": 2, "bfloat16": 2, "torch.bfloat16": 2}  # DeepSpeed's DtypeEnum spellings we allow
+
+
+def _fill_grad_accum_dtype(ds: dict, bf16: bool, stage: Any, pp: int, source: str) -> None:
+    """``data_types.grad_accum_dtype``, the dtype DeepSpeed sums the micro-batches' gradients in
+    (its default: the model's). A value in the JSON wins; megakto fills ``"fp32"`` for bf16 under
+    ZeRO-3 only, where the sum already lives in one flat buffer of the rank's partition
+    (``grad_partitions_flat_buffer``): 2 more bytes per parameter per rank (on the host under
+    optimizer offload), and no bf16 rounding of the running sum at every micro-batch. Elsewhere
+    DeepSpeed 0.19.8 pays more for it: at ZeRO-1 (pipelines included) it swaps its ZeRO optimizer
+    for BF16_Optimizer, whose fp32 gradient is the whole model on every rank (4·P bytes) and whose
+    checkpoints are another layout; at ZeRO-2 the fp32 partition sits on the device even under
+    optimizer offload, where bf16 accumulation keeps none there; at stage 0 it refuses the mix.
+    With the gradient-accumulation steps of the recipes (2-4) the bf16 sum adds at most 1-3
+    roundings of u = 2^-8 to a gradient each micro-batch already rounds once."""
+    section = ds.get("data_types")
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{source}: data_types must be a JSON object, got {_show(section)}")
+    section = dict(section or {})
+    have = section.get("grad_accum_dtype", "auto")
+    if have in ("auto", None):
+        if bf16 and stage == 3:
+            section["grad_accum_dtype"] = "fp32"
+            ds["data_types"] = section
+        elif "grad_accum_dtype" in section:
+            del section["grad_accum_dtype"]  # DeepSpeed's default, the model's dtype
+            ds["data_types"] = section
+        return
+    if have not in _ACCUM_DTYPES:
+        raise ConfigError(f"{source}: data_types.grad_accum_dtype={_show(have)}: allowed values are fp32 and bf16 "
+                          "(or remove it: fp32 under ZeRO-3 in bf16, the model's dtype otherwise)")
+    if _ACCUM_DTYPES[have] == 2 and not bf16:
+        raise ConfigError(f"{source}: data_types.grad_accum_dtype={_show(have)} with an fp32 model: DeepSpeed sums "
+                          "the gradients of fp32 weights in fp32 only; remove it")
+    if _ACCUM_DTYPES[have] == 4 and bf16 and stage in (0, None):
+        raise ConfigError(f"{source}: data_types.grad_accum_dtype={_show(have)} with bf16 at ZeRO stage 0"
+                          f"{' (pipelines, pp=' + str(pp) + ')' if pp > 1 else ''}: DeepSpeed has no fp32 gradient "
+                          "sum without a ZeRO optimizer; remove it or use ZeRO stage 1")
+
+
+def grad_accum_bytes(ds: dict, bf16: bool) -> int:
+    """Bytes per element of the gradient sum a filled DeepSpeed dict asks for (the model's dtype
+    when it names none)."""
+    have = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    return _ACCUM_DTYPES.get(have, 2 if bf16 else 4)
+
+
 def _show(value: Any) -> str:
     return json.dumps(value)
 
@@ -262,7 +311,8 @@ def build_ds_config(
     hidden_size: int | None = None,
     source: str = "DeepSpeed config",
 ) -> dict:
-    """Return a copy of ``ds`` with batch sizes, clipping and precision filled from ``cfg``/``dims``,
+    """Return a copy of ``ds`` with batch sizes, clipping and precision (``bf16``, and the dtype
+    gradients are summed in: :func:`_fill_grad_accum_dtype`) filled from ``cfg``/``dims``,
     and the ZeRO sizes left ``"auto"`` sized for the device (:func:`zero_sizes`: ``hidden_size``, the
     model's, is needed on GPU only).
 
@@ -327,6 +377,7 @@ def build_ds_config(
         )
     fp16["enabled"] = False
     ds["fp16"] = fp16
+    _fill_grad_accum_dtype(ds, bool(bf16), stage, dims.pp, source)
     _fill_zero_sizes(ds, on_gpu, hidden_size, source)
 
     leftover = _find_auto(ds)

@@ -23,12 +23,21 @@ sum over its vocabulary rows is combined with ``reduce_sum`` inside backward, so
 the layers below is identical on every shard (Megatron puts the same all-reduce in the backward of
 its copy-to-tensor-parallel-region op).
 
-Precision: the matmuls run in the parameters' dtype, as the ``nn.Linear`` they replace does (so a
-bf16 model matches the reference path, which upcasts bf16 logits with ``.float()``); the
-log-sum-exp, softmax and log-probs are fp32 (fp64 when the inputs are fp64). ``hidden`` may be
-wider than the weight (fp32 over a bf16 shard): each chunk is cast for the matmul and the hidden
-gradient comes back in ``hidden``'s dtype, so callers that sum several shards' hidden gradients
-(vocabulary blocks) can do it in fp32.
+Precision: the matmuls take their operands in the parameters' dtype, as the ``nn.Linear`` they
+replace does, but a half-precision (bf16) weight's products and sums are fp32 and so is the logits
+block: the weight is widened to fp32 once per call and each chunk of hidden states with it (exact,
+every bf16 number is an fp32 number). Rounding the logits to bf16 first, as ``nn.Linear`` followed
+by ``.float()`` does, moves a token's log-prob by up to half an ulp of its logit, 0.03-0.06 nats for
+logits of 8-32, and over hundreds of completion tokens that is noise of the size of early rewards.
+The log-sum-exp, softmax and log-probs are fp32 (fp64 when the inputs are fp64); the backward
+recomputes the same fp32 logits, keeps the softmax gradient in fp32 for both matmuls and sums the
+weight gradient over the chunks in an fp32 buffer, cast to the weight's dtype once at the end (a bf16
+running sum would be rounded again after every chunk). fp32 and fp64 weights take the very same path
+as before, bit for bit. On a GPU these fp32 matmuls forgo bf16 tensor cores, so the head's share of a
+step grows there (torch's CUDA-only ``mm(..., out_dtype=torch.float32)`` keeps bf16 operands with an
+fp32 output; not used while it cannot be tested on CPU). ``hidden`` may be wider than the weight
+(fp32 over a bf16 shard, from :mod:`megakto.model.vocab_blocks`); the hidden gradient comes back in
+``hidden``'s dtype, so callers that sum several shards' hidden gradients can do it in fp32.
 """
 
 from __future__ import annotations
@@ -54,6 +63,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: fp32 for a half-precision weight (its products and sums,
+    and the logits they give, are not rounded to 8 significant bits), the weight's own otherwise."""
+    return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+
+
 class _ShardStats(torch.autograd.Function):
     """Per token: the log-sum-exp of ``hidden @ weight.T`` over this shard's rows, and the target's
     logit where the shard owns the target (0 elsewhere). Chunked forward; recomputing backward."""
@@ -62,11 +77,12 @@ class _ShardStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, local_t, chunk_size, reduce_grad_h):
         n, v_local = hidden.shape[0], weight.shape[0]
         acc = _compute_dtype(hidden.dtype)
+        w = weight.to(_matmul_dtype(weight))  # a half weight widened once per call; the weight itself otherwise
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         target_logit = torch.zeros(n, dtype=acc, device=hidden.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logits = (hidden[s:e].to(weight.dtype) @ weight.T).to(acc)  # the only (chunk, V_local) block
+            logits = (hidden[s:e].to(w.dtype) @ w.T).to(acc)  # the only (chunk, V_local) block
             lt = local_t[s:e]
             picked = logits.gather(1, lt.clamp(min=0).unsqueeze(1)).squeeze(1)
             target_logit[s:e] = torch.where(lt >= 0, picked, 0.0)
@@ -75,6 +91,7 @@ class _ShardStats(torch.autograd.Function):
             m = torch.where(torch.isfinite(m), m, 0.0)
             lse[s:e] = torch.log(logits.sub_(m).exp_().sum(dim=-1)) + m.squeeze(1)
             del logits
+        del w
         ctx.save_for_backward(hidden, weight, local_t, lse)
         ctx.chunk_size = chunk_size
         ctx.reduce_grad_h = reduce_grad_h
@@ -84,14 +101,15 @@ class _ShardStats(torch.autograd.Function):
     def backward(ctx, grad_lse, grad_target):
         hidden, weight, local_t, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(_matmul_dtype(weight))
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = torch.zeros_like(weight, dtype=w.dtype) if need_w else None  # fp32 sum over chunks for half weights
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
         grad_target = torch.zeros_like(lse) if grad_target is None else grad_target.to(lse.dtype)
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, hidden.shape[0])
-            h = hidden[s:e].to(weight.dtype)
-            logits = (h @ weight.T).to(lse.dtype)
+            h = hidden[s:e].to(w.dtype)
+            logits = (h @ w.T).to(lse.dtype)  # the forward's logits, bit for bit
             # d lse / d z = softmax over the shard's rows; d target_logit / d z = onehot(y). Built
             # in place in the recomputed block. With lse the full log-normaliser and
             # grad_lse = -grad_target this is (onehot(y) - softmax(z)) * upstream, eq. (7)'s
@@ -104,12 +122,15 @@ class _ShardStats(torch.autograd.Function):
             owned = lt >= 0
             g.scatter_add_(1, lt.clamp(min=0).unsqueeze(1),
                            torch.where(owned, grad_target[s:e], 0.0).unsqueeze(1))
-            g = g.to(weight.dtype)
+            g = g.to(w.dtype)
             if need_h:
-                grad_h[s:e] = g @ weight  # cast to hidden's dtype on assignment
+                grad_h[s:e] = g @ w  # cast to hidden's dtype on assignment
             if need_w:
                 grad_w.addmm_(g.T, h)
             del logits, g, h
+        del w
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)  # rounded once (a no-op unless the weight is half precision)
         if need_h:
             # Each shard holds the part of dL/dh from its own vocabulary rows; sum them.
             grad_h = _reduce(ctx.reduce_grad_h, grad_h)

@@ -158,9 +158,10 @@ class BlockedHead(_Blocked):
 
 
 def _wide(hidden: torch.Tensor) -> torch.Tensor:
-    """Half-precision hidden states as fp32 (each block casts back for its matmul), so the blocks'
-    hidden gradients are summed in fp32 and rounded to the model's dtype once, as the whole-matrix
-    kernel does."""
+    """Half-precision hidden states as fp32 (exact; each block's chunked matmul is fp32 anyway, see
+    :mod:`megakto.kto.chunked_logps`), so the blocks' hidden gradients are summed in fp32 and
+    rounded to the model's dtype once, as the whole-matrix kernel does. The ``full`` path's blocks
+    cast back and give the model's own logits, as ``nn.Linear`` would."""
     return hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden
 
 

@@ -21,7 +21,10 @@ shared by the layers).
 
 Log-probs (``model.logps: chunked``): one (chunk, V_block) fp32 block plus its cast to the weight
 dtype, with chunk = min(scored tokens, ``logps_chunk_tokens`` or 2^24 / V_block); the head's
-gradient is one block's (V_block·h·w) with vocabulary blocks, the whole matrix without.
+gradient is one block's (V_block·h·w) with vocabulary blocks, the whole matrix without. A bf16 head
+runs its matmuls in fp32 (:mod:`megakto.kto.chunked_logps`): no cast of the block, but the weight
+block widened to fp32 (V_block·h·4) and, with grad, its gradient summed in fp32 then cast
+(V_block·h·(4 + w)).
 ``model.logps: full``: fp32 logits of every token, their log-softmax kept for backward (2·T·V·4).
 """
 
@@ -78,12 +81,17 @@ def logits_bytes(shape: ModelShape, scored: int, *, w: int, tp: int, logps: str,
     ...                vocab=1000, embedding=64000, head=64000, layer_params=(1,))
     >>> logits_bytes(s, 100, w=4, tp=1, logps="chunked", chunk_tokens=None, block_rows=0, grad=True)
     1056000
+    >>> logits_bytes(s, 100, w=2, tp=1, logps="chunked", chunk_tokens=None, block_rows=0, grad=True)
+    1040000
     """
     v = shape.vocab // tp
     if logps == "full":
         return 2 * scored * v * 4 + (v * shape.hidden * w if grad else 0)
     block = block_rows or v
     chunk = min(scored, chunk_tokens or max(16, LOGITS_BLOCK_ELEMENTS // block))
+    if w < 4:  # a half-precision head: fp32 logits from the weight block widened to fp32
+        out = chunk * block * 4 + block * shape.hidden * 4
+        return out + (block * shape.hidden * (4 + w) if grad else 0)  # fp32 gradient sum, then its cast
     out = chunk * block * (4 + w)  # 100 · 1000 · 8 = 800000
     if grad:
         out += block * shape.hidden * w  # the head block's gradient: 1000 · 64 · 4 = 256000

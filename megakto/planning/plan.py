@@ -56,6 +56,7 @@ class PlanInputs:
     grad_accum: int = 1
     zero: dict = field(default_factory=dict)  # the JSON's zero_optimization section
     weight_bytes: int = 2
+    accum_bytes: int | None = None  # the ZeRO-3 gradient sum's element size (None: weight_bytes)
     on_gpu: bool = True
     gpus_per_node: int = 8
     ref: str = "online"  # online | cache | none (sft, or LoRA's adapters-off policy)
@@ -157,7 +158,7 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     rank_params = _rank_params(s, p.tp, p.pp)
     trainable = p.lora_trainable or rank_params
     frozen = rank_params if p.lora_trainable else 0
-    states = model_states(trainable, frozen, stage=stage, shards=p.dp, weight_bytes=w,
+    states = model_states(trainable, frozen, stage=stage, shards=p.dp, weight_bytes=w, accum_bytes=p.accum_bytes,
                           offload_optimizer=off_opt, offload_param=off_par)
     rows = [("policy weights", states.weights, states.host_weights),
             ("policy gradients", states.gradients, states.host_gradients),

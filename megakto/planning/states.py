@@ -1,8 +1,9 @@
 """Model states per rank (weights, gradients, fp32 master, Adam moments) as DeepSpeed holds them.
 
 Read from DeepSpeed 0.19.8's ZeRO optimizers (``runtime/zero/stage_1_and_2.py``, ``stage3.py``),
-megakto's torch AdamW (two fp32 moments) and its defaults (the gradient-accumulation dtype is the
-model dtype). ``P`` trainable parameters, ``D`` ranks sharding them (the data-parallel size; each
+megakto's torch AdamW (two fp32 moments) and the gradient-accumulation dtype megakto fills in
+(:func:`megakto.distributed.ds_config.build_ds_config`: fp32 beside bf16 weights under ZeRO-3, the
+model dtype otherwise; ``a`` bytes). ``P`` trainable parameters, ``D`` ranks sharding them (the data-parallel size; each
 tensor-parallel shard is its own P/tp), ``w`` bytes per weight (2 bf16, 4 fp32):
 
 ==========  =====================  ===================  ==================  =====================
@@ -12,13 +13,15 @@ stage       weights                gradients            fp32 master         Adam
                                                         only under bf16)
 1           w·P (flat groups)      w·P (whole .grad)    4·P/D               8·P/D
 2           w·P                    w·P/D (partition)    4·P/D               8·P/D
-3           w·P/D                  w·P/D (flat buffer)  4·P/D               8·P/D
+3           w·P/D                  a·P/D (flat buffer)  4·P/D               8·P/D
 ==========  =====================  ===================  ==================  =====================
 
-So ZeRO-3 in bf16 holds (2 + 2 + 4 + 8)·P/D = 16·P/D bytes per rank, and in fp32 20·P/D (the
+So ZeRO-3 in bf16 holds (2 + 4 + 4 + 8)·P/D = 18·P/D bytes per rank with the fp32 sum (16·P/D
+with a bf16 one), and in fp32 20·P/D (the
 master is a copy even when the weights are fp32: ``.clone().float()``). DeepSpeed's own estimator
-(``estimate_zero3_model_states_mem_needs``) says 18·P/D: it also counts an fp32 gradient of the
-whole partition, which ZeRO-3 makes one sub-group at a time at the step (``sub_group_size``
+(``estimate_zero3_model_states_mem_needs``) says 18·P/D too, but for another reason: it counts
+the gradient in bf16 and an fp32 gradient of the whole partition, which ZeRO-3 makes one sub-group
+at a time at the step (``sub_group_size``
 elements, counted as a temporary in :mod:`megakto.planning.temporaries`); ZeRO-1/2 convert the whole
 partition's gradient to fp32 at the step (4·P/D, also a temporary there).
 
@@ -28,10 +31,10 @@ moves the weight partition to the host too. Under optimizer offload DeepSpeed al
 host, per rank (line numbers of 0.19.8):
 
 * ZeRO-3: the gradient partition twice. Backward reduces into ``grad_partitions_flat_buffer``, a
-  flat buffer of the whole partition in the gradient-accumulation dtype (the model dtype: w·P/D),
+  flat buffer of the whole partition in the gradient-accumulation dtype (a·P/D),
   made on ``self.device``, which is ``cpu`` under offload (``stage3.py`` 333, 791-795); at the
   accumulation boundary it is copied into each sub-group's own fp32 ``.grad`` (4·P/D, zero-filled
-  at init: 1337-1342, 1437-1456). So (4 + w)·P/D of gradients on the host, none on the device.
+  at init: 1337-1342, 1437-1456). So (4 + a)·P/D of gradients on the host, none on the device.
 * ZeRO-1/2: a bit16 copy of the weight partition (w·P/D, ``param_buffer_of_bit16_for_cpu_offload_groups``,
   ``stage_1_and_2.py`` 563-575) that the step writes before copying to the device.
 
@@ -70,13 +73,17 @@ class StateBytes:
 
 
 def model_states(trainable: int, frozen: int, *, stage: int, shards: int, weight_bytes: int,
-                 offload_optimizer: bool = False, offload_param: bool = False) -> StateBytes:
+                 accum_bytes: int | None = None, offload_optimizer: bool = False,
+                 offload_param: bool = False) -> StateBytes:
     """Model states of ``trainable`` + ``frozen`` parameters (per tensor-parallel shard) over
-    ``shards`` ZeRO ranks.
+    ``shards`` ZeRO ranks. ``accum_bytes``: the ZeRO-3 gradient buffer's element size (None: the
+    weights'; ZeRO-1/2 are planned with the model dtype, which is what megakto leaves them).
 
     >>> s = model_states(1000, 0, stage=3, shards=4, weight_bytes=2)   # 16·P/D = 16·1000/4
     >>> s.device
     4000
+    >>> model_states(1000, 0, stage=3, shards=4, weight_bytes=2, accum_bytes=4).device  # 18·P/D
+    4500
     >>> model_states(1000, 0, stage=3, shards=4, weight_bytes=4).device  # fp32: 20·P/D
     5000
     >>> model_states(1000, 0, stage=1, shards=4, weight_bytes=2).device  # 2P + 2P + 12P/4
@@ -92,7 +99,8 @@ def model_states(trainable: int, frozen: int, *, stage: int, shards: int, weight
     master = 4 * part if (w != 4 or stage >= 1) else 0  # stage 0 fp32 trains the weights themselves
     optimizer = 8 * part
     weights = (p + frozen) * w if stage < 3 else (part + -(-frozen // d)) * w
-    grads = p * w if stage <= 1 else part * w
+    a = weight_bytes if accum_bytes is None else accum_bytes
+    grads = p * w if stage <= 1 else part * (a if stage == 3 else w)
     host = dict(host_weights=0, host_gradients=0, host_master=0, host_optimizer=0)
     if offload_optimizer and stage >= 1:
         host.update(host_master=master, host_optimizer=optimizer, host_gradients=4 * part)

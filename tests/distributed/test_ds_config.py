@@ -12,6 +12,7 @@ from megakto.distributed.ds_config import (
     check_deepspeed_version,
     check_versions,
     build_ds_config,
+    grad_accum_bytes,
     load_ds_json,
     reference_ds_config,
 )
@@ -51,6 +52,7 @@ def test_fills_batch_clipping_and_precision():
         "gradient_clipping": 0.5,
         "bf16": {"enabled": True},
         "fp16": {"enabled": False},
+        "data_types": {"grad_accum_dtype": "fp32"},  # bf16 under ZeRO-3: gradients summed in fp32
     }
     assert ds == before  # a new dict; the input is untouched
     out["zero_optimization"]["stage"] = 0
@@ -117,6 +119,44 @@ def test_bf16_follows_model_dtype_when_not_given():
     out = build_ds_config({"bf16": {"enabled": False, "immediate_grad_update": True}},
                           _cfg("model.dtype=float32"), DIMS)
     assert out["bf16"] == {"enabled": False, "immediate_grad_update": True}
+
+
+@pytest.mark.parametrize("stage, pp, bf16, want", [
+    (3, 1, True, "fp32"),   # the flat partition buffer in fp32: 2 more bytes per parameter per rank
+    (3, 1, False, None),    # fp32 weights: DeepSpeed's default, their own dtype
+    (2, 1, True, None),     # ZeRO-1/2 and pipelines keep the model dtype (see _fill_grad_accum_dtype)
+    (1, 1, True, None),
+    (1, 2, True, None),
+    (0, 2, True, None),
+])
+def test_grad_accum_dtype_is_fp32_for_bf16_under_zero3_only(stage, pp, bf16, want):
+    dims = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4, pp=pp)
+    out = build_ds_config({"zero_optimization": {"stage": stage}}, _cfg(), dims, bf16=bf16)
+    assert out.get("data_types", {}).get("grad_accum_dtype") == want
+    assert grad_accum_bytes(out, bf16) == (4 if want == "fp32" or not bf16 else 2)
+
+
+def test_grad_accum_dtype_in_the_json_wins_and_bad_ones_are_one_line():
+    zero3, zero1 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 1}}
+    out = build_ds_config({**zero3, "data_types": {"grad_accum_dtype": "bf16"}}, _cfg(), DIMS, bf16=True)
+    assert out["data_types"] == {"grad_accum_dtype": "bf16"} and grad_accum_bytes(out, True) == 2
+    out = build_ds_config({**zero1, "data_types": {"grad_accum_dtype": "fp32"}}, _cfg(), DIMS, bf16=True)
+    assert out["data_types"] == {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16_Optimizer, the user's choice
+    out = build_ds_config({**zero1, "data_types": {"grad_accum_dtype": "auto"}}, _cfg(), DIMS, bf16=True)
+    assert out["data_types"] == {}  # "auto": megakto's choice, here DeepSpeed's default
+    assert _build_error({**zero3, "data_types": {"grad_accum_dtype": "fp16"}}, bf16=True) == (
+        'ds_configs/x.json: data_types.grad_accum_dtype="fp16": allowed values are fp32 and bf16 (or remove it: '
+        "fp32 under ZeRO-3 in bf16, the model's dtype otherwise)")
+    assert _build_error({**zero3, "data_types": {"grad_accum_dtype": "bf16"}}) == (
+        'ds_configs/x.json: data_types.grad_accum_dtype="bf16" with an fp32 model: DeepSpeed sums the gradients '
+        "of fp32 weights in fp32 only; remove it")
+    pp2 = ParallelDims(world_size=2, global_batch_size=16, micro_batch_size=4, pp=2)
+    assert _build_error({"zero_optimization": {"stage": 0}, "data_types": {"grad_accum_dtype": "fp32"}},
+                        dims=pp2, bf16=True) == (
+        'ds_configs/x.json: data_types.grad_accum_dtype="fp32" with bf16 at ZeRO stage 0 (pipelines, pp=2): '
+        "DeepSpeed has no fp32 gradient sum without a ZeRO optimizer; remove it or use ZeRO stage 1")
+    assert _build_error({**zero3, "data_types": ["fp32"]}, bf16=True) == (
+        'ds_configs/x.json: data_types must be a JSON object, got ["fp32"]')
 
 
 def test_fp16_is_rejected():

@@ -107,6 +107,8 @@ def main():
                        "eval": trainer.eval_history, "ref_max_change": ref_change,
                        "shared_storages": shared, "world_size": comm.world_size(),
                        "reference_loaded": ref_engine is not None,
+                       "optimizer": type(trainer.policy.optimizer).__name__,
+                       "grad_accum_dtype": str(trainer.policy.get_data_types()[1]).removeprefix("torch."),
                        "precompute_seconds": trainer.precompute_seconds}, f)
 
 
