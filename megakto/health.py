@@ -147,8 +147,8 @@ def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, 
         out.append(Finding("kl_zero", (
             f"the KL estimate has been 0 (clamped) for all {step} steps: the policy gives the mismatched "
             "completions (other prompts' answers) less probability than the reference, so z_ref = 0 and KTO "
-            "acts as apo_zero_unpaired; usual and harmless when the policy starts from an SFT model (README, "
-            "Alignment quality); if held-out reward accuracy stalls, lower optim.lr, or check that desirable "
+            "acts as apo_zero_unpaired; usual and harmless when the policy starts from an SFT model "
+            "(docs/quality.md); if held-out reward accuracy stalls, lower optim.lr, or check that desirable "
             "and undesirable rows share prompts")))
     if single_class_micro_batches:
         out.append(Finding("single_class", (

@@ -1,11 +1,14 @@
-"""Every command the README shows refers only to files, tools, flags and config keys that exist, and
-the environment they need is activated before the first one that needs it.
+"""Every command the README and the ``docs/`` pages show refers only to files, tools, flags and config
+keys that exist, and the environment they need is activated before the first one that needs it, on
+each page on its own: a reader who lands on a docs page from a link has not read the README's
+activation line, so a page whose commands need ``.venv`` says ``. .venv/bin/activate`` itself.
 
 Commands are the lines of ```bash blocks (continuations joined) and inline code spans that start
 with ``python``, ``deepspeed``, ``bash`` or ``.venv/bin/``. Placeholders in capitals or brackets
 (``OUTPUT_DIR``, ``[--tag ...]``) and paths the quickstart creates (``outputs/``) are not files.
 """
 
+import glob
 import os
 import re
 import shlex
@@ -15,8 +18,15 @@ import pytest
 from megakto.config.schema import _leaf_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-with open(os.path.join(REPO, "README.md"), encoding="utf-8") as _f:
-    README = _f.read()
+PAGES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
+
+
+def _read(page: str) -> str:
+    with open(os.path.join(REPO, page), encoding="utf-8") as f:
+        return f.read()
+
+
+TEXT = {page: _read(page) for page in PAGES}
 
 STARTS = ("python ", "deepspeed ", "bash ", ".venv/bin/", ". .venv/bin/activate")
 NEEDS_VENV = ("python ", "deepspeed ")  # bash scripts install or activate the environment themselves
@@ -25,23 +35,25 @@ KEYS = {key for key, _, _ in _leaf_keys()}
 GENERATED = ("outputs/", "runs/", "data/", "/models/", "bench.json", "pairs.jsonl", "kto.jsonl", "hostfile")
 
 
-def readme_commands() -> list[tuple[int, str]]:
-    """(position in the README, command) in reading order."""
+def page_commands(page: str) -> list[tuple[int, str]]:
+    """(position in the page, command) in reading order."""
+    text_of_page = TEXT[page]
     found = []
-    for block in re.finditer(r"```bash\n(.*?)```", README, re.S):
+    for block in re.finditer(r"```bash\n(.*?)```", text_of_page, re.S):
         text = block.group(1).replace("\\\n", " ")
         for i, line in enumerate(text.splitlines()):
             line = line.split("  #")[0].strip()
             if line and not line.startswith("#"):
                 found.append((block.start() + i, line))  # the block's lines in order
-    for span in re.finditer(r"`([^`\n]+(?:\n[^`\n]+)?)`", README):
+    for span in re.finditer(r"`([^`\n]+(?:\n[^`\n]+)?)`", text_of_page):
         text = " ".join(span.group(1).split())
-        if text.startswith(STARTS) and not README[max(0, span.start() - 3):span.start()].endswith("``"):
+        if text.startswith(STARTS) and not text_of_page[max(0, span.start() - 3):span.start()].endswith("``"):
             found.append((span.start(), text))
     return sorted(found)
 
 
-COMMANDS = readme_commands()
+PAGE_COMMANDS = {page: page_commands(page) for page in PAGES}
+COMMANDS = [(page, pos, c) for page in PAGES for pos, c in PAGE_COMMANDS[page]]
 
 
 def _words(command: str) -> list[str]:
@@ -60,13 +72,15 @@ def _script(words: list[str]) -> str | None:
     return None
 
 
-def test_the_readme_shows_commands():
+def test_the_pages_show_commands():
+    assert "docs/config.md" in PAGES and "docs/parallel.md" in PAGES
     assert len(COMMANDS) >= 15
-    assert any(c.startswith("deepspeed --num_gpus 2 launch/train_kto.py") for _, c in COMMANDS)
+    assert any(c.startswith("deepspeed --num_gpus 2 launch/train_kto.py") for _, c in PAGE_COMMANDS["README.md"])
+    assert "python -m pytest -q tests" in [c for _, c in PAGE_COMMANDS["README.md"]]  # the one .ci/run runs
 
 
-@pytest.mark.parametrize("command", [c for _, c in COMMANDS])
-def test_files_scripts_and_flags_exist(command):
+@pytest.mark.parametrize("page,command", [(page, c) for page, _, c in COMMANDS])
+def test_files_scripts_and_flags_exist(page, command):
     words = _words(command)
     if words[:2] == [".", ".venv/bin/activate"]:
         return  # made by tools/install.sh (launch/demo.sh and .ci/run call it)
@@ -84,21 +98,43 @@ def test_files_scripts_and_flags_exist(command):
             assert f'"{flag}"' in source, f"{command}: {script} has no {flag} flag"
 
 
-@pytest.mark.parametrize("command", [c for _, c in COMMANDS if "launch/train_kto.py" in c])
-def test_config_overrides_are_real_keys(command):
+@pytest.mark.parametrize("page,command", [(page, c) for page, _, c in COMMANDS if "launch/train_kto.py" in c])
+def test_config_overrides_are_real_keys(page, command):
     overrides = [w for w in _words(command) if "=" in w and not w.startswith("-")]
     for override in overrides:
         key = override.split("=", 1)[0]
         assert key in KEYS, f"{command}: {key} is not a config key"
 
 
-def test_the_environment_is_activated_before_it_is_needed():
-    """The first command that needs .venv's python or deepspeed comes after ``. .venv/bin/activate``
-    (or calls it through .venv/bin/)."""
+@pytest.mark.parametrize("page", PAGES)
+def test_the_environment_is_activated_before_it_is_needed(page):
+    """On each page, the first command that needs .venv's python or deepspeed comes after
+    ``. .venv/bin/activate`` on that page (or calls it through .venv/bin/)."""
     activated = None
-    for pos, command in COMMANDS:
+    for pos, command in PAGE_COMMANDS[page]:
         if command.startswith(". .venv/bin/activate"):
             activated = activated or pos
         elif command.startswith(NEEDS_VENV):
             assert activated is not None and activated < pos, (
-                f"README: {command!r} needs the environment, but no '. .venv/bin/activate' comes before it")
+                f"{page}: {command!r} needs the environment, but no '. .venv/bin/activate' comes before it")
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_links_between_pages_resolve(page):
+    """Every relative link names a file that exists and, with a #fragment, a heading of that file."""
+    for target in re.findall(r"\]\(([^)\s]+)\)", TEXT[page]):
+        if re.match(r"[a-z]+:", target):
+            continue  # a URL
+        path, _, fragment = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        assert os.path.exists(os.path.join(REPO, linked)), f"{page}: link {target} names no file"
+        if fragment and linked.endswith(".md"):
+            assert fragment in _anchors(_read(linked)), f"{page}: link {target}: {linked} has no such heading"

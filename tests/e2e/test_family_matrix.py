@@ -107,7 +107,7 @@ def _accuracies(log: str) -> dict[int, float]:
 
 
 def test_readme_tp2_command_trains_qwen3_as_tp1(tmp_path):
-    """The README's tensor-parallel demo command, on a tiny Qwen3 (q/k norms: the replicated
+    """The tensor-parallel demo command of docs/parallel.md, on a tiny Qwen3 (q/k norms: the replicated
     parameters AutoTP hooks for gradient all-reduce), reaches TP1's held-out reward accuracy."""
     model = make_tiny_model(tmp_path / "tiny-qwen3", family="qwen3")
     train, eval_ = write_demo_data(tmp_path / "data", n_train_prompts=400, n_eval_prompts=60, seed=0)

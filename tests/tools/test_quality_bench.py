@@ -1,5 +1,5 @@
 """tools/quality_bench.py's pure parts: method names, per-task SFT steps, and the two forms of a
-task's data (the bench itself measures and is run by hand; see the README)."""
+task's data (the bench itself measures and is run by hand; see docs/quality.md)."""
 
 import json
 
