@@ -48,7 +48,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from _bench_workload import SPECIALS, write_model  # noqa: E402
 from _launch import launcher_command, rank_env  # noqa: E402
-from bench import _read_status as _status  # noqa: E402  (a kB field of /proc/self/status, in bytes)
+from _bench_measure import read_status as _status  # noqa: E402  (a kB field of /proc/self/status, in bytes)
 
 MIB = 1 << 20
 VOCAB = 1000

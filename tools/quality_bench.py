@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from _launch import free_port, rank_env  # noqa: E402
-from bench import machine_info  # noqa: E402
+from _bench_measure import machine_info  # noqa: E402
 
 MAX_NEW_TOKENS = 24
 

@@ -2,6 +2,7 @@
 derived figures and the report. No training runs here (tools/bench.py itself takes minutes)."""
 
 import os
+import re
 
 import pytest
 
@@ -11,7 +12,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 workload = load_script("tools/_bench_workload.py", "_bench_workload")  # the name bench.py imports it by
-bench = load_script("tools/bench.py", "megakto_tools_bench")
+bench = load_script("tools/bench.py", "megakto_tools_bench")  # puts tools/ on sys.path, imports its parts
+import _bench_measure as measure  # noqa: E402
+import _bench_report as report  # noqa: E402
+import _bench_systems as systems  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def test_one_token_per_word_in_both_trainers_tokenizations(tokenizer):
 
 
 def test_peak_rss_sees_a_touched_allocation():
-    rss = bench.PeakRss(interval=0.005)
+    rss = measure.PeakRss(interval=0.005)
     base = rss.mark()
     block = bytearray(96 << 20)  # zero-filled by the allocator: resident
     block[:: 4096] = b"\x01" * len(block[:: 4096])
@@ -79,11 +83,11 @@ def test_derived_figures_ratios_and_table():
         "trl-kto": _result("trl-kto", 500, 10.0, 16, 1.0, 1600, 400),
         "trl-kto-precomputed": {"system": "trl-kto-precomputed", "ok": False, "error": "exit 1: boom"},
     }
-    bench.add_derived(results, n_rows=32)
+    report.add_derived(results, n_rows=32)
     assert results["megakto-kto-cached"]["precompute_s"] == pytest.approx(6.0)
     assert results["megakto-kto-cached"]["tokens_per_s_incl_precompute"] == pytest.approx(125.0)
     assert results["megakto-kto"]["tokens_per_s_incl_precompute"] == pytest.approx(100.0)
-    got = dict(bench.ratios(results))
+    got = dict(report.ratios(results))
     assert got["megakto KTO / megakto SFT, tokens/s"] == pytest.approx(0.4)
     assert got["megakto KTO cached / megakto SFT, tokens/s"] == pytest.approx(0.8)
     assert got["megakto KTO cached / megakto SFT, tokens/s incl. precompute"] == pytest.approx(0.5)
@@ -93,10 +97,10 @@ def test_derived_figures_ratios_and_table():
     assert got["megakto KTO / TRL KTO (online), peak beyond setup"] == pytest.approx(300 / 1200)
     assert got["megakto KTO cached / TRL KTO precomputed, tokens/s"] is None  # TRL run failed
 
-    table = bench.markdown(results, bench.ratios(results)).splitlines()
+    table = report.markdown(results, report.ratios(results)).splitlines()
     assert table[0].startswith("| system | target tokens/s |")
     widths = {line.count("|") for line in table[:7]}
-    assert widths == {len(bench.COLUMNS) + 1}  # every row, the failed one too, has every column
+    assert widths == {len(report.COLUMNS) + 1}  # every row, the failed one too, has every column
     assert table[2].split(" | ")[:3] == ["| megakto-kto", "100", "1.60"]
     assert "failed: exit 1: boom" in table[6]
     assert "| megakto KTO / TRL KTO (online), tokens/s | 2.00 |" in table
@@ -104,36 +108,55 @@ def test_derived_figures_ratios_and_table():
 
 def test_median_run_picks_the_middle_throughput_and_keeps_every_figure():
     runs = [{"ok": True, "tokens_per_s": t, "peak_beyond_warm_mib": m} for t, m in ((300, 1), (100, 2), (200, 3))]
-    chosen = bench.median_run(runs)
+    chosen = report.median_run(runs)
     assert chosen["tokens_per_s"] == 200 and chosen["peak_beyond_warm_mib"] == 3
     assert chosen["runs_tokens_per_s"] == [300, 100, 200] and chosen["runs_peak_beyond_warm_mib"] == [1, 2, 3]
-    assert bench.median_run(runs[:2])["tokens_per_s"] == 100  # even count: the lower middle
+    assert report.median_run(runs[:2])["tokens_per_s"] == 100  # even count: the lower middle
     failed = {"ok": False, "error": "exit 1"}
-    assert bench.median_run(runs + [failed]) is failed
+    assert report.median_run(runs + [failed]) is failed
 
 
 def test_parallel_variants_of_megakto_kto():
-    assert bench._parallel_variant("megakto-kto-tp2") == ("tp", 2)
-    assert bench._parallel_variant("megakto-kto-pp4") == ("pp", 4)
-    assert bench._parallel_variant("megakto-kto") is None and bench._parallel_variant("megakto-kto-ppx") is None
-    pp = bench._system("megakto-kto-pp2")
+    assert systems.parallel_variant("megakto-kto-tp2") == ("tp", 2)
+    assert systems.parallel_variant("megakto-kto-pp4") == ("pp", 4)
+    assert systems.parallel_variant("megakto-kto") is None and systems.parallel_variant("megakto-kto-ppx") is None
+    pp = systems.system_spec("megakto-kto-pp2")
     assert (pp["pp"], pp["ranks"], pp.get("tp", 1)) == (2, 2, 1)
-    assert {k: v for k, v in pp.items() if k not in ("pp", "ranks")} == bench.SYSTEMS["megakto-kto"]
-    assert bench._system("megakto-kto")["ranks"] == 1
+    assert {k: v for k, v in pp.items() if k not in ("pp", "ranks")} == systems.SYSTEMS["megakto-kto"]
+    assert systems.system_spec("megakto-kto")["ranks"] == 1
 
 
 def test_lora_variant_of_megakto_kto():
-    lora = bench._system("megakto-kto-lora16")
+    lora = systems.system_spec("megakto-kto-lora16")
     assert (lora["lora"], lora["ranks"]) == (16, 1)
-    assert {k: v for k, v in lora.items() if k not in ("lora", "ranks")} == bench.SYSTEMS["megakto-kto"]
+    assert {k: v for k, v in lora.items() if k not in ("lora", "ranks")} == systems.SYSTEMS["megakto-kto"]
 
 
 def test_gpu_memory_columns_only_when_a_system_ran_on_a_gpu():
     cpu = {"megakto-kto": _result("megakto-kto", 1000, 10.0, 16, 3.0, 900, 600)}
-    assert "peak GPU" not in bench.markdown(cpu, [])
+    assert "peak GPU" not in report.markdown(cpu, [])
     gpu = {"megakto-kto": {**cpu["megakto-kto"], "peak_gpu_mib": 5000.0, "peak_gpu_reserved_mib": 5500.0},
            "megakto-sft": {**cpu["megakto-kto"], "peak_gpu_mib": 4000.0, "peak_gpu_reserved_mib": 4500.0}}
-    table = bench.markdown(gpu, []).splitlines()
+    table = report.markdown(gpu, []).splitlines()
     assert table[0].endswith("| peak GPU MiB | peak GPU reserved MiB |")
     assert table[2].endswith("| 5000 | 5500 |")
-    assert dict(bench.ratios(gpu))["megakto KTO / megakto SFT, peak GPU memory"] == pytest.approx(1.25)
+    assert dict(report.ratios(gpu))["megakto KTO / megakto SFT, peak GPU memory"] == pytest.approx(1.25)
+
+
+def test_the_bench_parts_stay_small_and_no_tool_imports_bench_itself():
+    """tools/bench.py is the CLI over _bench_measure, _bench_systems and _bench_report; the other
+    tools import those parts' public names, never bench.py (whose names are its CLI's)."""
+    tools = os.path.join(REPO, "tools")
+    for name in ("bench.py", "_bench_measure.py", "_bench_systems.py", "_bench_report.py"):
+        with open(os.path.join(tools, name), encoding="utf-8") as f:
+            assert sum(1 for _ in f) <= 300, name
+    assert bench.SYSTEMS is systems.SYSTEMS and bench.measure is systems.measure
+    for name in sorted(os.listdir(tools)):
+        if name.endswith(".py"):
+            with open(os.path.join(tools, name), encoding="utf-8") as f:
+                source = f.read()
+            assert not re.search(r"^\s*(from bench import|import bench\b)", source, re.M), name
+            for module in ("_bench_measure", "_bench_systems", "_bench_report"):
+                for imported in re.findall(rf"^from {module} import (.+)$", source, re.M):
+                    names = [n.strip().split(" as ")[0] for n in imported.split("#")[0].split(",")]
+                    assert not any(n.startswith("_") for n in names), f"{name}: {imported}"
