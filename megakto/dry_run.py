@@ -85,20 +85,17 @@ def dry_run(cfg: Config, deepspeed: str, world_size: int, *, load_data: bool = T
         f"{shape.layers} layers, hidden {shape.hidden}, vocabulary {shape.vocab}; attention {attn}")
     tokens = None
     if load_data:
-        from megakto.startup import desirable_weight, load_split
+        from megakto.startup import desirable_weight, load_split, log_splits
 
         tok_path = cfg.model.tokenizer_path or cfg.model.path
         tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path else "model.path",
                                    trust_remote_code=trust)
         train_rows = None
         for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-            if files:
-                rows, report, timing = load_split(cfg, files, tokenizer, train=split == "train")
-                log(f"dry run: {split} data: {timing}")
-                log(f"dry run: {split} data: {report.summary()}")
-                for warning in report.warnings():
-                    log(f"dry run: warning: {split} data: {warning}")
-                train_rows = rows if split == "train" else train_rows
+            if files:  # each split logged as soon as it is read, the run's lines
+                loaded = load_split(cfg, files, tokenizer, train=split == "train")
+                log_splits({split: loaded}, lambda line: log(f"dry run: {line}"))
+                train_rows = loaded[0] if split == "train" else train_rows
         desirable_weight(cfg, train_rows, lambda line: log(f"dry run: {line}"))
         tokens = first_steps(cfg, dims, train_rows, tokenizer.pad_token_id, log=log)
     else:

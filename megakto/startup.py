@@ -21,8 +21,8 @@ from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError
 from megakto.kto import auto_desirable_weight, check_weights
 
-__all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "load_split", "make_sampler",
-           "step_planner", "offloads_to_host"]
+__all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "load_split", "load_splits",
+           "log_splits", "make_sampler", "step_planner", "offloads_to_host"]
 
 
 @dataclass
@@ -133,6 +133,21 @@ def load_split(cfg: Config, files: list[str], tokenizer, *, train: bool):
         require_both_classes(n_d, n_u, loss_type=cfg.kto.loss_type, allow_single_class=cfg.kto.allow_single_class,
                              source=", ".join(files))
     return TokenizedSplit(tok), report, timing
+
+
+def load_splits(cfg: Config, tokenizer) -> dict[str, tuple]:
+    """``train`` and, when ``data.eval_files`` is set, ``eval``: (rows, report, timing) each."""
+    return {split: load_split(cfg, files, tokenizer, train=split == "train")
+            for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)) if files}
+
+
+def log_splits(loaded: dict[str, tuple], log: Callable[[str], None]) -> None:
+    """Each split's read and tokenization time, its report and its warnings."""
+    for split, (_, report, timing) in loaded.items():
+        log(f"{split} data: {timing}")
+        log(f"{split} data: {report.summary()}")
+        for warning in report.warnings():
+            log(f"warning: {split} data: {warning}")
 
 
 def make_sampler(cfg: Config, train_rows: TokenizedSplit) -> KTOBatchSampler:

@@ -51,7 +51,7 @@ from megakto.health import HealthMonitor, HealthThresholds
 from megakto.kto import finalize_kl, kl_partial, kto_loss, nll_share, raw_kl
 from megakto.metrics import reference_point_metrics, step_metrics
 from megakto.model.forward import logps_function
-from megakto.model.load import load_tokenizer
+from megakto.model.load import load_tokenizer, padding_note
 from megakto.model.lora import ADAPTER_DIR
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.peak_memory import PeakMemory, reduce_peaks
@@ -63,7 +63,7 @@ from megakto.runners import ModeSetup, parallel_mode
 from megakto.runners.base import MicroLoss, model_of
 from megakto.samples import SampleWriter, generate, sample_prompts
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
-from megakto.startup import check_run, desirable_weight, load_split, make_sampler, step_planner
+from megakto.startup import check_run, desirable_weight, load_splits, log_splits, make_sampler, step_planner
 
 __all__ = ["KTOTrainer", "StepResult"]
 
@@ -158,35 +158,19 @@ class KTOTrainer:
 
     def _setup_data(self):
         """Load, validate and tokenize; local rank 0 first so the others hit the ``datasets`` cache."""
-        cfg = self.cfg
-        loaded, timing = {}, {}
-
-        def load():
-            for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-                if files:
-                    rows, report, timing[split] = load_split(cfg, files, self.tokenizer, train=split == "train")
-                    loaded[split] = (rows, report)
-
-        from megakto.model.load import padding_note
-
         note = padding_note(self.tokenizer)
         if note:
             self.log.info(note)
-        first = comm.local_rank() == 0
+        first, loaded = comm.local_rank() == 0, {}
         with comm.fail_together(group=comm.world_group()), comm.others_wait(
                 "local rank 0 of each node reads and tokenizes the data", self.log.info):
             if first:
-                load()
+                loaded = load_splits(self.cfg, self.tokenizer)
         with comm.fail_together(group=comm.world_group()):
             if not first:
-                load()
-        for split, (rows, report) in loaded.items():
-            self.log.info(f"{split} data: {timing[split]}")  # local rank 0's: the first to read and tokenize
-            self.log.info(f"{split} data: {report.summary()}")
-            for warning in report.warnings():
-                self.log.info(f"warning: {split} data: {warning}")
-        train = loaded["train"][0]
-        return train, loaded["eval"][0] if "eval" in loaded else None
+                loaded = load_splits(self.cfg, self.tokenizer)
+        log_splits(loaded, self.log.info)  # the timing is local rank 0's: the first to read and tokenize
+        return loaded["train"][0], loaded["eval"][0] if "eval" in loaded else None
 
     def _setup_weights(self) -> float:
         return desirable_weight(self.cfg, self.train_rows, self.log.info)
