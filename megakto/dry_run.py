@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from megakto.config import Config
-from megakto.data.packing import pack, pad_rows, plan_micro_batches
+from megakto.data.packing import pack, pad_rows
 from megakto.distributed.parallel import ParallelDims
 from megakto.model.load import load_tokenizer
 from megakto.planning.activations import Tokens
@@ -29,27 +29,18 @@ def first_steps(cfg: Config, dims: ParallelDims, train_rows, pad_id: int, steps:
                 log: Callable[[str], None] = print) -> Tokens:
     """The micro-batch plan of the first ``steps`` optimizer steps, as every rank would derive it;
     logs tokens per rank, the padding share and the KL rows; returns the largest micro-batch."""
-    from megakto.data.kl_pairs import dataset_kl_partners
-    from megakto.startup import make_sampler, step_kl_rows
+    from megakto.startup import make_sampler, step_planner
 
     sampler = make_sampler(cfg, train_rows)
-    use_kl = cfg.kto.loss_type == "kto"
-    cached = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
-    fixed = dataset_kl_partners(train_rows.prompt_key) if use_kl and cached else None
+    planner = step_planner(cfg, dims, train_rows)  # the trainer's own planner
     largest = Tokens(0, 0, 0, 0)
     for step in range(steps):
-        indices = sampler.next_global_batch()
-        rows = train_rows.fetch(indices)
-        targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
-        kl = step_kl_rows(cfg, train_rows, indices, rows, step, fixed) if use_kl else None
-        lengths = [len(p) + len(c) for p, c in targets]
-        if kl is not None:
-            lengths = [n + len(p) + len(c) for n, (p, c) in zip(lengths, kl)]
-        plan = plan_micro_batches(lengths, rows["label"], dims.num_micro_batches)
+        plan = planner.plan(sampler.next_global_batch(), step)
+        targets, kl = plan.targets, plan.kl_rows
         per_rank, padded, real = [], 0, 0
         for r in range(dims.dp):
             tokens = 0
-            for positions in plan[r * dims.grad_accum:(r + 1) * dims.grad_accum]:
+            for positions in plan.mine(r):
                 pairs = [targets[i] for i in positions]
                 batch = pack(pairs, cfg.data.max_tokens_per_row, pad_id) if cfg.data.packing else pad_rows(pairs, pad_id)
                 n_real = sum(len(p) + len(c) for p, c in pairs)
@@ -94,20 +85,17 @@ def dry_run(cfg: Config, deepspeed: str, world_size: int, *, load_data: bool = T
         f"{shape.layers} layers, hidden {shape.hidden}, vocabulary {shape.vocab}; attention {attn}")
     tokens = None
     if load_data:
-        from megakto.startup import desirable_weight, load_split
+        from megakto.startup import desirable_weight, load_split, log_splits
 
         tok_path = cfg.model.tokenizer_path or cfg.model.path
         tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path else "model.path",
                                    trust_remote_code=trust)
         train_rows = None
         for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-            if files:
-                rows, report, timing = load_split(cfg, files, tokenizer, train=split == "train")
-                log(f"dry run: {split} data: {timing}")
-                log(f"dry run: {split} data: {report.summary()}")
-                for warning in report.warnings():
-                    log(f"dry run: warning: {split} data: {warning}")
-                train_rows = rows if split == "train" else train_rows
+            if files:  # each split logged as soon as it is read, the run's lines
+                loaded = load_split(cfg, files, tokenizer, train=split == "train")
+                log_splits({split: loaded}, lambda line: log(f"dry run: {line}"))
+                train_rows = loaded[0] if split == "train" else train_rows
         desirable_weight(cfg, train_rows, lambda line: log(f"dry run: {line}"))
         tokens = first_steps(cfg, dims, train_rows, tokenizer.pad_token_id, log=log)
     else:

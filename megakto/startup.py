@@ -11,17 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from megakto.config import Config
-from megakto.data import KTOBatchSampler, count_labels, kl_partners, load_rows, require_both_classes, tokenize_rows
-from megakto.data.kl_pairs import fit_kl_row
+from megakto.data import KTOBatchSampler, count_labels, load_rows, require_both_classes, tokenize_rows
+from megakto.data.kl_pairs import dataset_kl_partners
 from megakto.data.split import TokenizedSplit
+from megakto.data.step_plan import StepPlanner
 from megakto.data.tokenize import auto_num_proc
 from megakto.distributed.ds_config import auto_zero_sizes, build_ds_config, check_versions, host_offload, load_ds_json
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, DataError
 from megakto.kto import auto_desirable_weight, check_weights
 
-__all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "load_split", "make_sampler",
-           "step_kl_rows", "offloads_to_host"]
+__all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "load_split", "load_splits",
+           "log_splits", "make_sampler", "step_planner", "offloads_to_host"]
 
 
 @dataclass
@@ -134,6 +135,21 @@ def load_split(cfg: Config, files: list[str], tokenizer, *, train: bool):
     return TokenizedSplit(tok), report, timing
 
 
+def load_splits(cfg: Config, tokenizer) -> dict[str, tuple]:
+    """``train`` and, when ``data.eval_files`` is set, ``eval``: (rows, report, timing) each."""
+    return {split: load_split(cfg, files, tokenizer, train=split == "train")
+            for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)) if files}
+
+
+def log_splits(loaded: dict[str, tuple], log: Callable[[str], None]) -> None:
+    """Each split's read and tokenization time, its report and its warnings."""
+    for split, (_, report, timing) in loaded.items():
+        log(f"{split} data: {timing}")
+        log(f"{split} data: {report.summary()}")
+        for warning in report.warnings():
+            log(f"warning: {split} data: {warning}")
+
+
 def make_sampler(cfg: Config, train_rows: TokenizedSplit) -> KTOBatchSampler:
     n, gbs = len(train_rows), cfg.train.global_batch_size
     if n < gbs:
@@ -142,23 +158,11 @@ def make_sampler(cfg: Config, train_rows: TokenizedSplit) -> KTOBatchSampler:
     return KTOBatchSampler(train_rows.label, global_batch_size=gbs, seed=cfg.seed, balanced=cfg.data.balanced_sampling)
 
 
-def step_kl_rows(cfg: Config, train_rows: TokenizedSplit, indices: list[int], rows: dict, step: int,
-                 fixed_partner: list[int] | None) -> list:
-    """The KL rows of one global batch. Online reference: partners drawn over this global batch,
-    seeded by the step. Cached reference (``fixed_partner``): each row's fixed dataset-level partner."""
-    data = cfg.data
-
-    def fit(p, c):
-        return fit_kl_row(p, c, data.max_length, data.max_prompt_length)
-
-    if fixed_partner is None:
-        # Drawn over the batch in dataset-index order, so the pairs (and z_ref) depend on which
-        # rows the step holds, not on how the sampler arranged them for a micro-batch size.
-        order = sorted(range(len(indices)), key=lambda i: (indices[i], i))
-        drawn = kl_partners([rows["prompt_key"][i] for i in order], seed=cfg.seed, step=step)
-        partners = [0] * len(indices)
-        for k, j in enumerate(drawn):
-            partners[order[k]] = order[j]
-        return [fit(rows["prompt_ids"][i], rows["completion_ids"][j]) for i, j in enumerate(partners)]
-    partner_completions = train_rows.fetch([fixed_partner[i] for i in indices])["completion_ids"]
-    return [fit(p, c) for p, c in zip(rows["prompt_ids"], partner_completions)]
+def step_planner(cfg: Config, dims: ParallelDims, train_rows: TokenizedSplit) -> StepPlanner:
+    """The plan of every step, for the trainer and the dry run alike. ``ref.mode=cache`` needs a
+    fixed KL row per dataset row (see megakto/reference/build.py): computed here, once."""
+    use_kl = cfg.kto.loss_type == "kto"
+    cached = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
+    return StepPlanner(train_rows, dims.num_micro_batches, dims.grad_accum, use_kl=use_kl,
+                       kl_partner=dataset_kl_partners(train_rows.prompt_key) if use_kl and cached else None,
+                       seed=cfg.seed, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)

@@ -36,38 +36,34 @@ from dataclasses import dataclass
 
 import torch
 
-from megakto import checkpoint, export, universal
+from megakto import checkpoint, export, resume
 from megakto.config import Config, save_config
 from megakto.data import KTOBatchSampler
 from megakto.data.kl_pairs import dataset_kl_partners
-from megakto.data.packing import pack, pad_rows, plan_micro_batches
+from megakto.data.packing import pack, pad_rows
+from megakto.data.step_plan import StepPlan
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
-from megakto.distributed.parallel import ParallelDims
 from megakto.distributed.vocab_parallel import group_reducers
-from megakto.errors import ConfigError, MegaktoError
+from megakto.errors import MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
 from megakto.kto import finalize_kl, kl_partial, kto_loss, nll_share, raw_kl
 from megakto.metrics import reference_point_metrics, step_metrics
 from megakto.model.forward import logps_function
-from megakto.model.load import load_tokenizer
-from megakto.model.lora import ADAPTER_DIR, apply_lora
-from megakto.model.meta import hf_shapes, param_shapes
-from megakto.model.packing_check import startup_packing_check
-from megakto.model.tp_checks import check_vocab_parallel_head
+from megakto.model.load import load_tokenizer, padding_note
+from megakto.model.lora import ADAPTER_DIR
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.peak_memory import PeakMemory, reduce_peaks
-from megakto.reference.build import build_reference, online_reference
+from megakto.reference.build import build_reference
 from megakto.reference.scorers import AdapterOffReference
 from megakto.reference.sequences import ConcatSequences, SplitSequences
 from megakto.runlog import Phases, RunLogger
-from megakto.runners import pipeline
-from megakto.runners.base import MicroLoss
-from megakto.runners.zero import ZeroRunner
+from megakto.runners import ModeSetup, parallel_mode
+from megakto.runners.base import MicroLoss, model_of
 from megakto.samples import SampleWriter, generate, sample_prompts
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
-from megakto.startup import check_run, desirable_weight, load_split, make_sampler, step_kl_rows
+from megakto.startup import check_run, desirable_weight, load_splits, log_splits, make_sampler, step_planner
 
 __all__ = ["KTOTrainer", "StepResult"]
 
@@ -81,11 +77,6 @@ class StepResult:
     metrics: dict[str, float]
     indices: list[int]
     skipped: str | None = None
-
-
-def _param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
-    """Every parameter's shape as this rank holds it (ZeRO-3: the whole, not its partition)."""
-    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
 
 
 class KTOTrainer:
@@ -117,14 +108,9 @@ class KTOTrainer:
             self.log.info(note)
         cfg.model.attn_implementation = attn  # what both models load, and the reference cache fingerprints
         cfg.model.logps = checked.logps  # auto resolved for the family
-        if self.dims.tp > 1 and cfg.model.vocab_block_rows == "auto":
-            cfg.model.vocab_block_rows = 0  # AutoTP splits the output head by vocabulary rows itself
-            self.log.info("vocabulary blocks: off under tensor parallelism (the output head is split over "
-                          f"{self.dims.tp} ranks instead)")
-        if self.dims.pp > 1 and cfg.model.vocab_block_rows == "auto":
-            cfg.model.vocab_block_rows = 0  # the embedding and the head sit on their own pipeline stages
-            self.log.info("vocabulary blocks: off under pipeline parallelism (the embedding and the output head "
-                          "are stages of their own)")
+        # The parallel mode (megakto/runners/) builds the engines and turns off what it does not combine with.
+        self.mode = parallel_mode(ModeSetup(cfg, self.dims, self.ds_config, self._model_dtype(), self.log.info))
+        self.mode.switch_features()
         self.log.info(f"parallelism: {self.dims.describe()}")
         self.log.info(f"process group: {comm.describe(group=comm.world_group())} "
                       f"(dist.timeout_minutes={cfg.dist.timeout_minutes:g})")
@@ -132,27 +118,24 @@ class KTOTrainer:
         self.train_rows, self.eval_rows = self._setup_data()
         self.phases.done("data")
         self.use_kl = cfg.kto.loss_type == "kto"
-        # ref.mode=cache needs a fixed KL row per dataset row (see megakto/reference/build.py).
-        self.cached_ref = cfg.ref.mode == "cache" and cfg.kto.loss_type != "sft"
         with comm.fail_together(group=comm.world_group()):
             self.desirable_weight = self._setup_weights()
             self.sampler = self._setup_sampler()
-            self.train_kl_partner = (dataset_kl_partners(self.train_rows.prompt_key)
-                                     if self.use_kl and self.cached_ref else None)
+            self.planner = step_planner(cfg, self.dims, self.train_rows)  # the dry run's too
         self.phases.done("sampler")
         self.resume_state, self.load_dir = self._prepare_resume()
         self.phases.done("resume")  # with the universal conversion when the world size changed
         # Peak memory is measured from here: what the engines, the reference and the steps add.
         self.peak_memory = PeakMemory(engine.on_gpu())
-        self.policy = self._setup_policy()
-        self.dims = self._attach_groups(self.dims)
+        self.policy = self.mode.build_policy(self.load_dir)
+        self.dims = self.mode.attach_groups(self.policy)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, attn=attn,
                                        reducers=group_reducers(self.dims.tp_group))
-        self.runner = self._setup_runner()
+        # How the policy's passes run: per micro-batch (ZeRO, TP) or through the pipeline schedule.
+        self.runner = self.mode.runner(self.policy, self.dims, batch_fn=self._batch, logps_fn=self.logps_fn)
         # Every rank scores the same rows (collective forwards): all pass or all fail.
         with comm.fail_together(group=comm.world_group()):
-            startup_packing_check(self.policy, self.logps_fn, cfg, self.dims.pp, self.tokenizer,
-                                  dtype=self._model_dtype(), device=self.device, log=self.log.info)
+            self.mode.check_packing(self.policy, self.logps_fn, self.tokenizer, device=self.device)
         self.phases.done("policy")
         with comm.fail_together(group=comm.world_group()):
             self.evaluator = self._setup_evaluator()
@@ -175,114 +158,25 @@ class KTOTrainer:
 
     def _setup_data(self):
         """Load, validate and tokenize; local rank 0 first so the others hit the ``datasets`` cache."""
-        cfg = self.cfg
-        loaded, timing = {}, {}
-
-        def load():
-            for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-                if files:
-                    rows, report, timing[split] = load_split(cfg, files, self.tokenizer, train=split == "train")
-                    loaded[split] = (rows, report)
-
-        from megakto.model.load import padding_note
-
         note = padding_note(self.tokenizer)
         if note:
             self.log.info(note)
-        first = comm.local_rank() == 0
+        first, loaded = comm.local_rank() == 0, {}
         with comm.fail_together(group=comm.world_group()), comm.others_wait(
                 "local rank 0 of each node reads and tokenizes the data", self.log.info):
             if first:
-                load()
+                loaded = load_splits(self.cfg, self.tokenizer)
         with comm.fail_together(group=comm.world_group()):
             if not first:
-                load()
-        for split, (rows, report) in loaded.items():
-            self.log.info(f"{split} data: {timing[split]}")  # local rank 0's: the first to read and tokenize
-            self.log.info(f"{split} data: {report.summary()}")
-            for warning in report.warnings():
-                self.log.info(f"warning: {split} data: {warning}")
-        train = loaded["train"][0]
-        return train, loaded["eval"][0] if "eval" in loaded else None
+                loaded = load_splits(self.cfg, self.tokenizer)
+        log_splits(loaded, self.log.info)  # the timing is local rank 0's: the first to read and tokenize
+        return loaded["train"][0], loaded["eval"][0] if "eval" in loaded else None
 
     def _setup_weights(self) -> float:
         return desirable_weight(self.cfg, self.train_rows, self.log.info)
 
     def _model_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float32
-
-    def _setup_policy(self):
-        cfg = self.cfg
-        o = cfg.optim
-        optim = dict(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
-                     warmup_steps=o.warmup_steps, max_steps=cfg.train.max_steps, schedule=o.schedule,
-                     min_lr_ratio=o.min_lr_ratio)
-        if self.dims.pp > 1:
-            module = pipeline.pipeline_model(cfg.model.path, self.dims.pp, dtype=self._model_dtype(), model=cfg.model,
-                                             partition=cfg.parallel.pp_partition)
-            policy = engine.build_policy_engine(module, self.ds_config, **optim)
-            self.log.info(f"pipeline: {pipeline.describe_stages(policy)}")
-            return policy
-        model = engine.load_model(cfg.model.path, self.ds_config, dtype=self._model_dtype(),
-                                  attn_implementation=cfg.model.attn_implementation,
-                                  trust_remote_code=cfg.model.trust_remote_code,
-                                  vocab_block_rows=cfg.model.vocab_block_rows)
-        layout = vocab_layout(model)
-        if layout:
-            self.log.info(f"vocabulary blocks: embedding and output head in {len(layout)} blocks of {layout[0]} rows")
-        if cfg.model.disable_dropout:
-            engine.disable_dropout(model)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.lora.r:
-            model = apply_lora(model, cfg.model.lora, seed=cfg.seed)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-            adapted = sorted({name.rsplit(".", 1)[-1] for name in model.base_model.targeted_module_names})
-            missing = sorted(set(cfg.model.lora.target_modules) - set(adapted))
-            self.log.info(f"LoRA: r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g} on {','.join(adapted)}: "
-                          f"{trainable:,} trainable of {total:,} parameters"
-                          + (f" (model.lora.target_modules {','.join(missing)}: no such module in this model)"
-                             if missing else ""))
-        universal = self.load_dir is not None and checkpoint.resume_layout(self.load_dir, comm.world_size()) == "universal"
-        ds_config = engine.universal_load_config(self.ds_config) if universal else self.ds_config
-        policy = engine.build_policy_engine(model, ds_config, **optim)
-        policy.train()
-        leaves = engine.zero3_leaf_classes(policy.module)
-        if leaves:  # mixture-of-experts blocks: every expert gathered on entry, whatever the routing
-            self.log.info(f"ZeRO-3 leaf modules: {', '.join(leaves)}")
-        with comm.fail_together(group=comm.world_group()):
-            check_vocab_parallel_head(policy, self.dims.tp)
-        return policy
-
-    def _attach_groups(self, dims: ParallelDims) -> ParallelDims:
-        """The engine's data- and tensor-parallel groups, checked against the mesh arithmetic: megakto
-        splits rows by ``dims.dp_rank`` and the engine averages gradients over its own group, so the two
-        must be the same ranks."""
-        if dims.pp > 1:
-            dp_group, pp_group = engine.pipeline_groups(self.policy)
-            dims = dims.with_groups(dp_group, None, pp_group)
-        else:
-            dims = dims.with_groups(*engine.parallel_groups(dims.tp))
-        with comm.fail_together(group=comm.world_group()):
-            if dims.tp > 1 or dims.pp > 1:
-                model_group = (dims.tp_group, dims.tp_group_ranks()) if dims.tp > 1 else (dims.pp_group,
-                                                                                         dims.pp_group_ranks())
-                got = (comm.group_ranks(group=dims.dp_group), comm.group_ranks(group=model_group[0]))
-                want = (dims.dp_group_ranks(), model_group[1])
-                if got != want:
-                    kind = "tp" if dims.tp > 1 else "pp"
-                    raise MegaktoError(f"rank {dims.rank}: DeepSpeed's (dp, {kind}) groups are {got}, the mesh "
-                                       f"arithmetic says {want} ({dims.describe()})")
-        return dims
-
-    def _setup_runner(self):
-        """How the policy's passes run: per micro-batch (ZeRO, TP) or through the pipeline schedule."""
-        if self.dims.pp > 1:
-            return pipeline.PipelineRunner(self.policy, self.policy.module.loss_fn, batch_fn=self._batch,
-                                           dp_group=self.dims.dp_group, pp_group=self.dims.pp_group,
-                                           last=self.dims.pp_group_ranks()[-1], attn=self.cfg.model.attn_implementation)
-        return ZeroRunner(self.policy, batch_fn=self._batch, logps_fn=self.logps_fn, dp_group=self.dims.dp_group)
 
     def _setup_sampler(self) -> KTOBatchSampler:
         return make_sampler(self.cfg, self.train_rows)
@@ -308,18 +202,7 @@ class KTOTrainer:
             if cfg.model.lora.r and same_weights:  # π_ref is the base model: the adapters switched off
                 self.log.info("reference: the policy with its LoRA adapters off (no second model)")
                 return AdapterOffReference(self.policy, self._batch, self.logps_fn)
-            if self.dims.pp > 1:  # a second, frozen pipeline over the same stages
-                if cfg.ref.offload != "none":
-                    self.log.info(f"ref.offload={cfg.ref.offload} does not apply under pipeline parallelism (parameter "
-                                  "offload needs ZeRO-3): each stage holds its reference layers in device memory; "
-                                  "ref.mode=cache holds none")
-                return pipeline.online_reference(cfg.ref, cfg.model, self.ds_config, self.runner, self.dims.pp,
-                                                 dtype=self._model_dtype(), partition=cfg.parallel.pp_partition)
-            ref = online_reference(cfg.ref, cfg.model, self.ds_config, dtype=self._model_dtype(),
-                                   batch_fn=self._batch, logps_fn=self.logps_fn)
-            with comm.fail_together(group=comm.world_group()):
-                check_vocab_parallel_head(ref.engine, self.dims.tp)
-            return ref
+            return self.mode.online_reference(self.runner, batch_fn=self._batch, logps_fn=self.logps_fn)
 
         # The precompute is split over the data-parallel ranks: each tensor-parallel group (or pipeline)
         # scores the same rows together, and its first rank writes them.
@@ -334,9 +217,9 @@ class KTOTrainer:
         k = self.cfg.train.eval_samples
         if not k or self.evaluator is None:
             return None
-        if self.dims.tp > 1 or self.dims.pp > 1:
-            self.log.info("eval samples: off under tensor and pipeline parallelism (generation needs the whole "
-                          "output head on one rank); set train.eval_samples=0 to silence this")
+        off = self.mode.samples_off()
+        if off:
+            self.log.info(off)
             return None
         return sample_prompts(self.eval_rows, k), SampleWriter(self.cfg.output_dir, self.tokenizer)
 
@@ -351,12 +234,12 @@ class KTOTrainer:
             return generate(module, prompts, max_new_tokens=n, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                             device=self.device, synced=comm.world_size() > 1)
 
-        policy = run(self.policy.module)
+        policy = run(model_of(self.policy))
         ref_engine = getattr(self.reference, "engine", None)
-        reference = run(ref_engine.module) if ref_engine is not None else None
+        reference = run(model_of(ref_engine)) if ref_engine is not None else None
         if isinstance(self.reference, AdapterOffReference):
-            with self.policy.module.disable_adapter():
-                reference = run(self.policy.module)
+            with model_of(self.policy).disable_adapter():
+                reference = run(model_of(self.policy))
         if comm.is_main():
             records = writer.write(self.step, prompts, policy, reference)
             self.log.text("samples", SampleWriter.markdown(records), self.step)
@@ -364,105 +247,24 @@ class KTOTrainer:
     def _reference_sequences(self) -> ConcatSequences:
         """Every (prompt_ids, completion_ids) the run scores with the reference: train and eval
         targets and KL rows, as keys and lengths (token ids stay in the Arrow tables)."""
-        parts = [self._sequences(self.train_rows, self.train_kl_partner)]
+        parts = [self._sequences(self.train_rows, self.planner.kl_partner)]
         if self.evaluator is not None:
             parts.append(self.evaluator.sequences)
         return ConcatSequences(parts)
 
     def _prepare_resume(self) -> tuple[dict | None, str | None]:
-        """Before the policy is built: the saved trainer state this rank continues from, checked
-        against this run's data stream, and the folder DeepSpeed is to load (None, None: a fresh
-        start). At another data-parallel size that is the checkpoint's universal form
-        (megakto/universal.py), converted now by rank 0 unless it already exists, once its recorded
-        parameter shapes match model.path's (a 32B conversion is hundreds of GB and minutes)."""
-        if self.resume_dir is None:
-            return None, None
-        layout = checkpoint.resume_layout(self.resume_dir, comm.world_size())
-        # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
-        # rank r takes (r % tp)'s state, and its RNG states are derived (_setup_resume).
-        moved = checkpoint.ranks_moved(self.resume_dir, comm.world_size())
-        with comm.fail_together(group=comm.world_group()):
-            state = checkpoint.load_state(self.resume_dir, universal.source_rank(comm.rank(), self.dims.tp)
-                                          if moved else None)
-            saved, now = state["sampler"].get("global_batch_size"), self.cfg.train.global_batch_size
-            if saved is not None and saved != now:
-                raise ConfigError(f"train.resume: {self.resume_dir} was trained with train.global_batch_size={saved} "
-                                  f"but this run has {now}; the data stream continues only at the same global batch "
-                                  f"size: set train.global_batch_size={saved} (the ranks and micro-batch size may change)")
-            try:
-                self.sampler.load_state_dict(state["sampler"])
-            except ValueError as err:
-                raise ConfigError(f"train.resume: {self.resume_dir}: {err}") from None
-        if layout != "convert":
-            return state, self.resume_dir
-        # Before converting: the checkpoint's shapes against config.json's.
-        with comm.fail_together(group=comm.world_group()):
-            if comm.is_main() and state.get("param_shapes") is not None:
-                self._check_same_model(hf_shapes(state["param_shapes"]),
-                                       param_shapes(self.cfg.model.path, trust_remote_code=self.cfg.model.trust_remote_code))
-        target = universal.universal_dir(self.resume_dir, checkpoint.checkpoints_dir(self.cfg.output_dir))
-        # A large model: convert first with tools/to_universal.py.
-        with comm.fail_together(group=comm.world_group()), comm.others_wait(
-                f"rank 0 converts {self.resume_dir} to its universal form", self.log.info):
-            if comm.is_main():
-                start = time.perf_counter()
-                why = universal.stale(self.resume_dir, target) if os.path.exists(target) else None
-                reused = os.path.exists(target) and why is None
-                if why is not None:  # e.g. the step was saved again since: its old weights must not load
-                    self.log.info(f"{target} is not the universal form of {self.resume_dir} ({why}): converting "
-                                  "it again")
-                universal.convert(self.resume_dir, target)
-                self.log.info(f"{'reusing' if reused else 'converted'} {self.resume_dir} ({state['world_size']} ranks) "
-                              f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
-        with comm.fail_together(group=comm.world_group()):  # its own block: verifying the conversion is collective
-            why = checkpoint.verify(target)
-            if why is not None:
-                raise ConfigError(f"train.resume: {target} (the universal form of {self.resume_dir}): {why}")
-        return state, target
+        """Before the policy is built: the saved trainer state and the folder DeepSpeed is to load
+        (megakto/resume.py; None, None: a fresh start); the sampler's position is restored."""
+        return resume.prepare(self.resume_dir, self.cfg, tp=self.dims.tp, sampler=self.sampler, log=self.log.info)
 
     def _setup_resume(self) -> int:
-        """Continue from ``self.resume_dir`` (DeepSpeed loads ``self.load_dir``): the checkpoint must
-        hold this model, then engine (weights, Adam, LR schedule), RNG states (re-derived from the
-        seed and step on every rank when the ranks are not the ones that saved: another number of
-        ranks, or any universal layout), eval history; returns the step to continue from
-        (0 = fresh start). The sampler position was restored by :meth:`_prepare_resume`."""
-        state = self.resume_state
-        if state is None:
+        """Once the policy exists: engine, RNG states and eval history from the checkpoint; the step to
+        continue from (0 = fresh start)."""
+        if self.resume_state is None:
             return 0
-        with comm.fail_together(group=comm.world_group()):
-            saved, now = state.get("vocab_layout", []), vocab_layout(self.policy.module)
-            if saved != now:
-                def fmt(sizes):
-                    return f"{len(sizes)} blocks of {sizes[0]} rows" if sizes else "unsplit"
-                raise ConfigError(f"train.resume: {self.resume_dir} has its vocabulary matrices {fmt(saved)}, this "
-                                  f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
-            if state.get("param_shapes") is not None:
-                self._check_same_model(state["param_shapes"], _param_shapes(self.policy.module))
-        # A file DeepSpeed cannot load: one line naming it, every rank exits 1.
-        with comm.fail_together(group=comm.world_group()):
-            checkpoint.load_engine(self.policy, self.load_dir)
-        if checkpoint.ranks_moved(self.resume_dir, comm.world_size()):  # every rank alike, rank 0 too
-            checkpoint.derive_rng_state(self.cfg.seed, state["step"], comm.rank())
-        else:
-            checkpoint.set_rng_state(state["rng"])
-        self.eval_history = [(s, dict(m)) for s, m in state["eval_history"]]
-        via = "" if self.load_dir == self.resume_dir else f" through {self.load_dir}"
-        self.log.info(f"resumed from {self.resume_dir} at step {state['step']}{via} "
-                      f"({state['world_size']} ranks then, {comm.world_size()} now)")
-        return state["step"]
-
-    def _check_same_model(self, saved: dict, now: dict) -> None:
-        """The checkpoint's parameters (names and shapes) must be this model's: before a conversion
-        both under Hugging Face names (the model built on the meta device), once the policy exists
-        as this rank's tensor-parallel rank holds them (checkpoints saved before shapes were recorded
-        are not checked)."""
-        if saved == now:
-            return
-        name = next((n for n in sorted(set(saved) | set(now)) if saved.get(n) != now.get(n)), None)
-        where = f"{name} is {saved.get(name, 'absent')} there and {now.get(name, 'absent')} here"
-        raise ConfigError(f"train.resume: {self.resume_dir} holds another model's weights than "
-                          f"model.path={self.cfg.model.path} ({len(saved)} parameters there, {len(now)} here; {where}); "
-                          "resume with the model it was trained from")
+        self.eval_history = resume.restore(self.resume_state, self.resume_dir, self.load_dir, self.policy, self.cfg,
+                                           log=self.log.info)
+        return self.resume_state["step"]
 
     # ------------------------------------------------------------------ training
 
@@ -531,11 +333,12 @@ class KTOTrainer:
         cfg, start = self.cfg, time.perf_counter()
         ckpt_dir = checkpoint.checkpoints_dir(cfg.output_dir)
         if comm.is_main():
-            lora = self.policy.module.peft_config["default"] if cfg.model.lora.r else None
+            lora = model_of(self.policy).peft_config["default"] if cfg.model.lora.r else None
             export.save_hf_base(ckpt_dir, cfg.model.path, self.tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                 lora=lora)
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
-                 "vocab_layout": vocab_layout(self.policy.module), "param_shapes": _param_shapes(self.policy.module),
+                 "vocab_layout": vocab_layout(model_of(self.policy)),
+                 "param_shapes": resume.held_shapes(model_of(self.policy)),
                  "eval_history": [[s, m] for s, m in self.eval_history]}
         path = checkpoint.save(self.policy, ckpt_dir, self.step, state, keep_last=cfg.checkpoint.keep_last,
                                dtype="bfloat16" if self.bf16 else "float32", tp_size=self.dims.tp,
@@ -589,15 +392,10 @@ class KTOTrainer:
     def train_step(self, indices: list[int]) -> StepResult:
         kto = self.cfg.kto
         start = time.perf_counter()
-        rows = self.train_rows.fetch(indices)
-        targets = list(zip(rows["prompt_ids"], rows["completion_ids"]))
-        kl_rows = self._step_kl_rows(indices, rows) if self.use_kl else None
-
-        # 1. Plan: equal rows and near-equal tokens per micro-batch; this rank's share.
-        lengths = [len(p) + len(c) for p, c in targets]
-        if kl_rows is not None:
-            lengths = [n + len(p) + len(c) for n, (p, c) in zip(lengths, kl_rows)]
-        mine = self._my_micro_batches(lengths, rows["label"])
+        # 1. Plan (megakto/data/step_plan.py): KL rows; equal rows and near-equal tokens per micro-batch.
+        plan = self.planner.plan(indices, self.step)
+        rows, targets, kl_rows = plan.rows, plan.targets, plan.kl_rows
+        mine = self._my_micro_batches(plan)
 
         # 2. No-grad pass: reference on target (and KL) rows; policy on the KL rows.
         t_rows = [[targets[i] for i in positions] for positions in mine]
@@ -622,8 +420,6 @@ class KTOTrainer:
         scale = self.dims.num_micro_batches / len(indices)  # engine: ÷ grad-accum, mean over dp ranks
         target_tokens = sum(len(c) for _, c in targets)
         desirable_tokens = sum(len(c) for (_, c), d in zip(targets, rows["label"]) if d)
-        lr = self.policy.get_lr()[0]  # the rate this step's update uses
-        ds_skipped_before = self.policy.skipped_steps
 
         def micro_loss(j: int, logps: torch.Tensor) -> MicroLoss:
             """Micro-batch j's loss, a sum over its rows like eq. (7)'s; ``scale`` makes it a global mean."""
@@ -655,16 +451,13 @@ class KTOTrainer:
                 self._previous_raw_kl = metrics["kl/raw"]
         else:  # skipped before the policy pass
             metrics = {"loss": float("nan"), "kl": kl_mean}
-        metrics["learning_rate"] = lr
+        metrics["learning_rate"] = outcome.engine.lr  # the rate this step's update used
         if backwards:  # the engine reached the accumulation boundary and ran its optimizer step
-            grad_norm = self.policy.get_global_grad_norm()
-            norm = None if grad_norm is None else float(grad_norm)
+            norm = outcome.engine.grad_norm
             if norm is not None:
                 metrics["grad_norm"] = norm
-            # DeepSpeed's ZeRO optimizers discard a step whose global gradient norm is not finite
-            # (fp32 and bf16, stages 1-3, unless bf16.check_grad_overflow is off); the overflow is
-            # all-reduced, so every rank sees the same count.
-            if self.policy.skipped_steps > ds_skipped_before:
+            # The engine discarded the update (DeepSpeed's overflow check, the same on every rank).
+            if outcome.engine.skipped:
                 skipped = skipped or f"non-finite gradient norm ({norm}), update discarded by DeepSpeed"
             elif poisoned or (norm is not None and not math.isfinite(norm)):
                 err = MegaktoError(
@@ -686,14 +479,10 @@ class KTOTrainer:
         comm.all_reduce_sum(flat, group=group)
         return list(flat)
 
-    def _my_micro_batches(self, lengths: list[int], labels: list[bool]) -> list[list[int]]:
+    def _my_micro_batches(self, plan: StepPlan) -> list[list[int]]:
         """This data-parallel rank's micro-batches of the step's plan (positions into the batch);
-        the ranks of one tensor-parallel group get the same ones."""
-        ga, r = self.dims.grad_accum, self.dims.dp_rank
-        return plan_micro_batches(lengths, labels, self.dims.num_micro_batches)[r * ga:(r + 1) * ga]
-
-    def _step_kl_rows(self, indices: list[int], rows: dict) -> list:
-        return step_kl_rows(self.cfg, self.train_rows, indices, rows, self.step, self.train_kl_partner)
+        the ranks of one tensor-parallel group or pipeline get the same ones."""
+        return plan.mine(self.dims.dp_rank)
 
     def _sequences(self, split: TokenizedSplit, partners) -> SplitSequences:
         data = self.cfg.data

@@ -8,8 +8,22 @@ metrics. A runner owns the policy engine's execution of the two passes:
 * :class:`~megakto.runners.pipeline.PipelineRunner`: ``deepspeed.pipe``; the no-grad passes through
   ``eval_batch`` and the policy pass as one ``train_batch`` (1F1B schedule), eq. (7) evaluated on
   the last stage.
+
+Each mode is a module that builds itself (:class:`~megakto.runners.base.ParallelMode`: its policy
+engine, groups, online reference and feature switches); :func:`parallel_mode` is the one place
+that picks a mode from the mesh. A new mode (expert or sequence parallelism) is a new module here
+and a line in :func:`parallel_mode`.
 """
 
-from megakto.runners.base import StepRunner, TrainOutcome
+from megakto.runners.base import EngineOutcome, ModeSetup, ParallelMode, StepRunner, TrainOutcome
+from megakto.runners.pipeline import PipelineMode
+from megakto.runners.zero import ZeroMode
 
-__all__ = ["StepRunner", "TrainOutcome"]
+__all__ = ["EngineOutcome", "ModeSetup", "ParallelMode", "StepRunner", "TrainOutcome", "parallel_mode"]
+
+
+def parallel_mode(setup: ModeSetup) -> ParallelMode:
+    """The mode of ``setup.dims``: pipelines when it has pipeline stages, else ZeRO (with AutoTP when
+    it has tensor-parallel ranks)."""
+    mode = PipelineMode if setup.dims.pp > 1 else ZeroMode
+    return mode(setup)

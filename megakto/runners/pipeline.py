@@ -1,4 +1,7 @@
-"""The pipeline runner (``deepspeed.pipe``, ZeRO 0/1): the KTO step on a pipeline engine.
+"""The pipeline mode (``deepspeed.pipe``, ZeRO 0/1): the policy and the online reference as pipeline
+engines over the same stages, and the KTO step on them. The embedding and the output head are
+stages of their own (vocabulary blocks off), generation needs the whole model (eval samples off),
+the packing check does not apply (no single forward) and neither does ``ref.offload``.
 
 The engine owns the schedule, so a step is two kinds of calls:
 
@@ -28,10 +31,13 @@ import torch
 from megakto.distributed import comm, engine as ds_engine
 from megakto.distributed.ds_config import reference_ds_config
 from megakto.model.forward import completion_token_counts, for_attention
-from megakto.runners.base import LossFn, Pairs, TrainOutcome
+from megakto.model.packing_check import startup_packing_check
+from megakto.distributed.parallel import ParallelDims
+from megakto.runners.base import SAMPLES_OFF, EngineWatch, LossFn, ModeSetup, Pairs, TrainOutcome
+from megakto.runners.zero import check_groups, optim_settings
 
-__all__ = ["LossSlot", "PipelineRunner", "PipelineReference", "check_model", "pipeline_model", "describe_stages",
-           "online_reference"]
+__all__ = ["LossSlot", "PipelineMode", "PipelineRunner", "PipelineReference", "check_model", "pipeline_model",
+           "describe_stages", "online_reference"]
 
 
 class LossSlot:
@@ -87,8 +93,9 @@ class PipelineRunner:
         return self._broadcast(collected, [len(p) for p in batches])
 
     def train(self, batches: list[Pairs], loss_fn: LossFn, *, scale: float, skipped: str | None) -> TrainOutcome:
-        out = TrainOutcome(skipped=skipped)
+        out, watch = TrainOutcome(skipped=skipped), EngineWatch(self.engine)
         if skipped is not None:
+            out.engine = watch.outcome(0)
             return out  # nothing ran: the engine has no partial step to drop
         items, packed = zip(*(self._micro_batch(pairs, i) for i, pairs in enumerate(batches)))
         non_finite = []
@@ -109,6 +116,7 @@ class PipelineRunner:
         # step's gradient is not finite and DeepSpeed's overflow check has to discard the update.
         if comm.any_rank(bool(non_finite), group=comm.world_group()):
             out.skipped, out.poisoned = "non-finite loss", True
+        out.engine = watch.outcome(out.backwards)
         return out
 
     def reduce_sums(self, values: dict[str, float]) -> dict[str, float]:
@@ -170,3 +178,56 @@ def online_reference(ref, model, policy_ds: dict, runner: PipelineRunner, pp: in
     module = pipeline_model(ref.path or model.path, pp, dtype=dtype, model=model, partition=partition)
     return PipelineReference(ds_engine.build_reference_engine(module, reference_ds_config(policy_ds, pipeline=True)),
                              runner)
+
+
+class PipelineMode:
+    """``dims.pp`` pipeline stages per data-parallel replica (:class:`~megakto.runners.base.ParallelMode`)."""
+
+    def __init__(self, setup: ModeSetup):
+        self.cfg, self.dims, self.ds_config, self.dtype, self.log = (setup.cfg, setup.dims, setup.ds_config,
+                                                                     setup.dtype, setup.log)
+
+    def switch_features(self) -> None:
+        if self.cfg.model.vocab_block_rows == "auto":
+            self.cfg.model.vocab_block_rows = 0  # the embedding and the head sit on their own pipeline stages
+            self.log("vocabulary blocks: off under pipeline parallelism (the embedding and the output head "
+                     "are stages of their own)")
+
+    def build_policy(self, load_dir: str | None):
+        cfg = self.cfg
+        module = pipeline_model(cfg.model.path, self.dims.pp, dtype=self.dtype, model=cfg.model,
+                                partition=cfg.parallel.pp_partition)
+        policy = ds_engine.build_policy_engine(module, self.ds_config, **optim_settings(cfg))
+        self.log(f"pipeline: {describe_stages(policy)}")
+        return policy
+
+    def attach_groups(self, policy) -> ParallelDims:
+        """The engine's data-parallel and pipeline groups, checked against the mesh arithmetic."""
+        dp_group, pp_group = ds_engine.pipeline_groups(policy)
+        dims = self.dims.with_groups(dp_group, None, pp_group)
+        with comm.fail_together(group=comm.world_group()):
+            check_groups(dims, "pp", dims.pp_group, dims.pp_group_ranks())
+        self.dims = dims
+        return dims
+
+    def runner(self, policy, dims: ParallelDims, *, batch_fn: Callable, logps_fn: Callable) -> PipelineRunner:
+        return PipelineRunner(policy, policy.module.loss_fn, batch_fn=batch_fn, dp_group=dims.dp_group,
+                              pp_group=dims.pp_group, last=dims.pp_group_ranks()[-1],
+                              attn=self.cfg.model.attn_implementation)
+
+    def check_packing(self, policy, logps_fn: Callable, tokenizer, *, device) -> None:
+        startup_packing_check(policy, logps_fn, self.cfg, self.dims.pp, tokenizer, dtype=self.dtype, device=device,
+                              log=self.log)
+
+    def online_reference(self, runner: PipelineRunner, *, batch_fn: Callable, logps_fn: Callable):
+        """A second, frozen pipeline over the same stages."""
+        cfg = self.cfg
+        if cfg.ref.offload != "none":
+            self.log(f"ref.offload={cfg.ref.offload} does not apply under pipeline parallelism (parameter "
+                     "offload needs ZeRO-3): each stage holds its reference layers in device memory; "
+                     "ref.mode=cache holds none")
+        return online_reference(cfg.ref, cfg.model, self.ds_config, runner, self.dims.pp, dtype=self.dtype,
+                                partition=cfg.parallel.pp_partition)
+
+    def samples_off(self) -> str | None:
+        return SAMPLES_OFF

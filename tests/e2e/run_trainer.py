@@ -39,8 +39,8 @@ class _TracedTrainer(KTOTrainer):
         super().__init__(*args, **kwargs)
         self._dump, self._hang = dump, hang_before_step
 
-    def _my_micro_batches(self, lengths, labels):
-        mine = super()._my_micro_batches(lengths, labels)
+    def _my_micro_batches(self, plan):
+        mine = super()._my_micro_batches(plan)
         with open(os.path.join(self._dump, f"micro_rank{comm.rank()}.jsonl"), "a") as f:
             f.write(json.dumps(mine) + "\n")
         return mine

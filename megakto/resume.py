@@ -1,0 +1,122 @@
+"""``train.resume``: what the trainer does with a verified checkpoint, in two halves around building
+the policy engine (megakto/checkpoint.py documents the checkpoint itself).
+
+* :func:`prepare` (before the policy exists): the saved trainer state this rank continues from,
+  checked against this run's data stream, and the folder DeepSpeed is to load. At another
+  data-parallel size that is the checkpoint's universal form (megakto/universal.py), converted by
+  rank 0 unless it already exists, once its recorded parameter shapes match model.path's (a 32B
+  conversion is hundreds of GB and minutes).
+* :func:`restore` (once the policy exists): the checkpoint must hold this model, then engine
+  (weights, Adam, LR schedule), RNG states (re-derived from the seed and step on every rank when
+  the ranks are not the ones that saved: another number of ranks, or any universal layout).
+
+Both are collective: every rank calls them, all pass or all fail.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from megakto import checkpoint, universal
+from megakto.distributed import comm
+from megakto.errors import ConfigError
+from megakto.model.meta import hf_shapes, param_shapes
+from megakto.model.vocab_blocks import vocab_layout
+
+__all__ = ["held_shapes", "prepare", "restore", "check_same_model"]
+
+
+def held_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Every parameter's shape as this rank holds it (ZeRO-3: the whole, not its partition)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
+
+
+def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str], None]
+            ) -> tuple[dict | None, str | None]:
+    """The saved trainer state and the folder DeepSpeed loads ((None, None): a fresh start); the
+    sampler's position restored. ``tp``: this run's tensor-parallel size."""
+    if resume_dir is None:
+        return None, None
+    layout = checkpoint.resume_layout(resume_dir, comm.world_size())
+    # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
+    # rank r takes (r % tp)'s state, and its RNG states are derived (restore).
+    moved = checkpoint.ranks_moved(resume_dir, comm.world_size())
+    with comm.fail_together(group=comm.world_group()):
+        state = checkpoint.load_state(resume_dir, universal.source_rank(comm.rank(), tp) if moved else None)
+        saved, now = state["sampler"].get("global_batch_size"), cfg.train.global_batch_size
+        if saved is not None and saved != now:
+            raise ConfigError(f"train.resume: {resume_dir} was trained with train.global_batch_size={saved} "
+                              f"but this run has {now}; the data stream continues only at the same global batch "
+                              f"size: set train.global_batch_size={saved} (the ranks and micro-batch size may change)")
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as err:
+            raise ConfigError(f"train.resume: {resume_dir}: {err}") from None
+    if layout != "convert":
+        return state, resume_dir
+    # Before converting: the checkpoint's shapes against config.json's.
+    with comm.fail_together(group=comm.world_group()):
+        if comm.is_main() and state.get("param_shapes") is not None:
+            check_same_model(resume_dir, cfg.model.path, hf_shapes(state["param_shapes"]),
+                             param_shapes(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
+    target = universal.universal_dir(resume_dir, checkpoint.checkpoints_dir(cfg.output_dir))
+    # A large model: convert first with tools/to_universal.py.
+    with comm.fail_together(group=comm.world_group()), comm.others_wait(
+            f"rank 0 converts {resume_dir} to its universal form", log):
+        if comm.is_main():
+            start = time.perf_counter()
+            why = universal.stale(resume_dir, target) if os.path.exists(target) else None
+            reused = os.path.exists(target) and why is None
+            if why is not None:  # e.g. the step was saved again since: its old weights must not load
+                log(f"{target} is not the universal form of {resume_dir} ({why}): converting it again")
+            universal.convert(resume_dir, target)
+            log(f"{'reusing' if reused else 'converted'} {resume_dir} ({state['world_size']} ranks) "
+                f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
+    with comm.fail_together(group=comm.world_group()):  # its own block: verifying the conversion is collective
+        why = checkpoint.verify(target)
+        if why is not None:
+            raise ConfigError(f"train.resume: {target} (the universal form of {resume_dir}): {why}")
+    return state, target
+
+
+def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Callable[[str], None]
+            ) -> list[tuple[int, dict[str, float]]]:
+    """Load ``load_dir`` into the ``policy`` engine and this rank's RNG states; the eval history."""
+    with comm.fail_together(group=comm.world_group()):
+        saved, now = state.get("vocab_layout", []), vocab_layout(policy.module)
+        if saved != now:
+            def fmt(sizes):
+                return f"{len(sizes)} blocks of {sizes[0]} rows" if sizes else "unsplit"
+            raise ConfigError(f"train.resume: {resume_dir} has its vocabulary matrices {fmt(saved)}, this "
+                              f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
+        if state.get("param_shapes") is not None:
+            check_same_model(resume_dir, cfg.model.path, state["param_shapes"], held_shapes(policy.module))
+    # A file DeepSpeed cannot load: one line naming it, every rank exits 1.
+    with comm.fail_together(group=comm.world_group()):
+        checkpoint.load_engine(policy, load_dir)
+    if checkpoint.ranks_moved(resume_dir, comm.world_size()):  # every rank alike, rank 0 too
+        checkpoint.derive_rng_state(cfg.seed, state["step"], comm.rank())
+    else:
+        checkpoint.set_rng_state(state["rng"])
+    via = "" if load_dir == resume_dir else f" through {load_dir}"
+    log(f"resumed from {resume_dir} at step {state['step']}{via} "
+        f"({state['world_size']} ranks then, {comm.world_size()} now)")
+    return [(s, dict(m)) for s, m in state["eval_history"]]
+
+
+def check_same_model(resume_dir: str, model_path: str, saved: dict, now: dict) -> None:
+    """The checkpoint's parameters (names and shapes) must be this model's: before a conversion
+    both under Hugging Face names (the model built on the meta device), once the policy exists
+    as this rank's tensor-parallel rank holds them (checkpoints saved before shapes were recorded
+    are not checked)."""
+    if saved == now:
+        return
+    name = next((n for n in sorted(set(saved) | set(now)) if saved.get(n) != now.get(n)), None)
+    where = f"{name} is {saved.get(name, 'absent')} there and {now.get(name, 'absent')} here"
+    raise ConfigError(f"train.resume: {resume_dir} holds another model's weights than "
+                      f"model.path={model_path} ({len(saved)} parameters there, {len(now)} here; {where}); "
+                      "resume with the model it was trained from")
