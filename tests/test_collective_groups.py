@@ -16,6 +16,8 @@ be read off the call site. Not covered: calls through ``getattr`` or ``**kwargs`
 import ast
 from pathlib import Path
 
+from tests.test_import_boundaries import _dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "megakto"
 COMM = PKG / "distributed" / "comm.py"
@@ -58,16 +60,6 @@ def _bindings(tree: ast.AST, package: str, functions) -> tuple[set[str], dict[st
                 elif base == COMM_MODULE and a.name in functions:
                     direct[a.asname or a.name] = a.name
     return modules, direct
-
-
-def _dotted(node: ast.AST) -> str | None:
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if not isinstance(node, ast.Name):
-        return None
-    return ".".join([node.id, *reversed(parts)])
 
 
 def unnamed_groups(source: str, package: str, functions, *, own: bool = False) -> list[tuple[int, str]]:
