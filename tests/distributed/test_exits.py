@@ -3,13 +3,11 @@ at once, without tearing the process group down, so that peers waiting in a coll
 the launcher instead of by the collective timeout. gloo cannot reproduce NCCL's blocking teardown,
 so the launch test pins the path: the failing rank never calls ``destroy_process_group``."""
 
-import os
 import time
 
 import psutil
 import pytest
 
-from megakto.distributed import comm
 from tests.launcher import launch
 
 pytestmark = pytest.mark.gloo

@@ -63,7 +63,7 @@ def run_cell(mode: str, family: str, models: str, data: str, out: str) -> dict:
         return {"refused": str(err), "error_class": type(err).__name__}
     rows = trainer.train_rows.fetch(range(3))
     targets = [(list(p), list(c)) for p, c in zip(rows["prompt_ids"], rows["completion_ids"])]
-    # Targets and a mismatched pair (prompt 0 with completion 1): in the cache as train and KL rows.
+    # Three targets and three mismatched pairs (prompt i with another row's completion).
     probe = targets + [(targets[i][0], targets[j][1]) for i, j in ((0, 1), (1, 2), (2, 0))]
     probe = probe if cfg.ref.mode != "cache" else targets  # the cache holds the run's own KL rows only
 

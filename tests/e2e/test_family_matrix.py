@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megakto._demo.data import write_demo_data
-from megakto._demo.tiny_model import FAMILIES, make_tiny_model
+from megakto._demo.tiny_model import make_tiny_model
 from tests.launcher import REPO, launch
 
 pytestmark = pytest.mark.e2e
