@@ -28,7 +28,7 @@ __all__ = ["Evaluator"]
 
 class Evaluator:
     def __init__(self, split: TokenizedSplit, sequences: Sequences, *, has_kl: bool, dp_rank: int, dp_size: int,
-                 batch_size: int, dp_group=None):
+                 batch_size: int, dp_group: comm.ProcessGroup):
         n = len(split) * (2 if has_kl else 1)
         if len(sequences) != n:
             raise ValueError(f"{len(sequences)} sequences for {len(split)} rows (has_kl={has_kl}): want {n}")

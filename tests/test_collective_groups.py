@@ -11,6 +11,13 @@ Calls are found through every name a module binds to ``comm`` or to one of its f
 as a value instead of called (``gather=comm.all_gather_object``) is reported too: its group cannot
 be read off the call site. Not covered: calls through ``getattr`` or ``**kwargs``-only call sites
 (the latter are reported).
+
+A group also travels through megakto's own functions before it reaches comm (``dp_group=``,
+``tp_group=``): no function there gives such a parameter a default, and no call passes one the
+literal ``None``, so a group is never the world by omission. At run time comm refuses
+``group=None`` inside a process group (tests/distributed/test_comm.py), and
+:class:`~megakto.distributed.parallel.ParallelDims` refuses to hand out a group before one is
+attached (tests/distributed/test_parallel.py).
 """
 
 import ast
@@ -168,3 +175,42 @@ def test_every_collective_call_names_its_group():
         calls += source.count("group=")
     assert offenders == []
     assert calls > 40  # not vacuous: the package does call its collectives
+
+
+def _is_group(name: str | None) -> bool:
+    return name is not None and (name == "group" or name.endswith("_group"))
+
+
+def loose_group_parameters(source: str) -> list[tuple[int, str]]:
+    """(line, why) for every parameter named ``group``/``*_group`` with a default, and every call
+    passing such a keyword the literal ``None``, in ``source``."""
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            positional = a.posonlyargs + a.args
+            defaulted = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+            defaulted += [(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+            name = getattr(node, "name", "lambda")
+            hits += [(d.lineno, f"{name}({arg.arg}={ast.unparse(d)}): a group parameter with a default")
+                     for arg, d in defaulted if _is_group(arg.arg)]
+        elif isinstance(node, ast.Call):
+            hits += [(node.lineno, f"{ast.unparse(node.func)}({k.arg}=None)") for k in node.keywords
+                     if _is_group(k.arg) and isinstance(k.value, ast.Constant) and k.value.value is None]
+    return sorted(set(hits))
+
+
+def test_group_checker_catches_defaults_and_none_literals():
+    source = ("def a(x, dp_group=None): pass\n"
+              "def b(*, group=world): pass\n"
+              "def c(x, *, tp_group, grouping=None, group_size=1): pass\n"
+              "Evaluator(rows, dp_group=None)\n"
+              "build(dp_group=dims.dp_group, tp=None, pp_group=g)\n"
+              "f = lambda group=None: group\n")
+    assert [line for line, _ in loose_group_parameters(source)] == [1, 2, 4, 6]
+
+
+def test_no_group_parameter_has_a_default_and_no_call_passes_none():
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {why}" for path, _ in _files()
+                 for line, why in loose_group_parameters(path.read_text())]
+    assert offenders == []

@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 
 from megakto.data.split import TokenizedSplit
+from megakto.distributed import comm
 from megakto.evaluate import Evaluator
 from megakto.reference.sequences import SplitSequences
 
@@ -32,7 +33,8 @@ def _evaluator(dp_rank=0, dp_size=1, batch_size=2):
     # Partners 2, 3, 0, 1 give KL_ROWS; the rows are read from the split's Arrow table per batch.
     sequences = SplitSequences(split, [2, 3, 0, 1], max_length=16, max_prompt_length=8)
     assert sequences.fetch(range(8)) == list(zip(PROMPTS, COMPLETIONS)) + KL_ROWS
-    return Evaluator(split, sequences, has_kl=True, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size)
+    return Evaluator(split, sequences, has_kl=True, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size,
+                     dp_group=comm.world_group())
 
 
 def _policy(pairs):

@@ -100,7 +100,7 @@ def run_megakto(name: str, spec: dict) -> dict:
         from megakto.distributed import comm
 
         # The launcher started one tensor-parallel group or one pipeline (dp 1): gather its ranks' figures.
-        group = trainer.dims.tp_group if tp > 1 else trainer.dims.pp_group
+        group = trainer.dims.tp_group if tp > 1 else trainer.dims.pp_group if pp > 1 else comm.world_group()
         per_rank = comm.all_gather_object({k: v for k, v in out.items() if k.startswith("peak")}, group=group)
         for key in per_rank[0]:
             values = [r[key] for r in per_rank if r[key] is not None]

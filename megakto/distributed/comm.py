@@ -2,7 +2,9 @@
 
 Every function that takes a group takes it as a required keyword, the world included
 (``group=world_group()``): a call site says which ranks it means, and no reader has to know a
-default. Collectives return early when there is nothing to reduce (no process group, or a group of
+default. Inside a process group, ``group=None`` (torch's spelling of the world) is refused at run
+time, so a group that was never set (a None default, a degree-1 group) cannot silently reduce over
+every rank. Collectives return early when there is nothing to reduce (no process group, or a group of
 size 1), so the same trainer code runs in a single process and under the launcher. Metrics and the KL
 reference point are reduced as (sum, count) pairs in one flat float64 tensor: one collective per
 call, exact global means.
@@ -53,9 +55,8 @@ __all__ = [
     "run_rank",
 ]
 
-# A group as torch.distributed hands it out. A value may be None, torch's default group (what
-# world_group() returns in a single process, and a data-parallel group while tp = pp = 1), but no
-# call site writes None itself: it names the group it means.
+# A group as torch.distributed hands it out. None only outside a process group, where world_group()
+# returns it and every collective is a no-op; inside one, every group is a real object (_named).
 ProcessGroup: TypeAlias = Optional[dist.ProcessGroup]
 
 
@@ -85,19 +86,28 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _named(group: ProcessGroup) -> ProcessGroup:
+    """``group``, refused when it is None inside a process group: torch reads None as the world, and
+    a call site that means the world says so (:func:`world_group`)."""
+    if group is None and is_initialized():
+        raise ValueError("comm: group=None inside a process group; pass the group meant "
+                         "(comm.world_group() for every rank)")
+    return group
+
+
 def group_size(*, group: ProcessGroup) -> int:
-    return dist.get_world_size(group) if is_initialized() else 1
+    return dist.get_world_size(_named(group)) if is_initialized() else 1
 
 
 def group_rank(*, group: ProcessGroup) -> int:
-    return dist.get_rank(group) if is_initialized() else 0
+    return dist.get_rank(_named(group)) if is_initialized() else 0
 
 
 def group_ranks(*, group: ProcessGroup) -> list[int]:
     """Global ranks of ``group``'s members, in group-rank order."""
     if not is_initialized():
         return [0]
-    return list(dist.get_process_group_ranks(group or dist.group.WORLD))
+    return list(dist.get_process_group_ranks(_named(group)))
 
 
 def _comm_device(group: ProcessGroup) -> torch.device:
@@ -211,7 +221,7 @@ def fail_together(*, group: ProcessGroup) -> Iterator[None]:
             raise unexpected
         if failed:
             r, (kind, m) = failed[0]
-            r = dist.get_global_rank(group, r) if group is not None else r
+            r = dist.get_global_rank(group, r)
             raise _shared(kind(m if r == 0 or message == m else f"rank {r}: {m}"))
     elif unexpected is not None:
         raise unexpected
@@ -230,8 +240,9 @@ def timeout_minutes(*, group: ProcessGroup) -> float | None:
     does not expose it."""
     if not is_initialized():
         return None
+    _named(group)
     try:
-        backend = (group or dist.group.WORLD)._get_backend(_comm_device(group))
+        backend = group._get_backend(_comm_device(group))
         return backend.options._timeout.total_seconds() / 60
     except Exception:  # a private surface: absent on some backends or releases; this is only a diagnostic
         return None
@@ -241,6 +252,7 @@ def describe(*, group: ProcessGroup) -> str:
     """``gloo, 2 ranks, collective timeout 10 min``: the process group a run works in."""
     if not is_initialized():
         return "no process group (one process)"
+    _named(group)
     minutes = timeout_minutes(group=group)
     limit = f"{minutes:g} min" if minutes is not None else "not exposed by the backend"
     return f"{dist.get_backend(group)}, {group_size(group=group)} ranks, collective timeout {limit}"

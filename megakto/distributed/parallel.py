@@ -14,8 +14,9 @@ with 4 ranks and pp 2 stage 0 is on {0,1}, stage 1 on {2,3}, the pipelines {0,2}
 
 Pure arithmetic: no torch.distributed here, so every check runs before any process group exists.
 The process groups themselves are attached with :meth:`ParallelDims.with_groups` once the engine
-has built them (:func:`megakto.distributed.engine.parallel_groups`); the trainer checks there that
-their members are the ranks this arithmetic names.
+has built them (:func:`megakto.distributed.engine.parallel_groups`); the parallel mode checks there
+that their members are the ranks this arithmetic names. Reading a group before that is an error,
+never a silent fallback to the world.
 """
 
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,19 @@ from typing import Any
 
 from megakto.errors import ConfigError
 
-__all__ = ["ParallelDims"]
+__all__ = ["MeshGroups", "ParallelDims"]
+
+
+@dataclass(frozen=True)
+class MeshGroups:
+    """One rank's process groups. ``dp``: its data-parallel group, always named (the world's,
+    ``comm.world_group()``, when the data-parallel ranks are all the ranks); ``tp``, ``pp``: its
+    tensor-parallel and pipeline groups, None where that degree is 1 (no such group: nothing is
+    reduced over it)."""
+
+    dp: Any
+    tp: Any
+    pp: Any
 
 
 @dataclass(frozen=True)
@@ -34,10 +47,8 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     rank: int = 0  # this process's global rank
-    # Process groups (None = the whole world, right while tp = pp = 1): set by with_groups().
-    dp_group: Any = field(default=None, compare=False, repr=False)
-    tp_group: Any = field(default=None, compare=False, repr=False)
-    pp_group: Any = field(default=None, compare=False, repr=False)
+    # The process groups, set by with_groups() once the engine has built them; None until then.
+    groups: MeshGroups | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("world_size", "global_batch_size", "micro_batch_size", "tp", "pp"):
@@ -82,9 +93,37 @@ class ParallelDims:
             rank=rank,
         )
 
-    def with_groups(self, dp_group, tp_group, pp_group=None) -> "ParallelDims":
-        """The same degrees with the engine's data-, tensor- and pipeline-parallel groups attached."""
-        return replace(self, dp_group=dp_group, tp_group=tp_group, pp_group=pp_group)
+    def with_groups(self, *, dp, tp, pp) -> "ParallelDims":
+        """The same degrees with the engine's data-parallel (``dp``), tensor-parallel (``tp``) and
+        pipeline (``pp``) groups attached: each named, the world's included; ``tp``/``pp`` None
+        exactly where that degree is 1 (:class:`MeshGroups`)."""
+        for kind, degree, group in (("tp", self.tp, tp), ("pp", self.pp, pp)):
+            if (group is None) != (degree == 1):
+                raise ValueError(f"ParallelDims.with_groups: {kind}={group!r} at {kind} degree {degree}; a group "
+                                 "is attached exactly where the degree is above 1")
+        return replace(self, groups=MeshGroups(dp, tp, pp))
+
+    def _attached(self) -> MeshGroups:
+        if self.groups is None:
+            raise RuntimeError("ParallelDims: process groups read before they were attached (with_groups, once "
+                               "the policy engine has built them)")
+        return self.groups
+
+    @property
+    def dp_group(self):
+        """This rank's data-parallel group: the ranks whose rows differ (tensor-parallel peers and
+        pipeline stages hold the same ones)."""
+        return self._attached().dp
+
+    @property
+    def tp_group(self):
+        """This rank's tensor-parallel group; None at tp 1."""
+        return self._attached().tp
+
+    @property
+    def pp_group(self):
+        """This rank's pipeline group; None at pp 1."""
+        return self._attached().pp
 
     @property
     def tp_rank(self) -> int:

@@ -51,7 +51,8 @@ def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_f
 
 def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Reference],
                     sequences: Callable[[], Sequences], batch_size: int, dp_rank: int, dp_size: int,
-                    device, log: Callable[[str], None], dp_group=None, writes: bool = True) -> Reference:
+                    device, log: Callable[[str], None], dp_group: comm.ProcessGroup,
+                    writes: bool = True) -> Reference:
     """The scorer for ``ref.mode`` (``ref``, ``model``: the config's sections).
 
     ``online()`` loads the online scorer. ``sequences()`` (called in cache mode only) gives every

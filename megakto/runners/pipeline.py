@@ -204,7 +204,7 @@ class PipelineMode:
     def attach_groups(self, policy) -> ParallelDims:
         """The engine's data-parallel and pipeline groups, checked against the mesh arithmetic."""
         dp_group, pp_group = ds_engine.pipeline_groups(policy)
-        dims = self.dims.with_groups(dp_group, None, pp_group)
+        dims = self.dims.with_groups(dp=dp_group, tp=None, pp=pp_group)
         with comm.fail_together(group=comm.world_group()):
             check_groups(dims, "pp", dims.pp_group, dims.pp_group_ranks())
         self.dims = dims

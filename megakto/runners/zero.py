@@ -123,7 +123,8 @@ class ZeroMode:
         """The engine's data- and tensor-parallel groups, checked against the mesh arithmetic: megakto
         splits rows by ``dims.dp_rank`` and the engine averages gradients over its own group, so the two
         must be the same ranks."""
-        dims = self.dims.with_groups(*ds_engine.parallel_groups(self.dims.tp))
+        dp_group, tp_group = ds_engine.parallel_groups(self.dims.tp)
+        dims = self.dims.with_groups(dp=dp_group, tp=tp_group, pp=None)
         with comm.fail_together(group=comm.world_group()):
             if dims.tp > 1:
                 check_groups(dims, "tp", dims.tp_group, dims.tp_group_ranks())

@@ -159,6 +159,18 @@ def _exercise(rank, scratch):
         out["fail"]["bug"] = (str(err), getattr(err, "shared", False))
     except ValueError as err:
         out["fail"]["bug"] = ("ValueError", str(err), hasattr(err, "shared"))
+    # A group left None (a default, a degree-1 group read as the world) is refused before any rank
+    # enters a collective, so the ranks stay in step.
+    out["none_refused"] = []
+    for call in (lambda: comm.all_reduce_sum(torch.tensor([1.0]), group=None),
+                 lambda: comm.all_reduce_dict({"n": 1}, group=None), lambda: comm.barrier(group=None),
+                 lambda: comm.all_gather_object(rank, group=None), lambda: comm.group_ranks(group=None),
+                 lambda: comm.broadcast_object(rank, group=None), lambda: comm.describe(group=None)):
+        try:
+            call()
+            out["none_refused"].append(None)
+        except ValueError as err:
+            out["none_refused"].append(str(err))
     # After every case the ranks are still in step: one more collective matches.
     out["in_step"] = comm.all_reduce_sum(torch.tensor([1.0]), group=comm.world_group()).item()
     return out, missing
@@ -188,6 +200,14 @@ def test_all_reduce_sum_and_dict(ranks):
         assert r["dict"] == {"loss": 1.75, "rows": 7.0, "tokens": 1073741825.0}
         assert list(r["dict"]) == ["loss", "rows", "tokens"]
         assert r["in_step"] == 2.0
+
+
+@pytest.mark.gloo
+def test_group_none_is_refused_inside_a_process_group(ranks):
+    """None means the world to torch.distributed; comm wants the world named (world_group())."""
+    want = "comm: group=None inside a process group; pass the group meant (comm.world_group() for every rank)"
+    for r in ranks[0]:
+        assert r["none_refused"] == [want] * 7
 
 
 @pytest.mark.gloo

@@ -102,9 +102,31 @@ def test_mesh_coordinates_pipe_major():
 
 def test_groups_attach_without_changing_the_degrees():
     d = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2, rank=3)
-    g = d.with_groups("dp-group", "tp-group")
-    assert (g.dp_group, g.tp_group) == ("dp-group", "tp-group") and (d.dp_group, d.tp_group) == (None, None)
+    g = d.with_groups(dp="dp-group", tp="tp-group", pp=None)
+    assert (g.dp_group, g.tp_group, g.pp_group) == ("dp-group", "tp-group", None)
     assert g == d and (g.dp, g.tp, g.rank) == (2, 2, 3)
+
+
+def test_a_group_read_before_it_is_attached_is_an_error_not_the_world():
+    """Unattached, there is no group to read: None would mean the world to torch.distributed."""
+    d = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=4, tp=2, rank=3)
+    for name in ("dp_group", "tp_group", "pp_group"):
+        with pytest.raises(RuntimeError, match="read before they were attached"):
+            getattr(d, name)
+
+
+@pytest.mark.parametrize("tp, pp, groups, bad", [
+    (2, 1, dict(dp="dp", tp=None, pp=None), "tp=None at tp degree 2"),
+    (1, 2, dict(dp="dp", tp=None, pp=None), "pp=None at pp degree 2"),
+    (1, 1, dict(dp="dp", tp="tp", pp=None), "tp='tp' at tp degree 1"),
+    (1, 2, dict(dp="dp", tp="tp", pp="pp"), "tp='tp' at tp degree 1"),
+])
+def test_a_group_is_attached_exactly_where_its_degree_is_above_one(tp, pp, groups, bad):
+    d = ParallelDims(world_size=4, global_batch_size=16, micro_batch_size=2, tp=tp, pp=pp)
+    with pytest.raises(ValueError, match=bad):
+        d.with_groups(**groups)
+    with pytest.raises(TypeError):
+        d.with_groups("dp", None)  # keywords only: no group by position, none by default
 
 
 @pytest.mark.parametrize("rank", [-1, 4, True])

@@ -39,9 +39,9 @@ def main() -> None:
     train_step, steps = trainer.train_step, []
 
     def traced(indices):
-        before = engine.gathered_state_dict(trainer.policy.module)
+        before = engine.gathered_state_dict(trainer.policy.module, tp_group=trainer.dims.tp_group)
         result = train_step(indices)
-        after = engine.gathered_state_dict(trainer.policy.module)
+        after = engine.gathered_state_dict(trainer.policy.module, tp_group=trainer.dims.tp_group)
         steps.append({"skipped": result.skipped, "changed": any(not torch.equal(before[k], after[k]) for k in before),
                       "ds_skipped": trainer.policy.skipped_steps, "loss": result.metrics["loss"]})
         return result

@@ -76,7 +76,7 @@ def main():
     ref_engine = getattr(trainer.reference, "engine", None)  # None: cached reference or sft
     tp_group = trainer.dims.tp_group  # None without tensor parallelism
     piped = trainer.dims.pp > 1  # pipelines: the tests read the weights from the final checkpoint
-    ref_before = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine and not piped else {}
+    ref_before = engine.gathered_state_dict(ref_engine.module, tp_group=tp_group) if ref_engine and not piped else {}
     # The reference's log-probs of a few held-out (or training) rows before and after training: a
     # frozen reference gives the same numbers bitwise.
     probe_split = trainer.eval_rows if trainer.eval_rows is not None else trainer.train_rows
@@ -86,12 +86,12 @@ def main():
     ref_probe_after = trainer.reference.logps(probe).cpu() if trainer.reference is not None and not piped else None
     policy_after, logits = {}, torch.zeros(0)
     if not piped:
-        policy_after = engine.gathered_state_dict(trainer.policy.module, tp_group)
+        policy_after = engine.gathered_state_dict(trainer.policy.module, tp_group=tp_group)
         with torch.no_grad():  # the engine's own logits on export's fixed batch (a collective forward)
             logits = trainer.policy(input_ids=probe_batch(trainer.policy.module.config.vocab_size)).logits
         if trainer.dims.tp > 1:  # a vocabulary-parallel head returns this rank's columns
             logits = torch.cat(comm.all_gather_object(logits.float().cpu(), group=tp_group), dim=-1)
-    ref_after = engine.gathered_state_dict(ref_engine.module, tp_group) if ref_engine and not piped else {}
+    ref_after = engine.gathered_state_dict(ref_engine.module, tp_group=tp_group) if ref_engine and not piped else {}
     shared = len(_storages(trainer.policy.module) & _storages(ref_engine.module)) if ref_engine else 0
     shared = comm.all_reduce_dict({"shared": shared}, group=comm.world_group())["shared"]
     if comm.is_main():

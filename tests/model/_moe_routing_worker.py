@@ -91,7 +91,7 @@ def main():
     experts = sorted(seen.seen)
     gathered_logps = comm.all_gather_object(logps.detach(), group=comm.world_group())
     gathered_experts = comm.all_gather_object(experts, group=comm.world_group())
-    weights = engine.gathered_state_dict(policy.module)
+    weights = engine.gathered_state_dict(policy.module, tp_group=None)
     if comm.is_main():
         with engine.outside_zero3():
             whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")

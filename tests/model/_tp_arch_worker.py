@@ -58,7 +58,7 @@ def main():
         policy.step()
         with torch.no_grad():  # after the step: a tied head must have moved with the embedding
             after, _ = packed_completion_logps(policy, pack(rows(), 64, 0).to("cpu"), attn="eager", reducers=reducers)
-        weights = engine.gathered_state_dict(policy.module, tp_group)
+        weights = engine.gathered_state_dict(policy.module, tp_group=tp_group)
         with engine.outside_zero3():
             want_logps, want_after, want_weights = whole(folder)
         if comm.is_main():

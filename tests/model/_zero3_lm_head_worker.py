@@ -104,9 +104,9 @@ def main():
             "partitioned": partitioned,
             "steps": steps,
             "init": {k: v.detach().clone() for k, v in base.named_parameters()},
-            "full": engine.gathered_state_dict(ref.module),
-            "chunked": engine.gathered_state_dict(chk.module),
-            "blocked": engine.gathered_state_dict(blk.module),
+            "full": engine.gathered_state_dict(ref.module, tp_group=None),
+            "chunked": engine.gathered_state_dict(chk.module, tp_group=None),
+            "blocked": engine.gathered_state_dict(blk.module, tp_group=None),
             "vocab_blocks": blocked,
             "forward_restored": "forward" not in chk.module.get_output_embeddings().__dict__,
         }

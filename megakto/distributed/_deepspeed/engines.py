@@ -41,10 +41,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def parallel_groups(tp: int):
     """``(data-parallel group, tensor-parallel group)`` of the AutoTP mesh that the first engine
-    built (``deepspeed.utils.groups``, the groups the engines reduce over); ``(None, None)`` without
-    tensor parallelism, where the data-parallel group is the world. Call after an engine exists."""
+    built (``deepspeed.utils.groups``, the groups the engines reduce over); without tensor
+    parallelism ``(the world, None)``: every rank is data-parallel and there is no tensor-parallel
+    group. Call after an engine exists."""
     if tp == 1:
-        return None, None
+        return comm.world_group(), None
     from deepspeed.utils import groups
 
     return groups.get_data_parallel_group(), groups.get_tensor_model_parallel_group()
@@ -156,10 +157,10 @@ def gathered_numel(module: torch.nn.Module) -> int:
     return sum(p.ds_numel for p in module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE)
 
 
-def gathered_state_dict(module: torch.nn.Module, tp_group: comm.ProcessGroup = None) -> dict[str, torch.Tensor]:
+def gathered_state_dict(module: torch.nn.Module, *, tp_group: comm.ProcessGroup) -> dict[str, torch.Tensor]:
     """Full-size CPU copies of every parameter under its Hugging Face name, gathered from ZeRO-3
-    partitions if need be, and from the ranks of ``tp_group`` (AutoTP shards) when given.
-    Collective: every rank of the engine must call it."""
+    partitions if need be, and from the ranks of ``tp_group`` (AutoTP shards; None: the module holds
+    whole weights, no tensor parallelism). Collective: every rank of the engine must call it."""
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         local = merge_vocab_blocks({name: p.detach().to("cpu", copy=True) for name, p in params.items()})
