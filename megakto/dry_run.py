@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from megakto.config import Config
-from megakto.data.packing import pack, pad_rows
+from megakto.data.batcher import Batcher
 from megakto.distributed.parallel import ParallelDims
 from megakto.model.load import load_tokenizer
 from megakto.planning.activations import Tokens
@@ -33,16 +33,16 @@ def first_steps(cfg: Config, dims: ParallelDims, train_rows, pad_id: int, steps:
 
     sampler = make_sampler(cfg, train_rows)
     planner = step_planner(cfg, dims, train_rows)  # the trainer's own planner
+    batcher = Batcher.for_run(cfg.data, pad_id)  # and the runners' batcher, on the host
     largest = Tokens(0, 0, 0, 0)
     for step in range(steps):
         plan = planner.plan(sampler.next_global_batch(), step)
-        targets, kl = plan.targets, plan.kl_rows
+        kl = plan.kl_rows
         per_rank, padded, real = [], 0, 0
         for r in range(dims.dp):
             tokens = 0
-            for positions in plan.mine(r):
-                pairs = [targets[i] for i in positions]
-                batch = pack(pairs, cfg.data.max_tokens_per_row, pad_id) if cfg.data.packing else pad_rows(pairs, pad_id)
+            for pairs in plan.pairs(plan.mine(r))[0]:
+                batch = batcher.layout(pairs)
                 n_real = sum(len(p) + len(c) for p, c in pairs)
                 rows_, length = batch.input_ids.shape
                 tokens += n_real

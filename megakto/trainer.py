@@ -5,7 +5,8 @@ One optimizer step over a global batch of rows (prompt x, completion y, desirabl
 1. **Plan**: every rank derives, from dataset indices alone, the mismatched KL row of each example
    (x_i with another example's completion, never one sharing x_i's prompt) and the split of the
    global batch into equal-row, near-equal-token micro-batches (data-parallel rank r owns
-   micro-batches r·ga .. r·ga+ga−1). Each micro-batch's sequences are packed end to end.
+   micro-batches r·ga .. r·ga+ga−1). Each micro-batch's sequences are packed end to end
+   (megakto/data/batcher.py, the same batcher for every engine of the run and for the dry run).
 2. **No-grad pass** over this rank's micro-batches: reference log-probs of target and KL rows
    (one packed forward, or a cache lookup), policy log-probs of the KL rows.
 3. **Reference point**: the KL estimate's (sum, count) is all-reduced once over the data-parallel
@@ -39,8 +40,8 @@ import torch
 from megakto import checkpoint, export, resume
 from megakto.config import Config, save_config
 from megakto.data import KTOBatchSampler
+from megakto.data.batcher import Batcher
 from megakto.data.kl_pairs import dataset_kl_partners
-from megakto.data.packing import pack, pad_rows
 from megakto.data.step_plan import StepPlan
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
@@ -131,8 +132,10 @@ class KTOTrainer:
         self.dims = self.mode.attach_groups(self.policy)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, attn=attn,
                                        reducers=group_reducers(self.dims.tp_group))
+        # Each micro-batch's pairs -> packed (or padded) model input, for every engine of the run.
+        self.batcher = Batcher.for_run(cfg.data, self.tokenizer.pad_token_id, self.device)
         # How the policy's passes run: per micro-batch (ZeRO, TP) or through the pipeline schedule.
-        self.runner = self.mode.runner(self.policy, self.dims, batch_fn=self._batch, logps_fn=self.logps_fn)
+        self.runner = self.mode.runner(self.policy, self.dims, batcher=self.batcher, logps_fn=self.logps_fn)
         # Every rank scores the same rows (collective forwards): all pass or all fail.
         with comm.fail_together(group=comm.world_group()):
             self.mode.check_packing(self.policy, self.logps_fn, self.tokenizer, device=self.device)
@@ -201,8 +204,8 @@ class KTOTrainer:
             same_weights = os.path.abspath(cfg.ref.path or cfg.model.path) == os.path.abspath(cfg.model.path)
             if cfg.model.lora.r and same_weights:  # π_ref is the base model: the adapters switched off
                 self.log.info("reference: the policy with its LoRA adapters off (no second model)")
-                return AdapterOffReference(self.policy, self._batch, self.logps_fn)
-            return self.mode.online_reference(self.runner, batch_fn=self._batch, logps_fn=self.logps_fn)
+                return AdapterOffReference(self.policy, self.batcher, self.logps_fn)
+            return self.mode.online_reference(self.runner, batcher=self.batcher, logps_fn=self.logps_fn)
 
         # The precompute is split over the data-parallel ranks: each tensor-parallel group (or pipeline)
         # scores the same rows together, and its first rank writes them.
@@ -398,8 +401,7 @@ class KTOTrainer:
         mine = self._my_micro_batches(plan)
 
         # 2. No-grad pass: reference on target (and KL) rows; policy on the KL rows.
-        t_rows = [[targets[i] for i in positions] for positions in mine]
-        k_rows = [[kl_rows[i] for i in positions] for positions in mine] if kl_rows is not None else None
+        t_rows, k_rows = plan.pairs(mine)
         ref_logps, kl_parts = [None] * len(mine), []
         if self.reference is not None:  # sft: no reference
             with torch.no_grad():
@@ -487,8 +489,3 @@ class KTOTrainer:
     def _sequences(self, split: TokenizedSplit, partners) -> SplitSequences:
         data = self.cfg.data
         return SplitSequences(split, partners, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-
-    def _batch(self, pairs):
-        pad_id = self.tokenizer.pad_token_id
-        batch = pack(pairs, self.cfg.data.max_tokens_per_row, pad_id) if self.cfg.data.packing else pad_rows(pairs, pad_id)
-        return batch.to(self.device)

@@ -36,6 +36,14 @@ class StepPlan:
         ga = self.grad_accum
         return self.micro_batches[dp_rank * ga:(dp_rank + 1) * ga]
 
+    def pairs(self, micro_batches: list[list[int]]) -> tuple[list[list], list[list] | None]:
+        """The (prompt_ids, completion_ids) pairs of ``micro_batches`` (positions into the batch):
+        their targets, and their KL rows (None without a KL term), one list per micro-batch."""
+        targets = [[self.targets[i] for i in positions] for positions in micro_batches]
+        if self.kl_rows is None:
+            return targets, None
+        return targets, [[self.kl_rows[i] for i in positions] for positions in micro_batches]
+
 
 @dataclass(frozen=True)
 class StepPlanner:

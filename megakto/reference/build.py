@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from megakto.data.batcher import Batcher
 from megakto.distributed import comm, engine
 from megakto.distributed.ds_config import reference_ds_config
 from megakto.errors import MegaktoError
@@ -37,7 +38,7 @@ from megakto.reference.store import RefLogpCache
 
 __all__ = ["build_reference", "online_reference"]
 
-def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_fn: Callable,
+def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batcher: Batcher,
                      logps_fn: Callable) -> OnlineReference:
     """The reference weights (``ref.path``, else ``model.path``) in a frozen ZeRO-3 inference engine
     beside the policy's ``ds_config``; ``ref.offload`` decides where its parameters live."""
@@ -46,7 +47,7 @@ def online_reference(ref, model, ds_config: dict, *, dtype: torch.dtype, batch_f
                                attn_implementation=model.attn_implementation,
                                trust_remote_code=model.trust_remote_code, vocab_block_rows=model.vocab_block_rows)
     engine.disable_dropout(module)
-    return OnlineReference(engine.build_reference_engine(module, ref_ds), batch_fn, logps_fn)
+    return OnlineReference(engine.build_reference_engine(module, ref_ds), batcher, logps_fn)
 
 
 def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Reference],

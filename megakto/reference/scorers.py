@@ -5,7 +5,7 @@ trainer does not know which one it has (:class:`Reference`).
 
 * :class:`OnlineReference` packs the sequences and runs a frozen engine (the ZeRO-3 inference
   engine; another runner's reference, e.g. a pipeline engine or the policy with its adapters off,
-  is one more engine behind the same ``batch_fn``/``logps_fn`` pair, or one more class here: the
+  is one more engine behind the same ``batcher``/``logps_fn`` pair, or one more class here: the
   pipeline's is :class:`megakto.runners.pipeline.PipelineReference`).
 * :class:`CachedReference` looks each sequence up by content in a
   :class:`~megakto.reference.store.RefLogpCache` built once before training; a missing sequence is
@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from megakto.data.batcher import Batcher
 from megakto.reference.store import RefLogpCache, sequence_key
 
 __all__ = ["Reference", "OnlineReference", "AdapterOffReference", "CachedReference"]
@@ -36,9 +37,9 @@ class Reference(Protocol):
 
 
 class OnlineReference:
-    def __init__(self, engine, batch_fn: Callable, logps_fn: Callable):
+    def __init__(self, engine, batcher: Batcher, logps_fn: Callable):
         self.engine = engine
-        self._batch = batch_fn  # pairs -> PackedBatch on the device
+        self._batch = batcher  # pairs -> PackedBatch on the device
         self._logps = logps_fn  # (model, PackedBatch) -> (logps, n_tokens)
 
     @torch.no_grad()
@@ -53,9 +54,9 @@ class AdapterOffReference:
     """LoRA: π_ref is the policy's base weights, so the reference is the policy engine run with its
     adapters off (peft's ``disable_adapter``); no second model exists. ``policy`` is the engine."""
 
-    def __init__(self, policy, batch_fn: Callable, logps_fn: Callable):
+    def __init__(self, policy, batcher: Batcher, logps_fn: Callable):
         self.policy = policy
-        self._batch = batch_fn
+        self._batch = batcher
         self._logps = logps_fn
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 import torch
 
 from megakto.config import Config
+from megakto.data.batcher import Batcher
 from megakto.distributed.parallel import ParallelDims
 from megakto.metrics import StepSums
 
@@ -143,14 +144,15 @@ class ParallelMode(Protocol):
         """The mesh with the engine's groups attached, checked against the mesh arithmetic."""
         ...
 
-    def runner(self, policy, dims: ParallelDims, *, batch_fn: Callable, logps_fn: Callable) -> StepRunner:
+    def runner(self, policy, dims: ParallelDims, *, batcher: Batcher, logps_fn: Callable) -> StepRunner:
+        """The runner of the policy's passes; ``batcher`` turns each micro-batch's pairs into model input."""
         ...
 
     def check_packing(self, policy, logps_fn: Callable, tokenizer, *, device) -> None:
         """The start-up check that packed rows score as alone, or why it does not apply (logged)."""
         ...
 
-    def online_reference(self, runner: StepRunner, *, batch_fn: Callable, logps_fn: Callable):
+    def online_reference(self, runner: StepRunner, *, batcher: Batcher, logps_fn: Callable):
         """The frozen reference weights, run every step (a :class:`~megakto.reference.scorers.Reference`)."""
         ...
 

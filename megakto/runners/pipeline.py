@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from megakto.data.batcher import Batcher
 from megakto.distributed import comm, engine as ds_engine
 from megakto.distributed.ds_config import reference_ds_config
 from megakto.model.forward import completion_token_counts, for_attention
@@ -55,10 +56,10 @@ class PipelineRunner:
     ``pp_group``: this rank's data-parallel and pipeline groups; ``last``: the global rank of this
     pipeline's last stage; ``attn``: the stages' attention implementation."""
 
-    def __init__(self, engine, slot: LossSlot, *, batch_fn: Callable, dp_group: comm.ProcessGroup,
+    def __init__(self, engine, slot: LossSlot, *, batcher: Batcher, dp_group: comm.ProcessGroup,
                  pp_group: comm.ProcessGroup, last: int, attn: str):
         self.engine, self._slot = engine, slot
-        self._batch = batch_fn  # pairs -> PackedBatch on the device
+        self._batch = batcher  # pairs -> PackedBatch on the device
         self.dp_group, self.pp_group, self.last = dp_group, pp_group, last
         self._attn = attn  # the resolved attention implementation decides the rows' layout
 
@@ -210,8 +211,8 @@ class PipelineMode:
         self.dims = dims
         return dims
 
-    def runner(self, policy, dims: ParallelDims, *, batch_fn: Callable, logps_fn: Callable) -> PipelineRunner:
-        return PipelineRunner(policy, policy.module.loss_fn, batch_fn=batch_fn, dp_group=dims.dp_group,
+    def runner(self, policy, dims: ParallelDims, *, batcher: Batcher, logps_fn: Callable) -> PipelineRunner:
+        return PipelineRunner(policy, policy.module.loss_fn, batcher=batcher, dp_group=dims.dp_group,
                               pp_group=dims.pp_group, last=dims.pp_group_ranks()[-1],
                               attn=self.cfg.model.attn_implementation)
 
@@ -219,7 +220,7 @@ class PipelineMode:
         startup_packing_check(policy, logps_fn, self.cfg, self.dims.pp, tokenizer, dtype=self.dtype, device=device,
                               log=self.log)
 
-    def online_reference(self, runner: PipelineRunner, *, batch_fn: Callable, logps_fn: Callable):
+    def online_reference(self, runner: PipelineRunner, *, batcher: Batcher, logps_fn: Callable):
         """A second, frozen pipeline over the same stages."""
         cfg = self.cfg
         if cfg.ref.offload != "none":

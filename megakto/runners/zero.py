@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from megakto import checkpoint
+from megakto.data.batcher import Batcher
 from megakto.distributed import comm, engine as ds_engine
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import MegaktoError
@@ -24,9 +25,9 @@ __all__ = ["ZeroMode", "ZeroRunner"]
 
 
 class ZeroRunner:
-    def __init__(self, engine, *, batch_fn: Callable, logps_fn: Callable, dp_group: comm.ProcessGroup):
+    def __init__(self, engine, *, batcher: Batcher, logps_fn: Callable, dp_group: comm.ProcessGroup):
         self.engine = engine
-        self._batch = batch_fn  # pairs -> PackedBatch on the device
+        self._batch = batcher  # pairs -> PackedBatch on the device
         self._logps = logps_fn  # (model, PackedBatch) -> (logps, n_tokens)
         self.dp_group = dp_group  # tensor-parallel peers hold the same rows: count each once
 
@@ -131,15 +132,15 @@ class ZeroMode:
         self.dims = dims
         return dims
 
-    def runner(self, policy, dims: ParallelDims, *, batch_fn: Callable, logps_fn: Callable) -> ZeroRunner:
-        return ZeroRunner(policy, batch_fn=batch_fn, logps_fn=logps_fn, dp_group=dims.dp_group)
+    def runner(self, policy, dims: ParallelDims, *, batcher: Batcher, logps_fn: Callable) -> ZeroRunner:
+        return ZeroRunner(policy, batcher=batcher, logps_fn=logps_fn, dp_group=dims.dp_group)
 
     def check_packing(self, policy, logps_fn: Callable, tokenizer, *, device) -> None:
         startup_packing_check(policy, logps_fn, self.cfg, self.dims.pp, tokenizer, dtype=self.dtype, device=device,
                               log=self.log)
 
-    def online_reference(self, runner: ZeroRunner, *, batch_fn: Callable, logps_fn: Callable):
-        ref = online_reference(self.cfg.ref, self.cfg.model, self.ds_config, dtype=self.dtype, batch_fn=batch_fn,
+    def online_reference(self, runner: ZeroRunner, *, batcher: Batcher, logps_fn: Callable):
+        ref = online_reference(self.cfg.ref, self.cfg.model, self.ds_config, dtype=self.dtype, batcher=batcher,
                                logps_fn=logps_fn)
         with comm.fail_together(group=comm.world_group()):
             check_vocab_parallel_head(ref.engine, self.dims.tp)

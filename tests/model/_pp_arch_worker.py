@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, MistralConfig  # noqa: E402
 
 from megakto.config import load_config  # noqa: E402
-from megakto.data.packing import pack  # noqa: E402
+from megakto.data.batcher import Batcher  # noqa: E402
 from megakto.distributed import comm, engine  # noqa: E402
 from megakto.distributed.ds_config import build_ds_config  # noqa: E402
 from megakto.distributed.parallel import ParallelDims  # noqa: E402
@@ -62,8 +62,8 @@ def main():
         opt = torch.optim.SGD(module.parameters(), lr=LR)
         policy, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
         dp_group, pp_group = engine.pipeline_groups(policy)
-        runner = PipelineRunner(policy, module.loss_fn, batch_fn=lambda pairs: pack(pairs, 64, 0), dp_group=dp_group,
-                                pp_group=pp_group, last=1, attn=cfg.model.attn_implementation)
+        runner = PipelineRunner(policy, module.loss_fn, batcher=Batcher(pad_id=0, packing=True, max_tokens_per_row=64),
+                                dp_group=dp_group, pp_group=pp_group, last=1, attn=cfg.model.attn_implementation)
         logps = runner.score([rows()])[0]
         zeros = torch.zeros(3)
         runner.train([rows()], lambda i, lp: MicroLoss(lp.sum(), zeros, zeros, zeros.bool()), scale=1.0, skipped=None)
