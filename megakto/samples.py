@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from megakto.data.split import TokenizedSplit
+from megakto.distributed import comm
+from megakto.reference.scorers import AdapterOffReference
+from megakto.runners.base import model_of
 
-__all__ = ["sample_prompts", "generate", "SampleWriter"]
+__all__ = ["sample_prompts", "generate", "SampleWriter", "EvalSamples", "eval_samples"]
 
 
 def sample_prompts(split: TokenizedSplit, k: int) -> list[list[int]]:
@@ -78,3 +81,46 @@ class SampleWriter:
 
         rows = [f"| {cell(r['prompt'])} | {cell(r['policy'])} | {cell(r['reference'])} |" for r in records]
         return "\n".join(["| prompt | policy | reference |", "|---|---|---|", *rows])
+
+
+class EvalSamples:
+    """A run's eval samples: the fixed held-out ``prompts``, generated greedily by the policy and the
+    reference at every evaluation; rank 0 writes them through ``writer``."""
+
+    def __init__(self, prompts: list[list[int]], writer: SampleWriter, *, max_new_tokens: int, device):
+        self.prompts, self.writer = prompts, writer
+        self.max_new_tokens, self.device = max_new_tokens, device
+
+    def __call__(self, step: int, policy, reference, log) -> None:
+        """Greedy completions of the prompts from ``policy`` (the engine) and ``reference`` (every rank
+        takes part: ZeRO-3 gathers in every forward); rank 0 writes them and ``log`` (the run's
+        logger) gets a text entry. A cached reference has no model, so its column stays empty."""
+        tok = self.writer.tokenizer
+
+        def run(module):
+            return generate(module, self.prompts, max_new_tokens=self.max_new_tokens, pad_id=tok.pad_token_id,
+                            eos_id=tok.eos_token_id, device=self.device, synced=comm.world_size() > 1)
+
+        policy_out = run(model_of(policy))
+        ref_engine = getattr(reference, "engine", None)
+        reference_out = run(model_of(ref_engine)) if ref_engine is not None else None
+        if isinstance(reference, AdapterOffReference):
+            with model_of(policy).disable_adapter():
+                reference_out = run(model_of(policy))
+        if comm.is_main():
+            records = self.writer.write(step, self.prompts, policy_out, reference_out)
+            log.text("samples", SampleWriter.markdown(records), step)
+
+
+def eval_samples(cfg, eval_rows: TokenizedSplit | None, tokenizer, *, evaluating: bool, off: str | None, device,
+                 log: Callable[[str], None]) -> EvalSamples | None:
+    """The samples of ``train.eval_samples`` over ``eval_rows``, or None when off: no evaluation
+    (``evaluating`` false), or ``off``, why the parallel mode cannot generate (logged)."""
+    k = cfg.train.eval_samples
+    if not k or not evaluating:
+        return None
+    if off:
+        log(off)
+        return None
+    return EvalSamples(sample_prompts(eval_rows, k), SampleWriter(cfg.output_dir, tokenizer),
+                       max_new_tokens=cfg.train.sample_max_new_tokens, device=device)

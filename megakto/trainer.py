@@ -62,7 +62,7 @@ from megakto.reference.sequences import ConcatSequences, SplitSequences
 from megakto.runlog import Phases, RunLogger
 from megakto.runners import ModeSetup, parallel_mode
 from megakto.runners.base import MicroLoss, model_of
-from megakto.samples import SampleWriter, generate, sample_prompts
+from megakto.samples import eval_samples
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
 from megakto.startup import check_run, desirable_weight, load_splits, log_splits, make_sampler, step_planner
 
@@ -145,7 +145,8 @@ class KTOTrainer:
         self.phases.done("evaluator")
         self.reference = self._setup_reference()
         self.phases.done("reference")
-        self.samples = self._setup_samples()
+        self.samples = eval_samples(cfg, self.eval_rows, self.tokenizer, evaluating=self.evaluator is not None,
+                                    off=self.mode.samples_off(), device=self.device, log=self.log.info)
         self.health = (HealthMonitor(HealthThresholds(**dataclasses.asdict(cfg.health)), grad_clip=cfg.optim.grad_clip,
                                      kl_checks=self.use_kl) if cfg.train.health_checks else None)
         self.eval_history: list[tuple[int, dict[str, float]]] = []
@@ -214,38 +215,6 @@ class KTOTrainer:
                                dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, dp_group=self.dims.dp_group,
                                writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0, device=self.device,
                                log=self.log.info)
-
-    def _setup_samples(self):
-        """The fixed held-out prompts of ``train.eval_samples`` and rank 0's writer, or None (off)."""
-        k = self.cfg.train.eval_samples
-        if not k or self.evaluator is None:
-            return None
-        off = self.mode.samples_off()
-        if off:
-            self.log.info(off)
-            return None
-        return sample_prompts(self.eval_rows, k), SampleWriter(self.cfg.output_dir, self.tokenizer)
-
-    def _write_samples(self) -> None:
-        """Greedy completions of the sample prompts from the policy and the reference (every rank takes
-        part: ZeRO-3 gathers in every forward); rank 0 writes them. A cached reference has no model,
-        so its column stays empty."""
-        prompts, writer = self.samples
-        tok, n = self.tokenizer, self.cfg.train.sample_max_new_tokens
-
-        def run(module):
-            return generate(module, prompts, max_new_tokens=n, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                            device=self.device, synced=comm.world_size() > 1)
-
-        policy = run(model_of(self.policy))
-        ref_engine = getattr(self.reference, "engine", None)
-        reference = run(model_of(ref_engine)) if ref_engine is not None else None
-        if isinstance(self.reference, AdapterOffReference):
-            with model_of(self.policy).disable_adapter():
-                reference = run(model_of(self.policy))
-        if comm.is_main():
-            records = writer.write(self.step, prompts, policy, reference)
-            self.log.text("samples", SampleWriter.markdown(records), self.step)
 
     def _reference_sequences(self) -> ConcatSequences:
         """Every (prompt_ids, completion_ids) the run scores with the reference: train and eval
@@ -387,7 +356,7 @@ class KTOTrainer:
         self.eval_history.append((self.step, metrics))
         self.log.scalars(self.step, metrics, prefix="eval/")
         if self.samples is not None:
-            self._write_samples()
+            self.samples(self.step, self.policy, self.reference, self.log)
         if self.health is not None:
             for line in self.health.evaluated(self.eval_history):
                 self.log.warning(line, step=self.step)
