@@ -19,9 +19,12 @@ One optimizer step over a global batch of rows (prompt x, completion y, desirabl
    in a row stop the run without saving.
 5. **Metrics** as sums and counts, reduced once per step, written by rank 0.
 
-The passes of steps 2 and 4 run through the parallel mode's runner (megakto/runners/): one forward,
-backward and step per micro-batch on a ZeRO or ZeRO + AutoTP engine, or ``eval_batch`` and one
-``train_batch`` (1F1B) on a ``deepspeed.pipe`` engine, eq. (7) then evaluated on the last stage.
+Steps 1-5 are :class:`megakto.step.KTOStep`, which the trainer builds once from its parts (the plan,
+the runner, the reference, the loss settings) and calls every step; this module sets those parts up
+and runs the loop around them (logging, evaluation, checkpoints). The passes of steps 2 and 4 run
+through the parallel mode's runner (megakto/runners/): one forward, backward and step per
+micro-batch on a ZeRO or ZeRO + AutoTP engine, or ``eval_batch`` and one ``train_batch`` (1F1B) on
+a ``deepspeed.pipe`` engine, eq. (7) then evaluated on the last stage.
 
 Every ``checkpoint.every_steps`` steps the policy engine and the trainer's own state are saved
 atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the same data stream.
@@ -30,10 +33,8 @@ atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -42,15 +43,11 @@ from megakto.config import Config, save_config
 from megakto.data import KTOBatchSampler
 from megakto.data.batcher import Batcher
 from megakto.data.kl_pairs import dataset_kl_partners
-from megakto.data.step_plan import StepPlan
 from megakto.data.split import TokenizedSplit
 from megakto.distributed import comm, engine
 from megakto.distributed.vocab_parallel import group_reducers
-from megakto.errors import MegaktoError
 from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
-from megakto.kto import finalize_kl, kl_partial, kto_loss, nll_share, raw_kl
-from megakto.metrics import reference_point_metrics, step_metrics
 from megakto.model.forward import logps_function
 from megakto.model.load import load_tokenizer, padding_note
 from megakto.model.lora import ADAPTER_DIR
@@ -61,30 +58,19 @@ from megakto.reference.scorers import AdapterOffReference
 from megakto.reference.sequences import ConcatSequences, SplitSequences
 from megakto.runlog import Phases, RunLogger
 from megakto.runners import ModeSetup, parallel_mode
-from megakto.runners.base import MicroLoss, model_of
+from megakto.runners.base import model_of
 from megakto.samples import eval_samples
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
 from megakto.startup import check_run, desirable_weight, load_splits, log_splits, make_sampler, step_planner
+from megakto.step import KTOStep, LossSettings, StepResult
 
 __all__ = ["KTOTrainer", "StepResult"]
-
-
-@dataclass
-class StepResult:
-    """One optimizer step: global (all-rank) metrics under TRL's names, the dataset rows used, and
-    why the step left the weights unchanged (None when it was applied)."""
-
-    step: int
-    metrics: dict[str, float]
-    indices: list[int]
-    skipped: str | None = None
 
 
 class KTOTrainer:
     def __init__(self, cfg: Config, deepspeed_config: str):
         self.cfg = cfg
         self.step = 0
-        self._previous_raw_kl: float | None = None  # kl/raw of the last step, for kl/raw_change
         self.phases = Phases()  # start-up seconds per phase, logged once the run is set up
         engine.init_distributed(cfg.dist.timeout_minutes)
         self.device = engine.device()
@@ -145,6 +131,9 @@ class KTOTrainer:
         self.phases.done("evaluator")
         self.reference = self._setup_reference()
         self.phases.done("reference")
+        # One optimizer step (megakto/step.py), built from the parts above.
+        self.step_fn = KTOStep(planner=self.planner, runner=self.runner, reference=self.reference, dims=self.dims,
+                               loss=LossSettings.from_config(cfg.kto, self.desirable_weight), device=self.device)
         self.samples = eval_samples(cfg, self.eval_rows, self.tokenizer, evaluating=self.evaluator is not None,
                                     off=self.mode.samples_off(), device=self.device, log=self.log.info)
         self.health = (HealthMonitor(HealthThresholds(**dataclasses.asdict(cfg.health)), grad_clip=cfg.optim.grad_clip,
@@ -362,98 +351,9 @@ class KTOTrainer:
                 self.log.warning(line, step=self.step)
 
     def train_step(self, indices: list[int]) -> StepResult:
-        kto = self.cfg.kto
-        start = time.perf_counter()
-        # 1. Plan (megakto/data/step_plan.py): KL rows; equal rows and near-equal tokens per micro-batch.
-        plan = self.planner.plan(indices, self.step)
-        rows, targets, kl_rows = plan.rows, plan.targets, plan.kl_rows
-        mine = self._my_micro_batches(plan)
-
-        # 2. No-grad pass: reference on target (and KL) rows; policy on the KL rows.
-        t_rows, k_rows = plan.pairs(mine)
-        ref_logps, kl_parts = [None] * len(mine), []
-        if self.reference is not None:  # sft: no reference
-            with torch.no_grad():
-                both = self.reference.score([t + (k_rows[j] if k_rows else []) for j, t in enumerate(t_rows)])
-                ref_logps = [b[:len(t)] for b, t in zip(both, t_rows)]
-                if k_rows:
-                    policy_kl = self.runner.score(k_rows)
-                    kl_parts = [kl_partial(p, b[len(t):]) for p, b, t in zip(policy_kl, both, t_rows)]
-
-        # 3. The reference point z_ref: one all-reduce of (sum, count) over the data-parallel group.
-        zero = torch.zeros((), device=self.device)
-        kl_sums = self._reduce_kl(kl_parts, len(mine)) if kl_rows is not None else None
-        kls = [finalize_kl(*p).to(self.device) for p in kl_sums] if kl_sums else [zero] * len(mine)
-        # z_ref is all-reduced: every rank sees the same value and takes the same decision.
-        skipped = None if all(math.isfinite(float(k)) for k in kls) else "non-finite KL reference point z_ref"
-
-        # 4. Policy forward/backward per micro-batch (eq. 7); the engine steps at the accumulation boundary.
-        scale = self.dims.num_micro_batches / len(indices)  # engine: ÷ grad-accum, mean over dp ranks
-        target_tokens = sum(len(c) for _, c in targets)
-        desirable_tokens = sum(len(c) for (_, c), d in zip(targets, rows["label"]) if d)
-
-        def micro_loss(j: int, logps: torch.Tensor) -> MicroLoss:
-            """Micro-batch j's loss, a sum over its rows like eq. (7)'s; ``scale`` makes it a global mean."""
-            desirable = torch.tensor([rows["label"][i] for i in mine[j]], dtype=torch.bool, device=logps.device)
-            if kto.loss_type == "sft":
-                return MicroLoss(nll_share(logps, target_tokens) * len(indices), logps.detach() * 0,
-                                 torch.zeros_like(logps), desirable)
-            out = kto_loss(logps, ref_logps[j], desirable, kls[j], beta=kto.beta, desirable_weight=self.desirable_weight,
-                           undesirable_weight=kto.undesirable_weight, loss_type=kto.loss_type)
-            loss = out.losses.sum()
-            if kto.sft_weight:
-                loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
-            return MicroLoss(loss, out.losses, out.rewards, desirable, out.slopes)
-
-        outcome = self.runner.train(t_rows, micro_loss, scale=scale, skipped=skipped)
-        sums, backwards, poisoned, skipped = outcome.sums, outcome.backwards, outcome.poisoned, outcome.skipped
-
-        # 5. Metrics: one reduction of sums and counts.
-        # Tensor-parallel peers and pipeline stages hold the same rows: each row is counted once.
-        reduced = self.runner.reduce_sums(sums.values)
-        kl_mean = float(torch.stack([k.float() for k in kls]).mean())
-        if reduced["rows"]:
-            metrics = step_metrics(reduced, kl=kl_mean, elapsed=time.perf_counter() - start,
-                                   loss_type=kto.loss_type, sft_weight=kto.sft_weight)
-            if kl_sums:
-                metrics.update(reference_point_metrics(
-                    [float(raw_kl(*p)) for p in kl_sums], beta=kto.beta, previous_raw=self._previous_raw_kl,
-                    mean_abs_reward=reduced["abs_rewards"] / reduced["rows"]))
-                self._previous_raw_kl = metrics["kl/raw"]
-        else:  # skipped before the policy pass
-            metrics = {"loss": float("nan"), "kl": kl_mean}
-        metrics["learning_rate"] = outcome.engine.lr  # the rate this step's update used
-        if backwards:  # the engine reached the accumulation boundary and ran its optimizer step
-            norm = outcome.engine.grad_norm
-            if norm is not None:
-                metrics["grad_norm"] = norm
-            # The engine discarded the update (DeepSpeed's overflow check, the same on every rank).
-            if outcome.engine.skipped:
-                skipped = skipped or f"non-finite gradient norm ({norm}), update discarded by DeepSpeed"
-            elif poisoned or (norm is not None and not math.isfinite(norm)):
-                err = MegaktoError(
-                    f"step {self.step + 1}: the optimizer applied a non-finite gradient (norm {norm}), so the weights "
-                    "are no longer finite; stopped without saving. Keep DeepSpeed's overflow check on "
-                    "(bf16.check_grad_overflow, zero_optimization.compute_grad_norm) and lower optim.lr or kto.beta")
-                err.shared = True
-                raise err
-        return StepResult(self.step, metrics, list(indices), skipped)
-
-    def _reduce_kl(self, parts: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[torch.Tensor]:
-        """The (sum, count) of KL log-ratios behind each of this rank's n micro-batches. Step scope:
-        one (sum, count) over all micro-batches and ranks. Micro-batch scope: one per micro-batch
-        position, summed over ranks (TRL's granularity)."""
-        flat = torch.stack([torch.stack(p) for p in parts]).to(torch.float64).cpu()  # (n, 2)
-        group = self.dims.dp_group  # tensor-parallel peers hold the same rows: count each once
-        if self.cfg.kto.kl_scope == "step":
-            return [comm.all_reduce_sum(flat.sum(0), group=group)] * n
-        comm.all_reduce_sum(flat, group=group)
-        return list(flat)
-
-    def _my_micro_batches(self, plan: StepPlan) -> list[list[int]]:
-        """This data-parallel rank's micro-batches of the step's plan (positions into the batch);
-        the ranks of one tensor-parallel group or pipeline get the same ones."""
-        return plan.mine(self.dims.dp_rank)
+        """One optimizer step on the global batch ``indices`` (megakto/step.py): plan, no-grad pass,
+        KL reduce, eq. (7) loss, backward and step, metrics."""
+        return self.step_fn(indices, self.step)
 
     def _sequences(self, split: TokenizedSplit, partners) -> SplitSequences:
         data = self.cfg.data

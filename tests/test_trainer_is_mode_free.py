@@ -1,11 +1,16 @@
 """The trainer never branches on a parallel degree and never reads a DeepSpeed engine attribute:
 each parallel mode builds itself (megakto/runners/) and reports the step's engine outcome as an
-``EngineOutcome``. Checked by parsing megakto/trainer.py (nothing is executed)."""
+``EngineOutcome``. Checked by parsing megakto/trainer.py and the step it runs, megakto/step.py
+(nothing is executed)."""
 
 import ast
 from pathlib import Path
 
-TRAINER = Path(__file__).resolve().parents[1] / "megakto" / "trainer.py"
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "megakto"
+TRAINER = PKG / "trainer.py"
+STEP = PKG / "step.py"
 
 DEGREES = {"tp", "pp"}
 # DeepSpeed engine API a trainer would reach for; the runners own these.
@@ -36,7 +41,8 @@ def test_the_checks_catch_what_they_look_for():
     assert sorted(hit.split(": ")[1] for hit in _engine_reads(tree)) == [".get_lr", ".module", ".skipped_steps"]
 
 
-def test_the_trainer_has_no_mode_branch_and_reads_no_engine_attribute():
-    tree = ast.parse(TRAINER.read_text())
+@pytest.mark.parametrize("path", [TRAINER, STEP], ids=["trainer", "step"])
+def test_the_trainer_has_no_mode_branch_and_reads_no_engine_attribute(path):
+    tree = ast.parse(path.read_text())
     assert _degree_comparisons(tree) == []
     assert _engine_reads(tree) == []

@@ -1,20 +1,23 @@
 """The dry run plans what the trainer runs: both take one global batch through
 :meth:`megakto.data.step_plan.StepPlanner.plan` from :func:`megakto.startup.step_planner`. Each
-path is run on the same 24 rows (the trainer's ``train_step`` on a stand-in ``self``, stopped once
-it has its rank's micro-batches) and the micro-batches of every data-parallel rank compared."""
-
-from types import SimpleNamespace
+path is run on the same 24 rows (the trainer's step, :class:`megakto.step.KTOStep`, against the
+fake runner and reference of tests/_step_fakes.py, which record the pairs they are handed) and the
+micro-batches of every data-parallel rank compared, pair by pair."""
 
 import pytest
+import torch
 from datasets import Dataset
 
 from megakto.config import load_config
+from megakto.data.batcher import Batcher
 from megakto.data.split import TokenizedSplit
 from megakto.data.step_plan import StepPlanner
+from megakto.distributed import comm
 from megakto.distributed.parallel import ParallelDims
 from megakto.dry_run import first_steps
 from megakto.startup import make_sampler, step_planner
-from megakto.trainer import KTOTrainer
+from megakto.step import KTOStep, LossSettings
+from tests._step_fakes import FakeReference, FakeRunner
 
 ROWS = 24
 
@@ -29,24 +32,19 @@ def _split() -> TokenizedSplit:
     return TokenizedSplit(ds)
 
 
-class _Planned(Exception):
-    pass
-
-
 def _trainer_share(cfg, dims, split, indices, step):
-    """What ``KTOTrainer.train_step`` takes as data-parallel rank ``dims.dp_rank``'s micro-batches,
-    and the KL rows it pairs with them."""
-    seen = {}
-
-    def mine(plan):
-        seen["mine"], seen["kl"] = KTOTrainer._my_micro_batches(me, plan), plan.kl_rows
-        raise _Planned()
-
-    me = SimpleNamespace(cfg=cfg, dims=dims, step=step, use_kl=cfg.kto.loss_type == "kto",
-                         planner=step_planner(cfg, dims, split), _my_micro_batches=mine)
-    with pytest.raises(_Planned):
-        KTOTrainer.train_step(me, indices)
-    return seen["mine"], seen["kl"]
+    """The target and KL pairs of each micro-batch that the trainer's step hands to the runner as
+    data-parallel rank ``dims.dp_rank``'s (one process: the reductions over its group are no-ops)."""
+    batcher = Batcher.for_run(cfg.data, pad_id=0)
+    runner = FakeRunner(torch.zeros(64), batcher=batcher, dp_group=comm.world_group())
+    reference = FakeReference(torch.zeros(64), batcher=batcher)
+    kto_step = KTOStep(planner=step_planner(cfg, dims, split), runner=runner, reference=reference,
+                       dims=dims.with_groups(dp=comm.world_group(), tp=None, pp=None),
+                       loss=LossSettings.from_config(cfg.kto, 1.0), device="cpu")
+    kto_step(indices, step)
+    (targets,), (kl,) = runner.trained, runner.scored
+    assert reference.scored == [[t + k for t, k in zip(targets, kl)]]  # one reference pass over both
+    return targets, kl
 
 
 @pytest.mark.parametrize("ref_mode", ["online", "cache"])
@@ -73,6 +71,5 @@ def test_the_dry_run_plans_what_the_trainer_runs(ref_mode, monkeypatch):
         assert plan.mine(0) != plan.mine(1)
         for rank in range(dims.dp):
             ranked = ParallelDims(world_size=2, global_batch_size=8, micro_batch_size=2, rank=rank)
-            mine, kl = _trainer_share(cfg, ranked, split, indices, step)
-            assert mine == plan.mine(rank)
-            assert kl == plan.kl_rows
+            targets, kl = _trainer_share(cfg, ranked, split, indices, step)
+            assert (targets, kl) == plan.pairs(plan.mine(rank))

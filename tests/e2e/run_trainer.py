@@ -38,12 +38,15 @@ class _TracedTrainer(KTOTrainer):
     def __init__(self, *args, dump: str, hang_before_step: int | None, **kwargs):
         super().__init__(*args, **kwargs)
         self._dump, self._hang = dump, hang_before_step
+        micro_batches = self.step_fn.micro_batches
 
-    def _my_micro_batches(self, plan):
-        mine = super()._my_micro_batches(plan)
-        with open(os.path.join(self._dump, f"micro_rank{comm.rank()}.jsonl"), "a") as f:
-            f.write(json.dumps(mine) + "\n")
-        return mine
+        def traced(plan):  # this rank's micro-batches of each step, as the step takes them
+            mine = micro_batches(plan)
+            with open(os.path.join(self._dump, f"micro_rank{comm.rank()}.jsonl"), "a") as f:
+                f.write(json.dumps(mine) + "\n")
+            return mine
+
+        self.step_fn.micro_batches = traced
 
     def train_step(self, indices):
         if self._hang is not None and self.step + 1 == self._hang:
