@@ -23,7 +23,7 @@ backward and step per micro-batch on a ZeRO or ZeRO + AutoTP engine, or ``eval_b
 ``train_batch`` (1F1B) on a ``deepspeed.pipe`` engine, eq. (7) then evaluated on the last stage.
 
 Every ``checkpoint.every_steps`` steps the policy engine and the trainer's own state are saved
-atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the same data stream.
+atomically (megakto/checkpoint/); ``train.resume`` continues from one with the same data stream.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megakto import checkpoint, export, resume
+from megakto import checkpoint
+from megakto.checkpoint import export, resume
 from megakto.config import Config, save_config
 from megakto.data import KTOBatchSampler
 from megakto.data.kl_pairs import dataset_kl_partners
@@ -254,7 +255,7 @@ class KTOTrainer:
 
     def _prepare_resume(self) -> tuple[dict | None, str | None]:
         """Before the policy is built: the saved trainer state and the folder DeepSpeed is to load
-        (megakto/resume.py; None, None: a fresh start); the sampler's position is restored."""
+        (megakto/checkpoint/resume.py; None, None: a fresh start); the sampler's position is restored."""
         return resume.prepare(self.resume_dir, self.cfg, tp=self.dims.tp, sampler=self.sampler, log=self.log.info)
 
     def _setup_resume(self) -> int:

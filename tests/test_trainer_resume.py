@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from megakto import checkpoint, universal
+from megakto import checkpoint
 from megakto._demo.tiny_model import make_tiny_model
+from megakto.checkpoint import resume, universal
 from megakto.errors import MegaktoError
 from megakto.model.meta import param_shapes
 from megakto.trainer import KTOTrainer
@@ -66,7 +67,7 @@ def _trainer(path, monkeypatch, *, rank, world_size, model_path="unused"):
 
 def _resume(path, monkeypatch, *, rank, world_size):
     """_prepare_resume then _setup_resume as rank ``rank`` of ``world_size``; the state it took."""
-    monkeypatch.setattr(checkpoint, "load_engine", lambda policy, tag_dir: None)
+    monkeypatch.setattr(resume, "load_engine", lambda policy, tag_dir: None)
     me = _trainer(path, monkeypatch, rank=rank, world_size=world_size)
     me.resume_state, me.load_dir = KTOTrainer._prepare_resume(me)
     assert KTOTrainer._setup_resume(me) == STEP
