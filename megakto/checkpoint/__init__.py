@@ -41,7 +41,8 @@ row is seen twice and none is skipped. Our own files hold plain dicts of ints, f
 tensors and are read with ``torch.load(weights_only=True)``; DeepSpeed's files are scanned before
 DeepSpeed unpickles them (see ``engine.check_deepspeed_pickles``).
 
-The package, one concern a module::
+The package, one concern a module; the trainer holds one :class:`CheckpointManager` (``manager``),
+built from the config, the parallel layout and the run's log::
 
     manifest      names, the manifest, checksums, verify (sizes, sha256, pickles; shared over ranks)
     housekeeping  the complete tags, pruning, what crashed saves left
@@ -52,10 +53,12 @@ The package, one concern a module::
     universal     DeepSpeed's universal form, to resume at another data-parallel size
     weights       a checkpoint's weights under Hugging Face names: one reader per layout
     export        a checkpoint -> a Hugging Face folder (tools/zero_to_hf.py, train.export_hf)
+    manager       the run's checkpoints as one object
 """
 
 from megakto.checkpoint.export import check_export, export_checkpoint, probe_batch, resolve_checkpoint
 from megakto.checkpoint.housekeeping import complete_tags, newest_complete, prune, remove_stale
+from megakto.checkpoint.manager import CheckpointManager
 from megakto.checkpoint.manifest import (CHECKPOINTS, DIGEST, HF_BASE, LATEST, MANIFEST, STATE_VERSION, TMP_PREFIX,
                                          UNIVERSAL, UNIVERSAL_PREFIX, checkpoints_dir, file_digest, hash_shares,
                                          problem, read_manifest, state_file, tag_name, verify)
@@ -66,6 +69,7 @@ from megakto.checkpoint.saving import FAULT_ENV, commit, save
 from megakto.checkpoint.weights import is_lora_checkpoint, read_weights
 
 __all__ = [
+    "CheckpointManager",
     # the on-disk protocol
     "CHECKPOINTS", "LATEST", "MANIFEST", "HF_BASE", "UNIVERSAL", "UNIVERSAL_PREFIX", "TMP_PREFIX", "STATE_VERSION",
     "DIGEST", "FAULT_ENV", "tag_name", "checkpoints_dir", "state_file", "read_manifest", "problem", "file_digest",

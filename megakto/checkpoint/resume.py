@@ -1,5 +1,5 @@
 """``train.resume``: what a run does with a verified checkpoint, in two halves around building the
-policy engine (:mod:`megakto.checkpoint` documents the checkpoint itself).
+policy engine (:mod:`megakto.checkpoint` documents the checkpoint itself; its manager calls them).
 
 * :func:`prepare` (before the policy exists): the saved trainer state this rank continues from,
   checked against this run's data stream, and the folder DeepSpeed is to load. At another

@@ -13,7 +13,7 @@ then resumed to step 8
 and steps 5-8 must use the reference's rows (so steps 1-8 see 128 distinct rows of the 800) and
 give its numbers to fp32 tolerance (another data-parallel size sums in another order). A resume
 with another global batch size stops with one line before anything loads; another model's
-checkpoint is refused before converting in tests/test_trainer_resume.py, and pipeline and
+checkpoint is refused before converting in tests/checkpoint/test_manager.py, and pipeline and
 tensor-parallel layouts on manifests (tests/checkpoint).
 """
 
