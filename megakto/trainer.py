@@ -27,7 +27,7 @@ micro-batch on a ZeRO or ZeRO + AutoTP engine, or ``eval_batch`` and one ``train
 a ``deepspeed.pipe`` engine, eq. (7) then evaluated on the last stage.
 
 Every ``checkpoint.every_steps`` steps the policy engine and the trainer's own state are saved
-atomically (megakto/checkpoint.py); ``train.resume`` continues from one with the same data stream.
+atomically (megakto/checkpoint/); ``train.resume`` continues from one with the same data stream.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from megakto import checkpoint, export, resume
+from megakto.checkpoint import CheckpointManager
 from megakto.config import Config, save_config
 from megakto.data import KTOBatchSampler
 from megakto.data.batcher import Batcher
@@ -50,8 +50,6 @@ from megakto.evaluate import Evaluator
 from megakto.health import HealthMonitor, HealthThresholds
 from megakto.model.forward import logps_function
 from megakto.model.load import load_tokenizer, padding_note
-from megakto.model.lora import ADAPTER_DIR
-from megakto.model.vocab_blocks import vocab_layout
 from megakto.peak_memory import PeakMemory, reduce_peaks
 from megakto.reference.build import build_reference
 from megakto.reference.scorers import AdapterOffReference
@@ -84,12 +82,11 @@ class KTOTrainer:
             tok_path = cfg.model.tokenizer_path or cfg.model.path
             self.tokenizer = load_tokenizer(tok_path, key="model.tokenizer_path" if cfg.model.tokenizer_path
                                             else "model.path", trust_remote_code=cfg.model.trust_remote_code)
-        with comm.fail_together(group=comm.world_group()):  # its own block: verifying a checkpoint is collective
-            self.resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir, world_size=comm.world_size(),
-                                                        tp_size=self.dims.tp, pp_size=self.dims.pp)
-        start = checkpoint.read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
+        # train.resume resolved and verified on every rank; the manager logs to the run's log, opened next.
+        self.checkpoints = CheckpointManager(cfg, self.dims, dtype=self._model_dtype(),
+                                             log=lambda line: self.log.info(line))
         self.log = RunLogger(cfg.output_dir, enabled=comm.is_main(), total_steps=cfg.train.max_steps,
-                             initial_step=start)
+                             initial_step=self.checkpoints.start_step)
         self.log.info(f"attention: {attn} (model.attn_implementation={cfg.model.attn_implementation})")
         for note in checked.notes:
             self.log.info(note)
@@ -110,11 +107,12 @@ class KTOTrainer:
             self.sampler = self._setup_sampler()
             self.planner = step_planner(cfg, self.dims, self.train_rows)  # the dry run's too
         self.phases.done("sampler")
-        self.resume_state, self.load_dir = self._prepare_resume()
+        # Before the policy exists: the saved trainer state, the sampler's position, the folder to load.
+        load_dir = self.checkpoints.prepare(self.sampler)
         self.phases.done("resume")  # with the universal conversion when the world size changed
         # Peak memory is measured from here: what the engines, the reference and the steps add.
         self.peak_memory = PeakMemory(engine.on_gpu())
-        self.policy = self.mode.build_policy(self.load_dir)
+        self.policy = self.mode.build_policy(load_dir)
         self.dims = self.mode.attach_groups(self.policy)
         self.logps_fn = logps_function(cfg.model.logps, cfg.model.logps_chunk_tokens, attn=attn,
                                        reducers=group_reducers(self.dims.tp_group))
@@ -138,10 +136,9 @@ class KTOTrainer:
                                     off=self.mode.samples_off(), device=self.device, log=self.log.info)
         self.health = (HealthMonitor(HealthThresholds(**dataclasses.asdict(cfg.health)), grad_clip=cfg.optim.grad_clip,
                                      kl_checks=self.use_kl) if cfg.train.health_checks else None)
-        self.eval_history: list[tuple[int, dict[str, float]]] = []
-        self.step = self._setup_resume()
+        # Once it exists: engine, RNG states and eval history from the checkpoint (step 0: a fresh start).
+        self.step, self.eval_history = self.checkpoints.resume(self.policy)
         self.phases.done("resume")
-        self._saved_step = self.step if self.resume_dir else None
         if comm.is_main():
             os.makedirs(cfg.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -213,20 +210,6 @@ class KTOTrainer:
             parts.append(self.evaluator.sequences)
         return ConcatSequences(parts)
 
-    def _prepare_resume(self) -> tuple[dict | None, str | None]:
-        """Before the policy is built: the saved trainer state and the folder DeepSpeed is to load
-        (megakto/resume.py; None, None: a fresh start); the sampler's position is restored."""
-        return resume.prepare(self.resume_dir, self.cfg, tp=self.dims.tp, sampler=self.sampler, log=self.log.info)
-
-    def _setup_resume(self) -> int:
-        """Once the policy exists: engine, RNG states and eval history from the checkpoint; the step to
-        continue from (0 = fresh start)."""
-        if self.resume_state is None:
-            return 0
-        self.eval_history = resume.restore(self.resume_state, self.resume_dir, self.load_dir, self.policy, self.cfg,
-                                           log=self.log.info)
-        return self.resume_state["step"]
-
     # ------------------------------------------------------------------ training
 
     def train(self) -> list[StepResult]:
@@ -280,41 +263,19 @@ class KTOTrainer:
         evaluated_last = bool(self.eval_history) and self.eval_history[-1][0] == self.step
         if evaluating and not evaluated_last:
             self._evaluate_and_log()
-        if (cfg.checkpoint.every_steps or cfg.train.export_hf) and self._saved_step != self.step:
+        if (cfg.checkpoint.every_steps or cfg.train.export_hf) and self.checkpoints.saved_step != self.step:
             self._save_checkpoint()  # the finished run: resumable with more steps, and what export_hf converts
         # The last collective of the run: before rank 0's export, which the other ranks do not wait for.
         peak = reduce_peaks(self.peak_memory, group=comm.world_group())
         if cfg.train.export_hf and comm.is_main():
-            self._export_hf()
+            self.checkpoints.export_hf(self.step)  # rank 0 alone: the others do not wait
         self.log.info(f"run finished at step {self.step}: {peak.describe(engine.on_gpu())}")
         self.log.close()
         return history
 
     def _save_checkpoint(self) -> None:
-        cfg, start = self.cfg, time.perf_counter()
-        ckpt_dir = checkpoint.checkpoints_dir(cfg.output_dir)
-        if comm.is_main():
-            lora = model_of(self.policy).peft_config["default"] if cfg.model.lora.r else None
-            export.save_hf_base(ckpt_dir, cfg.model.path, self.tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                lora=lora)
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
-                 "vocab_layout": vocab_layout(model_of(self.policy)),
-                 "param_shapes": resume.held_shapes(model_of(self.policy)),
-                 "eval_history": [[s, m] for s, m in self.eval_history]}
-        path = checkpoint.save(self.policy, ckpt_dir, self.step, state, keep_last=cfg.checkpoint.keep_last,
-                               dtype="bfloat16" if self.bf16 else "float32", tp_size=self.dims.tp,
-                               pp_size=self.dims.pp, log=self.log.info)
-        self._saved_step = self.step
-        self.log.info(f"saved {path} ({time.perf_counter() - start:.1f} s)")
-
-    def _export_hf(self) -> None:
-        """Rank 0 converts the final checkpoint (DeepSpeed's zero_to_fp32) into output_dir/hf; the
-        other ranks do not wait, so a long conversion cannot trip the collective timeout."""
-        tag_dir = os.path.join(checkpoint.checkpoints_dir(self.cfg.output_dir), checkpoint.tag_name(self.step))
-        adapter = os.path.join(self.cfg.output_dir, ADAPTER_DIR) if self.cfg.model.lora.r else None
-        out = export.export_checkpoint(tag_dir, os.path.join(self.cfg.output_dir, "hf"), adapter_dir=adapter,
-                                       trust_remote_code=self.cfg.model.trust_remote_code)
-        self.log.info(f"exported {out}" + (f" (merged) and the adapter to {adapter}" if adapter else ""))
+        self.checkpoints.save(self.policy, self.step, sampler=self.sampler, eval_history=self.eval_history,
+                              tokenizer=self.tokenizer)
 
     def evaluate(self) -> dict[str, float]:
         kto = self.cfg.kto

@@ -33,13 +33,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="DeepSpeed's extraction processes (default 1)")
     args = parser.parse_args(argv)
 
-    from megakto import checkpoint, universal
-    from megakto.export import resolve_checkpoint
+    from megakto.checkpoint import read_manifest, resolve_checkpoint, universal
 
     try:
         tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
         out = universal.convert(tag_dir, args.out_dir or universal.universal_dir(tag_dir), workers=args.workers)
-        manifest = checkpoint.read_manifest(out)
+        manifest = read_manifest(out)
         print(f"wrote {out} from {tag_dir} ({manifest['world_size']} ranks); resume with train.resume={out} at any "
               f"number of ranks, train.global_batch_size and parallel.tp_size={manifest['tp_size']} unchanged")
     except MegaktoError as err:

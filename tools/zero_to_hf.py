@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from megakto.errors import ConfigError
-    from megakto.export import check_export, export_checkpoint, is_lora_checkpoint, resolve_checkpoint
+    from megakto.checkpoint import check_export, export_checkpoint, is_lora_checkpoint, resolve_checkpoint
 
     try:
         tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from megakto.errors import ConfigError
-from megakto.export import probe_batch, write_hf_folder
+from megakto.checkpoint.export import probe_batch, write_hf_folder
 
 
 def _tiny(tmp_path, tied):

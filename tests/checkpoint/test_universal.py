@@ -1,4 +1,4 @@
-"""megakto.universal without DeepSpeed's converter: which universal folder a resume may reuse, what
+"""megakto.checkpoint.universal without DeepSpeed's converter: which universal folder a resume may reuse, what
 pruning and saving again delete, and the export's reading of ``zero/<param>/fp32.pt``. The
 conversion itself (``engine.to_universal``) is replaced by a fake that writes one parameter's
 file, so every other line of ``universal.convert`` runs; tests/e2e/test_universal_resume.py runs
@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 
-from megakto import checkpoint, universal
+from megakto import checkpoint
+from megakto.checkpoint import universal
+from megakto.checkpoint.weights import universal_weights
 from megakto.errors import ModelError
 from tests.checkpoint.test_checkpoint import FakeEngine
 
@@ -96,12 +98,12 @@ def test_flat_zero3_tensors_need_their_shapes(tmp_path):
     cannot be exported: one line naming the parameter, never a flat (16,) matrix. ZeRO-1/2 files
     are {"param": tensor} in their own shapes and need none."""
     flat = {"m.weight": torch.arange(16.0), "norm.weight": torch.ones(4)}
-    shaped = universal.fp32_state_dict(_universal_folder(tmp_path / "a", flat, {
+    shaped = universal_weights(_universal_folder(tmp_path / "a", flat, {
         "param_shapes": {"m.weight": [4, 4], "norm.weight": [4]}}))
     assert shaped["m.weight"].shape == (4, 4) and shaped["norm.weight"].shape == (4,)
     with pytest.raises(ModelError, match=r"fp32.pt: a flat ZeRO-3 tensor and no shape for m.weight in the trainer "
                                          r"state"):
-        universal.fp32_state_dict(_universal_folder(tmp_path / "b", flat, {}))
+        universal_weights(_universal_folder(tmp_path / "b", flat, {}))
     zero12 = {"m.weight": {"param": torch.zeros(4, 4)}, "norm.weight": {"param": torch.ones(4)}}
-    got = universal.fp32_state_dict(_universal_folder(tmp_path / "c", zero12, {}))
+    got = universal_weights(_universal_folder(tmp_path / "c", zero12, {}))
     assert got["m.weight"].shape == (4, 4) and got["norm.weight"].shape == (4,)

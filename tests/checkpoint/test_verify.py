@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megakto import checkpoint
+from megakto.checkpoint import manifest as manifest_module
 from megakto.distributed import engine
 from megakto.distributed._deepspeed import checkpoint_io
 from megakto.errors import ConfigError, ModelError
@@ -174,7 +175,7 @@ def test_other_world_size_of_a_pipeline_is_refused_before_any_file_is_hashed(tmp
     path = checkpoint.save(FakeEngine(os.urandom(20000)), str(tmp_path / "checkpoints"), 2, {"step": 2},
                            keep_last=2, dtype="float32", pp_size=2)
     hashed = []
-    monkeypatch.setattr(checkpoint, "file_digest", lambda p: hashed.append(p) or "0" * 64)
+    monkeypatch.setattr(manifest_module, "file_digest", lambda p: hashed.append(p) or "0" * 64)
     for resume in (path, "auto"):
         with pytest.raises(ConfigError) as err:
             checkpoint.resolve_resume(resume, str(tmp_path), world_size=4, pp_size=2)

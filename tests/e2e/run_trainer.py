@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from megakto.config import load_config  # noqa: E402
 from megakto.distributed import comm, engine  # noqa: E402
-from megakto.export import probe_batch  # noqa: E402
+from megakto.checkpoint import probe_batch  # noqa: E402
 from megakto.trainer import KTOTrainer  # noqa: E402
 
 

@@ -227,7 +227,7 @@ def test_bf16_export_loads_and_is_the_engine(cache_run):
     bitwise and whose logits on export's probe batch are the engine's bitwise (same CPU kernels)."""
     from transformers import AutoModelForCausalLM
 
-    from megakto.export import probe_batch
+    from megakto.checkpoint import probe_batch
 
     out, _ = cache_run
     weights = load_file(os.path.join(out, "hf", "model.safetensors"))

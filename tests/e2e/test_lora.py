@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megakto.export import probe_batch
+from megakto.checkpoint import probe_batch
 from tests.e2e._parallel_checks import kill_and_resume
 from tests.e2e.conftest import run_trainer
 

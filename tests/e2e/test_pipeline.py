@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from megakto.export import checkpoint_state_dict, probe_batch
+from megakto.checkpoint import probe_batch, read_weights
 from tests.e2e._parallel_checks import close_weights, jsonl, kill_and_resume, same_steps
 from tests.e2e.conftest import LONG, run_trainer
 from tests.launcher import REPO
@@ -34,7 +34,7 @@ ZERO1 = "ds_configs/zero1.json"
 
 
 def _ckpt(out, step):
-    return checkpoint_state_dict(os.path.join(out, "checkpoints", f"step-{step:08d}"))
+    return read_weights(os.path.join(out, "checkpoints", f"step-{step:08d}"))
 
 
 @pytest.fixture(scope="module")

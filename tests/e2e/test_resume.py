@@ -80,7 +80,7 @@ def _export_equals_engine(out):
     holds the engine's weights bitwise; returns the loaded model."""
     from transformers import AutoModelForCausalLM
 
-    from megakto.export import probe_batch
+    from megakto.checkpoint import probe_batch
 
     model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf")).eval()
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_export_hf_matches_engine(straight):
 def test_zero_to_hf_tool_check(straight, tmp_path):
     """tools/zero_to_hf.py --check on the run's checkpoints/ (newest tag): exit 0, diff printed;
     and the same check on a folder with one weight nudged by 1e-3 reports a difference > 1e-5."""
-    from megakto.export import check_export
+    from megakto.checkpoint import check_export
 
     out, _ = straight
     dest = tmp_path / "hf"

@@ -22,7 +22,7 @@ import subprocess
 import pytest
 import torch
 
-from megakto.export import checkpoint_state_dict, probe_batch
+from megakto.checkpoint import probe_batch, read_weights
 from tests.e2e._parallel_checks import close_weights, jsonl, kill_and_resume, same_steps
 from tests.e2e.conftest import LONG, run_trainer
 from tests.launcher import REPO
@@ -118,7 +118,7 @@ def test_tp2_dp2_four_ranks(assets, single, tmp_path):
     for (_, a), (_, b) in zip(t["eval"], s["eval"][:2]):
         for key in ("loss", "kl", "rewards/margins", "reward_accuracy", "pairs"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
-    want = checkpoint_state_dict(os.path.join(s_out, "checkpoints", "step-00000003"))
+    want = read_weights(os.path.join(s_out, "checkpoints", "step-00000003"))
     close_weights(_weights(tmp_path), want)
     micro = [jsonl(os.path.join(tmp_path, "dump", f"micro_rank{r}.jsonl")) for r in range(4)]
     assert micro[0] == micro[1] and micro[2] == micro[3]  # TP groups {0,1}, {2,3}
@@ -136,12 +136,12 @@ def test_tp2_zero1(assets, single, tmp_path):
     (s_out, s), ds = single, "ds_configs/zero1.json"
     _, t = run_trainer(assets, tmp_path, nproc=2, ds=ds, **TP2, **{"train.max_steps": 3, "train.export_hf": "true"})
     same_steps(t, s, 3, kl_abs=1e-5)
-    close_weights(_weights(tmp_path), checkpoint_state_dict(os.path.join(s_out, "checkpoints", "step-00000003")))
+    close_weights(_weights(tmp_path), read_weights(os.path.join(s_out, "checkpoints", "step-00000003")))
     # The ZeRO-1/2 TP checkpoint (mp_rank_0X model files, one optimizer file per TP rank) joins back
     # into exactly the engine's weights.
     names = os.listdir(tmp_path / "checkpoints" / "step-00000003")
     assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= set(names)
-    joined = checkpoint_state_dict(str(tmp_path / "checkpoints" / "step-00000003"))
+    joined = read_weights(str(tmp_path / "checkpoints" / "step-00000003"))
     engine_weights = _weights(tmp_path)
     assert sorted(joined) == sorted(engine_weights)
     assert all(torch.equal(joined[k], engine_weights[k]) for k in joined)

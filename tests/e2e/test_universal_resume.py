@@ -1,4 +1,4 @@
-"""Resume at another number of ranks through DeepSpeed's universal checkpoints (megakto/universal.py),
+"""Resume at another number of ranks through DeepSpeed's universal checkpoints (megakto/checkpoint/universal.py),
 under the real launcher on CPU over gloo.
 
 One uninterrupted 8-step run per ZeRO stage (ZeRO-3 on 4 ranks, ZeRO-1 on 2) saves a checkpoint at step 4 and is the
@@ -13,7 +13,7 @@ then resumed to step 8
 and steps 5-8 must use the reference's rows (so steps 1-8 see 128 distinct rows of the 800) and
 give its numbers to fp32 tolerance (another data-parallel size sums in another order). A resume
 with another global batch size stops with one line before anything loads; another model's
-checkpoint is refused before converting in tests/test_trainer_resume.py, and pipeline and
+checkpoint is refused before converting in tests/checkpoint/test_manager.py, and pipeline and
 tensor-parallel layouts on manifests (tests/checkpoint).
 """
 
@@ -81,7 +81,7 @@ def test_zero3_resumes_on_2_ranks_converting_itself(assets, zero3, tmp_path):
 
 
 def test_zero3_resumes_on_1_rank_from_the_conversion_tool(assets, zero3, tmp_path):
-    from megakto.export import checkpoint_state_dict
+    from megakto.checkpoint import read_weights
 
     target = tmp_path / "by_tool" / "universal-step-00000004"
     proc = subprocess.run([sys.executable, "tools/to_universal.py", str(zero3["out"] / "checkpoints"), str(target),
@@ -89,7 +89,7 @@ def test_zero3_resumes_on_1_rank_from_the_conversion_tool(assets, zero3, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {target} from {zero3['tag']} (4 ranks)" in proc.stdout
     # The export reads it as any checkpoint: the 4-rank ZeRO partitions' weights, bitwise.
-    got, want = checkpoint_state_dict(str(target)), checkpoint_state_dict(zero3["tag"])
+    got, want = read_weights(str(target)), read_weights(zero3["tag"])
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
     log, result = _resume(assets, zero3, tmp_path / "run", 1, str(target))
     assert f"resumed from {target} at step 4 (4 ranks then, 1 now)" in log and "converted " not in log

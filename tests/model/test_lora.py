@@ -72,7 +72,7 @@ def test_export_merges_in_fp32_and_names_the_real_base(tmp_path):
     model, not the checkpoint's weightless hf_base folder."""
     from safetensors.torch import load_file
 
-    from megakto.export import write_lora_folders
+    from megakto.checkpoint.export import write_lora_folders
 
     base_dir = tmp_path / "hf_base"
     model = apply_lora(_model(), _lora(alpha=8), seed=3)

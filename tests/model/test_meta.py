@@ -10,7 +10,7 @@ from megakto.config import load_config
 from megakto.distributed.engine import block_vocab
 from megakto.model.lora import apply_lora, base_name
 from megakto.model.meta import hf_shapes, param_shapes
-from megakto.resume import held_shapes as _param_shapes
+from megakto.checkpoint.resume import held_shapes as _param_shapes
 
 
 def _folder(path, tied):

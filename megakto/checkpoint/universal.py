@@ -5,7 +5,8 @@ data-parallel rank, so only the same number of ranks loads them. DeepSpeed's ``d
 rewrites them as one unsharded fp32 file per parameter (weights and both Adam moments), which an
 engine built with ``checkpoint.load_universal`` re-partitions over any data-parallel size. What it
 does not carry is megakto's trainer state; :func:`convert` adds it, so the result is a megakto
-checkpoint like any other: verified at resume, exported by tools/zero_to_hf.py.
+checkpoint like any other: verified at resume, exported by tools/zero_to_hf.py (its weights are read by
+:func:`megakto.checkpoint.weights.universal_weights`).
 
 Layout, beside the ``step-*`` tags (``output_dir/checkpoints/`` or wherever the tool writes it)::
 
@@ -25,17 +26,17 @@ It is written like a save: into a ``.tmp-`` folder, the manifest last, committed
 second conversion of the same save finds it complete and reuses it; a folder converted from an
 earlier save of the same tag path (a run rolled back and saved that step again) is converted
 afresh. Pruning the source tag, or saving its step again, deletes the universal form beside it
-(megakto.checkpoint); one made from another run's tag stays until deleted by hand.
+(megakto.checkpoint.housekeeping); one made from another run's tag stays until deleted by hand.
 
 The sampler state is global (megakto.data.sampler), so the resumed run draws the same global
 batches at any data-parallel size as long as the global batch size is unchanged. RNG states were
 per rank and cannot be shared out again: every rank of a run resumed through a universal folder
 (at any size, the saving one too) derives its own from (seed, step, rank) instead
-(megakto.checkpoint.derive_rng_state, megakto.checkpoint.ranks_moved).
+(megakto.checkpoint.rng.derive_rng_state, megakto.checkpoint.resolve.ranks_moved).
 
 Not covered: pipeline checkpoints (per-layer files, which ``ds_to_universal`` does not convert)
 and tensor-parallel ones (deepspeed 0.19.8's converter fails on megakto's AutoTP files, measured:
-see ``checkpoint.TP_UNIVERSAL_UNSUPPORTED``); megakto.checkpoint refuses both in one line.
+see ``resolve.TP_UNIVERSAL_UNSUPPORTED``); megakto.checkpoint.resolve refuses both in one line.
 """
 
 from __future__ import annotations
@@ -43,16 +44,16 @@ from __future__ import annotations
 import os
 import shutil
 
-import torch
-
-from megakto import checkpoint
+from megakto.checkpoint.manifest import (HF_BASE, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX, file_digest,
+                                         problem, read_manifest, state_file)
+from megakto.checkpoint.resolve import TP_UNIVERSAL_UNSUPPORTED
+from megakto.checkpoint.saving import commit
 from megakto.distributed import engine
 from megakto.errors import ModelError
-from megakto.model.vocab_blocks import merge_vocab_blocks
 
-__all__ = ["PREFIX", "universal_dir", "source_rank", "convert", "converted", "stale", "fp32_state_dict"]
+__all__ = ["PREFIX", "universal_dir", "source_rank", "convert", "converted", "stale"]
 
-PREFIX = checkpoint.UNIVERSAL_PREFIX
+PREFIX = UNIVERSAL_PREFIX
 SOURCE_MANIFEST = "source_manifest"  # the universal manifest's key: sha256 of the source's manifest file
 
 
@@ -70,7 +71,7 @@ def source_rank(rank: int, tp_size: int) -> int:
 
 
 def _source_digest(tag_dir: str) -> str:
-    return checkpoint.file_digest(os.path.join(tag_dir, checkpoint.MANIFEST))
+    return file_digest(os.path.join(tag_dir, MANIFEST))
 
 
 def stale(tag_dir: str, out_dir: str) -> str | None:
@@ -78,14 +79,14 @@ def stale(tag_dir: str, out_dir: str) -> str | None:
     phrase), or None. The source is identified by its manifest's checksum, not its path alone: a
     tag saved again at the same path is another save (sizes checked here; the resume verifies
     checksums)."""
-    manifest = checkpoint.read_manifest(out_dir)
-    if manifest is None or manifest.get("format") != checkpoint.UNIVERSAL:
-        return checkpoint.problem(out_dir) or "not a universal checkpoint"
+    manifest = read_manifest(out_dir)
+    if manifest is None or manifest.get("format") != UNIVERSAL:
+        return problem(out_dir) or "not a universal checkpoint"
     if manifest.get("source") != os.path.abspath(tag_dir):
         return f"converted from {manifest.get('source')}"
     if manifest.get(SOURCE_MANIFEST) != _source_digest(tag_dir):
         return f"converted from an earlier save of {os.path.basename(os.path.normpath(tag_dir))}"
-    return checkpoint.problem(out_dir)
+    return problem(out_dir)
 
 
 def converted(tag_dir: str, out_dir: str) -> bool:
@@ -100,56 +101,32 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
     if converted(tag_dir, out_dir):
         return out_dir
     source = _source_digest(tag_dir)  # before reading it: the save this conversion is of
-    manifest = checkpoint.read_manifest(tag_dir)
-    if manifest.get("format") == checkpoint.UNIVERSAL:
+    manifest = read_manifest(tag_dir)
+    if manifest.get("format") == UNIVERSAL:
         raise ModelError(f"{tag_dir} is a universal checkpoint already; resume from it directly")
     if manifest.get("pp_size", 1) > 1:
         raise ModelError(f"{tag_dir} is a pipeline checkpoint (parallel.pp_size={manifest['pp_size']}): DeepSpeed's "
                          "universal conversion does not cover pipeline layer files; resume it with the ranks that "
                          "wrote it")
     if manifest.get("tp_size", 1) > 1:
-        raise ModelError(f"{tag_dir} (parallel.tp_size={manifest['tp_size']}): {checkpoint.TP_UNIVERSAL_UNSUPPORTED}")
+        raise ModelError(f"{tag_dir} (parallel.tp_size={manifest['tp_size']}): {TP_UNIVERSAL_UNSUPPORTED}")
     if not any(name.endswith("optim_states.pt") for name in manifest["files"]):
         raise ModelError(f"{tag_dir} holds no ZeRO partitions (ZeRO stage 0): it loads at any data-parallel size "
                          "as it is")
     parent = os.path.dirname(out_dir)
-    work = os.path.join(parent, checkpoint.TMP_PREFIX + os.path.basename(out_dir))
+    work = os.path.join(parent, TMP_PREFIX + os.path.basename(out_dir))
     staged = os.path.join(work, os.path.basename(out_dir))  # DeepSpeed writes latest_universal beside it
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     engine.to_universal(tag_dir, staged, workers=workers)
     tp = manifest.get("tp_size", 1)
     for rank in range(tp):
-        shutil.copy2(os.path.join(tag_dir, checkpoint.state_file(rank)), staged)
-    base, target = (os.path.join(d, checkpoint.HF_BASE) for d in (os.path.dirname(tag_dir), parent))
+        shutil.copy2(os.path.join(tag_dir, state_file(rank)), staged)
+    base, target = (os.path.join(d, HF_BASE) for d in (os.path.dirname(tag_dir), parent))
     if os.path.isdir(base) and not os.path.isdir(target):
         shutil.copytree(base, target)
-    checkpoint.commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
-                       dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
-                       extra={"format": checkpoint.UNIVERSAL, "source": tag_dir,
-                              SOURCE_MANIFEST: source})
+    commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
+           dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
+           extra={"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
-
-
-def fp32_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a universal checkpoint under Hugging Face names (``zero/<name>/fp32.pt``:
-    ``{"param": tensor, ...}`` from ZeRO-1/2; a flat tensor from ZeRO-3, shaped here by the
-    parameter shapes in the trainer state). Offline."""
-    zero = os.path.join(tag_dir, "zero")
-    shapes = checkpoint.load_state(tag_dir, 0).get("param_shapes") or {}
-    state = {}
-    for name in sorted(os.listdir(zero)):
-        path = os.path.join(zero, name, "fp32.pt")
-        if os.path.isfile(path):
-            loaded = engine.weights_only_load(path, map_location="cpu")
-            if isinstance(loaded, dict):  # ZeRO-1/2: in its own shape
-                tensor = loaded["param"]
-            elif name in shapes:  # ZeRO-3: flat
-                tensor = loaded.view(shapes[name])
-            else:  # a checkpoint saved before param_shapes were recorded: a matrix would export flat
-                raise ModelError(f"{path}: a flat ZeRO-3 tensor and no shape for {name} in the trainer state")
-            state[name] = tensor
-    if not state:
-        raise ModelError(f"{tag_dir}: no zero/<parameter>/fp32.pt files (not a universal checkpoint)")
-    return merge_vocab_blocks(state)

@@ -1,4 +1,4 @@
-"""KTOTrainer's resume decisions, on a stand-in ``self`` without a process group (RANK and
+"""The resume decisions of the CheckpointManager a run holds, without a process group (RANK and
 WORLD_SIZE set as the launcher sets them): which saved trainer state each rank takes, whether its
 RNG states are restored or derived, and what is refused before any conversion. Checkpoints are
 written by megakto.checkpoint.save through a fake DeepSpeed engine; the real multi-rank resumes
@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from megakto import checkpoint, universal
+from megakto import checkpoint
 from megakto._demo.tiny_model import make_tiny_model
+from megakto.checkpoint import CheckpointManager, resume, universal
+from megakto.distributed.parallel import ParallelDims
 from megakto.errors import MegaktoError
 from megakto.model.meta import param_shapes
-from megakto.trainer import KTOTrainer
 from tests.checkpoint.test_checkpoint import FakeEngine
 
 SEED, STEP = 7, 4
@@ -51,26 +52,31 @@ def _saved(tmp_path, monkeypatch, *, world_size, file=STAGE0, extra=None, **mani
     return path
 
 
-def _trainer(path, monkeypatch, *, rank, world_size, model_path="unused"):
-    """A stand-in ``self`` for the resume methods, as rank ``rank`` of ``world_size``."""
+SAMPLER = SimpleNamespace(load_state_dict=lambda state: None)  # the sampler's own resume: tests/data/test_sampler.py
+
+
+def _manager(path, monkeypatch, *, rank, world_size, model_path="unused"):
+    """The CheckpointManager of a run resuming ``train.resume=path``, as rank ``rank`` of ``world_size``."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
-    cfg = SimpleNamespace(train=SimpleNamespace(global_batch_size=16), seed=SEED,
+    cfg = SimpleNamespace(train=SimpleNamespace(global_batch_size=16, resume=path), seed=SEED,
                           output_dir=os.path.dirname(os.path.dirname(path)),
                           model=SimpleNamespace(path=model_path, trust_remote_code=False))
-    me = SimpleNamespace(resume_dir=path, dims=SimpleNamespace(tp=1), cfg=cfg, log=SimpleNamespace(info=print),
-                         sampler=SimpleNamespace(load_state_dict=lambda state: None),
-                         policy=SimpleNamespace(module=torch.nn.Linear(1, 1)))
-    return me
+    dims = ParallelDims(world_size=world_size, global_batch_size=16, micro_batch_size=1, rank=rank)
+    manager = CheckpointManager(cfg, dims, dtype=torch.float32, log=print)
+    assert manager.resume_dir == path
+    return manager
 
 
 def _resume(path, monkeypatch, *, rank, world_size):
-    """_prepare_resume then _setup_resume as rank ``rank`` of ``world_size``; the state it took."""
-    monkeypatch.setattr(checkpoint, "load_engine", lambda policy, tag_dir: None)
-    me = _trainer(path, monkeypatch, rank=rank, world_size=world_size)
-    me.resume_state, me.load_dir = KTOTrainer._prepare_resume(me)
-    assert KTOTrainer._setup_resume(me) == STEP
-    return me.resume_state
+    """The manager's prepare, then its resume of a policy, as rank ``rank`` of ``world_size``; the
+    state it took."""
+    monkeypatch.setattr(resume, "load_engine", lambda policy, tag_dir: None)
+    manager = _manager(path, monkeypatch, rank=rank, world_size=world_size)
+    manager.prepare(SAMPLER)
+    step, _ = manager.resume(SimpleNamespace(module=torch.nn.Linear(1, 1)))
+    assert step == STEP
+    return manager.resume_state
 
 
 def _derived(rank):
@@ -126,13 +132,13 @@ def test_another_models_checkpoint_is_refused_before_converting(tmp_path, monkey
     path = _saved(tmp_path, monkeypatch, world_size=4, file=ZERO, extra={"param_shapes": shapes})
     assert checkpoint.resume_layout(path, 1) == "convert"
     with pytest.raises(MegaktoError) as err:
-        KTOTrainer._prepare_resume(_trainer(path, monkeypatch, rank=0, world_size=1, model_path=str(other)))
+        _manager(path, monkeypatch, rank=0, world_size=1, model_path=str(other)).prepare(SAMPLER)
     assert str(err.value) == (
         f"train.resume: {path} holds another model's weights than model.path={other} ({len(shapes)} parameters "
         f"there, {len(shapes)} here; model.layers.0.mlp.down_proj.weight is [64, 128] there and [64, 96] here); "
         "resume with the model it was trained from")
     with pytest.raises(_Converting):
-        KTOTrainer._prepare_resume(_trainer(path, monkeypatch, rank=0, world_size=1, model_path=str(trained)))
+        _manager(path, monkeypatch, rank=0, world_size=1, model_path=str(trained)).prepare(SAMPLER)
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,11 @@
-"""``train.resume``: what the trainer does with a verified checkpoint, in two halves around building
-the policy engine (megakto/checkpoint.py documents the checkpoint itself).
+"""``train.resume``: what a run does with a verified checkpoint, in two halves around building the
+policy engine (:mod:`megakto.checkpoint` documents the checkpoint itself; its manager calls them).
 
 * :func:`prepare` (before the policy exists): the saved trainer state this rank continues from,
   checked against this run's data stream, and the folder DeepSpeed is to load. At another
-  data-parallel size that is the checkpoint's universal form (megakto/universal.py), converted by
-  rank 0 unless it already exists, once its recorded parameter shapes match model.path's (a 32B
-  conversion is hundreds of GB and minutes).
+  data-parallel size that is the checkpoint's universal form (:mod:`megakto.checkpoint.universal`),
+  converted by rank 0 unless it already exists, once its recorded parameter shapes match
+  model.path's (a 32B conversion is hundreds of GB and minutes).
 * :func:`restore` (once the policy exists): the checkpoint must hold this model, then engine
   (weights, Adam, LR schedule), RNG states (re-derived from the seed and step on every rank when
   the ranks are not the ones that saved: another number of ranks, or any universal layout).
@@ -21,13 +21,16 @@ from collections.abc import Callable
 
 import torch
 
-from megakto import checkpoint, universal
-from megakto.distributed import comm
-from megakto.errors import ConfigError
+from megakto.checkpoint import universal
+from megakto.checkpoint.manifest import STATE_VERSION, checkpoints_dir, state_file, verify
+from megakto.checkpoint.resolve import ranks_moved, resume_layout
+from megakto.checkpoint.rng import derive_rng_state, set_rng_state
+from megakto.distributed import comm, engine
+from megakto.errors import ConfigError, MegaktoError
 from megakto.model.meta import hf_shapes, param_shapes
 from megakto.model.vocab_blocks import vocab_layout
 
-__all__ = ["held_shapes", "prepare", "restore", "check_same_model"]
+__all__ = ["held_shapes", "load_state", "load_engine", "prepare", "restore", "check_same_model"]
 
 
 def held_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
@@ -41,12 +44,12 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
     sampler's position restored. ``tp``: this run's tensor-parallel size."""
     if resume_dir is None:
         return None, None
-    layout = checkpoint.resume_layout(resume_dir, comm.world_size())
+    layout = resume_layout(resume_dir, comm.world_size())
     # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
     # rank r takes (r % tp)'s state, and its RNG states are derived (restore).
-    moved = checkpoint.ranks_moved(resume_dir, comm.world_size())
+    moved = ranks_moved(resume_dir, comm.world_size())
     with comm.fail_together(group=comm.world_group()):
-        state = checkpoint.load_state(resume_dir, universal.source_rank(comm.rank(), tp) if moved else None)
+        state = load_state(resume_dir, universal.source_rank(comm.rank(), tp) if moved else None)
         saved, now = state["sampler"].get("global_batch_size"), cfg.train.global_batch_size
         if saved is not None and saved != now:
             raise ConfigError(f"train.resume: {resume_dir} was trained with train.global_batch_size={saved} "
@@ -63,7 +66,7 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
         if comm.is_main() and state.get("param_shapes") is not None:
             check_same_model(resume_dir, cfg.model.path, hf_shapes(state["param_shapes"]),
                              param_shapes(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
-    target = universal.universal_dir(resume_dir, checkpoint.checkpoints_dir(cfg.output_dir))
+    target = universal.universal_dir(resume_dir, checkpoints_dir(cfg.output_dir))
     # A large model: convert first with tools/to_universal.py.
     with comm.fail_together(group=comm.world_group()), comm.others_wait(
             f"rank 0 converts {resume_dir} to its universal form", log):
@@ -77,7 +80,7 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
             log(f"{'reusing' if reused else 'converted'} {resume_dir} ({state['world_size']} ranks) "
                 f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
     with comm.fail_together(group=comm.world_group()):  # its own block: verifying the conversion is collective
-        why = checkpoint.verify(target)
+        why = verify(target)
         if why is not None:
             raise ConfigError(f"train.resume: {target} (the universal form of {resume_dir}): {why}")
     return state, target
@@ -97,11 +100,11 @@ def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Ca
             check_same_model(resume_dir, cfg.model.path, state["param_shapes"], held_shapes(policy.module))
     # A file DeepSpeed cannot load: one line naming it, every rank exits 1.
     with comm.fail_together(group=comm.world_group()):
-        checkpoint.load_engine(policy, load_dir)
-    if checkpoint.ranks_moved(resume_dir, comm.world_size()):  # every rank alike, rank 0 too
-        checkpoint.derive_rng_state(cfg.seed, state["step"], comm.rank())
+        load_engine(policy, load_dir)
+    if ranks_moved(resume_dir, comm.world_size()):  # every rank alike, rank 0 too
+        derive_rng_state(cfg.seed, state["step"], comm.rank())
     else:
-        checkpoint.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     via = "" if load_dir == resume_dir else f" through {load_dir}"
     log(f"resumed from {resume_dir} at step {state['step']}{via} "
         f"({state['world_size']} ranks then, {comm.world_size()} now)")
@@ -120,3 +123,25 @@ def check_same_model(resume_dir: str, model_path: str, saved: dict, now: dict) -
     raise ConfigError(f"train.resume: {resume_dir} holds another model's weights than "
                       f"model.path={model_path} ({len(saved)} parameters there, {len(now)} here; {where}); "
                       "resume with the model it was trained from")
+
+
+def load_state(tag_dir: str, rank: int | None = None) -> dict:
+    """Rank ``rank``'s trainer state from ``tag_dir`` (``weights_only=True``: plain types only);
+    None: this rank's."""
+    rank = comm.rank() if rank is None else rank
+    try:
+        state = engine.weights_only_load(os.path.join(tag_dir, state_file(rank)), map_location="cpu")
+    except MegaktoError as err:
+        raise ConfigError(f"train.resume: {err}") from None
+    info = state if isinstance(state, dict) else {}
+    if info.get("version") != STATE_VERSION or info.get("rank") != rank:
+        raise ConfigError(f"train.resume: {os.path.join(tag_dir, state_file(rank))} is not rank {rank}'s "
+                          f"trainer state (version {info.get('version')}, rank {info.get('rank')})")
+    return state
+
+
+def load_engine(policy, tag_dir: str) -> None:
+    """Restore weights, optimizer and LR schedule from ``tag_dir`` into a fresh engine. Collective.
+    A file that cannot be loaded is a ModelError naming it (call it inside ``comm.fail_together``)."""
+    tag_dir = os.path.normpath(tag_dir)
+    engine.load_checkpoint(policy, os.path.dirname(tag_dir), os.path.basename(tag_dir))

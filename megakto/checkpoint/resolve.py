@@ -1,0 +1,120 @@
+"""``train.resume`` -> the tag a run continues from, verified on every rank, and what loading it
+means at this run's layout: refused (another pipeline or tensor-parallel degree, a pipeline at
+another world size), loaded as it is, or converted to DeepSpeed's universal form first (ZeRO
+partitions at another data-parallel size)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from megakto.checkpoint.housekeeping import complete_tags
+from megakto.checkpoint.manifest import DIGEST, UNIVERSAL, checkpoints_dir, read_manifest, verify
+from megakto.distributed import comm
+from megakto.errors import ConfigError
+
+__all__ = ["TP_UNIVERSAL_UNSUPPORTED", "resolve_resume", "resume_layout", "ranks_moved"]
+
+
+def _warn(message: str) -> None:
+    if comm.is_main():
+        print(f"megakto: warning: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: int = 1, pp_size: int = 1,
+                   warn=_warn) -> str | None:
+    """``train.resume`` -> the tag directory to load, or None to start fresh. Collective.
+
+    auto: the newest checkpoint in output_dir/checkpoints that passes :func:`verify` (a damaged
+    newer one is skipped with ``warn``), None if there is none at all. none: None. Anything else:
+    a tag directory, which must pass :func:`verify`. Either way it must have been written by as
+    many ranks as this run has (DeepSpeed's ZeRO partitions are per rank), at the same
+    tensor-parallel size (AutoTP shards are per tp rank); the number of data-parallel ranks may
+    differ (see :func:`resume_layout`)."""
+    resume = resume.strip()
+    if resume == "none":
+        return None
+    auto = resume == "auto"
+    ckpt_dir = checkpoints_dir(output_dir)
+    candidates = [p for _, p in reversed(complete_tags(ckpt_dir))] if auto else [os.path.abspath(resume)]
+    # Rank 0's listing: every rank verifies the same tags.
+    candidates = comm.broadcast_object(candidates, group=comm.world_group())
+    path, skipped = None, []
+    for candidate in candidates:
+        _check_world_size(candidate, resume, world_size, tp_size, pp_size)  # before hashing: a mismatch is no damage
+        why = verify(candidate)
+        if why is None:
+            path = candidate
+            break
+        if not auto:
+            hint = ("it holds checkpoints; pass one of its step-* directories or train.resume=auto"
+                    if complete_tags(candidate) else "pass a complete step-* directory, auto or none")
+            raise ConfigError(f"train.resume={resume}: not a loadable checkpoint: {why}; {hint}")
+        warn(f"train.resume=auto: skipping {candidate}: {why}")
+        skipped.append(f"{os.path.basename(candidate)} ({why})")
+    if path is None:
+        if skipped:
+            raise ConfigError(f"train.resume=auto: no checkpoint in {ckpt_dir} passes verification: "
+                              f"{'; '.join(skipped)}; set train.resume=none to start over")
+        return None
+    manifest = read_manifest(path)
+    if DIGEST not in manifest:
+        warn(f"{path}: its manifest has no checksums (saved before they were recorded); only file sizes and "
+             "pickles were checked")
+    return path
+
+
+def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1) -> None:
+    """Refuse the layout changes nothing can load: another pipeline or tensor-parallel degree, and a
+    pipeline checkpoint at another world size. Another data-parallel size is fine: see
+    :func:`resume_layout`."""
+    manifest = read_manifest(path)
+    if not manifest:
+        return  # no manifest: verify() reports that
+    saved_pp = manifest.get("pp_size", 1)  # manifests from before pipelines: pp 1
+    if saved_pp != pp_size:
+        raise ConfigError(f"train.resume={resume}: {path} was written with parallel.pp_size={saved_pp} but this run "
+                          f"has parallel.pp_size={pp_size}; "
+                          + ("its weights are per-layer pipeline files" if saved_pp > 1 else "its weights are ZeRO files")
+                          + f", resume with parallel.pp_size={saved_pp}")
+    saved_tp = manifest.get("tp_size", 1)  # manifests from before tensor parallelism: tp 1
+    saved = manifest.get("world_size")
+    if saved_tp != tp_size or (saved_tp > 1 and saved is not None and saved != world_size
+                               and manifest.get("format") != UNIVERSAL):
+        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.tp_size={saved_tp} "
+                          f"but this run has {world_size} with parallel.tp_size={tp_size}; {TP_UNIVERSAL_UNSUPPORTED}: "
+                          f"resume with {saved} processes and parallel.tp_size={saved_tp}")
+    if saved_pp > 1 and saved is not None and saved != world_size:
+        raise ConfigError(f"train.resume={resume}: {path} is a pipeline checkpoint written by {saved} ranks but this "
+                          f"run has {world_size}; DeepSpeed's universal conversion does not cover pipeline layer "
+                          f"files, resume with {saved} processes")
+
+
+# Measured with deepspeed 0.19.8 on megakto's AutoTP checkpoints (ZeRO-3, TP2 x DP2 on 4 ranks):
+# ds_to_universal stops while merging a replicated norm weight, so neither another data-parallel
+# size nor another TP degree can be reached through a universal checkpoint.
+TP_UNIVERSAL_UNSUPPORTED = ("another parallel.tp_size, or another number of ranks under tensor parallelism, is not "
+                            "supported (deepspeed 0.19.8's universal conversion fails on megakto's AutoTP checkpoints: "
+                            "\"Rank 0 supplied a shard of 64 elements, but the map describes 0\")")
+
+
+def resume_layout(path: str, world_size: int) -> str:
+    """How DeepSpeed loads the checkpoint ``path`` (past :func:`resolve_resume`) in a run of
+    ``world_size`` ranks: ``same`` (its own files: the ranks that wrote it, or ZeRO stage 0, whose
+    files are per model, not per rank), ``universal`` (it is one, :mod:`megakto.checkpoint.universal`) or ``convert``
+    (ZeRO partitions of another data-parallel size: convert it first)."""
+    manifest = read_manifest(path)
+    if manifest.get("format") == UNIVERSAL:
+        return "universal"
+    zero = any(name.endswith("optim_states.pt") for name in manifest["files"])
+    saved = manifest.get("world_size")
+    return "convert" if zero and saved is not None and saved != world_size else "same"
+
+
+def ranks_moved(path: str, world_size: int) -> bool:
+    """Whether this run's ranks are not the ones that wrote ``path``, so none has a trainer state
+    (RNG states above all) of its own there: a universal layout (converted, or resumed directly, at
+    any size), or another number of ranks (ZeRO stage 0's per-model files load as they are, but
+    ``trainer_state_rank{r}.pt`` exists only for the ranks that saved)."""
+    saved = read_manifest(path).get("world_size")
+    return resume_layout(path, world_size) != "same" or (saved is not None and saved != world_size)
