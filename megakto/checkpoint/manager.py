@@ -40,7 +40,7 @@ class CheckpointManager:
         self.cfg, self.tp, self.pp, self.log = cfg, dims.tp, dims.pp, log
         self.dtype = str(dtype).removeprefix("torch.")
         self.ckpt_dir = checkpoints_dir(cfg.output_dir)
-        with comm.fail_together(group=comm.world_group()):  # its own block: verifying a checkpoint is collective
+        with comm.fail_together(group=comm.world_group()):  # verifying is collective: all ranks pass or fail
             self.resume_dir = resolve_resume(cfg.train.resume, cfg.output_dir, world_size=comm.world_size(),
                                              tp_size=dims.tp, pp_size=dims.pp)
         self.start_step = read_manifest(self.resume_dir)["step"] if self.resume_dir else 0

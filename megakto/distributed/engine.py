@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from megakto.distributed._deepspeed.checkpoint_io import (check_deepspeed_pickles, load_checkpoint, save_checkpoint,
                                                           universal_load_config, unsafe_pickle, weights_only_load)
-from megakto.distributed._deepspeed.convert import to_universal, zero_fp32_shards, zero_fp32_state_dict
+from megakto.distributed._deepspeed.convert import to_universal, zero_fp32_shards
 from megakto.distributed._deepspeed.engines import (build_pipeline_module, build_policy_engine, build_reference_engine,
                                                     disable_dropout, gathered_numel, gathered_state_dict,
                                                     parallel_groups, pipeline_groups, with_moe_leaves,
@@ -47,7 +47,6 @@ __all__ = [
     "load_checkpoint",
     "universal_load_config",
     "to_universal",
-    "zero_fp32_state_dict",
     "zero_fp32_shards",
     "parallel_groups",
     "build_pipeline_module",
