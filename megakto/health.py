@@ -19,7 +19,10 @@ The symptoms (Ethayarajh et al. 2024 and the peers' issue trackers):
 * ``kl_zero``: the KL estimate has been clamped at 0 for the whole run (the policy moved the
   mismatched completions down, so z_ref gives no reference point);
 * ``single_class``: a micro-batch held rows of one class only;
-* ``grad_spike``: the gradient norm jumps far above its recent median.
+* ``grad_spike``: the gradient norm jumps far above its recent median;
+* ``router_collapse``: in a mixture-of-experts policy, one expert of a layer receives nearly every
+  token, step after step (the router has collapsed onto a few experts; its balancing loss,
+  ``kto.router_aux_coef``, is what counters it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-__all__ = ["HealthThresholds", "Finding", "RunSummary", "check_steps", "check_eval", "HealthMonitor"]
+__all__ = ["HealthThresholds", "Finding", "RunSummary", "check_steps", "check_eval", "collapsed_layer", "HealthMonitor"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class HealthThresholds:
     chance_margin: float = 0.05  # held-out reward accuracy within this of 0.5 is chance
     grad_collapse: float = 0.01  # gradient norm below this fraction of its run maximum
     grad_spike: float = 10.0  # gradient norm above this multiple of its window median
+    router_collapse: float = 0.9  # an expert's share of a step's tokens (router/layer{i}/load_max), every step
     every_steps: int = 50  # a symptom is reported at most once per this many steps
 
 
@@ -99,14 +103,32 @@ def _change(values: Sequence[float]) -> float:
     return num / den * (n - 1)
 
 
+def collapsed_layer(recent: Sequence[Mapping[str, float]], threshold: float) -> tuple[str, float, float] | None:
+    """The MoE layer whose busiest expert received at least ``threshold`` of the tokens in every step
+    of ``recent`` while its idlest received less (with top-k = E every expert sees every token: no
+    collapse), as (layer number, last load_max, last load_min), the highest last load_max of them;
+    None when no layer qualifies (or the metrics hold no router loads)."""
+    worst = None
+    for key in recent[-1] if recent else ():
+        if not (key.startswith("router/layer") and key.endswith("/load_max")):
+            continue
+        layer = key.split("/")[1]
+        high, low = _series(recent, key), _series(recent, f"router/{layer}/load_min")
+        if len(high) == len(low) == len(recent) and all(h >= threshold > lo for h, lo in zip(high, low)):
+            if worst is None or high[-1] > worst[1]:
+                worst = (layer.removeprefix("layer"), high[-1], low[-1])
+    return worst
+
+
 def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, step: int,
                 single_class_micro_batches: int = 0, grad_clip: float = 0.0, kl_checks: bool = True,
-                summary: RunSummary | None = None) -> list[Finding]:
+                summary: RunSummary | None = None, router_aux_coef: float = 0.0) -> list[Finding]:
     """Findings from the step metrics so far (``history[-1]`` is step ``step``); ``grad_clip``: the
     run's optim.grad_clip, named in the spike warning; ``kl_checks``: the loss has a KL reference
     point (``kto.loss_type=kto``), so the KL trends mean something. ``summary``: the whole run's
     :class:`RunSummary`, when ``history`` holds only its last ``t.window`` steps (default: made
-    from ``history``)."""
+    from ``history``). ``router_aux_coef``: the run's kto.router_aux_coef, named in the router
+    collapse warning."""
     out: list[Finding] = []
     run = summary or RunSummary.of(history, t.window)
     recent = history[-t.window:]
@@ -161,6 +183,13 @@ def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, 
                 f"the gradient norm jumped to {norms[-1]:.3g}, {norms[-1] / median:.0f}x its median {median:.3g} over "
                 f"the previous {t.window} steps (optim.grad_clip={grad_clip:g} bounds the update); a bad row or too high "
                 "a learning rate; look at this step's rows, or lower optim.lr")))
+    collapsed = collapsed_layer(recent, t.router_collapse) if full else None
+    if collapsed:
+        layer, high, low = collapsed
+        out.append(Finding("router_collapse", (
+            f"router collapse: in MoE layer {layer} the busiest expert received {high:.0%} of the tokens (the idlest "
+            f"{low:.0%}) in each of the last {t.window} steps: the router sends nearly every token to the same "
+            f"experts; raise kto.router_aux_coef (now {router_aux_coef:g}) or lower optim.lr")))
     return out
 
 
@@ -182,9 +211,10 @@ class HealthMonitor:
     """The last ``window`` steps, the run's :class:`RunSummary` (constant memory and time per step,
     however long the run) and when each symptom was last reported."""
 
-    def __init__(self, thresholds: HealthThresholds, *, grad_clip: float = 0.0, kl_checks: bool = True):
+    def __init__(self, thresholds: HealthThresholds, *, grad_clip: float = 0.0, kl_checks: bool = True,
+                 router_aux_coef: float = 0.0):
         self.t = thresholds
-        self.grad_clip, self.kl_checks = grad_clip, kl_checks
+        self.grad_clip, self.kl_checks, self.router_aux_coef = grad_clip, kl_checks, router_aux_coef
         self.history: deque[dict[str, float]] = deque(maxlen=thresholds.window)
         self.summary = RunSummary(thresholds.window)
         self._last: dict[str, int] = {}
@@ -204,6 +234,7 @@ class HealthMonitor:
         self.summary.add(metrics)
         return self._due(check_steps(list(self.history), self.t, step=step, grad_clip=self.grad_clip,
                                      kl_checks=self.kl_checks, summary=self.summary,
+                                     router_aux_coef=self.router_aux_coef,
                                      single_class_micro_batches=single_class_micro_batches), step)
 
     def evaluated(self, eval_history: Sequence[tuple[int, Mapping[str, float]]]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["StepSums", "step_metrics", "reference_point_metrics"]
+__all__ = ["StepSums", "step_metrics", "router_metrics", "reference_point_metrics"]
 
 _KEYS = ("loss", "rows", "rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected",
          "count_chosen", "count_rejected", "target_tokens", "desirable_tokens", "tokens", "nll_chosen", "nll",
@@ -27,17 +27,33 @@ class StepSums:
     def __init__(self):
         self._device: torch.Tensor | None = None
         self._host = {k: 0.0 for k in _HOST_KEYS}
+        self._router: torch.Tensor | None = None  # [aux sum, micro-batches, tokens, counts (L·E)...]
+        self._router_shape: tuple[int, int] = (0, 0)
 
     @property
     def values(self) -> dict[str, float]:
         device = self._device.tolist() if self._device is not None else [0.0] * len(_DEVICE_KEYS)
         both = {**dict(zip(_DEVICE_KEYS, device)), **self._host}
-        return {k: both[k] for k in _KEYS}
+        out = {k: both[k] for k in _KEYS}
+        if self._router is not None:
+            out.update(_router_values(self._router.tolist(), *self._router_shape))
+        return out
 
     def add_micro(self, micro, *, logps, n_tokens, tokens: int) -> None:
-        """:meth:`add` for a runner's :class:`~megakto.runners.base.MicroLoss`."""
+        """:meth:`add` for a runner's :class:`~megakto.runners.base.MicroLoss`, and
+        :meth:`add_router` when it carries the router's balance."""
         self.add(losses=micro.losses, rewards=micro.rewards, logps=logps, desirable=micro.desirable,
                  n_tokens=n_tokens, tokens=tokens, slopes=micro.slopes)
+        if micro.router is not None:
+            self.add_router(micro.router)
+
+    def add_router(self, balance) -> None:
+        """One forward's :class:`~megakto.kto.router_aux.RouterBalance`: its aux loss (summed, with a
+        count of forwards) and its per-layer expert counts with the tokens counted, kept on the device."""
+        vector = torch.cat([torch.stack([balance.loss.detach().double(), torch.ones_like(balance.tokens),
+                                         balance.tokens]), balance.counts.reshape(-1)])
+        self._router = vector if self._router is None else self._router + vector
+        self._router_shape = tuple(balance.counts.shape)
 
     def add(self, *, losses, rewards, logps, desirable: torch.Tensor, n_tokens, tokens: int, slopes=None) -> None:
         d = desirable.float()
@@ -68,6 +84,36 @@ class StepSums:
         self._host["tokens"] += tokens
 
 
+def _router_values(flat: list[float], layers: int, experts: int) -> dict[str, float]:
+    """The router sums as named scalars, the shape they came in: every rank has the same model, so
+    the same keys, and :func:`~megakto.distributed.comm.all_reduce_dict` sums them by name."""
+    out = {"router_aux": flat[0], "router_forwards": flat[1], "router_tokens": flat[2]}
+    for i, count in enumerate(flat[3:]):
+        out[f"router_count/{i // experts:04d}/{i % experts:04d}"] = count
+    return out
+
+
+def router_metrics(s: dict[str, float]) -> dict[str, float]:
+    """The router's metrics from the step's reduced sums (empty without them): ``router/aux_loss``,
+    the mean balancing loss over the step's forwards, and per MoE layer i the share of tokens sent
+    to its least and most used expert, ``router/layer{i}/load_min`` and ``load_max`` (each token
+    goes to k experts, so the shares sum to k and are k / E when balanced; 1 means every token of
+    the step), with ``router/load_min`` and ``router/load_max`` over all layers."""
+    if not s.get("router_forwards"):
+        return {}
+    loads: dict[int, list[float]] = {}
+    for key, count in s.items():
+        if key.startswith("router_count/"):
+            layer = int(key.split("/")[1])
+            loads.setdefault(layer, []).append(count / s["router_tokens"] if s["router_tokens"] else float("nan"))
+    m = {"router/aux_loss": s["router_aux"] / s["router_forwards"]}
+    for layer in sorted(loads):
+        m[f"router/layer{layer}/load_min"], m[f"router/layer{layer}/load_max"] = min(loads[layer]), max(loads[layer])
+    m["router/load_min"] = min(m[f"router/layer{i}/load_min"] for i in loads)
+    m["router/load_max"] = max(m[f"router/layer{i}/load_max"] for i in loads)
+    return m
+
+
 def step_metrics(s: dict[str, float], *, kl: float, elapsed: float, loss_type: str,
                  sft_weight: float) -> dict[str, float]:
     def mean(num: str, den: str) -> float:
@@ -76,6 +122,7 @@ def step_metrics(s: dict[str, float], *, kl: float, elapsed: float, loss_type: s
     m = {"kl": kl, "count/chosen": s["count_chosen"], "count/rejected": s["count_rejected"],
          "count/single_class_micro_batches": s["single_class"],
          "tokens_per_s": s["target_tokens"] / elapsed, "samples_per_s": s["rows"] / elapsed}
+    m.update(router_metrics(s))
     if loss_type == "sft":
         m["loss"] = mean("nll", "target_tokens")  # mean per-token NLL of every completion
         return m

@@ -28,13 +28,15 @@ __all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "lo
 @dataclass
 class RunChecks:
     """What :func:`check_run` established: the mesh, the filled-in DeepSpeed config, the attention
-    implementation and log-prob mode resolved for the model family, and the lines to log about them."""
+    implementation, log-prob mode and router balancing coefficient resolved for the model family,
+    and the lines to log about them."""
 
     dims: ParallelDims
     ds_config: dict
     attn: str
     logps: str
     notes: list[str]
+    router_aux_coef: float = 0.0
 
 
 def offloads_to_host(cfg: Config, deepspeed: str) -> bool:
@@ -91,8 +93,8 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
                 pipeline.check_model(path, dims.pp, key=key, trust_remote_code=trust)
     settings = model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation, logps=cfg.model.logps,
                               trust_remote_code=trust, ref_path=cfg.ref.path, tp=dims.tp, pp=dims.pp,
-                              packing=cfg.data.packing)
-    return RunChecks(dims, ds_config, settings.attn, settings.logps, settings.notes)
+                              packing=cfg.data.packing, router_aux=cfg.kto.router_aux_coef)
+    return RunChecks(dims, ds_config, settings.attn, settings.logps, settings.notes, settings.router_aux_coef)
 
 
 def desirable_weight(cfg: Config, train_rows: TokenizedSplit, log: Callable[[str], None]) -> float:

@@ -23,12 +23,12 @@ from megakto.data.step_plan import StepPlan, StepPlanner
 from megakto.distributed import comm
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import MegaktoError
-from megakto.kto import finalize_kl, kl_partial, kto_loss, nll_share, raw_kl
+from megakto.kto import RouterBalance, finalize_kl, kl_partial, kto_loss, nll_share, raw_kl
 from megakto.metrics import reference_point_metrics, step_metrics
 from megakto.reference.scorers import Reference
 from megakto.runners.base import MicroLoss, StepRunner
 
-__all__ = ["KTOStep", "LossSettings", "StepResult"]
+__all__ = ["KTOStep", "LossSettings", "StepResult", "with_router_aux"]
 
 
 @dataclass
@@ -52,10 +52,31 @@ class LossSettings:
     undesirable_weight: float
     sft_weight: float = 0.0
     kl_scope: str = "step"
+    router_aux_coef: float = 0.0  # the router's balancing loss (megakto/kto/router_aux.py); 0 = off
 
     @classmethod
     def from_config(cls, kto, desirable_weight: float) -> "LossSettings":
-        return cls(kto.loss_type, kto.beta, desirable_weight, kto.undesirable_weight, kto.sft_weight, kto.kl_scope)
+        return cls(kto.loss_type, kto.beta, desirable_weight, kto.undesirable_weight, kto.sft_weight, kto.kl_scope,
+                   kto.router_aux_coef or 0.0)
+
+
+def with_router_aux(micro: MicroLoss, router: RouterBalance | None, coef: float, rows_per_micro: float) -> MicroLoss:
+    """``micro`` with the router's balancing loss added: coef · aux once per micro-batch.
+
+    A micro-batch's loss is a sum over its rows, which the backward scales by 1 / rows per
+    micro-batch (the step's ``scale``); the engine then averages over accumulation steps and
+    data-parallel ranks. Adding coef · aux · rows per micro-batch therefore puts coef · aux into the
+    gradient once per micro-batch, and the step's update follows coef × the mean aux over all of its
+    micro-batches, however they are spread over ranks and accumulation steps: the same weighting
+    transformers' Trainer gives a forward's aux loss under gradient accumulation. (aux is not a sum
+    over rows: its f_e · P_e product is taken over one forward's tokens, so it is not split by row.)
+    """
+    if router is None:
+        if coef:
+            raise MegaktoError(f"kto.router_aux_coef={coef:g}, but this mode's policy pass gave no router logits; "
+                               "set kto.router_aux_coef=0")
+        return micro
+    return micro._replace(loss=micro.loss + coef * rows_per_micro * router.loss.to(micro.loss.dtype), router=router)
 
 
 class KTOStep:
@@ -101,18 +122,22 @@ class KTOStep:
         target_tokens = sum(len(c) for _, c in targets)
         desirable_tokens = sum(len(c) for (_, c), d in zip(targets, rows["label"]) if d)
 
-        def micro_loss(j: int, logps: torch.Tensor) -> MicroLoss:
-            """Micro-batch j's loss, a sum over its rows like eq. (7)'s; ``scale`` makes it a global mean."""
+        def micro_loss(j: int, logps: torch.Tensor, router: RouterBalance | None = None) -> MicroLoss:
+            """Micro-batch j's loss, a sum over its rows like eq. (7)'s; ``scale`` makes it a global mean.
+            ``router``: the balancing loss of this micro-batch's forward (kto.router_aux_coef > 0)."""
             desirable = torch.tensor([rows["label"][i] for i in mine[j]], dtype=torch.bool, device=logps.device)
             if kto.loss_type == "sft":
-                return MicroLoss(nll_share(logps, target_tokens) * len(indices), logps.detach() * 0,
-                                 torch.zeros_like(logps), desirable)
-            out = kto_loss(logps, ref_logps[j], desirable, kls[j], beta=kto.beta, desirable_weight=kto.desirable_weight,
-                           undesirable_weight=kto.undesirable_weight, loss_type=kto.loss_type)
-            loss = out.losses.sum()
-            if kto.sft_weight:
-                loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
-            return MicroLoss(loss, out.losses, out.rewards, desirable, out.slopes)
+                micro = MicroLoss(nll_share(logps, target_tokens) * len(indices), logps.detach() * 0,
+                                  torch.zeros_like(logps), desirable)
+            else:
+                out = kto_loss(logps, ref_logps[j], desirable, kls[j], beta=kto.beta,
+                               desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight,
+                               loss_type=kto.loss_type)
+                loss = out.losses.sum()
+                if kto.sft_weight:
+                    loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
+                micro = MicroLoss(loss, out.losses, out.rewards, desirable, out.slopes)
+            return with_router_aux(micro, router, kto.router_aux_coef, 1 / scale)
 
         outcome = self.runner.train(t_rows, micro_loss, scale=scale, skipped=skipped)
         sums, backwards, poisoned, skipped = outcome.sums, outcome.backwards, outcome.poisoned, outcome.skipped

@@ -92,6 +92,7 @@ class KTOTrainer:
             self.log.info(note)
         cfg.model.attn_implementation = attn  # what both models load, and the reference cache fingerprints
         cfg.model.logps = checked.logps  # auto resolved for the family
+        cfg.kto.router_aux_coef = checked.router_aux_coef  # null resolved from the model config
         # The parallel mode (megakto/runners/) builds the engines and turns off what it does not combine with.
         self.mode = parallel_mode(ModeSetup(cfg, self.dims, self.ds_config, self._model_dtype(), self.log.info))
         self.mode.switch_features()
@@ -135,7 +136,8 @@ class KTOTrainer:
         self.samples = eval_samples(cfg, self.eval_rows, self.tokenizer, evaluating=self.evaluator is not None,
                                     off=self.mode.samples_off(), device=self.device, log=self.log.info)
         self.health = (HealthMonitor(HealthThresholds(**dataclasses.asdict(cfg.health)), grad_clip=cfg.optim.grad_clip,
-                                     kl_checks=self.use_kl) if cfg.train.health_checks else None)
+                                     kl_checks=self.use_kl, router_aux_coef=cfg.kto.router_aux_coef)
+                       if cfg.train.health_checks else None)
         # Once it exists: engine, RNG states and eval history from the checkpoint (step 0: a fresh start).
         self.step, self.eval_history = self.checkpoints.resume(self.policy)
         self.phases.done("resume")

@@ -152,3 +152,36 @@ def test_the_monitor_keeps_constant_memory_and_finds_what_the_whole_history_show
     assert len(monitor.history) == 10 and len(monitor.summary.norms) == 11
     kinds = {f.symptom for step in range(1, 41) for f in check_steps(history[:step], t, step=step)}
     assert {"grad_spike", "saturated", "kl_zero", "rewards_falling"} <= kinds
+
+
+def _routed(h, layer_loads):
+    """``layer_loads``: one (min, max) per MoE layer, the same in every step of ``h``."""
+    for m in h:
+        for i, (low, high) in enumerate(layer_loads):
+            m[f"router/layer{i}/load_min"], m[f"router/layer{i}/load_max"] = low, high
+    return h
+
+
+def test_router_collapse_after_a_window_of_one_expert_taking_nearly_every_token():
+    """health.router_collapse (0.9): in every step of the window one expert of a MoE layer received
+    at least 90% of the step's tokens while another received less. Layer 1 (97%) is named over
+    layer 0 (92%); a layer whose experts all see every token (top-k = E: min = max = 1) is balanced,
+    and one step below the threshold inside the window keeps it silent."""
+    h = _routed(healthy(30), [(0.05, 0.92), (0.0, 0.97), (0.30, 0.70)])
+    found = check_steps(h, T, step=30, router_aux_coef=0.001)
+    assert [f.symptom for f in found] == ["router_collapse"]
+    assert found[0].message == (
+        "router collapse: in MoE layer 1 the busiest expert received 97% of the tokens (the idlest 0%) in each of "
+        "the last 10 steps: the router sends nearly every token to the same experts; raise kto.router_aux_coef "
+        "(now 0.001) or lower optim.lr")
+    assert symptoms(_routed(healthy(30), [(0.3, 0.7), (1.0, 1.0)])) == []
+    h = _routed(healthy(30), [(0.0, 0.97)])
+    h[-4]["router/layer0/load_max"] = 0.85
+    assert symptoms(h) == []
+    assert symptoms(_routed(healthy(9), [(0.0, 0.97)])) == []  # less than a window
+
+
+def test_the_monitor_names_the_runs_router_coefficient():
+    monitor = HealthMonitor(T, router_aux_coef=0.02)
+    lines = [monitor.step(i + 1, m) for i, m in enumerate(_routed(healthy(10), [(0.0, 1.0)]))]
+    assert lines[:9] == [[]] * 9 and len(lines[9]) == 1 and "(now 0.02)" in lines[9][0]

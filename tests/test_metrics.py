@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 
+from megakto.kto import RouterBalance
 from megakto.metrics import StepSums, reference_point_metrics, step_metrics
 
 A = dict(losses=[0.5, 1.0, 0.25], rewards=[0.25, -0.125, 0.5], logps=[-3.0, -5.0, -1.5],
@@ -148,3 +149,31 @@ def test_reference_point_metrics_clamped_and_per_micro_batch():
     # No rows with a reward (all exactly 0, the first step from the reference): no ratio.
     m = reference_point_metrics([-1.0], beta=0.1, mean_abs_reward=0.0, previous_raw=-3.0)
     assert m == {"kl/raw": -1.0, "kl/clamped": 1.0, "kl/z_ref": 0.0, "kl/raw_change": 2.0}
+
+
+def _balance(aux, counts, tokens):
+    return RouterBalance(torch.tensor(aux), torch.tensor(counts, dtype=torch.float64), torch.tensor(float(tokens)))
+
+
+def test_router_sums_reduce_by_name_and_divide_into_loads():
+    """Two forwards of a 2-layer, 3-expert, top-2 router. Rank 0's: aux 2.5, 4 tokens, layer 0 counts
+    (4, 3, 1), layer 1 (2, 2, 4); rank 1's: aux 2.0, 2 tokens, (0, 2, 2) and (2, 1, 1). Summed: aux
+    4.5 over 2 forwards (router/aux_loss 2.25), 6 tokens, counts (4, 5, 3) and (4, 3, 5): loads
+    (4/6, 5/6, 3/6) and (4/6, 3/6, 5/6), so each layer's min 0.5 and max 5/6 (shares of the tokens,
+    summing to k = 2). A mean of the ranks' own loads would give layer 0 min (1/4 + 0) / 2 instead."""
+    first, second = StepSums(), StepSums()
+    first.add(**_tensors(A))
+    first.add_router(_balance(2.5, [[4, 3, 1], [2, 2, 4]], 4))
+    second.add(**_tensors(B))
+    second.add_router(_balance(2.0, [[0, 2, 2], [2, 1, 1]], 2))
+    rank0, rank1 = first.values, second.values
+    assert sorted(rank0) == sorted(rank1)  # the same names on every rank: all_reduce_dict sums them by name
+    combined = {k: rank0[k] + rank1[k] for k in rank0}
+    m = step_metrics(combined, kl=0.0, elapsed=1.0, loss_type="kto", sft_weight=0.0)
+    assert m["router/aux_loss"] == 2.25
+    assert (m["router/layer0/load_min"], m["router/layer0/load_max"]) == (0.5, 5 / 6)
+    assert (m["router/layer1/load_min"], m["router/layer1/load_max"]) == (0.5, 5 / 6)
+    assert (m["router/load_min"], m["router/load_max"]) == (0.5, 5 / 6)
+    assert m["loss"] == step_metrics(sums(A, B), kl=0.0, elapsed=1.0, loss_type="kto", sft_weight=0.0)["loss"]
+    assert not any(k.startswith("router") for k in step_metrics(sums(A, B), kl=0.0, elapsed=1.0, loss_type="kto",
+                                                                 sft_weight=0.0))

@@ -21,6 +21,7 @@ from megakto.data.split import TokenizedSplit
 from megakto.data.step_plan import StepPlanner
 from megakto.distributed import comm
 from megakto.distributed.parallel import ParallelDims
+from megakto.errors import MegaktoError
 from megakto.step import KTOStep, LossSettings
 from tests._step_fakes import FakeReference, FakeRunner
 
@@ -48,9 +49,10 @@ def _table(**planted) -> torch.Tensor:
     return w
 
 
-def _step(policy, reference, *, micro=2, kl_scope="step", loss_type="kto", lr=1.0):
+def _step(policy, reference, *, micro=2, kl_scope="step", loss_type="kto", lr=1.0, router=None, router_aux_coef=0.0):
     """A KTOStep on the four rows: global batch 4 on one data-parallel rank, ``micro`` rows per
-    micro-batch (grad accumulation 4 // micro)."""
+    micro-batch (grad accumulation 4 // micro); ``router``: the policy's router table (a
+    one-layer mixture of experts, top-1), weighted by ``router_aux_coef``."""
     ds = Dataset.from_dict({"prompt_ids": [p for p, _ in PAIRS], "completion_ids": [c for _, c in PAIRS],
                             "label": LABELS, "prompt_key": [0, 1, 2, 3]})
     dims = ParallelDims(world_size=1, global_batch_size=4, micro_batch_size=micro).with_groups(dp=DP, tp=None, pp=None)
@@ -58,9 +60,10 @@ def _step(policy, reference, *, micro=2, kl_scope="step", loss_type="kto", lr=1.
     planner = StepPlanner(TokenizedSplit(ds), dims.num_micro_batches, dims.grad_accum, use_kl=use_kl,
                           kl_partner=PARTNERS if use_kl else None, seed=0, max_length=16, max_prompt_length=8)
     batcher = Batcher(pad_id=0, packing=True, max_tokens_per_row=16)
-    runner = FakeRunner(policy, batcher=batcher, lr=lr, dp_group=dims.dp_group)
+    runner = FakeRunner(policy, batcher=batcher, lr=lr, dp_group=dims.dp_group, router=router)
     reference = FakeReference(reference, batcher=batcher) if loss_type != "sft" else None
-    loss = LossSettings(loss_type, beta=1.0, desirable_weight=2.0, undesirable_weight=1.0, kl_scope=kl_scope)
+    loss = LossSettings(loss_type, beta=1.0, desirable_weight=2.0, undesirable_weight=1.0, kl_scope=kl_scope,
+                        router_aux_coef=router_aux_coef)
     return KTOStep(planner=planner, runner=runner, reference=reference, dims=dims, loss=loss, device="cpu"), runner
 
 
@@ -172,3 +175,58 @@ def test_sft_is_the_mean_token_nll_without_a_reference():
     assert m["loss"] == pytest.approx(2.5, rel=1e-6) and m["kl"] == 0.0
     assert runner.scored == []  # no KL rows to score
     torch.testing.assert_close(runner.grad, _table(w10=-0.25, w11=-0.25, w12=-0.25, w13=-0.25))
+
+
+def _router(**to_expert_1) -> torch.Tensor:
+    """Two experts; every token's router logits are (ln 3, 0): probabilities (3/4, 1/4), top-1 expert
+    0; tokens named ``t11=True`` get (0, ln 3): (1/4, 3/4), expert 1."""
+    table = torch.tensor([[math.log(3.0), 0.0]]).repeat(VOCAB, 1)
+    for name in to_expert_1:
+        table[int(name[1:])] = torch.tensor([0.0, math.log(3.0)])
+    return table
+
+
+@pytest.mark.parametrize("micro", [2, 4], ids=["ga2", "ga1"])
+def test_router_balancing_loss_joins_the_loss_once_per_micro_batch(micro):
+    """A one-layer MoE policy (2 experts, top-1), kto.router_aux_coef 0.1, policy = reference (every
+    row's KTO loss λ σ(0): 1, 0.5, 1, 0.5). Tokens 11 and 13 (the undesirable completions) route to
+    expert 1, the six others to expert 0. One micro-batch of all 4 rows, or two of rows {0, 1} and
+    {2, 3}: each forward has f = (3/4, 1/4), P = (5/8, 3/8), aux = 2 (3/4 · 5/8 + 1/4 · 3/8) = 1.125.
+    Each micro-batch's loss adds 0.1 · 1.125 · its rows: 3 + 0.45 = 3.45 (one micro-batch) or
+    1.5 + 0.225 = 1.725 (each of two). The router gradient is the same either way: per token
+    0.1 · (1/M) · (2 / T_m) · (f_0 p_0 p_1 − f_1 p_1 p_0) = 0.1 · (2/8) · 0.09375 = 2.34375e-3 on the
+    logit of expert 0 and its negative on expert 1, for M micro-batches of T_m = 8/M tokens each.
+    The policy's own gradient and the logged KTO loss are those without the router."""
+    w = torch.arange(VOCAB, dtype=torch.float32) * -0.1
+    step, runner = _step(w, w, micro=micro, router=_router(t11=True, t13=True), router_aux_coef=0.1)
+    m = step(list(range(4)), 0).metrics
+    assert runner.losses == pytest.approx([3.45] if micro == 4 else [1.725, 1.725], abs=1e-6)
+    assert m["loss"] == pytest.approx(0.75, rel=1e-6)
+    assert m["router/aux_loss"] == pytest.approx(1.125, abs=1e-6)
+    assert (m["router/layer0/load_min"], m["router/layer0/load_max"]) == (0.25, 0.75)
+    assert (m["router/load_min"], m["router/load_max"]) == (0.25, 0.75)
+    used = [1, 2, 3, 4, 10, 11, 12, 13]
+    want = torch.zeros(VOCAB, 2)
+    want[used] = torch.tensor([2.34375e-3, -2.34375e-3])
+    torch.testing.assert_close(runner.router_grad, want, rtol=0, atol=1e-8)
+    torch.testing.assert_close(runner.grad, _table(w10=-0.125, w11=0.0625, w12=-0.125, w13=0.0625))
+
+
+def test_router_balancing_loss_is_the_mean_over_the_steps_forwards():
+    """One row per micro-batch (4 forwards of 2 tokens): rows 0 and 2 send both tokens to expert 0
+    (f = (1, 0), P = (3/4, 1/4): aux = 2 · 3/4 = 1.5), rows 1 and 3 one to each (f = (1/2, 1/2),
+    P = (1/2, 1/2): aux = 1). router/aux_loss is their mean, 1.25; the loads pool the step's tokens."""
+    w = torch.zeros(VOCAB)
+    step, _ = _step(w, w, micro=1, router=_router(t11=True, t13=True), router_aux_coef=0.1)
+    m = step(list(range(4)), 0).metrics
+    assert m["router/aux_loss"] == pytest.approx(1.25, abs=1e-6)
+    assert (m["router/load_min"], m["router/load_max"]) == (0.25, 0.75)
+
+
+def test_a_router_coefficient_without_router_logits_is_refused():
+    w = torch.zeros(VOCAB)
+    step, _ = _step(w, w, router_aux_coef=0.1)  # a dense fake: its policy pass gives no router logits
+    with pytest.raises(MegaktoError) as info:
+        step(list(range(4)), 0)
+    assert str(info.value) == ("kto.router_aux_coef=0.1, but this mode's policy pass gave no router logits; set "
+                               "kto.router_aux_coef=0")

@@ -137,6 +137,13 @@ class KTOConfig:
     sft_weight: float = _opt(
         0.0, "Weight of an added negative log-likelihood term on desirable completions; 0 = off."
     )
+    router_aux_coef: Optional[float] = _opt(
+        None, "Mixture-of-experts policies: weight of the router's load-balancing loss (Switch "
+        "Transformer's, as transformers computes it) over the target rows' tokens, added to the "
+        "policy's loss once per micro-batch; logged as router/aux_loss with the experts' loads. "
+        "null = the model config's router_aux_loss_coef (0 for dense models); 0 = off (router logits "
+        "are not even requested). A non-zero value on a dense model is an error."
+    )
     allow_single_class: bool = _opt(
         False, "Allow data with only desirable or only undesirable rows (normally an error)."
     )
@@ -170,7 +177,8 @@ class TrainConfig:
     health_checks: bool = _opt(
         True, "Warn (log line and TensorBoard text 'health') when the step metrics show a failing run: "
         "both rewards falling, KL rising, margin flat, saturated sigmoids, KL clamped at 0, one-class "
-        "micro-batches, gradient spikes, held-out accuracy at chance; thresholds in the health section."
+        "micro-batches, gradient spikes, held-out accuracy at chance, a collapsed MoE router; thresholds in "
+        "the health section."
     )
     eval_samples: int = _opt(
         3, "At each evaluation, greedy completions of this many fixed held-out prompts from the policy "
@@ -252,6 +260,11 @@ class HealthConfig:
         "while the loss stops moving (saturated sigmoids)."
     )
     grad_spike: float = _opt(10.0, "Warn when the gradient norm exceeds this multiple of its window median.")
+    router_collapse: float = _opt(
+        0.9, "Mixture-of-experts policies: warn when, in every step of the window, one expert of a MoE layer "
+        "received at least this share of the step's tokens (router/layer{i}/load_max; balanced is top-k / "
+        "experts) while another received less (the router collapsing onto a few experts)."
+    )
     every_steps: int = _opt(50, "Report each symptom at most once per this many steps.")
 
 

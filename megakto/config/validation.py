@@ -54,6 +54,7 @@ def validate(cfg: Config) -> None:
         "train.max_skipped_steps": cfg.train.max_skipped_steps,  # 0 = never stop
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "kto.sft_weight": cfg.kto.sft_weight,
+        "kto.router_aux_coef": cfg.kto.router_aux_coef or 0.0,  # null: the model config's
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
@@ -66,6 +67,8 @@ def validate(cfg: Config) -> None:
     }
     for key, v in non_negative.items():
         _check(v >= 0, f"{key} must be >= 0, got {v}")
+    _check(0.0 < cfg.health.router_collapse <= 1.0,
+           f"health.router_collapse must be in (0, 1], got {cfg.health.router_collapse}")
     _check(0.0 <= cfg.optim.min_lr_ratio <= 1.0,
            f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     betas = cfg.optim.betas

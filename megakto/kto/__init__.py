@@ -7,6 +7,7 @@ the trainer's job (see :mod:`megakto.kto.kl`).
 from megakto.kto.kl import finalize_kl, kl_partial, raw_kl
 from megakto.kto.logps import sequence_logps
 from megakto.kto.loss import KTOLossOutput, kto_loss
+from megakto.kto.router_aux import RouterBalance, load_balancing_loss
 from megakto.kto.sft import nll_share
 from megakto.kto.weights import auto_desirable_weight, check_weights
 
@@ -18,6 +19,8 @@ __all__ = [
     "finalize_kl",
     "sequence_logps",
     "nll_share",
+    "RouterBalance",
+    "load_balancing_loss",
     "check_weights",
     "auto_desirable_weight",
 ]

@@ -16,17 +16,22 @@ Three properties decide which of megakto's modes a family runs in:
 * **Routed experts** (Mixtral, Qwen2/3-MoE, Qwen3.5-MoE, Qwen3-Next, OLMoE, ...): ZeRO-3 prefetches
   parameters in the order modules ran before, which routing changes from batch to batch; the MoE
   block is made a ZeRO-3 *leaf* (all its experts gathered on entry) by :func:`moe_block_classes`.
+  Their routers' balancing loss (``kto.router_aux_coef``, :mod:`megakto.kto.router_aux`) needs the
+  router logits, which a model reports through transformers' ``output_router_logits``, and the
+  top-k (``num_experts_per_tok``): :func:`router_aux_coef` resolves the coefficient against them.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 
 from megakto.errors import ConfigError
 
-__all__ = ["FamilyModes", "logit_transform", "sequence_mixers", "moe_block_classes", "resolve_family_modes"]
+__all__ = ["FamilyModes", "logit_transform", "sequence_mixers", "moe_block_classes", "router_top_k", "router_aux_coef",
+           "router_aux_note", "resolve_family_modes"]
 
 # Config fields of models that change the logits after the output head, with their neutral value.
 _LOGIT_TRANSFORMS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
@@ -68,6 +73,43 @@ def moe_block_classes(model: torch.nn.Module) -> list[type]:
         if isinstance(experts, torch.nn.Module) and type(module) not in found:
             found.append(type(module))
     return found
+
+
+def router_top_k(model) -> int | None:
+    """The experts each token is routed to (``num_experts_per_tok``), None when the model does not say."""
+    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None)
+    return top_k if isinstance(top_k, int) and top_k > 0 else None
+
+
+def router_aux_coef(model, setting: float | None, *, key: str, path: str) -> float:
+    """``kto.router_aux_coef`` for ``model`` (built on the meta device): ``setting``, or when None the
+    model config's ``router_aux_loss_coef`` (0 for a model without one, e.g. a dense model). Raises
+    a one-line ConfigError for a non-zero coefficient the model cannot run: no routed experts, or
+    no router logits reported (transformers' ``output_router_logits``) or no top-k to count with."""
+    name = type(model).__name__
+    if not moe_block_classes(model):
+        if setting:
+            raise ConfigError(f"kto.router_aux_coef={setting:g} is the balancing loss of a mixture-of-experts "
+                              f"router, but {name} ({key}={path}) has no routed experts; remove it or set 0")
+        return 0.0
+    coef = setting if setting is not None else getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
+    coef = float(coef or 0.0)
+    reports = "output_router_logits" in inspect.signature(type(model).forward).parameters
+    if coef and not (reports and router_top_k(model)):
+        source = "" if setting is not None else " (its config's router_aux_loss_coef)"
+        raise ConfigError(f"kto.router_aux_coef={coef:g}{source}: {name} ({key}={path}) does not report its router "
+                          "logits and top-k (transformers' output_router_logits, num_experts_per_tok) to compute "
+                          "the balancing loss from; set kto.router_aux_coef=0")
+    return coef
+
+
+def router_aux_note(model, coef: float, setting: float | None) -> str | None:
+    """The start-up line about the balancing loss :func:`router_aux_coef` resolved (None when off)."""
+    if not coef:
+        return None
+    source = " (the model config's router_aux_loss_coef)" if setting is None else ""
+    return (f"router balancing loss: kto.router_aux_coef={coef:g}{source}, top-{router_top_k(model)} routing, "
+            "over the target rows' tokens")
 
 
 def resolve_family_modes(model, *, key: str, path: str, logps: str, tp: int, pp: int, packing: bool) -> FamilyModes:

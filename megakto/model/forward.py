@@ -36,7 +36,8 @@ from megakto.kto.chunked_logps import Reducer, token_logps
 from megakto.kto.logps import sequence_logps
 from megakto.kto.segment_logps import segment_logps
 from megakto.model.lm_head import check_head_output, output_head, replaced_output_head
-from megakto.model.packed import check_rows, for_attention, packed_forward_logps, uses_flash
+from megakto.model.packed import (check_rows, for_attention, keep_router_logits, packed_forward_logps, router_request,
+                                  uses_flash)
 from megakto.model.vocab_blocks import BlockedHead, blocked_token_logps
 
 __all__ = ["packed_completion_logps", "completion_logps", "logps_function", "chunk_tokens_for",
@@ -88,18 +89,21 @@ def _vocab_shard(model, head: torch.nn.Module, reducers: VocabReducers):
 
 
 def packed_completion_logps(model, batch: PackedBatch, *, attn: str, mode: str = "chunked",
-                            chunk_tokens: int | None = None,
-                            reducers: VocabReducers = (None, None)) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk_tokens: int | None = None, reducers: VocabReducers = (None, None),
+                            router_logits: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) summed completion log-probs (fp32) and (S,) completion token counts, segment order.
 
     ``model`` is an HF causal LM or a DeepSpeed engine wrapping one (called as given, so the
     engine's hooks run). ``attn``: its attention implementation (the run's resolved
     ``model.attn_implementation``), which decides the rows' layout (:func:`for_attention`).
     ``reducers``: ``(reduce_max, reduce_sum)`` over the tensor-parallel group a vocabulary-parallel
-    head is split across (``(None, None)`` without tensor parallelism).
+    head is split across (``(None, None)`` without tensor parallelism). ``router_logits``: a list
+    to receive a mixture-of-experts model's router logits, one (tokens, experts) tensor per MoE
+    layer (transformers' ``output_router_logits``; :mod:`megakto.model.router`); None (the default)
+    asks the model for nothing more than before.
     """
     if mode == "full":
-        return packed_forward_logps(model, batch, segment_logps, attn=attn)
+        return packed_forward_logps(model, batch, segment_logps, attn=attn, router_logits=router_logits)
     if mode != "chunked":
         raise ValueError(f"unknown log-prob mode {mode!r}; expected chunked or full")
     batch = for_attention(batch, attn)
@@ -124,7 +128,8 @@ def packed_completion_logps(model, batch: PackedBatch, *, attn: str, mode: str =
     check_rows(attn, batch.input_ids)
     with replaced_output_head(head, head_fn) as state:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                    use_cache=False)
+                    use_cache=False, **router_request(router_logits))
+    keep_router_logits(out, router_logits)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return check_head_output(model, logits, state, n), n_tokens
 

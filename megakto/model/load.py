@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megakto.errors import ConfigError, ModelError
-from megakto.model.families import resolve_family_modes
+from megakto.model.families import resolve_family_modes, router_aux_coef, router_aux_note
 from megakto.model.tp_checks import check_tp_config
 
 __all__ = ["ModelSettings", "check_model_path", "model_settings", "check_model_settings", "attn_choices", "load_tokenizer",
@@ -141,22 +141,26 @@ class ModelSettings(NamedTuple):
     attn: str
     logps: str
     notes: list[str]
+    router_aux_coef: float = 0.0  # kto.router_aux_coef resolved for the policy (0: no balancing loss)
 
 
 def model_settings(path: str, *, attn_implementation: str, logps: str, trust_remote_code: bool,
-                   ref_path: str | None = None, tp: int = 1, pp: int = 1, packing: bool = True) -> ModelSettings:
+                   ref_path: str | None = None, tp: int = 1, pp: int = 1, packing: bool = True,
+                   router_aux: float | None = 0.0) -> ModelSettings:
     """The attention implementation and log-prob mode to load the policy (and the reference at
     ``ref_path``) with, checked against each model's family (:mod:`megakto.model.families`).
 
     ``auto`` attention is what transformers picks for the model; when policy and reference resolve
     differently, eager, which every model runs. ``auto`` log-probs are chunked unless the family
-    changes its logits after the head. Raises a one-line ConfigError for a choice, or a parallel
-    mode or packing, that a model cannot run. No weights are read.
+    changes its logits after the head. ``router_aux``: ``kto.router_aux_coef``, resolved for the
+    policy (None = its config's ``router_aux_loss_coef``; :func:`~megakto.model.families.router_aux_coef`).
+    Raises a one-line ConfigError for a choice, or a parallel mode or packing, that a model cannot
+    run. No weights are read.
     """
     paths = [("model.path", path)]
     if ref_path and ref_path != path:
         paths.append(("ref.path", ref_path))
-    picked, modes, notes = [], [], []
+    picked, modes, notes, coef = [], [], [], 0.0
     for key, p in paths:
         try:
             config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
@@ -168,9 +172,12 @@ def model_settings(path: str, *, attn_implementation: str, logps: str, trust_rem
         picked.append(str(model.config._attn_implementation))
         modes.append(family.logps)
         notes += [n for n in family.notes if n not in notes]
+        if key == "model.path":  # the balancing loss is the policy's
+            coef = router_aux_coef(model, router_aux, key=key, path=p)
+            notes += [n for n in [router_aux_note(model, coef, router_aux)] if n]
     attn = "eager" if attn_implementation == "auto" and len(set(picked)) > 1 else picked[0]
     # Both models are scored by one log-prob function: full serves every head, chunked only some.
-    return ModelSettings(attn, "full" if "full" in modes else modes[0], notes)
+    return ModelSettings(attn, "full" if "full" in modes else modes[0], notes, coef)
 
 
 def check_model_settings(path: str, *, attn_implementation: str, logps: str, trust_remote_code: bool,

@@ -34,8 +34,8 @@ from megakto.data.packing import PackedBatch
 from megakto.errors import ModelError
 from megakto.kto.segment_logps import segment_logps
 
-__all__ = ["SegmentLogpsFn", "uses_flash", "for_attention", "check_rows", "packed_attention_mask",
-           "packed_forward_logps"]
+__all__ = ["SegmentLogpsFn", "uses_flash", "for_attention", "check_rows", "packed_attention_mask", "router_request",
+           "keep_router_logits", "packed_forward_logps"]
 
 SegmentLogpsFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]
@@ -80,6 +80,20 @@ def check_rows(attn: str, input_ids: torch.Tensor) -> None:
                          f"but {input_ids.shape[0]} rows reached the model; run them through for_attention()")
 
 
+def router_request(router_logits: list | None) -> dict:
+    """The forward's extra arguments when the caller wants the router logits (``router_logits`` a
+    list): transformers' ``output_router_logits``. transformers then also computes its own balancing
+    loss over every token of the forward (no mask: padding included, a 4-D mask would not fit it);
+    megakto discards it and computes its own over the rows' tokens (:mod:`megakto.model.router`)."""
+    return {} if router_logits is None else {"output_router_logits": True}
+
+
+def keep_router_logits(out, router_logits: list | None) -> None:
+    """Append the forward output's router logits (one tensor per MoE layer) to ``router_logits``."""
+    if router_logits is not None:
+        router_logits.extend(getattr(out, "router_logits", None) or ())
+
+
 def packed_forward_logps(
     model,
     packed: PackedBatch,
@@ -88,6 +102,7 @@ def packed_forward_logps(
     attn: str,
     attention: str = "auto",
     flatten: bool | None = None,
+    router_logits: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) summed completion log-probs and (S,) token counts, segment i = ``pack()``'s rows[i].
 
@@ -95,7 +110,8 @@ def packed_forward_logps(
     ``model.attn_implementation``). ``attention``: "auto" lets transformers derive the
     block-diagonal mask from ``position_ids``; "mask" passes :func:`packed_attention_mask`
     explicitly. ``flatten`` runs the rows as one (1, R*L) row; None means "for flash-attention
-    kernels", which need it.
+    kernels", which need it. ``router_logits``: a list to receive the router logits of a
+    mixture-of-experts model, one tensor per MoE layer (:func:`router_request`).
     """
     input_ids, position_ids = packed.input_ids, packed.position_ids
     completion_mask, segment_ids = packed.completion_mask, packed.segment_ids
@@ -111,11 +127,16 @@ def packed_forward_logps(
     elif attention == "mask":
         if attn not in ("sdpa", "eager"):
             raise ValueError(f"attention='mask' supports attn_implementation sdpa or eager, not {attn!r}")
+        if router_logits is not None:  # transformers' own balancing loss reads the mask as 2-D
+            raise ValueError("router logits need attention='auto': with them transformers computes its balancing "
+                             "loss from the attention mask, which fails on a 4-D mask")
         # Eager adds the mask to the scores, so it must be additive; sdpa takes bool.
         dtype = next(model.get_input_embeddings().parameters()).dtype if attn == "eager" else None
         mask = packed_attention_mask(segment_ids, dtype)
     else:
         raise ValueError(f"attention must be 'auto' or 'mask'; got {attention!r}")
     check_rows(attn, input_ids)
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
+                **router_request(router_logits))
+    keep_router_logits(out, router_logits)
     return logps_fn(out.logits, input_ids, completion_mask, segment_ids, packed.num_segments)

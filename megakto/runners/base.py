@@ -16,6 +16,7 @@ import torch
 from megakto.config import Config
 from megakto.data.batcher import Batcher
 from megakto.distributed.parallel import ParallelDims
+from megakto.kto.router_aux import RouterBalance
 from megakto.metrics import StepSums
 
 __all__ = ["Pairs", "MicroLoss", "LossFn", "EngineOutcome", "EngineWatch", "TrainOutcome", "StepRunner", "ModeSetup",
@@ -36,17 +37,21 @@ def model_of(engine) -> torch.nn.Module:
 class MicroLoss(NamedTuple):
     """One micro-batch's loss as the trainer defines it: ``loss`` (a sum over its rows, to be
     back-propagated), the per-row ``losses``, ``rewards`` and sigmoid ``slopes`` (detached, for
-    metrics; no slopes for SFT), and which rows are desirable."""
+    metrics; no slopes for SFT), which rows are desirable, and the router's balancing loss and
+    expert loads when ``loss`` includes them."""
 
     loss: torch.Tensor
     losses: torch.Tensor
     rewards: torch.Tensor
     desirable: torch.Tensor
     slopes: torch.Tensor | None = None
+    router: RouterBalance | None = None
 
 
-# (micro-batch position in this rank's list, its policy log-probs (S,)) -> MicroLoss
-LossFn = Callable[[int, torch.Tensor], MicroLoss]
+# (micro-batch position in this rank's list, its policy log-probs (S,)[, the router's balance of its
+# forward]) -> MicroLoss. A runner passes the third argument when it asked the forward for router
+# logits (kto.router_aux_coef > 0), and only then.
+LossFn = Callable[..., MicroLoss]
 
 
 @dataclass(frozen=True)

@@ -14,22 +14,28 @@ from megakto.data.batcher import Batcher
 from megakto.distributed import comm, engine as ds_engine
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import MegaktoError
+from megakto.model.families import router_top_k
 from megakto.model.lora import apply_lora
 from megakto.model.packing_check import startup_packing_check
+from megakto.model.router import micro_batch_balance
 from megakto.model.tp_checks import check_vocab_parallel_head
 from megakto.model.vocab_blocks import vocab_layout
 from megakto.reference.build import online_reference
-from megakto.runners.base import SAMPLES_OFF, EngineWatch, LossFn, ModeSetup, Pairs, TrainOutcome
+from megakto.runners.base import SAMPLES_OFF, EngineWatch, LossFn, ModeSetup, Pairs, TrainOutcome, model_of
 
 __all__ = ["ZeroMode", "ZeroRunner"]
 
 
 class ZeroRunner:
-    def __init__(self, engine, *, batcher: Batcher, logps_fn: Callable, dp_group: comm.ProcessGroup):
+    def __init__(self, engine, *, batcher: Batcher, logps_fn: Callable, dp_group: comm.ProcessGroup,
+                 router_top_k: int | None = None):
         self.engine = engine
         self._batch = batcher  # pairs -> PackedBatch on the device
         self._logps = logps_fn  # (model, PackedBatch) -> (logps, n_tokens)
         self.dp_group = dp_group  # tensor-parallel peers hold the same rows: count each once
+        # kto.router_aux_coef > 0: the policy's top-k, and each training forward returns its router
+        # logits for the balancing loss; None: the forwards ask for nothing more.
+        self.router_top_k = router_top_k
 
     @torch.no_grad()
     def score(self, batches: list[Pairs]) -> list[torch.Tensor]:
@@ -41,8 +47,7 @@ class ZeroRunner:
             if out.skipped is not None and not out.poisoned:
                 break  # nothing accumulated yet: the step is skipped without a backward
             batch = self._batch(pairs)
-            logps, n_tokens = self._logps(self.engine, batch)
-            micro = loss_fn(i, logps)
+            micro, logps, n_tokens = self._forward(i, batch, loss_fn)
             loss = micro.loss
             # One flag over the world, so that every rank of every group skips alike.
             if not out.poisoned and comm.any_rank(not bool(torch.isfinite(loss.detach())),
@@ -62,6 +67,16 @@ class ZeroRunner:
             out.sums.add_micro(micro, logps=logps, n_tokens=n_tokens, tokens=batch.num_tokens)
         out.engine = watch.outcome(out.backwards)
         return out
+
+    def _forward(self, i: int, batch, loss_fn: LossFn):
+        """Micro-batch i's forward and loss: (MicroLoss, logps, n_tokens); with the router's balance
+        of this very forward when the balancing loss is on."""
+        if not self.router_top_k:
+            logps, n_tokens = self._logps(self.engine, batch)
+            return loss_fn(i, logps), logps, n_tokens
+        router_logits = []
+        logps, n_tokens = self._logps(self.engine, batch, router_logits=router_logits)
+        return loss_fn(i, logps, micro_batch_balance(router_logits, batch, self.router_top_k)), logps, n_tokens
 
     def reduce_sums(self, values: dict[str, float]) -> dict[str, float]:
         return comm.all_reduce_dict(values, group=self.dp_group)
@@ -133,7 +148,8 @@ class ZeroMode:
         return dims
 
     def runner(self, policy, dims: ParallelDims, *, batcher: Batcher, logps_fn: Callable) -> ZeroRunner:
-        return ZeroRunner(policy, batcher=batcher, logps_fn=logps_fn, dp_group=dims.dp_group)
+        top_k = router_top_k(model_of(policy)) if self.cfg.kto.router_aux_coef else None
+        return ZeroRunner(policy, batcher=batcher, logps_fn=logps_fn, dp_group=dims.dp_group, router_top_k=top_k)
 
     def check_packing(self, policy, logps_fn: Callable, tokenizer, *, device) -> None:
         startup_packing_check(policy, logps_fn, self.cfg, self.dims.pp, tokenizer, dtype=self.dtype, device=device,

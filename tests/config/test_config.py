@@ -185,7 +185,7 @@ def test_config_help_lists_every_key_with_type_and_default():
     text = config_help()
     lines = text.splitlines()
     keys = list(_leaves(config_to_dict(Config())))
-    assert len(lines) == len(keys) == 71  # 2 top-level + 16+8+7+12+8+4+2+3+8+1 per section
+    assert len(lines) == len(keys) == 73  # 2 top-level + 16+8+8+12+8+4+2+3+9+1 per section
     for line, key in zip(lines, keys):
         assert line.startswith(key + ": ")
     assert "train.max_steps: int = 100 " in text
@@ -319,6 +319,8 @@ def test_yaml_file_errors(tmp_path):
         (REQUIRED + ["train.eval_every=-2"], "train.eval_every must be >= 0, got -2"),
         (REQUIRED + ["train.max_skipped_steps=-1"], "train.max_skipped_steps must be >= 0, got -1"),
         (REQUIRED + ["checkpoint.keep_last=0"], "checkpoint.keep_last must be > 0, got 0"),
+        (REQUIRED + ["kto.router_aux_coef=-0.01"], "kto.router_aux_coef must be >= 0, got -0.01"),
+        (REQUIRED + ["health.router_collapse=0"], "health.router_collapse must be in (0, 1], got 0.0"),
         (REQUIRED + ["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio must be in [0, 1], got 1.5"),
         (REQUIRED + ["optim.betas=0.9"], "optim.betas must be two numbers in [0, 1), got [0.9]"),
         (REQUIRED + ["data.max_length=256", "data.max_prompt_length=256"],

@@ -89,3 +89,24 @@ def test_moe_block_classes():
         dense = AutoModelForCausalLM.from_config(family_config("qwen3", **SHAPE))
     assert [c.__name__ for c in moe_block_classes(moe)] == ["Qwen3MoeSparseMoeBlock"]
     assert moe_block_classes(dense) == []
+
+
+def test_router_aux_coef_defaults_to_the_model_config_and_is_refused_on_dense_models(tmp_path):
+    """kto.router_aux_coef: null takes the MoE config's router_aux_loss_coef (Qwen3-MoE: 0.001) and
+    logs it; 0 turns it off; a dense model resolves null to 0 and refuses a non-zero value."""
+    moe, dense = _folder(tmp_path, "qwen3_moe"), _folder(tmp_path, "llama")
+    got = _settings(moe, router_aux=None)
+    assert got.router_aux_coef == 0.001
+    assert got.notes == ["router balancing loss: kto.router_aux_coef=0.001 (the model config's router_aux_loss_coef), "
+                         "top-2 routing, over the target rows' tokens"]
+    assert _settings(moe, router_aux=0.05).router_aux_coef == 0.05
+    assert _settings(moe, router_aux=0.05).notes == ["router balancing loss: kto.router_aux_coef=0.05, top-2 routing, "
+                                                     "over the target rows' tokens"]
+    assert (_settings(moe, router_aux=0.0).router_aux_coef, _settings(moe, router_aux=0.0).notes) == (0.0, [])
+    assert _settings(dense, router_aux=None).router_aux_coef == 0.0
+    with pytest.raises(ConfigError) as info:
+        _settings(dense, router_aux=0.01)
+    assert str(info.value) == (f"kto.router_aux_coef=0.01 is the balancing loss of a mixture-of-experts router, but "
+                               f"LlamaForCausalLM (model.path={dense}) has no routed experts; remove it or set 0")
+    # The reference's family plays no part: a dense policy beside a MoE reference stays at 0.
+    assert _settings(dense, ref_path=moe, router_aux=None).router_aux_coef == 0.0
