@@ -72,6 +72,7 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
     attention and log-prob settings and the model family against the parallel mode and packing,
     with the model built on the meta device. Raises the run's one-line errors."""
     from megakto.model.load import check_model_path, model_settings
+    from megakto.model.sp_checks import sp_attention
 
     check_output_dir(cfg.output_dir)
     dims = ParallelDims.from_config(cfg, world_size, rank=rank)
@@ -84,14 +85,15 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
     ds_config = build_ds_config(ds_json, cfg, dims, bf16=bf16, on_gpu=on_gpu, hidden_size=hidden, source=deepspeed)
     for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
         if path:
-            check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp)
+            check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp, sp=dims.sp)
             if dims.pp > 1:
                 from megakto.runners import pipeline
 
                 pipeline.check_model(path, dims.pp, key=key, trust_remote_code=trust)
-    settings = model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation, logps=cfg.model.logps,
+    attn = sp_attention(cfg.model.attn_implementation, dims.sp, on_gpu=on_gpu)  # as set, without sequence parallelism
+    settings = model_settings(cfg.model.path, attn_implementation=attn, logps=cfg.model.logps,
                               trust_remote_code=trust, ref_path=cfg.ref.path, tp=dims.tp, pp=dims.pp,
-                              packing=cfg.data.packing)
+                              packing=cfg.data.packing, sp=dims.sp)
     return RunChecks(dims, ds_config, settings.attn, settings.logps, settings.notes)
 
 
