@@ -204,12 +204,13 @@ class KTOTrainer:
                 return AdapterOffReference(self.policy, self._batch, self.logps_fn)
             return self.mode.online_reference(self.runner, batch_fn=self._batch, logps_fn=self.logps_fn)
 
-        # The precompute is split over the data-parallel ranks: each tensor-parallel group (or pipeline)
-        # scores the same rows together, and its first rank writes them.
+        # The precompute is split over the data-parallel ranks: each tensor- or sequence-parallel group
+        # (or pipeline) scores the same rows together, and its first rank writes them.
         return build_reference(cfg.ref, cfg.model, dtype=self._model_dtype(), online=online,
                                sequences=self._reference_sequences, batch_size=cfg.train.eval_batch_size,
                                dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, dp_group=self.dims.dp_group,
-                               writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0, device=self.device,
+                               writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0 and self.dims.sp_rank == 0,
+                               device=self.device,
                                log=self.log.info)
 
     def _setup_samples(self):
