@@ -14,8 +14,9 @@ This function is the CPU counterpart: it derives the sequences from ``position_i
 transformers uses (``masking_utils.find_packed_sequence_indices``: a position that does not follow
 its predecessor by +1 starts a new sequence), builds the block-diagonal causal mask (banded when
 the layer has a sliding window) and calls ``F.scaled_dot_product_attention``. The mask is
-(T x T) booleans per row: right for tests and short rows, not for 32k tokens, where flash varlen
-is the kernel to use. Registered with transformers' ``AttentionInterface`` under
+(T x T) booleans per row, built once per forward and shared by the layers (each layer gets the
+same gathered positions; sdpa keeps the mask for backward): right for tests and short rows, not
+for 32k tokens, where flash varlen is the kernel to use. Registered with transformers' ``AttentionInterface`` under
 :data:`PACKED_SDPA`; a model loaded with ``attn_implementation="packed_sdpa"`` gets no mask from
 transformers at all (its mask interface does not know the name), which is what the wrapper wants.
 """
@@ -30,6 +31,7 @@ from megakto.errors import ModelError
 __all__ = ["PACKED_SDPA", "document_ids", "packed_causal_mask", "packed_sdpa_attention", "register_packed_sdpa"]
 
 PACKED_SDPA = "packed_sdpa"
+_last: list = []  # [(position_ids, sliding_window, mask)] of the latest call: the next layer's mask
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -64,13 +66,24 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if query.shape[2] != key.shape[2]:
         raise ModelError(f"attn_implementation={PACKED_SDPA} scores whole sequences: {query.shape[2]} queries for "
                          f"{key.shape[2]} keys (generation with a cache is not supported)")
-    mask = packed_causal_mask(position_ids.to(query.device), sliding_window)
+    mask = _shared_mask(position_ids.to(query.device), sliding_window)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key-value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                          dropout_p=dropout if module.training else 0.0, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _shared_mask(position_ids: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """:func:`packed_causal_mask`, reused while the positions and the window stay those of the last call."""
+    if _last:
+        pos, window, mask = _last[0]
+        if window == sliding_window and pos.shape == position_ids.shape and torch.equal(pos, position_ids):
+            return mask
+    mask = packed_causal_mask(position_ids, sliding_window)
+    _last[:] = [(position_ids.clone(), sliding_window, mask)]
+    return mask
 
 
 def register_packed_sdpa() -> str:
