@@ -10,15 +10,16 @@ other; flex attention has its mask rebuilt causal-only by the wrapper and no bac
 is refused by DeepSpeed. Flash-attention varlen kernels detect the sequences from ``position_ids``
 themselves (GPU only).
 
-This function is the CPU counterpart: it derives the sequences from ``position_ids`` by the rule
+This function is the CPU counterpart: it finds the sequences from ``position_ids`` by the rule
 transformers uses (``masking_utils.find_packed_sequence_indices``: a position that does not follow
-its predecessor by +1 starts a new sequence), builds the block-diagonal causal mask (banded when
-the layer has a sliding window) and calls ``F.scaled_dot_product_attention``. The mask is
-(T x T) booleans per row, built once per forward and shared by the layers (each layer gets the
-same gathered positions; sdpa keeps the mask for backward): right for tests and short rows, not
-for 32k tokens, where flash varlen is the kernel to use. Registered with transformers' ``AttentionInterface`` under
-:data:`PACKED_SDPA`; a model loaded with ``attn_implementation="packed_sdpa"`` gets no mask from
-transformers at all (its mask interface does not know the name), which is what the wrapper wants.
+its predecessor by +1 starts a new sequence) and runs ``F.scaled_dot_product_attention`` causally
+on each sequence alone (its queries, keys and values only), so no T x T mask and no attention
+weights across sequences exist: memory and work are those of the sequences, as with varlen
+kernels. A layer with a sliding window gets a banded mask per sequence (its own length squared).
+Registered with transformers' ``AttentionInterface`` under :data:`PACKED_SDPA`; a model loaded with
+``attn_implementation="packed_sdpa"`` gets no mask from transformers at all (its mask interface does
+not know the name), which is what the wrapper wants. One sdpa call per sequence and layer: for
+tests and CPU runs; on GPU flash varlen does the same in one kernel.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import torch.nn.functional as F
 
 from megakto.errors import ModelError
 
-__all__ = ["PACKED_SDPA", "document_ids", "packed_causal_mask", "packed_sdpa_attention", "register_packed_sdpa"]
+__all__ = ["PACKED_SDPA", "document_ids", "document_spans", "packed_causal_mask", "packed_sdpa_attention",
+           "register_packed_sdpa"]
 
 PACKED_SDPA = "packed_sdpa"
-_last: list = []  # [(position_ids, sliding_window, mask)] of the latest call: the next layer's mask
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,16 @@ def packed_causal_mask(position_ids: torch.Tensor, sliding_window: int | None = 
     return mask[:, None]
 
 
+def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of ``position_ids`` (B, T), the ``(start, end)`` of each packed sequence in order."""
+    out = []
+    for row in position_ids:
+        step = torch.diff(row, prepend=row[:1])  # 0 at t = 0: always a start
+        starts = torch.nonzero(step != 1).flatten().tolist() + [row.shape[0]]
+        out.append(list(zip(starts[:-1], starts[1:])))
+    return out
+
+
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, *, scaling: float | None = None, dropout: float = 0.0,
                           sliding_window: int | None = None, position_ids: torch.Tensor | None = None,
@@ -66,24 +77,22 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if query.shape[2] != key.shape[2]:
         raise ModelError(f"attn_implementation={PACKED_SDPA} scores whole sequences: {query.shape[2]} queries for "
                          f"{key.shape[2]} keys (generation with a cache is not supported)")
-    mask = _shared_mask(position_ids.to(query.device), sliding_window)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key-value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _shared_mask(position_ids: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """:func:`packed_causal_mask`, reused while the positions and the window stay those of the last call."""
-    if _last:
-        pos, window, mask = _last[0]
-        if window == sliding_window and pos.shape == position_ids.shape and torch.equal(pos, position_ids):
-            return mask
-    mask = packed_causal_mask(position_ids, sliding_window)
-    _last[:] = [(position_ids.clone(), sliding_window, mask)]
-    return mask
+    p = dropout if module.training else 0.0
+    rows = []
+    for b, spans in enumerate(document_spans(position_ids.expand(query.shape[0], -1))):
+        parts = []
+        for start, end in spans:
+            q, k, v = (t[b:b + 1, :, start:end] for t in (query, key, value))
+            band = None
+            if sliding_window and end - start > sliding_window:
+                band = packed_causal_mask(torch.arange(end - start, device=q.device)[None], sliding_window)
+            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=p, scale=scaling,
+                                                        is_causal=band is None))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
 def register_packed_sdpa() -> str:

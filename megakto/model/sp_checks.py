@@ -55,5 +55,5 @@ def sp_attention(setting: str, sp: int, *, on_gpu: bool) -> str:
         return setting
     raise ConfigError(f"model.attn_implementation={setting} with parallel.sp_size={sp}: Ulysses drops the attention "
                       f"mask, so {setting} would let packed sequences and padding attend to each other; use "
-                      f"flash_attention_2 (GPU: varlen from position_ids) or {PACKED_SDPA} (a block mask built from "
-                      "position_ids, T x T memory: tests and short rows), or auto for the device's choice")
+                      f"flash_attention_2 (GPU: varlen from position_ids) or {PACKED_SDPA} (sdpa over each packed sequence "
+                      "found from position_ids: CPU), or auto for the device's choice")

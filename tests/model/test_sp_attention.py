@@ -6,23 +6,25 @@ same attention under Ulysses on several ranks: tests/distributed/test_sequence_p
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from megakto.data.packing import pack, pad_rows
 from megakto.distributed.sequence import grad_scale, sequence_sum
 from megakto.errors import ModelError
 from megakto.model.forward import packed_completion_logps
-from megakto.model.sp_attention import PACKED_SDPA, document_ids, packed_causal_mask, register_packed_sdpa
+from megakto.model.sp_attention import (PACKED_SDPA, document_ids, document_spans, packed_causal_mask,
+                                        register_packed_sdpa)
 from megakto.model.sp_forward import sequence_parallel_logps
 
 ROWS = [([5, 6, 7], [8, 9, 10, 11, 12]), ([13, 14], [15, 16, 17]), ([18], [19, 20, 21, 22, 23, 24]),
         ([25, 26, 27, 28], [29, 30])]
 
 
-def _model(attn, kv=2):
+def _model(attn, kv=2, window=None):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv, tie_word_embeddings=False)
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=kv, tie_word_embeddings=False)
+    config = MistralConfig(**shape, sliding_window=window) if window else LlamaConfig(**shape)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
@@ -30,6 +32,11 @@ def test_document_ids_follow_transformers_rule():
     """A new sequence wherever a position does not follow its predecessor by +1, and at t = 0."""
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3], [5, 6, 7, 8, 0, 1, 2, 2, 3, 4]])
     assert document_ids(pos).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3, 3, 3], [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]]
+
+
+def test_document_spans():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 0, 1]])
+    assert document_spans(pos) == [[(0, 3), (3, 5), (5, 9)], [(0, 7), (7, 9)]]
 
 
 def test_mask_is_block_diagonal_causal_and_banded():
@@ -51,6 +58,18 @@ def test_packed_rows_score_as_alone(kv):
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     torch.testing.assert_close(one_row, want, rtol=0, atol=2e-6)
     assert n.tolist() == [5, 3, 6, 2]  # every completion token
+
+
+def test_sliding_window_as_transformers_applies_it():
+    """Mistral with a window of 3 tokens, shorter than every sequence: each sequence gets its own band."""
+    register_packed_sdpa()
+    packed, plain = _model(PACKED_SDPA, window=3), _model("sdpa", window=3)
+    with torch.no_grad():
+        got, _ = packed_completion_logps(packed, pack(ROWS, 16, 0), attn=PACKED_SDPA)
+        want = torch.cat([packed_completion_logps(plain, pad_rows([r], 0), attn="sdpa")[0] for r in ROWS])
+        unbanded, _ = packed_completion_logps(_model("sdpa", window=64), pad_rows(ROWS, 0), attn="sdpa")
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert float((want - unbanded).abs().max()) > 1e-3  # the window changed the scores
 
 
 def test_sp1_logps_equal_the_packed_ones_with_grad():

@@ -65,8 +65,8 @@ def test_masking_attention_is_refused(setting):
     assert str(info.value) == (
         f"model.attn_implementation={setting} with parallel.sp_size=2: Ulysses drops the attention mask, so {setting} "
         "would let packed sequences and padding attend to each other; use flash_attention_2 (GPU: varlen from "
-        "position_ids) or packed_sdpa (a block mask built from position_ids, T x T memory: tests and short rows), or "
-        "auto for the device's choice")
+        "position_ids) or packed_sdpa (sdpa over each packed sequence found from position_ids: CPU), or auto for the "
+        "device's choice")
 
 
 def test_packed_sdpa_is_for_sequence_parallelism_only():
