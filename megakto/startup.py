@@ -64,14 +64,17 @@ def check_output_dir(path: str) -> None:
 
 
 def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: bool,
-              on_gpu: bool = False) -> RunChecks:
+              on_gpu: bool = False, kernels_here: bool = True) -> RunChecks:
     """The start-up checks that need neither the weights nor the other ranks, in the trainer's order:
     output_dir, the parallel arithmetic at ``world_size``, the torch, transformers and DeepSpeed versions, the
     DeepSpeed JSON (its ``"auto"`` ZeRO sizes for the device: on GPU from model.path's hidden size,
     whose folder is then checked first), the model folders and their TP/PP divisibility, the
     attention and log-prob settings and the model family against the parallel mode and packing,
-    with the model built on the meta device. Raises the run's one-line errors."""
+    with the model built on the meta device. Raises the run's one-line errors. ``kernels_here``:
+    this machine has the run's attention kernels (False: a dry run planning for GPUs elsewhere,
+    where a flash-attention kernel is taken as given and the model checked with sdpa)."""
     from megakto.model.load import check_model_path, model_settings
+    from megakto.model.packed import uses_flash
     from megakto.model.sp_checks import sp_attention
 
     check_output_dir(cfg.output_dir)
@@ -91,9 +94,13 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
 
                 pipeline.check_model(path, dims.pp, key=key, trust_remote_code=trust)
     attn = sp_attention(cfg.model.attn_implementation, dims.sp, on_gpu=on_gpu)  # as set, without sequence parallelism
-    settings = model_settings(cfg.model.path, attn_implementation=attn, logps=cfg.model.logps,
+    elsewhere = not kernels_here and uses_flash(attn)
+    settings = model_settings(cfg.model.path, attn_implementation="sdpa" if elsewhere else attn, logps=cfg.model.logps,
                               trust_remote_code=trust, ref_path=cfg.ref.path, tp=dims.tp, pp=dims.pp,
                               packing=cfg.data.packing, sp=dims.sp)
+    if elsewhere:
+        note = f"attention: {attn} not checked on this machine (no GPU here); the run checks it at start-up"
+        return RunChecks(dims, ds_config, attn, settings.logps, settings.notes + [note])
     return RunChecks(dims, ds_config, settings.attn, settings.logps, settings.notes)
 
 
