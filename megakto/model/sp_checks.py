@@ -15,7 +15,7 @@ from megakto.errors import ConfigError, ModelError
 from megakto.model.packed import uses_flash
 from megakto.model.sp_attention import PACKED_SDPA, register_packed_sdpa
 
-__all__ = ["check_sp_config", "sp_attention"]
+__all__ = ["check_sp_config", "check_sp_reference", "sp_attention"]
 
 
 def check_sp_config(config, sp: int, *, key: str = "model.path") -> None:
@@ -35,6 +35,27 @@ def check_sp_config(config, sp: int, *, key: str = "model.path") -> None:
         raise ModelError(f"{where} neither divides the key-value heads nor is a multiple of them: "
                          f"num_key_value_heads={kv}; choose a parallel.sp_size dividing {kv} or a multiple of it "
                          f"that divides {heads}")
+
+
+def _attention_shape(config) -> tuple[int, int, int]:
+    """(attention heads, key-value heads, head_dim) of ``config``."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return heads, getattr(text, "num_key_value_heads", None) or heads, head_dim
+
+
+def check_sp_reference(policy_config, ref_config, sp: int, *, key: str = "ref.path") -> None:
+    """ModelError naming ``key`` unless the reference's attention has the policy's shape: DeepSpeed
+    swaps the attention once per process for one head geometry, which both models then run."""
+    if sp == 1:
+        return
+    want, got = _attention_shape(policy_config), _attention_shape(ref_config)
+    if got != want:
+        shape = "attention heads {}, key-value heads {}, head_dim {}"
+        raise ModelError(f"{key}: parallel.sp_size={sp} runs policy and reference through one Ulysses attention of "
+                         f"the policy's shape ({shape.format(*want)}), but the reference has {shape.format(*got)}; "
+                         "use a reference of the policy's architecture")
 
 
 def sp_attention(setting: str, sp: int, *, on_gpu: bool) -> str:

@@ -1,12 +1,13 @@
 """Ulysses sequence parallelism (parallel.sp_size=2) in the trainer against single-process runs,
 under the real launcher on CPU (gloo), fp32, ZeRO-3, packed_sdpa attention:
 
-* SP2 with the online ZeRO-3 reference, 6 steps with evaluation and export: the loss and KL of
-  every step within 1e-6, the eval metrics, the final weights and the exported folder's logits equal
-  the single-process run's; the reference (in eval mode, attention still sequence-sharded) scores
-  held-out rows as the whole-sequence reference does and stays frozen; the demo learns as it does
-  in one process.
-* SP2 × DP2 on 4 ranks: both ranks of a sequence group get the same micro-batches, the two groups
+* SP2 with the online ZeRO-3 reference, 6 steps with evaluation and export: the loss of every step
+  within 1e-6 and its KL within 1e-5 (one fp32 ulp of the sequence sums it is made of), the eval
+  metrics, the final weights and the exported folder's logits equal the single-process run's; the
+  reference (in eval mode, attention still sequence-sharded) scores held-out rows as the
+  whole-sequence reference does and stays frozen; the demo learns as it does in one process.
+* SP2 × DP2 on 4 ranks, with gradient checkpointing (each layer's all-to-alls run again in the
+  recomputation): both ranks of a sequence group get the same micro-batches, the two groups
   split the step's rows, every rank holds the same KL and metrics, and the weights after 3 steps
   equal the single-process run's step-3 checkpoint.
 * SP2 without packing and with ``ref.mode=cache`` against one process packed with the cache: one
@@ -50,7 +51,10 @@ def sp2(assets, tmp_path_factory):
 def test_sp2_equals_single_process(single, sp2):
     (s_out, s), (t_out, t) = single, sp2
     assert t["world_size"] == 2
-    same_steps(t, s, 6, kl_abs=1e-6)
+    # Loss within 1e-6 every step; KL within 1e-5: it is a mean of differences of sequence sums of about
+    # 60 nats, whose fp32 ulp is 3.8e-6, and packed_sdpa (causal sdpa per sequence) rounds otherwise than
+    # transformers' masked sdpa over whole rows (measured: 2.9e-6 at step 5, 7e-7 or less elsewhere).
+    same_steps(t, s, 6, kl_abs=1e-5)
     assert [step for step, _ in t["eval"]] == [step for step, _ in s["eval"]] == [0, 3, 6]
     for (_, a), (_, b) in zip(t["eval"], s["eval"]):
         for key in ("loss", "kl", "rewards/margins", "reward_accuracy"):
@@ -102,7 +106,8 @@ def test_sp2_demo_learns_and_exports(single, sp2):
 def test_sp2_dp2_four_ranks(assets, single, tmp_path):
     s_out, s = single
     _, t = run_trainer(assets, tmp_path, nproc=4, **SP2, **{"train.max_steps": 3, "data.eval_files": assets["eval"],
-                                                             "train.eval_every": 3, "train.eval_batch_size": 30})
+                                                             "train.eval_every": 3, "train.eval_batch_size": 30,
+                                                             "model.gradient_checkpointing": "true"})
     assert t["world_size"] == 4
     same_steps(t, s, 3, kl_abs=1e-6)
     # Evaluation split over the 2 data-parallel ranks, summed over them only: the single process's numbers.

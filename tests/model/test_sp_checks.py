@@ -12,7 +12,7 @@ from megakto.errors import ConfigError, ModelError
 from megakto.model.families import resolve_family_modes
 from megakto.model.load import check_model_path, model_settings
 from megakto.model.sp_attention import PACKED_SDPA
-from megakto.model.sp_checks import check_sp_config, sp_attention
+from megakto.model.sp_checks import check_sp_config, check_sp_reference, sp_attention
 from tests.model.test_families import qwen3_next_folder
 
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -112,3 +112,15 @@ def test_hybrid_linear_attention_is_refused_packed_or_not(tmp_path):
             f"Qwen3NextForCausalLM (model.path={path}) cannot run with parallel.sp_size=2: its linear_attention layers "
             "mix tokens along the sequence outside attention, and Ulysses splits only the attention (each rank would "
             "run them over its own shard); set parallel.sp_size=1")
+
+
+def test_reference_needs_the_policys_attention_shape():
+    """One Ulysses attention per process, of the policy's head geometry, serves both models."""
+    check_sp_reference(_llama(4, 2), _llama(4, 2), 2)
+    check_sp_reference(_llama(4, 2), _llama(3, 3), 1)  # no sequence parallelism: anything goes
+    with pytest.raises(ModelError) as info:
+        check_sp_reference(_llama(4, 2), _llama(8, 2), 2, key="ref.path=models/big")
+    assert str(info.value) == (
+        "ref.path=models/big: parallel.sp_size=2 runs policy and reference through one Ulysses attention of the "
+        "policy's shape (attention heads 4, key-value heads 2, head_dim 8), but the reference has attention heads 8, "
+        "key-value heads 2, head_dim 8; use a reference of the policy's architecture")
