@@ -72,9 +72,14 @@ def dry_run(cfg: Config, deepspeed: str, world_size: int, *, load_data: bool = T
     bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
     if cfg.model.dtype == "auto" and on_gpu:
         log("dry run: model.dtype=auto taken as bfloat16 (a GPU that supports it); set model.dtype to plan otherwise")
-    checked = check_run(cfg, deepspeed, world_size=world_size, rank=0, bf16=bf16, on_gpu=on_gpu)
+    import torch
+
+    checked = check_run(cfg, deepspeed, world_size=world_size, rank=0, bf16=bf16, on_gpu=on_gpu,
+                        kernels_here=not on_gpu or torch.cuda.is_available())
     dims, attn, trust = checked.dims, checked.attn, cfg.model.trust_remote_code
     log(f"dry run: parallelism: {dims.describe()}")
+    for note in checked.notes:
+        log(f"dry run: {note}")
     # The resume checks a run makes before it loads anything: the checkpoint's manifest and layout.
     resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir, world_size=world_size,
                                            tp_size=dims.tp, pp_size=dims.pp)

@@ -66,14 +66,18 @@ def check_output_dir(path: str) -> None:
 
 
 def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: bool,
-              on_gpu: bool = False) -> RunChecks:
+              on_gpu: bool = False, kernels_here: bool = True) -> RunChecks:
     """The start-up checks that need neither the weights nor the other ranks, in the trainer's order:
     output_dir, the parallel arithmetic at ``world_size``, the torch, transformers and DeepSpeed versions, the
     DeepSpeed JSON (its ``"auto"`` ZeRO sizes for the device: on GPU from model.path's hidden size,
     whose folder is then checked first), the model folders and their TP/PP divisibility, the
     attention and log-prob settings and the model family against the parallel mode and packing,
-    with the model built on the meta device. Raises the run's one-line errors."""
+    with the model built on the meta device. Raises the run's one-line errors. ``kernels_here``:
+    this machine has the run's attention kernels (False: a dry run planning for GPUs elsewhere, where
+    sequence parallelism's flash-attention kernel is taken as given and the model checked with sdpa)."""
     from megakto.model.load import check_model_path, model_settings
+    from megakto.model.packed import uses_flash
+    from megakto.model.sp_checks import check_sp_reference, sp_attention
 
     check_output_dir(cfg.output_dir)
     dims = ParallelDims.from_config(cfg, world_size, rank=rank)
@@ -84,17 +88,30 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
         config = check_model_path(cfg.model.path, key="model.path", trust_remote_code=trust, tp=dims.tp)
         hidden = getattr(config.get_text_config(), "hidden_size", None)
     ds_config = build_ds_config(ds_json, cfg, dims, bf16=bf16, on_gpu=on_gpu, hidden_size=hidden, source=deepspeed)
+    configs = {}
     for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
         if path:
-            check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp)
+            configs[key] = check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp, sp=dims.sp)
             if dims.pp > 1:
                 from megakto.runners import pipeline
 
                 pipeline.check_model(path, dims.pp, key=key, trust_remote_code=trust)
-    settings = model_settings(cfg.model.path, attn_implementation=cfg.model.attn_implementation, logps=cfg.model.logps,
+    if "ref.path" in configs and cfg.kto.loss_type != "sft":
+        check_sp_reference(configs["model.path"], configs["ref.path"], dims.sp, key=f"ref.path={cfg.ref.path}")
+    attn = sp_attention(cfg.model.attn_implementation, dims.sp, on_gpu=on_gpu)  # as set, without sequence parallelism
+    elsewhere = dims.sp > 1 and not kernels_here and uses_flash(attn)
+    settings = model_settings(cfg.model.path, attn_implementation="sdpa" if elsewhere else attn, logps=cfg.model.logps,
                               trust_remote_code=trust, ref_path=cfg.ref.path, tp=dims.tp, pp=dims.pp,
-                              packing=cfg.data.packing, router_aux=cfg.kto.router_aux_coef)
-    return RunChecks(dims, ds_config, settings.attn, settings.logps, settings.notes, settings.router_aux_coef)
+                              packing=cfg.data.packing, router_aux=cfg.kto.router_aux_coef, sp=dims.sp)
+    if dims.sp > 1 and settings.router_aux_coef:
+        raise ConfigError(f"kto.router_aux_coef={settings.router_aux_coef:g}: the router balancing loss is not computed "
+                          f"under sequence parallelism (parallel.sp_size={dims.sp}: each rank routes only its shard's "
+                          "tokens); set kto.router_aux_coef=0")
+    notes = settings.notes
+    if elsewhere:
+        notes = notes + [f"attention: {attn} not checked on this machine (no GPU here); the run checks it at start-up"]
+    return RunChecks(dims, ds_config, attn if elsewhere else settings.attn, settings.logps, notes,
+                     settings.router_aux_coef)
 
 
 def desirable_weight(cfg: Config, train_rows: TokenizedSplit, log: Callable[[str], None]) -> float:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import torch
 
@@ -56,7 +55,6 @@ from megakto.reference.scorers import AdapterOffReference
 from megakto.reference.sequences import ConcatSequences, SplitSequences
 from megakto.runlog import Phases, RunLogger
 from megakto.runners import ModeSetup, parallel_mode
-from megakto.runners.base import model_of
 from megakto.samples import eval_samples
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
 from megakto.startup import check_run, desirable_weight, load_splits, log_splits, make_sampler, step_planner
@@ -196,12 +194,13 @@ class KTOTrainer:
                 return AdapterOffReference(self.policy, self.batcher, self.logps_fn)
             return self.mode.online_reference(self.runner, batcher=self.batcher, logps_fn=self.logps_fn)
 
-        # The precompute is split over the data-parallel ranks: each tensor-parallel group (or pipeline)
-        # scores the same rows together, and its first rank writes them.
+        # The precompute is split over the data-parallel ranks: each tensor- or sequence-parallel group
+        # (or pipeline) scores the same rows together, and its first rank writes them.
         return build_reference(cfg.ref, cfg.model, dtype=self._model_dtype(), online=online,
                                sequences=self._reference_sequences, batch_size=cfg.train.eval_batch_size,
                                dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, dp_group=self.dims.dp_group,
-                               writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0, device=self.device,
+                               writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0 and self.dims.sp_rank == 0,
+                               device=self.device,
                                log=self.log.info)
 
     def _reference_sequences(self) -> ConcatSequences:

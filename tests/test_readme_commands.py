@@ -93,6 +93,10 @@ def test_files_scripts_and_flags_exist(page, command):
     if script and script.endswith(".py") and script.startswith(("tools/", "launch/")):
         with open(os.path.join(REPO, script), encoding="utf-8") as f:
             source = f.read()
+        # Flags the tool's own private helpers define (tools/bench.py's model shape: tools/_bench_workload.py).
+        for helper in re.findall(r"^from (_[a-z]\w*) import", source, re.M):
+            with open(os.path.join(REPO, os.path.dirname(script), f"{helper}.py"), encoding="utf-8") as f:
+                source += f.read()
         after = words[words.index(script) + 1:]  # flags before the script are the launcher's
         for flag in (w.split("=", 1)[0] for w in after if w.startswith("--")):
             assert f'"{flag}"' in source, f"{command}: {script} has no {flag} flag"

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "megakto"
 TRAINER = PKG / "trainer.py"
 STEP = PKG / "step.py"
 
-DEGREES = {"tp", "pp"}
+DEGREES = {"tp", "pp", "sp"}
 # DeepSpeed engine API a trainer would reach for; the runners own these.
 ENGINE_ATTRIBUTES = {"skipped_steps", "get_global_grad_norm", "get_lr", "global_steps", "global_samples",
                      "train_batch", "eval_batch", "backward", "is_gradient_accumulation_boundary", "optimizer",

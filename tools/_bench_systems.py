@@ -25,8 +25,9 @@ SYSTEMS = {
 
 def parallel_variant(name: str) -> tuple[str, int] | None:
     """("tp", N) for the tensor-parallel variant ``megakto-kto-tpN`` of megakto-kto, ("pp", N) for the
-    pipeline variant ``megakto-kto-ppN``, else None."""
-    for kind in ("tp", "pp"):
+    pipeline variant ``megakto-kto-ppN``, ("sp", N) for the sequence-parallel ``megakto-kto-spN``,
+    else None."""
+    for kind in ("tp", "pp", "sp"):
         suffix = name.removeprefix(f"megakto-kto-{kind}")
         if suffix != name and suffix.isdigit():
             return kind, int(suffix)
@@ -34,7 +35,7 @@ def parallel_variant(name: str) -> tuple[str, int] | None:
 
 
 def system_spec(name: str) -> dict:
-    """SYSTEMS[name], or a parallel variant (``megakto-kto-tpN``, ``megakto-kto-ppN``) of megakto-kto;
+    """SYSTEMS[name], or a parallel variant (``megakto-kto-tpN``, ``-ppN``, ``-spN``) of megakto-kto;
     ``ranks``: how many processes it runs on."""
     lora = name.removeprefix("megakto-kto-lora")
     if lora != name and lora.isdigit():
@@ -50,7 +51,7 @@ def run_megakto(name: str, spec: dict) -> dict:
     """megakto one ``trainer.next_step()`` at a time: in this process at world size 1 without the
     launcher, or as one rank of a tensor-parallel group that the launcher started."""
     system, work = system_spec(name), spec["workload"]
-    tp, pp, ranks = system.get("tp", 1), system.get("pp", 1), system["ranks"]
+    tp, pp, sp, ranks = system.get("tp", 1), system.get("pp", 1), system.get("sp", 1), system["ranks"]
     if ranks == 1:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -61,11 +62,13 @@ def run_megakto(name: str, spec: dict) -> dict:
     from megakto.trainer import KTOTrainer
 
     overrides = [
-        f"model.path={work['model_dir']}", f"data.train_files={work['data_file']}", "data.max_length=512",
+        f"model.path={work['model_dir']}", f"data.train_files={work['data_file']}",
+        f"data.max_length={max_length(work)}",
         f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['micro_batch']}",
         f"train.max_steps={spec['warmup'] + spec['steps']}", f"optim.lr={spec['lr']}", "optim.warmup_steps=0",
         f"kto.loss_type={system['loss_type']}", f"ref.mode={system['ref']}", "ref.offload=none",
         f"output_dir={spec['out_dir']}", "seed=0", f"parallel.tp_size={tp}", f"parallel.pp_size={pp}",
+        f"parallel.sp_size={sp}",
         f"model.lora.r={system.get('lora', 0)}", "train.eval_samples=0", f"model.dtype={spec['dtype']}",
     ] + list(spec.get("megakto_overrides", []))
     cfg = load_config(None, overrides)
@@ -99,14 +102,23 @@ def run_megakto(name: str, spec: dict) -> dict:
     if ranks > 1:  # memory: the largest rank's
         from megakto.distributed import comm
 
-        # The launcher started one tensor-parallel group or one pipeline (dp 1): gather its ranks' figures.
-        group = trainer.dims.tp_group if tp > 1 else trainer.dims.pp_group if pp > 1 else comm.world_group()
+        # The launcher started one tensor-parallel group, one sequence-parallel group or one pipeline
+        # (dp 1): gather its ranks' figures.
+        group = (trainer.dims.tp_group if tp > 1 else trainer.dims.sp_group if sp > 1 else trainer.dims.pp_group
+                 if pp > 1 else comm.world_group())
         per_rank = comm.all_gather_object({k: v for k, v in out.items() if k.startswith("peak")}, group=group)
         for key in per_rank[0]:
             values = [r[key] for r in per_rank if r[key] is not None]
             out[key] = max(values) if values else None
         out["peak_rss_mib_per_rank"] = [r.get("peak_rss_mib") for r in per_rank]
     return out
+
+
+def max_length(work: dict) -> int:
+    """megakto's data.max_length for the workload: its longest row (BOS, prompt, completion, EOS)
+    rounded up to a multiple of 64, at least 512 (the default workload's)."""
+    longest = 1 + work["prompt_words"][1] + work["completion_words"][1] + 1
+    return max(512, -(-longest // 64) * 64)
 
 
 def check_megakto_rows(trainer, targets: list[int]) -> None:
@@ -152,7 +164,7 @@ def run_trl(name: str, spec: dict) -> dict:
     bf16 = spec["dtype"] == "bfloat16" or (spec["dtype"] == "auto" and spec["device"] == "cuda")
     args = KTOConfig(
         output_dir=spec["out_dir"], per_device_train_batch_size=spec["micro_batch"],
-        gradient_accumulation_steps=spec["batch"] // spec["micro_batch"], max_length=512, bf16=bf16,
+        gradient_accumulation_steps=spec["batch"] // spec["micro_batch"], max_length=max_length(work), bf16=bf16,
         fp16=False, gradient_checkpointing=False, use_cpu=spec["device"] == "cpu", report_to="none",
         save_strategy="no", logging_steps=1, beta=0.1, loss_type="kto", learning_rate=spec["lr"],
         max_steps=spec["warmup"] + spec["steps"], dataloader_num_workers=0, seed=0, disable_tqdm=True,

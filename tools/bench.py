@@ -2,7 +2,7 @@
 """Throughput and memory of megakto's KTO, next to SFT on the same engine and TRL's KTOTrainer.
 
     python tools/bench.py [--systems megakto-kto,trl-kto,...] [--steps 6] [--warmup 2] \
-        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--lora 16] [--json bench.json] \
+        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--sp 2] [--lora 16] [--json bench.json] \
         [--family qwen3 --hidden 1024 --layers 28 ...] [--device cuda] [--dtype bfloat16]
 
 One invocation builds one workload (a random-init Llama, hidden 256, 4 layers, a word-level
@@ -22,6 +22,9 @@ among the ranks; its memory figures are the largest rank's. ``--pp N`` adds ``me
 same way with ``parallel.pp_size=N`` (one pipeline of N stages; ZeRO 0/1, so pass ``--deepspeed
 ds_configs/zero1.json``, which the PP1 baseline then uses too); the pipeline bubble of its schedule,
 (N - 1) / (micro-batches + N - 1) of each step, is printed (``--micro-batch`` sets the micro-batches).
+``--sp N`` adds ``megakto-kto-spN`` with ``parallel.sp_size=N`` (one sequence group of N ranks, each
+running 1/N of every micro-batch's tokens; ZeRO-3); ``--completion-words MIN,MAX`` makes long rows
+(e.g. ``1000,2000``), where the memory per rank is expected to fall.
 ``--lora R`` adds ``megakto-kto-loraR``: megakto's KTO with LoRA adapters of rank R on the attention
 and MLP projections (``model.lora.r=R``), the reference being the policy with its adapters off.
 
@@ -148,6 +151,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pp", type=int, default=1,
                         help="also run megakto-kto at parallel.pp_size=N on N ranks (megakto-kto-ppN; needs a "
                              "ZeRO 0/1 --deepspeed JSON)")
+    parser.add_argument("--sp", type=int, default=1,
+                        help="also run megakto-kto at parallel.sp_size=N on N ranks (megakto-kto-spN; ZeRO-3)")
+    parser.add_argument("--completion-words", default="5,250", metavar="MIN,MAX",
+                        help="completion length range in words (tokens), inclusive; long rows for --sp")
     parser.add_argument("--lora", type=int, default=0, metavar="R",
                         help="also run megakto-kto with LoRA adapters of rank R (megakto-kto-loraR)")
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SPEC", "RESULT"), help=argparse.SUPPRESS)
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     ratio_defs = list(RATIOS)
-    for kind, n in (("tp", args.tp), ("pp", args.pp)):
+    for kind, n in (("tp", args.tp), ("pp", args.pp), ("sp", args.sp)):
         if n > 1:
             variant, label = f"megakto-kto-{kind}{n}", f"{kind.upper()}{n}"
             names.append(variant)
@@ -198,7 +205,9 @@ def main(argv=None) -> int:
     # One epoch of rows is exactly the steps run, so a precompute pass covers what is trained on.
     n_rows = args.batch * (args.warmup + args.steps)
     t = time.perf_counter()
-    work = write_workload(workdir / "workload", vocab_size=args.vocab, n_rows=n_rows, seed=0, **model_shape(args))
+    completion_words = tuple(int(w) for w in args.completion_words.split(","))
+    work = write_workload(workdir / "workload", vocab_size=args.vocab, n_rows=n_rows, seed=0,
+                          completion_words=completion_words, **model_shape(args))
     print(f"workload: {n_rows} rows, vocab {args.vocab}, {work.n_params / 1e6:.1f}M parameters ({work.model_shape}), "
           f"{sum(work.target_tokens)} target tokens ({time.perf_counter() - t:.0f} s) in {workdir}", flush=True)
     spec = {"workload": work.to_dict(), "batch": args.batch, "micro_batch": micro, "steps": args.steps,

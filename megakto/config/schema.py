@@ -243,6 +243,12 @@ class ParallelConfig:
         "the embedding and the output head count as layers), uniform (balance layer counts), or "
         "type:<regex> (balance the layers whose class matches, e.g. type:DecoderStage)."
     )
+    sp_size: int = _opt(
+        1, "Sequence-parallel degree (DeepSpeed Ulysses, under ZeRO-3): each micro-batch's tokens are cut "
+        "into this many equal shards on as many ranks, which see the same rows, so activations per rank "
+        "shrink sp_size times (long completions); it must divide the world size, the attention heads and "
+        "data.max_tokens_per_row; tp_size and pp_size 1. 1 = off."
+    )
 
 
 @dataclass
@@ -284,7 +290,7 @@ class Config:
     optim: OptimConfig = _section(OptimConfig, "AdamW and learning-rate schedule.")
     ref: RefConfig = _section(RefConfig, "Frozen reference model.")
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "Checkpoint saving.")
-    parallel: ParallelConfig = _section(ParallelConfig, "Tensor and pipeline parallelism.")
+    parallel: ParallelConfig = _section(ParallelConfig, "Tensor, pipeline and sequence parallelism.")
     health: HealthConfig = _section(HealthConfig, "Thresholds of the training-health warnings (train.health_checks).")
     dist: DistConfig = _section(DistConfig, "torch.distributed settings.")
 

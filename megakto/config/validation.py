@@ -36,6 +36,7 @@ def validate(cfg: Config) -> None:
         "dist.timeout_minutes": cfg.dist.timeout_minutes,
         "parallel.tp_size": cfg.parallel.tp_size,
         "parallel.pp_size": cfg.parallel.pp_size,
+        "parallel.sp_size": cfg.parallel.sp_size,
         "train.sample_max_new_tokens": cfg.train.sample_max_new_tokens,
         "health.window": cfg.health.window,
         "health.every_steps": cfg.health.every_steps,
@@ -114,6 +115,9 @@ def _check_lora(cfg: Config) -> None:
     _check(not bad, f"model.lora.target_modules={','.join(lora.target_modules)}: adapters on {bad} are not supported "
            "(the chunked log-probs and vocabulary blocks read the whole matrix); adapt the attention and MLP "
            "projections, or list the module in model.lora.modules_to_save")
+    sp = cfg.parallel.sp_size
+    _check(sp == 1, f"model.lora.r={lora.r} with parallel.sp_size={sp}: the LoRA reference (the policy with its adapters "
+           "off) does not run sequence-parallel yet; set parallel.sp_size=1 or model.lora.r=0")
     _check(tp == 1 and pp == 1, f"model.lora.r={lora.r} with parallel.tp_size={tp}, parallel.pp_size={pp}: LoRA runs "
            "under ZeRO 0-3 only (DeepSpeed's AutoTP and the pipeline stages do not carry peft adapters); set "
            "parallel.tp_size=1 and parallel.pp_size=1")
@@ -128,6 +132,7 @@ def _check_parallel(cfg: Config) -> None:
     tp, pp = cfg.parallel.tp_size, cfg.parallel.pp_size
     _check(not (tp > 1 and pp > 1), f"parallel.tp_size={tp} with parallel.pp_size={pp}: DeepSpeed has no "
            "AutoTP inside a pipeline; use one of them")
+    _check_sequence_parallel(cfg)
     part = cfg.parallel.pp_partition
     _check(part in ("parameters", "uniform") or (part.startswith("type:") and len(part) > 5),
            f"parallel.pp_partition={part!r}: expected parameters, uniform or type:<regex>")
@@ -146,3 +151,22 @@ def _check_parallel(cfg: Config) -> None:
         _check(blocks in (0, "auto"), f"model.vocab_block_rows={blocks} with parallel.tp_size={tp}: AutoTP "
                "splits the output head itself and needs it whole; set model.vocab_block_rows=0 (or auto, "
                "which is off under tensor parallelism)")
+
+
+def _check_sequence_parallel(cfg: Config) -> None:
+    """What Ulysses sequence parallelism (parallel.sp_size > 1) combines with; the heads, the attention
+    implementation and the model family are checked once config.json is read (megakto.model.sp_checks)."""
+    sp, tp, pp = cfg.parallel.sp_size, cfg.parallel.tp_size, cfg.parallel.pp_size
+    if sp == 1:
+        return
+    _check(tp == 1, f"parallel.sp_size={sp} with parallel.tp_size={tp}: DeepSpeed has no mesh of Ulysses sequence "
+           "parallelism with AutoTP; use one of them")
+    _check(pp == 1, f"parallel.sp_size={sp} with parallel.pp_size={pp}: DeepSpeed has no mesh of Ulysses sequence "
+           "parallelism with pipelines; use one of them")
+    _check(cfg.model.logps != "full", f"model.logps=full with parallel.sp_size={sp}: each rank holds 1/{sp} of every "
+           "row's positions and scores them with the chunked head; set model.logps=chunked (or auto)")
+    if cfg.data.packing:
+        budget = cfg.data.max_tokens_per_row or cfg.data.max_length
+        key = "data.max_tokens_per_row" if cfg.data.max_tokens_per_row else "data.max_length (data.max_tokens_per_row: null)"
+        _check(budget % sp == 0, f"{key}={budget} is not divisible by parallel.sp_size={sp}: each packed row is cut "
+               f"into {sp} equal sequence shards; use a multiple of {sp} such as {-(-budget // sp) * sp}")

@@ -111,6 +111,7 @@ _REF_COPIED = (
     "bf16",
     "fp16",
     "tensor_parallel",
+    "sequence_parallel_size",
     "steps_per_print",
     "wall_clock_breakdown",
 )
@@ -164,6 +165,24 @@ def _fill_tensor_parallel(ds: dict, dims: ParallelDims, source: str) -> int:
     section.update(autotp_size=dims.tp, vocab_parallel_lm_head=True)
     ds["tensor_parallel"] = section
     return dims.tp
+
+
+def _fill_sequence_parallel(ds: dict, dims: ParallelDims, stage: Any, source: str) -> None:
+    """``sequence_parallel_size``: DeepSpeed divides the world by it to count data-parallel ranks
+    (its batch check, ZeRO-3's partitioning at load). megakto runs Ulysses under ZeRO-3 only: the
+    stage whose gradient averaging it pins against one process (megakto.runners.sequence)."""
+    have = ds.get("sequence_parallel_size")
+    if have is not None and have != dims.sp:
+        raise ConfigError(f"{source}: sequence_parallel_size={_show(have)} disagrees with parallel.sp_size={dims.sp}; "
+                          "remove it from the DeepSpeed JSON (megakto fills it in)")
+    if dims.sp == 1:
+        ds.pop("sequence_parallel_size", None)
+        return
+    if stage != 3:
+        raise ConfigError(f"{source}: zero_optimization.stage={_show(stage)} with parallel.sp_size={dims.sp}: "
+                          "megakto's sequence parallelism runs under ZeRO-3 only; use ds_configs/zero3.json "
+                          "(or set zero_optimization.stage=3)")
+    ds["sequence_parallel_size"] = dims.sp
 
 
 def check_deepspeed_version(tp: int, pp: int = 1, installed: str | None = None) -> None:
@@ -331,6 +350,7 @@ def build_ds_config(
             f"{source}: zero_optimization.stage={stage} cannot be combined with pipeline "
             f"parallelism (pp={dims.pp}); DeepSpeed allows only ZeRO stage 0 or 1 with pipelines"
         )
+    _fill_sequence_parallel(ds, dims, stage, source)
 
     mb, ga, dp = dims.micro_batch_size, dims.grad_accum, dims.dp
     _agree(ds, "train_micro_batch_size_per_gpu", mb, f"train.micro_batch_size={mb}", source)

@@ -10,7 +10,9 @@ private package :mod:`megakto.distributed._deepspeed`, whose modules are the onl
   the engines' groups and gathered weights;
 * :mod:`~megakto.distributed._deepspeed.checkpoint_io`: DeepSpeed's checkpoint files and the
   pickle allow-list every read of them goes through;
-* :mod:`~megakto.distributed._deepspeed.convert`: zero_to_fp32 and the universal conversion.
+* :mod:`~megakto.distributed._deepspeed.convert`: zero_to_fp32 and the universal conversion;
+* :mod:`~megakto.distributed._deepspeed.ulysses`: Ulysses sequence parallelism's attention swap and
+  its groups.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megakto.distributed._deepspeed.engines import (build_pipeline_module, build
 from megakto.distributed._deepspeed.loading import block_vocab, load_model, split_vocab
 from megakto.distributed._deepspeed.runtime import (accelerator_rng_state, bf16_supported, configure_cpu_threads,
                                                     device, init_distributed, on_gpu, set_accelerator_rng_state)
+from megakto.distributed._deepspeed.ulysses import register_ulysses, sequence_groups
 from megakto.model.load import outside_zero3
 
 __all__ = [
@@ -57,4 +60,6 @@ __all__ = [
     "outside_zero3",
     "accelerator_rng_state",
     "set_accelerator_rng_state",
+    "register_ulysses",
+    "sequence_groups",
 ]

@@ -1,8 +1,8 @@
 """Parallel degrees and the batch arithmetic, validated once.
 
-``world = dp × tp × pp``. Ranks in one tensor/pipeline group see the same rows, so only ``dp``
-splits the data: each optimizer step consumes ``global_batch_size = micro_batch_size × grad_accum
-× dp`` rows, split into ``dp × grad_accum`` micro-batches (the trainer's
+``world = dp × tp × pp × sp``. Ranks in one tensor/pipeline/sequence group see the same rows, so
+only ``dp`` splits the data: each optimizer step consumes ``global_batch_size = micro_batch_size ×
+grad_accum × dp`` rows, split into ``dp × grad_accum`` micro-batches (the trainer's
 ``megakto.data.packing.plan_micro_batches``); data-parallel rank ``r`` owns micro-batches
 ``r*grad_accum .. r*grad_accum + grad_accum - 1``.
 
@@ -11,6 +11,9 @@ rank ``r`` has ``tp_rank = r % tp`` and ``dp_rank = r // tp``; with 4 ranks and 
 are {0,1}, {2,3} and the DP groups {0,2}, {1,3}. Pipelines (tp 1) are pipe-major, as
 ``deepspeed.pipe``'s topology lays them out: ``pp_rank = r // dp`` (the stage), ``dp_rank = r % dp``;
 with 4 ranks and pp 2 stage 0 is on {0,1}, stage 1 on {2,3}, the pipelines {0,2}, {1,3}.
+Sequence parallelism (tp = pp = 1) is laid out like tensor parallelism, as DeepSpeed's Ulysses
+groups are: ``sp_rank = r % sp``, ``dp_rank = r // sp``; with 4 ranks and sp 2 the sequence groups
+are {0,1}, {2,3} and the data-parallel groups (the ranks holding different rows) {0,2}, {1,3}.
 
 Pure arithmetic: no torch.distributed here, so every check runs before any process group exists.
 The process groups themselves are attached with :meth:`ParallelDims.with_groups` once the engine
@@ -31,12 +34,13 @@ __all__ = ["MeshGroups", "ParallelDims"]
 class MeshGroups:
     """One rank's process groups. ``dp``: its data-parallel group, always named (the world's,
     ``comm.world_group()``, when the data-parallel ranks are all the ranks); ``tp``, ``pp``: its
-    tensor-parallel and pipeline groups, None where that degree is 1 (no such group: nothing is
+    tensor-parallel, pipeline and sequence-parallel groups, None where that degree is 1 (no such group: nothing is
     reduced over it)."""
 
     dp: Any
     tp: Any
     pp: Any
+    sp: Any = None
 
 
 @dataclass(frozen=True)
@@ -47,20 +51,26 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     rank: int = 0  # this process's global rank
+    sp: int = 1  # sequence-parallel (Ulysses) degree: each row's tokens split over sp ranks
     # The process groups, set by with_groups() once the engine has built them; None until then.
     groups: MeshGroups | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "global_batch_size", "micro_batch_size", "tp", "pp"):
+        for name in ("world_size", "global_batch_size", "micro_batch_size", "tp", "pp", "sp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ParallelDims.{name} must be a positive int, got {value!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"ParallelDims.rank must be in [0, {self.world_size}), got {self.rank!r}")
-        model_parallel = self.tp * self.pp
+        if self.sp > 1 and (self.tp > 1 or self.pp > 1):
+            raise ConfigError(f"parallel.sp_size={self.sp} with parallel.tp_size={self.tp}, parallel.pp_size={self.pp}: "
+                              "DeepSpeed has no mesh of sequence with tensor or pipeline parallelism; use one of them")
+        model_parallel = self.tp * self.pp * self.sp
         if self.world_size % model_parallel:
+            degrees = (f"tp × pp = {self.tp} × {self.pp}" if self.sp == 1 else
+                       f"tp × pp × sp = {self.tp} × {self.pp} × {self.sp}")
             raise ConfigError(
-                f"world size {self.world_size} is not divisible by tp × pp = {self.tp} × {self.pp} "
+                f"world size {self.world_size} is not divisible by {degrees} "
                 f"= {model_parallel}; launch a multiple of {model_parallel} processes"
             )
         rows_per_micro_step = self.micro_batch_size * self.dp
@@ -71,19 +81,23 @@ class ParallelDims:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not divisible by "
                 f"train.micro_batch_size × data-parallel size = {self.micro_batch_size} × {self.dp} "
-                f"= {rows_per_micro_step} (world {self.world_size} = dp {self.dp} × tp {self.tp} × "
-                f"pp {self.pp}); use a multiple of {rows_per_micro_step} such as {hint}"
+                f"= {rows_per_micro_step} (world {self.world_size} = {self._mesh()}); use a multiple of "
+                f"{rows_per_micro_step} such as {hint}"
             )
 
+    def _mesh(self) -> str:
+        """``dp 2 × tp 1 × pp 1`` (``× sp N`` appended under sequence parallelism)."""
+        return f"dp {self.dp} × tp {self.tp} × pp {self.pp}" + (f" × sp {self.sp}" if self.sp > 1 else "")
+
     def describe(self) -> str:
-        return (f"world {self.world_size} = dp {self.dp} × tp {self.tp} × pp {self.pp}; global batch "
+        return (f"world {self.world_size} = {self._mesh()}; global batch "
                 f"{self.global_batch_size} = micro {self.micro_batch_size} × grad-accum {self.grad_accum} × dp {self.dp}")
 
     @classmethod
     def from_config(cls, cfg, world_size: int, *, rank: int = 0, tp: int | None = None,
-                    pp: int | None = None) -> "ParallelDims":
+                    pp: int | None = None, sp: int | None = None) -> "ParallelDims":
         """Degrees for ``cfg.train``'s batch sizes and ``cfg.parallel`` on ``world_size`` processes
-        (``tp``/``pp`` override ``cfg.parallel``)."""
+        (``tp``/``pp``/``sp`` override ``cfg.parallel``)."""
         return cls(
             world_size=world_size,
             global_batch_size=cfg.train.global_batch_size,
@@ -91,17 +105,18 @@ class ParallelDims:
             tp=cfg.parallel.tp_size if tp is None else tp,
             pp=cfg.parallel.pp_size if pp is None else pp,
             rank=rank,
+            sp=cfg.parallel.sp_size if sp is None else sp,
         )
 
-    def with_groups(self, *, dp, tp, pp) -> "ParallelDims":
+    def with_groups(self, *, dp, tp, pp, sp=None) -> "ParallelDims":
         """The same degrees with the engine's data-parallel (``dp``), tensor-parallel (``tp``) and
-        pipeline (``pp``) groups attached: each named, the world's included; ``tp``/``pp`` None
-        exactly where that degree is 1 (:class:`MeshGroups`)."""
-        for kind, degree, group in (("tp", self.tp, tp), ("pp", self.pp, pp)):
+        pipeline (``pp``) and sequence-parallel (``sp``) groups attached: each named, the world's
+        included; ``tp``/``pp``/``sp`` None exactly where that degree is 1 (:class:`MeshGroups`)."""
+        for kind, degree, group in (("tp", self.tp, tp), ("pp", self.pp, pp), ("sp", self.sp, sp)):
             if (group is None) != (degree == 1):
                 raise ValueError(f"ParallelDims.with_groups: {kind}={group!r} at {kind} degree {degree}; a group "
                                  "is attached exactly where the degree is above 1")
-        return replace(self, groups=MeshGroups(dp, tp, pp))
+        return replace(self, groups=MeshGroups(dp, tp, pp, sp))
 
     def _attached(self) -> MeshGroups:
         if self.groups is None:
@@ -126,6 +141,11 @@ class ParallelDims:
         return self._attached().pp
 
     @property
+    def sp_group(self):
+        """This rank's sequence-parallel (Ulysses) group; None at sp 1."""
+        return self._attached().sp
+
+    @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
 
@@ -135,14 +155,24 @@ class ParallelDims:
         return self.rank // self.dp if self.pp > 1 else 0
 
     @property
+    def sp_rank(self) -> int:
+        """This rank's place in its sequence-parallel group: which shard of each row it holds."""
+        return self.rank % self.sp
+
+    @property
     def dp_rank(self) -> int:
-        return self.rank % self.dp if self.pp > 1 else self.rank // self.tp
+        return self.rank % self.dp if self.pp > 1 else self.rank // (self.tp * self.sp)
 
     def dp_group_ranks(self) -> list[int]:
-        """Global ranks of this rank's data-parallel group (same tp coordinate or stage), in dp order."""
+        """Global ranks of this rank's data-parallel group (same tp or sp coordinate, or stage), in dp order."""
         if self.pp > 1:
             return [self.pp_rank * self.dp + d for d in range(self.dp)]
-        return [d * self.tp + self.tp_rank for d in range(self.dp)]
+        inner = self.tp * self.sp  # one of them is 1
+        return [d * inner + self.rank % inner for d in range(self.dp)]
+
+    def sp_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's sequence-parallel group (same dp coordinate), shard 0 first."""
+        return [self.dp_rank * self.sp + s for s in range(self.sp)]
 
     def tp_group_ranks(self) -> list[int]:
         """Global ranks of this rank's tensor-parallel group (same dp coordinate), in tp order."""
@@ -154,7 +184,7 @@ class ParallelDims:
 
     @property
     def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
+        return self.world_size // (self.tp * self.pp * self.sp)
 
     @property
     def grad_accum(self) -> int:

@@ -112,7 +112,8 @@ def router_aux_note(model, coef: float, setting: float | None) -> str | None:
             "over the target rows' tokens")
 
 
-def resolve_family_modes(model, *, key: str, path: str, logps: str, tp: int, pp: int, packing: bool) -> FamilyModes:
+def resolve_family_modes(model, *, key: str, path: str, logps: str, tp: int, pp: int, packing: bool,
+                         sp: int = 1) -> FamilyModes:
     """The family's half of the start-up checks for ``model`` (built on the meta device, no weights):
     ``model.logps`` (``auto`` resolved), then the parallel mode and packing against the family.
     Raises a one-line ConfigError naming the family, the mode and what to use instead."""
@@ -134,7 +135,15 @@ def resolve_family_modes(model, *, key: str, path: str, logps: str, tp: int, pp:
                           f"head ({transform}), and {mode} scores with the chunked vocabulary-parallel head, which "
                           "reads the head's own output; run it under ZeRO-3 (parallel.tp_size=1, "
                           "parallel.pp_size=1)")
+    if transform and sp > 1:
+        raise ConfigError(f"{name} ({key}={path}) cannot run with parallel.sp_size={sp}: it changes the logits after "
+                          f"the output head ({transform}), and each rank scores its shard of the sequence with the "
+                          "chunked head, which reads the head's own output; set parallel.sp_size=1")
     mixers = sequence_mixers(model.config)
+    if mixers and sp > 1:
+        raise ConfigError(f"{name} ({key}={path}) cannot run with parallel.sp_size={sp}: its {', '.join(mixers)} "
+                          "layers mix tokens along the sequence outside attention, and Ulysses splits only the "
+                          "attention (each rank would run them over its own shard); set parallel.sp_size=1")
     if mixers and packing:
         raise ConfigError(f"data.packing=true cannot be used with {name} ({key}={path}): its "
                           f"{', '.join(mixers)} layers mix tokens along the sequence outside attention, so packed "

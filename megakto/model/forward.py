@@ -40,7 +40,7 @@ from megakto.model.packed import (check_rows, for_attention, keep_router_logits,
                                   uses_flash)
 from megakto.model.vocab_blocks import BlockedHead, blocked_token_logps
 
-__all__ = ["packed_completion_logps", "completion_logps", "logps_function", "chunk_tokens_for",
+__all__ = ["packed_completion_logps", "completion_logps", "logps_function", "chunk_tokens_for", "segment_head",
            "LOGITS_BLOCK_ELEMENTS", "uses_flash", "for_attention", "completion_token_counts", "VocabReducers"]
 
 # ``(reduce_max, reduce_sum)`` over the ranks a vocabulary-parallel head is split across, each an
@@ -110,12 +110,30 @@ def packed_completion_logps(model, batch: PackedBatch, *, attn: str, mode: str =
     mask, targets, seg_of = _scored(batch)
     n = batch.num_segments
     n_tokens = torch.bincount(seg_of, minlength=n)
+    head, head_fn = segment_head(model, mask, targets, seg_of, n, chunk_tokens=chunk_tokens, reducers=reducers)
+    check_rows(attn, batch.input_ids)
+    with replaced_output_head(head, head_fn) as state:
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                    use_cache=False, **router_request(router_logits))
+    keep_router_logits(out, router_logits)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return check_head_output(model, logits, state, n), n_tokens
+
+
+def segment_head(model, mask: torch.Tensor, targets: torch.Tensor, seg_of: torch.Tensor, n: int, *,
+                 chunk_tokens: int | None = None, reducers: VocabReducers = (None, None), shifted: bool = True):
+    """``(head, forward)``: ``model``'s output head and the forward to swap in for one call
+    (:func:`~megakto.model.lm_head.replaced_output_head`), which returns the (n, 1, 1) per-segment
+    sums of the log-probs of ``targets`` at the positions ``mask`` picks (segment ``seg_of``).
+    ``shifted``: the mask covers positions 0..L-2 of the head's input (the targets being the next
+    tokens, as :func:`_scored` gives them); otherwise all L positions (labels shifted beforehand, as
+    in a sequence shard)."""
 
     def chunk_for(rows: int) -> int:
         return chunk_tokens or chunk_tokens_for(rows)
 
     def head_fn(hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-        scored = hidden[:, :-1][mask]
+        scored = (hidden[:, :-1] if shifted else hidden)[mask]
         if isinstance(head, BlockedHead):
             tok = blocked_token_logps(head, scored, targets, chunk_for)
         else:
@@ -125,13 +143,7 @@ def packed_completion_logps(model, batch: PackedBatch, *, attn: str, mode: str =
 
     head = output_head(model)
     start, reduce_max, reduce_sum = (0, None, None) if isinstance(head, BlockedHead) else _vocab_shard(model, head, reducers)
-    check_rows(attn, batch.input_ids)
-    with replaced_output_head(head, head_fn) as state:
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                    use_cache=False, **router_request(router_logits))
-    keep_router_logits(out, router_logits)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return check_head_output(model, logits, state, n), n_tokens
+    return head, head_fn
 
 
 def logps_function(mode: str, chunk_tokens: int | None = None, *, attn: str,

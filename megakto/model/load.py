@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megakto.errors import ConfigError, ModelError
 from megakto.model.families import resolve_family_modes, router_aux_coef, router_aux_note
+from megakto.model.sp_checks import check_sp_config
 from megakto.model.tp_checks import check_tp_config
 
 __all__ = ["ModelSettings", "check_model_path", "model_settings", "check_model_settings", "attn_choices", "load_tokenizer",
@@ -36,10 +37,10 @@ ATTN_CANDIDATES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flas
 _PADDED_WITH_EOS = weakref.WeakSet()
 
 
-def check_model_path(path: str, *, key: str, trust_remote_code: bool, tp: int = 1):
+def check_model_path(path: str, *, key: str, trust_remote_code: bool, tp: int = 1, sp: int = 1):
     """Fail early (before any engine is built) if ``path`` is not a loadable causal-LM folder, or
-    one that does not split ``tp`` ways (:func:`megakto.model.tp_checks.check_tp_config`); returns
-    its config."""
+    one that does not split ``tp`` ways (:func:`megakto.model.tp_checks.check_tp_config`) or ``sp``
+    ways (:func:`megakto.model.sp_checks.check_sp_config`); returns its config."""
     if not path:
         raise ModelError(f"{key} is empty: set it to a local Hugging Face model folder (or a hub name)")
     looks_local = os.path.sep in path or path.startswith(".") or os.path.exists(path)
@@ -53,6 +54,7 @@ def check_model_path(path: str, *, key: str, trust_remote_code: bool, tp: int = 
         first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise ModelError(f"{key}={path}: cannot load the model config: {first}") from None
     check_tp_config(config, tp, key=f"{key}={path}")
+    check_sp_config(config, sp, key=f"{key}={path}")
     return config
 
 
@@ -146,7 +148,7 @@ class ModelSettings(NamedTuple):
 
 def model_settings(path: str, *, attn_implementation: str, logps: str, trust_remote_code: bool,
                    ref_path: str | None = None, tp: int = 1, pp: int = 1, packing: bool = True,
-                   router_aux: float | None = 0.0) -> ModelSettings:
+                   router_aux: float | None = 0.0, sp: int = 1) -> ModelSettings:
     """The attention implementation and log-prob mode to load the policy (and the reference at
     ``ref_path``) with, checked against each model's family (:mod:`megakto.model.families`).
 
@@ -168,7 +170,7 @@ def model_settings(path: str, *, attn_implementation: str, logps: str, trust_rem
             raise ModelError(f"{key}={p}: cannot load the model config: {_first_sentence(err)}") from None
         model = _resolve_attn(config, attn_implementation, key=key, path=p,
                               trust_remote_code=trust_remote_code)
-        family = resolve_family_modes(model, key=key, path=p, logps=logps, tp=tp, pp=pp, packing=packing)
+        family = resolve_family_modes(model, key=key, path=p, logps=logps, tp=tp, pp=pp, packing=packing, sp=sp)
         picked.append(str(model.config._attn_implementation))
         modes.append(family.logps)
         notes += [n for n in family.notes if n not in notes]

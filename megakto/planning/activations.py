@@ -26,6 +26,14 @@ runs its matmuls in fp32 (:mod:`megakto.kto.chunked_logps`): no cast of the bloc
 block widened to fp32 (V_block·h·4) and, with grad, its gradient summed in fp32 then cast
 (V_block·h·(4 + w)).
 ``model.logps: full``: fp32 logits of every token, their log-softmax kept for backward (2·T·V·4).
+
+Under Ulysses sequence parallelism (``sp`` ranks) a rank runs 1/sp of a micro-batch's tokens, laid
+end to end as one row (:func:`sequence_shard_tokens`): every per-token term above is divided by sp.
+Each attention layer's all-to-alls add, per local token, the exchanged q, k, v the core attention
+saves (the same element count as the local ones; key-value heads replicated up to sp when there
+are fewer) and the context before the return exchange (:func:`ulysses_bytes_per_token`); the
+attention itself sees the whole row for heads/sp heads and needs no mask: flash_attention_2 (varlen)
+and packed_sdpa (sdpa per packed sequence) both find the sequences from the positions.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from dataclasses import dataclass
 
 from megakto.model.shape import ModelShape
 
-__all__ = ["Tokens", "layer_bytes_per_token", "train_pass", "no_grad_pass", "logits_bytes"]
+__all__ = ["Tokens", "layer_bytes_per_token", "train_pass", "no_grad_pass", "logits_bytes", "sequence_shard_tokens",
+           "ulysses_bytes_per_token"]
 
 LOGITS_BLOCK_ELEMENTS = 1 << 24  # megakto.model.forward.LOGITS_BLOCK_ELEMENTS (tested equal)
 
@@ -48,6 +57,32 @@ class Tokens:
     completion: int
     rows: int
     row_length: int
+
+
+def sequence_shard_tokens(t: Tokens, sp: int) -> Tokens:
+    """One rank's share of micro-batch ``t`` under ``sp`` ways of sequence parallelism: 1/sp of its
+    tokens and scored tokens, in one row as long as the whole micro-batch (what the attention sees).
+
+    >>> sequence_shard_tokens(Tokens(tokens=4096, completion=3000, rows=2, row_length=2048), 4)
+    Tokens(tokens=1024, completion=750, rows=1, row_length=4096)
+    """
+    if sp == 1:
+        return t
+    return Tokens(-(-t.tokens // sp), -(-t.completion // sp), 1, t.tokens)
+
+
+def ulysses_bytes_per_token(shape: ModelShape, *, w: int, sp: int) -> int:
+    """Bytes Ulysses' all-to-alls add per local token and decoder layer (module docstring).
+
+    >>> s = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16,
+    ...                vocab=1000, embedding=64000, head=64000, layer_params=(1,))
+    >>> ulysses_bytes_per_token(s, w=2, sp=4)   # 2·(2·64 + 2·max(2, 4)·16): kv heads replicated to 4
+    512
+    """
+    if sp == 1:
+        return 0
+    kv = max(shape.kv_heads, sp) * shape.head_dim
+    return w * (2 * shape.q_dim + 2 * kv)
 
 
 def _norm_bytes(shape: ModelShape, w: int) -> int:
@@ -66,11 +101,11 @@ def layer_bytes_per_token(shape: ModelShape, *, w: int, tp: int = 1) -> int:
     return 2 * _norm_bytes(shape, w) + local
 
 
-def _attention_bytes(shape: ModelShape, t: Tokens, *, w: int, tp: int, attn: str) -> int:
+def _attention_bytes(shape: ModelShape, t: Tokens, *, w: int, tp: int, attn: str, sp: int = 1) -> int:
     """Per layer: eager's scores and probabilities; 0 for sdpa/flash kernels."""
     if attn != "eager":
         return 0
-    return 2 * t.rows * (shape.heads // tp) * t.row_length ** 2 * w
+    return 2 * t.rows * (shape.heads // (tp * sp)) * t.row_length ** 2 * w
 
 
 def logits_bytes(shape: ModelShape, scored: int, *, w: int, tp: int, logps: str, chunk_tokens: int | None,
@@ -98,20 +133,27 @@ def logits_bytes(shape: ModelShape, scored: int, *, w: int, tp: int, logps: str,
     return out
 
 
-def train_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, checkpointing: bool, attn: str) -> dict[str, int]:
-    """The policy's forward with grad and its backward, one micro-batch: bytes by component."""
-    per_layer = layer_bytes_per_token(shape, w=w, tp=tp) * t.tokens + _attention_bytes(shape, t, w=w, tp=tp, attn=attn)
+def train_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, checkpointing: bool, attn: str,
+               sp: int = 1) -> dict[str, int]:
+    """The policy's forward with grad and its backward, one micro-batch (``sp``: this rank's shard of
+    it): bytes by component."""
+    t = sequence_shard_tokens(t, sp)
+    per_token = layer_bytes_per_token(shape, w=w, tp=tp) + ulysses_bytes_per_token(shape, w=w, sp=sp)
+    per_layer = per_token * t.tokens + _attention_bytes(shape, t, w=w, tp=tp, attn=attn, sp=sp)
     final = _norm_bytes(shape, w) * t.tokens + shape.hidden * w * t.completion  # final norm, scored hidden
     if checkpointing:
         kept = shape.layers * shape.hidden * w * t.tokens + per_layer  # layer inputs + one recomputed layer
     else:
         kept = shape.layers * per_layer
-    mask = t.rows * t.row_length ** 2 if attn != "flash_attention_2" else 0
+    mask = t.rows * t.row_length ** 2 if attn != "flash_attention_2" and sp == 1 else 0
     return {"activations": kept + final + mask, "backward": per_layer}
 
 
-def no_grad_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, attn: str) -> int:
+def no_grad_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, attn: str, sp: int = 1) -> int:
     """A forward without grad (reference, policy on the KL rows, the cache precompute): one layer's
     live tensors at a time (its input and residual, q/k/v and the MLP's gate, up and product)."""
+    t = sequence_shard_tokens(t, sp)
     per_token = w * (2 * shape.hidden + (shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate) // tp)
-    return per_token * t.tokens + _attention_bytes(shape, t, w=w, tp=tp, attn=attn) // 2 + t.rows * t.row_length ** 2
+    per_token += ulysses_bytes_per_token(shape, w=w, sp=sp)
+    mask = 0 if sp > 1 else t.rows * t.row_length ** 2  # Ulysses' core attentions take no mask
+    return per_token * t.tokens + _attention_bytes(shape, t, w=w, tp=tp, attn=attn, sp=sp) // 2 + mask

@@ -29,6 +29,16 @@ def _logps(model) -> str:
     return "full" if logit_transform(config) else "chunked"
 
 
+def _attn(setting: str, sp: int, on_gpu: bool) -> str:
+    """The attention the run loads: ``auto`` is sdpa, or under sequence parallelism the device's
+    Ulysses core attention (:func:`megakto.model.sp_checks.sp_attention`)."""
+    if sp > 1:
+        from megakto.model.sp_checks import sp_attention
+
+        return sp_attention(setting, sp, on_gpu=on_gpu)
+    return "sdpa" if setting == "auto" else setting
+
+
 def plan_inputs(cfg: Config, ds: dict, shape: ModelShape, *, world_size: int, on_gpu: bool, gpus_per_node: int = 8,
                 source: str = "DeepSpeed config", tokens: Tokens | None = None) -> PlanInputs:
     """``tokens``: the largest micro-batch a rank runs (the dry run's plan of the first steps);
@@ -45,11 +55,11 @@ def plan_inputs(cfg: Config, ds: dict, shape: ModelShape, *, world_size: int, on
     same_weights = os.path.abspath(cfg.ref.path or m.path) == os.path.abspath(m.path)
     ref = "none" if cfg.kto.loss_type == "sft" or (lora and same_weights) else cfg.ref.mode
     return PlanInputs(
-        shape=shape, world_size=world_size, dp=dims.dp, tp=dims.tp, pp=dims.pp, grad_accum=dims.grad_accum,
+        shape=shape, world_size=world_size, dp=dims.dp, tp=dims.tp, pp=dims.pp, sp=dims.sp, grad_accum=dims.grad_accum,
         zero=dict(filled.get("zero_optimization") or {}), weight_bytes=2 if bf16 else 4,
         accum_bytes=grad_accum_bytes(filled, bf16), on_gpu=on_gpu,
         gpus_per_node=gpus_per_node, ref=ref, ref_offload=cfg.ref.offload == "cpu" and dims.pp == 1,
         checkpointing=m.gradient_checkpointing,
-        attn="sdpa" if m.attn_implementation == "auto" else m.attn_implementation, logps=_logps(m),
+        attn=_attn(m.attn_implementation, dims.sp, on_gpu), logps=_logps(m),
         chunk_tokens=m.logps_chunk_tokens, block_rows=blocks, lora_trainable=lora, train_tokens=tokens,
         precompute_tokens=worst_case_tokens(cfg.train.eval_batch_size, d.max_length, row, d.packing))

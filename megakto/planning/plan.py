@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from megakto.planning.activations import Tokens, logits_bytes, no_grad_pass, train_pass
+from megakto.planning.activations import Tokens, logits_bytes, no_grad_pass, sequence_shard_tokens, train_pass
 from megakto.model.shape import ModelShape
 from megakto.planning.states import StateBytes, frozen_weights, model_states
 
@@ -53,6 +53,7 @@ class PlanInputs:
     dp: int
     tp: int = 1
     pp: int = 1
+    sp: int = 1  # sequence-parallel ranks: ZeRO partitions over dp × sp, activations are 1/sp
     grad_accum: int = 1
     zero: dict = field(default_factory=dict)  # the JSON's zero_optimization section
     weight_bytes: int = 2
@@ -158,7 +159,8 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     rank_params = _rank_params(s, p.tp, p.pp)
     trainable = p.lora_trainable or rank_params
     frozen = rank_params if p.lora_trainable else 0
-    states = model_states(trainable, frozen, stage=stage, shards=p.dp, weight_bytes=w, accum_bytes=p.accum_bytes,
+    shards = p.dp * p.sp  # ZeRO's partition group: Ulysses' sequence ranks hold partitions too
+    states = model_states(trainable, frozen, stage=stage, shards=shards, weight_bytes=w, accum_bytes=p.accum_bytes,
                           offload_optimizer=off_opt, offload_param=off_par)
     rows = [("policy weights", states.weights, states.host_weights),
             ("policy gradients", states.gradients, states.host_gradients),
@@ -168,7 +170,7 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     # The reference: a ZeRO-3 inference engine over the data-parallel group (pipelines: a stage-0
     # frozen pipeline, each stage its layers on the device).
     ref_states = (StateBytes(weights=rank_params * w) if p.pp > 1 else
-                  frozen_weights(rank_params, shards=p.dp, weight_bytes=w, offload=p.ref_offload))
+                  frozen_weights(rank_params, shards=shards, weight_bytes=w, offload=p.ref_offload))
     if p.ref == "online":
         rows.append(("reference weights", ref_states.weights, ref_states.host_weights))
     # The reference engine's JSON sets only its stage (megakto.distributed.ds_config.reference_ds_config),
@@ -211,17 +213,17 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     t = p.train_tokens
     in_flight = min(p.pp, p.grad_accum) if p.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches
     stage_shape = s if p.pp == 1 else _stage_shape(s, p.pp)
-    train = train_pass(stage_shape, t, w=w, tp=p.tp, checkpointing=p.checkpointing, attn=p.attn)
-    head_grad = logits_bytes(s, t.completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens,
+    train = train_pass(stage_shape, t, w=w, tp=p.tp, checkpointing=p.checkpointing, attn=p.attn, sp=p.sp)
+    head_grad = logits_bytes(s, sequence_shard_tokens(t, p.sp).completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens,
                              block_rows=p.block_rows, grad=True)
     phases = {"train": train["activations"] * in_flight + train["backward"] + head_grad + gathers}
     both = Tokens(2 * t.tokens, 2 * t.completion, 2 * t.rows, t.row_length)  # target + KL rows
-    no_grad = no_grad_pass(stage_shape, both, w=w, tp=p.tp, attn=p.attn) + logits_bytes(
-        s, both.completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens, block_rows=p.block_rows,
+    no_grad = no_grad_pass(stage_shape, both, w=w, tp=p.tp, attn=p.attn, sp=p.sp) + logits_bytes(
+        s, sequence_shard_tokens(both, p.sp).completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens, block_rows=p.block_rows,
         grad=False)
     policy_gathers = gathers - largest * w if stage == 3 else 0
     phases["no-grad"] = no_grad + policy_gathers
-    part = -(-trainable // max(1, p.dp))
+    part = -(-trainable // max(1, shards))
     if stage in (1, 2) and not off_opt and w != 4:  # the partition's gradient cast to fp32 (a no-op in fp32)
         phases["step"] = 4 * part
     elif stage == 3 and not off_opt:
@@ -231,8 +233,8 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     if p.ref == "cache":
         pre = p.precompute_tokens
         phases["precompute"] = (ref_states.weights + (0 if p.on_gpu else ref_states.host_weights)
-                                + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn)
-                                + logits_bytes(s, pre.completion, w=w, tp=p.tp, logps=p.logps,
+                                + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn, sp=p.sp)
+                                + logits_bytes(s, sequence_shard_tokens(pre, p.sp).completion, w=w, tp=p.tp, logps=p.logps,
                                                chunk_tokens=p.chunk_tokens, block_rows=p.block_rows, grad=False)
                                 + ref_live)
         rows.append(("reference weights (precompute only)", 0, ref_states.host_weights if p.on_gpu else 0))

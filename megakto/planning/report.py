@@ -19,14 +19,17 @@ def format_plan(plan: MemoryPlan) -> str:
     """Component x GiB per rank (device, host), the phases, the peak and the verdict."""
     p = plan.inputs
     dev = "GPU" if p.on_gpu else "CPU"
-    lines = [f"memory plan: world {p.world_size} = dp {p.dp} x tp {p.tp} x pp {p.pp}, ZeRO-{p.zero.get('stage', 0)}, "
+    sp = f" x sp {p.sp}" if p.sp > 1 else ""
+    lines = [f"memory plan: world {p.world_size} = dp {p.dp} x tp {p.tp} x pp {p.pp}{sp}, ZeRO-{p.zero.get('stage', 0)}, "
              f"{'bf16' if p.weight_bytes == 2 else 'fp32'}, {dev}, reference {p.ref}"
              + (" (offloaded)" if p.ref == "online" and p.ref_offload else "")
              + f", gradient checkpointing {'on' if p.checkpointing else 'off'}",
              "parameters: " + ", ".join(f"{k} {v / 1e9:.3f}B" if v >= 1e8 else f"{k} {v:,}"
                                           for k, v in plan.params.items()),
              f"micro-batch: {p.train_tokens.tokens} tokens in {p.train_tokens.rows} rows of "
-             f"{p.train_tokens.row_length}, {p.train_tokens.completion} scored",
+             f"{p.train_tokens.row_length}, {p.train_tokens.completion} scored"
+             + (f"; {-(-p.train_tokens.tokens // p.sp)} tokens per rank of each sequence group of {p.sp}"
+                if p.sp > 1 else ""),
              f"{'component':38s} {dev + ' GiB/rank':>12s} {'host GiB/rank':>14s}"]
     lines += [f"{name:38s} {_gib(d):>12s} {_gib(h):>14s}" for name, d, h in plan.rows]
     lines.append(f"{'= persistent':38s} {_gib(plan.persistent):>12s}")
@@ -49,7 +52,8 @@ def plan_json(plan: MemoryPlan) -> dict:
             "persistent_bytes": plan.persistent, "peak_phase": plan.peak_phase, "phases": plan.phases,
             "components": {name: {"device": d, "host": h} for name, d, h in plan.rows},
             "params": plan.params, "fits": plan.fits, "gpu_memory_gib": plan.gpu_memory,
-            "world_size": plan.inputs.world_size, "dp": plan.inputs.dp, "tp": plan.inputs.tp, "pp": plan.inputs.pp}
+            "world_size": plan.inputs.world_size, "dp": plan.inputs.dp, "tp": plan.inputs.tp, "pp": plan.inputs.pp,
+            "sp": plan.inputs.sp}
 
 
 # A change: (what to tell the user, extra config overrides, DeepSpeed JSON edit, world-size factor).
@@ -87,6 +91,8 @@ def candidate_changes(plan: MemoryPlan, micro_batch_size: int) -> list[Change]:
         out.append(("zero_optimization.offload_optimizer={device: cpu} in the DeepSpeed JSON", [], _offload, 1))
     if p.pp == 1 and not p.lora_trainable:
         out.append((f"parallel.tp_size={p.tp * 2}", [f"parallel.tp_size={p.tp * 2}"], None, 1))
+        # Sequence ranks split a row's activations (and need ZeRO-3; refused otherwise, so skipped).
+        out.append((f"parallel.sp_size={p.sp * 2}", [f"parallel.sp_size={p.sp * 2}"], None, 1))
     out.append((f"--world-size {p.world_size * 2}", [], None, 2))
     return out
 

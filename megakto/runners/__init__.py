@@ -8,6 +8,8 @@ metrics. A runner owns the policy engine's execution of the two passes:
 * :class:`~megakto.runners.pipeline.PipelineRunner`: ``deepspeed.pipe``; the no-grad passes through
   ``eval_batch`` and the policy pass as one ``train_batch`` (1F1B schedule), eq. (7) evaluated on
   the last stage.
+* :class:`~megakto.runners.sequence.SequenceMode`: Ulysses sequence parallelism under ZeRO-3; the
+  ZeRO runner, each rank scoring its shard of every micro-batch's tokens.
 
 Each mode is a module that builds itself (:class:`~megakto.runners.base.ParallelMode`: its policy
 engine, groups, online reference and feature switches); :func:`parallel_mode` is the one place
@@ -17,13 +19,14 @@ and a line in :func:`parallel_mode`.
 
 from megakto.runners.base import EngineOutcome, ModeSetup, ParallelMode, StepRunner, TrainOutcome
 from megakto.runners.pipeline import PipelineMode
+from megakto.runners.sequence import SequenceMode
 from megakto.runners.zero import ZeroMode
 
 __all__ = ["EngineOutcome", "ModeSetup", "ParallelMode", "StepRunner", "TrainOutcome", "parallel_mode"]
 
 
 def parallel_mode(setup: ModeSetup) -> ParallelMode:
-    """The mode of ``setup.dims``: pipelines when it has pipeline stages, else ZeRO (with AutoTP when
-    it has tensor-parallel ranks)."""
-    mode = PipelineMode if setup.dims.pp > 1 else ZeroMode
+    """The mode of ``setup.dims``: pipelines when it has pipeline stages, Ulysses when it has
+    sequence-parallel ranks, else ZeRO (with AutoTP when it has tensor-parallel ranks)."""
+    mode = PipelineMode if setup.dims.pp > 1 else SequenceMode if setup.dims.sp > 1 else ZeroMode
     return mode(setup)

@@ -126,7 +126,7 @@ class ZeroMode:
                 + (f" (model.lora.target_modules {','.join(missing)}: no such module in this model)" if missing else ""))
         universal = load_dir is not None and checkpoint.resume_layout(load_dir, comm.world_size()) == "universal"
         ds_config = ds_engine.universal_load_config(self.ds_config) if universal else self.ds_config
-        policy = ds_engine.build_policy_engine(model, ds_config, **optim_settings(cfg))
+        policy = self._engine(model, ds_config)
         policy.train()
         leaves = ds_engine.zero3_leaf_classes(policy.module)
         if leaves:  # mixture-of-experts blocks: every expert gathered on entry, whatever the routing
@@ -134,6 +134,10 @@ class ZeroMode:
         with comm.fail_together(group=comm.world_group()):
             check_vocab_parallel_head(policy, self.dims.tp)
         return policy
+
+    def _engine(self, model, ds_config: dict):
+        """The policy's DeepSpeed engine around the loaded ``model``."""
+        return ds_engine.build_policy_engine(model, ds_config, **optim_settings(self.cfg))
 
     def attach_groups(self, policy) -> ParallelDims:
         """The engine's data- and tensor-parallel groups, checked against the mesh arithmetic: megakto

@@ -185,7 +185,7 @@ def test_config_help_lists_every_key_with_type_and_default():
     text = config_help()
     lines = text.splitlines()
     keys = list(_leaves(config_to_dict(Config())))
-    assert len(lines) == len(keys) == 73  # 2 top-level + 16+8+8+12+8+4+2+3+9+1 per section
+    assert len(lines) == len(keys) == 74  # 2 top-level + 16+8+8+12+8+4+2+4+9+1 per section
     for line, key in zip(lines, keys):
         assert line.startswith(key + ": ")
     assert "train.max_steps: int = 100 " in text

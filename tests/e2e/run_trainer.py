@@ -90,6 +90,7 @@ def main():
     policy_after, logits = {}, torch.zeros(0)
     if not piped:
         policy_after = engine.gathered_state_dict(trainer.policy.module, tp_group=tp_group)
+    if not piped and trainer.dims.sp == 1:  # under Ulysses a plain forward's attention would mix the ranks' rows
         with torch.no_grad():  # the engine's own logits on export's fixed batch (a collective forward)
             logits = trainer.policy(input_ids=probe_batch(trainer.policy.module.config.vocab_size)).logits
         if trainer.dims.tp > 1:  # a vocabulary-parallel head returns this rank's columns

@@ -61,7 +61,8 @@ def test_chunked_on_a_soft_capped_reference_is_refused_with_its_key(tmp_path):
         _settings(llama, ref_path=gemma, logps="chunked")
 
 
-def test_hybrid_linear_attention_refuses_packing(tmp_path):
+def qwen3_next_folder(tmp_path):
+    """A tiny Qwen3-Next (Gated DeltaNet linear attention beside full attention) config folder."""
     from transformers import Qwen3NextConfig
 
     path = tmp_path / "qwen3_next"
@@ -69,6 +70,11 @@ def test_hybrid_linear_attention_refuses_packing(tmp_path):
                     num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                     shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
                     linear_key_head_dim=16, linear_value_head_dim=16).save_pretrained(path)
+    return path
+
+
+def test_hybrid_linear_attention_refuses_packing(tmp_path):
+    path = qwen3_next_folder(tmp_path)
     with pytest.raises(ConfigError) as info:
         _settings(str(path))
     assert str(info.value) == (

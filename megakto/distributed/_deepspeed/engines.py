@@ -81,7 +81,9 @@ def pipeline_groups(engine):
 
 def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, weight_decay: float,
                         betas: tuple[float, float], eps: float, warmup_steps: int, max_steps: int,
-                        schedule: str, min_lr_ratio: float):
+                        schedule: str, min_lr_ratio: float, mpu=None):
+    """``mpu``: DeepSpeed's parallel state when it is not DeepSpeed's own (Ulysses sequence groups,
+    :func:`megakto.distributed._deepspeed.ulysses.register_ulysses`)."""
     # fused: one kernel per step and no full-size temporaries (ZeRO hands the optimizer one flat
     # fp32 partition per group, so foreach temporaries would be as large as the whole model).
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=True)
@@ -91,7 +93,7 @@ def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, w
                 min_lr_ratio=min_lr_ratio),
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=with_moe_leaves(model, ds_config))
+                                           config=with_moe_leaves(model, ds_config), mpu=mpu)
     _mark_universal_info(engine)
     return engine
 
