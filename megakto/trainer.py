@@ -199,7 +199,7 @@ class KTOTrainer:
         return build_reference(cfg.ref, cfg.model, dtype=self._model_dtype(), online=online,
                                sequences=self._reference_sequences, batch_size=cfg.train.eval_batch_size,
                                dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, dp_group=self.dims.dp_group,
-                               writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0 and self.dims.sp_rank == 0,
+                               writes=self.dims.first_of_replica,
                                device=self.device,
                                log=self.log.info)
 

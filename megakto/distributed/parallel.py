@@ -160,6 +160,12 @@ class ParallelDims:
         return self.rank % self.sp
 
     @property
+    def first_of_replica(self) -> bool:
+        """Whether this rank is the first of the ranks that hold the same rows (its tensor-parallel,
+        pipeline and sequence-parallel peers): the one that writes what they share."""
+        return self.tp_rank == 0 and self.pp_rank == 0 and self.sp_rank == 0
+
+    @property
     def dp_rank(self) -> int:
         return self.rank % self.dp if self.pp > 1 else self.rank // (self.tp * self.sp)
 

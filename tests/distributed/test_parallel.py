@@ -140,3 +140,16 @@ def test_from_config_reads_parallel_section():
                              "train.micro_batch_size=4", "parallel.tp_size=2"])
     dims = ParallelDims.from_config(cfg, 4, rank=2)
     assert (dims.tp, dims.dp, dims.grad_accum, dims.dp_rank, dims.tp_rank) == (2, 2, 2, 1, 0)
+
+
+@pytest.mark.parametrize("tp, pp, sp, firsts", [
+    (1, 1, 1, [0, 1, 2, 3]),   # data parallel only: every rank holds rows of its own
+    (2, 1, 1, [0, 2]),         # TP groups {0,1}, {2,3}
+    (1, 2, 1, [0, 1]),         # stage 0 on {0,1}: the pipelines' first stages
+    (1, 1, 2, [0, 2]),         # sequence groups {0,1}, {2,3}
+])
+def test_first_of_replica_is_one_rank_per_set_of_rows(tp, pp, sp, firsts):
+    dims = [ParallelDims(world_size=4, global_batch_size=8, micro_batch_size=1, tp=tp, pp=pp, sp=sp, rank=r)
+            for r in range(4)]
+    assert [d.rank for d in dims if d.first_of_replica] == firsts
+    assert sorted(d.dp_rank for d in dims if d.first_of_replica) == list(range(dims[0].dp))
