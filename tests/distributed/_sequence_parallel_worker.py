@@ -86,7 +86,7 @@ def main():
             logps, n_tokens = logps_fn(policy, pack(mine, 64, 0))
             policy.backward(loss_of(logps, dims.dp_rank * len(mine)))
             policy.step()
-            result[key] = engine.gathered_state_dict(policy.module)
+            result[key] = engine.gathered_state_dict(policy.module, tp_group=None)
             if key == "weights":
                 result["logps"], result["n_tokens"] = logps.detach(), n_tokens
                 policy.eval()
