@@ -310,3 +310,31 @@ def test_derived_rng_state_depends_on_seed_step_and_rank():
 
     assert draw(0, 4, 1) == draw(0, 4, 1)
     assert len({draw(0, 4, 0), draw(0, 4, 1), draw(0, 5, 0), draw(1, 4, 0)}) == 4
+
+
+def test_resume_at_another_sequence_parallel_layout_is_refused(tmp_path):
+    """The manifest records sp_size; a sequence-parallel checkpoint resumes only at the same sp_size
+    and world (another sp regroups which ranks hold which rows), and an sp 1 checkpoint (or one
+    from before sp_size was recorded) does not resume under sequence parallelism."""
+    fake = FakeEngine()
+    sp2 = checkpoint.save(fake, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
+                          sp_size=2)
+    assert json.loads((tmp_path / "a" / "checkpoints" / "step-00000004" / "complete").read_text())["sp_size"] == 2
+    assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, sp_size=2) == sp2
+    with pytest.raises(ConfigError) as err:
+        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1)
+    assert str(err.value) == (f"train.resume=auto: {sp2} was written by 1 ranks with parallel.sp_size=2 but this run "
+                              "has 1 with parallel.sp_size=1; another sequence-parallel size, or another number of "
+                              "ranks under sequence parallelism, is not supported: resume with 1 processes and "
+                              "parallel.sp_size=2")
+    with pytest.raises(ConfigError, match=r"written by 1 ranks with parallel.sp_size=2 but this run has 4 with "
+                                          r"parallel.sp_size=2"):
+        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=4, sp_size=2)
+    _, old = _save(tmp_path / "b" / "checkpoints", 2)
+    _manifest_with(old, sp_size=1)
+    manifest_path = os.path.join(old, checkpoint.MANIFEST)
+    manifest = json.loads(open(manifest_path).read())
+    del manifest["sp_size"]  # written before sequence parallelism existed
+    open(manifest_path, "w").write(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"parallel.sp_size=1 but this run has 1 with parallel.sp_size=2"):
+        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, sp_size=2)
