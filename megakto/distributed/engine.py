@@ -10,7 +10,10 @@ private package :mod:`megakto.distributed._deepspeed`, whose modules are the onl
   the engines' groups and gathered weights;
 * :mod:`~megakto.distributed._deepspeed.checkpoint_io`: DeepSpeed's checkpoint files and the
   pickle allow-list every read of them goes through;
-* :mod:`~megakto.distributed._deepspeed.convert`: zero_to_fp32 and the universal conversion.
+* :mod:`~megakto.distributed._deepspeed.convert`: zero_to_fp32 and the universal conversion;
+* :mod:`~megakto.distributed._deepspeed.vocab_ops`: DeepSpeed's vocabulary-parallel log-probs behind
+  megakto's signature, for the comparison recorded in :mod:`megakto.distributed.vocab_parallel`
+  (training uses megakto's own).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from megakto.distributed._deepspeed.engines import (build_pipeline_module, build
 from megakto.distributed._deepspeed.loading import block_vocab, load_model, split_vocab
 from megakto.distributed._deepspeed.runtime import (accelerator_rng_state, bf16_supported, configure_cpu_threads,
                                                     device, init_distributed, on_gpu, set_accelerator_rng_state)
+from megakto.distributed._deepspeed.vocab_ops import DEEPSPEED_OPS, deepspeed_token_logps
 from megakto.model.load import outside_zero3
 
 __all__ = [
@@ -58,4 +62,6 @@ __all__ = [
     "outside_zero3",
     "accelerator_rng_state",
     "set_accelerator_rng_state",
+    "deepspeed_token_logps",
+    "DEEPSPEED_OPS",
 ]
