@@ -13,6 +13,9 @@ private package :mod:`megakto.distributed._deepspeed`, whose modules are the onl
 * :mod:`~megakto.distributed._deepspeed.convert`: zero_to_fp32 and the universal conversion;
 * :mod:`~megakto.distributed._deepspeed.ulysses`: Ulysses sequence parallelism's attention swap and
   its groups.
+* :mod:`~megakto.distributed._deepspeed.vocab_ops`: DeepSpeed's vocabulary-parallel log-probs behind
+  megakto's signature, for the comparison recorded in :mod:`megakto.distributed.vocab_parallel`
+  (training uses megakto's own).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from megakto.distributed._deepspeed.loading import block_vocab, load_model, spli
 from megakto.distributed._deepspeed.runtime import (accelerator_rng_state, bf16_supported, configure_cpu_threads,
                                                     device, init_distributed, on_gpu, set_accelerator_rng_state)
 from megakto.distributed._deepspeed.ulysses import register_ulysses, sequence_groups
+from megakto.distributed._deepspeed.vocab_ops import DEEPSPEED_OPS, deepspeed_token_logps
 from megakto.model.load import outside_zero3
 
 __all__ = [
@@ -62,4 +66,6 @@ __all__ = [
     "set_accelerator_rng_state",
     "register_ulysses",
     "sequence_groups",
+    "deepspeed_token_logps",
+    "DEEPSPEED_OPS",
 ]
