@@ -249,6 +249,12 @@ class ParallelConfig:
         "shrink sp_size times (long completions); it must divide the world size, the attention heads and "
         "data.max_tokens_per_row; tp_size and pp_size 1. 1 = off."
     )
+    ep_size: int = _opt(
+        1, "Expert-parallel degree for mixture-of-experts models (DeepSpeed AutoEP): each MoE layer's experts "
+        "are split over groups of this many ranks and tokens are sent to their experts by all-to-all; the "
+        "ranks of a group see different rows (every rank is data-parallel for the dense weights). It must "
+        "divide the world size and the model's expert count; tp_size, pp_size and sp_size 1. 1 = off."
+    )
 
 
 @dataclass

@@ -37,6 +37,7 @@ def validate(cfg: Config) -> None:
         "parallel.tp_size": cfg.parallel.tp_size,
         "parallel.pp_size": cfg.parallel.pp_size,
         "parallel.sp_size": cfg.parallel.sp_size,
+        "parallel.ep_size": cfg.parallel.ep_size,
         "train.sample_max_new_tokens": cfg.train.sample_max_new_tokens,
         "health.window": cfg.health.window,
         "health.every_steps": cfg.health.every_steps,

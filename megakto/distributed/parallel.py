@@ -52,11 +52,12 @@ class ParallelDims:
     pp: int = 1
     rank: int = 0  # this process's global rank
     sp: int = 1  # sequence-parallel (Ulysses) degree: each row's tokens split over sp ranks
+    ep: int = 1  # expert-parallel (AutoEP) degree: each MoE layer's experts split over ep data-parallel ranks
     # The process groups, set by with_groups() once the engine has built them; None until then.
     groups: MeshGroups | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "global_batch_size", "micro_batch_size", "tp", "pp", "sp"):
+        for name in ("world_size", "global_batch_size", "micro_batch_size", "tp", "pp", "sp", "ep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ParallelDims.{name} must be a positive int, got {value!r}")
@@ -65,6 +66,13 @@ class ParallelDims:
         if self.sp > 1 and (self.tp > 1 or self.pp > 1):
             raise ConfigError(f"parallel.sp_size={self.sp} with parallel.tp_size={self.tp}, parallel.pp_size={self.pp}: "
                               "DeepSpeed has no mesh of sequence with tensor or pipeline parallelism; use one of them")
+        if self.ep > 1 and (self.tp > 1 or self.pp > 1 or self.sp > 1):
+            raise ConfigError(f"parallel.ep_size={self.ep} with parallel.tp_size={self.tp}, parallel.pp_size={self.pp}, "
+                              f"parallel.sp_size={self.sp}: expert parallelism runs over data-parallel ranks only; "
+                              "set the other degrees to 1")
+        if self.world_size % self.ep:
+            raise ConfigError(f"world size {self.world_size} is not divisible by parallel.ep_size={self.ep}; launch a "
+                              f"multiple of {self.ep} processes")
         model_parallel = self.tp * self.pp * self.sp
         if self.world_size % model_parallel:
             degrees = (f"tp × pp = {self.tp} × {self.pp}" if self.sp == 1 else
@@ -86,8 +94,10 @@ class ParallelDims:
             )
 
     def _mesh(self) -> str:
-        """``dp 2 × tp 1 × pp 1`` (``× sp N`` appended under sequence parallelism)."""
-        return f"dp {self.dp} × tp {self.tp} × pp {self.pp}" + (f" × sp {self.sp}" if self.sp > 1 else "")
+        """``dp 2 × tp 1 × pp 1`` (``× sp N`` appended under sequence parallelism, ``(experts over ep N)``
+        under expert parallelism, whose ranks are data-parallel ranks)."""
+        return (f"dp {self.dp} × tp {self.tp} × pp {self.pp}" + (f" × sp {self.sp}" if self.sp > 1 else "")
+                + (f" (experts over ep {self.ep})" if self.ep > 1 else ""))
 
     def describe(self) -> str:
         return (f"world {self.world_size} = {self._mesh()}; global batch "
@@ -95,9 +105,9 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg, world_size: int, *, rank: int = 0, tp: int | None = None,
-                    pp: int | None = None, sp: int | None = None) -> "ParallelDims":
+                    pp: int | None = None, sp: int | None = None, ep: int | None = None) -> "ParallelDims":
         """Degrees for ``cfg.train``'s batch sizes and ``cfg.parallel`` on ``world_size`` processes
-        (``tp``/``pp``/``sp`` override ``cfg.parallel``)."""
+        (``tp``/``pp``/``sp``/``ep`` override ``cfg.parallel``)."""
         return cls(
             world_size=world_size,
             global_batch_size=cfg.train.global_batch_size,
@@ -106,6 +116,7 @@ class ParallelDims:
             pp=cfg.parallel.pp_size if pp is None else pp,
             rank=rank,
             sp=cfg.parallel.sp_size if sp is None else sp,
+            ep=cfg.parallel.ep_size if ep is None else ep,
         )
 
     def with_groups(self, *, dp, tp, pp, sp=None) -> "ParallelDims":
