@@ -37,12 +37,12 @@ class CheckpointManager:
     Every method is collective (every rank calls it) except :meth:`export_hf`, rank 0's alone."""
 
     def __init__(self, cfg, dims, *, dtype: torch.dtype, log: Callable[[str], None]):
-        self.cfg, self.tp, self.pp, self.sp, self.log = cfg, dims.tp, dims.pp, dims.sp, log
+        self.cfg, self.tp, self.pp, self.sp, self.ep, self.log = cfg, dims.tp, dims.pp, dims.sp, dims.ep, log
         self.dtype = str(dtype).removeprefix("torch.")
         self.ckpt_dir = checkpoints_dir(cfg.output_dir)
         with comm.fail_together(group=comm.world_group()):  # verifying is collective: all ranks pass or fail
             self.resume_dir = resolve_resume(cfg.train.resume, cfg.output_dir, world_size=comm.world_size(),
-                                             tp_size=dims.tp, pp_size=dims.pp, sp_size=dims.sp)
+                                             tp_size=dims.tp, pp_size=dims.pp, sp_size=dims.sp, ep_size=dims.ep)
         self.start_step = read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
         self.resume_state: dict | None = None  # the saved trainer state this rank continues from (prepare)
         self.load_dir: str | None = None  # the folder DeepSpeed loads: the tag, or its universal form
@@ -54,7 +54,7 @@ class CheckpointManager:
         (None: a fresh start), converted to its universal form first at another data-parallel size
         (:func:`megakto.checkpoint.resume.prepare`)."""
         self.resume_state, self.load_dir = prepare(self.resume_dir, self.cfg, tp=self.tp, sampler=sampler,
-                                                   log=self.log)
+                                                   log=self.log, ep=self.ep)
         return self.load_dir
 
     def resume(self, policy) -> tuple[int, list[tuple[int, dict[str, float]]]]:
@@ -62,7 +62,8 @@ class CheckpointManager:
         checkpoint; the step to continue from (0: a fresh start) and the eval history."""
         if self.resume_state is None:
             return 0, []
-        history = restore(self.resume_state, self.resume_dir, self.load_dir, policy, self.cfg, log=self.log)
+        history = restore(self.resume_state, self.resume_dir, self.load_dir, policy, self.cfg, log=self.log,
+                          ep=self.ep)
         self.saved_step = self.resume_state["step"]
         return self.resume_state["step"], history
 
@@ -81,7 +82,7 @@ class CheckpointManager:
                  "vocab_layout": vocab_layout(module), "param_shapes": held_shapes(module),
                  "eval_history": [[s, m] for s, m in eval_history]}
         path = saving.save(policy, self.ckpt_dir, step, state, keep_last=cfg.checkpoint.keep_last, dtype=self.dtype,
-                           tp_size=self.tp, pp_size=self.pp, sp_size=self.sp, log=self.log)
+                           tp_size=self.tp, pp_size=self.pp, sp_size=self.sp, ep_size=self.ep, log=self.log)
         self.saved_step = step
         self.log(f"saved {path} ({time.perf_counter() - start:.1f} s)")
         return path

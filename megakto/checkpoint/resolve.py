@@ -22,7 +22,7 @@ def _warn(message: str) -> None:
 
 
 def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: int = 1, pp_size: int = 1,
-                   sp_size: int = 1, warn=_warn) -> str | None:
+                   sp_size: int = 1, ep_size: int = 1, warn=_warn) -> str | None:
     """``train.resume`` -> the tag directory to load, or None to start fresh. Collective.
 
     auto: the newest checkpoint in output_dir/checkpoints that passes :func:`verify` (a damaged
@@ -41,7 +41,7 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
     candidates = comm.broadcast_object(candidates, group=comm.world_group())
     path, skipped = None, []
     for candidate in candidates:
-        _check_world_size(candidate, resume, world_size, tp_size, pp_size, sp_size)  # before hashing: a mismatch is no damage
+        _check_world_size(candidate, resume, world_size, tp_size, pp_size, sp_size, ep_size)  # before hashing: a mismatch is no damage
         why = verify(candidate)
         if why is None:
             path = candidate
@@ -65,7 +65,7 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
 
 
 def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1,
-                      sp_size: int = 1) -> None:
+                      sp_size: int = 1, ep_size: int = 1) -> None:
     """Refuse the layout changes nothing can load: another pipeline or tensor-parallel degree, and a
     pipeline checkpoint at another world size. Another data-parallel size is fine: see
     :func:`resume_layout`."""
@@ -93,10 +93,38 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
                           f"but this run has {world_size} with parallel.sp_size={sp_size}; another sequence-parallel "
                           f"size, or another number of ranks under sequence parallelism, is not supported: resume "
                           f"with {saved} processes and parallel.sp_size={saved_sp}")
+    saved_ep = manifest.get("ep_size", 1)  # manifests from before expert parallelism: ep 1
+    moved = saved_ep != ep_size or (saved_ep > 1 and saved is not None and saved != world_size)
+    why = _expert_layout_refused(manifest, saved_ep, ep_size, moved)
+    if why:
+        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.ep_size="
+                          f"{saved_ep} but this run has {world_size} with parallel.ep_size={ep_size}; {why}")
     if saved_pp > 1 and saved is not None and saved != world_size:
         raise ConfigError(f"train.resume={resume}: {path} is a pipeline checkpoint written by {saved} ranks but this "
                           f"run has {world_size}; DeepSpeed's universal conversion does not cover pipeline layer "
                           f"files, resume with {saved} processes")
+
+
+def _expert_layout_refused(manifest: dict, saved_ep: int, ep_size: int, moved: bool) -> str | None:
+    """Why a checkpoint cannot resume at this run's ``ep_size``, or None. ``moved``: another
+    expert-parallel layout (``saved_ep`` -> ``ep_size``, or the same ep_size at another world
+    size), which goes through the universal form (:func:`resume_layout`). A regular load would not
+    do: DeepSpeed 0.19.8 loads another autoep_size without an error and trains the experts on
+    optimizer partitions of the wrong layout (measured: every expert off by 0.5 after one step)."""
+    universal = manifest.get("format") == UNIVERSAL
+    if universal and saved_ep > 1 and (manifest.get("expert_names", "autoep") == "hf") != (ep_size == 1):
+        return (f"its experts are under {manifest.get('expert_names', 'autoep')} names, for "
+                f"{'no ' if ep_size > 1 else ''}expert parallelism: resume from the step-* directory it was "
+                "converted from, which is converted again for this run")
+    if not moved:
+        return None
+    if saved_ep == 1 and ep_size > 1:
+        return ("a checkpoint without expert parallelism does not resume under it (its universal form under "
+                "Hugging Face names is not converted to AutoEP's): resume with parallel.ep_size=1")
+    if not universal and not any(name.endswith("optim_states.pt") for name in manifest.get("files", {})):
+        return (f"it holds no ZeRO partitions (ZeRO stage 0) and so has no universal conversion: resume with "
+                f"{manifest.get('world_size')} processes and parallel.ep_size={saved_ep}")
+    return None
 
 
 # Measured with deepspeed 0.19.8 on megakto's AutoTP checkpoints (ZeRO-3, TP2 x DP2 on 4 ranks):
@@ -107,23 +135,25 @@ TP_UNIVERSAL_UNSUPPORTED = ("another parallel.tp_size, or another number of rank
                             "\"Rank 0 supplied a shard of 64 elements, but the map describes 0\")")
 
 
-def resume_layout(path: str, world_size: int) -> str:
+def resume_layout(path: str, world_size: int, ep_size: int = 1) -> str:
     """How DeepSpeed loads the checkpoint ``path`` (past :func:`resolve_resume`) in a run of
-    ``world_size`` ranks: ``same`` (its own files: the ranks that wrote it, or ZeRO stage 0, whose
-    files are per model, not per rank), ``universal`` (it is one, :mod:`megakto.checkpoint.universal`) or ``convert``
-    (ZeRO partitions of another data-parallel size: convert it first)."""
+    ``world_size`` ranks and ``ep_size``: ``same`` (its own files: the ranks that wrote it, or ZeRO
+    stage 0, whose files are per model, not per rank), ``universal`` (it is one,
+    :mod:`megakto.checkpoint.universal`) or ``convert`` (ZeRO partitions of another data-parallel or
+    expert-parallel size: convert it first)."""
     manifest = read_manifest(path)
     if manifest.get("format") == UNIVERSAL:
         return "universal"
     zero = any(name.endswith("optim_states.pt") for name in manifest["files"])
     saved = manifest.get("world_size")
-    return "convert" if zero and saved is not None and saved != world_size else "same"
+    moved = (saved is not None and saved != world_size) or manifest.get("ep_size", 1) != ep_size
+    return "convert" if zero and moved else "same"
 
 
-def ranks_moved(path: str, world_size: int) -> bool:
+def ranks_moved(path: str, world_size: int, ep_size: int = 1) -> bool:
     """Whether this run's ranks are not the ones that wrote ``path``, so none has a trainer state
     (RNG states above all) of its own there: a universal layout (converted, or resumed directly, at
     any size), or another number of ranks (ZeRO stage 0's per-model files load as they are, but
     ``trainer_state_rank{r}.pt`` exists only for the ranks that saved)."""
     saved = read_manifest(path).get("world_size")
-    return resume_layout(path, world_size) != "same" or (saved is not None and saved != world_size)
+    return resume_layout(path, world_size, ep_size) != "same" or (saved is not None and saved != world_size)

@@ -34,6 +34,13 @@ per rank and cannot be shared out again: every rank of a run resumed through a u
 (at any size, the saving one too) derives its own from (seed, step, rank) instead
 (megakto.checkpoint.rng.derive_rng_state, megakto.checkpoint.resolve.ranks_moved).
 
+Expert-parallel checkpoints (``parallel.ep_size`` > 1, DeepSpeed AutoEP) convert too: DeepSpeed
+gathers every expert into one whole tensor per parameter, which an AutoEP engine cuts again for its
+own expert-parallel size and rank. A run without expert parallelism needs the Hugging Face names
+instead: ``convert(..., expert_names="hf")`` rewrites them (megakto.checkpoint._expert_universal),
+and the manifest's ``"expert_names"`` says which a folder holds (a folder of the other kind is
+converted afresh). The conversion needs Adam's moments: megakto always trains with AdamW.
+
 Not covered: pipeline checkpoints (per-layer files, which ``ds_to_universal`` does not convert)
 and tensor-parallel ones (deepspeed 0.19.8's converter fails on megakto's AutoTP files, measured:
 see ``resolve.TP_UNIVERSAL_UNSUPPORTED``); megakto.checkpoint.resolve refuses both in one line.
@@ -44,6 +51,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from megakto.checkpoint._expert_universal import rename_to_hf
 from megakto.checkpoint.manifest import (HF_BASE, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX, file_digest,
                                          problem, read_manifest, state_file)
 from megakto.checkpoint.resolve import TP_UNIVERSAL_UNSUPPORTED
@@ -51,10 +59,11 @@ from megakto.checkpoint.saving import commit
 from megakto.distributed import engine
 from megakto.errors import ModelError
 
-__all__ = ["PREFIX", "universal_dir", "source_rank", "convert", "converted", "stale"]
+__all__ = ["PREFIX", "EXPERT_NAMES", "universal_dir", "source_rank", "expert_names", "convert", "converted", "stale"]
 
 PREFIX = UNIVERSAL_PREFIX
 SOURCE_MANIFEST = "source_manifest"  # the universal manifest's key: sha256 of the source's manifest file
+EXPERT_NAMES = "expert_names"  # the universal manifest's key: "autoep" (an AutoEP engine's names) or "hf"
 
 
 def universal_dir(tag_dir: str, ckpt_dir: str | None = None) -> str:
@@ -74,14 +83,23 @@ def _source_digest(tag_dir: str) -> str:
     return file_digest(os.path.join(tag_dir, MANIFEST))
 
 
-def stale(tag_dir: str, out_dir: str) -> str | None:
-    """Why ``out_dir`` is not a complete universal form of the save now at ``tag_dir`` (one
-    phrase), or None. The source is identified by its manifest's checksum, not its path alone: a
-    tag saved again at the same path is another save (sizes checked here; the resume verifies
-    checksums)."""
+def expert_names(tag_dir: str, ep_size: int) -> str:
+    """The names the universal form of ``tag_dir`` is to have for a run of ``ep_size``: ``hf`` for
+    an expert-parallel save resumed without expert parallelism, else ``autoep`` (which for a save
+    without experts are the Hugging Face names already)."""
+    return "hf" if ep_size == 1 and read_manifest(tag_dir).get("ep_size", 1) > 1 else "autoep"
+
+
+def stale(tag_dir: str, out_dir: str, names: str = "autoep") -> str | None:
+    """Why ``out_dir`` is not a complete universal form of the save now at ``tag_dir`` under
+    ``names`` (:func:`expert_names`) (one phrase), or None. The source is identified by its
+    manifest's checksum, not its path alone: a tag saved again at the same path is another save
+    (sizes checked here; the resume verifies checksums)."""
     manifest = read_manifest(out_dir)
     if manifest is None or manifest.get("format") != UNIVERSAL:
         return problem(out_dir) or "not a universal checkpoint"
+    if manifest.get(EXPERT_NAMES, "autoep") != names:
+        return f"its experts are under {manifest.get(EXPERT_NAMES, 'autoep')} names, this run needs {names} names"
     if manifest.get("source") != os.path.abspath(tag_dir):
         return f"converted from {manifest.get('source')}"
     if manifest.get(SOURCE_MANIFEST) != _source_digest(tag_dir):
@@ -89,16 +107,17 @@ def stale(tag_dir: str, out_dir: str) -> str | None:
     return problem(out_dir)
 
 
-def converted(tag_dir: str, out_dir: str) -> bool:
+def converted(tag_dir: str, out_dir: str, names: str = "autoep") -> bool:
     """``out_dir`` is a complete universal form of the save now at ``tag_dir`` (:func:`stale`)."""
-    return stale(tag_dir, out_dir) is None
+    return stale(tag_dir, out_dir, names) is None
 
 
-def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
+def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoep") -> str:
     """Write the universal form of the complete ZeRO tag ``tag_dir`` (verified by the caller) to
-    ``out_dir``, atomically; returns ``out_dir``. One process; reused if already complete."""
+    ``out_dir``, atomically, its experts under ``names`` (:func:`expert_names`); returns ``out_dir``.
+    One process; reused if already complete."""
     tag_dir, out_dir = os.path.abspath(tag_dir), os.path.abspath(out_dir)
-    if converted(tag_dir, out_dir):
+    if converted(tag_dir, out_dir, names):
         return out_dir
     source = _source_digest(tag_dir)  # before reading it: the save this conversion is of
     manifest = read_manifest(tag_dir)
@@ -122,11 +141,14 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
     tp = manifest.get("tp_size", 1)
     for rank in range(tp):
         shutil.copy2(os.path.join(tag_dir, state_file(rank)), staged)
+    if names == "hf":
+        rename_to_hf(staged, engine.weights_only_load(os.path.join(staged, state_file(0))).get("param_shapes") or {})
     base, target = (os.path.join(d, HF_BASE) for d in (os.path.dirname(tag_dir), parent))
     if os.path.isdir(base) and not os.path.isdir(target):
         shutil.copytree(base, target)
     commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
            dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
-           extra={"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source})
+           ep_size=manifest.get("ep_size", 1), extra={"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source,
+                                                     EXPERT_NAMES: names})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir

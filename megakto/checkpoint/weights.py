@@ -13,7 +13,14 @@ Offline: one process, no process group; memory for one full fp32 copy of the mod
   (:func:`megakto.model.pipeline_stages.hf_names`). They hold the engine's module weights, in the
   dtype the run trained in.
 * **Universal** (:func:`universal_weights`): DeepSpeed's one fp32 file per parameter
-  (:mod:`megakto.checkpoint.universal`).
+  (:mod:`megakto.checkpoint.universal`); AutoEP's expert names are renamed to the Hugging Face ones
+  (:func:`megakto.model.expert_names.autoep_to_hf`).
+* **Expert parallelism** (:func:`expert_weights`, ``ep_size`` > 1 in the manifest): DeepSpeed
+  AutoEP's experts are spread over the ranks, and neither zero_to_fp32 nor the engine's
+  ``save_16bit_model`` gathers them (deepspeed 0.19.8, measured: zero_to_fp32 refuses the expert
+  files; ``save_16bit_model`` writes rank 0's experts alone under ZeRO-2 and raises under ZeRO-3).
+  The universal conversion does: the tag's universal form is read (the one a resume made beside
+  it, else one converted into a temporary folder beside the tag and deleted after).
 * **LoRA** (:func:`lora_model`, recognised by :func:`is_lora_checkpoint`): any of the above under
   peft's names, read into the peft model of ``hf_base``'s LoRA config.
 
@@ -25,20 +32,24 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from megakto.checkpoint.manifest import HF_BASE, UNIVERSAL, read_manifest
+from megakto.checkpoint import universal
+from megakto.checkpoint._expert_universal import load_param
+from megakto.checkpoint.manifest import HF_BASE, TMP_PREFIX, UNIVERSAL, read_manifest
 from megakto.checkpoint.resume import load_state
 from megakto.distributed import engine
 from megakto.errors import ConfigError, ModelError
+from megakto.model.expert_names import autoep_to_hf, is_autoep
 from megakto.model.pipeline_stages import hf_names
 from megakto.model.tp_merge import full_shapes, merge_tp_shards, tied_aliases
 from megakto.model.vocab_blocks import merge_vocab_blocks
 
 __all__ = ["DTYPES", "LORA_CONFIG", "read_weights", "zero_weights", "tp_weights", "pipeline_weights",
-           "universal_weights", "is_lora_checkpoint", "lora_model", "hf_model"]
+           "universal_weights", "expert_weights", "is_lora_checkpoint", "lora_model", "hf_model"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_CONFIG = "adapter_config.json"  # in hf_base: the checkpoint holds a LoRA policy (peft's config)
@@ -59,6 +70,8 @@ def read_weights(tag_dir: str, *, trust_remote_code: bool = False) -> dict[str, 
         return pipeline_weights(tag_dir, trust_remote_code=trust_remote_code)
     if manifest.get("format") == UNIVERSAL:  # one fp32 file per parameter, shards joined
         return universal_weights(tag_dir)
+    if manifest.get("ep_size", 1) > 1:
+        return expert_weights(tag_dir)
     return zero_weights(tag_dir, trust_remote_code=trust_remote_code)
 
 
@@ -104,27 +117,38 @@ def pipeline_weights(tag_dir: str, *, trust_remote_code: bool = False) -> dict[s
     return state
 
 
-def universal_weights(tag_dir: str) -> dict[str, torch.Tensor]:
+def universal_weights(tag_dir: str, zero: str | None = None) -> dict[str, torch.Tensor]:
     """The fp32 weights of a universal checkpoint (``zero/<name>/fp32.pt``: ``{"param": tensor, ...}``
-    from ZeRO-1/2; a flat tensor from ZeRO-3, shaped here by the parameter shapes in the trainer
-    state)."""
-    zero = os.path.join(tag_dir, "zero")
+    from ZeRO-1/2 and for AutoEP's experts; a flat tensor from ZeRO-3, shaped here by the parameter
+    shapes in the trainer state), under Hugging Face names. ``zero``: the ``zero/`` folder, if not
+    ``tag_dir``'s own."""
+    zero = zero or os.path.join(tag_dir, "zero")
     shapes = load_state(tag_dir, 0).get("param_shapes") or {}
     state = {}
     for name in sorted(os.listdir(zero)):
         path = os.path.join(zero, name, "fp32.pt")
         if os.path.isfile(path):
-            loaded = engine.weights_only_load(path, map_location="cpu")
-            if isinstance(loaded, dict):  # ZeRO-1/2: in its own shape
-                tensor = loaded["param"]
-            elif name in shapes:  # ZeRO-3: flat
-                tensor = loaded.view(shapes[name])
-            else:  # a checkpoint saved before param_shapes were recorded: a matrix would export flat
-                raise ModelError(f"{path}: a flat ZeRO-3 tensor and no shape for {name} in the trainer state")
-            state[name] = tensor
+            state[name] = load_param(path, name, shapes)
     if not state:
         raise ModelError(f"{tag_dir}: no zero/<parameter>/fp32.pt files (not a universal checkpoint)")
+    if is_autoep(state):
+        try:
+            state = autoep_to_hf(state)
+        except ModelError as err:
+            raise ModelError(f"{tag_dir}: {err}") from None
     return merge_vocab_blocks(state)
+
+
+def expert_weights(tag_dir: str) -> dict[str, torch.Tensor]:
+    """An expert-parallel checkpoint's weights, all experts gathered, through its universal form
+    (see the module). Disk for one fp32 copy of the model and Adam's two moments while it runs."""
+    tag_dir = os.path.normpath(tag_dir)
+    beside = universal.universal_dir(tag_dir)
+    if universal.converted(tag_dir, beside) or universal.converted(tag_dir, beside, "hf"):
+        return universal_weights(beside)
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "export-", dir=os.path.dirname(tag_dir)) as tmp:
+        engine.to_universal(tag_dir, os.path.join(tmp, "universal"))
+        return universal_weights(tag_dir, os.path.join(tmp, "universal", "zero"))
 
 
 def is_lora_checkpoint(tag_dir: str) -> bool:

@@ -125,6 +125,8 @@ def load_checkpoint(policy, load_dir: str, tag: str) -> None:
         # ZeRO-3's universal load (deepspeed 0.19.8) gives every sub-group's Adam state one and the
         # same ``step`` tensor, which torch's AdamW then increments in place once per sub-group per
         # step: the bias correction runs ahead (measured: KL off by 1e-2 two steps after a resume).
+        # Expert parallelism always has two sub-groups (AutoEP's experts are their own param group):
+        # tests/checkpoint/test_ep_checkpoint.py resumes it bitwise only with this clone.
         for state in getattr(policy.optimizer, "optimizer", policy.optimizer).state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
