@@ -37,12 +37,12 @@ class CheckpointManager:
     Every method is collective (every rank calls it) except :meth:`export_hf`, rank 0's alone."""
 
     def __init__(self, cfg, dims, *, dtype: torch.dtype, log: Callable[[str], None]):
-        self.cfg, self.tp, self.pp, self.sp, self.log = cfg, dims.tp, dims.pp, dims.sp, log
+        self.cfg, self.tp, self.pp, self.sp, self.ep, self.log = cfg, dims.tp, dims.pp, dims.sp, dims.ep, log
         self.dtype = str(dtype).removeprefix("torch.")
         self.ckpt_dir = checkpoints_dir(cfg.output_dir)
         with comm.fail_together(group=comm.world_group()):  # verifying is collective: all ranks pass or fail
             self.resume_dir = resolve_resume(cfg.train.resume, cfg.output_dir, world_size=comm.world_size(),
-                                             tp_size=dims.tp, pp_size=dims.pp, sp_size=dims.sp)
+                                             tp_size=dims.tp, pp_size=dims.pp, sp_size=dims.sp, ep_size=dims.ep)
         self.start_step = read_manifest(self.resume_dir)["step"] if self.resume_dir else 0
         self.resume_state: dict | None = None  # the saved trainer state this rank continues from (prepare)
         self.load_dir: str | None = None  # the folder DeepSpeed loads: the tag, or its universal form
@@ -81,7 +81,7 @@ class CheckpointManager:
                  "vocab_layout": vocab_layout(module), "param_shapes": held_shapes(module),
                  "eval_history": [[s, m] for s, m in eval_history]}
         path = saving.save(policy, self.ckpt_dir, step, state, keep_last=cfg.checkpoint.keep_last, dtype=self.dtype,
-                           tp_size=self.tp, pp_size=self.pp, sp_size=self.sp, log=self.log)
+                           tp_size=self.tp, pp_size=self.pp, sp_size=self.sp, ep_size=self.ep, log=self.log)
         self.saved_step = step
         self.log(f"saved {path} ({time.perf_counter() - start:.1f} s)")
         return path

@@ -22,7 +22,7 @@ def _warn(message: str) -> None:
 
 
 def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: int = 1, pp_size: int = 1,
-                   sp_size: int = 1, warn=_warn) -> str | None:
+                   sp_size: int = 1, ep_size: int = 1, warn=_warn) -> str | None:
     """``train.resume`` -> the tag directory to load, or None to start fresh. Collective.
 
     auto: the newest checkpoint in output_dir/checkpoints that passes :func:`verify` (a damaged
@@ -41,7 +41,7 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
     candidates = comm.broadcast_object(candidates, group=comm.world_group())
     path, skipped = None, []
     for candidate in candidates:
-        _check_world_size(candidate, resume, world_size, tp_size, pp_size, sp_size)  # before hashing: a mismatch is no damage
+        _check_world_size(candidate, resume, world_size, tp_size, pp_size, sp_size, ep_size)  # before hashing: a mismatch is no damage
         why = verify(candidate)
         if why is None:
             path = candidate
@@ -65,7 +65,7 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
 
 
 def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1,
-                      sp_size: int = 1) -> None:
+                      sp_size: int = 1, ep_size: int = 1) -> None:
     """Refuse the layout changes nothing can load: another pipeline or tensor-parallel degree, and a
     pipeline checkpoint at another world size. Another data-parallel size is fine: see
     :func:`resume_layout`."""
@@ -85,14 +85,17 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
         raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.tp_size={saved_tp} "
                           f"but this run has {world_size} with parallel.tp_size={tp_size}; {TP_UNIVERSAL_UNSUPPORTED}: "
                           f"resume with {saved} processes and parallel.tp_size={saved_tp}")
-    saved_sp = manifest.get("sp_size", 1)  # manifests from before sequence parallelism: sp 1
-    if saved_sp != sp_size or (saved_sp > 1 and saved is not None and saved != world_size):
-        # The data-parallel size is world / sp: another sp regroups which ranks hold which rows, and
-        # no universal conversion of a sequence-parallel checkpoint has been tested.
-        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.sp_size={saved_sp} "
-                          f"but this run has {world_size} with parallel.sp_size={sp_size}; another sequence-parallel "
-                          f"size, or another number of ranks under sequence parallelism, is not supported: resume "
-                          f"with {saved} processes and parallel.sp_size={saved_sp}")
+    # Sequence parallelism: the data-parallel size is world / sp, so another sp regroups which ranks
+    # hold which rows, and no universal conversion of a sequence-parallel checkpoint has been tested.
+    # Expert parallelism: DeepSpeed loads another autoep_size without an error and trains on expert
+    # optimizer partitions of the wrong layout; no conversion across expert layouts is built yet.
+    for key, kind, have in (("sp_size", "sequence", sp_size), ("ep_size", "expert", ep_size)):
+        was = manifest.get(key, 1)  # manifests from before the mode existed: 1
+        if was != have or (was > 1 and saved is not None and saved != world_size):
+            raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.{key}={was} "
+                              f"but this run has {world_size} with parallel.{key}={have}; another {kind}-parallel "
+                              f"size, or another number of ranks under {kind} parallelism, is not supported: resume "
+                              f"with {saved} processes and parallel.{key}={was}")
     if saved_pp > 1 and saved is not None and saved != world_size:
         raise ConfigError(f"train.resume={resume}: {path} is a pipeline checkpoint written by {saved} ranks but this "
                           f"run has {world_size}; DeepSpeed's universal conversion does not cover pipeline layer "

@@ -26,7 +26,8 @@ FAULT_ENV = "MEGAKTO_FAULT_EXIT_IN_SAVE"
 
 
 def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: int, dtype: str,
-         tp_size: int = 1, pp_size: int = 1, sp_size: int = 1, log: Callable[[str], None] | None = None) -> str:
+         tp_size: int = 1, pp_size: int = 1, sp_size: int = 1, ep_size: int = 1,
+         log: Callable[[str], None] | None = None) -> str:
     """Write checkpoint ``step`` atomically (see :mod:`megakto.checkpoint`); every rank calls it.
 
     ``trainer_state`` is this rank's own state (plain types). Returns the committed tag directory.
@@ -63,7 +64,7 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
                 os._exit(1)
             digests = {name: digest for d in gathered for name, digest in d.items()}
             commit(tmp_dir, final_dir, step=step, world_size=comm.world_size(), dtype=dtype, digests=digests,
-                   tp_size=tp_size, pp_size=pp_size, sp_size=sp_size)
+                   tp_size=tp_size, pp_size=pp_size, sp_size=sp_size, ep_size=ep_size)
             _write_atomic(os.path.join(ckpt_dir, LATEST), tag)
             prune(ckpt_dir, keep_last)
             remove_stale(ckpt_dir)
@@ -72,7 +73,7 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
 
 
 def commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: str, digests: dict,
-            tp_size: int = 1, pp_size: int = 1, sp_size: int = 1, extra: dict | None = None) -> None:
+            tp_size: int = 1, pp_size: int = 1, sp_size: int = 1, ep_size: int = 1, extra: dict | None = None) -> None:
     """Manifest, then the rename. ``digests``: the checksums the writing ranks took; a file that
     none reported (written outside the checkpoint engine's ``save``) is hashed here. Files in
     subfolders (a universal checkpoint's ``zero/``) are listed by their relative paths. ``extra``:
@@ -87,7 +88,7 @@ def commit(tmp_dir: str, final_dir: str, *, step: int, world_size: int, dtype: s
             files[rel] = os.path.getsize(path)
             sums[rel] = digests.get(rel) or file_digest(path)
     manifest = {"step": step, "tag": os.path.basename(final_dir), "world_size": world_size, "tp_size": tp_size,
-                "pp_size": pp_size, "sp_size": sp_size, "dtype": dtype, **(extra or {}),
+                "pp_size": pp_size, "sp_size": sp_size, "ep_size": ep_size, "dtype": dtype, **(extra or {}),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, DIGEST: sums}
     _write_atomic(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     aside = None

@@ -110,6 +110,9 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1) -> str:
                          "wrote it")
     if manifest.get("tp_size", 1) > 1:
         raise ModelError(f"{tag_dir} (parallel.tp_size={manifest['tp_size']}): {TP_UNIVERSAL_UNSUPPORTED}")
+    if manifest.get("ep_size", 1) > 1:
+        raise ModelError(f"{tag_dir} (parallel.ep_size={manifest['ep_size']}): the universal conversion of "
+                         "expert-parallel checkpoints is not supported yet; resume it with the ranks that wrote it")
     if not any(name.endswith("optim_states.pt") for name in manifest["files"]):
         raise ModelError(f"{tag_dir} holds no ZeRO partitions (ZeRO stage 0): it loads at any data-parallel size "
                          "as it is")

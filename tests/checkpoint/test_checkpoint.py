@@ -338,3 +338,26 @@ def test_resume_at_another_sequence_parallel_layout_is_refused(tmp_path):
     open(manifest_path, "w").write(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"parallel.sp_size=1 but this run has 1 with parallel.sp_size=2"):
         checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, sp_size=2)
+
+
+def test_resume_at_another_expert_parallel_layout_is_refused(tmp_path):
+    """The manifest records ep_size; an expert-parallel checkpoint resumes only at the same ep_size
+    and world (DeepSpeed loads another autoep_size silently and corrupts the experts' optimizer state
+    at the next step), and an ep 1 checkpoint does not resume under expert parallelism."""
+    root = tmp_path / "a"
+    ep2 = checkpoint.save(FakeEngine(), str(root / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
+                          ep_size=2)
+    assert checkpoint.read_manifest(ep2)["ep_size"] == 2
+    assert checkpoint.resolve_resume(ep2, str(root), world_size=1, ep_size=2) == ep2
+    refusals = {(1, 1): "has 1 with parallel.ep_size=1; another expert-parallel size, or another number of ranks "
+                        "under expert parallelism, is not supported: resume with 1 processes and parallel.ep_size=2",
+                (2, 2): "has 2 with parallel.ep_size=2;"}
+    for (world, ep), tail in refusals.items():
+        with pytest.raises(ConfigError) as err:
+            checkpoint.resolve_resume(ep2, str(root), world_size=world, ep_size=ep)
+        assert str(err.value).startswith(f"train.resume={ep2}: {ep2} was written by 1 ranks with parallel.ep_size=2 "
+                                         f"but this run {tail}")
+    ep1 = checkpoint.save(FakeEngine(), str(tmp_path / "b" / "checkpoints"), 2, {"step": 2}, keep_last=2,
+                          dtype="float32")
+    with pytest.raises(ConfigError, match=r"parallel.ep_size=1 but this run has 1 with parallel.ep_size=2"):
+        checkpoint.resolve_resume(ep1, str(tmp_path / "b"), world_size=1, ep_size=2)
