@@ -82,7 +82,7 @@ def dry_run(cfg: Config, deepspeed: str, world_size: int, *, load_data: bool = T
         log(f"dry run: {note}")
     # The resume checks a run makes before it loads anything: the checkpoint's manifest and layout.
     resume_dir = checkpoint.resolve_resume(cfg.train.resume, cfg.output_dir, world_size=world_size,
-                                           tp_size=dims.tp, pp_size=dims.pp)
+                                           tp_size=dims.tp, pp_size=dims.pp, sp_size=dims.sp, ep_size=dims.ep)
     if resume_dir:
         log(f"dry run: train.resume: {resume_dir} verified")
     shape = model_shape(cfg.model.path, trust_remote_code=trust)

@@ -87,7 +87,16 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
     if on_gpu and auto_zero_sizes(ds_json):
         config = check_model_path(cfg.model.path, key="model.path", trust_remote_code=trust, tp=dims.tp)
         hidden = getattr(config.get_text_config(), "hidden_size", None)
-    ds_config = build_ds_config(ds_json, cfg, dims, bf16=bf16, on_gpu=on_gpu, hidden_size=hidden, source=deepspeed)
+    preset = None
+    if dims.ep > 1:  # the family's AutoEP preset, and the expert count against ep_size
+        from megakto.runners import expert
+
+        for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
+            if path:
+                config = check_model_path(path, key=key, trust_remote_code=trust)
+                preset = preset or expert.check_model(config, dims, key=key, path=path)
+    ds_config = build_ds_config(ds_json, cfg, dims, bf16=bf16, on_gpu=on_gpu, hidden_size=hidden,
+                                expert_preset=preset, source=deepspeed)
     configs = {}
     for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
         if path:

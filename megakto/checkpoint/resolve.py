@@ -85,10 +85,10 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
         raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.tp_size={saved_tp} "
                           f"but this run has {world_size} with parallel.tp_size={tp_size}; {TP_UNIVERSAL_UNSUPPORTED}: "
                           f"resume with {saved} processes and parallel.tp_size={saved_tp}")
+    # Sequence parallelism: the data-parallel size is world / sp, so another sp regroups which ranks
+    # hold which rows, and no universal conversion of a sequence-parallel checkpoint has been tested.
     saved_sp = manifest.get("sp_size", 1)  # manifests from before sequence parallelism: sp 1
     if saved_sp != sp_size or (saved_sp > 1 and saved is not None and saved != world_size):
-        # The data-parallel size is world / sp: another sp regroups which ranks hold which rows, and
-        # no universal conversion of a sequence-parallel checkpoint has been tested.
         raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.sp_size={saved_sp} "
                           f"but this run has {world_size} with parallel.sp_size={sp_size}; another sequence-parallel "
                           f"size, or another number of ranks under sequence parallelism, is not supported: resume "

@@ -119,6 +119,10 @@ def _check_lora(cfg: Config) -> None:
     sp = cfg.parallel.sp_size
     _check(sp == 1, f"model.lora.r={lora.r} with parallel.sp_size={sp}: the LoRA reference (the policy with its adapters "
            "off) does not run sequence-parallel yet; set parallel.sp_size=1 or model.lora.r=0")
+    ep = cfg.parallel.ep_size
+    _check(ep == 1, f"model.lora.r={lora.r} with parallel.ep_size={ep}: DeepSpeed's AutoEP replaces the MoE blocks "
+           "(and the experts peft would adapt) inside deepspeed.initialize, after the adapters are attached; set "
+           "parallel.ep_size=1 or model.lora.r=0")
     _check(tp == 1 and pp == 1, f"model.lora.r={lora.r} with parallel.tp_size={tp}, parallel.pp_size={pp}: LoRA runs "
            "under ZeRO 0-3 only (DeepSpeed's AutoTP and the pipeline stages do not carry peft adapters); set "
            "parallel.tp_size=1 and parallel.pp_size=1")
@@ -130,7 +134,10 @@ def _check_lora(cfg: Config) -> None:
 def _check_parallel(cfg: Config) -> None:
     """Which parallel modes combine; the degrees against the model are checked once its config.json
     is read (megakto.model.tp_checks)."""
-    tp, pp = cfg.parallel.tp_size, cfg.parallel.pp_size
+    tp, pp, ep = cfg.parallel.tp_size, cfg.parallel.pp_size, cfg.parallel.ep_size
+    _check(not (ep > 1 and cfg.train.export_hf), f"train.export_hf=true with parallel.ep_size={ep}: the Hugging Face "
+           "export does not read expert-parallel checkpoints yet (each rank's file holds its own experts); set "
+           "train.export_hf=false")
     _check(not (tp > 1 and pp > 1), f"parallel.tp_size={tp} with parallel.pp_size={pp}: DeepSpeed has no "
            "AutoTP inside a pipeline; use one of them")
     _check_sequence_parallel(cfg)

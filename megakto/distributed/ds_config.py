@@ -23,6 +23,7 @@ from typing import Any, Optional
 from packaging.version import Version
 
 from megakto.config import Config
+from megakto.distributed._expert_config import fill_expert_parallel
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError
 
@@ -112,6 +113,7 @@ _REF_COPIED = (
     "fp16",
     "tensor_parallel",
     "sequence_parallel_size",
+    "expert_parallel",
     "steps_per_print",
     "wall_clock_breakdown",
 )
@@ -328,12 +330,14 @@ def build_ds_config(
     bf16: Optional[bool] = None,
     on_gpu: bool = False,
     hidden_size: int | None = None,
+    expert_preset: str | None = None,
     source: str = "DeepSpeed config",
 ) -> dict:
     """Return a copy of ``ds`` with batch sizes, clipping and precision (``bf16``, and the dtype
     gradients are summed in: :func:`_fill_grad_accum_dtype`) filled from ``cfg``/``dims``,
     and the ZeRO sizes left ``"auto"`` sized for the device (:func:`zero_sizes`: ``hidden_size``, the
-    model's, is needed on GPU only).
+    model's, is needed on GPU only). ``expert_preset``: DeepSpeed's AutoEP preset for the model
+    (filled into ``expert_parallel`` when ``parallel.ep_size`` > 1).
 
     ``bf16`` is the resolved precision (``model.dtype='auto'`` means bf16 on GPU); ``None`` derives
     it from ``cfg.model.dtype`` here. ``source`` names the JSON file in error messages.
@@ -351,6 +355,7 @@ def build_ds_config(
             f"parallelism (pp={dims.pp}); DeepSpeed allows only ZeRO stage 0 or 1 with pipelines"
         )
     _fill_sequence_parallel(ds, dims, stage, source)
+    fill_expert_parallel(ds, dims, expert_preset, on_gpu, source)
 
     mb, ga, dp = dims.micro_batch_size, dims.grad_accum, dims.dp
     _agree(ds, "train_micro_batch_size_per_gpu", mb, f"train.micro_batch_size={mb}", source)

@@ -11,6 +11,9 @@ private package :mod:`megakto.distributed._deepspeed`, whose modules are the onl
 * :mod:`~megakto.distributed._deepspeed.checkpoint_io`: DeepSpeed's checkpoint files and the
   pickle allow-list every read of them goes through;
 * :mod:`~megakto.distributed._deepspeed.convert`: zero_to_fp32 and the universal conversion;
+* :mod:`~megakto.distributed._deepspeed.expert`: AutoEP expert parallelism: its presets, the
+  optimizer's ``moe`` groups, the expert groups, the transformers registry shim, experts gathered
+  back under their Hugging Face names;
 * :mod:`~megakto.distributed._deepspeed.ulysses`: Ulysses sequence parallelism's attention swap and
   its groups.
 * :mod:`~megakto.distributed._deepspeed.vocab_ops`: DeepSpeed's vocabulary-parallel log-probs behind
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 from megakto.distributed._deepspeed.checkpoint_io import (check_deepspeed_pickles, load_checkpoint, save_checkpoint,
                                                           universal_load_config, unsafe_pickle, weights_only_load)
+from megakto.distributed._deepspeed.expert import (AUTOEP_PRESETS, allow_string_registry_keys, autoep_preset,
+                                                   expert_groups)
 from megakto.distributed._deepspeed.convert import to_universal, zero_fp32_shards
 from megakto.distributed._deepspeed.engines import (build_pipeline_module, build_policy_engine, build_reference_engine,
                                                     disable_dropout, gathered_numel, gathered_state_dict,
@@ -68,4 +73,8 @@ __all__ = [
     "sequence_groups",
     "deepspeed_token_logps",
     "DEEPSPEED_OPS",
+    "AUTOEP_PRESETS",
+    "autoep_preset",
+    "allow_string_registry_keys",
+    "expert_groups",
 ]

@@ -338,3 +338,45 @@ def test_resume_at_another_sequence_parallel_layout_is_refused(tmp_path):
     open(manifest_path, "w").write(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"parallel.sp_size=1 but this run has 1 with parallel.sp_size=2"):
         checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, sp_size=2)
+
+
+def test_resume_at_another_expert_parallel_layout(tmp_path):
+    """The manifest records ep_size. An expert-parallel checkpoint of ZeRO partitions resumes at
+    another ep_size or world through its universal form (never loaded as it is: DeepSpeed loads
+    another autoep_size silently and corrupts the experts' optimizer state at the next step); a
+    ZeRO-0 one, an ep 1 checkpoint under expert parallelism, and a universal form whose expert
+    names are for the other kind of run are refused in one line."""
+    root = tmp_path / "a"
+    optim = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    ep2 = checkpoint.save(FakeEngine(name=optim), str(root / "checkpoints"), 4, {"step": 4}, keep_last=2,
+                          dtype="float32", ep_size=2)
+    assert checkpoint.read_manifest(ep2)["ep_size"] == 2
+    for world, ep, layout in ((1, 2, "same"), (2, 2, "convert"), (1, 1, "convert"), (2, 1, "convert")):
+        assert checkpoint.resolve_resume(ep2, str(root), world_size=world, ep_size=ep) == ep2
+        assert checkpoint.resume_layout(ep2, world, ep) == layout
+        assert checkpoint.ranks_moved(ep2, world, ep) == (layout != "same")
+
+    zero0 = checkpoint.save(FakeEngine(), str(tmp_path / "z" / "checkpoints"), 4, {"step": 4}, keep_last=2,
+                            dtype="float32", ep_size=2)
+    assert checkpoint.resolve_resume(zero0, str(tmp_path / "z"), world_size=1, ep_size=2) == zero0
+    with pytest.raises(ConfigError) as err:
+        checkpoint.resolve_resume(zero0, str(tmp_path / "z"), world_size=2, ep_size=2)
+    assert str(err.value) == (f"train.resume={zero0}: {zero0} was written by 1 ranks with parallel.ep_size=2 but this "
+                              "run has 2 with parallel.ep_size=2; it holds no ZeRO partitions (ZeRO stage 0) and so "
+                              "has no universal conversion: resume with 1 processes and parallel.ep_size=2")
+
+    ep1 = checkpoint.save(FakeEngine(name=optim), str(tmp_path / "b" / "checkpoints"), 2, {"step": 2}, keep_last=2,
+                          dtype="float32")
+    with pytest.raises(ConfigError, match=r"parallel.ep_size=1 but this run has 1 with parallel.ep_size=2; a "
+                                          r"checkpoint without expert parallelism does not resume under it"):
+        checkpoint.resolve_resume(ep1, str(tmp_path / "b"), world_size=1, ep_size=2)
+
+    for names, ep in (("hf", 2), ("autoep", 1)):  # a universal form (FakeEngine's: no zero/ inside)
+        form = str(tmp_path / names / "checkpoints" / "universal-step-00000004")
+        os.makedirs(form + ".tmp")
+        checkpoint.commit(form + ".tmp", form, step=4, world_size=2, dtype="float32", digests={}, ep_size=2,
+                          extra={"format": checkpoint.UNIVERSAL, "expert_names": names})
+        with pytest.raises(ConfigError, match=f"its experts are under {names} names, for "
+                                              + ("no " if ep > 1 else "") + "expert parallelism: resume from the "
+                                              "step-\\* directory it was converted from"):
+            checkpoint.resolve_resume(form, str(tmp_path / names), world_size=2, ep_size=ep)

@@ -18,6 +18,8 @@ import deepspeed
 import torch
 
 from megakto.distributed import comm
+from megakto.distributed._deepspeed.expert import (allow_string_registry_keys, hf_expert_weights, is_expert_parallel,
+                                                   moe_optimizer)
 from megakto.model.families import moe_block_classes
 from megakto.model.load import outside_zero3
 from megakto.model.tp_merge import full_shapes, merge_tp_shards, tied_aliases
@@ -86,12 +88,17 @@ def build_policy_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, w
     :func:`megakto.distributed._deepspeed.ulysses.register_ulysses`)."""
     # fused: one kernel per step and no full-size temporaries (ZeRO hands the optimizer one flat
     # fp32 partition per group, so foreach temporaries would be as large as the whole model).
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        partial(lr_multiplier, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule,
-                min_lr_ratio=min_lr_ratio),
-    )
+    adamw = partial(torch.optim.AdamW, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+    multiplier = partial(lr_multiplier, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule,
+                         min_lr_ratio=min_lr_ratio)
+    if is_expert_parallel(ds_config):
+        # AutoEP replaces the MoE blocks inside initialize: the optimizer and its schedule are built there.
+        allow_string_registry_keys()
+        optimizer = moe_optimizer(model, lambda m: param_groups(m, weight_decay), adamw)
+        scheduler = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=multiplier)
+    else:
+        optimizer = adamw(param_groups(model, weight_decay))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=with_moe_leaves(model, ds_config), mpu=mpu)
     _mark_universal_info(engine)
@@ -145,6 +152,8 @@ def build_reference_engine(model: torch.nn.Module, ds_config: dict):
     does not require grad raises. The hooks of a frozen model never fire: it runs under no_grad.
     """
     model.eval()
+    if is_expert_parallel(ds_config):
+        allow_string_registry_keys()
     engine, _, _, _ = deepspeed.initialize(model=model, config=with_moe_leaves(model, ds_config))
     engine.module.requires_grad_(False)
     engine.eval()
@@ -161,13 +170,14 @@ def gathered_numel(module: torch.nn.Module) -> int:
 
 def gathered_state_dict(module: torch.nn.Module, *, tp_group: comm.ProcessGroup) -> dict[str, torch.Tensor]:
     """Full-size CPU copies of every parameter under its Hugging Face name, gathered from ZeRO-3
-    partitions if need be, and from the ranks of ``tp_group`` (AutoTP shards; None: the module holds
-    whole weights, no tensor parallelism). Collective: every rank of the engine must call it."""
+    partitions if need be, from the expert-parallel ranks under AutoEP, and from the ranks of
+    ``tp_group`` (AutoTP shards; None: the module holds whole weights, no tensor parallelism).
+    Collective: every rank of the engine must call it."""
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         local = merge_vocab_blocks({name: p.detach().to("cpu", copy=True) for name, p in params.items()})
     if tp_group is None or comm.group_size(group=tp_group) == 1:
-        return local
+        return hf_expert_weights(module, local)  # AutoEP's experts gathered and renamed back
     with outside_zero3():
         shapes, aliases = full_shapes(module.config), tied_aliases(module.config)
     return merge_tp_shards(comm.all_gather_object(local, group=tp_group), shapes, aliases=aliases)
