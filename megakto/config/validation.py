@@ -134,10 +134,7 @@ def _check_lora(cfg: Config) -> None:
 def _check_parallel(cfg: Config) -> None:
     """Which parallel modes combine; the degrees against the model are checked once its config.json
     is read (megakto.model.tp_checks)."""
-    tp, pp, ep = cfg.parallel.tp_size, cfg.parallel.pp_size, cfg.parallel.ep_size
-    _check(not (ep > 1 and cfg.train.export_hf), f"train.export_hf=true with parallel.ep_size={ep}: the Hugging Face "
-           "export does not read expert-parallel checkpoints yet (each rank's file holds its own experts); set "
-           "train.export_hf=false")
+    tp, pp = cfg.parallel.tp_size, cfg.parallel.pp_size
     _check(not (tp > 1 and pp > 1), f"parallel.tp_size={tp} with parallel.pp_size={pp}: DeepSpeed has no "
            "AutoTP inside a pipeline; use one of them")
     _check_sequence_parallel(cfg)

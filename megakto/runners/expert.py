@@ -20,7 +20,12 @@ row; the start-up packing check scores the same rows on every rank. Generated ev
 
 **Reference.** Online: the reference weights in a frozen ZeRO-3 inference engine under AutoEP as
 well (a ZeRO-1/2 engine cannot be built without an optimizer); or the cache. LoRA is refused (AutoEP
-replaces the blocks peft would wrap), and so is the Hugging Face export for now.
+replaces the blocks peft would wrap).
+
+**Checkpoints** record ``ep_size``; one resumes as it is with the same ep_size and world, and through
+its universal form at another (:mod:`megakto.checkpoint.universal`; under Hugging Face names for
+``ep_size`` 1). The export reads that form too, the experts gathered and renamed back
+(:func:`megakto.checkpoint.weights.expert_weights`).
 """
 
 from __future__ import annotations

@@ -34,31 +34,6 @@ VOCAB = 64
 STEPS, SAVE_AT = 4, 2
 
 
-def patch_can_record_registry() -> None:
-    """TEMPORARY, until the expert-parallel mode's own version lands: deepspeed 0.19.8's AutoEP
-    preset treats transformers 5.25's ``_CAN_RECORD_REGISTRY`` (keyed by a model) as a plain dict
-    keyed by class-name strings; accept both forms."""
-    from transformers.utils import output_capturing as oc
-
-    cls = type(oc._CAN_RECORD_REGISTRY)
-    if getattr(cls, "_str_keys", False):
-        return
-    get, setitem = cls.get, cls.__setitem__
-
-    def get_(self, key, default=None):
-        if isinstance(key, str):
-            return dict.get(self, key, default)
-        return get(self, key)
-
-    def setitem_(self, key, value):
-        if isinstance(key, str):
-            dict.__setitem__(self, key, value)
-        else:
-            setitem(self, key, value)
-
-    cls.get, cls.__setitem__, cls._str_keys = get_, setitem_, True
-
-
 def tiny_moe(folder: str) -> None:
     config = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
@@ -119,7 +94,7 @@ def main():
     parser.add_argument("--local_rank", type=int)
     args = parser.parse_args()
     engine.init_distributed(5)
-    patch_can_record_registry()
+    engine.allow_string_registry_keys()  # the expert-parallel mode's transformers 5.25 shim
     folder, ckpt = os.path.join(args.out, "moe"), os.path.join(args.out, "checkpoints")
     result = {}
     if not args.dense_dir:

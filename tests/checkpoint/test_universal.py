@@ -107,3 +107,30 @@ def test_flat_zero3_tensors_need_their_shapes(tmp_path):
     zero12 = {"m.weight": {"param": torch.zeros(4, 4)}, "norm.weight": {"param": torch.ones(4)}}
     got = universal_weights(_universal_folder(tmp_path / "c", zero12, {}))
     assert got["m.weight"].shape == (4, 4) and got["norm.weight"].shape == (4,)
+
+
+def test_a_schedule_saved_with_more_parameter_groups_loads_if_they_agree():
+    """An expert-parallel run's LR schedule (AutoEP's experts in groups of their own: 3 here) loads
+    into a run with 2 groups through a universal checkpoint when every group's state is the same;
+    groups that differ are left to torch, which refuses them."""
+    from functools import partial
+
+    from megakto.distributed._deepspeed.checkpoint_io import _per_group_fitted
+    from megakto.optim import lr_multiplier
+
+    def scheduler(groups):
+        optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(groups)], lr=0.1)
+        multiplier = partial(lr_multiplier, warmup_steps=4, max_steps=8, schedule="cosine", min_lr_ratio=0.0)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+    saved = scheduler(3)
+    for _ in range(2):  # warm-up: the third step's lr is 3/4 of the peak
+        saved.optimizer.step()
+        saved.step()
+    two = scheduler(2)
+    _per_group_fitted(two)(saved.state_dict())
+    assert two.last_epoch == 2 and two.get_last_lr() == saved.get_last_lr()[:2] == [0.1 * 3 / 4] * 2
+    state = saved.state_dict()
+    state["base_lrs"] = [0.1, 0.2, 0.1]
+    with pytest.raises(IndexError):
+        _per_group_fitted(scheduler(2))(state)

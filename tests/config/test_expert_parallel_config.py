@@ -121,13 +121,17 @@ def test_model_checks_name_the_key_and_the_presets():
     (["model.lora.r=8"], "model.lora.r=8 with parallel.ep_size=2: DeepSpeed's AutoEP replaces the MoE blocks (and the "
      "experts peft would adapt) inside deepspeed.initialize, after the adapters are attached; set parallel.ep_size=1 "
      "or model.lora.r=0"),
-    (["train.export_hf=true"], "train.export_hf=true with parallel.ep_size=2: the Hugging Face export does not read "
-     "expert-parallel checkpoints yet (each rank's file holds its own experts); set train.export_hf=false"),
 ])
 def test_what_expert_parallelism_does_not_combine_with_is_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as info:
         _cfg(*overrides)
     assert str(info.value) == message
+
+
+def test_the_export_reads_expert_parallel_checkpoints():
+    """train.export_hf combines with expert parallelism: the export gathers the experts through the
+    checkpoint's universal form (tests/checkpoint/test_ep_checkpoint.py)."""
+    assert _cfg("train.export_hf=true").train.export_hf
 
 
 def test_grouped_gemm_alignment():

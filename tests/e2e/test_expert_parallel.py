@@ -5,8 +5,8 @@ process without expert parallelism on the same global batches (8 rows, micro-bat
 log-probs (a frozen ZeRO-3 engine under AutoEP against one without) to 1e-6; the weights after 3
 steps, experts gathered from their ranks and renamed back, to the DP-invariance tolerance of
 tests/e2e/test_invariance.py. The eval split has 7 rows, so one rank scores a filler row to keep
-every forward's all-to-all in lockstep, and the eval metrics agree too. A same-shape resume continues
-bitwise; a resume at another ep_size is refused in one line."""
+every forward's all-to-all in lockstep, and the eval metrics agree too. Checkpoints (a kill -9
+resume, a resume at another ep_size, the export): tests/e2e/test_expert_checkpoint.py."""
 
 import pytest
 import torch

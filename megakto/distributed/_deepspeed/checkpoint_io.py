@@ -4,6 +4,7 @@ that every read of them goes through. The protocol around them (manifest, commit
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 
@@ -111,6 +112,9 @@ def load_checkpoint(policy, load_dir: str, tag: str) -> None:
     ``zero/`` files DeepSpeed loads itself, unguarded: megakto.checkpoint.verify scans them first)."""
     ckpt_engine = policy.checkpoint_engine
     ckpt_engine.load = _weights_only_load  # instance attribute: shadows the method for this engine
+    scheduler = getattr(policy, "lr_scheduler", None)
+    if policy.load_universal_checkpoint() and scheduler is not None:
+        scheduler.load_state_dict = _per_group_fitted(scheduler)
     # ZeRO-3's universal load copies param group 0's hyperparameters into every group; megakto's
     # groups differ in weight_decay (none on norms and biases), so each group gets its own back.
     decay = [group.get("weight_decay") for group in policy.optimizer.param_groups]
@@ -119,6 +123,8 @@ def load_checkpoint(policy, load_dir: str, tag: str) -> None:
                                          load_lr_scheduler_states=True)
     finally:
         del ckpt_engine.load
+        if scheduler is not None and "load_state_dict" in vars(scheduler):
+            del scheduler.load_state_dict
     if policy.load_universal_checkpoint():
         for group, value in zip(policy.optimizer.param_groups, decay):
             group["weight_decay"] = value
@@ -132,6 +138,23 @@ def load_checkpoint(policy, load_dir: str, tag: str) -> None:
                 state["step"] = state["step"].clone()
     if path is None:
         raise ModelError(f"{os.path.join(load_dir, tag)}: DeepSpeed found no checkpoint there")
+
+
+def _per_group_fitted(scheduler):
+    """``scheduler.load_state_dict`` taking a state saved with another number of parameter groups,
+    if that state is the same for every group: an expert-parallel run (AutoEP puts the experts in
+    groups of their own) resumed without expert parallelism through a universal checkpoint. megakto's
+    groups differ in weight decay only, so every group has the same schedule; a state whose groups
+    differ is passed on as it is (and refused by torch)."""
+    load, groups = scheduler.load_state_dict, len(scheduler.base_lrs)
+
+    def fitted(state):
+        lists = {k: v for k in ("base_lrs", "_last_lr", "lr_lambdas") if isinstance(v := state.get(k), list) and v}
+        if any(len(v) != groups for v in lists.values()) and all(v.count(v[0]) == len(v) for v in lists.values()):
+            state = {**state, **{k: [copy.copy(v[0]) for _ in range(groups)] for k, v in lists.items()}}
+        load(state)
+
+    return fitted
 
 
 def universal_load_config(ds_config: dict) -> dict:

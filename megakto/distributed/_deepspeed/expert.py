@@ -22,6 +22,7 @@ import inspect
 import torch
 
 from megakto.distributed import comm
+from megakto.model.expert_names import autoep_to_hf
 
 __all__ = ["allow_string_registry_keys", "registry_needs_shim", "autoep_preset", "AUTOEP_PRESETS", "moe_optimizer",
            "expert_groups", "is_expert_parallel", "hf_expert_weights"]
@@ -114,19 +115,20 @@ def _autoep_layers(module: torch.nn.Module):
 def hf_expert_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` (this rank's full-size copies under the AutoEP model's names) under the Hugging Face
     names of the fused-expert families (transformers 5): each layer's local experts gathered over its
-    expert-parallel group in rank order, ``w1`` (gate) and ``w3`` (up) stacked back into
-    ``gate_up_proj``, ``w2`` as ``down_proj``, ``router.gate`` as the router's ``gate`` and
-    DeepSpeed's ``gate`` alias dropped. A model without AutoEP layers: ``state`` as it is.
+    expert-parallel group in rank order, then renamed by
+    :func:`megakto.model.expert_names.autoep_to_hf` (``w1`` (gate) and ``w3`` (up) stacked back
+    into ``gate_up_proj``, ``w2`` as ``down_proj``, ``router.gate`` as the router's ``gate``,
+    DeepSpeed's ``gate`` alias dropped). A model without AutoEP layers: ``state`` as it is.
     Collective over each layer's expert-parallel group."""
     from deepspeed.utils import groups
 
+    layers = _autoep_layers(module)
+    if not layers:
+        return state
     out = dict(state)
-    for prefix, layer in _autoep_layers(module):
+    for prefix, layer in layers:
         group = groups._get_expert_parallel_group(layer.ep_group_name)
-        local = {w: out.pop(f"{prefix}.experts.{w}") for w in ("w1", "w2", "w3")}
-        full = {w: torch.cat(comm.all_gather_object(t, group=group), dim=0) for w, t in local.items()}
-        out[f"{prefix}.experts.gate_up_proj"] = torch.cat([full["w1"], full["w3"]], dim=1)
-        out[f"{prefix}.experts.down_proj"] = full["w2"]
-        out[f"{prefix}.gate.weight"] = out.pop(f"{prefix}.router.gate.weight")
-        out.pop(f"{prefix}.gate.gate.weight", None)
-    return out
+        for w in ("w1", "w2", "w3"):
+            name = f"{prefix}.experts.{w}"
+            out[name] = torch.cat(comm.all_gather_object(out[name], group=group), dim=0)
+    return autoep_to_hf(out)
