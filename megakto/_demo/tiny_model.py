@@ -108,7 +108,8 @@ def _save_tokenizer(out: Path, sp_model: bytes, model_max_length: int) -> int:
 # family -> (transformers config class, what differs from a Llama of the same shape). Each is what
 # makes the family a different case for megakto: q/k norms (Qwen3, OLMo-2), a sliding window
 # (Mistral), logit soft-capping and scaled embeddings (Gemma 2), fused qkv and gate_up
-# projections (Phi-3), tied embeddings, routed experts (Qwen3-MoE: 4 experts, top-2).
+# projections (Phi-3), tied embeddings, routed experts (Qwen3-MoE and Mixtral:
+# 4 experts, top-2).
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),
@@ -122,6 +123,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": None, "num_experts": 4, "num_experts_per_tok": 2,
                                      "moe_intermediate_size": None, "decoder_sparse_step": 1,
                                      "norm_topk_prob": True}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 

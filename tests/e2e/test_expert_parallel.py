@@ -75,3 +75,56 @@ def _initial(moe):
 
     _, assets = moe
     return AutoModelForCausalLM.from_pretrained(assets["model"]).state_dict()
+
+
+def test_mixtral_matches_one_process(moe):
+    """The second family DeepSpeed has an AutoEP preset for (separate router module, Mixtral's names)."""
+    root, assets = moe
+    mixtral = {**assets, "model": str(make_tiny_model(root / "mixtral", family="mixtral", seed=0))}
+    runs = []
+    for nproc, extra in ((1, {}), (2, {"parallel.ep_size": 2})):
+        out = root / f"mixtral_{nproc}"
+        _, result = run_trainer(mixtral, out, nproc=nproc, **COMMON, **extra)
+        runs.append((result, torch.load(out / "dump" / "policy.pt", weights_only=True)))
+    (one, one_weights), (ep, ep_weights) = runs
+    for a, b in zip(one["history"], ep["history"]):
+        for key in ("loss", "kl", "router/aux_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert set(ep_weights) == set(one_weights)
+    for name in one_weights:
+        torch.testing.assert_close(ep_weights[name], one_weights[name], rtol=1e-5, atol=5e-6, msg=name)
+
+
+def test_bf16_unaligned_experts_train_and_resume_bitwise(moe):
+    """bf16 with hidden size 36 (72-byte rows): torch's CPU grouped GEMM needs 16-byte alignment, so the
+    mode turns it off and says so; 4 steps train (finite loss, below the first step's) with router
+    metrics, and a
+    run resumed from the step-2 checkpoint (same ep_size and world) repeats steps 3-4 bitwise. A
+    resume at another ep_size is refused, naming both sizes."""
+    root, assets = moe
+    odd = {**assets, "model": str(make_tiny_model(root / "bf16", family="qwen3_moe", hidden_size=36, num_heads=2,
+                                                  num_kv_heads=2, intermediate_size=72, seed=0))}
+    bf16 = {**COMMON, "model.dtype": "bfloat16", "parallel.ep_size": 2, "train.max_steps": 4, "optim.lr": 1e-3,
+            "checkpoint.every_steps": 2, "checkpoint.keep_last": 4, "train.eval_every": 0}
+    proc, straight = run_trainer(odd, root / "bf16_a", nproc=2, **bf16)
+    assert "grouped GEMM off (expert_parallel.use_grouped_mm=false)" in proc.stdout + proc.stderr
+    losses = [h["loss"] for h in straight["history"]]
+    assert all(torch.isfinite(torch.tensor(losses))) and min(losses[1:]) < losses[0] - 5e-4, losses  # it trains
+    assert all("router/aux_loss" in h and "router/load_max" in h for h in straight["history"])
+    tag = root / "bf16_a" / "checkpoints" / "step-00000002"
+    _, resumed = run_trainer(odd, root / "bf16_b", nproc=2, **bf16, **{"train.resume": str(tag)})
+    assert resumed["indices"] == straight["indices"][2:]
+    for got, ref in zip(resumed["history"], straight["history"][2:]):
+        for key in ("loss", "kl", "learning_rate", "rewards/margins", "grad_norm", "router/aux_loss"):
+            assert got[key] == pytest.approx(ref[key], abs=1e-7, rel=0), key
+    a, b = (torch.load(root / d / "dump" / "policy.pt", weights_only=True) for d in ("bf16_a", "bf16_b"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    from tests.e2e.conftest import base_overrides
+    from tests.launcher import launch
+
+    args = base_overrides(odd, root / "bf16_c", **{**bf16, "parallel.ep_size": 1, "train.resume": str(tag)})
+    proc = launch("tests/e2e/run_trainer.py", ["--deepspeed", "ds_configs/zero3.json", "--dump",
+                                               str(root / "bf16_c" / "dump"), *args], nproc=2, timeout=300)
+    assert proc.returncode != 0
+    assert (f"train.resume={tag}: {tag} was written by 2 ranks with parallel.ep_size=2 but this run "
+            "has 2 with parallel.ep_size=1") in proc.stdout + proc.stderr
