@@ -99,8 +99,10 @@ def test_bf16_unaligned_experts_train_and_resume_bitwise(moe):
     """bf16 with hidden size 36 (72-byte rows): torch's CPU grouped GEMM needs 16-byte alignment, so the
     mode turns it off and says so; 4 steps train (finite loss, below the first step's) with router
     metrics, and a
-    run resumed from the step-2 checkpoint (same ep_size and world) repeats steps 3-4 bitwise. A
-    resume at another ep_size is refused, naming both sizes."""
+    run resumed from the step-2 checkpoint (same ep_size and world) repeats steps 3-4 bitwise. (A
+    resume at another ep_size: tests/e2e/test_expert_checkpoint.py, in fp32; this model without
+    expert parallelism does not run in bf16 on CPU, transformers' grouped GEMM needing the 16-byte
+    alignment too.)"""
     root, assets = moe
     odd = {**assets, "model": str(make_tiny_model(root / "bf16", family="qwen3_moe", hidden_size=36, num_heads=2,
                                                   num_kv_heads=2, intermediate_size=72, seed=0))}
@@ -119,12 +121,3 @@ def test_bf16_unaligned_experts_train_and_resume_bitwise(moe):
             assert got[key] == pytest.approx(ref[key], abs=1e-7, rel=0), key
     a, b = (torch.load(root / d / "dump" / "policy.pt", weights_only=True) for d in ("bf16_a", "bf16_b"))
     assert all(torch.equal(a[name], b[name]) for name in a)
-    from tests.e2e.conftest import base_overrides
-    from tests.launcher import launch
-
-    args = base_overrides(odd, root / "bf16_c", **{**bf16, "parallel.ep_size": 1, "train.resume": str(tag)})
-    proc = launch("tests/e2e/run_trainer.py", ["--deepspeed", "ds_configs/zero3.json", "--dump",
-                                               str(root / "bf16_c" / "dump"), *args], nproc=2, timeout=300)
-    assert proc.returncode != 0
-    assert (f"train.resume={tag}: {tag} was written by 2 ranks with parallel.ep_size=2 but this run "
-            "has 2 with parallel.ep_size=1") in proc.stdout + proc.stderr
