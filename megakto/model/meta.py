@@ -11,7 +11,7 @@ from megakto.errors import ModelError
 from megakto.model.load import _meta_model
 from megakto.model.lora import base_name
 from megakto.model.vocab_blocks import merge_vocab_blocks
-from megakto.model.shape import ModelShape
+from megakto.model.shape import ModelShape, MoeShape
 
 __all__ = ["model_shape", "shape_of", "param_shapes", "hf_shapes"]
 
@@ -56,7 +56,9 @@ def shape_of(model) -> ModelShape:
     if layers is None or not len(layers):
         raise ModelError(f"{type(model).__name__}: no decoder layers under model.layers; the memory plan "
                          "reads Llama-family layouts (Llama, Mistral, Qwen2/3, ...)")
-    layer = tuple(p.numel() for p in layers[0].parameters())
+    moe = _moe_shape(text, layers)
+    first = next((i for i, block in enumerate(layers) if _experts(block) is not None), 0)
+    layer = tuple(p.numel() for p in layers[first].parameters())
     seen = {id(emb), id(head)} | {id(p) for block in layers for p in block.parameters()}
     other = tuple(p.numel() for p in model.parameters() if id(p) not in seen)
     heads = text.num_attention_heads
@@ -65,4 +67,31 @@ def shape_of(model) -> ModelShape:
                       heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                       head_dim=head_dim, vocab=emb.shape[0], embedding=emb.numel(),
                       head=0 if head is emb else head.numel(), layer_params=layer, other_params=other,
-                      model_type=text.model_type)
+                      model_type=text.model_type, moe=moe)
+
+
+def _experts(block):
+    """A decoder layer's routed experts: the ``experts`` child of its MoE block (the convention of
+    :func:`megakto.model.families.moe_block_classes`), None in a dense layer."""
+    return next((m.experts for m in block.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module)), None)
+
+
+def _moe_shape(text, layers) -> MoeShape | None:
+    """The MoE part of a model whose layers hold routed experts (Qwen2/3-MoE: ``num_experts``,
+    ``moe_intermediate_size``, ``shared_expert_intermediate_size``; Mixtral: ``num_local_experts``,
+    experts as wide as ``intermediate_size``), None for a dense one."""
+    sparse = [block for block in layers if _experts(block) is not None]
+    if not sparse:
+        return None
+    block = sparse[0]
+    experts = _experts(block)
+    owner = next(m for m in block.modules() if getattr(m, "experts", None) is experts)
+    expert_params = tuple(p.numel() for p in experts.parameters())
+    dense = [b for b in layers if _experts(b) is None]
+    return MoeShape(
+        experts=getattr(text, "num_experts", None) or text.num_local_experts, top_k=text.num_experts_per_tok,
+        expert_intermediate=getattr(text, "moe_intermediate_size", None) or text.intermediate_size,
+        layers=len(sparse), expert_params=expert_params,
+        block_params=sum(p.numel() for p in owner.parameters()) - sum(expert_params),
+        shared_intermediate=getattr(text, "shared_expert_intermediate_size", None) or 0,
+        dense_layer_params=sum(p.numel() for p in dense[0].parameters()) if dense else 0)

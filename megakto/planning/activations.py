@@ -27,6 +27,10 @@ block widened to fp32 (V_block·h·4) and, with grad, its gradient summed in fp3
 (V_block·h·(4 + w)).
 ``model.logps: full``: fp32 logits of every token, their log-softmax kept for backward (2·T·V·4).
 
+In a mixture-of-experts model a MoE layer saves its block's terms in place of the MLP's 4i (the
+active experts' width k·i, the tokens' k copies, a shared expert, the fp32 router logits) and, under
+expert parallelism, its all-to-all buffers while it runs: :mod:`megakto.planning.moe`.
+
 Under Ulysses sequence parallelism (``sp`` ranks) a rank runs 1/sp of a micro-batch's tokens, laid
 end to end as one row (:func:`sequence_shard_tokens`): every per-token term above is divided by sp.
 Each attention layer's all-to-alls add, per local token, the exchanged q, k, v the core attention
@@ -41,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megakto.model.shape import ModelShape
+from megakto.planning.moe import all_to_all_bytes, moe_live_bytes_per_token, moe_saved_bytes_per_token
 
 __all__ = ["Tokens", "layer_bytes_per_token", "train_pass", "no_grad_pass", "logits_bytes", "sequence_shard_tokens",
            "ulysses_bytes_per_token"]
@@ -89,6 +94,11 @@ def _norm_bytes(shape: ModelShape, w: int) -> int:
     return shape.hidden * (8 if w == 2 else 3 * w)
 
 
+def _attention_norm_bytes(shape: ModelShape, w: int, tp: int) -> int:
+    """A layer's norms and attention saved per token: what a MoE layer saves beside its block."""
+    return 2 * _norm_bytes(shape, w) + w * (5 * shape.q_dim + 4 * shape.kv_dim) // tp
+
+
 def layer_bytes_per_token(shape: ModelShape, *, w: int, tp: int = 1) -> int:
     """Bytes one decoder layer saves for backward per token.
 
@@ -134,26 +144,47 @@ def logits_bytes(shape: ModelShape, scored: int, *, w: int, tp: int, logps: str,
 
 
 def train_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, checkpointing: bool, attn: str,
-               sp: int = 1) -> dict[str, int]:
+               sp: int = 1, ep: int = 1) -> dict:
     """The policy's forward with grad and its backward, one micro-batch (``sp``: this rank's shard of
-    it): bytes by component."""
+    it): bytes by component. A MoE model's layers (:mod:`megakto.planning.moe`) save their block's
+    terms in place of the dense MLP's; ``"moe"`` names the MoE terms the totals include, and the
+    backward's working layer adds EP's all-to-all buffers (``ep`` > 1)."""
     t = sequence_shard_tokens(t, sp)
-    per_token = layer_bytes_per_token(shape, w=w, tp=tp) + ulysses_bytes_per_token(shape, w=w, sp=sp)
-    per_layer = per_token * t.tokens + _attention_bytes(shape, t, w=w, tp=tp, attn=attn, sp=sp)
+    extra = ulysses_bytes_per_token(shape, w=w, sp=sp)
+    scores = _attention_bytes(shape, t, w=w, tp=tp, attn=attn, sp=sp)
+    dense_layer = (layer_bytes_per_token(shape, w=w, tp=tp) + extra) * t.tokens + scores
+    m = shape.moe
+    n_moe = m.layers if m else 0
+    moe_terms = moe_saved_bytes_per_token(shape, w=w) if m else {}
+    moe_layer = (_attention_norm_bytes(shape, w, tp) + sum(moe_terms.values()) + extra) * t.tokens + scores
+    per_layer = max(dense_layer if shape.layers > n_moe else 0, moe_layer if n_moe else 0)
     final = _norm_bytes(shape, w) * t.tokens + shape.hidden * w * t.completion  # final norm, scored hidden
     if checkpointing:
         kept = shape.layers * shape.hidden * w * t.tokens + per_layer  # layer inputs + one recomputed layer
     else:
-        kept = shape.layers * per_layer
+        kept = (shape.layers - n_moe) * dense_layer + n_moe * moe_layer
     mask = t.rows * t.row_length ** 2 if attn != "flash_attention_2" and sp == 1 else 0
-    return {"activations": kept + final + mask, "backward": per_layer}
+    a2a = all_to_all_bytes(shape, t.tokens, w=w, ep=ep)
+    out = {"activations": kept + final + mask, "backward": per_layer + a2a}
+    if m:  # how many MoE layers' saved tensors the totals hold: all (or the recomputed one) + the backward's
+        count = (0 if checkpointing else n_moe) + (2 if checkpointing else 1) * (per_layer == moe_layer)
+        out["moe"] = {f"MoE experts (top-{m.top_k} of {m.experts})": count * moe_terms["experts"] * t.tokens,
+                      "MoE shared expert": count * moe_terms["shared expert"] * t.tokens,
+                      "MoE router logits (fp32)": count * moe_terms["router logits"] * t.tokens,
+                      "EP all-to-all buffers": a2a}
+    return out
 
 
-def no_grad_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, attn: str, sp: int = 1) -> int:
+def no_grad_pass(shape: ModelShape, t: Tokens, *, w: int, tp: int, attn: str, sp: int = 1, ep: int = 1) -> int:
     """A forward without grad (reference, policy on the KL rows, the cache precompute): one layer's
-    live tensors at a time (its input and residual, q/k/v and the MLP's gate, up and product)."""
+    live tensors at a time (its input and residual, q/k/v and the MLP's gate, up and product; a MoE
+    block's, EP's all-to-all buffers included, where it is the larger)."""
     t = sequence_shard_tokens(t, sp)
+    attention = w * (2 * shape.hidden + (shape.q_dim + 2 * shape.kv_dim) // tp)
     per_token = w * (2 * shape.hidden + (shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate) // tp)
+    if shape.moe:
+        moe = attention + moe_live_bytes_per_token(shape, w=w, ep=ep)
+        per_token = moe if shape.layers == shape.moe.layers else max(per_token, moe)
     per_token += ulysses_bytes_per_token(shape, w=w, sp=sp)
     mask = 0 if sp > 1 else t.rows * t.row_length ** 2  # Ulysses' core attentions take no mask
     return per_token * t.tokens + _attention_bytes(shape, t, w=w, tp=tp, attn=attn, sp=sp) // 2 + mask

@@ -55,7 +55,7 @@ def plan_inputs(cfg: Config, ds: dict, shape: ModelShape, *, world_size: int, on
     same_weights = os.path.abspath(cfg.ref.path or m.path) == os.path.abspath(m.path)
     ref = "none" if cfg.kto.loss_type == "sft" or (lora and same_weights) else cfg.ref.mode
     return PlanInputs(
-        shape=shape, world_size=world_size, dp=dims.dp, tp=dims.tp, pp=dims.pp, sp=dims.sp, grad_accum=dims.grad_accum,
+        shape=shape, world_size=world_size, dp=dims.dp, tp=dims.tp, pp=dims.pp, sp=dims.sp, ep=dims.ep, grad_accum=dims.grad_accum,
         zero=dict(filled.get("zero_optimization") or {}), weight_bytes=2 if bf16 else 4,
         accum_bytes=grad_accum_bytes(filled, bf16), on_gpu=on_gpu,
         gpus_per_node=gpus_per_node, ref=ref, ref_offload=cfg.ref.offload == "cpu" and dims.pp == 1,

@@ -13,6 +13,10 @@ gradient buckets, a runtime floor) plus the largest of the run's phases, which n
 * **precompute** (``ref.mode=cache``): the temporary reference engine and its forwards of
   ``train.eval_batch_size`` rows, before training (freed after it).
 
+A mixture-of-experts model's states are split into dense and expert rows, the experts 1/ep per
+rank under expert parallelism (:mod:`megakto.planning.moe`); the MoE terms a phase includes are
+named in :attr:`MemoryPlan.details`.
+
 On a CPU-only run every byte is process memory, so ``peak_bytes_per_rank`` is device plus host
 (what the trainer's CPU measurement sees: RSS beyond the RSS before the engines were built).
 """
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 
 from megakto.planning.activations import Tokens, logits_bytes, no_grad_pass, sequence_shard_tokens, train_pass
 from megakto.model.shape import ModelShape
+from megakto.planning.moe import all_to_all_bytes, block_gather_bytes, expert_param_split
 from megakto.planning.states import StateBytes, frozen_weights, model_states
 
 __all__ = ["PlanInputs", "MemoryPlan", "plan_memory", "worst_case_tokens", "lora_params", "GIB",
@@ -54,6 +59,7 @@ class PlanInputs:
     tp: int = 1
     pp: int = 1
     sp: int = 1  # sequence-parallel ranks: ZeRO partitions over dp × sp, activations are 1/sp
+    ep: int = 1  # expert-parallel ranks (AutoEP): a rank holds 1/ep of the experts, partitioned over dp/ep
     grad_accum: int = 1
     zero: dict = field(default_factory=dict)  # the JSON's zero_optimization section
     weight_bytes: int = 2
@@ -83,6 +89,7 @@ class MemoryPlan:
     phases: dict[str, int]
     params: dict[str, int]
     gpu_memory: float | None = None
+    details: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> named terms it includes (MoE)
 
     @property
     def peak_phase(self) -> str:
@@ -143,7 +150,7 @@ def worst_case_tokens(rows: int, max_length: int, row_length: int, packing: bool
 def _rank_params(shape: ModelShape, tp: int, pp: int) -> int:
     """Parameters one rank's shard holds: the layers' matrices and the head split tp ways (AutoTP
     leaves the embedding and the norms whole); the largest pipeline stage under pp."""
-    layers = shape.layers * shape.per_layer
+    layers = shape.layers_total
     if tp > 1:
         return shape.embedding + shape.head // tp + layers // tp + sum(shape.other_params)
     if pp > 1:
@@ -157,22 +164,34 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     off_opt = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
     off_par = (zero.get("offload_param") or {}).get("device", "none") == "cpu"
     rank_params = _rank_params(s, p.tp, p.pp)
-    trainable = p.lora_trainable or rank_params
-    frozen = rank_params if p.lora_trainable else 0
     shards = p.dp * p.sp  # ZeRO's partition group: Ulysses' sequence ranks hold partitions too
-    states = model_states(trainable, frozen, stage=stage, shards=shards, weight_bytes=w, accum_bytes=p.accum_bytes,
-                          offload_optimizer=off_opt, offload_param=off_par)
-    rows = [("policy weights", states.weights, states.host_weights),
-            ("policy gradients", states.gradients, states.host_gradients),
-            ("fp32 master weights", states.master, states.host_master),
-            ("Adam moments (fp32)", states.optimizer, states.host_optimizer)]
+    # A MoE model's experts (tp = pp = 1): 1/ep of them per rank, partitioned over the dp/ep ranks
+    # holding the same experts (megakto.planning.moe); the dense rest as a dense model's.
+    split = s.moe is not None and p.tp == 1 and p.pp == 1
+    dense, experts = expert_param_split(s, rank_params, p.ep) if split else (rank_params, 0)
+    rank_params = dense + experts  # what this rank's engine holds
+    trainable = p.lora_trainable or rank_params
+    # (label, parameters, their ZeRO partition group, trainable of them): LoRA's adapters sit in the dense part.
+    parts = [("", dense, shards, p.lora_trainable or dense)]
+    if experts:
+        parts = [(" (dense)", dense, shards, p.lora_trainable or dense),
+                 (f" (experts {s.moe.experts // p.ep}/{s.moe.experts})", experts, max(1, shards // p.ep),
+                  0 if p.lora_trainable else experts)]
+    states = [model_states(train_n, n if p.lora_trainable else 0, stage=stage, shards=d, weight_bytes=w,
+                           accum_bytes=p.accum_bytes, offload_optimizer=off_opt, offload_param=off_par)
+              for _, n, d, train_n in parts]
+    rows = []
+    for label, attr in (("policy weights", "weights"), ("policy gradients", "gradients"),
+                        ("fp32 master weights", "master"), ("Adam moments (fp32)", "optimizer")):
+        rows += [(label + part[0], getattr(st, attr), getattr(st, "host_" + attr)) for part, st in zip(parts, states)]
 
     # The reference: a ZeRO-3 inference engine over the data-parallel group (pipelines: a stage-0
-    # frozen pipeline, each stage its layers on the device).
-    ref_states = (StateBytes(weights=rank_params * w) if p.pp > 1 else
-                  frozen_weights(rank_params, shards=shards, weight_bytes=w, offload=p.ref_offload))
+    # frozen pipeline, each stage its layers on the device); a MoE model's experts as the policy's.
+    refs = [(tag, StateBytes(weights=n * w) if p.pp > 1 else
+             frozen_weights(n, shards=d, weight_bytes=w, offload=p.ref_offload)) for tag, n, d, _ in parts]
+    ref_states = StateBytes(weights=sum(r.weights for _, r in refs), host_weights=sum(r.host_weights for _, r in refs))
     if p.ref == "online":
-        rows.append(("reference weights", ref_states.weights, ref_states.host_weights))
+        rows += [("reference weights" + tag, r.weights, r.host_weights) for tag, r in refs]
     # The reference engine's JSON sets only its stage (megakto.distributed.ds_config.reference_ds_config),
     # so DeepSpeed's defaults hold: without a backward to release them, the weights its forwards gather
     # stay gathered up to stage3_max_live_parameters (measured: an online reference adds its whole
@@ -185,6 +204,7 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     buckets = 0
     largest = min(max(s.largest_layer_param() // p.tp, (p.block_rows or s.vocab // p.tp) * s.hidden), rank_params)
     gathers = 0
+    moe_gather = {}  # ZeRO-3's gather of one MoE block, by phase
     # A bucket is allocated whole; on a GPU all of it counts, on CPU only the pages gradients touch
     # (together at most the rank's parameters): the resident set counts written pages.
     def bucket(elements: int) -> int:
@@ -195,6 +215,8 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         live = min(int(p.zero_value("stage3_prefetch_bucket_size")) + largest,
                    int(p.zero_value("stage3_max_live_parameters")), rank_params)
         gathers = live * w + largest * w  # gathered weights, and the largest one's gradient before its reduce
+        if split:
+            moe_gather = {phase: block_gather_bytes(s, w=w, ep=p.ep, grad=phase == "train") for phase in ("train", "no-grad")}
     elif stage in (1, 2):
         # DeepSpeed 0.19.8 stage_1_and_2.py: with contiguous_gradients (its default) the gradient hooks
         # run at stage 1 too (line 713), and setup_buckets (line 3256) allocates reduce_bucket_size
@@ -204,7 +226,8 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
             bucket_bytes = 4 if stage == 1 else w
             buckets = bucket(int(p.zero_value("reduce_bucket_size")) * (2 if p.zero_value("overlap_comm") else 1)
                              ) * bucket_bytes
-        gathers = largest * w  # a whole parameter's gradient before it is copied into the bucket
+        # a whole parameter's gradient before it is copied into the bucket (a fused expert tensor's: 1/ep)
+        gathers = max(largest, max(s.moe.expert_params) // p.ep if split else 0) * w
     rows.append(("ZeRO buckets", buckets, 0))
     runtime = 0 if p.on_gpu else CPU_RUNTIME_BYTES
     rows.append(("runtime (CPU libraries)", runtime, 0))
@@ -213,33 +236,45 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     t = p.train_tokens
     in_flight = min(p.pp, p.grad_accum) if p.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches
     stage_shape = s if p.pp == 1 else _stage_shape(s, p.pp)
-    train = train_pass(stage_shape, t, w=w, tp=p.tp, checkpointing=p.checkpointing, attn=p.attn, sp=p.sp)
+    train = train_pass(stage_shape, t, w=w, tp=p.tp, checkpointing=p.checkpointing, attn=p.attn, sp=p.sp, ep=p.ep)
     head_grad = logits_bytes(s, sequence_shard_tokens(t, p.sp).completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens,
                              block_rows=p.block_rows, grad=True)
-    phases = {"train": train["activations"] * in_flight + train["backward"] + head_grad + gathers}
+    phases = {"train": train["activations"] * in_flight + train["backward"] + head_grad + gathers
+              + moe_gather.get("train", 0)}
     both = Tokens(2 * t.tokens, 2 * t.completion, 2 * t.rows, t.row_length)  # target + KL rows
-    no_grad = no_grad_pass(stage_shape, both, w=w, tp=p.tp, attn=p.attn, sp=p.sp) + logits_bytes(
+    no_grad = no_grad_pass(stage_shape, both, w=w, tp=p.tp, attn=p.attn, sp=p.sp, ep=p.ep) + logits_bytes(
         s, sequence_shard_tokens(both, p.sp).completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens, block_rows=p.block_rows,
         grad=False)
     policy_gathers = gathers - largest * w if stage == 3 else 0
-    phases["no-grad"] = no_grad + policy_gathers
-    part = -(-trainable // max(1, shards))
-    if stage in (1, 2) and not off_opt and w != 4:  # the partition's gradient cast to fp32 (a no-op in fp32)
-        phases["step"] = 4 * part
+    phases["no-grad"] = no_grad + policy_gathers + moe_gather.get("no-grad", 0)
+    # Each parameter group's trainable partition (the experts are a group of their own).
+    groups = [-(-train_n // max(1, d)) for _, _, d, train_n in parts]
+    if stage in (1, 2) and not off_opt and w != 4:  # the partitions' gradients cast to fp32 (a no-op in fp32)
+        phases["step"] = 4 * sum(groups)
     elif stage == 3 and not off_opt:
-        phases["step"] = 4 * min(int(p.zero_value("sub_group_size")), part)
+        phases["step"] = 4 * min(int(p.zero_value("sub_group_size")), max(groups))
     else:
         phases["step"] = 0
     if p.ref == "cache":
         pre = p.precompute_tokens
         phases["precompute"] = (ref_states.weights + (0 if p.on_gpu else ref_states.host_weights)
-                                + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn, sp=p.sp)
+                                + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn, sp=p.sp, ep=p.ep)
                                 + logits_bytes(s, sequence_shard_tokens(pre, p.sp).completion, w=w, tp=p.tp, logps=p.logps,
                                                chunk_tokens=p.chunk_tokens, block_rows=p.block_rows, grad=False)
                                 + ref_live)
         rows.append(("reference weights (precompute only)", 0, ref_states.host_weights if p.on_gpu else 0))
-    params = {**s.components(), "total": s.total, "per rank (tp/pp shard)": rank_params, "trainable": trainable}
-    return MemoryPlan(p, rows, persistent, phases, params, gpu_memory)
+    params = {**s.components(), "total": s.total}
+    details = {}
+    if s.moe is not None:
+        m = s.moe
+        params.update({"experts": s.expert_total, "active per token": s.total - s.expert_total * (m.experts - m.top_k) // m.experts})
+        details["train"] = {**train.get("moe", {}), "MoE block gather+grad (ZeRO-3)": moe_gather.get("train", 0)}
+        details["no-grad"] = {"EP all-to-all buffers": all_to_all_bytes(s, sequence_shard_tokens(both, p.sp).tokens, w=w, ep=p.ep),
+                              "MoE block gather (ZeRO-3)": moe_gather.get("no-grad", 0)}
+    params.update({f"per rank (experts 1/{p.ep})" if p.ep > 1 else "per rank (tp/pp shard)": rank_params,
+                   "trainable": trainable})
+    return MemoryPlan(p, rows, persistent, phases, params, gpu_memory,
+                      {ph: {k: v for k, v in d.items() if v} for ph, d in details.items()})
 
 
 def _stage_shape(s: ModelShape, pp: int) -> ModelShape:

@@ -19,7 +19,7 @@ def format_plan(plan: MemoryPlan) -> str:
     """Component x GiB per rank (device, host), the phases, the peak and the verdict."""
     p = plan.inputs
     dev = "GPU" if p.on_gpu else "CPU"
-    sp = f" x sp {p.sp}" if p.sp > 1 else ""
+    sp = (f" x sp {p.sp}" if p.sp > 1 else "") + (f" (experts over ep {p.ep})" if p.ep > 1 else "")
     lines = [f"memory plan: world {p.world_size} = dp {p.dp} x tp {p.tp} x pp {p.pp}{sp}, ZeRO-{p.zero.get('stage', 0)}, "
              f"{'bf16' if p.weight_bytes == 2 else 'fp32'}, {dev}, reference {p.ref}"
              + (" (offloaded)" if p.ref == "online" and p.ref_offload else "")
@@ -33,8 +33,9 @@ def format_plan(plan: MemoryPlan) -> str:
              f"{'component':38s} {dev + ' GiB/rank':>12s} {'host GiB/rank':>14s}"]
     lines += [f"{name:38s} {_gib(d):>12s} {_gib(h):>14s}" for name, d, h in plan.rows]
     lines.append(f"{'= persistent':38s} {_gib(plan.persistent):>12s}")
-    lines += [f"{'+ phase ' + name + (' (peak)' if name == plan.peak_phase else ''):38s} {_gib(v):>12s}"
-              for name, v in plan.phases.items()]
+    for name, v in plan.phases.items():
+        lines.append(f"{'+ phase ' + name + (' (peak)' if name == plan.peak_phase else ''):38s} {_gib(v):>12s}")
+        lines += [f"{'  incl. ' + term:38s} {_gib(b):>12s}" for term, b in plan.details.get(name, {}).items()]
     where = "GPU memory" if p.on_gpu else "process memory beyond start-up (device and host are one)"
     lines.append(f"peak per rank: {plan.peak_bytes_per_rank / GIB:.2f} GiB ({where}); host memory per node "
                  f"({min(p.world_size, p.gpus_per_node)} ranks): {plan.host_bytes_per_node / GIB:.1f} GiB")
@@ -53,7 +54,7 @@ def plan_json(plan: MemoryPlan) -> dict:
             "components": {name: {"device": d, "host": h} for name, d, h in plan.rows},
             "params": plan.params, "fits": plan.fits, "gpu_memory_gib": plan.gpu_memory,
             "world_size": plan.inputs.world_size, "dp": plan.inputs.dp, "tp": plan.inputs.tp, "pp": plan.inputs.pp,
-            "sp": plan.inputs.sp}
+            "sp": plan.inputs.sp, "ep": plan.inputs.ep, "phase_terms": plan.details}
 
 
 # A change: (what to tell the user, extra config overrides, DeepSpeed JSON edit, world-size factor).

@@ -59,3 +59,27 @@ def test_output_dir_that_is_a_file_fails_as_in_a_run(capsys, monkeypatch, tmp_pa
         check_output_dir(str(target))
     assert _dry("four_nodes", 32, f"output_dir={target}") == 1
     assert capsys.readouterr().err.strip() == f"megakto: error: {err.value}"
+
+
+# The mixture-of-experts recipes: the planned figures their headers and docs/memory state.
+MOE_RECIPES = {"one_node_ep8": (8, "67.95", "56.9"), "four_nodes_ep8": (32, "22.17", "14.2")}
+
+
+@pytest.mark.parametrize("name", sorted(MOE_RECIPES))
+def test_qwen3_30b_a3b_recipe_dry_runs_with_its_planned_memory(name, capsys, monkeypatch, tmp_path):
+    """From config.json alone (parallel.ep_size reaches the plan through ParallelDims; the expert-parallel
+    mode itself is not needed to plan): 16 of the 128 experts per GPU, the numbers in the recipe's header."""
+    monkeypatch.chdir(REPO)
+    world, peak, host = MOE_RECIPES[name]
+    folder = os.path.join(REPO, "configs", "qwen3-30b-a3b")
+    assert _launcher().main(["--dry-run", "--no-data", "--world-size", str(world), "--gpu-memory", "80",
+                             "--config", os.path.join(folder, f"{name}.yaml"),
+                             "--deepspeed", os.path.join(folder, f"{name}.json"), f"output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: embedding 0.311B, layers 29.910B, head 0.311B" in out and "experts 28.991B" in out
+    assert f"world {world} = dp {world} x tp 1 x pp 1 (experts over ep 8), ZeRO-3" in out
+    assert "policy weights (experts 16/128)" in out and "EP all-to-all buffers" in out
+    assert f"peak per rank: {peak} GiB (GPU memory); host memory per node (8 ranks): {host} GiB" in out
+    header = open(os.path.join(folder, f"{name}.yaml")).read()
+    assert f"{peak} GiB peak" in header and f"{host} GiB per node" in header
+    assert "fits: yes" in out and out.rstrip().endswith("dry run: ok")
