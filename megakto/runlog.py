@@ -60,12 +60,15 @@ class RunLogger:
             else:
                 print(line, flush=True)
 
-    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "", quiet: bool = False) -> None:
+        """TensorBoard scalars and (unless ``quiet``) the step's log line."""
         if not self.enabled:
             return
         for key, value in values.items():
             self._writer.add_scalar(f"{prefix}{key}", value, step)
         self._writer.flush()
+        if quiet:
+            return
         shown = ("loss", "kl", "rewards/margins", "reward_accuracy")
         text = " ".join(f"{prefix}{k} {values[k]:.4f}" for k in shown if k in values)
         self.info(f"step {step} {text}" + "".join(
