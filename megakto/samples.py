@@ -178,17 +178,17 @@ def planned_cost(cfg, deepspeed: str, train_rows: TokenizedSplit, *, world_size:
     from megakto.planning import plan_memory
     from megakto.planning.inputs import plan_inputs
 
-    shape = model_shape(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    inputs = plan_inputs(cfg, load_ds_json(deepspeed), shape, world_size=world_size, on_gpu=on_gpu, source=deepspeed)
-    plan = plan_memory(inputs)
-    mean_row = float((train_rows.column_lengths("prompt_ids") + train_rows.column_lengths("completion_ids")).mean())
     models = 1 if cfg.kto.loss_type == "sft" or cfg.ref.mode == "cache" else 2
 
-    def cost(prompts: list[list[int]]) -> SamplesCost:
+    def cost(prompts: list[list[int]]) -> SamplesCost:  # called only when samples may run
+        shape = model_shape(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        inputs = plan_inputs(cfg, load_ds_json(deepspeed), shape, world_size=world_size, on_gpu=on_gpu,
+                             source=deepspeed)
+        lengths = train_rows.column_lengths("prompt_ids") + train_rows.column_lengths("completion_ids")
         work = SamplesWork(prompts=len(prompts), prompt_tokens=max(map(len, prompts)),
                            new_tokens=cfg.train.sample_max_new_tokens, models=models,
-                           step_tokens=round(cfg.train.global_batch_size * mean_row),
+                           step_tokens=round(cfg.train.global_batch_size * float(lengths.mean())),
                            steps_between=cfg.train.eval_every or cfg.train.max_steps)
-        return samples_cost(plan, work, device_bytes=engine.device_memory_bytes())
+        return samples_cost(plan_memory(inputs), work, device_bytes=engine.device_memory_bytes())
 
     return cost

@@ -124,7 +124,9 @@ class KTOTrainer:
         self.runner = self.mode.runner(self.policy, self.dims, batcher=self.batcher, logps_fn=self.logps_fn)
         # Every rank scores the same rows (collective forwards): all pass or all fail.
         with comm.fail_together(group=comm.world_group()):
+            start = time.perf_counter()
             self.mode.check_packing(self.policy, self.logps_fn, self.tokenizer, device=self.device)
+            self.phases.note("policy", f"packing check {time.perf_counter() - start:.2f} s on 4 fixed sequences")
         self.phases.done("policy")
         with comm.fail_together(group=comm.world_group()):
             self.evaluator = self._setup_evaluator()
@@ -166,6 +168,9 @@ class KTOTrainer:
             if not first:
                 loaded = load_splits(self.cfg, self.tokenizer)
         log_splits(loaded, self.log.info)  # the timing is local rank 0's: the first to read and tokenize
+        for split, (_, report, _) in loaded.items():
+            self.phases.note("data", f"{split} tokenizer checks {report.check_seconds:.2f} s on {report.checked:,} of "
+                             f"{report.n_rows:,} rows, a decode of {report.n_decoded}")
         return loaded["train"][0], loaded["eval"][0] if "eval" in loaded else None
 
     def _setup_weights(self) -> float:
@@ -271,6 +276,7 @@ class KTOTrainer:
                 self._save_checkpoint()
                 save_due = False
         evaluated_last = bool(self.eval_history) and self.eval_history[-1][0] == self.step
+        self.log.info(self.clock.steps_summary())
         final_eval = evaluating and not evaluated_last
         final_save = bool(cfg.checkpoint.every_steps or cfg.train.export_hf) and self.checkpoints.saved_step != self.step
         self.log.info(self._final_plan(final_eval, final_save))

@@ -24,3 +24,11 @@ def test_final_phase_names_each_part_and_the_hashing_inside_the_checkpoint():
     clock.final.update(evaluation=0.4, samples=0.25, checkpoint=1.26, hashing=0.31, export=0.5)
     assert clock.final_summary() == ("final phase 2.4 s: evaluation 0.4 s, samples 0.2 s, checkpoint 1.3 s "
                                      "(of it hashing 0.3 s), export 0.5 s")
+
+
+def test_steps_summary_separates_the_first_step():
+    clock = RunClock()
+    with clock.timed("step"):
+        pass
+    clock.totals["step"], clock.first_step, clock.steps = 12.6, 0.45, 60
+    assert clock.steps_summary() == "steps: 60 in 12.6 s: the first 0.45 s, then 0.21 s each (mean of 59)"
