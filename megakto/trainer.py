@@ -136,7 +136,8 @@ class KTOTrainer:
         # One optimizer step (megakto/step.py), built from the parts above.
         self.step_fn = KTOStep(planner=self.planner, runner=self.runner, reference=self.reference, dims=self.dims,
                                loss=LossSettings.from_config(cfg.kto, self.desirable_weight), device=self.device)
-        cost = planned_cost(cfg, deepspeed_config, self.train_rows, world_size=comm.world_size(), on_gpu=engine.on_gpu())
+        cost = planned_cost(cfg, deepspeed_config, self.train_rows, world_size=comm.world_size(),
+                            on_gpu=engine.on_gpu())
         self.samples = eval_samples(cfg, self.eval_rows, self.tokenizer, evaluating=self.evaluator is not None,
                                     off=self.mode.samples_off(), device=self.device, log=self.log.info, cost=cost)
         self.phases.done("samples plan")
@@ -278,7 +279,8 @@ class KTOTrainer:
         evaluated_last = bool(self.eval_history) and self.eval_history[-1][0] == self.step
         self.log.info(self.clock.steps_summary())
         final_eval = evaluating and not evaluated_last
-        final_save = bool(cfg.checkpoint.every_steps or cfg.train.export_hf) and self.checkpoints.saved_step != self.step
+        final_save = (bool(cfg.checkpoint.every_steps or cfg.train.export_hf)
+                      and self.checkpoints.saved_step != self.step)
         self.log.info(self._final_plan(final_eval, final_save))
         if final_eval:
             self._evaluate_and_log(final=True)

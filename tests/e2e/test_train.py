@@ -39,7 +39,8 @@ def demo_run(assets, tmp_path_factory):
 
 def test_eval_samples_show_the_policy_learning(demo_run):
     """train.eval_samples=3 (asked for, as configs/tiny_demo.yaml does): at each evaluation 3 fixed
-    held-out prompts, completed greedily by the policy and the frozen reference; once the demo is learned the policy's change."""
+    held-out prompts, completed greedily by the policy and the frozen reference; once the demo is
+    learned the policy's change."""
     import json
 
     out, _ = demo_run
