@@ -20,7 +20,12 @@ class Phases:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.notes: dict[str, list[str]] = {}  # what a phase's seconds include, shown beside them
         self._start = self._last = time.perf_counter()
+
+    def note(self, name: str, text: str) -> None:
+        """Show ``text`` beside phase ``name`` (a part of it and its time)."""
+        self.notes.setdefault(name, []).append(text)
 
     def done(self, name: str) -> None:
         now = time.perf_counter()
@@ -28,9 +33,13 @@ class Phases:
         self._last = now
 
     def summary(self) -> str:
-        """``start-up 41.2 s: checks 1.0 s, data 12.1 s, policy 3.0 s, ...``"""
+        """``start-up 41.2 s: checks 1.0 s, data 12.1 s (of it tokenizer checks 0.1 s ...), policy 3.0 s, ...``"""
         total = self._last - self._start
-        return f"start-up {total:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+
+        def part(k, v):
+            return f"{k} {v:.1f} s" + (f" (of it {'; '.join(self.notes[k])})" if k in self.notes else "")
+
+        return f"start-up {total:.1f} s: " + ", ".join(part(k, v) for k, v in self.seconds.items())
 
 
 class RunLogger:
@@ -60,12 +69,15 @@ class RunLogger:
             else:
                 print(line, flush=True)
 
-    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "", quiet: bool = False) -> None:
+        """TensorBoard scalars and (unless ``quiet``) the step's log line."""
         if not self.enabled:
             return
         for key, value in values.items():
             self._writer.add_scalar(f"{prefix}{key}", value, step)
         self._writer.flush()
+        if quiet:
+            return
         shown = ("loss", "kl", "rewards/margins", "reward_accuracy")
         text = " ".join(f"{prefix}{k} {values[k]:.4f}" for k in shown if k in values)
         self.info(f"step {step} {text}" + "".join(

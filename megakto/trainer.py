@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from contextlib import nullcontext
 
 import torch
 
@@ -55,7 +57,8 @@ from megakto.reference.scorers import AdapterOffReference
 from megakto.reference.sequences import ConcatSequences, SplitSequences
 from megakto.runlog import Phases, RunLogger
 from megakto.runners import ModeSetup, parallel_mode
-from megakto.samples import eval_samples
+from megakto.run_clock import RunClock
+from megakto.samples import eval_samples, planned_cost
 from megakto.skipped_steps import SkippedSteps, TooManySkippedSteps
 from megakto.startup import check_run, desirable_weight, load_splits, log_splits, make_sampler, step_planner
 from megakto.step import KTOStep, LossSettings, StepResult
@@ -121,7 +124,9 @@ class KTOTrainer:
         self.runner = self.mode.runner(self.policy, self.dims, batcher=self.batcher, logps_fn=self.logps_fn)
         # Every rank scores the same rows (collective forwards): all pass or all fail.
         with comm.fail_together(group=comm.world_group()):
+            start = time.perf_counter()
             self.mode.check_packing(self.policy, self.logps_fn, self.tokenizer, device=self.device)
+            self.phases.note("policy", f"packing check {time.perf_counter() - start:.2f} s on 4 fixed sequences")
         self.phases.done("policy")
         with comm.fail_together(group=comm.world_group()):
             self.evaluator = self._setup_evaluator()
@@ -131,8 +136,11 @@ class KTOTrainer:
         # One optimizer step (megakto/step.py), built from the parts above.
         self.step_fn = KTOStep(planner=self.planner, runner=self.runner, reference=self.reference, dims=self.dims,
                                loss=LossSettings.from_config(cfg.kto, self.desirable_weight), device=self.device)
+        cost = planned_cost(cfg, deepspeed_config, self.train_rows, world_size=comm.world_size(),
+                            on_gpu=engine.on_gpu())
         self.samples = eval_samples(cfg, self.eval_rows, self.tokenizer, evaluating=self.evaluator is not None,
-                                    off=self.mode.samples_off(), device=self.device, log=self.log.info)
+                                    off=self.mode.samples_off(), device=self.device, log=self.log.info, cost=cost)
+        self.phases.done("samples plan")
         self.health = (HealthMonitor(HealthThresholds(**dataclasses.asdict(cfg.health)), grad_clip=cfg.optim.grad_clip,
                                      kl_checks=self.use_kl, router_aux_coef=cfg.kto.router_aux_coef)
                        if cfg.train.health_checks else None)
@@ -142,6 +150,7 @@ class KTOTrainer:
         if comm.is_main():
             os.makedirs(cfg.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        self.clock = RunClock()  # where the run's time goes: steps, evaluations, samples, the final phase
         self.log.info(self.phases.summary())
 
     # ------------------------------------------------------------------ setup
@@ -160,6 +169,9 @@ class KTOTrainer:
             if not first:
                 loaded = load_splits(self.cfg, self.tokenizer)
         log_splits(loaded, self.log.info)  # the timing is local rank 0's: the first to read and tokenize
+        for split, (_, report, _) in loaded.items():
+            self.phases.note("data", f"{split} tokenizer checks {report.check_seconds:.2f} s on {report.checked:,} of "
+                             f"{report.n_rows:,} rows, a decode of {report.n_decoded}")
         return loaded["train"][0], loaded["eval"][0] if "eval" in loaded else None
 
     def _setup_weights(self) -> float:
@@ -221,11 +233,13 @@ class KTOTrainer:
         skips = SkippedSteps(cfg.train.max_skipped_steps, hint=f"optim.lr={cfg.optim.lr:g}, kto.beta={cfg.kto.beta:g}")
         save_due = False
         self.log.info(f"training {cfg.train.max_steps} steps: {self.dims.describe()}")
+        self.clock.start()
         evaluating = self.evaluator is not None
         if evaluating and cfg.train.eval_every and self.step == 0:
             self._evaluate_and_log()  # the reference model's numbers: reward accuracy 0.5 by construction
         while self.step < cfg.train.max_steps:
-            result = self.next_step()
+            with self.clock.timed("step"):
+                result = self.next_step()
             history.append(result)
             stop = warning = None
             try:  # every rank records the same all-reduced outcome, so all decide alike
@@ -253,7 +267,8 @@ class KTOTrainer:
                 stop.shared = True
                 self.log.close()
                 raise stop  # before any save: the checkpoints on disk predate the skipped steps
-            if evaluating and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+            last = self.step == cfg.train.max_steps  # its evaluation belongs to the final phase, below
+            if evaluating and cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not last:
                 self._evaluate_and_log()
             every = cfg.checkpoint.every_steps
             save_due = save_due or bool(every and self.step % every == 0)
@@ -262,14 +277,24 @@ class KTOTrainer:
                 self._save_checkpoint()
                 save_due = False
         evaluated_last = bool(self.eval_history) and self.eval_history[-1][0] == self.step
-        if evaluating and not evaluated_last:
-            self._evaluate_and_log()
-        if (cfg.checkpoint.every_steps or cfg.train.export_hf) and self.checkpoints.saved_step != self.step:
-            self._save_checkpoint()  # the finished run: resumable with more steps, and what export_hf converts
+        self.log.info(self.clock.steps_summary())
+        final_eval = evaluating and not evaluated_last
+        final_save = (bool(cfg.checkpoint.every_steps or cfg.train.export_hf)
+                      and self.checkpoints.saved_step != self.step)
+        self.log.info(self._final_plan(final_eval, final_save))
+        if final_eval:
+            self._evaluate_and_log(final=True)
+        if final_save:  # the finished run: resumable with more steps, and what export_hf converts
+            with self.clock.final_part("checkpoint"):
+                self._save_checkpoint()
+            self.clock.final["hashing"] = self.checkpoints.last_save.get("hashing", 0.0)
         # The last collective of the run: before rank 0's export, which the other ranks do not wait for.
         peak = reduce_peaks(self.peak_memory, group=comm.world_group())
         if cfg.train.export_hf and comm.is_main():
-            self.checkpoints.export_hf(self.step)  # rank 0 alone: the others do not wait
+            with self.clock.final_part("export"):
+                self.checkpoints.export_hf(self.step)  # rank 0 alone: the others do not wait
+        if self.clock.final:
+            self.log.info(self.clock.final_summary())
         self.log.info(f"run finished at step {self.step}: {peak.describe(engine.on_gpu())}")
         self.log.close()
         return history
@@ -302,12 +327,36 @@ class KTOTrainer:
         """Seconds spent at setup filling the reference cache; 0 when online or already complete."""
         return getattr(self.reference, "precompute_seconds", 0.0)
 
-    def _evaluate_and_log(self) -> None:
-        metrics = self.evaluate()
+    def _final_plan(self, final_eval: bool, final_save: bool) -> str:
+        """What the final phase runs, each part asked for by the config."""
+        parts = []
+        if final_eval:
+            parts.append(f"evaluation of {len(self.eval_rows):,} rows (data.eval_files)")
+            if self.samples is not None:
+                parts.append(f"eval samples of {len(self.samples.prompts)} prompts (train.eval_samples)")
+        if final_save:
+            why = "checkpoint.every_steps" if self.cfg.checkpoint.every_steps else "train.export_hf"
+            parts.append(f"checkpoint of step {self.step}, sha256 of every file ({why})")
+        if self.cfg.train.export_hf:
+            parts.append("export to output_dir/hf on rank 0 (train.export_hf)")
+        return "final phase: " + ("; ".join(parts) if parts else "nothing to run")
+
+    def _evaluate_and_log(self, final: bool = False) -> None:
+        with self.clock.timed("eval"), self.clock.final_part("evaluation") if final else nullcontext():
+            start = time.perf_counter()
+            metrics = self.evaluate()
+            eval_s = time.perf_counter() - start
         self.eval_history.append((self.step, metrics))
         self.log.scalars(self.step, metrics, prefix="eval/")
+        samples_s = None
         if self.samples is not None:
-            self.samples(self.step, self.policy, self.reference, self.log)
+            with self.clock.timed("samples"), self.clock.final_part("samples") if final else nullcontext():
+                start = time.perf_counter()
+                self.samples(self.step, self.policy, self.reference, self.log)
+                samples_s = time.perf_counter() - start
+        line, timing = self.clock.evaluation(self.step, eval_s, samples_s)
+        self.log.scalars(self.step, timing, quiet=True)
+        self.log.info(line)
         if self.health is not None:
             for line in self.health.evaluated(self.eval_history):
                 self.log.warning(line, step=self.step)

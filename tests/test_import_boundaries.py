@@ -203,7 +203,8 @@ def test_one_layer_per_runtime():
     assert offenders == []
     assert seen["torch.distributed"] == {owners["torch.distributed"]}
     # Every module of the layer that exists to wrap DeepSpeed does import it; the facade does not.
-    wrappers = ("runtime", "loading", "engines", "checkpoint_io", "convert", "ulysses", "vocab_ops", "expert")
+    wrappers = ("runtime", "loading", "engines", "generation", "checkpoint_io", "convert", "ulysses", "vocab_ops",
+                "expert")
     layer = {f"{DEEPSPEED_LAYER}{m}.py" for m in wrappers}
     assert seen["deepspeed"] == layer
 

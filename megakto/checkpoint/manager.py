@@ -47,6 +47,7 @@ class CheckpointManager:
         self.resume_state: dict | None = None  # the saved trainer state this rank continues from (prepare)
         self.load_dir: str | None = None  # the folder DeepSpeed loads: the tag, or its universal form
         self.saved_step: int | None = None  # the step whose checkpoint is on disk: the resumed one, then each save
+        self.last_save: dict[str, float] = {}  # the last save's seconds spent hashing on this rank
 
     def prepare(self, sampler) -> str | None:
         """Before the policy is built: this rank's saved trainer state, checked against the run's data
@@ -81,8 +82,10 @@ class CheckpointManager:
         state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state(),
                  "vocab_layout": vocab_layout(module), "param_shapes": held_shapes(module),
                  "eval_history": [[s, m] for s, m in eval_history]}
+        self.last_save = {}
         path = saving.save(policy, self.ckpt_dir, step, state, keep_last=cfg.checkpoint.keep_last, dtype=self.dtype,
-                           tp_size=self.tp, pp_size=self.pp, sp_size=self.sp, ep_size=self.ep, log=self.log)
+                           tp_size=self.tp, pp_size=self.pp, sp_size=self.sp, ep_size=self.ep, log=self.log,
+                           timing=self.last_save)
         self.saved_step = step
         self.log(f"saved {path} ({time.perf_counter() - start:.1f} s)")
         return path

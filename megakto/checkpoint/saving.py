@@ -27,11 +27,12 @@ FAULT_ENV = "MEGAKTO_FAULT_EXIT_IN_SAVE"
 
 def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: int, dtype: str,
          tp_size: int = 1, pp_size: int = 1, sp_size: int = 1, ep_size: int = 1,
-         log: Callable[[str], None] | None = None) -> str:
+         log: Callable[[str], None] | None = None, timing: dict | None = None) -> str:
     """Write checkpoint ``step`` atomically (see :mod:`megakto.checkpoint`); every rank calls it.
 
     ``trainer_state`` is this rank's own state (plain types). Returns the committed tag directory.
     ``log``: where rank 0 says that it commits while the others wait (default: stderr, rank 0).
+    ``timing``: gets ``hashing``, the seconds this rank spent checksumming the files it wrote.
     """
     tag = tag_name(step)
     tmp_tag = TMP_PREFIX + tag
@@ -43,9 +44,12 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
     comm.barrier(group=comm.world_group())
 
     digests = {}  # this rank's files -> checksum, taken right after each is written
+    hashing = [0.0]
 
     def written(path):
+        begin = time.perf_counter()
         digests[os.path.basename(path)] = file_digest(path)
+        hashing[0] += time.perf_counter() - begin
 
     engine.save_checkpoint(policy, ckpt_dir, tmp_tag, on_write=written)
     state = {"version": STATE_VERSION, "rank": rank, "world_size": comm.world_size(), **trainer_state}
@@ -69,6 +73,8 @@ def save(policy, ckpt_dir: str, step: int, trainer_state: dict, *, keep_last: in
             prune(ckpt_dir, keep_last)
             remove_stale(ckpt_dir)
     comm.barrier(group=comm.world_group())  # nobody starts the next step (or save) before the commit
+    if timing is not None:
+        timing["hashing"] = hashing[0]
     return final_dir
 
 

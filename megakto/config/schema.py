@@ -180,9 +180,11 @@ class TrainConfig:
         "micro-batches, gradient spikes, held-out accuracy at chance, a collapsed MoE router; thresholds in "
         "the health section."
     )
-    eval_samples: int = _opt(
-        3, "At each evaluation, greedy completions of this many fixed held-out prompts from the policy "
-        "and the reference, to TensorBoard text 'samples' and output_dir/samples.jsonl; 0 = off."
+    eval_samples: Optional[int] = _opt(
+        None, "At each evaluation, greedy completions of this many fixed held-out prompts from the policy "
+        "and the reference, to TensorBoard text 'samples' and output_dir/samples.jsonl; 0 = off; null = 3 "
+        "where the planner estimates they cost under 3% of the training between evaluations and the "
+        "gathered model fits on one device, else off with a log line giving their cost."
     )
     sample_max_new_tokens: int = _opt(24, "Longest eval sample completion, in tokens.")
 

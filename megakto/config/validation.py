@@ -60,7 +60,7 @@ def validate(cfg: Config) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
-        "train.eval_samples": cfg.train.eval_samples,
+        "train.eval_samples": cfg.train.eval_samples or 0,  # null: the planner decides
         "health.warmup_steps": cfg.health.warmup_steps,
         "health.reward_drop": cfg.health.reward_drop,
         "health.kl_rise": cfg.health.kl_rise,

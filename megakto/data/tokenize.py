@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Sequence
 
 import datasets
@@ -36,7 +37,7 @@ __all__ = ["auto_num_proc", "fit_to_length", "fitted_lengths", "prompt_key", "to
 
 _FITS, _TRUNCATED, _DROPPED = 0, 1, 2
 # Per-row facts the report and the tokenizer checks need; removed before the dataset is returned.
-_CHECK_COLUMNS = ["_fit", "_c_len", "_c_cut", "_eos_only", "_ids_key", "_text_key"]
+_CHECK_COLUMNS = ["_fit", "_c_len", "_c_cut", "_eos_only", "_ids_key", "_text_key", "_check_s"]
 _MASK63 = (1 << 63) - 1
 
 
@@ -118,12 +119,13 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         "_eos_only": datasets.Value("bool"),
         "_ids_key": datasets.Value("int64"),
         "_text_key": datasets.Value("int64"),
+        "_check_s": datasets.Value("float64"),
     })
     out = ds.map(
         _tokenize_batch, batched=True, num_proc=num_proc, features=features,
         remove_columns=ds.column_names, desc="tokenizing",
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                   "max_prompt_length": max_prompt_length})
+                   "max_prompt_length": max_prompt_length, "stride": checks.check_stride(len(ds))})
     cols = out.select_columns(_CHECK_COLUMNS + ["prompt_key", "label"]).with_format("numpy")[:]
     fit = cols["_fit"]
     dropped = np.flatnonzero(fit == _DROPPED)
@@ -153,16 +155,20 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
 
 
 def _check_tokenizer(report: TokenizeReport, ds: datasets.Dataset, cols, tokenizer) -> None:
-    """Fill in the report's tokenizer checks (megakto/data/_token_checks.py) and their examples."""
-    eos_only = np.flatnonzero(cols["_eos_only"])
+    """Fill in the report's tokenizer checks (megakto/data/_token_checks.py), their examples and
+    their time (the per-row part measured in the map, ``_check_s``)."""
+    start = time.perf_counter()
+    rows = np.flatnonzero(cols["prompt_key"] % checks.check_stride(len(ds)) == 0)  # the checked rows
+    report.n_checked = len(rows)
+    eos_only = rows[cols["_eos_only"][rows]]
     report.n_eos_only = len(eos_only)
     if len(eos_only):
         report.examples["eos_only"] = _example(tokenizer, ds, int(eos_only[0]), "completion")
     identical, report.n_paired = checks.identical_pairs(
-        cols["prompt_key"], cols["label"], cols["_ids_key"], cols["_text_key"])
+        *(cols[k][rows] for k in ("prompt_key", "label", "_ids_key", "_text_key")))
     report.n_identical = int(identical.sum())
     if report.n_identical:
-        report.examples["identical"] = _example(tokenizer, ds, int(np.argmax(identical)), "completion")
+        report.examples["identical"] = _example(tokenizer, ds, int(rows[np.argmax(identical)]), "completion")
 
     sample = checks.sample_indices(len(ds))
     texts, where = [], []
@@ -181,6 +187,7 @@ def _check_tokenizer(report: TokenizeReport, ds: datasets.Dataset, cols, tokeniz
     report.n_decoded = len(sample)
     if worst is not None:
         report.examples["decode"] = _example(tokenizer, ds, *where[worst])
+    report.check_seconds = float(cols["_check_s"].sum()) + time.perf_counter() - start
 
 
 def _texts(tokenizer, row) -> tuple[str, str]:
@@ -218,7 +225,7 @@ def _render_chat(tokenizer, prompt, completion, source, row) -> tuple[str, str]:
     return prompt_text, full_text[len(prompt_text):]
 
 
-def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length):
+def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, stride=1):
     prompt_texts, completion_texts = [], []
     for p, c, src, row in zip(batch["prompt"], batch["completion"], batch["source"], batch["row"]):
         if isinstance(p, str):
@@ -260,12 +267,15 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length):
             out["_fit"].append(_TRUNCATED if len(p) + len(c) > max_length else _FITS)
             out["_c_cut"].append(len(c) - len(fitted[1]))
     out["_c_len"] = [len(c) for c in completion_ids]
-    out["_eos_only"] = [bool(t.strip()) and all(x == eos for x in c)
-                        for t, c in zip(completion_texts, completion_ids)]
-    out["_ids_key"] = [checks.ids_fingerprint(c) for c in completion_ids]
-    out["_text_key"] = [checks.text_fingerprint(t) for t in completion_texts]
-    out["label"] = list(batch["label"])
     out["prompt_key"] = [prompt_key(t) for t in prompt_texts]
+    start = time.perf_counter()  # the tokenizer checks' per-row facts, for the rows they read
+    checked = [k % stride == 0 for k in out["prompt_key"]]
+    out["_eos_only"] = [on and bool(t.strip()) and all(x == eos for x in c)
+                        for on, t, c in zip(checked, completion_texts, completion_ids)]
+    out["_ids_key"] = [checks.ids_fingerprint(c) if on else 0 for on, c in zip(checked, completion_ids)]
+    out["_text_key"] = [checks.text_fingerprint(t) if on else 0 for on, t in zip(checked, completion_texts)]
+    out["_check_s"] = [time.perf_counter() - start] + [0.0] * (len(checked) - 1)
+    out["label"] = list(batch["label"])
     out["source"] = list(batch["source"])
     out["row"] = list(batch["row"])
     return out

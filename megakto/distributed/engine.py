@@ -8,6 +8,8 @@ private package :mod:`megakto.distributed._deepspeed`, whose modules are the onl
 * :mod:`~megakto.distributed._deepspeed.engines`: the policy engine (torch AdamW, warmup + decay),
   the frozen reference engine (ZeRO-3 inference, offloaded to CPU by default), pipeline modules,
   the engines' groups and gathered weights;
+* :mod:`~megakto.distributed._deepspeed.generation`: a ZeRO-3 engine's weights gathered once for a
+  whole generation call (eval samples), one device's memory;
 * :mod:`~megakto.distributed._deepspeed.checkpoint_io`: DeepSpeed's checkpoint files and the
   pickle allow-list every read of them goes through;
 * :mod:`~megakto.distributed._deepspeed.convert`: zero_to_fp32 and the universal conversion;
@@ -32,6 +34,7 @@ from megakto.distributed._deepspeed.engines import (build_pipeline_module, build
                                                     disable_dropout, gathered_numel, gathered_state_dict,
                                                     parallel_groups, pipeline_groups, with_moe_leaves,
                                                     zero3_leaf_classes)
+from megakto.distributed._deepspeed.generation import device_memory_bytes, gathered_for_generation
 from megakto.distributed._deepspeed.loading import block_vocab, load_model, split_vocab
 from megakto.distributed._deepspeed.runtime import (accelerator_rng_state, bf16_supported, configure_cpu_threads,
                                                     device, init_distributed, on_gpu, set_accelerator_rng_state)
@@ -55,6 +58,8 @@ __all__ = [
     "gathered_numel",
     "disable_dropout",
     "gathered_state_dict",
+    "gathered_for_generation",
+    "device_memory_bytes",
     "save_checkpoint",
     "load_checkpoint",
     "universal_load_config",

@@ -201,3 +201,23 @@ def test_demo_sentencepiece_tokenizer_keeps_every_character(demo, tmp_path, chat
     assert report.n_paired == len(ds) and report.n_decoded == checks.DECODE_SAMPLE
     assert report.chars_decoded > 10 * checks.DECODE_SAMPLE
     assert report.completion_tokens_cut == 0
+
+
+def test_past_check_rows_the_checks_read_whole_prompts_of_a_fixed_sample(write, monkeypatch):
+    """CHECK_ROWS = 10 over 40 rows (20 prompts x 2 labels): stride 4, the rows whose prompt key is
+    0 modulo 4, both labels of each; each desirable completion is 'zz' (EOS alone under the
+    z-dropping tokenizer), so the EOS-only count is half the checked rows; the same rows on a second run."""
+    from megakto.data.tokenize import prompt_key
+
+    monkeypatch.setattr(checks, "CHECK_ROWS", 10)
+    rows = [{"prompt": f"what is {i // 2}", "completion": "zz" if i % 2 == 0 else "a red hat", "label": i % 2 == 0}
+            for i in range(40)]
+    want = sum(prompt_key(r["prompt"]) % 4 == 0 for r in rows)
+    assert checks.check_stride(40) == 4 and 0 < want < 40 and want % 2 == 0
+    _, report = tokenize_rows(load_rows(write(rows)), _drops_z(), max_length=32)
+    assert (report.n_checked, report.n_eos_only, report.n_paired) == (want, want // 2, want)
+    assert report.summary().count(f"tokenizer check on the {want} rows of a sample of prompts: {want // 2} "
+                                  "completions only EOS") == 1
+    assert report.check_seconds > 0
+    _, again = tokenize_rows(load_rows(write(rows)), _drops_z(), max_length=32)
+    assert again.n_checked == want

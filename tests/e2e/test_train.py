@@ -31,15 +31,16 @@ def demo_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_run")
     proc, result = run_trainer(assets, out, nproc=2, **{
         "data.eval_files": assets["eval"], "train.max_steps": 24, "train.eval_every": 12,
-        "train.eval_batch_size": 30})
+        "train.eval_batch_size": 30, "train.eval_samples": 3})
     with open(os.path.join(out, "launcher.log"), "w") as f:  # the run's plain log, for test_peak_memory_logged
         f.write(proc.stdout)
     return out, result
 
 
 def test_eval_samples_show_the_policy_learning(demo_run):
-    """train.eval_samples=3 (the default): at each evaluation 3 fixed held-out prompts, completed
-    greedily by the policy and the frozen reference; once the demo is learned the policy's change."""
+    """train.eval_samples=3 (asked for, as configs/tiny_demo.yaml does): at each evaluation 3 fixed
+    held-out prompts, completed greedily by the policy and the frozen reference; once the demo is
+    learned the policy's change."""
     import json
 
     out, _ = demo_run
