@@ -115,17 +115,28 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
 
 
 def desirable_weight(cfg: Config, train_rows: TokenizedSplit, log: Callable[[str], None]) -> float:
-    """eq. (8): λD·nD / (λU·nU) should lie in [1, 4/3]; ``kto.desirable_weight=auto`` makes it 1."""
+    """eq. (8): λD·nD / (λU·nU) should lie in [1, 4/3]; ``kto.desirable_weight=auto`` makes it 1.
+
+    With per-row weights (a ``weight`` column) nD and nU are the classes' summed weights W_D and W_U:
+    each class's total pull on the loss is λ times its summed weights, which is what eq. (8) balances."""
     kto = cfg.kto
-    n_d = int(train_rows.label.sum())
-    n_u = len(train_rows) - n_d
+    n_d, n_u = train_rows.class_weights()
+    what = "rows"
+    if train_rows.weight is None:
+        n_d, n_u = int(n_d), int(n_u)
+    else:
+        rows_d = int(train_rows.label.sum())
+        what = "summed row weights"
+        log(f"eq. (8) on weighted counts: W_D={n_d:.6g} ({rows_d} desirable rows), W_U={n_u:.6g} "
+            f"({len(train_rows) - rows_d} undesirable rows)")
+        n_d, n_u = round(n_d, 6), round(n_u, 6)
     weight = kto.desirable_weight
     if weight == "auto":
         if not n_d or not n_u:
             raise ConfigError(f"kto.desirable_weight=auto needs both classes, but {', '.join(cfg.data.train_files)} "
-                              f"has {n_d} desirable and {n_u} undesirable rows: give a number")
+                              f"has {n_d} desirable and {n_u} undesirable {what}: give a number")
         weight = auto_desirable_weight(n_d, n_u, kto.undesirable_weight)
-        log(f"kto.desirable_weight=auto -> {weight:.4f} ({n_d} desirable, {n_u} undesirable rows)")
+        log(f"kto.desirable_weight=auto -> {weight:.4f} ({n_d} desirable, {n_u} undesirable {what})")
     warning = check_weights(n_d, n_u, weight, kto.undesirable_weight)
     if warning:
         log(f"warning: {warning}")

@@ -24,7 +24,7 @@ from megakto.distributed import comm
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import MegaktoError
 from megakto.kto import RouterBalance, finalize_kl, kl_partial, kto_loss, nll_share, raw_kl
-from megakto.metrics import reference_point_metrics, step_metrics
+from megakto.metrics import reference_point_metrics, step_metrics, weight_metrics
 from megakto.reference.scorers import Reference
 from megakto.runners.base import MicroLoss, StepRunner
 
@@ -126,16 +126,20 @@ class KTOStep:
             """Micro-batch j's loss, a sum over its rows like eq. (7)'s; ``scale`` makes it a global mean.
             ``router``: the balancing loss of this micro-batch's forward (kto.router_aux_coef > 0)."""
             desirable = torch.tensor([rows["label"][i] for i in mine[j]], dtype=torch.bool, device=logps.device)
+            # Per-row weights scale every term of their row; z_ref stays unweighted (megakto/kto/loss.py).
+            weights = (torch.tensor([rows["weight"][i] for i in mine[j]], dtype=torch.float32, device=logps.device)
+                       if "weight" in rows else None)
             if kto.loss_type == "sft":
-                micro = MicroLoss(nll_share(logps, target_tokens) * len(indices), logps.detach() * 0,
+                micro = MicroLoss(nll_share(logps, target_tokens, weights=weights) * len(indices), logps.detach() * 0,
                                   torch.zeros_like(logps), desirable)
             else:
                 out = kto_loss(logps, ref_logps[j], desirable, kls[j], beta=kto.beta,
                                desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight,
-                               loss_type=kto.loss_type)
+                               loss_type=kto.loss_type, weights=weights)
                 loss = out.losses.sum()
                 if kto.sft_weight:
-                    loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
+                    loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable,
+                                                             weights) * len(indices)
                 micro = MicroLoss(loss, out.losses, out.rewards, desirable, out.slopes)
             return with_router_aux(micro, router, kto.router_aux_coef, 1 / scale)
 
@@ -154,6 +158,8 @@ class KTOStep:
                     [float(raw_kl(*p)) for p in kl_sums], beta=kto.beta, previous_raw=self.previous_raw_kl,
                     mean_abs_reward=reduced["abs_rewards"] / reduced["rows"]))
                 self.previous_raw_kl = metrics["kl/raw"]
+            if "weight" in rows:  # known on the host for the whole global batch: nothing to reduce
+                metrics.update(weight_metrics(rows["label"], rows["weight"]))
         else:  # skipped before the policy pass
             metrics = {"loss": float("nan"), "kl": kl_mean}
         metrics["learning_rate"] = outcome.engine.lr  # the rate this step's update used

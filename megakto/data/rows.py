@@ -12,11 +12,16 @@ load, or holds bytes that are not UTF-8, is then scanned for the line to blame (
 
 Row numbers are 1-based positions within their source: the n-th object of a JSON lines file, the
 n-th data row of a CSV file (the header is not a row).
+
+An optional ``weight`` column (a finite number >= 0) scales the row's loss term (see
+:func:`megakto.kto.loss.kto_loss`); a source without the column gives its rows weight 1, and when no
+source has one the column is left out, so unweighted data loads exactly as before.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import datasets
@@ -37,8 +42,8 @@ _MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets
 def load_rows(sources: str | list[str]) -> datasets.Dataset:
     """Load, check and concatenate every source into one dataset.
 
-    Columns: prompt, completion, label (bool), source (the name as given), row (1-based).
-    Text columns are strings when every row is plain text, lists of {role, content} messages when
+    Columns: prompt, completion, label (bool), source (the name as given), row (1-based), and
+    weight (float64) when any source has a ``weight`` column. Text columns are strings when every row is plain text, lists of {role, content} messages when
     every row is a chat, and ``datasets.Json`` (each row decodes to its own kind) when sources mix
     the two.
     """
@@ -51,18 +56,22 @@ def load_rows(sources: str | list[str]) -> datasets.Dataset:
         ds = read_source(name)
         try:
             kinds |= _check_rows(ds, name)
+            _check_weights(ds, name)
         except UnicodeDecodeError as err:  # pyarrow's JSON reader keeps bytes that are not UTF-8
             raise DataError(f"{name}: cannot be loaded ({_where_not_utf8(name, ds, err)})") from None
         checked.append((name, ds))
     text = (datasets.Value("string") if kinds == {"text"}
             else _MESSAGES if kinds == {"chat"} else datasets.Json())
+    weighted = any("weight" in ds.column_names for _, ds in checked)
     features = datasets.Features({
         "prompt": text, "completion": text, "label": datasets.Value("bool"),
-        "source": datasets.Value("string"), "row": datasets.Value("int64")})
+        "source": datasets.Value("string"), "row": datasets.Value("int64"),
+        **({"weight": datasets.Value("float64")} if weighted else {})})
     parts = [
-        ds.map(_normalize, batched=True, with_indices=True, fn_kwargs={"source": name},
-               input_columns=list(_FIELDS), remove_columns=ds.column_names, features=features,
-               desc=f"rows of {name}")
+        ds.map(_normalize, batched=True, with_indices=True,
+               fn_kwargs={"source": name, "weighted": weighted, "has_weight": "weight" in ds.column_names},
+               input_columns=list(_FIELDS) + (["weight"] if "weight" in ds.column_names else []),
+               remove_columns=ds.column_names, features=features, desc=f"rows of {name}")
         for name, ds in checked
     ]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -200,6 +209,25 @@ def _check_rows(ds: datasets.Dataset, source: str) -> set[str]:
     return kinds
 
 
+def _check_weights(ds: datasets.Dataset, source: str) -> None:
+    """A ``weight`` column, when there is one, holds a finite number >= 0 in every row."""
+    if "weight" not in ds.column_names:
+        return
+    i = 0
+    for cols in ds.select_columns(["weight"]).iter(batch_size=_CHECK_BATCH):
+        for w in cols["weight"]:
+            i += 1
+            check_weight(w, source, i)
+
+
+def check_weight(w, source: str, i: int) -> float:
+    """``w`` as a float when it is a finite number >= 0, else a one-line DataError naming the row."""
+    ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+    if not ok:
+        raise DataError(f"{source}: row {i}: field 'weight': expected a finite number >= 0, got {_show(w)}")
+    return float(w)
+
+
 def _check_row(prompt, completion, label, source: str, i: int) -> str:
     if not (label is True or label is False or (type(label) is int and label in (0, 1))):
         raise DataError(f"{source}: row {i}: field 'label': expected a bool (true/false or 0/1), "
@@ -241,15 +269,20 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _normalize(prompts, completions, labels, indices, *, source):
-    """Map function: keep role/content of each message, labels as bools, add source and row."""
+def _normalize(prompts, completions, labels, *rest, source, weighted, has_weight):
+    """Map function: keep role/content of each message, labels as bools, add source and row, and
+    the weight (1 where the source has none) when some source is weighted."""
+    weights, indices = rest if has_weight else (None, rest[0])
     def norm(value):
         return value if isinstance(value, str) else [
             {"role": m["role"], "content": m["content"]} for m in value]
-    return {
+    out = {
         "prompt": [norm(p) for p in prompts],
         "completion": [norm(c) for c in completions],
         "label": [bool(x) for x in labels],
         "source": [source] * len(indices),
         "row": [i + 1 for i in indices],
     }
+    if weighted:
+        out["weight"] = [float(w) for w in weights] if weights is not None else [1.0] * len(indices)
+    return out

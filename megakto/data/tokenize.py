@@ -89,7 +89,8 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
                   ) -> tuple[datasets.Dataset, TokenizeReport]:
     """Tokenize rows from :func:`megakto.data.rows.load_rows` and fit them to ``max_length``.
 
-    Returns the dataset (columns prompt_ids, completion_ids, label, prompt_key, source, row) with
+    Returns the dataset (columns prompt_ids, completion_ids, label, prompt_key, source, row, and
+    weight when the rows have one) with
     rows that had no room for a completion token removed, and a :class:`TokenizeReport`.
     Raises :class:`DataError` when most rows lose their text to the tokenizer (see
     :meth:`TokenizeReport.problem`). ``datasets`` caches the map, so a second run over the same
@@ -118,6 +119,7 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         "_eos_only": datasets.Value("bool"),
         "_ids_key": datasets.Value("int64"),
         "_text_key": datasets.Value("int64"),
+        **({"weight": datasets.Value("float64")} if "weight" in ds.column_names else {}),
     })
     out = ds.map(
         _tokenize_batch, batched=True, num_proc=num_proc, features=features,
@@ -268,4 +270,6 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length):
     out["prompt_key"] = [prompt_key(t) for t in prompt_texts]
     out["source"] = list(batch["source"])
     out["row"] = list(batch["row"])
+    if "weight" in batch:
+        out["weight"] = list(batch["weight"])
     return out
