@@ -153,7 +153,8 @@ def load_split(cfg: Config, files: list[str], tokenizer, *, train: bool):
     read = time.perf_counter()
     num_proc = cfg.data.num_proc or auto_num_proc(len(rows))
     tok, report = tokenize_rows(rows, tokenizer, max_length=cfg.data.max_length,
-                                max_prompt_length=cfg.data.max_prompt_length, num_proc=num_proc)
+                                max_prompt_length=cfg.data.max_prompt_length, num_proc=num_proc,
+                                overlong=cfg.data.overlong)
     done = time.perf_counter()
     timing = (f"{len(rows):,} rows read in {read - start:.1f} s, tokenized and checked in {done - read:.1f} s "
               f"({len(rows) / max(done - read, 1e-9):,.0f} rows/s, data.num_proc={num_proc}; datasets reuses "
@@ -176,6 +177,10 @@ def log_splits(loaded: dict[str, tuple], log: Callable[[str], None]) -> None:
     for split, (_, report, timing) in loaded.items():
         log(f"{split} data: {timing}")
         log(f"{split} data: {report.summary()}")
+        if report.cut_line():
+            log(f"{split} data: {report.cut_line()}")
+        for line in report.overlong_lines():  # every row data.overlong=drop left out
+            log(f"{split} data: {line}")
         for warning in report.warnings():
             log(f"warning: {split} data: {warning}")
 

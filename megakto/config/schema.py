@@ -100,6 +100,11 @@ class DataConfig:
     max_prompt_length: Optional[int] = _opt(
         None, "Maximum prompt tokens (prompts are cut from the left); null = max_length // 2."
     )
+    overlong: Literal["truncate", "drop"] = _opt(
+        "truncate", "A row longer than max_length: truncate = keep the end of the prompt and the start of "
+        "the completion; drop = leave out every row whose completion would lose tokens (each one is "
+        "reported), for data whose label is decided by the end of the completion."
+    )
     balanced_sampling: bool = _opt(
         True, "Stratify each global batch by label instead of a plain shuffle."
     )

@@ -78,6 +78,13 @@ class TokenizeReport:
     chars_lost: int = 0
     tokenizer: str = ""
     examples: dict[str, Example] = field(default_factory=dict)
+    n_completions_cut: int = 0      # kept rows whose completion lost tokens (data.overlong=truncate)
+    max_completion_cut: int = 0     # ... the most tokens one of them lost
+    kept_tokens_cut: int = 0        # ... the tokens they lost together
+    overlong: str = "truncate"      # data.overlong
+    n_overlong: int = 0             # rows left out by data.overlong=drop
+    # (source, row, completion tokens, tokens truncating would have cut) of each of them
+    overlong_rows: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     @property
     def truncation_share(self) -> float:
@@ -94,12 +101,28 @@ class TokenizeReport:
         if self.dropped_rows:
             src, row = self.dropped_rows[0]
             text += f" (no room for a completion token; first: {src} row {row})"
+        if self.overlong == "drop":
+            text += f", {self.n_overlong} dropped by data.overlong=drop (a completion would be cut)"
         text += (f"; {self.completion_tokens_cut} of {self.completion_tokens} completion tokens "
                  f"({100 * self.truncation_share:.1f}%) cut by max_length; tokenizer check: "
                  f"{self.n_eos_only} completions only EOS, {self.n_identical} of {self.n_paired} "
                  f"paired rows token-identical to the other label, {100 * self.lost_share:.1f}% of "
                  f"characters lost in a decode of {self.n_decoded} rows")
         return text
+
+    def cut_line(self) -> str | None:
+        """How many kept completions ``data.max_length`` cut and by how much; None when none was."""
+        if not self.n_completions_cut:
+            return None
+        return (f"data.max_length={self.max_length} cut {self.n_completions_cut} of "
+                f"{self.n_rows - self.n_dropped - self.n_overlong} completions: by {self.kept_tokens_cut} tokens in all, "
+                f"{self.kept_tokens_cut / self.n_completions_cut:.1f} on average, {self.max_completion_cut} "
+                f"at most (data.overlong=drop leaves such rows out instead)")
+
+    def overlong_lines(self) -> list[str]:
+        """One line per row that ``data.overlong=drop`` left out, naming it."""
+        return [f"{src} row {row}: dropped by data.overlong=drop: its completion of {n} tokens would lose {cut} "
+                f"to data.max_length={self.max_length}" for src, row, n, cut in self.overlong_rows]
 
     def _losses(self) -> list[tuple[str, float, str]]:
         """(check, share, what it measured) for each tokenizer check."""

@@ -6,8 +6,12 @@ generation prompt, the completion as the rest of the rendered conversation, so t
 concatenate to what the model sees at inference.
 
 When a row is too long we keep the end of the prompt (the part next to the answer) and the start
-of the completion, as TRL's KTO trainer does. A completion cut short loses its EOS: it no longer
-ends there, and teaching the model to stop mid-answer would be wrong.
+of the completion, as TRL's KTO trainer does (``data.overlong: truncate``). A completion cut short
+loses its EOS: it no longer ends there, and teaching the model to stop mid-answer would be wrong.
+For long reasoning traces the label is usually decided by the end (the final answer), and a cut
+trains on the wrong evidence: ``data.overlong: drop`` leaves out every row whose completion would
+lose a token (the prompt may still lose its start, down to ``max_prompt_length``), and the report
+names each one.
 
 The :class:`TokenizeReport` also says how many completion tokens ``max_length`` cut and whether
 the tokenizer kept the text: a tokenizer that transformers builds wrongly from its files loses
@@ -34,7 +38,8 @@ from megakto.errors import ConfigError, DataError, ModelError
 
 __all__ = ["auto_num_proc", "fit_to_length", "fitted_lengths", "prompt_key", "tokenize_rows", "TokenizeReport"]
 
-_FITS, _TRUNCATED, _DROPPED = 0, 1, 2
+_FITS, _TRUNCATED, _DROPPED, _OVERLONG = 0, 1, 2, 3
+OVERLONG = ("truncate", "drop")
 # Per-row facts the report and the tokenizer checks need; removed before the dataset is returned.
 _CHECK_COLUMNS = ["_fit", "_c_len", "_c_cut", "_eos_only", "_ids_key", "_text_key"]
 _MASK63 = (1 << 63) - 1
@@ -85,13 +90,14 @@ def prompt_key(text: str) -> int:
 
 
 def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
-                  max_prompt_length: int | None = None, num_proc: int | None = None
-                  ) -> tuple[datasets.Dataset, TokenizeReport]:
+                  max_prompt_length: int | None = None, num_proc: int | None = None,
+                  overlong: str = "truncate") -> tuple[datasets.Dataset, TokenizeReport]:
     """Tokenize rows from :func:`megakto.data.rows.load_rows` and fit them to ``max_length``.
 
     Returns the dataset (columns prompt_ids, completion_ids, label, prompt_key, source, row, and
     weight when the rows have one) with
-    rows that had no room for a completion token removed, and a :class:`TokenizeReport`.
+    rows that had no room for a completion token removed (and, with ``overlong="drop"``, every row
+    whose completion would be cut), and a :class:`TokenizeReport`.
     Raises :class:`DataError` when most rows lose their text to the tokenizer (see
     :meth:`TokenizeReport.problem`). ``datasets`` caches the map, so a second run over the same
     rows and tokenizer is quick.
@@ -101,6 +107,8 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
     if max_length < 1 or max_prompt_length < 0:
         raise ConfigError(f"max_length={max_length}, max_prompt_length={max_prompt_length}: need "
                           f"max_length >= 1 and max_prompt_length >= 0")
+    if overlong not in OVERLONG:
+        raise ConfigError(f"data.overlong={overlong!r}; allowed values: {', '.join(OVERLONG)}")
     if tokenizer.eos_token_id is None:
         raise ModelError(f"tokenizer {_name(tokenizer)} has no eos_token; a KTO completion must "
                          f"end with one")
@@ -125,7 +133,7 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         _tokenize_batch, batched=True, num_proc=num_proc, features=features,
         remove_columns=ds.column_names, desc="tokenizing",
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                   "max_prompt_length": max_prompt_length})
+                   "max_prompt_length": max_prompt_length, "overlong": overlong})
     cols = out.select_columns(_CHECK_COLUMNS + ["prompt_key", "label"]).with_format("numpy")[:]
     fit = cols["_fit"]
     dropped = np.flatnonzero(fit == _DROPPED)
@@ -133,11 +141,21 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
     if len(dropped):
         gone = out.select(dropped)
         dropped_rows = list(zip(gone["source"], gone["row"]))
+    over = np.flatnonzero(fit == _OVERLONG)
+    overlong_rows = []
+    if len(over):
+        gone = out.select(over)
+        overlong_rows = list(zip(gone["source"], gone["row"], cols["_c_len"][over].tolist(),
+                                 cols["_c_cut"][over].tolist()))
+    cut = cols["_c_cut"][fit == _TRUNCATED]
     report = TokenizeReport(n_rows=len(ds), n_truncated=int((fit == _TRUNCATED).sum()),
                             n_dropped=len(dropped), dropped_rows=dropped_rows,
                             max_length=max_length, max_prompt_length=max_prompt_length,
                             completion_tokens=int(cols["_c_len"].sum()),
-                            completion_tokens_cut=int(cols["_c_cut"].sum()),
+                            completion_tokens_cut=int(cols["_c_cut"][fit != _OVERLONG].sum()),
+                            n_completions_cut=int((cut > 0).sum()), max_completion_cut=int(cut.max(initial=0)),
+                            kept_tokens_cut=int(cut.sum()),
+                            overlong=overlong, n_overlong=len(over), overlong_rows=overlong_rows,
                             tokenizer=_name(tokenizer))
     _check_tokenizer(report, ds, cols, tokenizer)
     problem = report.problem()
@@ -148,8 +166,13 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         raise DataError(f"{sources}: all {len(out)} rows dropped: prompt plus completion leaves no "
                         f"room for a completion token within max_length={max_length} "
                         f"(max_prompt_length={max_prompt_length})")
-    if len(dropped):
-        out = out.filter(lambda f: [x != _DROPPED for x in f], input_columns="_fit",
+    if len(dropped) + len(over) == len(out):
+        sources = ", ".join(dict.fromkeys(src for src, *_ in overlong_rows + dropped_rows))
+        raise DataError(f"{sources}: all {len(out)} rows dropped: data.overlong=drop and no completion fits "
+                        f"whole within max_length={max_length} (max_prompt_length={max_prompt_length}); "
+                        f"raise data.max_length or set data.overlong=truncate")
+    if len(dropped) or len(over):
+        out = out.filter(lambda f: [x not in (_DROPPED, _OVERLONG) for x in f], input_columns="_fit",
                          batched=True, desc="dropping rows that do not fit")
     return out.remove_columns(_CHECK_COLUMNS), report
 
@@ -220,7 +243,7 @@ def _render_chat(tokenizer, prompt, completion, source, row) -> tuple[str, str]:
     return prompt_text, full_text[len(prompt_text):]
 
 
-def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length):
+def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, overlong="truncate"):
     prompt_texts, completion_texts = [], []
     for p, c, src, row in zip(batch["prompt"], batch["completion"], batch["source"], batch["row"]):
         if isinstance(p, str):
@@ -256,6 +279,11 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length):
             out["completion_ids"].append([])
             out["_fit"].append(_DROPPED)
             out["_c_cut"].append(len(c))
+        elif overlong == "drop" and len(fitted[1]) < len(c):
+            out["prompt_ids"].append([])
+            out["completion_ids"].append([])
+            out["_fit"].append(_OVERLONG)
+            out["_c_cut"].append(len(c) - len(fitted[1]))  # what truncating would have cut
         else:
             out["prompt_ids"].append(fitted[0])
             out["completion_ids"].append(fitted[1])
