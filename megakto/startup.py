@@ -177,6 +177,7 @@ def log_splits(loaded: dict[str, tuple], log: Callable[[str], None]) -> None:
     for split, (_, report, timing) in loaded.items():
         log(f"{split} data: {timing}")
         log(f"{split} data: {report.summary()}")
+        log(f"{split} data: {report.formats_line()}")
         if report.cut_line():
             log(f"{split} data: {report.cut_line()}")
         for line in report.overlong_lines():  # every row data.overlong=drop left out

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megakto.data.context_ids import scored_tokens
 from megakto.data.step_plan import StepPlan, StepPlanner
 from megakto.distributed import comm
 from megakto.distributed.parallel import ParallelDims
@@ -119,8 +120,8 @@ class KTOStep:
 
         # 4. Policy forward/backward per micro-batch (eq. 7); the engine steps at the accumulation boundary.
         scale = self.dims.num_micro_batches / len(indices)  # engine: ÷ grad-accum, mean over dp ranks
-        target_tokens = sum(len(c) for _, c in targets)
-        desirable_tokens = sum(len(c) for (_, c), d in zip(targets, rows["label"]) if d)
+        target_tokens = sum(scored_tokens(c) for _, c in targets)
+        desirable_tokens = sum(scored_tokens(c) for (_, c), d in zip(targets, rows["label"]) if d)
 
         def micro_loss(j: int, logps: torch.Tensor, router: RouterBalance | None = None) -> MicroLoss:
             """Micro-batch j's loss, a sum over its rows like eq. (7)'s; ``scale`` makes it a global mean.

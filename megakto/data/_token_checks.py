@@ -33,7 +33,7 @@ import numpy as np
 
 __all__ = ["TokenizeReport", "Example", "WARN_SHARE", "FAIL_SHARE", "TRUNCATION_WARN_SHARE",
            "DECODE_SAMPLE", "ids_fingerprint", "text_fingerprint", "identical_pairs",
-           "sample_indices", "chars_lost", "show_tokens", "show_text"]
+           "sample_indices", "chars_lost", "show_tokens", "show_text", "count_formats"]
 
 WARN_SHARE = 0.01
 FAIL_SHARE = 0.5
@@ -78,6 +78,12 @@ class TokenizeReport:
     chars_lost: int = 0
     tokenizer: str = ""
     examples: dict[str, Example] = field(default_factory=dict)
+    n_examples: int = 0             # examples, when not one per row (turn labels give one a turn)
+    # input rows per format ("text", "chat", "conversation"); kept conversation examples and
+    # their assistant (scored) tokens; descriptive, so left out of report equality
+    formats: dict[str, int] = field(default_factory=dict, compare=False)
+    n_conversation_examples: int = field(default=0, compare=False)
+    assistant_tokens: int = field(default=0, compare=False)
     n_completions_cut: int = 0      # kept rows whose completion lost tokens (data.overlong=truncate)
     max_completion_cut: int = 0     # ... the most tokens one of them lost
     kept_tokens_cut: int = 0        # ... the tokens they lost together
@@ -115,9 +121,18 @@ class TokenizeReport:
         if not self.n_completions_cut:
             return None
         return (f"data.max_length={self.max_length} cut {self.n_completions_cut} of "
-                f"{self.n_rows - self.n_dropped - self.n_overlong} completions: by {self.kept_tokens_cut} tokens in all, "
+                f"{(self.n_examples or self.n_rows) - self.n_dropped - self.n_overlong} completions: by {self.kept_tokens_cut} tokens in all, "
                 f"{self.kept_tokens_cut / self.n_completions_cut:.1f} on average, {self.max_completion_cut} "
                 f"at most (data.overlong=drop leaves such rows out instead)")
+
+    def formats_line(self) -> str:
+        """Rows per format, and for conversations the examples kept and assistant tokens per example."""
+        text = "rows per format: " + ", ".join(f"{self.formats.get(k, 0)} {k}" for k in ("text", "chat", "conversation"))
+        if self.formats.get("conversation"):
+            per = self.assistant_tokens / self.n_conversation_examples if self.n_conversation_examples else 0.0
+            text += (f" (-> {self.n_conversation_examples} examples kept, {per:.1f} assistant tokens per example "
+                     f"after fitting)")
+        return text
 
     def overlong_lines(self) -> list[str]:
         """One line per row that ``data.overlong=drop`` left out, naming it."""
@@ -163,6 +178,29 @@ class TokenizeReport:
                 f"that the tokenizer files load as the tokenizer the model was trained with "
                 f"(model.tokenizer_path set to a folder holding the tokenizer files alone, "
                 f"without config.json, loads them as written)")
+
+
+def count_formats(report: TokenizeReport, ds, src, scored, kept) -> None:
+    """Fill ``report.formats`` from the input rows ``ds`` and the examples' input rows ``src``,
+    scored completion tokens and kept mask."""
+    n = len(ds)
+    conv = np.zeros(n, dtype=bool)
+    if "conversation" in ds.column_names:
+        import pyarrow.compute as pc
+
+        conv = np.asarray(pc.is_valid(ds.with_format("arrow")["conversation"]), dtype=bool)
+    prompt_type = getattr(ds.features["prompt"], "dtype", None)
+    if prompt_type == "string":
+        chat = np.zeros(n, dtype=bool)
+    elif prompt_type is None and type(ds.features["prompt"]).__name__ == "List":
+        chat = np.ones(n, dtype=bool)
+    else:  # datasets.Json: each row its own kind
+        chat = np.array([not isinstance(p, str) for p in ds["prompt"]], dtype=bool)
+    chat &= ~conv
+    report.formats = {"text": int((~conv & ~chat).sum()), "chat": int(chat.sum()), "conversation": int(conv.sum())}
+    from_conv = conv[np.asarray(src, dtype=np.int64)] & np.asarray(kept, dtype=bool)
+    report.n_conversation_examples = int(from_conv.sum())
+    report.assistant_tokens = int(np.asarray(scored)[from_conv].sum())
 
 
 def _fingerprint(data: bytes) -> int:

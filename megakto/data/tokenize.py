@@ -34,6 +34,9 @@ import numpy as np
 
 from megakto.data import _token_checks as checks
 from megakto.data._token_checks import Example, TokenizeReport
+from megakto.data.context_ids import scored_tokens
+from megakto.data.conversations import conversation_texts
+from megakto.data.conversations import examples as conversation_examples
 from megakto.errors import ConfigError, DataError, ModelError
 
 __all__ = ["auto_num_proc", "fit_to_length", "fitted_lengths", "prompt_key", "tokenize_rows", "TokenizeReport"]
@@ -41,7 +44,7 @@ __all__ = ["auto_num_proc", "fit_to_length", "fitted_lengths", "prompt_key", "to
 _FITS, _TRUNCATED, _DROPPED, _OVERLONG = 0, 1, 2, 3
 OVERLONG = ("truncate", "drop")
 # Per-row facts the report and the tokenizer checks need; removed before the dataset is returned.
-_CHECK_COLUMNS = ["_fit", "_c_len", "_c_cut", "_eos_only", "_ids_key", "_text_key"]
+_CHECK_COLUMNS = ["_fit", "_c_len", "_c_cut", "_eos_only", "_ids_key", "_text_key", "_src", "_c_scored"]
 _MASK63 = (1 << 63) - 1
 
 
@@ -127,10 +130,12 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         "_eos_only": datasets.Value("bool"),
         "_ids_key": datasets.Value("int64"),
         "_text_key": datasets.Value("int64"),
+        "_src": datasets.Value("int64"),  # the input row an example came from
+        "_c_scored": datasets.Value("int32"),  # scored completion tokens (a conversation's assistant tokens)
         **({"weight": datasets.Value("float64")} if "weight" in ds.column_names else {}),
     })
     out = ds.map(
-        _tokenize_batch, batched=True, num_proc=num_proc, features=features,
+        _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc, features=features,
         remove_columns=ds.column_names, desc="tokenizing",
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
                    "max_prompt_length": max_prompt_length, "overlong": overlong})
@@ -148,7 +153,7 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         overlong_rows = list(zip(gone["source"], gone["row"], cols["_c_len"][over].tolist(),
                                  cols["_c_cut"][over].tolist()))
     cut = cols["_c_cut"][fit == _TRUNCATED]
-    report = TokenizeReport(n_rows=len(ds), n_truncated=int((fit == _TRUNCATED).sum()),
+    report = TokenizeReport(n_rows=len(ds), n_examples=len(out) if len(out) != len(ds) else 0, n_truncated=int((fit == _TRUNCATED).sum()),
                             n_dropped=len(dropped), dropped_rows=dropped_rows,
                             max_length=max_length, max_prompt_length=max_prompt_length,
                             completion_tokens=int(cols["_c_len"].sum()),
@@ -157,6 +162,7 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
                             kept_tokens_cut=int(cut.sum()),
                             overlong=overlong, n_overlong=len(over), overlong_rows=overlong_rows,
                             tokenizer=_name(tokenizer))
+    checks.count_formats(report, ds, cols["_src"], cols["_c_scored"], (fit != _DROPPED) & (fit != _OVERLONG))
     _check_tokenizer(report, ds, cols, tokenizer)
     problem = report.problem()
     if problem:
@@ -182,12 +188,12 @@ def _check_tokenizer(report: TokenizeReport, ds: datasets.Dataset, cols, tokeniz
     eos_only = np.flatnonzero(cols["_eos_only"])
     report.n_eos_only = len(eos_only)
     if len(eos_only):
-        report.examples["eos_only"] = _example(tokenizer, ds, int(eos_only[0]), "completion")
+        report.examples["eos_only"] = _example(tokenizer, ds, int(cols["_src"][eos_only[0]]), "completion")
     identical, report.n_paired = checks.identical_pairs(
         cols["prompt_key"], cols["label"], cols["_ids_key"], cols["_text_key"])
     report.n_identical = int(identical.sum())
     if report.n_identical:
-        report.examples["identical"] = _example(tokenizer, ds, int(np.argmax(identical)), "completion")
+        report.examples["identical"] = _example(tokenizer, ds, int(cols["_src"][np.argmax(identical)]), "completion")
 
     sample = checks.sample_indices(len(ds))
     texts, where = [], []
@@ -210,6 +216,8 @@ def _check_tokenizer(report: TokenizeReport, ds: datasets.Dataset, cols, tokeniz
 
 def _texts(tokenizer, row) -> tuple[str, str]:
     """(prompt text, completion text) of one row as the tokenizer sees them."""
+    if row.get("conversation"):
+        return conversation_texts(tokenizer, row["conversation"], row["source"], row["row"])
     if isinstance(row["prompt"], str):
         return row["prompt"], row["completion"]
     return _render_chat(tokenizer, row["prompt"], row["completion"], row["source"], row["row"])
@@ -243,9 +251,13 @@ def _render_chat(tokenizer, prompt, completion, source, row) -> tuple[str, str]:
     return prompt_text, full_text[len(prompt_text):]
 
 
-def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, overlong="truncate"):
+def _tokenize_batch(batch, indices=None, *, tokenizer, max_length, max_prompt_length, overlong="truncate"):
+    n = len(batch["label"])
+    conversations = batch.get("conversation") or [None] * n
+    plain = [i for i in range(n) if conversations[i] is None]
     prompt_texts, completion_texts = [], []
-    for p, c, src, row in zip(batch["prompt"], batch["completion"], batch["source"], batch["row"]):
+    for i in plain:
+        p, c, src, row = batch["prompt"][i], batch["completion"][i], batch["source"][i], batch["row"][i]
         if isinstance(p, str):
             prompt_texts.append(p)
             completion_texts.append(c)
@@ -267,9 +279,28 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, overlong
                 prompt_ids[i] = x
 
     eos = tokenizer.eos_token_id
-    completion_ids = tokenizer(completion_texts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion_texts, add_special_tokens=False)["input_ids"] if plain else []
     # A template that already closes the turn with EOS gets no second one.
     completion_ids = [c if c and c[-1] == eos else c + [eos] for c in completion_ids]
+
+    # Every input row gives one example, a conversation with turn labels one per labelled turn.
+    made = dict(zip(plain, zip(prompt_texts, prompt_ids, completion_ids, completion_texts,
+                               [batch["label"][i] for i in plain])))
+    at = []  # input row (position in the batch) of each example
+    examples = []
+    for i in range(n):
+        if i in made:
+            at.append(i)
+            examples.append(made[i])
+        else:
+            for ex in conversation_examples(tokenizer, conversations[i], batch["label"][i], batch["source"][i],
+                                            batch["row"][i]):
+                at.append(i)
+                examples.append(ex)
+    prompt_texts = [e[0] for e in examples]
+    prompt_ids = [e[1] for e in examples]
+    completion_ids = [e[2] for e in examples]
+    completion_texts = [e[3] for e in examples]
 
     out = {"prompt_ids": [], "completion_ids": [], "_fit": [], "_c_cut": []}
     for p, c in zip(prompt_ids, completion_ids):
@@ -290,14 +321,16 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, overlong
             out["_fit"].append(_TRUNCATED if len(p) + len(c) > max_length else _FITS)
             out["_c_cut"].append(len(c) - len(fitted[1]))
     out["_c_len"] = [len(c) for c in completion_ids]
+    out["_c_scored"] = [scored_tokens(c) for c in out["completion_ids"]]
     out["_eos_only"] = [bool(t.strip()) and all(x == eos for x in c)
                         for t, c in zip(completion_texts, completion_ids)]
     out["_ids_key"] = [checks.ids_fingerprint(c) for c in completion_ids]
     out["_text_key"] = [checks.text_fingerprint(t) for t in completion_texts]
-    out["label"] = list(batch["label"])
+    out["label"] = [bool(e[4]) for e in examples]
     out["prompt_key"] = [prompt_key(t) for t in prompt_texts]
-    out["source"] = list(batch["source"])
-    out["row"] = list(batch["row"])
+    out["source"] = [batch["source"][i] for i in at]
+    out["row"] = [batch["row"][i] for i in at]
+    out["_src"] = [indices[i] if indices is not None else i for i in at]
     if "weight" in batch:
-        out["weight"] = list(batch["weight"])
+        out["weight"] = [batch["weight"][i] for i in at]
     return out
