@@ -231,10 +231,10 @@ def _check_weights(ds: datasets.Dataset, source: str) -> None:
     for cols in ds.select_columns(["weight"]).iter(batch_size=_CHECK_BATCH):
         for w in cols["weight"]:
             i += 1
-            check_weight(w, source, i)
+            _check_weight(w, source, i)
 
 
-def check_weight(w, source: str, i: int) -> float:
+def _check_weight(w, source: str, i: int) -> float:
     """``w`` as a float when it is a finite number >= 0, else a one-line DataError naming the row."""
     ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
     if not ok:
