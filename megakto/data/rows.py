@@ -238,7 +238,8 @@ def _check_weight(w, source: str, i: int) -> float:
     """``w`` as a float when it is a finite number >= 0, else a one-line DataError naming the row."""
     ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
     if not ok:
-        raise DataError(f"{source}: row {i}: field 'weight': expected a finite number >= 0, got {_show(w)}")
+        hint = " (a file with a weight column needs one in every row)" if w is None else ""
+        raise DataError(f"{source}: row {i}: field 'weight': expected a finite number >= 0, got {_show(w)}{hint}")
     return float(w)
 
 

@@ -286,7 +286,7 @@ def test_a_source_without_weights_gives_weight_one_beside_a_weighted_one(write):
 
 
 @pytest.mark.parametrize("bad, shown", [(-0.5, "-0.5"), (float("nan"), "NaN"), (float("inf"), "Infinity"),
-                                        (None, "null")])
+                                        (None, "null (a file with a weight column needs one in every row)")])
 def test_a_bad_weight_is_one_line_naming_file_row_and_value(write, bad, shown):
     rows = [{**r, "weight": 1.0} for r in ROWS]
     rows[2]["weight"] = bad
