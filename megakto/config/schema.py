@@ -92,7 +92,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = _opt(
-        [], "Training JSONL/Parquet files (prompt, completion, label). Required. "
+        [], "Training JSONL/Parquet files: rows (prompt, completion, label) or conversations (messages, label), "
+        "optionally with a weight (docs/data.md). Required. "
         "Override as 'a.jsonl,b.jsonl' or '[a.jsonl, b.jsonl]'."
     )
     eval_files: list[str] = _opt([], "Evaluation files, same format; empty = no evaluation.")
