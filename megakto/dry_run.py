@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from megakto.config import Config
 from megakto.data.batcher import Batcher
+from megakto.data.context_ids import scored_tokens
 from megakto.distributed.parallel import ParallelDims
 from megakto.model.load import load_tokenizer
 from megakto.planning.activations import Tokens
@@ -48,7 +49,7 @@ def first_steps(cfg: Config, dims: ParallelDims, train_rows, pad_id: int, steps:
                 tokens += n_real
                 padded += rows_ * length
                 real += n_real
-                scored = sum(len(c) for _, c in pairs)
+                scored = sum(scored_tokens(c) for _, c in pairs)
                 if rows_ * length > largest.tokens:
                     largest = Tokens(rows_ * length, scored, rows_, length)
             per_rank.append(tokens)

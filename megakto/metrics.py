@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["StepSums", "step_metrics", "router_metrics", "reference_point_metrics"]
+__all__ = ["StepSums", "step_metrics", "router_metrics", "reference_point_metrics", "weight_metrics"]
 
 _KEYS = ("loss", "rows", "rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected",
          "count_chosen", "count_rejected", "target_tokens", "desirable_tokens", "tokens", "nll_chosen", "nll",
@@ -168,3 +168,13 @@ def reference_point_metrics(raw: list[float], *, beta: float, mean_abs_reward: f
     if previous_raw is not None:
         out["kl/raw_change"] = abs(raw_mean - previous_raw)
     return out
+
+
+def weight_metrics(labels, weights) -> dict[str, float]:
+    """Per-row weights of a step's global batch: ``weight/chosen`` and ``weight/rejected``, the summed
+    weights of each class (``count/*`` stay row counts), and ``weight/zero``, the rows of weight 0
+    (they take no part in the loss)."""
+    chosen = sum(w for d, w in zip(labels, weights) if d)
+    rejected = sum(w for d, w in zip(labels, weights) if not d)
+    return {"weight/chosen": float(chosen), "weight/rejected": float(rejected),
+            "weight/zero": float(sum(w == 0 for w in weights))}

@@ -124,17 +124,28 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
 
 
 def desirable_weight(cfg: Config, train_rows: TokenizedSplit, log: Callable[[str], None]) -> float:
-    """eq. (8): λD·nD / (λU·nU) should lie in [1, 4/3]; ``kto.desirable_weight=auto`` makes it 1."""
+    """eq. (8): λD·nD / (λU·nU) should lie in [1, 4/3]; ``kto.desirable_weight=auto`` makes it 1.
+
+    With per-row weights (a ``weight`` column) nD and nU are the classes' summed weights W_D and W_U:
+    each class's total pull on the loss is λ times its summed weights, which is what eq. (8) balances."""
     kto = cfg.kto
-    n_d = int(train_rows.label.sum())
-    n_u = len(train_rows) - n_d
+    n_d, n_u = train_rows.class_weights()
+    what = "rows"
+    if train_rows.weight is None:
+        n_d, n_u = int(n_d), int(n_u)
+    else:
+        rows_d = int(train_rows.label.sum())
+        what = "summed row weights"
+        log(f"eq. (8) on weighted counts: W_D={n_d:.6g} ({rows_d} desirable rows), W_U={n_u:.6g} "
+            f"({len(train_rows) - rows_d} undesirable rows)")
+        n_d, n_u = round(n_d, 6), round(n_u, 6)
     weight = kto.desirable_weight
     if weight == "auto":
         if not n_d or not n_u:
             raise ConfigError(f"kto.desirable_weight=auto needs both classes, but {', '.join(cfg.data.train_files)} "
-                              f"has {n_d} desirable and {n_u} undesirable rows: give a number")
+                              f"has {n_d} desirable and {n_u} undesirable {what}: give a number")
         weight = auto_desirable_weight(n_d, n_u, kto.undesirable_weight)
-        log(f"kto.desirable_weight=auto -> {weight:.4f} ({n_d} desirable, {n_u} undesirable rows)")
+        log(f"kto.desirable_weight=auto -> {weight:.4f} ({n_d} desirable, {n_u} undesirable {what})")
     warning = check_weights(n_d, n_u, weight, kto.undesirable_weight)
     if warning:
         log(f"warning: {warning}")
@@ -151,7 +162,8 @@ def load_split(cfg: Config, files: list[str], tokenizer, *, train: bool):
     read = time.perf_counter()
     num_proc = cfg.data.num_proc or auto_num_proc(len(rows))
     tok, report = tokenize_rows(rows, tokenizer, max_length=cfg.data.max_length,
-                                max_prompt_length=cfg.data.max_prompt_length, num_proc=num_proc)
+                                max_prompt_length=cfg.data.max_prompt_length, num_proc=num_proc,
+                                overlong=cfg.data.overlong)
     done = time.perf_counter()
     timing = (f"{len(rows):,} rows read in {read - start:.1f} s, tokenized and checked in {done - read:.1f} s "
               f"({len(rows) / max(done - read, 1e-9):,.0f} rows/s, data.num_proc={num_proc}; datasets reuses "
@@ -174,6 +186,11 @@ def log_splits(loaded: dict[str, tuple], log: Callable[[str], None]) -> None:
     for split, (_, report, timing) in loaded.items():
         log(f"{split} data: {timing}")
         log(f"{split} data: {report.summary()}")
+        log(f"{split} data: {report.formats_line()}")
+        if report.cut_line():
+            log(f"{split} data: {report.cut_line()}")
+        for line in report.overlong_lines():  # every row data.overlong=drop left out
+            log(f"{split} data: {line}")
         for warning in report.warnings():
             log(f"warning: {split} data: {warning}")
 

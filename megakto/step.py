@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from megakto.data.context_ids import scored_tokens
 from megakto.data.step_plan import StepPlan, StepPlanner
 from megakto.distributed import comm
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import MegaktoError
 from megakto.kto import RouterBalance, finalize_kl, kl_partial, kto_loss, nll_share, raw_kl
-from megakto.metrics import reference_point_metrics, step_metrics
+from megakto.metrics import reference_point_metrics, step_metrics, weight_metrics
 from megakto.reference.scorers import Reference
 from megakto.runners.base import MicroLoss, StepRunner
 
@@ -119,23 +120,27 @@ class KTOStep:
 
         # 4. Policy forward/backward per micro-batch (eq. 7); the engine steps at the accumulation boundary.
         scale = self.dims.num_micro_batches / len(indices)  # engine: ÷ grad-accum, mean over dp ranks
-        target_tokens = sum(len(c) for _, c in targets)
-        desirable_tokens = sum(len(c) for (_, c), d in zip(targets, rows["label"]) if d)
+        target_tokens = sum(scored_tokens(c) for _, c in targets)
+        desirable_tokens = sum(scored_tokens(c) for (_, c), d in zip(targets, rows["label"]) if d)
 
         def micro_loss(j: int, logps: torch.Tensor, router: RouterBalance | None = None) -> MicroLoss:
             """Micro-batch j's loss, a sum over its rows like eq. (7)'s; ``scale`` makes it a global mean.
             ``router``: the balancing loss of this micro-batch's forward (kto.router_aux_coef > 0)."""
             desirable = torch.tensor([rows["label"][i] for i in mine[j]], dtype=torch.bool, device=logps.device)
+            # Per-row weights scale every term of their row; z_ref stays unweighted (megakto/kto/loss.py).
+            weights = (torch.tensor([rows["weight"][i] for i in mine[j]], dtype=torch.float32, device=logps.device)
+                       if "weight" in rows else None)
             if kto.loss_type == "sft":
-                micro = MicroLoss(nll_share(logps, target_tokens) * len(indices), logps.detach() * 0,
+                micro = MicroLoss(nll_share(logps, target_tokens, weights=weights) * len(indices), logps.detach() * 0,
                                   torch.zeros_like(logps), desirable)
             else:
                 out = kto_loss(logps, ref_logps[j], desirable, kls[j], beta=kto.beta,
                                desirable_weight=kto.desirable_weight, undesirable_weight=kto.undesirable_weight,
-                               loss_type=kto.loss_type)
+                               loss_type=kto.loss_type, weights=weights)
                 loss = out.losses.sum()
                 if kto.sft_weight:
-                    loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable) * len(indices)
+                    loss = loss + kto.sft_weight * nll_share(logps, desirable_tokens, desirable,
+                                                             weights) * len(indices)
                 micro = MicroLoss(loss, out.losses, out.rewards, desirable, out.slopes)
             return with_router_aux(micro, router, kto.router_aux_coef, 1 / scale)
 
@@ -154,6 +159,8 @@ class KTOStep:
                     [float(raw_kl(*p)) for p in kl_sums], beta=kto.beta, previous_raw=self.previous_raw_kl,
                     mean_abs_reward=reduced["abs_rewards"] / reduced["rows"]))
                 self.previous_raw_kl = metrics["kl/raw"]
+            if "weight" in rows:  # known on the host for the whole global batch: nothing to reduce
+                metrics.update(weight_metrics(rows["label"], rows["weight"]))
         else:  # skipped before the policy pass
             metrics = {"loss": float("nan"), "kl": kl_mean}
         metrics["learning_rate"] = outcome.engine.lr  # the rate this step's update used

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from megakto.kto import RouterBalance
-from megakto.metrics import StepSums, reference_point_metrics, step_metrics
+from megakto.metrics import StepSums, reference_point_metrics, step_metrics, weight_metrics
 
 A = dict(losses=[0.5, 1.0, 0.25], rewards=[0.25, -0.125, 0.5], logps=[-3.0, -5.0, -1.5],
          desirable=[True, False, True], n_tokens=[3, 5, 2], tokens=16, slopes=[1.0, 0.5, 0.25])
@@ -177,3 +177,9 @@ def test_router_sums_reduce_by_name_and_divide_into_loads():
     assert m["loss"] == step_metrics(sums(A, B), kl=0.0, elapsed=1.0, loss_type="kto", sft_weight=0.0)["loss"]
     assert not any(k.startswith("router") for k in step_metrics(sums(A, B), kl=0.0, elapsed=1.0, loss_type="kto",
                                                                  sft_weight=0.0))
+
+
+def test_weight_metrics_sum_each_class_and_count_zero_weights():
+    """Labels D, U, D, U with weights 0.5, 2, 0, 1.25: chosen 0.5 + 0 = 0.5, rejected 3.25, one zero."""
+    assert weight_metrics([True, False, True, False], [0.5, 2.0, 0.0, 1.25]) == {
+        "weight/chosen": 0.5, "weight/rejected": 3.25, "weight/zero": 1.0}

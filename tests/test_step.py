@@ -49,12 +49,13 @@ def _table(**planted) -> torch.Tensor:
     return w
 
 
-def _step(policy, reference, *, micro=2, kl_scope="step", loss_type="kto", lr=1.0, router=None, router_aux_coef=0.0):
+def _step(policy, reference, *, micro=2, kl_scope="step", loss_type="kto", lr=1.0, router=None, router_aux_coef=0.0,
+          weights=None):
     """A KTOStep on the four rows: global batch 4 on one data-parallel rank, ``micro`` rows per
     micro-batch (grad accumulation 4 // micro); ``router``: the policy's router table (a
     one-layer mixture of experts, top-1), weighted by ``router_aux_coef``."""
     ds = Dataset.from_dict({"prompt_ids": [p for p, _ in PAIRS], "completion_ids": [c for _, c in PAIRS],
-                            "label": LABELS, "prompt_key": [0, 1, 2, 3]})
+                            "label": LABELS, "prompt_key": [0, 1, 2, 3], **({"weight": weights} if weights else {})})
     dims = ParallelDims(world_size=1, global_batch_size=4, micro_batch_size=micro).with_groups(dp=DP, tp=None, pp=None)
     use_kl = loss_type == "kto"
     planner = StepPlanner(TokenizedSplit(ds), dims.num_micro_batches, dims.grad_accum, use_kl=use_kl,
@@ -115,6 +116,32 @@ def test_planted_log_ratios_hand_worked_whatever_the_accumulation(micro):
     # One no-grad pass each: the policy on the KL rows, the reference on targets + KL rows.
     (kl_batches,) = runner.scored
     assert sorted(p for b in kl_batches for p in b) == KL_PAIRS
+
+
+@pytest.mark.parametrize("micro", [1, 4], ids=["ga4", "ga1"])
+def test_row_weights_scale_their_rows_terms_and_leave_z_ref_alone(micro):
+    """The planted log-ratios above with row weights 2, 0, 1, 0.5. z_ref is unweighted: 0.1 as
+    before. Losses 2·2σ(−0.3), 0·σ(0.1), 1·2σ(0.1), 0.5·σ(−0.3), mean (4.5σ(−0.3) + 2σ(0.1)) / 4;
+    each row's gradient is its weight times the unweighted one (row 1, weight 0: none on token 11).
+    ``count/*`` stay row counts; ``weight/*`` sum the weights per class."""
+    step, runner = _step(_table(w10=0.4, w11=0.2, w13=-0.2), _table(), micro=micro, weights=[2.0, 0.0, 1.0, 0.5])
+    m = step(list(range(4)), 0).metrics
+    assert m["kl"] == pytest.approx(0.1, rel=1e-6)
+    assert m["loss"] == pytest.approx((4.5 * sig(-0.3) + 2 * sig(0.1)) / 4, rel=1e-6)
+    want = torch.tensor([-4 * slope(0.3), 0.0, -2 * slope(0.1), 0.5 * slope(-0.3)]) / 4
+    torch.testing.assert_close(runner.grad[10:14], want)
+    assert runner.grad[11] == 0
+    assert (m["count/chosen"], m["count/rejected"]) == (2.0, 2.0)
+    assert (m["weight/chosen"], m["weight/rejected"], m["weight/zero"]) == (3.0, 0.5, 1.0)
+
+
+def test_weights_of_one_give_the_unweighted_step_bit_for_bit():
+    plain, runner_a = _step(_table(w10=0.4, w11=0.2, w13=-0.2), _table())
+    ones, runner_b = _step(_table(w10=0.4, w11=0.2, w13=-0.2), _table(), weights=[1.0] * 4)
+    a, b = plain(list(range(4)), 0).metrics, ones(list(range(4)), 0).metrics
+    assert torch.equal(runner_a.grad, runner_b.grad)
+    assert {k: v for k, v in b.items() if not k.startswith(("weight/", "tokens_per_s", "samples_per_s"))} == {
+        k: v for k, v in a.items() if not k.startswith(("tokens_per_s", "samples_per_s"))}
 
 
 def test_kl_is_reduced_once_over_the_data_parallel_group(monkeypatch):

@@ -8,6 +8,12 @@ setting in which KTO still matches DPO without any pairs (Ethayarajh et al. 2024
 --desirable-fraction F subsamples the over-represented class so desirable rows make up F of the
 output, e.g. 0.0909 for the paper's 1:10 imbalance experiments; the eq. (8) weights then need
 setting to match.
+
+Paired conversations, rows with ``chosen`` and ``rejected`` lists of messages and no ``prompt``
+(the whole conversation each, as in Anthropic's HH-RLHF in messages form), become conversation
+rows ``{"messages": chosen, "label": true}`` and ``{"messages": rejected, "label": false}``, with
+the row's ``tools`` when it has them; --one-y-per-x then groups them by the messages the two
+share at the start.
 """
 
 from __future__ import annotations
@@ -20,9 +26,13 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/_jsonl.py, however the script is loaded
+
+import datasets  # noqa: E402
 
 from megakto.data.rows import read_source  # noqa: E402
 from megakto.errors import DataError, MegaktoError  # noqa: E402
+from _jsonl import write_jsonl  # noqa: E402
 
 
 def convert(rows, one_y_per_x: bool = False, desirable_fraction: float | None = None,
@@ -31,14 +41,15 @@ def convert(rows, one_y_per_x: bool = False, desirable_fraction: float | None = 
     rng = random.Random(seed)
     pairs = []
     for i, r in enumerate(rows, start=1):
-        for f in ("prompt", "chosen", "rejected"):
+        fields = ("chosen", "rejected") if _is_conversation_pair(r) else ("prompt", "chosen", "rejected")
+        for f in fields:
             if r.get(f) is None:
                 raise DataError(f"{source}: row {i}: field '{f}' is missing")
         pairs.append(r)
     if one_y_per_x:
         by_prompt = {}
         for r in pairs:
-            by_prompt.setdefault(json.dumps(r["prompt"], sort_keys=True), []).append(r)
+            by_prompt.setdefault(json.dumps(_shared_prompt(r), sort_keys=True), []).append(r)
         picked = [rng.choice(group) for group in by_prompt.values()]
         out = [_row(r, rng.random() < 0.5) for r in picked]
     else:
@@ -48,9 +59,31 @@ def convert(rows, one_y_per_x: bool = False, desirable_fraction: float | None = 
     return out
 
 
+def _is_conversation_pair(pair: dict) -> bool:
+    """Whole conversations in chosen and rejected, no separate prompt."""
+    return pair.get("prompt") is None and all(isinstance(pair.get(f), list) for f in ("chosen", "rejected"))
+
+
+def _shared_prompt(pair: dict):
+    """What the pair's two rows share: the prompt, or for conversations their common first messages."""
+    if not _is_conversation_pair(pair):
+        return pair["prompt"]
+    shared = []
+    for a, b in zip(pair["chosen"], pair["rejected"]):
+        if a != b:
+            break
+        shared.append(a)
+    return shared
+
+
 def _row(pair: dict, desirable: bool) -> dict:
-    return {"prompt": pair["prompt"], "completion": pair["chosen" if desirable else "rejected"],
-            "label": desirable}
+    completion = pair["chosen" if desirable else "rejected"]
+    if _is_conversation_pair(pair):
+        row = {"messages": completion, "label": desirable}
+        if pair.get("tools") is not None:
+            row["tools"] = pair["tools"]
+        return row
+    return {"prompt": pair["prompt"], "completion": completion, "label": desirable}
 
 
 def _subsample(rows: list[dict], fraction: float, rng: random.Random) -> list[dict]:
@@ -86,18 +119,19 @@ def main(argv=None) -> int:
         ap.error(f"--desirable-fraction must be in [0, 1], got {args.desirable_fraction}")
     try:
         ds = read_source(args.input)
-        missing = [f for f in ("prompt", "chosen", "rejected") if f not in ds.column_names]
-        if missing:
-            raise DataError(f"{args.input}: row 1: field '{missing[0]}' is missing "
+        # Without a prompt column, chosen and rejected hold whole conversations.
+        needed = ("prompt", "chosen", "rejected") if "prompt" in ds.column_names else ("chosen", "rejected")
+        missing = [f for f in needed if f not in ds.column_names]
+        if missing or "prompt" not in ds.column_names and not isinstance(ds.features["chosen"], datasets.List):
+            raise DataError(f"{args.input}: row 1: field '{(missing or ['prompt'])[0]}' is missing "
                             f"(columns: {', '.join(ds.column_names)})")
-        rows = convert(ds.select_columns(["prompt", "chosen", "rejected"]), args.one_y_per_x,
-                       args.desirable_fraction, args.seed, source=args.input)
+        keep = [f for f in (*needed, "tools") if f in ds.column_names]
+        rows = convert(ds.select_columns(keep), args.one_y_per_x, args.desirable_fraction, args.seed,
+                       source=args.input)
     except MegaktoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    with open(args.output, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(args.output, rows)
     d_out, u_out = _counts(rows)
     print(f"in: {len(ds)} pairs ({len(ds)} chosen, {len(ds)} rejected); out: {len(rows)} rows "
           f"({d_out} desirable, {u_out} undesirable) -> {args.output}")

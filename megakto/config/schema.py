@@ -92,13 +92,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = _opt(
-        [], "Training JSONL/Parquet files (prompt, completion, label). Required. "
+        [], "Training JSONL/Parquet files: rows (prompt, completion, label) or conversations (messages, label), "
+        "optionally with a weight (docs/data.md). Required. "
         "Override as 'a.jsonl,b.jsonl' or '[a.jsonl, b.jsonl]'."
     )
     eval_files: list[str] = _opt([], "Evaluation files, same format; empty = no evaluation.")
     max_length: int = _opt(512, "Maximum prompt + completion tokens per row.")
     max_prompt_length: Optional[int] = _opt(
         None, "Maximum prompt tokens (prompts are cut from the left); null = max_length // 2."
+    )
+    overlong: Literal["truncate", "drop"] = _opt(
+        "truncate", "A row longer than max_length: truncate = keep the end of the prompt and the start of "
+        "the completion; drop = leave out every row whose completion would lose tokens (each one is "
+        "reported), for data whose label is decided by the end of the completion."
     )
     balanced_sampling: bool = _opt(
         True, "Stratify each global batch by label instead of a plain shuffle."

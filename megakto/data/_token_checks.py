@@ -41,8 +41,7 @@ import numpy as np
 
 __all__ = ["TokenizeReport", "Example", "WARN_SHARE", "FAIL_SHARE", "TRUNCATION_WARN_SHARE",
            "DECODE_SAMPLE", "CHECK_ROWS", "check_stride", "ids_fingerprint", "text_fingerprint", "identical_pairs",
-           "sample_indices", "chars_lost", "show_tokens", "show_text"]
-
+           "sample_indices", "chars_lost", "show_tokens", "show_text", "count_formats"]
 WARN_SHARE = 0.01
 FAIL_SHARE = 0.5
 TRUNCATION_WARN_SHARE = 0.10
@@ -87,6 +86,19 @@ class TokenizeReport:
     chars_lost: int = 0
     tokenizer: str = ""
     examples: dict[str, Example] = field(default_factory=dict)
+    n_examples: int = 0             # examples, when not one per row (turn labels give one a turn)
+    # input rows per format ("text", "chat", "conversation"); kept conversation examples and
+    # their assistant (scored) tokens; descriptive, so left out of report equality
+    formats: dict[str, int] = field(default_factory=dict, compare=False)
+    n_conversation_examples: int = field(default=0, compare=False)
+    assistant_tokens: int = field(default=0, compare=False)
+    n_completions_cut: int = 0      # kept rows whose completion lost tokens (data.overlong=truncate)
+    max_completion_cut: int = 0     # ... the most tokens one of them lost
+    kept_tokens_cut: int = 0        # ... the tokens they lost together
+    overlong: str = "truncate"      # data.overlong
+    n_overlong: int = 0             # rows left out by data.overlong=drop
+    # (source, row, completion tokens, tokens truncating would have cut) of each of them
+    overlong_rows: list[tuple[str, int, int, int]] = field(default_factory=list)
     n_checked: int = field(default=0, compare=False)  # rows in the EOS-only and pair checks (0: all)
     check_seconds: float = field(default=0.0, compare=False)  # the checks' time, this process
 
@@ -109,6 +121,8 @@ class TokenizeReport:
         if self.dropped_rows:
             src, row = self.dropped_rows[0]
             text += f" (no room for a completion token; first: {src} row {row})"
+        if self.overlong == "drop":
+            text += f", {self.n_overlong} dropped by data.overlong=drop (a completion would be cut)"
         text += (f"; {self.completion_tokens_cut} of {self.completion_tokens} completion tokens "
                  f"({100 * self.truncation_share:.1f}%) cut by max_length; tokenizer check"
                  f"{'' if self.checked == self.n_rows else f' on the {self.checked} rows of a sample of prompts'}: "
@@ -116,6 +130,29 @@ class TokenizeReport:
                  f"paired rows token-identical to the other label, {100 * self.lost_share:.1f}% of "
                  f"characters lost in a decode of {self.n_decoded} rows")
         return text
+
+    def cut_line(self) -> str | None:
+        """How many kept completions ``data.max_length`` cut and by how much; None when none was."""
+        if not self.n_completions_cut:
+            return None
+        return (f"data.max_length={self.max_length} cut {self.n_completions_cut} of "
+                f"{(self.n_examples or self.n_rows) - self.n_dropped - self.n_overlong} completions: by {self.kept_tokens_cut} tokens in all, "
+                f"{self.kept_tokens_cut / self.n_completions_cut:.1f} on average, {self.max_completion_cut} "
+                f"at most (data.overlong=drop leaves such rows out instead)")
+
+    def formats_line(self) -> str:
+        """Rows per format, and for conversations the examples kept and assistant tokens per example."""
+        text = "rows per format: " + ", ".join(f"{self.formats.get(k, 0)} {k}" for k in ("text", "chat", "conversation"))
+        if self.formats.get("conversation"):
+            per = self.assistant_tokens / self.n_conversation_examples if self.n_conversation_examples else 0.0
+            text += (f" (-> {self.n_conversation_examples} examples kept, {per:.1f} assistant tokens per example "
+                     f"after fitting)")
+        return text
+
+    def overlong_lines(self) -> list[str]:
+        """One line per row that ``data.overlong=drop`` left out, naming it."""
+        return [f"{src} row {row}: dropped by data.overlong=drop: its completion of {n} tokens would lose {cut} "
+                f"to data.max_length={self.max_length}" for src, row, n, cut in self.overlong_rows]
 
     def _losses(self) -> list[tuple[str, float, str]]:
         """(check, share, what it measured) for each tokenizer check."""
@@ -156,6 +193,29 @@ class TokenizeReport:
                 f"that the tokenizer files load as the tokenizer the model was trained with "
                 f"(model.tokenizer_path set to a folder holding the tokenizer files alone, "
                 f"without config.json, loads them as written)")
+
+
+def count_formats(report: TokenizeReport, ds, src, scored, kept) -> None:
+    """Fill ``report.formats`` from the input rows ``ds`` and the examples' input rows ``src``,
+    scored completion tokens and kept mask."""
+    n = len(ds)
+    conv = np.zeros(n, dtype=bool)
+    if "conversation" in ds.column_names:
+        import pyarrow.compute as pc
+
+        conv = np.asarray(pc.is_valid(ds.with_format("arrow")["conversation"]), dtype=bool)
+    prompt_type = getattr(ds.features["prompt"], "dtype", None)
+    if prompt_type == "string":
+        chat = np.zeros(n, dtype=bool)
+    elif prompt_type is None and type(ds.features["prompt"]).__name__ == "List":
+        chat = np.ones(n, dtype=bool)
+    else:  # datasets.Json: each row its own kind
+        chat = np.array([not isinstance(p, str) for p in ds["prompt"]], dtype=bool)
+    chat &= ~conv
+    report.formats = {"text": int((~conv & ~chat).sum()), "chat": int(chat.sum()), "conversation": int(conv.sum())}
+    from_conv = conv[np.asarray(src, dtype=np.int64)] & np.asarray(kept, dtype=bool)
+    report.n_conversation_examples = int(from_conv.sum())
+    report.assistant_tokens = int(np.asarray(scored)[from_conv].sum())
 
 
 def _fingerprint(data: bytes) -> int:

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from megakto.data.context_ids import split_completion
+
 __all__ = ["Batch", "collate"]
 
 
@@ -36,7 +38,8 @@ def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) ->
     completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (p, c) in enumerate(rows):
         n = len(p) + len(c)
+        c, scored = split_completion(c)  # context tokens inside a completion are not scored
         input_ids[i, :n] = torch.tensor(list(p) + list(c), dtype=torch.long)
         attention_mask[i, :n] = 1
-        completion_mask[i, len(p) : n] = 1
+        completion_mask[i, len(p) : n] = torch.tensor(scored, dtype=torch.long)
     return Batch(input_ids, attention_mask, completion_mask)

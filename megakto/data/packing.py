@@ -7,6 +7,10 @@ another (see :mod:`megakto.model.packed`). Each packed sequence is a *segment*; 
 restart at 0 at every segment start, which is both what rotary embeddings need and how
 transformers recognises packed input.
 
+A completion may hold context tokens (a conversation's user and tool turns between its assistant
+turns, :mod:`megakto.data.context_ids`): they are laid out as tokens and left out of the
+completion mask.
+
 Simplifications: a sequence is never split across rows (a KTO log-prob needs the whole
 completion in one forward), and rows are padded to the longest row of the batch, not to the
 budget.
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from megakto.data.context_ids import split_completion
 
 __all__ = ["PackedBatch", "pack", "pad_rows", "first_fit_decreasing", "balance_by_tokens", "plan_micro_batches"]
 
@@ -113,11 +119,11 @@ def pack(
     for r, members in enumerate(bins):
         start = 0
         for i in members:
-            p, c = rows[i]
+            p, (c, scored) = rows[i][0], split_completion(rows[i][1])
             end = start + lengths[i]
             input_ids[r, start:end] = torch.tensor([*p, *c], dtype=torch.long)
             position_ids[r, start:end] = torch.arange(lengths[i])
-            completion_mask[r, start + len(p) : end] = 1
+            completion_mask[r, start + len(p) : end] = torch.tensor(scored, dtype=torch.long)
             segment_ids[r, start:end] = i
             start = end
         # The pad tail restarts at 0 so that transformers' packed-sequence detection (a position
@@ -136,10 +142,11 @@ def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -
     completion_mask = torch.zeros(shape, dtype=torch.long)
     segment_ids = torch.full(shape, -1, dtype=torch.long)
     for i, ((p, c), n) in enumerate(zip(rows, lengths)):
+        c, scored = split_completion(c)
         input_ids[i, :n] = torch.tensor([*p, *c], dtype=torch.long)
         position_ids[i, :n] = torch.arange(n)
         position_ids[i, n:] = torch.arange(width - n)  # the pad tail is a segment of its own
-        completion_mask[i, len(p):n] = 1
+        completion_mask[i, len(p):n] = torch.tensor(scored, dtype=torch.long)
         segment_ids[i, :n] = i
     return PackedBatch(input_ids, position_ids, completion_mask, segment_ids, len(rows))
 

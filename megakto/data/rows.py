@@ -1,4 +1,4 @@
-"""Load and check KTO rows: one ``(prompt, completion, label)`` per row.
+"""Load and check KTO rows: one ``(prompt, completion, label)`` per row, or one conversation.
 
 This is TRL's unpaired-preference format. ``label`` is true for a desirable completion and false
 for an undesirable one (KTO, Ethayarajh et al. 2024, sec. 3: each example is judged on its own, no
@@ -12,11 +12,21 @@ load, or holds bytes that are not UTF-8, is then scanned for the line to blame (
 
 Row numbers are 1-based positions within their source: the n-th object of a JSON lines file, the
 n-th data row of a CSV file (the header is not a row).
+
+A source with a ``messages`` column and no ``prompt`` holds conversations (``{"messages": [...],
+"label": bool}``, optionally ``tools``; or labels on the assistant turns instead of the row):
+checked by megakto/data/_messages.py and kept as one JSON string per row in a ``conversation``
+column, turned into examples when tokenized (megakto/data/conversations.py).
+
+An optional ``weight`` column (a finite number >= 0) scales the row's loss term (see
+:func:`megakto.kto.loss.kto_loss`); a source without the column gives its rows weight 1, and when no
+source has one the column is left out, so unweighted data loads exactly as before.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import datasets
@@ -24,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megakto.data import _file_errors
+from megakto.data._messages import check_conversation, conversation_json, is_conversation_source
 from megakto.errors import DataError
 
 __all__ = ["load_rows", "read_source", "count_labels", "require_both_classes"]
@@ -37,8 +48,8 @@ _MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets
 def load_rows(sources: str | list[str]) -> datasets.Dataset:
     """Load, check and concatenate every source into one dataset.
 
-    Columns: prompt, completion, label (bool), source (the name as given), row (1-based).
-    Text columns are strings when every row is plain text, lists of {role, content} messages when
+    Columns: prompt, completion, label (bool), source (the name as given), row (1-based), and
+    weight (float64) when any source has a ``weight`` column. Text columns are strings when every row is plain text, lists of {role, content} messages when
     every row is a chat, and ``datasets.Json`` (each row decodes to its own kind) when sources mix
     the two.
     """
@@ -50,21 +61,33 @@ def load_rows(sources: str | list[str]) -> datasets.Dataset:
     for name in names:
         ds = read_source(name)
         try:
-            kinds |= _check_rows(ds, name)
+            if is_conversation_source(ds.column_names):
+                _check_conversations(ds, name)
+            else:
+                kinds |= _check_rows(ds, name)
+            _check_weights(ds, name)
         except UnicodeDecodeError as err:  # pyarrow's JSON reader keeps bytes that are not UTF-8
             raise DataError(f"{name}: cannot be loaded ({_where_not_utf8(name, ds, err)})") from None
         checked.append((name, ds))
-    text = (datasets.Value("string") if kinds == {"text"}
+    text = (datasets.Value("string") if kinds <= {"text"}
             else _MESSAGES if kinds == {"chat"} else datasets.Json())
+    weighted = any("weight" in ds.column_names for _, ds in checked)
+    conversations = any(is_conversation_source(ds.column_names) for _, ds in checked)
     features = datasets.Features({
         "prompt": text, "completion": text, "label": datasets.Value("bool"),
-        "source": datasets.Value("string"), "row": datasets.Value("int64")})
-    parts = [
-        ds.map(_normalize, batched=True, with_indices=True, fn_kwargs={"source": name},
-               input_columns=list(_FIELDS), remove_columns=ds.column_names, features=features,
-               desc=f"rows of {name}")
-        for name, ds in checked
-    ]
+        "source": datasets.Value("string"), "row": datasets.Value("int64"),
+        **({"weight": datasets.Value("float64")} if weighted else {}),
+        **({"conversation": datasets.Value("string")} if conversations else {})})
+    parts = []
+    for name, ds in checked:
+        conv = is_conversation_source(ds.column_names)
+        fields = ["messages", "label", "tools"] if conv else list(_FIELDS)
+        fields = [f for f in fields if f in ds.column_names] + (["weight"] if "weight" in ds.column_names else [])
+        parts.append(ds.map(
+            _normalize, batched=True, with_indices=True,
+            fn_kwargs={"source": name, "weighted": weighted, "conversations": conversations, "fields": fields,
+                       "empty": [] if text == _MESSAGES else ""},
+            input_columns=fields, remove_columns=ds.column_names, features=features, desc=f"rows of {name}"))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
@@ -200,6 +223,38 @@ def _check_rows(ds: datasets.Dataset, source: str) -> set[str]:
     return kinds
 
 
+def _check_weights(ds: datasets.Dataset, source: str) -> None:
+    """A ``weight`` column, when there is one, holds a finite number >= 0 in every row."""
+    if "weight" not in ds.column_names:
+        return
+    i = 0
+    for cols in ds.select_columns(["weight"]).iter(batch_size=_CHECK_BATCH):
+        for w in cols["weight"]:
+            i += 1
+            _check_weight(w, source, i)
+
+
+def _check_weight(w, source: str, i: int) -> float:
+    """``w`` as a float when it is a finite number >= 0, else a one-line DataError naming the row."""
+    ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+    if not ok:
+        hint = " (a file with a weight column needs one in every row)" if w is None else ""
+        raise DataError(f"{source}: row {i}: field 'weight': expected a finite number >= 0, got {_show(w)}{hint}")
+    return float(w)
+
+
+def _check_conversations(ds: datasets.Dataset, source: str) -> None:
+    """Check every conversation row (megakto/data/_messages.py); raises on the first bad one."""
+    fields = [f for f in ("messages", "label", "tools") if f in ds.column_names]
+    i = 0
+    for cols in ds.select_columns(fields).iter(batch_size=_CHECK_BATCH):
+        n = len(cols["messages"])
+        for messages, label, tools in zip(cols["messages"], cols.get("label", [None] * n),
+                                          cols.get("tools", [None] * n)):
+            i += 1
+            check_conversation(messages, label, tools, source, i, _show)
+
+
 def _check_row(prompt, completion, label, source: str, i: int) -> str:
     if not (label is True or label is False or (type(label) is int and label in (0, 1))):
         raise DataError(f"{source}: row {i}: field 'label': expected a bool (true/false or 0/1), "
@@ -241,15 +296,28 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _normalize(prompts, completions, labels, indices, *, source):
-    """Map function: keep role/content of each message, labels as bools, add source and row."""
+def _normalize(*columns, source, weighted, conversations, fields, empty):
+    """Map function: keep role/content of each message, labels as bools, add source and row, the
+    weight (1 where the source has none) when some source is weighted, and a conversation row's
+    messages and tools as one JSON string (empty prompt and completion beside it)."""
+    cols, indices = dict(zip(fields, columns)), columns[-1]
+    n = len(indices)
+
     def norm(value):
         return value if isinstance(value, str) else [
             {"role": m["role"], "content": m["content"]} for m in value]
-    return {
-        "prompt": [norm(p) for p in prompts],
-        "completion": [norm(c) for c in completions],
-        "label": [bool(x) for x in labels],
-        "source": [source] * len(indices),
-        "row": [i + 1 for i in indices],
-    }
+    if "messages" in cols:
+        tools = cols.get("tools", [None] * n)
+        out = {"prompt": [empty] * n, "completion": [empty] * n,
+               "label": [bool(x) for x in cols["label"]] if "label" in cols else [False] * n,
+               "conversation": [conversation_json(m, t) for m, t in zip(cols["messages"], tools)]}
+    else:
+        out = {"prompt": [norm(p) for p in cols["prompt"]], "completion": [norm(c) for c in cols["completion"]],
+               "label": [bool(x) for x in cols["label"]]}
+        if conversations:
+            out["conversation"] = [None] * n
+    out["source"] = [source] * n
+    out["row"] = [i + 1 for i in indices]
+    if weighted:
+        out["weight"] = [float(w) for w in cols["weight"]] if "weight" in cols else [1.0] * n
+    return out

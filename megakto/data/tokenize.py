@@ -6,8 +6,12 @@ generation prompt, the completion as the rest of the rendered conversation, so t
 concatenate to what the model sees at inference.
 
 When a row is too long we keep the end of the prompt (the part next to the answer) and the start
-of the completion, as TRL's KTO trainer does. A completion cut short loses its EOS: it no longer
-ends there, and teaching the model to stop mid-answer would be wrong.
+of the completion, as TRL's KTO trainer does (``data.overlong: truncate``). A completion cut short
+loses its EOS: it no longer ends there, and teaching the model to stop mid-answer would be wrong.
+For long reasoning traces the label is usually decided by the end (the final answer), and a cut
+trains on the wrong evidence: ``data.overlong: drop`` leaves out every row whose completion would
+lose a token (the prompt may still lose its start, down to ``max_prompt_length``), and the report
+names each one.
 
 The :class:`TokenizeReport` also says how many completion tokens ``max_length`` cut and whether
 the tokenizer kept the text: a tokenizer that transformers builds wrongly from its files loses
@@ -31,13 +35,17 @@ import numpy as np
 
 from megakto.data import _token_checks as checks
 from megakto.data._token_checks import Example, TokenizeReport
+from megakto.data.context_ids import scored_tokens
+from megakto.data.conversations import conversation_texts
+from megakto.data.conversations import examples as conversation_examples
 from megakto.errors import ConfigError, DataError, ModelError
 
 __all__ = ["auto_num_proc", "fit_to_length", "fitted_lengths", "prompt_key", "tokenize_rows", "TokenizeReport"]
 
-_FITS, _TRUNCATED, _DROPPED = 0, 1, 2
+_FITS, _TRUNCATED, _DROPPED, _OVERLONG = 0, 1, 2, 3
+OVERLONG = ("truncate", "drop")
 # Per-row facts the report and the tokenizer checks need; removed before the dataset is returned.
-_CHECK_COLUMNS = ["_fit", "_c_len", "_c_cut", "_eos_only", "_ids_key", "_text_key", "_check_s"]
+_CHECK_COLUMNS = ["_fit", "_c_len", "_c_cut", "_eos_only", "_ids_key", "_text_key", "_src", "_c_scored", "_check_s"]
 _MASK63 = (1 << 63) - 1
 
 
@@ -86,12 +94,14 @@ def prompt_key(text: str) -> int:
 
 
 def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
-                  max_prompt_length: int | None = None, num_proc: int | None = None
-                  ) -> tuple[datasets.Dataset, TokenizeReport]:
+                  max_prompt_length: int | None = None, num_proc: int | None = None,
+                  overlong: str = "truncate") -> tuple[datasets.Dataset, TokenizeReport]:
     """Tokenize rows from :func:`megakto.data.rows.load_rows` and fit them to ``max_length``.
 
-    Returns the dataset (columns prompt_ids, completion_ids, label, prompt_key, source, row) with
-    rows that had no room for a completion token removed, and a :class:`TokenizeReport`.
+    Returns the dataset (columns prompt_ids, completion_ids, label, prompt_key, source, row, and
+    weight when the rows have one) with
+    rows that had no room for a completion token removed (and, with ``overlong="drop"``, every row
+    whose completion would be cut), and a :class:`TokenizeReport`.
     Raises :class:`DataError` when most rows lose their text to the tokenizer (see
     :meth:`TokenizeReport.problem`). ``datasets`` caches the map, so a second run over the same
     rows and tokenizer is quick.
@@ -101,6 +111,8 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
     if max_length < 1 or max_prompt_length < 0:
         raise ConfigError(f"max_length={max_length}, max_prompt_length={max_prompt_length}: need "
                           f"max_length >= 1 and max_prompt_length >= 0")
+    if overlong not in OVERLONG:
+        raise ConfigError(f"data.overlong={overlong!r}; allowed values: {', '.join(OVERLONG)}")
     if tokenizer.eos_token_id is None:
         raise ModelError(f"tokenizer {_name(tokenizer)} has no eos_token; a KTO completion must "
                          f"end with one")
@@ -120,12 +132,16 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         "_ids_key": datasets.Value("int64"),
         "_text_key": datasets.Value("int64"),
         "_check_s": datasets.Value("float64"),
+        "_src": datasets.Value("int64"),  # the input row an example came from
+        "_c_scored": datasets.Value("int32"),  # scored completion tokens (a conversation's assistant tokens)
+        **({"weight": datasets.Value("float64")} if "weight" in ds.column_names else {}),
     })
     out = ds.map(
-        _tokenize_batch, batched=True, num_proc=num_proc, features=features,
+        _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc, features=features,
         remove_columns=ds.column_names, desc="tokenizing",
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                   "max_prompt_length": max_prompt_length, "stride": checks.check_stride(len(ds))})
+                   "max_prompt_length": max_prompt_length, "overlong": overlong,
+                   "stride": checks.check_stride(len(ds))})
     cols = out.select_columns(_CHECK_COLUMNS + ["prompt_key", "label"]).with_format("numpy")[:]
     fit = cols["_fit"]
     dropped = np.flatnonzero(fit == _DROPPED)
@@ -133,12 +149,23 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
     if len(dropped):
         gone = out.select(dropped)
         dropped_rows = list(zip(gone["source"], gone["row"]))
-    report = TokenizeReport(n_rows=len(ds), n_truncated=int((fit == _TRUNCATED).sum()),
+    over = np.flatnonzero(fit == _OVERLONG)
+    overlong_rows = []
+    if len(over):
+        gone = out.select(over)
+        overlong_rows = list(zip(gone["source"], gone["row"], cols["_c_len"][over].tolist(),
+                                 cols["_c_cut"][over].tolist()))
+    cut = cols["_c_cut"][fit == _TRUNCATED]
+    report = TokenizeReport(n_rows=len(ds), n_examples=len(out) if len(out) != len(ds) else 0, n_truncated=int((fit == _TRUNCATED).sum()),
                             n_dropped=len(dropped), dropped_rows=dropped_rows,
                             max_length=max_length, max_prompt_length=max_prompt_length,
                             completion_tokens=int(cols["_c_len"].sum()),
-                            completion_tokens_cut=int(cols["_c_cut"].sum()),
+                            completion_tokens_cut=int(cols["_c_cut"][fit != _OVERLONG].sum()),
+                            n_completions_cut=int((cut > 0).sum()), max_completion_cut=int(cut.max(initial=0)),
+                            kept_tokens_cut=int(cut.sum()),
+                            overlong=overlong, n_overlong=len(over), overlong_rows=overlong_rows,
                             tokenizer=_name(tokenizer))
+    checks.count_formats(report, ds, cols["_src"], cols["_c_scored"], (fit != _DROPPED) & (fit != _OVERLONG))
     _check_tokenizer(report, ds, cols, tokenizer)
     problem = report.problem()
     if problem:
@@ -148,8 +175,13 @@ def tokenize_rows(ds: datasets.Dataset, tokenizer, *, max_length: int,
         raise DataError(f"{sources}: all {len(out)} rows dropped: prompt plus completion leaves no "
                         f"room for a completion token within max_length={max_length} "
                         f"(max_prompt_length={max_prompt_length})")
-    if len(dropped):
-        out = out.filter(lambda f: [x != _DROPPED for x in f], input_columns="_fit",
+    if len(dropped) + len(over) == len(out):
+        sources = ", ".join(dict.fromkeys(src for src, *_ in overlong_rows + dropped_rows))
+        raise DataError(f"{sources}: all {len(out)} rows dropped: data.overlong=drop and no completion fits "
+                        f"whole within max_length={max_length} (max_prompt_length={max_prompt_length}); "
+                        f"raise data.max_length or set data.overlong=truncate")
+    if len(dropped) or len(over):
+        out = out.filter(lambda f: [x not in (_DROPPED, _OVERLONG) for x in f], input_columns="_fit",
                          batched=True, desc="dropping rows that do not fit")
     return out.remove_columns(_CHECK_COLUMNS), report
 
@@ -158,17 +190,19 @@ def _check_tokenizer(report: TokenizeReport, ds: datasets.Dataset, cols, tokeniz
     """Fill in the report's tokenizer checks (megakto/data/_token_checks.py), their examples and
     their time (the per-row part measured in the map, ``_check_s``)."""
     start = time.perf_counter()
-    rows = np.flatnonzero(cols["prompt_key"] % checks.check_stride(len(ds)) == 0)  # the checked rows
-    report.n_checked = len(rows)
+    stride = checks.check_stride(len(ds))
+    rows = np.flatnonzero(cols["prompt_key"] % stride == 0)  # the checked examples
+    report.n_checked = len(rows) if stride > 1 else 0  # 0: every row
     eos_only = rows[cols["_eos_only"][rows]]
     report.n_eos_only = len(eos_only)
     if len(eos_only):
-        report.examples["eos_only"] = _example(tokenizer, ds, int(eos_only[0]), "completion")
+        report.examples["eos_only"] = _example(tokenizer, ds, int(cols["_src"][eos_only[0]]), "completion")
     identical, report.n_paired = checks.identical_pairs(
         *(cols[k][rows] for k in ("prompt_key", "label", "_ids_key", "_text_key")))
     report.n_identical = int(identical.sum())
     if report.n_identical:
-        report.examples["identical"] = _example(tokenizer, ds, int(rows[np.argmax(identical)]), "completion")
+        report.examples["identical"] = _example(tokenizer, ds, int(cols["_src"][rows[np.argmax(identical)]]),
+                                                "completion")
 
     sample = checks.sample_indices(len(ds))
     texts, where = [], []
@@ -192,6 +226,8 @@ def _check_tokenizer(report: TokenizeReport, ds: datasets.Dataset, cols, tokeniz
 
 def _texts(tokenizer, row) -> tuple[str, str]:
     """(prompt text, completion text) of one row as the tokenizer sees them."""
+    if row.get("conversation"):
+        return conversation_texts(tokenizer, row["conversation"], row["source"], row["row"])
     if isinstance(row["prompt"], str):
         return row["prompt"], row["completion"]
     return _render_chat(tokenizer, row["prompt"], row["completion"], row["source"], row["row"])
@@ -225,9 +261,14 @@ def _render_chat(tokenizer, prompt, completion, source, row) -> tuple[str, str]:
     return prompt_text, full_text[len(prompt_text):]
 
 
-def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, stride=1):
+def _tokenize_batch(batch, indices=None, *, tokenizer, max_length, max_prompt_length, overlong="truncate",
+                    stride=1):
+    n = len(batch["label"])
+    conversations = batch.get("conversation") or [None] * n
+    plain = [i for i in range(n) if conversations[i] is None]
     prompt_texts, completion_texts = [], []
-    for p, c, src, row in zip(batch["prompt"], batch["completion"], batch["source"], batch["row"]):
+    for i in plain:
+        p, c, src, row = batch["prompt"][i], batch["completion"][i], batch["source"][i], batch["row"][i]
         if isinstance(p, str):
             prompt_texts.append(p)
             completion_texts.append(c)
@@ -249,9 +290,28 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, stride=1
                 prompt_ids[i] = x
 
     eos = tokenizer.eos_token_id
-    completion_ids = tokenizer(completion_texts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion_texts, add_special_tokens=False)["input_ids"] if plain else []
     # A template that already closes the turn with EOS gets no second one.
     completion_ids = [c if c and c[-1] == eos else c + [eos] for c in completion_ids]
+
+    # Every input row gives one example, a conversation with turn labels one per labelled turn.
+    made = dict(zip(plain, zip(prompt_texts, prompt_ids, completion_ids, completion_texts,
+                               [batch["label"][i] for i in plain])))
+    at = []  # input row (position in the batch) of each example
+    examples = []
+    for i in range(n):
+        if i in made:
+            at.append(i)
+            examples.append(made[i])
+        else:
+            for ex in conversation_examples(tokenizer, conversations[i], batch["label"][i], batch["source"][i],
+                                            batch["row"][i]):
+                at.append(i)
+                examples.append(ex)
+    prompt_texts = [e[0] for e in examples]
+    prompt_ids = [e[1] for e in examples]
+    completion_ids = [e[2] for e in examples]
+    completion_texts = [e[3] for e in examples]
 
     out = {"prompt_ids": [], "completion_ids": [], "_fit": [], "_c_cut": []}
     for p, c in zip(prompt_ids, completion_ids):
@@ -261,12 +321,18 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, stride=1
             out["completion_ids"].append([])
             out["_fit"].append(_DROPPED)
             out["_c_cut"].append(len(c))
+        elif overlong == "drop" and len(fitted[1]) < len(c):
+            out["prompt_ids"].append([])
+            out["completion_ids"].append([])
+            out["_fit"].append(_OVERLONG)
+            out["_c_cut"].append(len(c) - len(fitted[1]))  # what truncating would have cut
         else:
             out["prompt_ids"].append(fitted[0])
             out["completion_ids"].append(fitted[1])
             out["_fit"].append(_TRUNCATED if len(p) + len(c) > max_length else _FITS)
             out["_c_cut"].append(len(c) - len(fitted[1]))
     out["_c_len"] = [len(c) for c in completion_ids]
+    out["_c_scored"] = [scored_tokens(c) for c in out["completion_ids"]]
     out["prompt_key"] = [prompt_key(t) for t in prompt_texts]
     start = time.perf_counter()  # the tokenizer checks' per-row facts, for the rows they read
     checked = [k % stride == 0 for k in out["prompt_key"]]
@@ -274,8 +340,11 @@ def _tokenize_batch(batch, *, tokenizer, max_length, max_prompt_length, stride=1
                         for on, t, c in zip(checked, completion_texts, completion_ids)]
     out["_ids_key"] = [checks.ids_fingerprint(c) if on else 0 for on, c in zip(checked, completion_ids)]
     out["_text_key"] = [checks.text_fingerprint(t) if on else 0 for on, t in zip(checked, completion_texts)]
-    out["_check_s"] = [time.perf_counter() - start] + [0.0] * (len(checked) - 1)
-    out["label"] = list(batch["label"])
-    out["source"] = list(batch["source"])
-    out["row"] = list(batch["row"])
+    out["_check_s"] = [time.perf_counter() - start] + [0.0] * (len(checked) - 1) if checked else []
+    out["label"] = [bool(e[4]) for e in examples]
+    out["source"] = [batch["source"][i] for i in at]
+    out["row"] = [batch["row"][i] for i in at]
+    out["_src"] = [indices[i] if indices is not None else i for i in at]
+    if "weight" in batch:
+        out["weight"] = [batch["weight"][i] for i in at]
     return out

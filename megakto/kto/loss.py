@@ -7,6 +7,11 @@ other ranks, so every rank runs the same shapes whatever its desirable/undesirab
 
 The per-example losses are returned unreduced: how they are averaged (an exact global mean over
 data-parallel ranks and gradient-accumulation micro-batches) is the trainer's decision.
+
+Per-row weights (an extension; the paper has none) multiply each row's term after lambda_D /
+lambda_U: a row of weight w contributes w times its unweighted loss and gradient, weight 0 nothing.
+They leave the reference point alone: z_0 estimates KL(pi_theta || pi_ref) over mismatched pairs,
+which carry no label and so no confidence in one (see :mod:`megakto.kto.kl`).
 """
 
 from typing import NamedTuple
@@ -21,7 +26,7 @@ LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 class KTOLossOutput(NamedTuple):
-    losses: torch.Tensor  # (B,) weighted per-example losses, same dtype as the log-probs
+    losses: torch.Tensor  # (B,) per-example losses (lambda and row weights applied), the log-probs' dtype
     rewards: torch.Tensor  # (B,) beta * (policy - ref) log-ratio, detached (the implied reward)
     kl: torch.Tensor  # () the reference point used; for apo_zero_unpaired, the input unchanged
     # (B,) sigmoid(z) * sigmoid(-z) / (1/4), detached: the share of its largest value that the
@@ -40,6 +45,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
+    weights: torch.Tensor | None = None,
 ) -> KTOLossOutput:
     """Per-example KTO losses.
 
@@ -52,6 +58,7 @@ def kto_loss(
         desirable_weight, undesirable_weight: lambda_D and lambda_U of eq. (7); see eq. (8) and
             :func:`megakto.kto.weights.check_weights` for how to pick them.
         loss_type: one of ``LOSS_TYPES``.
+        weights: (B,) per-row weights >= 0 multiplying each row's loss (None: all 1).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}; allowed values: {', '.join(LOSS_TYPES)}")
@@ -65,6 +72,8 @@ def kto_loss(
             f"desirable must be a bool tensor of shape {tuple(policy_logps.shape)}; got "
             f"{desirable.dtype} {tuple(desirable.shape)}"
         )
+    if weights is not None and weights.shape != policy_logps.shape:
+        raise ValueError(f"weights must be (B,) = {tuple(policy_logps.shape)}; got {tuple(weights.shape)}")
     kl = torch.as_tensor(kl, device=policy_logps.device).detach()
     if kl.dim() != 0:
         raise ValueError(f"kl must be a 0-dim tensor; got shape {tuple(kl.shape)}")
@@ -86,6 +95,8 @@ def kto_loss(
         desirable_weight * torch.sigmoid(-z),
         undesirable_weight * torch.sigmoid(z),
     )
+    if weights is not None:
+        losses = losses * weights.to(losses.dtype)
     rewards = (beta * logratio).detach()
     z = z.detach()
     slopes = 4 * torch.sigmoid(z) * torch.sigmoid(-z)

@@ -17,15 +17,19 @@ import torch
 __all__ = ["nll_share"]
 
 
-def nll_share(logps: torch.Tensor, total_tokens: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def nll_share(logps: torch.Tensor, total_tokens: int, mask: torch.Tensor | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """This micro-batch's share of a global mean per-token NLL.
 
     ``logps``: (B,) per-example sums of completion-token log-probs; ``total_tokens``: completion
     tokens of the rows being averaged over the global batch (the desirable rows' alone when
     ``mask`` selects them); ``mask``: (B,) bool, the rows that count (None: all). Returns a scalar
     ``-sum(logps[mask]) / total_tokens`` (``total_tokens`` of 0, a batch with no such rows, counts
-    as 1 so the term is 0 rather than NaN).
+    as 1 so the term is 0 rather than NaN); ``weights``: (B,) per-row weights scaling each row's
+    NLL (None: all 1; the token count stays unweighted, so weight w scales the row's share by w).
     """
+    if weights is not None:
+        logps = logps * weights.to(logps.dtype)
     if mask is not None:
         logps = torch.where(mask, logps, torch.zeros_like(logps))
     return -logps.sum() / max(int(total_tokens), 1)

@@ -7,6 +7,10 @@ The paper recommends choosing the weights so that
 i.e. the desirable side carries as much total weight as the undesirable side, or up to a third
 more (loss aversion). Outside that range training still runs, so the check warns
 rather than fails.
+
+With per-row weights (data's ``weight`` column), n_D and n_U are each class's summed row weights:
+a row of weight w pulls on the loss as w rows of weight 1 would, so the weighted sums are the
+counts eq. (8) balances. The functions take any non-negative numbers for the counts.
 """
 
 __all__ = ["check_weights", "auto_desirable_weight", "RATIO_RANGE"]

@@ -266,3 +266,39 @@ def test_100k_rows_load_fast_and_a_late_bad_row_is_found(tmp_path):
     assert ds["row"][n - 1] == n
     assert count_labels(ds) == (n - (n + 2) // 3, (n + 2) // 3)  # i % 3 == 0 is false
     assert elapsed < 15, f"loading 100k rows took {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_weight_column_loads_as_float(write, fmt):
+    rows = [{**r, "weight": w} for r, w in zip(ROWS, [1, 0.5, 0, 2.25])]
+    ds = load_rows(write(rows, fmt))
+    assert ds.column_names == ["prompt", "completion", "label", "source", "row", "weight"]
+    assert ds.features["weight"] == datasets.Value("float64")
+    assert ds["weight"][:] == [1.0, 0.5, 0.0, 2.25]
+
+
+def test_a_source_without_weights_gives_weight_one_beside_a_weighted_one(write):
+    weighted = write([{**ROWS[0], "weight": 0.25}], name="a")
+    plain = write(ROWS[1:3], name="b")
+    ds = load_rows([weighted, plain])
+    assert ds["weight"][:] == [0.25, 1.0, 1.0]
+    assert "weight" not in load_rows(plain).column_names  # unweighted data loads as before
+
+
+@pytest.mark.parametrize("bad, shown", [(-0.5, "-0.5"), (float("nan"), "NaN"), (float("inf"), "Infinity"),
+                                        (None, "null (a file with a weight column needs one in every row)")])
+def test_a_bad_weight_is_one_line_naming_file_row_and_value(write, bad, shown):
+    rows = [{**r, "weight": 1.0} for r in ROWS]
+    rows[2]["weight"] = bad
+    path = write(rows)
+    with pytest.raises(DataError) as err:
+        load_rows(path)
+    assert str(err.value) == f"{path}: row 3: field 'weight': expected a finite number >= 0, got {shown}"
+
+
+@pytest.mark.parametrize("bad, shown", [("2", '"2"'), (True, "true")])
+def test_a_weight_column_of_another_type_names_row_1(write, bad, shown):
+    path = write([{**r, "weight": bad} for r in ROWS], "parquet")
+    with pytest.raises(DataError) as err:
+        load_rows(path)
+    assert str(err.value) == f"{path}: row 1: field 'weight': expected a finite number >= 0, got {shown}"

@@ -125,6 +125,18 @@ def test_mixed_text_and_chat_rows(write, tokenizer):
     assert tokenizer.convert_ids_to_tokens(out["completion_ids"][0]) == ["yes", "<|end|>", "</s>"]
 
 
+
+def _six_rows():
+    w = "one two three four five six".split()
+    return [
+        {"prompt": "the", "completion": "a cat", "label": True},
+        {"prompt": "the cat", "completion": " ".join(w[:4]), "label": False},
+        {"prompt": " ".join(w), "completion": "hi", "label": True},
+        {"prompt": "a", "completion": "red hat", "label": False},
+        {"prompt": "a", "completion": " ".join(w[:5]), "label": True},
+        {"prompt": " ".join(w), "completion": "no", "label": False},
+    ]
+
 def test_report_counts_the_rows_built_to_be_truncated_and_dropped(write, tokenizer):
     """max_length 6, max_prompt_length 6. Lengths: prompt = words + 1 (BOS), completion =
     words + 1 (EOS).
@@ -135,16 +147,7 @@ def test_report_counts_the_rows_built_to_be_truncated_and_dropped(write, tokeniz
     Completion tokens: 3 + 5 + 2 + 3 + 6 + 2 = 21; cut: 2 (row 2) + 2 (row 5) + 2 + 2 (dropped
     rows 3, 6) = 8. Paired rows (prompt with both labels): rows 3, 6 and rows 4, 5.
     """
-    w = "one two three four five six".split()
-    rows = [
-        {"prompt": "the", "completion": "a cat", "label": True},
-        {"prompt": "the cat", "completion": " ".join(w[:4]), "label": False},
-        {"prompt": " ".join(w), "completion": "hi", "label": True},
-        {"prompt": "a", "completion": "red hat", "label": False},
-        {"prompt": "a", "completion": " ".join(w[:5]), "label": True},
-        {"prompt": " ".join(w), "completion": "no", "label": False},
-    ]
-    path = write(rows)
+    path = write(_six_rows())
     out, report = tokenize_rows(load_rows(path), tokenizer, max_length=6, max_prompt_length=6)
     assert (report.n_rows, report.n_truncated, report.n_dropped) == (6, 2, 2)
     assert report.dropped_rows == [(path, 3), (path, 6)]
@@ -158,6 +161,45 @@ def test_report_counts_the_rows_built_to_be_truncated_and_dropped(write, tokeniz
         f"(no room for a completion token; first: {path} row 3); 8 of 21 completion tokens "
         "(38.1%) cut by max_length; tokenizer check: 0 completions only EOS, 0 of 4 paired rows "
         "token-identical to the other label, 0.0% of characters lost in a decode of 6 rows")
+
+
+def test_overlong_drop_leaves_out_every_row_whose_completion_would_be_cut(write, tokenizer):
+    """The six rows above at max_length=6, max_prompt_length=6, data.overlong=drop: rows 2 and 5
+    would lose 2 completion tokens each (5 -> 3, 6 -> 4), so they are left out and each is named;
+    rows 3 and 6 have no room at all, as before; rows 1 and 4 fit whole. Under truncate the same
+    rows give one line: 2 of 4 kept completions cut, by 4 tokens in all, 2 at most."""
+    path = write(_six_rows())
+    out, report = tokenize_rows(load_rows(path), tokenizer, max_length=6, max_prompt_length=6, overlong="drop")
+    assert out["row"][:] == [1, 4]
+    assert (report.n_truncated, report.n_dropped, report.n_overlong) == (0, 2, 2)
+    assert report.overlong_rows == [(path, 2, 5, 2), (path, 5, 6, 2)]
+    assert report.overlong_lines() == [
+        f"{path} row 2: dropped by data.overlong=drop: its completion of 5 tokens would lose 2 to data.max_length=6",
+        f"{path} row 5: dropped by data.overlong=drop: its completion of 6 tokens would lose 2 to data.max_length=6"]
+    assert ", 2 dropped by data.overlong=drop (a completion would be cut);" in report.summary()
+    assert report.cut_line() is None
+    _, report = tokenize_rows(load_rows(path), tokenizer, max_length=6, max_prompt_length=6)
+    assert report.overlong_lines() == [] and "data.overlong" not in report.summary()
+    assert report.cut_line() == ("data.max_length=6 cut 2 of 4 completions: by 4 tokens in all, 2.0 on average, "
+                                 "2 at most (data.overlong=drop leaves such rows out instead)")
+
+
+def test_overlong_drop_keeps_a_row_whose_prompt_alone_is_cut(write, tokenizer):
+    """Prompt of 6 words = 7 ids, completion 'hi' = 2 ids, max_length 6, max prompt 3: the prompt
+    keeps its last 4 ids and the completion stays whole, so drop keeps the row."""
+    path = write([{"prompt": "one two three four five six", "completion": "hi", "label": True}])
+    out, report = tokenize_rows(load_rows(path), tokenizer, max_length=6, max_prompt_length=3, overlong="drop")
+    assert (len(out["prompt_ids"][0]), len(out["completion_ids"][0])) == (4, 2)
+    assert (report.n_truncated, report.n_overlong) == (1, 0)
+
+
+def test_overlong_drop_of_every_row_is_one_line(write, tokenizer):
+    path = write([{"prompt": "the", "completion": "one two three four five", "label": True}])
+    with pytest.raises(DataError) as err:
+        tokenize_rows(load_rows(path), tokenizer, max_length=4, max_prompt_length=2, overlong="drop")
+    assert str(err.value) == (
+        f"{path}: all 1 rows dropped: data.overlong=drop and no completion fits whole within max_length=4 "
+        "(max_prompt_length=2); raise data.max_length or set data.overlong=truncate")
 
 
 def test_all_rows_dropped_names_source_and_max_length(write, tokenizer):

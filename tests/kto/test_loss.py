@@ -230,3 +230,41 @@ def test_slope_is_the_gradient_share():
     sign = torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
     weight = torch.tensor([1.5, 0.5, 0.5], dtype=torch.float64)
     torch.testing.assert_close(policy.grad, sign * weight * 0.3 * out.slopes / 4, rtol=1e-12, atol=0)
+
+
+def test_row_weights_scale_exactly_their_rows_term():
+    """lambda_D=2, lambda_U=0.5, beta=1, kl=0.5; row weights 1, 3, 0, 0.25, 2 multiply each row's
+    term after lambda: w=3 on r=+1 U gives 3 * 0.5 * sigma(1 - 0.5) = 1.5 * 0.62246 = 0.93369;
+    w=0 on r=0 D gives 0; and every weighted row equals w times the unweighted one, exactly."""
+    w = torch.tensor([1.0, 3.0, 0.0, 0.25, 2.0], dtype=torch.float64)
+    kw = dict(beta=1.0, desirable_weight=2.0, undesirable_weight=0.5, kl=0.5)
+    desirable = [True, False, True, False, True]
+    plain = _run(LOGRATIOS, desirable, **kw)
+    weighted = _run(LOGRATIOS, desirable, weights=w, **kw)
+    assert torch.equal(weighted.losses, plain.losses * w)
+    assert weighted.losses[1].item() == pytest.approx(1.5 / (1 + math.exp(-0.5)), abs=1e-12)
+    assert weighted.losses[1].item() == pytest.approx(0.93369, abs=1e-5)
+    assert weighted.losses[2].item() == 0.0
+    # Rewards, slopes and the reference point do not depend on the weights.
+    assert torch.equal(weighted.rewards, plain.rewards) and torch.equal(weighted.slopes, plain.slopes)
+    assert torch.equal(weighted.kl, plain.kl)
+    # Weights of 1 give the unweighted losses bit for bit.
+    ones = _run(LOGRATIOS, desirable, weights=torch.ones(5, dtype=torch.float64), **kw)
+    assert torch.equal(ones.losses, plain.losses)
+
+
+def test_row_weight_scales_the_gradient_and_zero_gives_none():
+    """d(w * loss_i)/d log pi_i = w * dloss_i/d log pi_i: with beta=1, kl=0, lambda=1 and r=0 the
+    unweighted gradient is -sigma(0)sigma(0) = -0.25 (desirable) and +0.25 (undesirable); weights
+    (2, 0, 0.5, 0) make it -0.5, 0, +0.125, 0."""
+    policy = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    ref = torch.zeros(4, dtype=torch.float64)
+    desirable = torch.tensor([True, True, False, False])
+    w = torch.tensor([2.0, 0.0, 0.5, 0.0], dtype=torch.float64)
+    kto_loss(policy, ref, desirable, torch.tensor(0.0), beta=1.0, weights=w).losses.sum().backward()
+    assert policy.grad.tolist() == [-0.5, 0.0, 0.125, 0.0]
+
+
+def test_weights_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"weights must be \(B,\) = \(5,\); got \(4,\)"):
+        _run(LOGRATIOS, [True] * 5, weights=torch.ones(4))

@@ -1,5 +1,6 @@
 """nll_share: a micro-batch's share of a global mean per-token NLL, checked by hand."""
 
+import pytest
 import torch
 
 from megakto.kto import nll_share
@@ -36,3 +37,12 @@ def test_shares_of_micro_batches_add_up_to_the_global_mean():
     whole = nll_share(logps, 10)
     parts = nll_share(logps[:2], 10) + nll_share(logps[2:], 10)
     assert whole.item() == parts.item() == 1.0
+
+
+def test_row_weights_scale_each_rows_nll_share():
+    """logps -2, -4, -6 over 10 tokens, weights 1, 0.5, 0: (2 + 2 + 0) / 10 = 0.4; the token count
+    stays unweighted."""
+    logps = torch.tensor([-2.0, -4.0, -6.0])
+    w = torch.tensor([1.0, 0.5, 0.0])
+    assert nll_share(logps, 10, weights=w).item() == pytest.approx(0.4)
+    assert nll_share(logps, 10, torch.tensor([True, True, False]), w).item() == pytest.approx(0.4)

@@ -113,3 +113,54 @@ def test_cli_missing_rejected_column_is_one_line(tmp_path):
     # the last line; datasets' progress bars may come before it
     assert res.stderr.splitlines()[-1] == (f"error: {src}: row 1: field 'rejected' is missing "
                                            f"(columns: prompt, chosen)")
+
+
+def _conversation_pairs():
+    def conv(last):
+        return [{"role": "user", "content": "sort 3 1"}, {"role": "assistant", "content": "1 3"},
+                {"role": "user", "content": "sort 9 2"}, {"role": "assistant", "content": last}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    return [{"chosen": conv("2 9"), "rejected": conv("9 2"), "tools": tools},
+            {"chosen": conv("2 9")[:2], "rejected": [conv("")[0], {"role": "assistant", "content": "3 1"}]}]
+
+
+def test_paired_conversations_become_conversation_rows():
+    """No prompt column, whole conversations in chosen and rejected: one conversation row each,
+    labelled true and false, the tools kept; one-y-per-x groups by the shared first messages
+    (both pairs open with the same user turn, and the first also shares its first answer)."""
+    pairs = _conversation_pairs()
+    rows = convert(pairs)
+    assert rows == [{"messages": pairs[0]["chosen"], "label": True, "tools": pairs[0]["tools"]},
+                    {"messages": pairs[0]["rejected"], "label": False, "tools": pairs[0]["tools"]},
+                    {"messages": pairs[1]["chosen"], "label": True},
+                    {"messages": pairs[1]["rejected"], "label": False}]
+    assert pairs_to_kto._shared_prompt(pairs[0]) == pairs[0]["chosen"][:3]
+    assert pairs_to_kto._shared_prompt(pairs[1]) == pairs[1]["chosen"][:1]
+    assert len(convert(pairs, one_y_per_x=True)) == 2  # the shared prefixes differ
+
+
+def test_paired_conversations_load_as_conversations(tmp_path):
+    from megakto.data.rows import load_rows
+
+    out = tmp_path / "kto.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in convert(_conversation_pairs())))
+    rows = load_rows(str(out))
+    assert rows["label"][:] == [True, False, True, False]
+    assert json.loads(rows["conversation"][1])["messages"][3] == {"role": "assistant", "content": "9 2"}
+
+
+def test_cli_takes_paired_conversations_without_a_prompt_column(tmp_path, capsys):
+    src, out = tmp_path / "pairs.jsonl", tmp_path / "kto.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _conversation_pairs()))
+    assert pairs_to_kto.main([str(src), str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"out: 4 rows (2 desirable, 2 undesirable) -> {out}")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["label"] for r in rows] == [True, False, True, False] and all("messages" in r for r in rows)
+
+
+def test_cli_string_pairs_without_a_prompt_column_name_the_prompt(tmp_path, capsys):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
+    assert pairs_to_kto.main([str(src), str(tmp_path / "o.jsonl")]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # datasets' progress bars may come before it
+    assert last == f"error: {src}: row 1: field 'prompt' is missing (columns: chosen, rejected)"
