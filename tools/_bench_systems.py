@@ -1,6 +1,7 @@
 """The systems tools/bench.py compares, each run inside its own worker process: megakto (KTO with an
-online or cached reference, SFT, and its tensor-parallel, pipeline and LoRA variants) and TRL's
-KTOTrainer (online, or with its reference log-probs precomputed)."""
+online or cached reference, SFT, and its tensor-parallel, pipeline, sequence-parallel,
+expert-parallel, data-parallel and LoRA variants) and TRL's KTOTrainer (online, or with its
+reference log-probs precomputed)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,17 @@ SYSTEMS = {
 }
 
 
+# parallel variants of megakto-kto: megakto-kto-<kind>N on N ranks ("dp": plain ZeRO-3 data parallel,
+# the expert-parallel variant's baseline at the same ranks)
+PARALLEL_KINDS = ("tp", "pp", "sp", "ep", "dp")
+
+
 def parallel_variant(name: str) -> tuple[str, int] | None:
     """("tp", N) for the tensor-parallel variant ``megakto-kto-tpN`` of megakto-kto, ("pp", N) for the
     pipeline variant ``megakto-kto-ppN``, ("sp", N) for the sequence-parallel ``megakto-kto-spN``,
-    else None."""
-    for kind in ("tp", "pp", "sp"):
+    ("ep", N) for the expert-parallel ``megakto-kto-epN``, ("dp", N) for plain data parallel
+    ``megakto-kto-dpN``, else None."""
+    for kind in PARALLEL_KINDS:
         suffix = name.removeprefix(f"megakto-kto-{kind}")
         if suffix != name and suffix.isdigit():
             return kind, int(suffix)
@@ -35,7 +42,8 @@ def parallel_variant(name: str) -> tuple[str, int] | None:
 
 
 def system_spec(name: str) -> dict:
-    """SYSTEMS[name], or a parallel variant (``megakto-kto-tpN``, ``-ppN``, ``-spN``) of megakto-kto;
+    """SYSTEMS[name], or a parallel variant (``megakto-kto-tpN``, ``-ppN``, ``-spN``, ``-epN``, ``-dpN``) of
+    megakto-kto;
     ``ranks``: how many processes it runs on."""
     lora = name.removeprefix("megakto-kto-lora")
     if lora != name and lora.isdigit():
@@ -51,7 +59,7 @@ def run_megakto(name: str, spec: dict) -> dict:
     """megakto one ``trainer.next_step()`` at a time: in this process at world size 1 without the
     launcher, or as one rank of a tensor-parallel group that the launcher started."""
     system, work = system_spec(name), spec["workload"]
-    tp, pp, sp, ranks = system.get("tp", 1), system.get("pp", 1), system.get("sp", 1), system["ranks"]
+    tp, pp, sp, ep, ranks = (system.get(k, 1) for k in ("tp", "pp", "sp", "ep", "ranks"))
     if ranks == 1:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -68,7 +76,7 @@ def run_megakto(name: str, spec: dict) -> dict:
         f"train.max_steps={spec['warmup'] + spec['steps']}", f"optim.lr={spec['lr']}", "optim.warmup_steps=0",
         f"kto.loss_type={system['loss_type']}", f"ref.mode={system['ref']}", "ref.offload=none",
         f"output_dir={spec['out_dir']}", "seed=0", f"parallel.tp_size={tp}", f"parallel.pp_size={pp}",
-        f"parallel.sp_size={sp}",
+        f"parallel.sp_size={sp}", f"parallel.ep_size={ep}",
         f"model.lora.r={system.get('lora', 0)}", "train.eval_samples=0", f"model.dtype={spec['dtype']}",
     ] + list(spec.get("megakto_overrides", []))
     cfg = load_config(None, overrides)
@@ -96,14 +104,16 @@ def run_megakto(name: str, spec: dict) -> dict:
                settings={"ds_config": spec["ds_config"], "zero_stage": trainer.ds_config.get("zero_optimization", {})
                          .get("stage"), "overrides": overrides, "packing": getattr(cfg.data, "packing", None),
                          "ranks": ranks})
+    if ep > 1 or system.get("dp"):
+        out["planned_peak_mib"] = planned_peak_mib(spec, overrides, ranks)
     if pp > 1:
         m = trainer.dims.grad_accum
         out["pipeline"] = {"stages": pp, "micro_batches_per_step": m, "bubble": (pp - 1) / (m + pp - 1)}
     if ranks > 1:  # memory: the largest rank's
         from megakto.distributed import comm
 
-        # The launcher started one tensor-parallel group, one sequence-parallel group or one pipeline
-        # (dp 1): gather its ranks' figures.
+        # The launcher started one tensor-parallel group, one sequence-parallel group, one pipeline
+        # (dp 1) or, for ep/dp, data-parallel ranks over the world: gather its ranks' figures.
         group = (trainer.dims.tp_group if tp > 1 else trainer.dims.sp_group if sp > 1 else trainer.dims.pp_group
                  if pp > 1 else comm.world_group())
         per_rank = comm.all_gather_object({k: v for k, v in out.items() if k.startswith("peak")}, group=group)
@@ -112,6 +122,14 @@ def run_megakto(name: str, spec: dict) -> dict:
             out[key] = max(values) if values else None
         out["peak_rss_mib_per_rank"] = [r.get("peak_rss_mib") for r in per_rank]
     return out
+
+
+def planned_peak_mib(spec: dict, overrides: list[str], ranks: int) -> float:
+    """megakto's memory planner (megakto/planning) for the same config and ranks: peak MiB per rank."""
+    from megakto.planning.run_plan import PlanRequest, make_plan
+
+    _, plan = make_plan(PlanRequest(None, spec["ds_config"], tuple(overrides), ranks, on_gpu=spec["device"] == "cuda"))
+    return plan.peak_bytes_per_rank / 2**20
 
 
 def max_length(work: dict) -> int:

@@ -8,7 +8,9 @@ completion together). Lengths are then controlled by the data alone, and the voc
 single argument, which is what the memory-vs-vocabulary check varies.
 
 The model is a Llama (hidden 256, 4 layers) unless a family and shape are given: ``qwen3`` with
-Qwen3-0.6B's shape is what tools/gpu_check.sh trains (:data:`FAMILIES`, :func:`add_model_args`).
+Qwen3-0.6B's shape is what tools/gpu_check.sh trains (:data:`FAMILIES`, :func:`add_model_args`);
+``qwen3_moe`` is the demo's tiny mixture of experts (megakto/_demo/tiny_model.py: every layer a MoE
+block, top-2 routing, expert width half of ``--intermediate``) with ``--experts`` experts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 _PAD, _UNK, _BOS, _EOS = range(4)
 
 # family -> (config class name, tied embedding and output head). Qwen3 ties them, as Qwen3-0.6B does.
-FAMILIES = {"llama": ("LlamaConfig", False), "qwen3": ("Qwen3Config", True)}
+FAMILIES = {"llama": ("LlamaConfig", False), "qwen3": ("Qwen3Config", True), "qwen3_moe": ("Qwen3MoeConfig", False)}
 
 
 @dataclass
@@ -106,19 +108,23 @@ def add_model_args(parser) -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     parser.add_argument("--head-dim", type=int, default=None, help="per-head size (default: hidden / heads)")
     parser.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
+    parser.add_argument("--experts", type=int, default=8, help="routed experts per layer (--family qwen3_moe)")
 
 
 def model_shape(args) -> dict:
     """:func:`write_model`'s shape keywords from :func:`add_model_args`'s parsed flags."""
     return dict(family=args.family, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                num_kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate_size=args.intermediate)
+                num_kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate_size=args.intermediate,
+                **({"num_experts": args.experts} if args.family == "qwen3_moe" else {}))
 
 
 def write_model(model_dir: str | Path, *, vocab_size: int, seed: int, longest: int, family: str = "llama",
                 hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int | None = None,
-                head_dim: int | None = None, intermediate_size: int = 688) -> tuple[int, dict]:
+                head_dim: int | None = None, intermediate_size: int = 688,
+                num_experts: int | None = None) -> tuple[int, dict]:
     """A random-init model of ``family`` (seeded) and :func:`build_tokenizer`'s tokenizer in
-    ``model_dir``, with positions for ``longest`` tokens; returns (parameters, shape)."""
+    ``model_dir``, with positions for ``longest`` tokens; returns (parameters, shape).
+    ``num_experts``: the routed experts of a ``qwen3_moe`` (default the demo family's)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -133,6 +139,9 @@ def write_model(model_dir: str | Path, *, vocab_size: int, seed: int, longest: i
                  max_position_embeddings=max(512, longest))
     if head_dim is not None:
         shape["head_dim"] = head_dim
+    if family == "qwen3_moe":
+        shape.update(_moe_settings(hidden_size // num_heads if head_dim is None else head_dim, intermediate_size,
+                                   num_experts))
     config = getattr(transformers, config_class)(
         vocab_size=vocab_size, bos_token_id=_BOS, eos_token_id=_EOS, pad_token_id=_PAD, tie_word_embeddings=tied,
         attention_dropout=0.0, **shape)
@@ -142,6 +151,15 @@ def write_model(model_dir: str | Path, *, vocab_size: int, seed: int, longest: i
     model.save_pretrained(str(model_dir))
     build_tokenizer(vocab_size).save_pretrained(str(model_dir))
     return sum(p.numel() for p in model.parameters()), {"family": family, **shape}
+
+
+def _moe_settings(head_dim: int, intermediate_size: int, num_experts: int | None) -> dict:
+    """The demo's ``qwen3_moe`` settings (megakto/_demo/tiny_model.py), with ``num_experts`` experts
+    when given."""
+    from megakto._demo.tiny_model import family_settings
+
+    settings = family_settings("qwen3_moe", head_dim=head_dim, intermediate_size=intermediate_size)
+    return {**settings, **({"num_experts": num_experts} if num_experts else {})}
 
 
 def write_workload(out_dir: str | Path, *, vocab_size: int = 32000, n_rows: int = 64, seed: int = 0,

@@ -2,7 +2,7 @@
 """Throughput and memory of megakto's KTO, next to SFT on the same engine and TRL's KTOTrainer.
 
     python tools/bench.py [--systems megakto-kto,trl-kto,...] [--steps 6] [--warmup 2] \
-        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--sp 2] [--lora 16] [--json bench.json] \
+        [--batch 8] [--vocab 32000] [--tp 2] [--pp 2] [--sp 2] [--ep 2] [--lora 16] [--json bench.json] \
         [--family qwen3 --hidden 1024 --layers 28 ...] [--device cuda] [--dtype bfloat16]
 
 One invocation builds one workload (a random-init Llama, hidden 256, 4 layers, a word-level
@@ -25,6 +25,11 @@ ds_configs/zero1.json``, which the PP1 baseline then uses too); the pipeline bub
 ``--sp N`` adds ``megakto-kto-spN`` with ``parallel.sp_size=N`` (one sequence group of N ranks, each
 running 1/N of every micro-batch's tokens; ZeRO-3); ``--completion-words MIN,MAX`` makes long rows
 (e.g. ``1000,2000``), where the memory per rank is expected to fall.
+``--ep N`` adds ``megakto-kto-epN`` with ``parallel.ep_size=N`` (DeepSpeed AutoEP: each MoE layer's
+experts split over the N ranks, every rank data-parallel) and beside it ``megakto-kto-dpN``, plain
+ZeRO-3 data parallelism on the same N ranks, rows and model; it needs ``--family qwen3_moe`` (the
+demo's tiny mixture of experts, top-2, ``--experts`` per layer). Both print the memory planner's
+prediction per rank (megakto/planning) next to the measured peak.
 ``--lora R`` adds ``megakto-kto-loraR``: megakto's KTO with LoRA adapters of rank R on the attention
 and MLP projections (``model.lora.r=R``), the reference being the policy with its adapters off.
 
@@ -153,6 +158,9 @@ def main(argv=None) -> int:
                              "ZeRO 0/1 --deepspeed JSON)")
     parser.add_argument("--sp", type=int, default=1,
                         help="also run megakto-kto at parallel.sp_size=N on N ranks (megakto-kto-spN; ZeRO-3)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="also run megakto-kto at parallel.ep_size=N on N ranks (megakto-kto-epN) and plain "
+                             "ZeRO-3 on N ranks (megakto-kto-dpN); needs --family qwen3_moe")
     parser.add_argument("--completion-words", default="5,250", metavar="MIN,MAX",
                         help="completion length range in words (tokens), inclusive; long rows for --sp")
     parser.add_argument("--lora", type=int, default=0, metavar="R",
@@ -167,17 +175,23 @@ def main(argv=None) -> int:
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     ratio_defs = list(RATIOS)
-    for kind, n in (("tp", args.tp), ("pp", args.pp), ("sp", args.sp)):
+    if args.ep > 1 and args.family != "qwen3_moe":
+        parser.error(f"--ep {args.ep} needs a mixture of experts: add --family qwen3_moe")
+    for kind, n in (("tp", args.tp), ("pp", args.pp), ("sp", args.sp), ("dp", args.ep), ("ep", args.ep)):
         if n > 1:
             variant, label = f"megakto-kto-{kind}{n}", f"{kind.upper()}{n}"
+            base, base_label = (f"megakto-kto-dp{n}", f"KTO ZeRO-3 DP{n}") if kind == "ep" else ("megakto-kto", "KTO")
             names.append(variant)
+            if kind == "dp":
+                continue  # the expert-parallel variant's baseline
             ratio_defs.extend([
-                (f"megakto KTO {label} / megakto KTO, tokens/s", variant, "megakto-kto", "tokens_per_s"),
-                (f"megakto KTO {label} / megakto KTO, peak beyond warm state (largest rank)", variant, "megakto-kto",
-                 "peak_beyond_warm_mib"),
-                (f"megakto KTO {label} / megakto KTO, peak RSS (largest rank)", variant, "megakto-kto",
+                (f"megakto KTO {label} / megakto {base_label}, tokens/s", variant, base, "tokens_per_s"),
+                (f"megakto KTO {label} / megakto {base_label}, peak beyond warm state (largest rank)", variant,
+                 base, "peak_beyond_warm_mib"),
+                (f"megakto KTO {label} / megakto {base_label}, peak RSS (largest rank)", variant, base,
                  "peak_rss_mib"),
-            ])
+            ] + ([(f"megakto KTO {label} / megakto {base_label}, planned peak per rank", variant, base,
+                   "planned_peak_mib")] if kind == "ep" else []))
     if args.lora:
         variant = f"megakto-kto-lora{args.lora}"
         names.append(variant)
@@ -242,6 +256,10 @@ def main(argv=None) -> int:
             print(f"\n{name}: {p['stages']} stages, {p['micro_batches_per_step']} micro-batches per step: the 1F1B "
                   f"schedule leaves each stage idle {p['bubble']:.0%} of a step (the bubble, (stages - 1) / "
                   "(micro-batches + stages - 1))")
+        if r.get("planned_peak_mib") is not None:
+            print(f"\n{name}: the memory planner predicts {r['planned_peak_mib']:.0f} MiB per rank (on CPU: beyond the "
+                  f"start-up baseline), measured peak RSS {r['peak_rss_mib']:.0f} MiB (largest rank, baseline "
+                  "included)")
         if r.get("warning"):
             print(f"\nwarning: {name}: {r['warning']}")
     if args.json:

@@ -20,7 +20,8 @@ from pathlib import Path
 from megakto._demo.data import demo_corpus
 from megakto.errors import ConfigError
 
-__all__ = ["CHAT_TEMPLATE", "FAMILIES", "TOKENIZER_VOCAB_SIZE", "family_config", "make_tiny_model", "train_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "FAMILIES", "TOKENIZER_VOCAB_SIZE", "family_config", "family_settings", "make_tiny_model",
+           "train_tokenizer"]
 
 # Special ids follow the Llama convention; pad gets its own id so padding is never mistaken for
 # the end of a completion.
@@ -127,6 +128,14 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+def family_settings(family: str, *, head_dim: int, intermediate_size: int) -> dict:
+    """The config settings that make ``family`` what it is (:data:`FAMILIES`), the ones left unset
+    there filled from the shape: per-head sizes from ``head_dim``, the experts' width half of
+    ``intermediate_size``."""
+    fill = {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "moe_intermediate_size": intermediate_size // 2}
+    return {k: (fill[k] if v is None else v) for k, v in FAMILIES[family][1].items()}
+
+
 def family_config(family: str, *, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int,
                   num_heads: int, num_kv_heads: int, max_position_embeddings: int):
     """The transformers config of a tiny ``family`` model (see :data:`FAMILIES`)."""
@@ -134,10 +143,8 @@ def family_config(family: str, *, vocab_size: int, hidden_size: int, intermediat
 
     if family not in FAMILIES:
         raise ConfigError(f"make_tiny_model: unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    cls_name, extra = FAMILIES[family]
-    head_dim = hidden_size // num_heads
-    fill = {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "moe_intermediate_size": intermediate_size // 2}
-    extra = {k: (fill[k] if v is None else v) for k, v in extra.items()}
+    cls_name = FAMILIES[family][0]
+    extra = family_settings(family, head_dim=hidden_size // num_heads, intermediate_size=intermediate_size)
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -5,8 +5,10 @@ process without expert parallelism on the same global batches (8 rows, micro-bat
 log-probs (a frozen ZeRO-3 engine under AutoEP against one without) to 1e-6; the weights after 3
 steps, experts gathered from their ranks and renamed back, to the DP-invariance tolerance of
 tests/e2e/test_invariance.py. The eval split has 7 rows, so one rank scores a filler row to keep
-every forward's all-to-all in lockstep, and the eval metrics agree too. Checkpoints (a kill -9
-resume, a resume at another ep_size, the export): tests/e2e/test_expert_checkpoint.py."""
+every forward's all-to-all in lockstep, and the eval metrics agree too. The same holds with the
+policy under ZeRO-2 and gradient checkpointing, and under ZeRO-1 with the reference cache (against
+one process with the cache). Checkpoints (a kill -9 resume, a resume at another ep_size, the
+export): tests/e2e/test_expert_checkpoint.py."""
 
 import pytest
 import torch
@@ -35,10 +37,11 @@ def moe(tmp_path_factory):
     return root, {"model": str(model), "train": str(train), "eval": str(odd)}
 
 
-def _run(moe, name, nproc, **extra):
+def _run(moe, name, nproc, ds="ds_configs/zero3.json", **extra):
     root, assets = moe
     out = root / name
-    _, result = run_trainer(assets, out, nproc=nproc, **COMMON, **{"data.eval_files": assets["eval"]}, **extra)
+    _, result = run_trainer(assets, out, nproc=nproc, ds=ds, **COMMON, **{"data.eval_files": assets["eval"]},
+                            **extra)
     dump = out / "dump"
     return out, result, torch.load(dump / "policy.pt", weights_only=True), torch.load(dump / "ref_probe.pt")
 
@@ -48,10 +51,10 @@ def single(moe):
     return _run(moe, "single", 1)
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_expert_parallel_matches_one_process(moe, single, nproc):
-    _, one, one_weights, one_probe = single
-    out, ep, ep_weights, ep_probe = _run(moe, f"ep2_world{nproc}", nproc, **{"parallel.ep_size": 2})
+def _assert_same_as(single_run, ep_run):
+    """Every step's loss, KL, aux loss and expert loads within 1e-6, the eval metrics, the reference's
+    per-row log-probs, and the weights after the steps to the DP-invariance tolerance."""
+    (_, one, one_weights, one_probe), (_, ep, ep_weights, ep_probe) = single_run, ep_run
     for a, b in zip(one["history"], ep["history"]):
         for key in ("loss", "kl", "router/aux_loss", "router/load_min", "router/load_max"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
@@ -65,9 +68,44 @@ def test_expert_parallel_matches_one_process(moe, single, nproc):
     assert set(ep_weights) == set(one_weights)
     for name in one_weights:
         torch.testing.assert_close(ep_weights[name], one_weights[name], rtol=1e-5, atol=5e-6, msg=name)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_expert_parallel_matches_one_process(moe, single, nproc):
+    one_weights = single[2]
+    ep_run = _run(moe, f"ep2_world{nproc}", nproc, **{"parallel.ep_size": 2})
+    _assert_same_as(single, ep_run)
     moved = max(float((one_weights[n] - w).abs().max()) for n, w in _initial(moe).items())
     assert moved > 1e-4  # the weights did train
-    assert ep["ref_max_change"] == 0.0
+    assert ep_run[1]["ref_max_change"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def single_cache(moe):
+    return _run(moe, "single_cache", 1, **{"ref.mode": "cache"})
+
+
+@pytest.mark.parametrize("cell", ["zero2_checkpointing", "zero1_cache"])
+def test_other_stages_cache_and_checkpointing_match_one_process(moe, single, single_cache, cell):
+    """EP2 with the policy under ZeRO-2 and non-reentrant gradient checkpointing (recompute re-runs
+    each MoE layer's all-to-alls, in the same order on both ranks) against the ZeRO-3 process above;
+    EP2 under ZeRO-1 with the reference cache (its precompute run by a temporary ZeRO-3 AutoEP engine)
+    against one process with the cache (whose KL rows have one fixed partner each, unlike online's).
+    The reference stays a ZeRO-3 inference engine whatever the policy's stage: a ZeRO-1/2 engine
+    cannot be built without an optimizer."""
+    cache = cell == "zero1_cache"
+    one_run = single_cache if cache else single
+    extra = {"ref.mode": "cache"} if cache else {"model.gradient_checkpointing": "true"}
+    ep_run = _run(moe, f"ep2_{cell}", 2, ds=f"ds_configs/zero{cell[4]}.json", **{"parallel.ep_size": 2}, **extra)
+    _assert_same_as(one_run, ep_run)
+    ep = ep_run[1]
+    assert ep["reference_loaded"] is not cache
+    if cache:
+        assert ep["precompute_seconds"] > 0  # the EP run filled its own cache
+        # the cache's fixed KL partners: another KL estimate than online's rotated ones (-0.43 against -0.33)
+        assert one_run[1]["history"][-1]["kl/raw"] != pytest.approx(single[1]["history"][-1]["kl/raw"], abs=1e-3)
+    else:
+        assert ep["ref_max_change"] == 0.0
 
 
 def _initial(moe):

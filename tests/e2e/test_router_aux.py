@@ -3,7 +3,8 @@ router starts skewed, trained for a few steps on 2 ranks under ZeRO-3 with kto.r
 and with 0. With the loss on, the logged per-expert shares spread step by step and the trained
 router spreads the same probe rows' tokens over the experts; with it off, no router metric is
 logged (the forwards ask for no router logits) and the router stays as skewed. The same steps on
-one rank with gradient accumulation give the same aux, loads and weights."""
+one rank with gradient accumulation give the same aux, loads and weights, and so do they with the
+experts split over the 2 ranks (expert parallelism)."""
 
 import json
 import os
@@ -58,11 +59,11 @@ def skewed(tmp_path_factory):
     return root, {"model": skewed_moe(root / "model"), "train": str(train)}
 
 
-def _train(skewed, coef: float, nproc: int):
+def _train(skewed, coef: float, nproc: int, **extra):
     root, assets = skewed
-    out = root / f"coef{coef}_dp{nproc}"
+    out = root / f"coef{coef}_dp{nproc}{''.join(f'_{k}{v}' for k, v in extra.items())}"
     _, result = run_trainer(assets, out, nproc=nproc, **{"kto.router_aux_coef": coef, "train.max_steps": STEPS,
-                                                         "train.global_batch_size": 8, "optim.lr": 3e-4})
+                                                         "train.global_batch_size": 8, "optim.lr": 3e-4, **extra})
     return out, result["history"], torch.load(os.path.join(out, "dump", "policy.pt"), weights_only=True)
 
 
@@ -89,6 +90,8 @@ def test_balancing_spreads_the_load_that_coefficient_zero_leaves(skewed, balance
     spread = [h["router/load_max"] - h["router/load_min"] for h in on]
     aux = [h["router/aux_loss"] for h in on]
     assert spread[0] > 0.6 and spread[-1] < spread[0] - 0.2, spread
+    least = [h["router/layer0/load_min"] for h in on]  # the least-used expert's share rises
+    assert least[-1] > least[0] + 0.05, least
     assert aux[-1] < aux[0] - 0.3, aux
     # The trained routers on the same probe rows: the balanced run's spreads, the other's does not.
     tok = AutoTokenizer.from_pretrained(assets["model"])
@@ -115,3 +118,18 @@ def test_the_balancing_loss_is_invariant_to_data_parallel_size(skewed, balanced)
         torch.testing.assert_close(one_weights[name], two_weights[name], rtol=1e-5, atol=5e-6, msg=name)
     gate = "model.layers.0.mlp.gate.weight"
     assert (one_weights[gate] - two_weights[gate]).abs().max() < 5e-6
+
+
+def test_balancing_spreads_the_load_alike_under_expert_parallelism(skewed, balanced):
+    """The balanced run with each MoE layer's 4 experts split over the 2 ranks (parallel.ep_size=2,
+    AutoEP): the same logged aux and per-expert shares every step, and the same weights, router
+    included, to the DP-invariance tolerance."""
+    _, zero3, zero3_weights = balanced
+    _, ep, ep_weights = _train(skewed, 1, 2, **{"parallel.ep_size": 2})
+    for a, b in zip(zero3, ep):
+        for key in ("loss", "router/aux_loss", "router/layer0/load_min", "router/layer0/load_max"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert ep[-1]["router/layer0/load_min"] > ep[0]["router/layer0/load_min"] + 0.05
+    assert set(ep_weights) == set(zero3_weights)
+    for name in zero3_weights:
+        torch.testing.assert_close(ep_weights[name], zero3_weights[name], rtol=1e-5, atol=5e-6, msg=name)

@@ -126,6 +126,29 @@ def test_parallel_variants_of_megakto_kto():
     assert systems.system_spec("megakto-kto")["ranks"] == 1
 
 
+def test_expert_parallel_variant_and_its_zero3_baseline(tmp_path):
+    """``--ep 2``: megakto-kto-ep2 (parallel.ep_size=2) and megakto-kto-dp2 (plain ZeRO-3) on 2 ranks
+    each, compared with each other; it refuses a dense workload; the workload's qwen3_moe is the
+    demo's family (top-2, every layer MoE, experts half as wide) with ``--experts`` experts."""
+    assert systems.parallel_variant("megakto-kto-ep2") == ("ep", 2)
+    assert systems.parallel_variant("megakto-kto-dp4") == ("dp", 4)
+    for name, kind in (("megakto-kto-ep2", "ep"), ("megakto-kto-dp2", "dp")):
+        spec = systems.system_spec(name)
+        assert (spec[kind], spec["ranks"]) == (2, 2)
+        assert {k: v for k, v in spec.items() if k not in (kind, "ranks")} == systems.SYSTEMS["megakto-kto"]
+    with pytest.raises(SystemExit):
+        bench.main(["--ep", "2", "--systems", ""])  # a Llama has no experts
+    args = bench.argparse.Namespace(family="qwen3_moe", hidden=32, layers=2, heads=4, kv_heads=None, head_dim=None,
+                                    intermediate=96, experts=6)
+    _, shape = workload.write_model(tmp_path, vocab_size=100, seed=0, longest=64, **workload.model_shape(args))
+    assert {k: shape[k] for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                                  "head_dim")} == {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                                   "decoder_sparse_step": 1, "head_dim": 8}
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path).num_experts == 6
+
+
 def test_lora_variant_of_megakto_kto():
     lora = systems.system_spec("megakto-kto-lora16")
     assert (lora["lora"], lora["ranks"]) == (16, 1)
