@@ -97,9 +97,14 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
     if saved_pp != pp_size:
         raise refuse(("its weights are per-layer pipeline files" if saved_pp > 1 else "its weights are ZeRO files")
                      + f" and do not load at another parallel.pp_size, resume with parallel.pp_size={saved_pp}")
-    if saved_tp != tp_size or (saved_tp > 1 and saved is not None and saved != world_size
-                               and manifest.get("format") != UNIVERSAL):
-        raise refuse(f"{TP_UNIVERSAL_UNSUPPORTED}: resume with {with_saved}parallel.tp_size={saved_tp}")
+    if saved_tp != tp_size:
+        raise refuse(f"{TP_UNIVERSAL_UNSUPPORTED}: resume with parallel.tp_size={saved_tp}")
+    # Another data-parallel size under tensor parallelism goes through the universal form, which
+    # needs ZeRO partitions (stage 0 checkpoints of another size are untested).
+    if (saved_tp > 1 and saved is not None and saved != world_size and manifest.get("format") != UNIVERSAL
+            and not any(name.endswith("optim_states.pt") for name in manifest.get("files", {}))):
+        raise refuse(f"it holds no ZeRO partitions (ZeRO stage 0), so it has no universal conversion: resume with "
+                     f"{saved} processes")
     # Sequence parallelism: the data-parallel size is world / sp, so another sp regroups which ranks
     # hold which rows, and no universal conversion of a sequence-parallel checkpoint has been tested.
     if saved_sp != sp_size or (saved_sp > 1 and saved is not None and saved != world_size):
@@ -136,12 +141,11 @@ def _expert_layout_refused(manifest: dict, saved_ep: int, ep_size: int, moved: b
     return None
 
 
-# Measured with deepspeed 0.19.8 on megakto's AutoTP checkpoints (ZeRO-3, TP2 x DP2 on 4 ranks):
-# ds_to_universal stops while merging a replicated norm weight, so neither another data-parallel
-# size nor another TP degree can be reached through a universal checkpoint.
-TP_UNIVERSAL_UNSUPPORTED = ("another parallel.tp_size, or another number of ranks under tensor parallelism, is not "
-                            "supported (deepspeed 0.19.8's universal conversion fails on megakto's AutoTP checkpoints: "
-                            "\"Rank 0 supplied a shard of 64 elements, but the map describes 0\")")
+# A tensor-parallel checkpoint resumes at another data-parallel size through its universal form, at
+# the tp degree that wrote it (megakto.checkpoint.universal); a restore at another degree is not
+# built yet (deepspeed 0.19.8 documents its universal AutoTP load for the saving degree).
+TP_UNIVERSAL_UNSUPPORTED = ("another parallel.tp_size is not supported yet (a tensor-parallel checkpoint resumes at "
+                            "the parallel.tp_size that wrote it, on any number of data-parallel ranks)")
 
 
 def resume_layout(path: str, world_size: int, ep_size: int = 1) -> str:

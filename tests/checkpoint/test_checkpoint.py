@@ -228,8 +228,8 @@ def test_pickle_scan_refuses_foreign_globals(tmp_path):
 
 
 def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
-    """AutoTP shards are per tp rank and deepspeed 0.19.8 cannot convert them to a universal
-    checkpoint: one saved at tp_size 2 resumes only at 2 on as many ranks, and one whose manifest
+    """AutoTP shards are per tp rank: one saved at tp_size 2 resumes only at 2, on as many ranks
+    unless it holds ZeRO partitions (then through its universal form), and one whose manifest
     predates tp_size (tp 1) does not resume at 2; one line naming both layouts and the reason."""
     fake = FakeEngine()
     tp2 = checkpoint.save(fake, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
@@ -240,12 +240,21 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=4, tp_size=1)
     assert str(err.value) == (f"train.resume=auto: {tp2} was written by 4 ranks as dp 2 × tp 2 × pp 1; this run is "
-                              f"4 ranks as dp 4 × tp 1 × pp 1: {checkpoint.TP_UNIVERSAL_UNSUPPORTED}: resume with 4 "
-                              "processes and parallel.tp_size=2")
-    assert "\n" not in str(err.value) and "deepspeed 0.19.8" in str(err.value)
-    with pytest.raises(ConfigError, match=r"written by 4 ranks as dp 2 × tp 2 × pp 1; this run is 2 ranks as dp 1 × "
-                                          r"tp 2 × pp 1: another parallel.tp_size, or another number of ranks"):
-        checkpoint.resolve_resume(tp2, str(tmp_path / "a"), world_size=2, tp_size=2)  # TP2 x DP1: no universal route
+                              "4 ranks as dp 4 × tp 1 × pp 1: another parallel.tp_size is not supported yet (a "
+                              "tensor-parallel checkpoint resumes at the parallel.tp_size that wrote it, on any number "
+                              "of data-parallel ranks): resume with parallel.tp_size=2")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # TP2 x DP1, ZeRO stage 0 (FakeEngine's files): no universal route
+        checkpoint.resolve_resume(tp2, str(tmp_path / "a"), world_size=2, tp_size=2)
+    assert str(err.value) == (f"train.resume={tp2}: {tp2} was written by 4 ranks as dp 2 × tp 2 × pp 1; this run is 2 "
+                              "ranks as dp 1 × tp 2 × pp 1: it holds no ZeRO partitions (ZeRO stage 0), so it has no "
+                              "universal conversion: resume with 4 processes")
+    zero = checkpoint.save(FakeEngine(name="zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                           str(tmp_path / "z" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32", tp_size=2)
+    _manifest_with(zero, world_size=4)
+    for world in (2, 4, 8):  # TP2 x DP1, DP2 (as saved), DP4: through the universal form but at its own size
+        assert checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=world, tp_size=2) == zero
+        assert checkpoint.resume_layout(zero, world) == ("same" if world == 4 else "convert")
     _, old = _save(tmp_path / "b" / "checkpoints", 2)
     manifest_path = os.path.join(old, "complete")
     manifest = json.loads(open(manifest_path).read())
