@@ -165,7 +165,7 @@ def check_steps(history: Sequence[Mapping[str, float]], t: HealthThresholds, *, 
                 f"loss stayed at {losses[-1]:.4f}: the sigmoids of eq. (7) are saturated and no signal reaches "
                 "the weights; lower optim.lr or kto.beta")))
     if kl_checks and step >= t.warmup_steps and run.steps >= t.warmup_steps and run.steps and run.kl_all_zero:
-        # run.steps: what this process saw (a resumed run's history starts at the resume)
+        # run.steps: the steps the summary saw (a resume from a checkpoint without them starts at the resume)
         out.append(Finding("kl_zero", (
             f"the KL estimate has been 0 (clamped) for all {step} steps: the policy gives the mismatched "
             "completions (other prompts' answers) less probability than the reference, so z_ref = 0 and KTO "
@@ -239,3 +239,21 @@ class HealthMonitor:
 
     def evaluated(self, eval_history: Sequence[tuple[int, Mapping[str, float]]]) -> list[str]:
         return self._due(check_eval(eval_history, self.t), eval_history[-1][0]) if eval_history else []
+
+    def state_dict(self) -> dict:
+        """The window, the run's summary and the report times, as plain types (the trainer state):
+        a resumed run judges its trends over the steps before the resume too."""
+        s = self.summary
+        return {"history": [dict(m) for m in self.history], "last": dict(self._last),
+                "summary": {"steps": s.steps, "peak_grad_norm": s.peak_grad_norm, "norms": list(s.norms),
+                            "kl_all_zero": s.kl_all_zero}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; a smaller ``health.window`` now keeps the newest steps."""
+        self.history.clear()
+        self.history.extend(dict(m) for m in state["history"])
+        s = state["summary"]
+        self.summary = RunSummary(self.t.window, steps=int(s["steps"]), peak_grad_norm=float(s["peak_grad_norm"]),
+                                  kl_all_zero=bool(s["kl_all_zero"]))
+        self.summary.norms.extend(float(n) for n in s["norms"])
+        self._last = {k: int(v) for k, v in state["last"].items()}

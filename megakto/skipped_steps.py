@@ -56,3 +56,12 @@ class SkippedSteps:
             return (f"warning: step {step} skipped, weights not updated: {reason}. Likely causes: a learning "
                     f"rate or kto.beta too large{settings}, rows with extreme log-probs, or non-finite weights; {stop}")
         return None
+
+    def state_dict(self) -> dict:
+        """The counts a resume continues from (plain types, for the trainer state)."""
+        return {"total": self.total, "consecutive": self.consecutive, "first_of_run": self.first_of_run}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the counts of :meth:`state_dict`; the limit and hint stay this run's."""
+        self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
+        self.first_of_run = None if state["first_of_run"] is None else int(state["first_of_run"])

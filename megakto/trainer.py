@@ -144,8 +144,15 @@ class KTOTrainer:
         self.health = (HealthMonitor(HealthThresholds(**dataclasses.asdict(cfg.health)), grad_clip=cfg.optim.grad_clip,
                                      kl_checks=self.use_kl, router_aux_coef=cfg.kto.router_aux_coef)
                        if cfg.train.health_checks else None)
-        # Once it exists: engine, RNG states and eval history from the checkpoint (step 0: a fresh start).
-        self.step, self.eval_history = self.checkpoints.resume(self.policy)
+        # Skipped steps (non-finite loss, KL or gradient norm) are counted; too many in a row stop
+        # the run before anything is saved, so the last checkpoint stays the last good state.
+        self.skips = SkippedSteps(cfg.train.max_skipped_steps,
+                                  hint=f"optim.lr={cfg.optim.lr:g}, kto.beta={cfg.kto.beta:g}")
+        # What a resume continues besides the engine: the skipped-step counts and the health windows.
+        self.carried = {"skipped_steps": self.skips, **({"health": self.health} if self.health else {})}
+        # Once it exists: engine, RNG states, eval history and the carried counts from the checkpoint
+        # (step 0: a fresh start).
+        self.step, self.eval_history = self.checkpoints.resume(self.policy, carried=self.carried)
         self.phases.done("resume")
         if comm.is_main():
             os.makedirs(cfg.output_dir, exist_ok=True)
@@ -228,9 +235,7 @@ class KTOTrainer:
     def train(self) -> list[StepResult]:
         cfg = self.cfg
         history = []
-        # Skipped steps (non-finite loss, KL or gradient norm) are counted; too many in a row stop
-        # the run before anything is saved, so the last checkpoint stays the last good state.
-        skips = SkippedSteps(cfg.train.max_skipped_steps, hint=f"optim.lr={cfg.optim.lr:g}, kto.beta={cfg.kto.beta:g}")
+        skips = self.skips
         save_due = False
         self.log.info(f"training {cfg.train.max_steps} steps: {self.dims.describe()}")
         self.clock.start()
@@ -301,7 +306,7 @@ class KTOTrainer:
 
     def _save_checkpoint(self) -> None:
         self.checkpoints.save(self.policy, self.step, sampler=self.sampler, eval_history=self.eval_history,
-                              tokenizer=self.tokenizer)
+                              tokenizer=self.tokenizer, carried=self.carried)
 
     def evaluate(self) -> dict[str, float]:
         kto = self.cfg.kto

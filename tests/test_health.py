@@ -133,16 +133,23 @@ def test_thresholds_come_from_the_config(field):
     assert getattr(HealthThresholds(**asdict(Config().health)), field) == getattr(HealthThresholds(), field)
 
 
-def test_the_monitor_keeps_constant_memory_and_finds_what_the_whole_history_shows():
-    """The monitor holds the last window of steps and a RunSummary, not the run: its findings at
-    every step equal check_steps over the whole history (collapse, zero KL, a spike)."""
-    t = HealthThresholds(window=10, warmup_steps=20, every_steps=1)
+def _collapsing():
+    """40 steps with the KL clamped at 0 throughout, a gradient spike at step 13 (the run's peak, which
+    the collapse is then measured against) and from step 26 a collapsed gradient and falling rewards."""
     history = healthy(40)
     for i, m in enumerate(history):
         m["kl"] = 0.0
         if i >= 25:
             m.update({"grad_norm": 1e-5, "loss": 0.5, "rewards/chosen": -0.5 * i, "rewards/rejected": -0.5 * i})
-    history[12]["grad_norm"] = 30.0  # a spike early on: the run's peak, then the collapse is measured against it
+    history[12]["grad_norm"] = 30.0
+    return history
+
+
+def test_the_monitor_keeps_constant_memory_and_finds_what_the_whole_history_shows():
+    """The monitor holds the last window of steps and a RunSummary, not the run: its findings at
+    every step equal check_steps over the whole history (collapse, zero KL, a spike)."""
+    t = HealthThresholds(window=10, warmup_steps=20, every_steps=1)
+    history = _collapsing()
     history[5] = {"loss": float("nan"), "kl": 0.0}  # a skipped step
     monitor = HealthMonitor(t)
     for step, m in enumerate(history, start=1):
@@ -185,3 +192,55 @@ def test_the_monitor_names_the_runs_router_coefficient():
     monitor = HealthMonitor(T, router_aux_coef=0.02)
     lines = [monitor.step(i + 1, m) for i, m in enumerate(_routed(healthy(10), [(0.0, 1.0)]))]
     assert lines[:9] == [[]] * 9 and len(lines[9]) == 1 and "(now 0.02)" in lines[9][0]
+
+
+def _resumed(monitor, t, tmp_path):
+    """A new monitor continuing from ``monitor``'s state as a checkpoint stores it (torch.save, then
+    a ``weights_only`` load)."""
+    import torch
+
+    torch.save(monitor.state_dict(), tmp_path / "health.pt")
+    out = HealthMonitor(t)
+    out.load_state_dict(torch.load(tmp_path / "health.pt", weights_only=True))
+    return out
+
+
+def test_a_resumed_monitor_reports_what_the_uninterrupted_one_does(tmp_path):
+    """Interrupted after step 40 of the rate-limit run: the resumed monitor fires at 58 and 88 like
+    the uninterrupted one (a fresh one would refill its window and fire at 49); interrupted after
+    step 17 of the whole-history run: the same lines at every later step (kl_zero from step 20, which
+    a fresh monitor would reach only 20 steps after the resume) and the same state at the end."""
+    straight, first = HealthMonitor(T), HealthMonitor(T)
+    margins = [dict(m, **{"rewards/margins": -0.1}) if step > 20 else m
+               for step, m in enumerate(healthy(100), start=1)]
+    fired = {}
+    for step, m in enumerate(margins, start=1):
+        assert straight.step(step, m) == (first if step <= 40 else fired["resumed"]).step(step, m), step
+        if step == 40:
+            fired["resumed"] = _resumed(first, T, tmp_path)
+    assert fired["resumed"].state_dict() == straight.state_dict()
+
+    t = HealthThresholds(window=10, warmup_steps=20, every_steps=1)
+    history = _collapsing()
+    straight, resumed = HealthMonitor(t), HealthMonitor(t)
+    for step, m in enumerate(history[:17], start=1):
+        straight.step(step, m), resumed.step(step, m)
+    resumed = _resumed(resumed, t, tmp_path)
+    assert resumed.summary.steps == 17 and resumed.summary.peak_grad_norm == 30.0
+    lines = []
+    for step, m in enumerate(history[17:], start=18):
+        lines.append(resumed.step(step, m))
+        assert lines[-1] == straight.step(step, m), step
+    assert any(line.startswith("the KL estimate has been 0") for line in lines[2]) and lines[1] == []
+    assert resumed.state_dict() == straight.state_dict()
+
+
+def test_a_smaller_window_keeps_the_newest_steps(tmp_path):
+    monitor = HealthMonitor(T)
+    for step, m in enumerate(healthy(12), start=1):
+        monitor.step(step, m)
+    small = HealthMonitor(HealthThresholds(window=4))
+    small.load_state_dict(monitor.state_dict())
+    assert list(small.history) == healthy(12)[-4:]
+    assert list(small.summary.norms) == [m["grad_norm"] for m in healthy(12)[-5:]]
+    assert small.summary.steps == 12

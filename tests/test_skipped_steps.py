@@ -54,3 +54,30 @@ def test_limit_one_stops_at_the_first_skip_and_zero_never_stops():
 def test_negative_limit_is_refused():
     with pytest.raises(ValueError):
         SkippedSteps(-1)
+
+
+def _through_a_checkpoint(state, tmp_path):
+    """``state`` as a resume reads it back: torch.save, then a ``weights_only`` load."""
+    import torch
+
+    torch.save(state, tmp_path / "state.pt")
+    return torch.load(tmp_path / "state.pt", weights_only=True)
+
+
+def test_the_counts_continue_across_a_resume(tmp_path):
+    """Steps 1-5 (skips at 2, 4 and 5) saved, a new counter loads them: step 6's skip is the third in
+    a row (steps 4-6) and the fourth of the run, as without the interruption."""
+    s = SkippedSteps(3)
+    for step, reason in enumerate([None, GRAD, None, GRAD, GRAD], start=1):
+        s.record(step, reason)
+    state = _through_a_checkpoint(s.state_dict(), tmp_path)
+    assert state == {"total": 3, "consecutive": 2, "first_of_run": 4}
+    resumed = SkippedSteps(3)
+    resumed.load_state_dict(state)
+    with pytest.raises(TooManySkippedSteps, match=r"^3 consecutive optimizer steps skipped \(steps 4-6, last"):
+        resumed.record(6, GRAD)
+    assert (resumed.total, resumed.consecutive) == (4, 3)
+    applied = SkippedSteps(3)
+    applied.load_state_dict({"total": 3, "consecutive": 0, "first_of_run": None})
+    assert applied.record(6, GRAD) is None  # not the run's first skip: no second warning
+    assert (applied.total, applied.consecutive, applied.first_of_run) == (4, 1, 6)

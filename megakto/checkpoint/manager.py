@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -58,19 +60,28 @@ class CheckpointManager:
                                                    log=self.log, ep=self.ep)
         return self.load_dir
 
-    def resume(self, policy) -> tuple[int, list[tuple[int, dict[str, float]]]]:
+    def resume(self, policy, *, carried: Mapping[str, Any] = MappingProxyType({})
+               ) -> tuple[int, list[tuple[int, dict[str, float]]]]:
         """Once the policy exists: engine (weights, Adam, LR schedule) and RNG states from the
-        checkpoint; the step to continue from (0: a fresh start) and the eval history."""
+        checkpoint; the step to continue from (0: a fresh start) and the eval history. ``carried``:
+        objects with ``load_state_dict`` whose saved state (:meth:`save`) they continue from; one the
+        checkpoint holds none of (saved before it was carried, or switched off then) starts afresh."""
         if self.resume_state is None:
             return 0, []
         history = restore(self.resume_state, self.resume_dir, self.load_dir, policy, self.cfg, log=self.log,
                           ep=self.ep)
+        saved = self.resume_state.get("carried", {})
+        for name, obj in carried.items():
+            if name in saved:
+                obj.load_state_dict(saved[name])
         self.saved_step = self.resume_state["step"]
         return self.resume_state["step"], history
 
-    def save(self, policy, step: int, *, sampler, eval_history, tokenizer) -> str:
+    def save(self, policy, step: int, *, sampler, eval_history, tokenizer,
+             carried: Mapping[str, Any] = MappingProxyType({})) -> str:
         """Checkpoint ``step``: the policy engine and this rank's trainer state (sampler position, RNG
-        states, vocabulary-block layout, parameter shapes, eval history), committed atomically; at
+        states, vocabulary-block layout, parameter shapes, eval history, the ``state_dict`` of each
+        ``carried`` object under its name), committed atomically; at
         the first save rank 0 also copies the run's model config and tokenizer into ``hf_base``.
         Returns the committed tag directory."""
         cfg, start = self.cfg, time.perf_counter()
@@ -81,7 +92,8 @@ class CheckpointManager:
                          lora=lora)
         state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state(),
                  "vocab_layout": vocab_layout(module), "param_shapes": held_shapes(module),
-                 "eval_history": [[s, m] for s, m in eval_history]}
+                 "eval_history": [[s, m] for s, m in eval_history],
+                 "carried": {name: obj.state_dict() for name, obj in carried.items()}}
         self.last_save = {}
         path = saving.save(policy, self.ckpt_dir, step, state, keep_last=cfg.checkpoint.keep_last, dtype=self.dtype,
                            tp_size=self.tp, pp_size=self.pp, sp_size=self.sp, ep_size=self.ep, log=self.log,

@@ -11,6 +11,7 @@ import sys
 from megakto.checkpoint.housekeeping import complete_tags
 from megakto.checkpoint.manifest import DIGEST, UNIVERSAL, checkpoints_dir, read_manifest, verify
 from megakto.distributed import comm
+from megakto.distributed.parallel import mesh_text
 from megakto.errors import ConfigError
 
 __all__ = ["TP_UNIVERSAL_UNSUPPORTED", "resolve_resume", "resume_layout", "ranks_moved"]
@@ -64,45 +65,58 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
     return path
 
 
+def _layout(world: int | None, tp: int, pp: int, sp: int, ep: int) -> str:
+    """``4 ranks as dp 2 × tp 2 × pp 1``: a world size and its degrees, the data-parallel size being
+    what the world leaves (the degrees alone when a manifest predates the world size, or its world
+    is no whole mesh)."""
+    whole = world is not None and world % (tp * pp * sp) == 0
+    mesh = mesh_text(world // (tp * pp * sp) if whole else None, tp=tp, pp=pp, sp=sp, ep=ep)
+    ranks = "an unrecorded number of ranks" if world is None else f"{world} rank{'s' if world != 1 else ''}"
+    return f"{ranks} {'as' if whole else 'at'} {mesh}"
+
+
 def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1,
                       sp_size: int = 1, ep_size: int = 1) -> None:
-    """Refuse the layout changes nothing can load: another pipeline or tensor-parallel degree, and a
-    pipeline checkpoint at another world size. Another data-parallel size is fine: see
+    """Refuse the layout changes nothing can load, in one line naming the checkpoint's layout and
+    this run's, before anything is hashed or converted: another pipeline or tensor-parallel degree,
+    and a pipeline checkpoint at another world size. Another data-parallel size is fine: see
     :func:`resume_layout`."""
     manifest = read_manifest(path)
     if not manifest:
         return  # no manifest: verify() reports that
-    saved_pp = manifest.get("pp_size", 1)  # manifests from before pipelines: pp 1
-    if saved_pp != pp_size:
-        raise ConfigError(f"train.resume={resume}: {path} was written with parallel.pp_size={saved_pp} but this run "
-                          f"has parallel.pp_size={pp_size}; "
-                          + ("its weights are per-layer pipeline files" if saved_pp > 1 else "its weights are ZeRO files")
-                          + f", resume with parallel.pp_size={saved_pp}")
-    saved_tp = manifest.get("tp_size", 1)  # manifests from before tensor parallelism: tp 1
     saved = manifest.get("world_size")
-    if saved_tp != tp_size or (saved_tp > 1 and saved is not None and saved != world_size
-                               and manifest.get("format") != UNIVERSAL):
-        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.tp_size={saved_tp} "
-                          f"but this run has {world_size} with parallel.tp_size={tp_size}; {TP_UNIVERSAL_UNSUPPORTED}: "
-                          f"resume with {saved} processes and parallel.tp_size={saved_tp}")
+    with_saved = "" if saved is None else f"{saved} processes and "  # None: a manifest from before it was recorded
+    # Manifests from before each degree was recorded: 1.
+    saved_tp, saved_pp, saved_sp, saved_ep = (manifest.get(f"{k}_size", 1) for k in ("tp", "pp", "sp", "ep"))
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"train.resume={resume}: {path} was written by "
+                           f"{_layout(saved, saved_tp, saved_pp, saved_sp, saved_ep)}; this run is "
+                           f"{_layout(world_size, tp_size, pp_size, sp_size, ep_size)}: {why}")
+
+    if saved_pp != pp_size:
+        raise refuse(("its weights are per-layer pipeline files" if saved_pp > 1 else "its weights are ZeRO files")
+                     + f" and do not load at another parallel.pp_size, resume with parallel.pp_size={saved_pp}")
+    if saved_tp != tp_size:
+        raise refuse(f"{TP_UNIVERSAL_UNSUPPORTED}: resume with parallel.tp_size={saved_tp}")
+    # Another data-parallel size under tensor parallelism goes through the universal form, which
+    # needs ZeRO partitions (stage 0 checkpoints of another size are untested).
+    if (saved_tp > 1 and saved is not None and saved != world_size and manifest.get("format") != UNIVERSAL
+            and not any(name.endswith("optim_states.pt") for name in manifest.get("files", {}))):
+        raise refuse(f"it holds no ZeRO partitions (ZeRO stage 0), so it has no universal conversion: resume with "
+                     f"{saved} processes")
     # Sequence parallelism: the data-parallel size is world / sp, so another sp regroups which ranks
     # hold which rows, and no universal conversion of a sequence-parallel checkpoint has been tested.
-    saved_sp = manifest.get("sp_size", 1)  # manifests from before sequence parallelism: sp 1
     if saved_sp != sp_size or (saved_sp > 1 and saved is not None and saved != world_size):
-        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.sp_size={saved_sp} "
-                          f"but this run has {world_size} with parallel.sp_size={sp_size}; another sequence-parallel "
-                          f"size, or another number of ranks under sequence parallelism, is not supported: resume "
-                          f"with {saved} processes and parallel.sp_size={saved_sp}")
-    saved_ep = manifest.get("ep_size", 1)  # manifests from before expert parallelism: ep 1
+        raise refuse(f"another sequence-parallel size, or another number of ranks under sequence parallelism, is not "
+                     f"supported: resume with {with_saved}parallel.sp_size={saved_sp}")
     moved = saved_ep != ep_size or (saved_ep > 1 and saved is not None and saved != world_size)
     why = _expert_layout_refused(manifest, saved_ep, ep_size, moved)
     if why:
-        raise ConfigError(f"train.resume={resume}: {path} was written by {saved} ranks with parallel.ep_size="
-                          f"{saved_ep} but this run has {world_size} with parallel.ep_size={ep_size}; {why}")
+        raise refuse(why)
     if saved_pp > 1 and saved is not None and saved != world_size:
-        raise ConfigError(f"train.resume={resume}: {path} is a pipeline checkpoint written by {saved} ranks but this "
-                          f"run has {world_size}; DeepSpeed's universal conversion does not cover pipeline layer "
-                          f"files, resume with {saved} processes")
+        raise refuse(f"DeepSpeed's universal conversion does not cover pipeline layer files, resume with {saved} "
+                     "processes")
 
 
 def _expert_layout_refused(manifest: dict, saved_ep: int, ep_size: int, moved: bool) -> str | None:
@@ -127,12 +141,11 @@ def _expert_layout_refused(manifest: dict, saved_ep: int, ep_size: int, moved: b
     return None
 
 
-# Measured with deepspeed 0.19.8 on megakto's AutoTP checkpoints (ZeRO-3, TP2 x DP2 on 4 ranks):
-# ds_to_universal stops while merging a replicated norm weight, so neither another data-parallel
-# size nor another TP degree can be reached through a universal checkpoint.
-TP_UNIVERSAL_UNSUPPORTED = ("another parallel.tp_size, or another number of ranks under tensor parallelism, is not "
-                            "supported (deepspeed 0.19.8's universal conversion fails on megakto's AutoTP checkpoints: "
-                            "\"Rank 0 supplied a shard of 64 elements, but the map describes 0\")")
+# A tensor-parallel checkpoint resumes at another data-parallel size through its universal form, at
+# the tp degree that wrote it (megakto.checkpoint.universal); a restore at another degree is not
+# built yet (deepspeed 0.19.8 documents its universal AutoTP load for the saving degree).
+TP_UNIVERSAL_UNSUPPORTED = ("another parallel.tp_size is not supported yet (a tensor-parallel checkpoint resumes at "
+                            "the parallel.tp_size that wrote it, on any number of data-parallel ranks)")
 
 
 def resume_layout(path: str, world_size: int, ep_size: int = 1) -> str:

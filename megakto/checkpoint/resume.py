@@ -62,9 +62,11 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
             raise ConfigError(f"train.resume: {resume_dir}: {err}") from None
     if layout != "convert":
         return state, resume_dir
-    # Before converting: the checkpoint's shapes against config.json's.
+    # Before converting: the checkpoint's shapes against config.json's. Under tensor parallelism
+    # they are one tp rank's shards (whole shapes are not recorded): compared after the load
+    # (restore), at the same tp degree.
     with comm.fail_together(group=comm.world_group()):
-        if comm.is_main() and state.get("param_shapes") is not None:
+        if comm.is_main() and state.get("param_shapes") is not None and tp == 1:
             saved_ep = read_manifest(resume_dir).get("ep_size", 1)
             check_same_model(resume_dir, cfg.model.path, hf_shapes(expert_hf_shapes(state["param_shapes"], saved_ep)),
                              param_shapes(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))

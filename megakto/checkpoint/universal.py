@@ -41,9 +41,12 @@ instead: ``convert(..., expert_names="hf")`` rewrites them (megakto.checkpoint._
 and the manifest's ``"expert_names"`` says which a folder holds (a folder of the other kind is
 converted afresh). The conversion needs Adam's moments: megakto always trains with AdamW.
 
-Not covered: pipeline checkpoints (per-layer files, which ``ds_to_universal`` does not convert)
-and tensor-parallel ones (deepspeed 0.19.8's converter fails on megakto's AutoTP files, measured:
-see ``resolve.TP_UNIVERSAL_UNSUPPORTED``); megakto.checkpoint.resolve refuses both in one line.
+Tensor-parallel (AutoTP) checkpoints convert too, each tp rank's shards joined into the whole
+parameter by the affine maps AutoTP records (megakto repairs those of the parameters it leaves
+whole: megakto.distributed._deepspeed.engines), and resume at the same tp degree on another number
+of data-parallel ranks; every tp rank's trainer state is kept. Not covered: another tp degree
+(``resolve.TP_UNIVERSAL_UNSUPPORTED``) and pipeline checkpoints (per-layer files, which
+``ds_to_universal`` does not convert); megakto.checkpoint.resolve refuses both in one line.
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ import shutil
 from megakto.checkpoint._expert_universal import rename_to_hf
 from megakto.checkpoint.manifest import (HF_BASE, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX, file_digest,
                                          problem, read_manifest, state_file)
-from megakto.checkpoint.resolve import TP_UNIVERSAL_UNSUPPORTED
 from megakto.checkpoint.saving import commit
 from megakto.distributed import engine
 from megakto.errors import ModelError
@@ -127,8 +129,6 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
         raise ModelError(f"{tag_dir} is a pipeline checkpoint (parallel.pp_size={manifest['pp_size']}): DeepSpeed's "
                          "universal conversion does not cover pipeline layer files; resume it with the ranks that "
                          "wrote it")
-    if manifest.get("tp_size", 1) > 1:
-        raise ModelError(f"{tag_dir} (parallel.tp_size={manifest['tp_size']}): {TP_UNIVERSAL_UNSUPPORTED}")
     if not any(name.endswith("optim_states.pt") for name in manifest["files"]):
         raise ModelError(f"{tag_dir} holds no ZeRO partitions (ZeRO stage 0): it loads at any data-parallel size "
                          "as it is")

@@ -27,7 +27,7 @@ from typing import Any
 
 from megakto.errors import ConfigError
 
-__all__ = ["MeshGroups", "ParallelDims"]
+__all__ = ["MeshGroups", "ParallelDims", "mesh_text"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,13 @@ class MeshGroups:
     tp: Any
     pp: Any
     sp: Any = None
+
+
+def mesh_text(dp: int | None, *, tp: int = 1, pp: int = 1, sp: int = 1, ep: int = 1) -> str:
+    """``dp 2 × tp 1 × pp 1`` (``× sp N`` appended under sequence parallelism, ``(experts over ep N)``
+    under expert parallelism, whose ranks are data-parallel ranks; ``dp`` None: left out)."""
+    return (("" if dp is None else f"dp {dp} × ") + f"tp {tp} × pp {pp}" + (f" × sp {sp}" if sp > 1 else "")
+            + (f" (experts over ep {ep})" if ep > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -94,10 +101,7 @@ class ParallelDims:
             )
 
     def _mesh(self) -> str:
-        """``dp 2 × tp 1 × pp 1`` (``× sp N`` appended under sequence parallelism, ``(experts over ep N)``
-        under expert parallelism, whose ranks are data-parallel ranks)."""
-        return (f"dp {self.dp} × tp {self.tp} × pp {self.pp}" + (f" × sp {self.sp}" if self.sp > 1 else "")
-                + (f" (experts over ep {self.ep})" if self.ep > 1 else ""))
+        return mesh_text(self.dp, tp=self.tp, pp=self.pp, sp=self.sp, ep=self.ep)
 
     def describe(self) -> str:
         return (f"world {self.world_size} = {self._mesh()}; global batch "

@@ -228,31 +228,46 @@ def test_pickle_scan_refuses_foreign_globals(tmp_path):
 
 
 def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
-    """AutoTP shards are per tp rank and deepspeed 0.19.8 cannot convert them to a universal
-    checkpoint: one saved at tp_size 2 resumes only at 2 on as many ranks, and one whose manifest
-    predates tp_size (tp 1) does not resume at 2; one line with both layouts and the reason."""
+    """AutoTP shards are per tp rank: one saved at tp_size 2 resumes only at 2, on as many ranks
+    unless it holds ZeRO partitions (then through its universal form), and one whose manifest
+    predates tp_size (tp 1) does not resume at 2; one line naming both layouts and the reason."""
     fake = FakeEngine()
     tp2 = checkpoint.save(fake, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
                           tp_size=2)
     assert json.loads((tmp_path / "a" / "checkpoints" / "step-00000004" / "complete").read_text())["tp_size"] == 2
     assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, tp_size=2) == tp2
+    _manifest_with(tp2, world_size=4)  # as TP2 x DP2 writes it
     with pytest.raises(ConfigError) as err:
-        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, tp_size=1)
-    assert str(err.value) == (f"train.resume=auto: {tp2} was written by 1 ranks with parallel.tp_size=2 but this run "
-                              f"has 1 with parallel.tp_size=1; {checkpoint.TP_UNIVERSAL_UNSUPPORTED}: resume with 1 "
-                              "processes and parallel.tp_size=2")
-    assert "\n" not in str(err.value) and "deepspeed 0.19.8" in str(err.value)
-    with pytest.raises(ConfigError, match=r"written by 1 ranks with parallel.tp_size=2 but this run has 2 with "
-                                          r"parallel.tp_size=2; another parallel.tp_size, or another number of ranks"):
-        checkpoint.resolve_resume(tp2, str(tmp_path / "a"), world_size=2, tp_size=2)  # TP2 x DP2: no universal route
+        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=4, tp_size=1)
+    assert str(err.value) == (f"train.resume=auto: {tp2} was written by 4 ranks as dp 2 × tp 2 × pp 1; this run is "
+                              "4 ranks as dp 4 × tp 1 × pp 1: another parallel.tp_size is not supported yet (a "
+                              "tensor-parallel checkpoint resumes at the parallel.tp_size that wrote it, on any number "
+                              "of data-parallel ranks): resume with parallel.tp_size=2")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # TP2 x DP1, ZeRO stage 0 (FakeEngine's files): no universal route
+        checkpoint.resolve_resume(tp2, str(tmp_path / "a"), world_size=2, tp_size=2)
+    assert str(err.value) == (f"train.resume={tp2}: {tp2} was written by 4 ranks as dp 2 × tp 2 × pp 1; this run is 2 "
+                              "ranks as dp 1 × tp 2 × pp 1: it holds no ZeRO partitions (ZeRO stage 0), so it has no "
+                              "universal conversion: resume with 4 processes")
+    zero = checkpoint.save(FakeEngine(name="zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                           str(tmp_path / "z" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32", tp_size=2)
+    _manifest_with(zero, world_size=4)
+    for world in (2, 4, 8):  # TP2 x DP1, DP2 (as saved), DP4: through the universal form but at its own size
+        assert checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=world, tp_size=2) == zero
+        assert checkpoint.resume_layout(zero, world) == ("same" if world == 4 else "convert")
     _, old = _save(tmp_path / "b" / "checkpoints", 2)
     manifest_path = os.path.join(old, "complete")
     manifest = json.loads(open(manifest_path).read())
     del manifest["tp_size"]  # written before tensor parallelism existed
     open(manifest_path, "w").write(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=r"written by 1 ranks with parallel.tp_size=1 but this run has 1 with "
-                                          r"parallel.tp_size=2"):
-        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, tp_size=2)
+    with pytest.raises(ConfigError, match=r"written by 1 rank as dp 1 × tp 1 × pp 1; this run is 2 ranks as dp 1 × "
+                                          r"tp 2 × pp 1: "):
+        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=2, tp_size=2)
+    del manifest["world_size"]  # older still: the degrees alone
+    open(manifest_path, "w").write(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"written by an unrecorded number of ranks at tp 1 × pp 1; this run is 2 "
+                                          r"ranks as dp 1 × tp 2 × pp 1: .*: resume with parallel.tp_size=1$"):
+        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=2, tp_size=2)
 
 
 def test_resume_at_another_pipeline_size_is_refused(tmp_path):
@@ -263,20 +278,22 @@ def test_resume_at_another_pipeline_size_is_refused(tmp_path):
                           pp_size=2)
     assert json.loads((tmp_path / "a" / "checkpoints" / "step-00000004" / "complete").read_text())["pp_size"] == 2
     assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, pp_size=2) == pp2
+    _manifest_with(pp2, world_size=2)  # as PP2 on 2 ranks writes it
     with pytest.raises(ConfigError) as err:
-        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1)
-    assert str(err.value) == (f"train.resume=auto: {pp2} was written with parallel.pp_size=2 but this run has "
-                              "parallel.pp_size=1; its weights are per-layer pipeline files, resume with "
-                              "parallel.pp_size=2")
+        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=2)
+    assert str(err.value) == (f"train.resume=auto: {pp2} was written by 2 ranks as dp 1 × tp 1 × pp 2; this run is "
+                              "2 ranks as dp 2 × tp 1 × pp 1: its weights are per-layer pipeline files and do not "
+                              "load at another parallel.pp_size, resume with parallel.pp_size=2")
     _, old = _save(tmp_path / "b" / "checkpoints", 2)
     manifest_path = os.path.join(old, "complete")
     manifest = json.loads(open(manifest_path).read())
     del manifest["pp_size"]  # written before pipelines existed
     open(manifest_path, "w").write(json.dumps(manifest))
     with pytest.raises(ConfigError) as err:
-        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, pp_size=2)
-    assert str(err.value) == (f"train.resume={old}: {old} was written with parallel.pp_size=1 but this run has "
-                              "parallel.pp_size=2; its weights are ZeRO files, resume with parallel.pp_size=1")
+        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=2, pp_size=2)
+    assert str(err.value) == (f"train.resume={old}: {old} was written by 1 rank as dp 1 × tp 1 × pp 1; this run is "
+                              "2 ranks as dp 1 × tp 1 × pp 2: its weights are ZeRO files and do not load at another "
+                              "parallel.pp_size, resume with parallel.pp_size=1")
 
 
 def _manifest_with(path, **changes):
@@ -321,14 +338,15 @@ def test_resume_at_another_sequence_parallel_layout_is_refused(tmp_path):
                           sp_size=2)
     assert json.loads((tmp_path / "a" / "checkpoints" / "step-00000004" / "complete").read_text())["sp_size"] == 2
     assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, sp_size=2) == sp2
+    _manifest_with(sp2, world_size=2)  # as SP2 on 2 ranks writes it
     with pytest.raises(ConfigError) as err:
-        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1)
-    assert str(err.value) == (f"train.resume=auto: {sp2} was written by 1 ranks with parallel.sp_size=2 but this run "
-                              "has 1 with parallel.sp_size=1; another sequence-parallel size, or another number of "
-                              "ranks under sequence parallelism, is not supported: resume with 1 processes and "
-                              "parallel.sp_size=2")
-    with pytest.raises(ConfigError, match=r"written by 1 ranks with parallel.sp_size=2 but this run has 4 with "
-                                          r"parallel.sp_size=2"):
+        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=2)
+    assert str(err.value) == (f"train.resume=auto: {sp2} was written by 2 ranks as dp 1 × tp 1 × pp 1 × sp 2; this "
+                              "run is 2 ranks as dp 2 × tp 1 × pp 1: another sequence-parallel size, or another "
+                              "number of ranks under sequence parallelism, is not supported: resume with 2 processes "
+                              "and parallel.sp_size=2")
+    with pytest.raises(ConfigError, match=r"written by 2 ranks as dp 1 × tp 1 × pp 1 × sp 2; this run is 4 ranks as "
+                                          r"dp 2 × tp 1 × pp 1 × sp 2: "):
         checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=4, sp_size=2)
     _, old = _save(tmp_path / "b" / "checkpoints", 2)
     _manifest_with(old, sp_size=1)
@@ -336,8 +354,9 @@ def test_resume_at_another_sequence_parallel_layout_is_refused(tmp_path):
     manifest = json.loads(open(manifest_path).read())
     del manifest["sp_size"]  # written before sequence parallelism existed
     open(manifest_path, "w").write(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=r"parallel.sp_size=1 but this run has 1 with parallel.sp_size=2"):
-        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=1, sp_size=2)
+    with pytest.raises(ConfigError, match=r"written by 1 rank as dp 1 × tp 1 × pp 1; this run is 2 ranks as dp 1 × "
+                                          r"tp 1 × pp 1 × sp 2: another sequence-parallel size"):
+        checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=2, sp_size=2)
 
 
 def test_resume_at_another_expert_parallel_layout(tmp_path):
@@ -361,15 +380,17 @@ def test_resume_at_another_expert_parallel_layout(tmp_path):
     assert checkpoint.resolve_resume(zero0, str(tmp_path / "z"), world_size=1, ep_size=2) == zero0
     with pytest.raises(ConfigError) as err:
         checkpoint.resolve_resume(zero0, str(tmp_path / "z"), world_size=2, ep_size=2)
-    assert str(err.value) == (f"train.resume={zero0}: {zero0} was written by 1 ranks with parallel.ep_size=2 but this "
-                              "run has 2 with parallel.ep_size=2; it holds no ZeRO partitions (ZeRO stage 0) and so "
-                              "has no universal conversion: resume with 1 processes and parallel.ep_size=2")
+    assert str(err.value) == (f"train.resume={zero0}: {zero0} was written by 1 rank as dp 1 × tp 1 × pp 1 (experts "
+                              "over ep 2); this run is 2 ranks as dp 2 × tp 1 × pp 1 (experts over ep 2): it holds no "
+                              "ZeRO partitions (ZeRO stage 0) and so has no universal conversion: resume with 1 "
+                              "processes and parallel.ep_size=2")
 
     ep1 = checkpoint.save(FakeEngine(name=optim), str(tmp_path / "b" / "checkpoints"), 2, {"step": 2}, keep_last=2,
                           dtype="float32")
-    with pytest.raises(ConfigError, match=r"parallel.ep_size=1 but this run has 1 with parallel.ep_size=2; a "
-                                          r"checkpoint without expert parallelism does not resume under it"):
-        checkpoint.resolve_resume(ep1, str(tmp_path / "b"), world_size=1, ep_size=2)
+    with pytest.raises(ConfigError, match=r"written by 1 rank as dp 1 × tp 1 × pp 1; this run is 2 ranks as dp 2 × "
+                                          r"tp 1 × pp 1 \(experts over ep 2\): a checkpoint without expert parallelism "
+                                          r"does not resume under it"):
+        checkpoint.resolve_resume(ep1, str(tmp_path / "b"), world_size=2, ep_size=2)
 
     for names, ep in (("hf", 2), ("autoep", 1)):  # a universal form (FakeEngine's: no zero/ inside)
         form = str(tmp_path / names / "checkpoints" / "universal-step-00000004")

@@ -179,9 +179,9 @@ def test_other_world_size_of_a_pipeline_is_refused_before_any_file_is_hashed(tmp
     for resume in (path, "auto"):
         with pytest.raises(ConfigError) as err:
             checkpoint.resolve_resume(resume, str(tmp_path), world_size=4, pp_size=2)
-        assert str(err.value) == (f"train.resume={resume}: {path} is a pipeline checkpoint written by 1 ranks but "
-                                  "this run has 4; DeepSpeed's universal conversion does not cover pipeline layer "
-                                  "files, resume with 1 processes")
+        assert str(err.value) == (f"train.resume={resume}: {path} was written by 1 rank at tp 1 × pp 2; this run is "
+                                  "4 ranks as dp 2 × tp 1 × pp 2: DeepSpeed's universal conversion does not cover "
+                                  "pipeline layer files, resume with 1 processes")
     assert hashed == []
 
 

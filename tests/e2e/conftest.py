@@ -48,10 +48,11 @@ def single_long(assets, tmp_path_factory):
     return out, result
 
 
-def run_trainer(assets, out_dir, *, nproc, ds="ds_configs/zero3.json", timeout=420, **extra):
-    """Train under the launcher with tests/e2e/run_trainer.py; returns (process, result dict)."""
+def run_trainer(assets, out_dir, *, nproc, ds="ds_configs/zero3.json", timeout=420, trainer_args=(), **extra):
+    """Train under the launcher with tests/e2e/run_trainer.py (``trainer_args``: its own flags before
+    the overrides); returns (process, result dict)."""
     dump = os.path.join(out_dir, "dump")
-    proc = launch("tests/e2e/run_trainer.py", ["--deepspeed", ds, "--dump", dump,
+    proc = launch("tests/e2e/run_trainer.py", ["--deepspeed", ds, "--dump", dump, *trainer_args,
                                                *base_overrides(assets, out_dir, **extra)],
                   nproc=nproc, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

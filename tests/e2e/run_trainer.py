@@ -5,7 +5,9 @@ reference stayed frozen and apart from the policy.
 For the crash tests, a run that never reaches the end leaves a trace too: every rank writes its
 pid to ``DUMP/pid_rank{r}`` at start, rank 0 appends each step's metrics and rows to
 ``DUMP/steps.jsonl`` as it goes, and ``--hang-before-step N`` makes every rank write
-``DUMP/hanging_rank{r}`` and sleep when step N is about to start (the test then kills one)."""
+``DUMP/hanging_rank{r}`` and sleep when step N is about to start (the test then kills one).
+``--count-as-skipped 3,5`` reports those steps as skipped to the trainer's counter (their update
+is applied all the same), so a resume has a skipped-step count to carry."""
 
 import argparse
 import json
@@ -35,9 +37,9 @@ def _storages(module):
 class _TracedTrainer(KTOTrainer):
     """Writes each step to steps.jsonl as soon as it is done; can stop before a given step."""
 
-    def __init__(self, *args, dump: str, hang_before_step: int | None, **kwargs):
+    def __init__(self, *args, dump: str, hang_before_step: int | None, count_as_skipped=(), **kwargs):
         super().__init__(*args, **kwargs)
-        self._dump, self._hang = dump, hang_before_step
+        self._dump, self._hang, self._count_as_skipped = dump, hang_before_step, set(count_as_skipped)
         micro_batches = self.step_fn.micro_batches
 
         def traced(plan):  # this rank's micro-batches of each step, as the step takes them
@@ -53,6 +55,8 @@ class _TracedTrainer(KTOTrainer):
             open(os.path.join(self._dump, f"hanging_rank{comm.rank()}"), "w").close()
             time.sleep(3600)
         result = super().train_step(indices)
+        if result.step + 1 in self._count_as_skipped:
+            result.skipped = "counted as skipped by tests/e2e/run_trainer.py (the update was applied)"
         with open(os.path.join(self._dump, f"metrics_rank{comm.rank()}.jsonl"), "a") as f:
             f.write(json.dumps(result.metrics) + "\n")
         if comm.is_main():
@@ -68,6 +72,7 @@ def main():
     parser.add_argument("--dump", required=True)
     parser.add_argument("--local_rank", type=int)
     parser.add_argument("--hang-before-step", type=int)
+    parser.add_argument("--count-as-skipped", default="")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     os.makedirs(args.dump, exist_ok=True)
@@ -75,7 +80,8 @@ def main():
         f.write(str(os.getpid()))
     cfg = load_config(None, args.overrides)
     engine.configure_cpu_threads()
-    trainer = _TracedTrainer(cfg, args.deepspeed, dump=args.dump, hang_before_step=args.hang_before_step)
+    trainer = _TracedTrainer(cfg, args.deepspeed, dump=args.dump, hang_before_step=args.hang_before_step,
+                           count_as_skipped=[int(s) for s in args.count_as_skipped.split(",") if s])
     ref_engine = getattr(trainer.reference, "engine", None)  # None: cached reference or sft
     tp_group = trainer.dims.tp_group  # None without tensor parallelism
     piped = trainer.dims.pp > 1  # pipelines: the tests read the weights from the final checkpoint
@@ -113,7 +119,9 @@ def main():
                        "reference_loaded": ref_engine is not None,
                        "optimizer": type(trainer.policy.optimizer).__name__,
                        "grad_accum_dtype": str(trainer.policy.get_data_types()[1]).removeprefix("torch."),
-                       "precompute_seconds": trainer.precompute_seconds}, f)
+                       "precompute_seconds": trainer.precompute_seconds,
+                       "skipped_steps": trainer.skips.state_dict(),
+                       "health": trainer.health.state_dict() if trainer.health else None}, f)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ warm-up so the LR schedule must round-trip too):
 Steps 5-8 must give the reference's losses exactly, the rows consumed (1-4 from A, 5-6 from B,
 7-8 from C) must be the reference's, and the final weights must be bitwise equal, and so must the
 loss curve TensorBoard shows. The reference run also exports its final checkpoint
-(train.export_hf) and keeps the newest two checkpoints.
+(train.export_hf) and keeps the newest two checkpoints. Both report steps 3 and 5 as skipped
+(run_trainer.py --count-as-skipped), so the skipped-step count and the health monitor's window C
+ends with must be the reference's: carried through two resumes, not restarted.
 
 ZeRO-1 and ZeRO-2 (whose optimizer files pickle another DeepSpeed class) get a shorter pair: a
 4-step run crashes inside its final save, the next resumes at step 2, finishes, and exports.
@@ -42,12 +44,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 # resume, zero_to_fp32 and the HF export all go through the per-block parameter names.
 COMMON = {"train.max_steps": 8, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
           "optim.schedule": "cosine", "optim.warmup_steps": 2, "model.vocab_block_rows": 200}
+SKIPPED = "3,5"  # odd steps: no save is due at them, so the checkpoints stay at steps 2, 4, 6 and 8
 
 
-def _start(assets, out, dump, *, env=None, hang_before_step=None, ds="ds_configs/zero3.json", **extra):
+def _start(assets, out, dump, *, env=None, hang_before_step=None, ds="ds_configs/zero3.json", count_as_skipped="",
+           **extra):
     """Like tests.launcher.launch, but returns the running launcher (output to DUMP/launcher.log)."""
     os.makedirs(dump, exist_ok=True)
-    args = ["--deepspeed", ds, "--dump", dump]
+    args = ["--deepspeed", ds, "--dump", dump, "--count-as-skipped", count_as_skipped]
     if hang_before_step:
         args += ["--hang-before-step", str(hang_before_step)]
     cmd = launcher_command(os.path.join(REPO, "tests/e2e/run_trainer.py"),
@@ -101,7 +105,8 @@ def _latest(out):
 @pytest.fixture(scope="module")
 def straight(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    _, result = run_trainer(assets, out, nproc=2, **COMMON, **{"train.export_hf": "true"})
+    _, result = run_trainer(assets, out, nproc=2, trainer_args=["--count-as-skipped", SKIPPED], **COMMON,
+                            **{"train.export_hf": "true"})
     return out, result
 
 
@@ -111,12 +116,13 @@ def interrupted(assets, tmp_path_factory):
     seen = {}
 
     # A: crash inside the step-6 save.
-    proc = _start(assets, out, out / "dumpA", env={"MEGAKTO_FAULT_EXIT_IN_SAVE": "6"})
+    proc = _start(assets, out, out / "dumpA", env={"MEGAKTO_FAULT_EXIT_IN_SAVE": "6"}, count_as_skipped=SKIPPED)
     assert proc.wait(timeout=300) != 0, _log(out / "dumpA")
     seen["after_A"] = sorted(os.listdir(out / "checkpoints")), _latest(out)
 
     # B: resume, then SIGKILL rank 1 while both ranks wait to start step 7.
-    proc = _start(assets, out, out / "dumpB", hang_before_step=7, **{"train.resume": "auto"})
+    proc = _start(assets, out, out / "dumpB", hang_before_step=7, count_as_skipped=SKIPPED,
+                  **{"train.resume": "auto"})
     deadline = time.time() + 300
     while not all(os.path.exists(out / "dumpB" / f"hanging_rank{r}") for r in (0, 1)):
         assert proc.poll() is None and time.time() < deadline, _log(out / "dumpB")
@@ -126,7 +132,7 @@ def interrupted(assets, tmp_path_factory):
     assert proc.wait(timeout=120) != 0, _log(out / "dumpB")
 
     # C: resume and finish.
-    proc = _start(assets, out, out / "dumpC", **{"train.resume": "auto"})
+    proc = _start(assets, out, out / "dumpC", count_as_skipped=SKIPPED, **{"train.resume": "auto"})
     assert proc.wait(timeout=300) == 0, _log(out / "dumpC")
     with open(out / "dumpC" / "result.json") as f:
         result = json.load(f)
@@ -172,6 +178,29 @@ def test_resumed_losses_rows_and_weights_equal_straight_run(straight, interrupte
     assert set(ref) == set(got)
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
+
+
+def test_skipped_steps_and_health_window_continue_across_resumes(straight, interrupted):
+    """C (resumed at step 6, after A's skip at step 3 and B's at step 5) ends with the reference's
+    skipped-step count (2, not the 0 of a restarted counter) and the reference's health window: all
+    8 steps' metrics (not only C's 7-8), its run summary and report times."""
+    ref, got = straight[1], interrupted[2]
+    assert ref["skipped_steps"] == got["skipped_steps"] == {"total": 2, "consecutive": 0, "first_of_run": None}
+    assert [h["train/skipped_steps"] for h in ref["history"]] == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert [h["train/skipped_steps"] for h in got["history"]] == [2, 2]  # C's steps 7-8
+    ref_health, got_health = ref["health"], got["health"]
+    assert len(ref_health["history"]) == len(got_health["history"]) == 8
+    keys = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm")
+    for step, (want, have) in enumerate(zip(ref_health["history"], got_health["history"]), start=1):
+        for key in keys:
+            assert have[key] == pytest.approx(want[key], abs=1e-7, rel=0), (step, key)
+    assert got_health["history"][0]["loss"] != got_health["history"][7]["loss"]
+    want, have = ref_health["summary"], got_health["summary"]
+    assert have["steps"] == want["steps"] == 8 and have["kl_all_zero"] == want["kl_all_zero"]
+    assert want["peak_grad_norm"] > 0
+    assert have["peak_grad_norm"] == pytest.approx(want["peak_grad_norm"], abs=1e-7, rel=0)
+    assert have["norms"] == pytest.approx(want["norms"], abs=1e-7, rel=0) and len(have["norms"]) == 8
+    assert got_health["last"] == ref_health["last"]
 
 
 def test_keep_last_prunes_old_checkpoints(straight, interrupted):

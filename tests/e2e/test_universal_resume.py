@@ -9,6 +9,8 @@ then resumed to step 8
             tools/to_universal.py, which the HF export then reads as any checkpoint)
     ZeRO-1  from a 2-rank run on 1 rank (its UNIVERSAL_CHECKPOINT_INFO was written at save time;
             2 ranks, not 4, to keep the suite's time: the converter path is the same)
+    TP2     ZeRO-3 at tp 2 × dp 2 on 4 ranks, resumed at tp 2 × dp 1 on 2 (AutoTP's shards joined by
+            its affine maps; optim.eps=1e-4, so rounding is not amplified)
 
 and steps 5-8 must use the reference's rows (so steps 1-8 see 128 distinct rows of the 800) and
 give its numbers to fp32 tolerance (another data-parallel size sums in another order). A resume
@@ -35,10 +37,11 @@ RUN = {"train.max_steps": 8, "checkpoint.every_steps": 4, "checkpoint.keep_last"
 KL_ABS = 5e-6  # the KL sum over a batch of ~1 nat, in another reduction order
 
 
-def _reference(assets, tmp_path_factory, stage, nproc):
+def _reference(assets, tmp_path_factory, stage, nproc, **settings):
     out = tmp_path_factory.mktemp(f"{stage}_{nproc}ranks")
-    _, result = run_trainer(assets, out, nproc=nproc, ds=f"ds_configs/{stage}.json", **RUN)
-    return {"out": out, "result": result, "tag": str(out / "checkpoints" / "step-00000004"), "ds": stage}
+    _, result = run_trainer(assets, out, nproc=nproc, ds=f"ds_configs/{stage}.json", **RUN, **settings)
+    return {"out": out, "result": result, "tag": str(out / "checkpoints" / "step-00000004"), "ds": stage,
+            "settings": settings}
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +54,14 @@ def zero1(assets, tmp_path_factory):
     return _reference(assets, tmp_path_factory, "zero1", 2)
 
 
+@pytest.fixture(scope="module")
+def tp2(assets, tmp_path_factory):
+    return _reference(assets, tmp_path_factory, "zero3", 4, **{"parallel.tp_size": 2, "optim.eps": 1e-4})
+
+
 def _resume(assets, ref, tmp_path, nproc, resume):
     proc, result = run_trainer(assets, tmp_path, nproc=nproc, ds=f"ds_configs/{ref['ds']}.json",
-                               **{**RUN, "train.resume": resume})
+                               **{**RUN, **ref["settings"], "train.resume": resume})
     return proc.stdout + proc.stderr, result
 
 
@@ -100,6 +108,23 @@ def test_zero1_resumes_on_1_rank(assets, zero1, tmp_path):
     log, result = _resume(assets, zero1, tmp_path, 1, zero1["tag"])
     assert "(2 ranks then, 1 now)" in log
     _continues(zero1, result, tmp_path)
+
+
+def test_tp2_zero3_resumes_at_another_data_parallel_size(assets, tp2, tmp_path):
+    """TP2 × DP2 -> TP2 × DP1: converted by the trainer (ds_to_universal joins each tp rank's shards;
+    the norms AutoTP leaves whole are mapped with their real shape), then steps 5-8 are the 4-rank
+    run's; the universal folder holds both tp ranks' trainer states and the checkpoint's weights."""
+    from megakto.checkpoint import read_weights
+
+    log, result = _resume(assets, tp2, tmp_path, 2, tp2["tag"])
+    converted = tmp_path / "checkpoints" / "universal-step-00000004"
+    assert f"resumed from {tp2['tag']} at step 4 through {converted} (4 ranks then, 2 now)" in log
+    manifest = json.loads((converted / "complete").read_text())
+    assert (manifest["tp_size"], manifest["world_size"]) == (2, 4)
+    assert {"trainer_state_rank0.pt", "trainer_state_rank1.pt"} <= set(manifest["files"])
+    got, want = read_weights(str(converted)), read_weights(tp2["tag"])
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    _continues(tp2, result, tmp_path)
 
 
 def _refused(assets, tmp_path, **settings):

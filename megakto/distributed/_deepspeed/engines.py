@@ -12,6 +12,7 @@ copies of its weights.
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import deepspeed
@@ -138,9 +139,30 @@ def _mark_universal_info(policy) -> None:
     from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
-    if getattr(policy.module, UNIVERSAL_CHECKPOINT_INFO, None) is None:
+    info = getattr(policy.module, UNIVERSAL_CHECKPOINT_INFO, None)
+    if info is None:
         setattr(policy.module, UNIVERSAL_CHECKPOINT_INFO,
                 {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    else:
+        _fix_replicated_maps(policy.module, info)
+
+
+def _fix_replicated_maps(module: torch.nn.Module, info: dict) -> None:
+    """AutoTP's universal info (deepspeed 0.19.8, ``collect_autotp_universal_checkpoint_info``) maps
+    each parameter it left whole (norms, a replicated embedding) as one piece every tensor-parallel
+    rank holds, of ``param.shape``: under ZeRO-3 (megakto builds the policy under ``zero.Init``) that
+    is the empty placeholder, so the map says 0 elements and ``ds_to_universal`` stops ("Rank 0
+    supplied a shard of 64 elements, but the map describes 0"). Rebuilt here from the whole shape."""
+    from deepspeed.checkpoint.affine import replicated_map
+    from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS, TP_REPLICATED_PARAMETER_PATTERNS
+
+    maps = (info.get(AFFINE_MAP) or {}).get(AFFINE_MAP_PARAMS) or {}
+    replicated = set(info.get(TP_REPLICATED_PARAMETER_PATTERNS, ()))
+    for name, param in module.named_parameters():
+        pattern, shape = rf"^{re.escape(name)}$", list(getattr(param, "ds_shape", param.shape))
+        saved = maps.get(pattern)
+        if pattern in replicated and saved is not None and list(saved["logical_shape"]) != shape:
+            maps[pattern] = replicated_map(tuple(shape), len(saved["ranks"])).to_dict()
 
 
 def build_reference_engine(model: torch.nn.Module, ds_config: dict):
