@@ -14,13 +14,14 @@ all-reduce; the trainer logs it as ``memory/peak_gib`` and ``memory/peak_gib_min
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 
 from megakto.distributed import comm
 
-__all__ = ["PeakMemory", "RunPeak", "reduce_peaks", "GIB"]
+__all__ = ["PeakMemory", "RunPeak", "reduce_peaks", "GIB", "heap_figures", "glibc_heap"]
 
 GIB = 1024 ** 3
 
@@ -35,6 +36,33 @@ def _status_bytes(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def glibc_heap(info) -> dict[str, int]:
+    """glibc's ``mallinfo2`` (summed over its arenas) as bytes: ``heap_used`` (allocated blocks in
+    the arenas), ``heap_free`` (freed blocks the arenas keep: resident until reused or trimmed, the
+    retained memory that RSS counts and torch no longer does) and ``mmapped`` (blocks above the
+    mmap threshold, each returned to the OS when freed). Pure: ``info`` is any object with the
+    struct's fields."""
+    return {"heap_used": int(info.uordblks), "heap_free": int(info.fordblks), "mmapped": int(info.hblkhd)}
+
+
+def heap_figures() -> dict[str, int]:
+    """This process's resident set (``rss``) and :func:`glibc_heap` now; the glibc figures are 0
+    where there is no ``mallinfo2`` (not glibc, or glibc before 2.33)."""
+    out = {"rss": _status_bytes("VmRSS"), "heap_used": 0, "heap_free": 0, "mmapped": 0}
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return out
+    mallinfo2.restype = _Mallinfo2
+    return {**out, **glibc_heap(mallinfo2())}
 
 
 def _reset_hwm() -> bool:
