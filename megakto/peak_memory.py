@@ -4,12 +4,14 @@
   ``max_memory_reserved`` (what the caching allocator had taken from the driver), since the peak
   counters were reset just before the engines were built.
 * On CPU: the peak resident set (the kernel's VmHWM) beyond the resident set just before the
-  engines were built. The kernel's counter is reset at that point (``/proc/self/clear_refs``), so
-  tokenization and library imports before it do not count; where the reset is refused the counter
+  engines were built: live bytes plus the freed blocks glibc keeps in its heap (reported beside
+  it, :func:`heap_figures`; ``MALLOC_MMAP_THRESHOLD_`` lowers them). The kernel's counter is
+  reset at that point (``/proc/self/clear_refs``), so tokenization and library imports before it do not count; where the reset is refused the counter
   runs from process start, which can only over-state the peak (``hwm_reset`` says which).
 
 :func:`reduce_peaks` turns each rank's figure into the run's (max and min over ranks) with one
-all-reduce; the trainer logs it as ``memory/peak_gib`` and ``memory/peak_gib_min``.
+all-reduce; the trainer logs it as ``memory/peak_gib`` and ``memory/peak_gib_min``, and on CPU
+``memory/retained_gib``: the most freed heap glibc keeps on any rank at that step.
 """
 
 from __future__ import annotations
@@ -103,11 +105,14 @@ class RunPeak:
     max_bytes: int
     min_bytes: int
     max_reserved_bytes: int
+    max_retained_bytes: int = 0  # CPU: glibc's free heap now (heap_figures' heap_free), max over ranks
 
     def metrics(self, on_gpu: bool) -> dict[str, float]:
         out = {"memory/peak_gib": self.max_bytes / GIB, "memory/peak_gib_min": self.min_bytes / GIB}
         if on_gpu:
             out["memory/peak_reserved_gib"] = self.max_reserved_bytes / GIB
+        else:
+            out["memory/retained_gib"] = self.max_retained_bytes / GIB
         return out
 
     def describe(self, on_gpu: bool) -> str:
@@ -117,14 +122,18 @@ class RunPeak:
                 f"on the emptiest ({what})")
         if on_gpu:
             text += f"; reserved {self.max_reserved_bytes / GIB:.3f} GiB"
+        else:  # the resident set counts freed blocks glibc keeps; the memory plan predicts live bytes
+            text += (f"; glibc now keeps {self.max_retained_bytes / GIB:.3f} GiB of freed heap on the rank keeping the "
+                     "most (counted in RSS, not live)")
         return text
 
 
 def reduce_peaks(peak: PeakMemory, *, group: comm.ProcessGroup) -> RunPeak:
     """Max and min over ``group`` (the trainer passes every rank: ``comm.world_group()``) of every
-    rank's peak: one all-reduce of (peak, -peak, reserved) under MAX. Collective: every rank of the
-    group calls it."""
+    rank's peak, and on CPU the most glibc retains now: one all-reduce of (peak, -peak, reserved,
+    retained) under MAX. Collective: every rank of the group calls it."""
     used, reserved = peak.peak()
-    values = torch.tensor([used, -used, reserved], dtype=torch.float64)
+    retained = 0 if peak.on_gpu else heap_figures()["heap_free"]
+    values = torch.tensor([used, -used, reserved, retained], dtype=torch.float64)
     comm.all_reduce_max(values, group=group)
-    return RunPeak(int(values[0]), int(-values[1]), int(values[2]))
+    return RunPeak(int(values[0]), int(-values[1]), int(values[2]), int(values[3]))

@@ -82,10 +82,13 @@ def _install(records: list) -> None:
         setattr(owner, attr, _label(records, top, name, getattr(owner, attr)))
 
 
-def timeline(memory: list[tuple[int, int]], ranges: list[tuple[int, int, str]]) -> tuple[list[dict], dict]:
+def timeline(memory: list[tuple[int, int]], ranges: list[tuple[int, int, str]],
+             phases: frozenset = frozenset()) -> tuple[list[dict], dict]:
     """``memory``: (time, bytes ±) of every allocation and free; ``ranges``: (start, end, name) of the
-    labelled phases. Per range its live bytes at entry and exit and the most inside it; and the peak
-    (its bytes, time, and the stack of ranges holding it). Pure."""
+    labelled phases. Per range its live bytes at entry and exit and the most inside it; and the peak:
+    its bytes, time, the stack of ranges holding it, and what the innermost of them named in
+    ``phases`` (else the outermost) added by then, by block size (frees matched to allocations of
+    the same size). Pure."""
     memory = sorted(memory)
     times = [t for t, _ in memory]
     live = list(itertools.accumulate((b for _, b in memory), initial=0))  # live[i]: before event i
@@ -95,8 +98,15 @@ def timeline(memory: list[tuple[int, int]], ranges: list[tuple[int, int, str]]) 
         rows.append({"name": name, "start": start, "entry": live[i], "exit": live[j], "most": max(live[i:j + 1])})
     k = max(range(len(live)), key=live.__getitem__)
     at = times[k - 1] if k else 0
-    stack = [n for s, e, n in sorted(ranges) if s <= at <= e]
-    return rows, {"bytes": live[k], "time": at, "stack": stack}
+    holding = [(s, n) for s, e, n in sorted(ranges) if s <= at <= e]
+    named = [h for h in holding if h[1] in phases]
+    since = (named[-1] if named else holding[0])[0] if holding else times[0] if times else 0
+    net = {}
+    for t, b in memory[bisect.bisect_left(times, since):k]:
+        net[abs(b)] = net.get(abs(b), 0) + (1 if b > 0 else -1)
+    sizes = sorted(((n, c) for n, c in net.items() if c > 0), key=lambda nc: -nc[0] * nc[1])
+    return rows, {"bytes": live[k], "time": at, "stack": [n for _, n in holding],
+                  "since": (named[-1] if named else holding[0])[1] if holding else None, "sizes": sizes}
 
 
 def _rank(args, overrides: list[str]) -> int:
@@ -118,8 +128,9 @@ def _rank(args, overrides: list[str]) -> int:
     memory = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"]
     ranges = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name()[len(TAG):]) for e in events
               if e.name().startswith(TAG)]
-    rows, peak = timeline(memory, ranges)
-    tops = [r for r in rows if r["name"] in {p[2] for p in PHASES if p[3]}]
+    top = frozenset(p[2] for p in PHASES if p[3])
+    rows, peak = timeline(memory, ranges, top)
+    tops = [r for r in rows if r["name"] in top]
     for r, heap in zip(tops, records):  # both in call order (ranges of top phases never nest)
         r.update(heap)
     inner = {}
@@ -140,6 +151,10 @@ def _print(data: dict) -> None:
               f"{r.get('rss', 0) / MIB:7.0f} {r.get('heap_free', 0) / MIB:9.0f} {r.get('mmapped', 0) / MIB:8.0f}")
     print("most added inside one call, MiB: " + ", ".join(f"{k} {v / MIB:.0f}" for k, v in data["inner"].items()))
     print(f"peak {data['peak']['bytes'] / MIB:.0f} MiB live in: {' > '.join(data['peak']['stack'])}")
+    sizes = data["peak"]["sizes"]
+    print(f"held at the peak since the entry of {data['peak']['since'] or 'the run'}, "
+          f"by block size (MiB x count): " + ", ".join(f"{n / MIB:.2f} x {c}" for n, c in sizes[:12])
+          + f"; {sum(n * c for n, c in sizes[12:]) / MIB:.0f} MiB in {sum(c for _, c in sizes[12:])} smaller blocks")
 
 
 def main(argv=None) -> int:

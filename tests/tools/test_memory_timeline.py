@@ -14,4 +14,9 @@ def test_timeline_by_hand():
     assert (by["a"]["entry"], by["a"]["most"], by["a"]["exit"]) == (0, 150, 150)
     assert (by["b"]["entry"], by["b"]["most"], by["b"]["exit"]) == (150, 250, 0)
     assert (by["b.inner"]["entry"], by["b.inner"]["most"], by["b.inner"]["exit"]) == (50, 250, 250)
-    assert peak == {"bytes": 250, "time": 7, "stack": ["b", "b.inner"]}
+    # b's entry (t=4) to the peak: -100 (no allocation of that size in b: dropped) and +200.
+    assert peak == {"bytes": 250, "time": 7, "stack": ["b", "b.inner"], "since": "b", "sizes": [(200, 1)]}
+    # With "a" and "b" the phases, from the innermost of them holding the peak (b, not b.inner).
+    assert mt.timeline(memory, ranges, frozenset({"a", "b"}))[1]["since"] == "b"
+    assert mt.timeline(memory, ranges + [(0, 10, "all")], frozenset({"b"}))[1]["sizes"] == [(200, 1)]
+    assert mt.timeline(memory, ranges + [(0, 10, "all")])[1]["sizes"] == [(200, 1), (50, 1)]
