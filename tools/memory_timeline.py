@@ -11,8 +11,12 @@ reference and the policy's KL pass, each micro-batch's forward and backward, the
 inside them DeepSpeed's ZeRO-3 gathers, reduce buckets, gradient partitioning and optimizer
 sub-group steps. Each rank prints a table: bytes live (allocated by torch, from the run's start)
 at each phase's entry and exit and the most inside it, the resident set and glibc's free heap at
-its exit (``megakto.peak_memory.heap_figures``), and the phase stack at the run's peak.
-Memory figures do not depend on the machine's load; the profiler slows the run several-fold.
+its exit (``megakto.peak_memory.heap_figures``), the phase stack at the run's peak and what the
+innermost phase holding it allocated, by block size. The profiler's running sum misses some frees
+and drifts upwards over a run, so after each engine step the tool also counts the tensor storages
+the garbage collector reaches: the state between steps. Differences within a phase are the
+profiler's figures to read. Memory figures do not depend on the machine's load; the profiler
+slows the run several-fold.
 """
 
 import argparse
@@ -56,6 +60,27 @@ PHASES = [
 ]
 
 
+def _census() -> dict:
+    """Bytes of every distinct tensor storage the garbage collector can reach now, and the largest
+    sizes with their counts: a cross-check of the profiler's running sum between steps."""
+    import gc
+
+    import torch
+
+    seen = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                st = obj.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        except Exception:  # noqa: BLE001 - tensors without storage (meta, sparse, functional wrappers)
+            continue
+    sizes = {}
+    for n in seen.values():
+        sizes[n] = sizes.get(n, 0) + 1
+    return {"census": sum(seen.values()), "census_sizes": sorted(sizes.items(), key=lambda nc: -nc[0] * nc[1])[:8]}
+
+
 def _label(records: list, top: bool, name: str, fn):
     import functools
 
@@ -68,7 +93,7 @@ def _label(records: list, top: bool, name: str, fn):
         with torch.profiler.record_function(TAG + name):
             out = fn(*args, **kwargs)
         if top:
-            records.append(heap_figures())
+            records.append({**heap_figures(), **(_census() if name == "engine step" else {})})
         return out
     return wrapped
 
@@ -149,6 +174,11 @@ def _print(data: dict) -> None:
     for r in data["rows"]:
         print(f"{r['name']:32s} {r['entry'] / MIB:7.0f} {r['most'] / MIB:7.0f} {r['exit'] / MIB:7.0f} "
               f"{r.get('rss', 0) / MIB:7.0f} {r.get('heap_free', 0) / MIB:9.0f} {r.get('mmapped', 0) / MIB:8.0f}")
+    for r in data["rows"]:
+        if "census" in r:
+            print(f"after an engine step: {r['census'] / MIB:.0f} MiB in storages the garbage collector reaches "
+                  f"(profiler: {r['exit'] / MIB:.0f}); largest: "
+                  + ", ".join(f"{n / MIB:.1f} x {c}" for n, c in r["census_sizes"]))
     print("most added inside one call, MiB: " + ", ".join(f"{k} {v / MIB:.0f}" for k, v in data["inner"].items()))
     print(f"peak {data['peak']['bytes'] / MIB:.0f} MiB live in: {' > '.join(data['peak']['stack'])}")
     sizes = data["peak"]["sizes"]
