@@ -4,23 +4,26 @@
   ``max_memory_reserved`` (what the caching allocator had taken from the driver), since the peak
   counters were reset just before the engines were built.
 * On CPU: the peak resident set (the kernel's VmHWM) beyond the resident set just before the
-  engines were built. The kernel's counter is reset at that point (``/proc/self/clear_refs``), so
-  tokenization and library imports before it do not count; where the reset is refused the counter
+  engines were built: live bytes plus the freed blocks glibc keeps in its heap (reported beside
+  it, :func:`heap_figures`; ``MALLOC_MMAP_THRESHOLD_`` lowers them). The kernel's counter is
+  reset at that point (``/proc/self/clear_refs``), so tokenization and library imports before it do not count; where the reset is refused the counter
   runs from process start, which can only over-state the peak (``hwm_reset`` says which).
 
 :func:`reduce_peaks` turns each rank's figure into the run's (max and min over ranks) with one
-all-reduce; the trainer logs it as ``memory/peak_gib`` and ``memory/peak_gib_min``.
+all-reduce; the trainer logs it as ``memory/peak_gib`` and ``memory/peak_gib_min``, and on CPU
+``memory/retained_gib``: the most freed heap glibc keeps on any rank at that step.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 
 from megakto.distributed import comm
 
-__all__ = ["PeakMemory", "RunPeak", "reduce_peaks", "GIB"]
+__all__ = ["PeakMemory", "RunPeak", "reduce_peaks", "GIB", "heap_figures", "glibc_heap"]
 
 GIB = 1024 ** 3
 
@@ -35,6 +38,33 @@ def _status_bytes(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def glibc_heap(info) -> dict[str, int]:
+    """glibc's ``mallinfo2`` (summed over its arenas) as bytes: ``heap_used`` (allocated blocks in
+    the arenas), ``heap_free`` (freed blocks the arenas keep: resident until reused or trimmed, the
+    retained memory that RSS counts and torch no longer does) and ``mmapped`` (blocks above the
+    mmap threshold, each returned to the OS when freed). Pure: ``info`` is any object with the
+    struct's fields."""
+    return {"heap_used": int(info.uordblks), "heap_free": int(info.fordblks), "mmapped": int(info.hblkhd)}
+
+
+def heap_figures() -> dict[str, int]:
+    """This process's resident set (``rss``) and :func:`glibc_heap` now; the glibc figures are 0
+    where there is no ``mallinfo2`` (not glibc, or glibc before 2.33)."""
+    out = {"rss": _status_bytes("VmRSS"), "heap_used": 0, "heap_free": 0, "mmapped": 0}
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return out
+    mallinfo2.restype = _Mallinfo2
+    return {**out, **glibc_heap(mallinfo2())}
 
 
 def _reset_hwm() -> bool:
@@ -75,11 +105,14 @@ class RunPeak:
     max_bytes: int
     min_bytes: int
     max_reserved_bytes: int
+    max_retained_bytes: int = 0  # CPU: glibc's free heap now (heap_figures' heap_free), max over ranks
 
     def metrics(self, on_gpu: bool) -> dict[str, float]:
         out = {"memory/peak_gib": self.max_bytes / GIB, "memory/peak_gib_min": self.min_bytes / GIB}
         if on_gpu:
             out["memory/peak_reserved_gib"] = self.max_reserved_bytes / GIB
+        else:
+            out["memory/retained_gib"] = self.max_retained_bytes / GIB
         return out
 
     def describe(self, on_gpu: bool) -> str:
@@ -89,14 +122,18 @@ class RunPeak:
                 f"on the emptiest ({what})")
         if on_gpu:
             text += f"; reserved {self.max_reserved_bytes / GIB:.3f} GiB"
+        else:  # the resident set counts freed blocks glibc keeps; the memory plan predicts live bytes
+            text += (f"; glibc now keeps {self.max_retained_bytes / GIB:.3f} GiB of freed heap on the rank keeping the "
+                     "most (counted in RSS, not live)")
         return text
 
 
 def reduce_peaks(peak: PeakMemory, *, group: comm.ProcessGroup) -> RunPeak:
     """Max and min over ``group`` (the trainer passes every rank: ``comm.world_group()``) of every
-    rank's peak: one all-reduce of (peak, -peak, reserved) under MAX. Collective: every rank of the
-    group calls it."""
+    rank's peak, and on CPU the most glibc retains now: one all-reduce of (peak, -peak, reserved,
+    retained) under MAX. Collective: every rank of the group calls it."""
     used, reserved = peak.peak()
-    values = torch.tensor([used, -used, reserved], dtype=torch.float64)
+    retained = 0 if peak.on_gpu else heap_figures()["heap_free"]
+    values = torch.tensor([used, -used, reserved, retained], dtype=torch.float64)
     comm.all_reduce_max(values, group=group)
-    return RunPeak(int(values[0]), int(-values[1]), int(values[2]))
+    return RunPeak(int(values[0]), int(-values[1]), int(values[2]), int(values[3]))

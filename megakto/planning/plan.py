@@ -7,7 +7,8 @@ gradient buckets, a runtime floor) plus the largest of the run's phases, which n
 
 * **train**: one micro-batch's forward with grad and backward (activations, the backward's working
   layer, the chunked head's blocks, ZeRO-3's gathered parameters and their gradients);
-* **no-grad**: the reference over the target and KL rows (2·T tokens) and the policy over the KL rows;
+* **no-grad**: the reference over the target and KL rows (2·T tokens), with an online reference's
+  gathered weights and all-gather buffers, and the policy over the KL rows;
 * **step**: the optimizer step's fp32 gradient (ZeRO-1/2: the whole partition; ZeRO-3: one
   ``sub_group_size`` group), on the host under optimizer offload;
 * **precompute** (``ref.mode=cache``): the temporary reference engine and its forwards of
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from megakto.planning.activations import Tokens, logits_bytes, no_grad_pass, sequence_shard_tokens, train_pass
 from megakto.model.shape import ModelShape
 from megakto.planning.moe import all_to_all_bytes, block_gather_bytes, expert_param_split
-from megakto.planning.states import StateBytes, frozen_weights, model_states
+from megakto.planning.states import StateBytes, frozen_forward_gathers, frozen_weights, model_states
 
 __all__ = ["PlanInputs", "MemoryPlan", "plan_memory", "worst_case_tokens", "lora_params", "GIB",
            "CPU_RUNTIME_BYTES", "GPU_HEADROOM"]
@@ -194,12 +195,11 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         rows += [("reference weights" + tag, r.weights, r.host_weights) for tag, r in refs]
     # The reference engine's JSON sets only its stage (megakto.distributed.ds_config.reference_ds_config),
     # so DeepSpeed's defaults hold: without a backward to release them, the weights its forwards gather
-    # stay gathered up to stage3_max_live_parameters (measured: an online reference adds its whole
-    # gathered model on CPU, offloaded or not).
-    ref_live = (min(_ZERO_DEFAULTS["stage3_max_live_parameters"], rank_params) * w
-                if p.ref != "none" and p.pp == 1 else 0)
-    if p.ref == "online":
-        rows.append(("reference gathered (max_live_parameters)", ref_live, 0))
+    # stay gathered up to stage3_max_live_parameters, beside the flat buffers of the prefetch buckets in
+    # flight, until the forward ends (measured: released after each reference pass, offloaded or not).
+    ref_gathered, ref_buffers = (frozen_forward_gathers(
+        rank_params, weight_bytes=w, prefetch_bucket=_ZERO_DEFAULTS["stage3_prefetch_bucket_size"],
+        max_live=_ZERO_DEFAULTS["stage3_max_live_parameters"]) if p.ref != "none" and p.pp == 1 else (0, 0))
 
     buckets = 0
     largest = min(max(s.largest_layer_param() // p.tp, (p.block_rows or s.vocab // p.tp) * s.hidden), rank_params)
@@ -246,7 +246,8 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         s, sequence_shard_tokens(both, p.sp).completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens, block_rows=p.block_rows,
         grad=False)
     policy_gathers = gathers - largest * w if stage == 3 else 0
-    phases["no-grad"] = no_grad + policy_gathers + moe_gather.get("no-grad", 0)
+    ref_pass = ref_gathered + ref_buffers if p.ref == "online" else 0
+    phases["no-grad"] = no_grad + policy_gathers + moe_gather.get("no-grad", 0) + ref_pass
     # Each parameter group's trainable partition (the experts are a group of their own).
     groups = [-(-train_n // max(1, d)) for _, _, d, train_n in parts]
     if stage in (1, 2) and not off_opt and w != 4:  # the partitions' gradients cast to fp32 (a no-op in fp32)
@@ -261,7 +262,7 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
                                 + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn, sp=p.sp, ep=p.ep)
                                 + logits_bytes(s, sequence_shard_tokens(pre, p.sp).completion, w=w, tp=p.tp, logps=p.logps,
                                                chunk_tokens=p.chunk_tokens, block_rows=p.block_rows, grad=False)
-                                + ref_live)
+                                + ref_gathered)  # its buffers: not seen in the calibration's cached runs
         rows.append(("reference weights (precompute only)", 0, ref_states.host_weights if p.on_gpu else 0))
     params = {**s.components(), "total": s.total}
     details = {}
@@ -271,6 +272,9 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         details["train"] = {**train.get("moe", {}), "MoE block gather+grad (ZeRO-3)": moe_gather.get("train", 0)}
         details["no-grad"] = {"EP all-to-all buffers": all_to_all_bytes(s, sequence_shard_tokens(both, p.sp).tokens, w=w, ep=p.ep),
                               "MoE block gather (ZeRO-3)": moe_gather.get("no-grad", 0)}
+    if ref_pass:
+        details.setdefault("no-grad", {}).update({"reference gathered weights": ref_gathered,
+                                                  "reference gather buffers": ref_buffers})
     params.update({f"per rank (experts 1/{p.ep})" if p.ep > 1 else "per rank (tp/pp shard)": rank_params,
                    "trainable": trainable})
     return MemoryPlan(p, rows, persistent, phases, params, gpu_memory,

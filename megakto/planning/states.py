@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["StateBytes", "model_states", "frozen_weights"]
+__all__ = ["frozen_forward_gathers", "StateBytes", "model_states", "frozen_weights"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +125,27 @@ def frozen_weights(params: int, *, shards: int, weight_bytes: int, offload: bool
     """
     part = -(-params // max(1, shards)) * weight_bytes
     return StateBytes(host_weights=part) if offload else StateBytes(weights=part)
+
+
+def frozen_forward_gathers(params: int, *, weight_bytes: int, prefetch_bucket: int, max_live: int) -> tuple[int, int]:
+    """What a frozen ZeRO-3 engine (the reference) holds at the end of one forward, once DeepSpeed's
+    parameter trace is complete (every forward after its first): (its gathered weights, the flat
+    all-gather buffers still in flight beside them), in bytes.
+
+    Without a backward nothing releases a gathered parameter before the forward ends, so up to
+    ``max_live`` (``stage3_max_live_parameters``) of the ``params`` stay gathered. DeepSpeed 0.19.8
+    gathers a prefetch bucket into one flat buffer and then gives each parameter its own ``torch.cat``
+    copy of its slices (``AllGatherCoalescedHandle.wait``, runtime/zero/partition_parameters.py line
+    795); a bucket's buffer lives until its last parameter is waited on. Measured on the 2-core CPU
+    (a 113M-parameter fp32 Llama, 2 ranks; tools/memory_timeline.py and docs/planning.md): the pass
+    held 73, 116, 206 and 438 MiB of buffers beside the 430 MiB of weights at prefetch buckets of
+    5e6, 1e7, 2e7 and 5e7 elements: about two buckets, never more than the model, plus 35-57 MiB of
+    the pass's activations.
+
+    >>> frozen_forward_gathers(1000, weight_bytes=2, prefetch_bucket=300, max_live=10**9)  # 2·1000, 2·2·300
+    (2000, 1200)
+    >>> frozen_forward_gathers(1000, weight_bytes=2, prefetch_bucket=800, max_live=600)    # capped
+    (1200, 2000)
+    """
+    gathered = min(max_live, params) * weight_bytes
+    return gathered, min(params, 2 * prefetch_bucket) * weight_bytes
