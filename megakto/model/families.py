@@ -30,7 +30,8 @@ import torch
 
 from megakto.errors import ConfigError
 
-__all__ = ["FamilyModes", "logit_transform", "sequence_mixers", "moe_block_classes", "router_top_k", "router_aux_coef",
+__all__ = ["FamilyModes", "logit_transform", "sequence_mixers", "moe_block_classes", "EXPERT_COUNT_KEYS", "num_experts", "router_top_k",
+           "router_aux_coef",
            "router_aux_note", "resolve_family_modes"]
 
 # Config fields of models that change the logits after the output head, with their neutral value.
@@ -73,6 +74,19 @@ def moe_block_classes(model: torch.nn.Module) -> list[type]:
         if isinstance(experts, torch.nn.Module) and type(module) not in found:
             found.append(type(module))
     return found
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def num_experts(config) -> int | None:
+    """The routed experts per MoE layer of a Hugging Face config (None: not a mixture of experts)."""
+    text = config.get_text_config()
+    for key in EXPERT_COUNT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def router_top_k(model) -> int | None:

@@ -9,6 +9,7 @@ from transformers import AutoConfig
 
 from megakto.errors import ModelError
 from megakto.model.load import _meta_model
+from megakto.model.families import num_experts
 from megakto.model.lora import base_name
 from megakto.model.vocab_blocks import merge_vocab_blocks
 from megakto.model.shape import ModelShape, MoeShape
@@ -89,7 +90,7 @@ def _moe_shape(text, layers) -> MoeShape | None:
     expert_params = tuple(p.numel() for p in experts.parameters())
     dense = [b for b in layers if _experts(b) is None]
     return MoeShape(
-        experts=getattr(text, "num_experts", None) or text.num_local_experts, top_k=text.num_experts_per_tok,
+        experts=num_experts(text), top_k=text.num_experts_per_tok,
         expert_intermediate=getattr(text, "moe_intermediate_size", None) or text.intermediate_size,
         layers=len(sparse), expert_params=expert_params,
         block_params=sum(p.numel() for p in owner.parameters()) - sum(expert_params),

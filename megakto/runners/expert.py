@@ -35,27 +35,15 @@ from typing import Callable
 from megakto.distributed import comm, engine as ds_engine
 from megakto.distributed.parallel import ParallelDims
 from megakto.errors import ConfigError, MegaktoError
+from megakto.model.families import EXPERT_COUNT_KEYS, num_experts
 from megakto.runners.base import ModeSetup
 from megakto.runners.zero import ZeroMode, ZeroRunner
 
-__all__ = ["ExpertMode", "SAMPLES_OFF_EP", "check_model", "num_experts"]
+__all__ = ["ExpertMode", "SAMPLES_OFF_EP", "check_model"]
 
 SAMPLES_OFF_EP = ("eval samples: off under expert parallelism (generation runs a different number of forwards on "
                   "each rank, and every forward's all-to-all needs all of them); set train.eval_samples=0 to silence "
                   "this")
-
-_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-
-
-def num_experts(config) -> int | None:
-    """The routed experts per MoE layer of a Hugging Face config (None: not a mixture of experts)."""
-    text = config.get_text_config()
-    for key in _EXPERT_COUNT_KEYS:
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
 
 def check_model(config, dims: ParallelDims, *, key: str, path: str) -> str:
     """The model against ``parallel.ep_size``, before any weight loads: a family DeepSpeed has an
@@ -70,7 +58,7 @@ def check_model(config, dims: ParallelDims, *, key: str, path: str) -> str:
     experts = num_experts(config)
     if experts is None or experts % ep:
         raise ConfigError(f"parallel.ep_size={ep} does not divide the {experts} experts per layer of {key}={path} "
-                          f"(config.json {'/'.join(_EXPERT_COUNT_KEYS)}); use a divisor of {experts}")
+                          f"(config.json {'/'.join(EXPERT_COUNT_KEYS)}); use a divisor of {experts}")
     return preset
 
 
