@@ -62,7 +62,7 @@ from megakto.checkpoint.manager import CheckpointManager
 from megakto.checkpoint.manifest import (CHECKPOINTS, DIGEST, HF_BASE, LATEST, MANIFEST, STATE_VERSION, TMP_PREFIX,
                                          UNIVERSAL, UNIVERSAL_PREFIX, checkpoints_dir, file_digest, hash_shares,
                                          problem, read_manifest, state_file, tag_name, verify)
-from megakto.checkpoint.resolve import TP_UNIVERSAL_UNSUPPORTED, ranks_moved, resolve_resume, resume_layout
+from megakto.checkpoint.resolve import ranks_moved, resolve_resume, resume_layout
 from megakto.checkpoint.resume import load_engine, load_state
 from megakto.checkpoint.rng import derive_rng_state, rng_state, set_rng_state
 from megakto.checkpoint.saving import FAULT_ENV, commit, save
@@ -75,7 +75,7 @@ __all__ = [
     "DIGEST", "FAULT_ENV", "tag_name", "checkpoints_dir", "state_file", "read_manifest", "problem", "file_digest",
     "hash_shares", "verify", "complete_tags", "newest_complete", "prune", "remove_stale", "save", "commit",
     # resume
-    "TP_UNIVERSAL_UNSUPPORTED", "resolve_resume", "resume_layout", "ranks_moved", "load_state", "load_engine",
+    "resolve_resume", "resume_layout", "ranks_moved", "load_state", "load_engine",
     "rng_state", "set_rng_state", "derive_rng_state",
     # weights and export
     "read_weights", "is_lora_checkpoint", "resolve_checkpoint", "export_checkpoint", "check_export", "probe_batch",

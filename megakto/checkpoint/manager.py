@@ -69,7 +69,7 @@ class CheckpointManager:
         if self.resume_state is None:
             return 0, []
         history = restore(self.resume_state, self.resume_dir, self.load_dir, policy, self.cfg, log=self.log,
-                          ep=self.ep)
+                          ep=self.ep, tp=self.tp)
         saved = self.resume_state.get("carried", {})
         for name, obj in carried.items():
             if name in saved:

@@ -1,20 +1,22 @@
 """``train.resume`` -> the tag a run continues from, verified on every rank, and what loading it
-means at this run's layout: refused (another pipeline or tensor-parallel degree, a pipeline at
-another world size), loaded as it is, or converted to DeepSpeed's universal form first (ZeRO
-partitions at another data-parallel size)."""
+means at this run's layout: refused (another pipeline degree, a pipeline at another world size, a
+ZeRO stage 0 tensor-parallel checkpoint at another layout), loaded as it is, or converted to
+DeepSpeed's universal form first (ZeRO partitions at another data-parallel, tensor-parallel or
+expert-parallel size)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+from megakto.checkpoint._tp_universal import SHAPED
 from megakto.checkpoint.housekeeping import complete_tags
 from megakto.checkpoint.manifest import DIGEST, UNIVERSAL, checkpoints_dir, read_manifest, verify
 from megakto.distributed import comm
 from megakto.distributed.parallel import mesh_text
 from megakto.errors import ConfigError
 
-__all__ = ["TP_UNIVERSAL_UNSUPPORTED", "resolve_resume", "resume_layout", "ranks_moved"]
+__all__ = ["resolve_resume", "resume_layout", "ranks_moved"]
 
 
 def _warn(message: str) -> None:
@@ -29,9 +31,8 @@ def resolve_resume(resume: str, output_dir: str, *, world_size: int, tp_size: in
     auto: the newest checkpoint in output_dir/checkpoints that passes :func:`verify` (a damaged
     newer one is skipped with ``warn``), None if there is none at all. none: None. Anything else:
     a tag directory, which must pass :func:`verify`. Either way it must have been written by as
-    many ranks as this run has (DeepSpeed's ZeRO partitions are per rank), at the same
-    tensor-parallel size (AutoTP shards are per tp rank); the number of data-parallel ranks may
-    differ (see :func:`resume_layout`)."""
+    many ranks as this run has, at the same tensor-parallel size, unless it holds ZeRO partitions,
+    which convert to the universal form for another layout (see :func:`resume_layout`)."""
     resume = resume.strip()
     if resume == "none":
         return None
@@ -78,8 +79,9 @@ def _layout(world: int | None, tp: int, pp: int, sp: int, ep: int) -> str:
 def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1,
                       sp_size: int = 1, ep_size: int = 1) -> None:
     """Refuse the layout changes nothing can load, in one line naming the checkpoint's layout and
-    this run's, before anything is hashed or converted: another pipeline or tensor-parallel degree,
-    and a pipeline checkpoint at another world size. Another data-parallel size is fine: see
+    this run's, before anything is hashed or converted: another pipeline degree, a pipeline
+    checkpoint at another world size, and a tensor-parallel layout change of a checkpoint without
+    ZeRO partitions. Another data-parallel or tensor-parallel size of a ZeRO checkpoint is fine: see
     :func:`resume_layout`."""
     manifest = read_manifest(path)
     if not manifest:
@@ -97,14 +99,19 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
     if saved_pp != pp_size:
         raise refuse(("its weights are per-layer pipeline files" if saved_pp > 1 else "its weights are ZeRO files")
                      + f" and do not load at another parallel.pp_size, resume with parallel.pp_size={saved_pp}")
-    if saved_tp != tp_size:
-        raise refuse(f"{TP_UNIVERSAL_UNSUPPORTED}: resume with parallel.tp_size={saved_tp}")
-    # Another data-parallel size under tensor parallelism goes through the universal form, which
-    # needs ZeRO partitions (stage 0 checkpoints of another size are untested).
-    if (saved_tp > 1 and saved is not None and saved != world_size and manifest.get("format") != UNIVERSAL
+    # Another data-parallel or tensor-parallel size under tensor parallelism goes through the
+    # universal form (whole tensors, which AutoTP cuts again), which needs ZeRO partitions: a stage 0
+    # checkpoint's model files are one tp rank's shards each.
+    tp_moved = saved_tp != tp_size or (saved_tp > 1 and saved is not None and saved != world_size)
+    if (tp_moved and manifest.get("format") != UNIVERSAL
             and not any(name.endswith("optim_states.pt") for name in manifest.get("files", {}))):
+        keep = f"parallel.tp_size={saved_tp}" if saved_tp != tp_size else f"{saved} processes"
         raise refuse(f"it holds no ZeRO partitions (ZeRO stage 0), so it has no universal conversion: resume with "
-                     f"{saved} processes")
+                     f"{keep}")
+    if manifest.get("format") == UNIVERSAL and saved_tp == 1 and tp_size > 1 and not manifest.get(SHAPED):
+        raise refuse("its tensors were converted flat, before megakto shaped them for tensor parallelism: resume "
+                     f"from the step-* directory it was converted from ({manifest.get('source')}), which is "
+                     "converted again")
     # Sequence parallelism: the data-parallel size is world / sp, so another sp regroups which ranks
     # hold which rows, and no universal conversion of a sequence-parallel checkpoint has been tested.
     if saved_sp != sp_size or (saved_sp > 1 and saved is not None and saved != world_size):
@@ -141,32 +148,27 @@ def _expert_layout_refused(manifest: dict, saved_ep: int, ep_size: int, moved: b
     return None
 
 
-# A tensor-parallel checkpoint resumes at another data-parallel size through its universal form, at
-# the tp degree that wrote it (megakto.checkpoint.universal); a restore at another degree is not
-# built yet (deepspeed 0.19.8 documents its universal AutoTP load for the saving degree).
-TP_UNIVERSAL_UNSUPPORTED = ("another parallel.tp_size is not supported yet (a tensor-parallel checkpoint resumes at "
-                            "the parallel.tp_size that wrote it, on any number of data-parallel ranks)")
-
-
-def resume_layout(path: str, world_size: int, ep_size: int = 1) -> str:
+def resume_layout(path: str, world_size: int, ep_size: int = 1, *, tp_size: int | None = None) -> str:
     """How DeepSpeed loads the checkpoint ``path`` (past :func:`resolve_resume`) in a run of
-    ``world_size`` ranks and ``ep_size``: ``same`` (its own files: the ranks that wrote it, or ZeRO
-    stage 0, whose files are per model, not per rank), ``universal`` (it is one,
-    :mod:`megakto.checkpoint.universal`) or ``convert`` (ZeRO partitions of another data-parallel or
-    expert-parallel size: convert it first)."""
+    ``world_size`` ranks, ``ep_size`` and ``tp_size`` (None: the checkpoint's own): ``same`` (its
+    own files: the ranks that wrote it, or ZeRO stage 0, whose files are per model, not per rank),
+    ``universal`` (it is one, :mod:`megakto.checkpoint.universal`) or ``convert`` (ZeRO partitions
+    of another data-parallel, tensor-parallel or expert-parallel size: convert it first)."""
     manifest = read_manifest(path)
     if manifest.get("format") == UNIVERSAL:
         return "universal"
     zero = any(name.endswith("optim_states.pt") for name in manifest["files"])
     saved = manifest.get("world_size")
-    moved = (saved is not None and saved != world_size) or manifest.get("ep_size", 1) != ep_size
+    moved = ((saved is not None and saved != world_size) or manifest.get("ep_size", 1) != ep_size
+             or (tp_size is not None and manifest.get("tp_size", 1) != tp_size))
     return "convert" if zero and moved else "same"
 
 
-def ranks_moved(path: str, world_size: int, ep_size: int = 1) -> bool:
+def ranks_moved(path: str, world_size: int, ep_size: int = 1, *, tp_size: int | None = None) -> bool:
     """Whether this run's ranks are not the ones that wrote ``path``, so none has a trainer state
     (RNG states above all) of its own there: a universal layout (converted, or resumed directly, at
     any size), or another number of ranks (ZeRO stage 0's per-model files load as they are, but
     ``trainer_state_rank{r}.pt`` exists only for the ranks that saved)."""
     saved = read_manifest(path).get("world_size")
-    return resume_layout(path, world_size, ep_size) != "same" or (saved is not None and saved != world_size)
+    return (resume_layout(path, world_size, ep_size, tp_size=tp_size) != "same"
+            or (saved is not None and saved != world_size))

@@ -29,9 +29,10 @@ from megakto.distributed import comm, engine
 from megakto.errors import ConfigError, MegaktoError
 from megakto.model.expert_names import hf_shapes as expert_hf_shapes
 from megakto.model.meta import hf_shapes, param_shapes
+from megakto.model.tp_merge import join_shard_shapes
 from megakto.model.vocab_blocks import vocab_layout
 
-__all__ = ["held_shapes", "load_state", "load_engine", "prepare", "restore", "check_same_model"]
+__all__ = ["held_shapes", "whole_shapes", "load_state", "load_engine", "prepare", "restore", "check_same_model"]
 
 
 def held_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
@@ -45,12 +46,14 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
     sampler's position restored. ``tp``, ``ep``: this run's tensor- and expert-parallel sizes."""
     if resume_dir is None:
         return None, None
-    layout = resume_layout(resume_dir, comm.world_size(), ep)
+    saved_tp = read_manifest(resume_dir).get("tp_size", 1)
+    layout = resume_layout(resume_dir, comm.world_size(), ep, tp_size=tp)
     # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
-    # rank r takes (r % tp)'s state, and its RNG states are derived (restore).
-    moved = ranks_moved(resume_dir, comm.world_size(), ep)
+    # rank r takes (r % tp)'s state (rank 0's at another tp size), and its RNG states are derived
+    # (restore).
+    moved = ranks_moved(resume_dir, comm.world_size(), ep, tp_size=tp)
     with comm.fail_together(group=comm.world_group()):
-        state = load_state(resume_dir, universal.source_rank(comm.rank(), tp) if moved else None)
+        state = load_state(resume_dir, universal.source_rank(comm.rank(), tp, saved_tp) if moved else None)
         saved, now = state["sampler"].get("global_batch_size"), cfg.train.global_batch_size
         if saved is not None and saved != now:
             raise ConfigError(f"train.resume: {resume_dir} was trained with train.global_batch_size={saved} "
@@ -60,16 +63,14 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
             sampler.load_state_dict(state["sampler"])
         except ValueError as err:
             raise ConfigError(f"train.resume: {resume_dir}: {err}") from None
+    # Before converting (or loading a universal folder at another tp size): the checkpoint's whole
+    # shapes (its tp ranks' shards joined) against config.json's.
+    with comm.fail_together(group=comm.world_group()):
+        if comm.is_main() and state.get("param_shapes") is not None and (layout == "convert" or saved_tp != tp):
+            now = param_shapes(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+            check_same_model(resume_dir, cfg.model.path, whole_shapes(resume_dir, state, now), now)
     if layout != "convert":
         return state, resume_dir
-    # Before converting: the checkpoint's shapes against config.json's. Under tensor parallelism
-    # they are one tp rank's shards (whole shapes are not recorded): compared after the load
-    # (restore), at the same tp degree.
-    with comm.fail_together(group=comm.world_group()):
-        if comm.is_main() and state.get("param_shapes") is not None and tp == 1:
-            saved_ep = read_manifest(resume_dir).get("ep_size", 1)
-            check_same_model(resume_dir, cfg.model.path, hf_shapes(expert_hf_shapes(state["param_shapes"], saved_ep)),
-                             param_shapes(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
     target = universal.universal_dir(resume_dir, checkpoints_dir(cfg.output_dir))
     names = universal.expert_names(resume_dir, ep)
     # A large model: convert first with tools/to_universal.py.
@@ -91,10 +92,22 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
     return state, target
 
 
-def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Callable[[str], None], ep: int = 1
-            ) -> list[tuple[int, dict[str, float]]]:
+def whole_shapes(resume_dir: str, state: dict, now: dict[str, list[int]]) -> dict:
+    """The checkpoint's parameter shapes under Hugging Face names, whole: each of its tp ranks'
+    recorded shards (``state``: one rank's trainer state, ranks 0..tp-1 hold the others) joined
+    against ``now``, this run's model (:func:`megakto.model.tp_merge.join_shard_shapes`)."""
+    manifest = read_manifest(resume_dir)
+    saved_tp, saved_ep = manifest.get("tp_size", 1), manifest.get("ep_size", 1)
+    shards = [state["param_shapes"] if r == state.get("rank") else load_state(resume_dir, r).get("param_shapes") or {}
+              for r in range(saved_tp)]
+    return join_shard_shapes([hf_shapes(expert_hf_shapes(s, saved_ep)) for s in shards], now)
+
+
+def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Callable[[str], None], ep: int = 1,
+            tp: int | None = None) -> list[tuple[int, dict[str, float]]]:
     """Load ``load_dir`` into the ``policy`` engine and this rank's RNG states; the eval history.
-    ``ep``: this run's expert-parallel size."""
+    ``ep``, ``tp``: this run's expert- and tensor-parallel sizes (tp None: the checkpoint's)."""
+    saved_tp = read_manifest(resume_dir).get("tp_size", 1)
     with comm.fail_together(group=comm.world_group()):
         saved, now = state.get("vocab_layout", []), vocab_layout(policy.module)
         if saved != now:
@@ -102,7 +115,8 @@ def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Ca
                 return f"{len(sizes)} blocks of {sizes[0]} rows" if sizes else "unsplit"
             raise ConfigError(f"train.resume: {resume_dir} has its vocabulary matrices {fmt(saved)}, this "
                               f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
-        if state.get("param_shapes") is not None:
+        # At another tp size the shards differ: their whole shapes were compared before (prepare).
+        if state.get("param_shapes") is not None and tp in (None, saved_tp):
             saved, now = state["param_shapes"], held_shapes(policy.module)
             if saved != now:  # another expert-parallel size: each holds another share of the experts
                 saved_ep = read_manifest(resume_dir).get("ep_size", 1)
@@ -111,7 +125,7 @@ def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Ca
     # A file DeepSpeed cannot load: one line naming it, every rank exits 1.
     with comm.fail_together(group=comm.world_group()):
         load_engine(policy, load_dir)
-    if ranks_moved(resume_dir, comm.world_size(), ep):  # every rank alike, rank 0 too
+    if ranks_moved(resume_dir, comm.world_size(), ep, tp_size=tp):  # every rank alike, rank 0 too
         derive_rng_state(cfg.seed, state["step"], comm.rank())
     else:
         set_rng_state(state["rng"])

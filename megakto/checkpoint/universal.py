@@ -55,6 +55,7 @@ import os
 import shutil
 
 from megakto.checkpoint._expert_universal import rename_to_hf
+from megakto.checkpoint._tp_universal import SHAPED, shape_flat_tensors
 from megakto.checkpoint.manifest import (HF_BASE, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX, file_digest,
                                          problem, read_manifest, state_file)
 from megakto.checkpoint.saving import commit
@@ -75,10 +76,12 @@ def universal_dir(tag_dir: str, ckpt_dir: str | None = None) -> str:
     return os.path.join(ckpt_dir or os.path.dirname(tag_dir), PREFIX + os.path.basename(tag_dir))
 
 
-def source_rank(rank: int, tp_size: int) -> int:
-    """The saved rank whose trainer state rank ``rank`` takes at another data-parallel size: the
-    first data-parallel rank with its tensor-parallel rank (TP is innermost: rank % tp)."""
-    return rank % tp_size
+def source_rank(rank: int, tp_size: int, saved_tp: int | None = None) -> int:
+    """The saved rank whose trainer state rank ``rank`` takes at another layout: at the same
+    tensor-parallel size (``saved_tp`` None or ``tp_size``) the first data-parallel rank with its
+    tensor-parallel rank (TP is innermost: rank % tp); at another one rank 0 (what differs between
+    tp ranks, their RNG states and shard shapes, is re-derived and joined instead)."""
+    return rank % tp_size if saved_tp in (None, tp_size) else 0
 
 
 def _source_digest(tag_dir: str) -> str:
@@ -100,6 +103,8 @@ def stale(tag_dir: str, out_dir: str, names: str = "autoep") -> str | None:
     manifest = read_manifest(out_dir)
     if manifest is None or manifest.get("format") != UNIVERSAL:
         return problem(out_dir) or "not a universal checkpoint"
+    if not manifest.get(SHAPED):
+        return "converted before its ZeRO-3 tensors were shaped for another tensor-parallel size"
     if manifest.get(EXPERT_NAMES, "autoep") != names:
         return f"its experts are under {manifest.get(EXPERT_NAMES, 'autoep')} names, this run needs {names} names"
     if manifest.get("source") != os.path.abspath(tag_dir):
@@ -141,14 +146,17 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
     tp = manifest.get("tp_size", 1)
     for rank in range(tp):
         shutil.copy2(os.path.join(tag_dir, state_file(rank)), staged)
+    shapes = engine.weights_only_load(os.path.join(staged, state_file(0))).get("param_shapes") or {}
     if names == "hf":
-        rename_to_hf(staged, engine.weights_only_load(os.path.join(staged, state_file(0))).get("param_shapes") or {})
+        rename_to_hf(staged, shapes)
+    if tp == 1:  # ZeRO-3's flat files, shaped so that AutoTP cuts them at another tp size
+        shape_flat_tensors(staged, shapes)
     base, target = (os.path.join(d, HF_BASE) for d in (os.path.dirname(tag_dir), parent))
     if os.path.isdir(base) and not os.path.isdir(target):
         shutil.copytree(base, target)
     commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
            dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
            ep_size=manifest.get("ep_size", 1), extra={"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source,
-                                                     EXPERT_NAMES: names})
+                                                     EXPERT_NAMES: names, SHAPED: True})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir

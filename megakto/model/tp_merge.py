@@ -20,7 +20,7 @@ import torch
 
 from megakto.errors import ModelError
 
-__all__ = ["merge_tp_shards", "full_shapes", "tied_aliases"]
+__all__ = ["merge_tp_shards", "join_shard_shapes", "full_shapes", "tied_aliases"]
 
 
 def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], shapes: Mapping[str, Sequence[int]],
@@ -75,6 +75,42 @@ def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], shapes: Mappin
         if source in merged:
             merged[alias] = merged[source]
     return merged
+
+
+def join_shard_shapes(shards: Sequence[Mapping[str, Sequence[int]]], whole: Mapping[str, Sequence[int]]
+                      ) -> dict[str, list[int] | str]:
+    """The whole shape of every parameter from its shapes on each tp rank (``shards``, in rank
+    order), read against a model's ``whole`` shapes as :func:`merge_tp_shards` reads tensors: a
+    shard as large as the whole is replicated, shards that add up to it along one dimension (the
+    others equal) are its pieces; both give the whole shape. Anything else cannot be that model's
+    and is described as held (``"[32, 64] on each of 2 tensor-parallel ranks"``), for the error
+    that names it. One shard: its shapes as they are."""
+    if len(shards) == 1:
+        return {name: list(shape) for name, shape in shards[0].items()}
+    joined: dict[str, list[int] | str] = {}
+    for name in dict.fromkeys(n for s in shards for n in s):
+        parts = [list(s[name]) if name in s else None for s in shards]
+        want = list(whole.get(name) or [])
+        if None not in parts and all(p == want for p in parts):
+            joined[name] = want
+            continue
+        if None not in parts and want and all(len(p) == len(want) for p in parts):
+            dims = [d for d in range(len(want)) if sum(p[d] for p in parts) == want[d]
+                    and all(p[e] == want[e] for p in parts for e in range(len(want)) if e != d)]
+            if len(dims) == 1:
+                joined[name] = want
+                continue
+        # Not this model's: joined along the one dimension where the shards differ from it (the
+        # others equal), else described as held.
+        off = [d for d in range(len(want)) if any(p[d] != want[d] for p in parts)] if (
+            None not in parts and want and all(len(p) == len(want) for p in parts)) else []
+        if len(off) == 1:
+            joined[name] = [sum(p[d] for p in parts) if d == off[0] else want[d] for d in range(len(want))]
+            continue
+        held = {str(p) for p in parts if p is not None}
+        joined[name] = (f"{held.pop()} on each of {len(shards)} tensor-parallel ranks" if len(held) == 1
+                        and None not in parts else f"{parts} on the {len(shards)} tensor-parallel ranks")
+    return joined
 
 
 def full_shapes(config, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:

@@ -227,10 +227,12 @@ def test_pickle_scan_refuses_foreign_globals(tmp_path):
         checkpoint_io._weights_only_load(str(bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
 
 
-def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
-    """AutoTP shards are per tp rank: one saved at tp_size 2 resumes only at 2, on as many ranks
-    unless it holds ZeRO partitions (then through its universal form), and one whose manifest
-    predates tp_size (tp 1) does not resume at 2; one line naming both layouts and the reason."""
+def test_resume_at_another_tensor_parallel_size(tmp_path):
+    """AutoTP shards are per tp rank: a checkpoint with ZeRO partitions resumes at any tp size and
+    number of ranks through its universal form (whole tensors that the target cuts again); one
+    without (ZeRO stage 0, its model files one tp rank's shards each) only at the tp size and
+    number of ranks that wrote it, and one whose manifest predates tp_size (tp 1) is tp 1; one line
+    naming both layouts and the reason."""
     fake = FakeEngine()
     tp2 = checkpoint.save(fake, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
                           tp_size=2)
@@ -240,9 +242,8 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=4, tp_size=1)
     assert str(err.value) == (f"train.resume=auto: {tp2} was written by 4 ranks as dp 2 × tp 2 × pp 1; this run is "
-                              "4 ranks as dp 4 × tp 1 × pp 1: another parallel.tp_size is not supported yet (a "
-                              "tensor-parallel checkpoint resumes at the parallel.tp_size that wrote it, on any number "
-                              "of data-parallel ranks): resume with parallel.tp_size=2")
+                              "4 ranks as dp 4 × tp 1 × pp 1: it holds no ZeRO partitions (ZeRO stage 0), so it has "
+                              "no universal conversion: resume with parallel.tp_size=2")
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError) as err:  # TP2 x DP1, ZeRO stage 0 (FakeEngine's files): no universal route
         checkpoint.resolve_resume(tp2, str(tmp_path / "a"), world_size=2, tp_size=2)
@@ -255,6 +256,25 @@ def test_resume_at_another_tensor_parallel_size_is_refused(tmp_path):
     for world in (2, 4, 8):  # TP2 x DP1, DP2 (as saved), DP4: through the universal form but at its own size
         assert checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=world, tp_size=2) == zero
         assert checkpoint.resume_layout(zero, world) == ("same" if world == 4 else "convert")
+        assert checkpoint.resume_layout(zero, world, tp_size=2) == ("same" if world == 4 else "convert")
+    for world, tp in ((1, 1), (2, 1), (4, 1), (4, 4), (8, 4)):  # another tp size, at any number of ranks
+        assert checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=world, tp_size=tp) == zero
+        assert checkpoint.resume_layout(zero, world, tp_size=tp) == "convert"
+        assert checkpoint.ranks_moved(zero, world, tp_size=tp)
+    _manifest_with(zero, world_size=2, tp_size=1)  # ZeRO-3 DP2 -> TP2 on 2 ranks: same world, another tp
+    assert checkpoint.resume_layout(zero, 2) == "same" and checkpoint.resume_layout(zero, 2, tp_size=2) == "convert"
+    _manifest_with(zero, format=checkpoint.UNIVERSAL, tp_size=1, source="/x/step-00000004")
+    with pytest.raises(ConfigError) as err:  # converted before its flat ZeRO-3 tensors were shaped
+        checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=2, tp_size=2)
+    assert str(err.value) == (f"train.resume={zero}: {zero} was written by 2 ranks as dp 2 × tp 1 × pp 1; this run is 2 "
+                              "ranks as dp 1 × tp 2 × pp 1: its tensors were converted flat, before megakto shaped them "
+                              "for tensor parallelism: resume from the step-* directory it was converted from "
+                              "(/x/step-00000004), which is converted again")
+    assert checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=1, tp_size=1) == zero
+    _manifest_with(zero, format=checkpoint.UNIVERSAL, tp_size=2)  # a universal folder loads at any tp size
+    for world, tp in ((1, 1), (2, 2), (4, 4)):
+        assert checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=world, tp_size=tp) == zero
+        assert checkpoint.resume_layout(zero, world, tp_size=tp) == "universal"
     _, old = _save(tmp_path / "b" / "checkpoints", 2)
     manifest_path = os.path.join(old, "complete")
     manifest = json.loads(open(manifest_path).read())

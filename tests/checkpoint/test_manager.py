@@ -55,14 +55,14 @@ def _saved(tmp_path, monkeypatch, *, world_size, file=STAGE0, extra=None, **mani
 SAMPLER = SimpleNamespace(load_state_dict=lambda state: None)  # the sampler's own resume: tests/data/test_sampler.py
 
 
-def _manager(path, monkeypatch, *, rank, world_size, model_path="unused"):
+def _manager(path, monkeypatch, *, rank, world_size, model_path="unused", tp=1):
     """The CheckpointManager of a run resuming ``train.resume=path``, as rank ``rank`` of ``world_size``."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     cfg = SimpleNamespace(train=SimpleNamespace(global_batch_size=16, resume=path), seed=SEED,
                           output_dir=os.path.dirname(os.path.dirname(path)),
                           model=SimpleNamespace(path=model_path, trust_remote_code=False))
-    dims = ParallelDims(world_size=world_size, global_batch_size=16, micro_batch_size=1, rank=rank)
+    dims = ParallelDims(world_size=world_size, global_batch_size=16, micro_batch_size=1, rank=rank, tp=tp)
     manager = CheckpointManager(cfg, dims, dtype=torch.float32, log=print)
     assert manager.resume_dir == path
     return manager
@@ -117,28 +117,82 @@ class _Converting(Exception):
     pass
 
 
-def test_another_models_checkpoint_is_refused_before_converting(tmp_path, monkeypatch):
-    """A 4-rank ZeRO checkpoint resumed on 1 rank is converted first (for 32B: hundreds of GB and
-    longer than the collective timeout), so its recorded shapes are checked against model.path's
-    config.json (built on the meta device) before: another model is the one-line refusal with
-    nothing converted; the model it was trained from goes on to the conversion."""
+def _models_no_conversion(tmp_path, monkeypatch):
+    """The model a checkpoint was trained from and another (a narrower MLP), and the first's
+    shapes; the conversion replaced by raising _Converting."""
     def convert(*args, **kwargs):
         raise _Converting()
 
     monkeypatch.setattr(universal, "convert", convert)
     trained, other = (make_tiny_model(tmp_path / name, seed=0, intermediate_size=size)
                       for name, size in (("trained", 128), ("other", 96)))
-    shapes = param_shapes(str(trained))
-    path = _saved(tmp_path, monkeypatch, world_size=4, file=ZERO, extra={"param_shapes": shapes})
-    assert checkpoint.resume_layout(path, 1) == "convert"
-    with pytest.raises(MegaktoError) as err:
-        _manager(path, monkeypatch, rank=0, world_size=1, model_path=str(other)).prepare(SAMPLER)
-    assert str(err.value) == (
-        f"train.resume: {path} holds another model's weights than model.path={other} ({len(shapes)} parameters "
-        f"there, {len(shapes)} here; model.layers.0.mlp.down_proj.weight is [64, 128] there and [64, 96] here); "
-        "resume with the model it was trained from")
+    return trained, other, param_shapes(str(trained))
+
+
+def _tp2_shards(shapes):
+    """Each of 2 tp ranks' shapes of a Llama's parameters, as AutoTP cuts them: column-parallel
+    (q/k/v, gate/up, the vocabulary-parallel head) by rows, row-parallel (o, down) by columns, the
+    rest whole."""
+    def cut(name, shape):
+        if any(k in name for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")):
+            return [shape[0] // 2, *shape[1:]]
+        if "o_proj" in name or "down_proj" in name:
+            return [shape[0], shape[1] // 2]
+        return list(shape)
+
+    return {name: cut(name, shape) for name, shape in shapes.items()}
+
+
+def test_another_models_checkpoint_is_refused_before_converting(tmp_path, monkeypatch):
+    """A 4-rank ZeRO checkpoint resumed on 1 rank is converted first (for 32B: hundreds of GB and
+    longer than the collective timeout), so its recorded shapes are checked against model.path's
+    config.json (built on the meta device) before: another model is the one-line refusal with
+    nothing converted; the model it was trained from goes on to the conversion. A TP2 checkpoint (2
+    ranks) resumed at tp 1 on 1 or 2 ranks the same way: its tp ranks' recorded shards are joined
+    into whole Hugging Face shapes first."""
+    trained, other, shapes = _models_no_conversion(tmp_path, monkeypatch)
+    shards = _tp2_shards(shapes)
+    assert shards != shapes
+    zero = _saved(tmp_path / "dp4", monkeypatch, world_size=4, file=ZERO, extra={"param_shapes": shapes})
+    tp2 = _saved(tmp_path / "tp2", monkeypatch, world_size=2, file=ZERO, extra={"param_shapes": shards}, tp_size=2)
+    assert checkpoint.resume_layout(zero, 1) == checkpoint.resume_layout(tp2, 2, tp_size=1) == "convert"
+    for path, worlds in ((zero, (1,)), (tp2, (1, 2))):
+        with pytest.raises(MegaktoError) as err:
+            _manager(path, monkeypatch, rank=0, world_size=1, model_path=str(other)).prepare(SAMPLER)
+        assert str(err.value) == (
+            f"train.resume: {path} holds another model's weights than model.path={other} ({len(shapes)} parameters "
+            f"there, {len(shapes)} here; model.layers.0.mlp.down_proj.weight is [64, 128] there and [64, 96] here); "
+            "resume with the model it was trained from")
+        for world in worlds:
+            with pytest.raises(_Converting):
+                _manager(path, monkeypatch, rank=0, world_size=world, model_path=str(trained)).prepare(SAMPLER)
+    # Every rank takes saved rank 0's trainer state at another tp size.
+    assert universal.source_rank(1, 1, 2) == universal.source_rank(1, 4, 2) == 0
+    assert universal.source_rank(3, 2, 2) == universal.source_rank(3, 2) == 1
+
+
+def test_a_dp_checkpoint_resumes_under_tp_through_its_universal_form(tmp_path, monkeypatch):
+    """A ZeRO-3 DP2 checkpoint (tp 1) resumed at tp 2 on the same 2 ranks is converted (the same
+    world size, another tp size); resuming its universal folder at tp 2 compares whole shapes
+    before the load and no rank compares its shards with the saved whole tensors after it; both
+    ranks take rank 0's trainer state and derive their RNG states."""
+    trained, other, shapes = _models_no_conversion(tmp_path, monkeypatch)
+    path = _saved(tmp_path, monkeypatch, world_size=2, file=ZERO, extra={"param_shapes": shapes})
+    assert checkpoint.resume_layout(path, 2) == "same"
+    assert checkpoint.resume_layout(path, 2, tp_size=2) == "convert"
     with pytest.raises(_Converting):
-        _manager(path, monkeypatch, rank=0, world_size=1, model_path=str(trained)).prepare(SAMPLER)
+        _manager(path, monkeypatch, rank=0, world_size=2, model_path=str(trained), tp=2).prepare(SAMPLER)
+    folder = _saved(tmp_path / "u", monkeypatch, world_size=2, file=ZERO, extra={"param_shapes": shapes},
+                    format=checkpoint.UNIVERSAL, shaped=True)
+    monkeypatch.setattr(resume, "load_engine", lambda policy, tag_dir: None)
+    for rank in (0, 1):
+        manager = _manager(folder, monkeypatch, rank=rank, world_size=2, model_path=str(trained), tp=2)
+        assert manager.prepare(SAMPLER) == folder
+        policy = torch.nn.Linear(1, 1)  # shards of another shape than the saved whole tensors
+        assert manager.resume(SimpleNamespace(module=policy))[0] == STEP
+        assert manager.resume_state["rank"] == 0 and _draws() == _derived(rank)
+    with pytest.raises(MegaktoError, match=r"down_proj.weight is \[64, 128\] there and \[64, 96\] here"):
+        _manager(folder, monkeypatch, rank=0, world_size=2, model_path=str(other), tp=2).prepare(SAMPLER)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ conversion itself (``engine.to_universal``) is replaced by a fake that writes on
 file, so every other line of ``universal.convert`` runs; tests/e2e/test_universal_resume.py runs
 the real one."""
 
+import json
 import os
 
 import pytest
@@ -134,3 +135,36 @@ def test_a_schedule_saved_with_more_parameter_groups_loads_if_they_agree():
     state["base_lrs"] = [0.1, 0.2, 0.1]
     with pytest.raises(IndexError):
         _per_group_fitted(scheduler(2))(state)
+
+
+def test_flat_zero3_tensors_are_shaped_for_tensor_parallelism(tmp_path, monkeypatch):
+    """ZeRO-3 without tensor parallelism converts to flat tensors, which deepspeed 0.19.8's ZeRO-3
+    loader partitions whole over the data-parallel ranks instead of cutting this rank's AutoTP
+    shard: the conversion rewrites each as ``{"param": tensor}`` in its recorded whole shape
+    (weights and both Adam moments), leaves dicts and unrecorded names alone, and marks the folder;
+    a folder converted before that is not reused."""
+    w, m = torch.arange(6.0), torch.arange(6.0) + 10
+
+    def to_universal(tag_dir, out_dir, workers=1):
+        for name, tensor in (("a.weight", w), ("b.weight", m)):
+            os.makedirs(os.path.join(out_dir, "zero", name))
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                torch.save(tensor, os.path.join(out_dir, "zero", name, f"{key}.pt"))
+        torch.save({"param": w.view(2, 3)}, os.path.join(out_dir, "zero", "a.weight", "fp32.pt"))
+
+    monkeypatch.setattr(universal.engine, "to_universal", to_universal)
+    tag = checkpoint.save(FakeEngine(1, name=OPTIM), str(tmp_path / "checkpoints"), 4,
+                          {"step": 4, "sampler": {}, "param_shapes": {"a.weight": [2, 3], "c.weight": [6]}},
+                          keep_last=10, dtype="float32")
+    out = universal.convert(tag, str(tmp_path / "universal-step-00000004"))
+    zero = os.path.join(out, "zero")
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        got = torch.load(os.path.join(zero, "a.weight", f"{key}.pt"), weights_only=True)
+        assert torch.equal(got["param"], w.view(2, 3))
+        assert torch.equal(torch.load(os.path.join(zero, "b.weight", f"{key}.pt"), weights_only=True), m)  # no shape
+    assert checkpoint.read_manifest(out)["shaped"] is True and universal.converted(tag, out)
+    manifest = checkpoint.read_manifest(out)
+    del manifest["shaped"]
+    with open(os.path.join(out, checkpoint.MANIFEST), "w") as f:
+        f.write(json.dumps(manifest))
+    assert universal.stale(tag, out) == "converted before its ZeRO-3 tensors were shaped for another tensor-parallel size"

@@ -7,7 +7,7 @@ from transformers import GPT2Config, LlamaConfig
 
 from megakto.errors import ModelError
 from megakto.model.tp_checks import AUTOTP_PLAN_STYLES, check_tp_config, check_vocab_parallel_head
-from megakto.model.tp_merge import full_shapes, merge_tp_shards, tied_aliases
+from megakto.model.tp_merge import full_shapes, join_shard_shapes, merge_tp_shards, tied_aliases
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=512)
@@ -113,6 +113,19 @@ def test_merge_refuses_what_it_cannot_join():
         merge_tp_shards([a, {"w": torch.zeros(4, 4)}], shapes)
     with pytest.raises(ModelError, match="x is not a tensor of the model config"):
         merge_tp_shards([{"x": torch.zeros(1)}] * 2, shapes)
+
+
+def test_shard_shapes_join_to_whole_shapes():
+    """Recorded shard shapes (2 tp ranks) against a model's whole shapes: replicated and split ones
+    give the whole shape (an uneven vocabulary split too); another model's are joined along the one
+    dimension that differs, or described as held; one rank's shapes are whole already."""
+    whole = {"q": [64, 64], "o": [64, 64], "norm": [64], "head": [10, 64], "down": [64, 128], "odd": [8, 8]}
+    shards = [{"q": [32, 64], "o": [64, 32], "norm": [64], "head": [6, 64], "down": [64, 48], "odd": [3, 3]},
+              {"q": [32, 64], "o": [64, 32], "norm": [64], "head": [4, 64], "down": [64, 48], "odd": [3, 3]}]
+    assert join_shard_shapes(shards, whole) == {"q": [64, 64], "o": [64, 64], "norm": [64], "head": [10, 64],
+                                                "down": [64, 96], "odd": "[3, 3] on each of 2 tensor-parallel ranks"}
+    assert join_shard_shapes(shards[:1], whole) == shards[0]
+    assert join_shard_shapes([{"x": [4]}, {}], {"x": [8]}) == {"x": "[[4], None] on the 2 tensor-parallel ranks"}
 
 
 def test_full_shapes_from_a_config():
