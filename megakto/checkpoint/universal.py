@@ -43,10 +43,12 @@ converted afresh). The conversion needs Adam's moments: megakto always trains wi
 
 Tensor-parallel (AutoTP) checkpoints convert too, each tp rank's shards joined into the whole
 parameter by the affine maps AutoTP records (megakto repairs those of the parameters it leaves
-whole: megakto.distributed._deepspeed.engines), and resume at the same tp degree on another number
-of data-parallel ranks; every tp rank's trainer state is kept. Not covered: another tp degree
-(``resolve.TP_UNIVERSAL_UNSUPPORTED``) and pipeline checkpoints (per-layer files, which
-``ds_to_universal`` does not convert); megakto.checkpoint.resolve refuses both in one line.
+whole: megakto.distributed._deepspeed.engines), and resume at any tp size on any number of
+data-parallel ranks: the target's loader cuts each whole tensor by its parameter's AutoTP metadata.
+ZeRO-3's flat files (a checkpoint saved without tensor parallelism) are shaped for that
+(megakto.checkpoint._tp_universal); every tp rank's trainer state is kept. Pipeline checkpoints
+(per-layer files, which ``ds_to_universal`` does not convert) are not covered;
+megakto.checkpoint.resolve refuses them in one line.
 """
 
 from __future__ import annotations
@@ -142,11 +144,12 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
     staged = os.path.join(work, os.path.basename(out_dir))  # DeepSpeed writes latest_universal beside it
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    engine.to_universal(tag_dir, staged, workers=workers)
+    # Recorded shapes: a TP checkpoint saved before megakto fixed its replicated maps is repaired by them.
+    shapes = engine.weights_only_load(os.path.join(tag_dir, state_file(0))).get("param_shapes") or {}
+    engine.to_universal(tag_dir, staged, workers=workers, shapes=shapes)
     tp = manifest.get("tp_size", 1)
     for rank in range(tp):
         shutil.copy2(os.path.join(tag_dir, state_file(rank)), staged)
-    shapes = engine.weights_only_load(os.path.join(staged, state_file(0))).get("param_shapes") or {}
     if names == "hf":
         rename_to_hf(staged, shapes)
     if tp == 1:  # ZeRO-3's flat files, shaped so that AutoTP cuts them at another tp size

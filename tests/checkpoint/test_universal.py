@@ -29,7 +29,7 @@ def fake_converter(monkeypatch):
     """``engine.to_universal`` writing the source's optimizer payload as one parameter's fp32."""
     calls = []
 
-    def to_universal(tag_dir, out_dir, workers=1):
+    def to_universal(tag_dir, out_dir, workers=1, shapes=None):
         calls.append(tag_dir)
         os.makedirs(os.path.join(out_dir, "zero", "w"))
         payload = torch.load(os.path.join(tag_dir, OPTIM), weights_only=True)
@@ -145,7 +145,7 @@ def test_flat_zero3_tensors_are_shaped_for_tensor_parallelism(tmp_path, monkeypa
     a folder converted before that is not reused."""
     w, m = torch.arange(6.0), torch.arange(6.0) + 10
 
-    def to_universal(tag_dir, out_dir, workers=1):
+    def to_universal(tag_dir, out_dir, workers=1, shapes=None):
         for name, tensor in (("a.weight", w), ("b.weight", m)):
             os.makedirs(os.path.join(out_dir, "zero", name))
             for key in ("fp32", "exp_avg", "exp_avg_sq"):

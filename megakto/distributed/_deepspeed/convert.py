@@ -10,6 +10,8 @@ import contextlib
 import glob
 import io
 import os
+import re
+import tempfile
 
 import torch
 
@@ -17,27 +19,77 @@ from megakto.distributed._deepspeed.checkpoint_io import check_deepspeed_pickles
 from megakto.errors import ModelError
 from megakto.model.vocab_blocks import merge_vocab_blocks
 
-__all__ = ["to_universal", "zero_fp32_state_dict", "zero_fp32_shards"]
+__all__ = ["to_universal", "repair_replicated_maps", "zero_fp32_state_dict", "zero_fp32_shards"]
 
 
-def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1) -> None:
+def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1, shapes: dict | None = None) -> None:
     """DeepSpeed's own ``ds_to_universal`` of the ZeRO checkpoint ``tag_dir`` into ``out_dir``: one
     fp32 file per parameter (weights, Adam moments) that any data-parallel size loads. ``workers``:
-    its extraction processes (1: none forked, as inside a training rank). Offline; it unpickles
-    with ``weights_only=False``, so every file is scanned first. Its progress output is kept back;
-    a failure is one ModelError line naming ``tag_dir``."""
+    its extraction processes (1: none forked, as inside a training rank). ``shapes``: the
+    parameter shapes the trainer state recorded, to repair the replicated maps of a tensor-parallel
+    checkpoint saved before megakto fixed them (:func:`repair_replicated_maps`). Offline; it
+    unpickles with ``weights_only=False``, so every file is scanned first. Its progress output is
+    kept back; a failure is one ModelError line naming ``tag_dir``."""
     from deepspeed.checkpoint import ds_to_universal
 
     check_deepspeed_pickles(tag_dir)
-    args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=workers,
-                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
     noise = io.StringIO()
     try:
-        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
-            ds_to_universal.main(args)
+        with _repaired(tag_dir, shapes or {}, os.path.dirname(os.path.abspath(out_dir))) as source:
+            args = argparse.Namespace(input_folder=source, output_folder=out_dir, num_extract_workers=workers,
+                                      num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                      inject_missing_state=False)
+            with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+                ds_to_universal.main(args)
     except Exception as err:  # DeepSpeed's asserts and RuntimeErrors: one line naming the checkpoint
         raise ModelError(f"{tag_dir}: DeepSpeed's universal conversion failed: {first_line(err)}") from None
+
+
+def repair_replicated_maps(info: dict, shapes: dict) -> bool:
+    """Give each parameter AutoTP left whole (``TP_REPLICATED_PARAMETER_PATTERNS``) in the universal
+    info ``info`` a replicated map of its whole shape from ``shapes`` (name -> shape) where the
+    recorded one differs (deepspeed 0.19.8 records ZeRO-3's empty placeholder); returns whether any
+    changed."""
+    from deepspeed.checkpoint.affine import replicated_map
+    from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS, TP_REPLICATED_PARAMETER_PATTERNS
+
+    maps = (info.get(AFFINE_MAP) or {}).get(AFFINE_MAP_PARAMS) or {}
+    replicated = set(info.get(TP_REPLICATED_PARAMETER_PATTERNS, ()))
+    changed = False
+    for name, shape in shapes.items():
+        pattern = rf"^{re.escape(name)}$"
+        saved = maps.get(pattern)
+        if pattern in replicated and saved is not None and list(saved["logical_shape"]) != list(shape):
+            maps[pattern] = replicated_map(tuple(shape), len(saved["ranks"])).to_dict()
+            changed = True
+    return changed
+
+
+@contextlib.contextmanager
+def _repaired(tag_dir: str, shapes: dict, scratch: str):
+    """``tag_dir``, or a folder beside ``scratch``'s contents that shows it with its model-states
+    files' replicated maps repaired (:func:`repair_replicated_maps`; links to every other file): a
+    checkpoint is never changed in place (its manifest holds every file's checksum)."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    repaired = {}
+    for path in glob.glob(os.path.join(tag_dir, "*_model_states.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)  # scanned by check_deepspeed_pickles
+        if isinstance(state.get(UNIVERSAL_CHECKPOINT_INFO), dict) and repair_replicated_maps(
+                state[UNIVERSAL_CHECKPOINT_INFO], shapes):
+            repaired[os.path.basename(path)] = state
+    if not repaired:
+        yield tag_dir
+        return
+    with tempfile.TemporaryDirectory(prefix=".tmp-repaired-", dir=scratch) as tmp:
+        view = os.path.join(tmp, os.path.basename(os.path.normpath(tag_dir)))
+        os.makedirs(view)
+        for name in os.listdir(tag_dir):
+            if name in repaired:
+                torch.save(repaired[name], os.path.join(view, name))
+            else:
+                os.symlink(os.path.join(os.path.abspath(tag_dir), name), os.path.join(view, name))
+        yield view
 
 
 def zero_fp32_state_dict(load_dir: str, tag: str) -> dict[str, torch.Tensor]:

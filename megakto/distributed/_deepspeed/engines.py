@@ -12,13 +12,13 @@ copies of its weights.
 
 from __future__ import annotations
 
-import re
 from functools import partial
 
 import deepspeed
 import torch
 
 from megakto.distributed import comm
+from megakto.distributed._deepspeed.convert import repair_replicated_maps
 from megakto.distributed._deepspeed.expert import (allow_string_registry_keys, hf_expert_weights, is_expert_parallel,
                                                    moe_optimizer)
 from megakto.model.families import moe_block_classes
@@ -153,16 +153,7 @@ def _fix_replicated_maps(module: torch.nn.Module, info: dict) -> None:
     rank holds, of ``param.shape``: under ZeRO-3 (megakto builds the policy under ``zero.Init``) that
     is the empty placeholder, so the map says 0 elements and ``ds_to_universal`` stops ("Rank 0
     supplied a shard of 64 elements, but the map describes 0"). Rebuilt here from the whole shape."""
-    from deepspeed.checkpoint.affine import replicated_map
-    from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS, TP_REPLICATED_PARAMETER_PATTERNS
-
-    maps = (info.get(AFFINE_MAP) or {}).get(AFFINE_MAP_PARAMS) or {}
-    replicated = set(info.get(TP_REPLICATED_PARAMETER_PATTERNS, ()))
-    for name, param in module.named_parameters():
-        pattern, shape = rf"^{re.escape(name)}$", list(getattr(param, "ds_shape", param.shape))
-        saved = maps.get(pattern)
-        if pattern in replicated and saved is not None and list(saved["logical_shape"]) != shape:
-            maps[pattern] = replicated_map(tuple(shape), len(saved["ranks"])).to_dict()
+    repair_replicated_maps(info, {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()})
 
 
 def build_reference_engine(model: torch.nn.Module, ds_config: dict):
