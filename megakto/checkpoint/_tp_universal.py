@@ -9,18 +9,29 @@ with "start (81920) + length (8192) exceeds dimension size (86016)". :func:`shap
 rewrites every flat file as ``{"param": tensor}`` in its parameter's whole shape (the trainer
 state's ``param_shapes``, whole without tensor parallelism), which every loader takes: ZeRO-3's at
 any tp size, ZeRO-1/2's, and :func:`megakto.checkpoint.weights.universal_weights`.
+
+A data-parallel run splits its vocabulary matrices into row blocks (``model.vocab_block_rows``,
+``auto`` for a large vocabulary: ``<m>.vocab_blocks.<k>.weight``), a tensor-parallel run never does
+(AutoTP splits the head by vocabulary rows instead). :func:`join_vocab_blocks` joins each module's
+blocks into its Hugging Face tensor (``<m>.weight``), weights and both Adam moments alike, so such
+a checkpoint resumes under tensor parallelism.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
-from megakto.checkpoint._expert_universal import STATE_KEYS
+from megakto.checkpoint._expert_universal import STATE_KEYS, load_param
 from megakto.distributed import engine
+from megakto.model.vocab_blocks import BLOCKS, merge_vocab_blocks
 
-__all__ = ["SHAPED", "shape_flat_tensors"]
+__all__ = ["SHAPED", "VOCAB_JOINED", "shape_flat_tensors", "join_vocab_blocks"]
+
+VOCAB_JOINED = "vocab_joined"  # the universal manifest's key: True when its vocabulary blocks were joined
+_STEP = "step.pt"  # ZeRO-1/2's per-parameter step counter
 
 SHAPED = "shaped"  # the universal manifest's key: True once every state file is a {"param": tensor} dict
 
@@ -43,3 +54,28 @@ def shape_flat_tensors(universal_dir: str, shapes: dict[str, list[int]]) -> int:
                 torch.save({"param": loaded.view(shapes[name]).contiguous()}, path)
                 shaped += 1
     return shaped
+
+
+def join_vocab_blocks(universal_dir: str) -> bool:
+    """Rewrite ``universal_dir/zero``'s vocabulary blocks as whole Hugging Face tensors (see the
+    module), after :func:`shape_flat_tensors`; returns whether there were any."""
+    zero = os.path.join(universal_dir, "zero")
+    blocked = sorted(n for n in os.listdir(zero) if f".{BLOCKS}." in n and os.path.isdir(os.path.join(zero, n)))
+    if not blocked:
+        return False
+    joined: dict[str, dict[str, torch.Tensor]] = {}
+    for key in STATE_KEYS:
+        state = {n: load_param(os.path.join(zero, n, f"{key}.pt"), n, {}) for n in blocked
+                 if os.path.isfile(os.path.join(zero, n, f"{key}.pt"))}
+        for name, tensor in merge_vocab_blocks(state).items():
+            joined.setdefault(name, {})[key] = tensor
+    step = os.path.join(zero, blocked[0], _STEP)
+    for name, files in joined.items():
+        os.makedirs(os.path.join(zero, name))
+        for key, tensor in files.items():
+            torch.save({"param": tensor.contiguous()}, os.path.join(zero, name, f"{key}.pt"))
+        if os.path.isfile(step):
+            shutil.copy2(step, os.path.join(zero, name, _STEP))
+    for name in blocked:
+        shutil.rmtree(os.path.join(zero, name))
+    return True

@@ -13,7 +13,8 @@ Layout, beside the ``step-*`` tags (``output_dir/checkpoints/`` or wherever the 
     universal-step-00000004/
         complete                       manifest: a tag's, plus "format": "universal", "source" (the
                                        converted tag) and "source_manifest" (the sha256 of the
-                                       source's manifest, which names that save's every checksum);
+                                       source's manifest, which names that save's every checksum),
+                                       "shaped" and "vocab_joined" (megakto.checkpoint._tp_universal);
                                        it lists the files below by relative path
         zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt, zero/optimizer_state.pt   DeepSpeed's
         *mp_rank_XX_model_states.pt    the source's engine states (LR schedule, step counters)
@@ -57,7 +58,7 @@ import os
 import shutil
 
 from megakto.checkpoint._expert_universal import rename_to_hf
-from megakto.checkpoint._tp_universal import SHAPED, shape_flat_tensors
+from megakto.checkpoint._tp_universal import SHAPED, VOCAB_JOINED, join_vocab_blocks, shape_flat_tensors
 from megakto.checkpoint.manifest import (HF_BASE, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX, file_digest,
                                          problem, read_manifest, state_file)
 from megakto.checkpoint.saving import commit
@@ -97,16 +98,20 @@ def expert_names(tag_dir: str, ep_size: int) -> str:
     return "hf" if ep_size == 1 and read_manifest(tag_dir).get("ep_size", 1) > 1 else "autoep"
 
 
-def stale(tag_dir: str, out_dir: str, names: str = "autoep") -> str | None:
+def stale(tag_dir: str, out_dir: str, names: str = "autoep", join_vocab: bool = False) -> str | None:
     """Why ``out_dir`` is not a complete universal form of the save now at ``tag_dir`` under
-    ``names`` (:func:`expert_names`) (one phrase), or None. The source is identified by its
-    manifest's checksum, not its path alone: a tag saved again at the same path is another save
-    (sizes checked here; the resume verifies checksums)."""
+    ``names`` (:func:`expert_names`), its vocabulary blocks joined or not (``join_vocab``) (one
+    phrase), or None. The source is identified by its manifest's checksum, not its path alone: a
+    tag saved again at the same path is another save (sizes checked here; the resume verifies
+    checksums)."""
     manifest = read_manifest(out_dir)
     if manifest is None or manifest.get("format") != UNIVERSAL:
         return problem(out_dir) or "not a universal checkpoint"
     if not manifest.get(SHAPED):
         return "converted before its ZeRO-3 tensors were shaped for another tensor-parallel size"
+    if manifest.get(VOCAB_JOINED, False) != join_vocab:
+        return f"its vocabulary blocks are {'joined' if not join_vocab else 'not joined'}, this run needs them " + (
+            "joined" if join_vocab else "as saved")
     if manifest.get(EXPERT_NAMES, "autoep") != names:
         return f"its experts are under {manifest.get(EXPERT_NAMES, 'autoep')} names, this run needs {names} names"
     if manifest.get("source") != os.path.abspath(tag_dir):
@@ -116,17 +121,18 @@ def stale(tag_dir: str, out_dir: str, names: str = "autoep") -> str | None:
     return problem(out_dir)
 
 
-def converted(tag_dir: str, out_dir: str, names: str = "autoep") -> bool:
+def converted(tag_dir: str, out_dir: str, names: str = "autoep", join_vocab: bool = False) -> bool:
     """``out_dir`` is a complete universal form of the save now at ``tag_dir`` (:func:`stale`)."""
-    return stale(tag_dir, out_dir, names) is None
+    return stale(tag_dir, out_dir, names, join_vocab) is None
 
 
-def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoep") -> str:
+def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoep", join_vocab: bool = False) -> str:
     """Write the universal form of the complete ZeRO tag ``tag_dir`` (verified by the caller) to
-    ``out_dir``, atomically, its experts under ``names`` (:func:`expert_names`); returns ``out_dir``.
-    One process; reused if already complete."""
+    ``out_dir``, atomically, its experts under ``names`` (:func:`expert_names`), its vocabulary
+    blocks joined if ``join_vocab`` (for a tensor-parallel run); returns ``out_dir``. One process;
+    reused if already complete."""
     tag_dir, out_dir = os.path.abspath(tag_dir), os.path.abspath(out_dir)
-    if converted(tag_dir, out_dir, names):
+    if converted(tag_dir, out_dir, names, join_vocab):
         return out_dir
     source = _source_digest(tag_dir)  # before reading it: the save this conversion is of
     manifest = read_manifest(tag_dir)
@@ -154,12 +160,15 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
         rename_to_hf(staged, shapes)
     if tp == 1:  # ZeRO-3's flat files, shaped so that AutoTP cuts them at another tp size
         shape_flat_tensors(staged, shapes)
+    if join_vocab:
+        join_vocab_blocks(staged)
     base, target = (os.path.join(d, HF_BASE) for d in (os.path.dirname(tag_dir), parent))
     if os.path.isdir(base) and not os.path.isdir(target):
         shutil.copytree(base, target)
     commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
            dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
            ep_size=manifest.get("ep_size", 1), extra={"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source,
-                                                     EXPERT_NAMES: names, SHAPED: True})
+                                                     EXPERT_NAMES: names, SHAPED: True,
+                                                     VOCAB_JOINED: join_vocab})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir

@@ -168,3 +168,31 @@ def test_flat_zero3_tensors_are_shaped_for_tensor_parallelism(tmp_path, monkeypa
     with open(os.path.join(out, checkpoint.MANIFEST), "w") as f:
         f.write(json.dumps(manifest))
     assert universal.stale(tag, out) == "converted before its ZeRO-3 tensors were shaped for another tensor-parallel size"
+
+
+def test_vocabulary_blocks_are_joined_for_tensor_parallelism(tmp_path, monkeypatch):
+    """A data-parallel run's vocabulary blocks (``<m>.vocab_blocks.<k>.weight``, ZeRO-3's flat files)
+    joined into the Hugging Face tensor for a tensor-parallel run: weights and both Adam moments,
+    in block order; the folder says so, and one converted the other way is not reused."""
+    blocks = {"model.embed_tokens.vocab_blocks.0.weight": torch.arange(6.0).view(2, 3),
+              "model.embed_tokens.vocab_blocks.1.weight": torch.arange(6.0, 9.0).view(1, 3)}
+
+    def to_universal(tag_dir, out_dir, workers=1, shapes=None):
+        for name, tensor in blocks.items():
+            os.makedirs(os.path.join(out_dir, "zero", name))
+            for i, key in enumerate(("fp32", "exp_avg", "exp_avg_sq")):
+                torch.save(tensor.flatten() + 100 * i, os.path.join(out_dir, "zero", name, f"{key}.pt"))
+
+    monkeypatch.setattr(universal.engine, "to_universal", to_universal)
+    tag = checkpoint.save(FakeEngine(1, name=OPTIM), str(tmp_path / "checkpoints"), 4,
+                          {"step": 4, "sampler": {}, "vocab_layout": [2, 1],
+                           "param_shapes": {name: list(t.shape) for name, t in blocks.items()}},
+                          keep_last=10, dtype="float32")
+    out = universal.convert(tag, str(tmp_path / "universal-step-00000004"), join_vocab=True)
+    zero = os.path.join(out, "zero")
+    assert os.listdir(zero) == ["model.embed_tokens.weight"]
+    for i, key in enumerate(("fp32", "exp_avg", "exp_avg_sq")):
+        got = torch.load(os.path.join(zero, "model.embed_tokens.weight", f"{key}.pt"), weights_only=True)["param"]
+        assert torch.equal(got, torch.arange(9.0).view(3, 3) + 100 * i)
+    assert checkpoint.read_manifest(out)["vocab_joined"] is True and universal.converted(tag, out, join_vocab=True)
+    assert universal.stale(tag, out) == "its vocabulary blocks are joined, this run needs them as saved"

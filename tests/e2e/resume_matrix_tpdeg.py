@@ -73,3 +73,13 @@ def test_zero2_to_tp2(assets, tmp_path_factory, tmp_path):
     a = run_source(assets, tmp_path_factory.mktemp("z2"), TP1_Z2)
     _, result = resume_on(assets, a, tmp_path, TP2_Z2)
     compare("TP1 -> TP2 (ZeRO-2)", a, TP2_Z2, result, tmp_path, kl_abs=KL_ABS)
+
+
+def test_dp2_vocab_blocks_to_tp2(assets, tmp_path_factory, tmp_path):
+    """A data-parallel run with its vocabulary matrices in row blocks (model.vocab_block_rows=128:
+    4 blocks) resumed under TP2, which never splits them: the blocks (weights and Adam moments)
+    are joined in the universal form."""
+    source = Layout("ZeRO-3 DP2, vocab blocks (2 ranks)", 2, settings={"model.vocab_block_rows": 128})
+    a = run_source(assets, tmp_path_factory.mktemp("dp2_blocks"), source)
+    _, result = resume_on(assets, a, tmp_path, TP2)
+    compare("ZeRO-3 DP2 vocab blocks -> TP2", a, TP2, result, tmp_path, kl_abs=KL_ABS)
