@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from megakto.checkpoint.resolve import layouts_note
 from megakto.config import Config
 from megakto.data import KTOBatchSampler, count_labels, load_rows, require_both_classes, tokenize_rows
 from megakto.data.kl_pairs import dataset_kl_partners
@@ -18,7 +19,7 @@ from megakto.data.step_plan import StepPlanner
 from megakto.data.tokenize import auto_num_proc
 from megakto.distributed.ds_config import auto_zero_sizes, build_ds_config, check_versions, host_offload, load_ds_json
 from megakto.distributed.parallel import ParallelDims
-from megakto.errors import ConfigError, DataError
+from megakto.errors import ConfigError, DataError, ModelError
 from megakto.kto import auto_desirable_weight, check_weights
 
 __all__ = ["RunChecks", "check_output_dir", "check_run", "desirable_weight", "load_split", "load_splits",
@@ -100,7 +101,15 @@ def check_run(cfg: Config, deepspeed: str, *, world_size: int, rank: int, bf16: 
     configs = {}
     for key, path in (("model.path", cfg.model.path), ("ref.path", cfg.ref.path)):
         if path:
-            configs[key] = check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp, sp=dims.sp)
+            try:
+                configs[key] = check_model_path(path, key=key, trust_remote_code=trust, tp=dims.tp, sp=dims.sp)
+            except ModelError as err:  # e.g. a tp size the model does not divide: name the checkpoint's layout too
+                note = layouts_note(cfg.train.resume, cfg.output_dir, world_size=world_size, tp_size=dims.tp,
+                                    pp_size=dims.pp, sp_size=dims.sp, ep_size=dims.ep
+                                    ) if f"parallel.tp_size={dims.tp} " in str(err) else None
+                if note is None:
+                    raise
+                raise ModelError(f"{err}; {note}") from None
             if dims.pp > 1:
                 from megakto.runners import pipeline
 

@@ -16,7 +16,7 @@ from megakto.distributed import comm
 from megakto.distributed.parallel import mesh_text
 from megakto.errors import ConfigError
 
-__all__ = ["resolve_resume", "resume_layout", "ranks_moved"]
+__all__ = ["resolve_resume", "resume_layout", "ranks_moved", "layouts_note"]
 
 
 def _warn(message: str) -> None:
@@ -74,6 +74,23 @@ def _layout(world: int | None, tp: int, pp: int, sp: int, ep: int) -> str:
     mesh = mesh_text(world // (tp * pp * sp) if whole else None, tp=tp, pp=pp, sp=sp, ep=ep)
     ranks = "an unrecorded number of ranks" if world is None else f"{world} rank{'s' if world != 1 else ''}"
     return f"{ranks} {'as' if whole else 'at'} {mesh}"
+
+
+def layouts_note(resume: str, output_dir: str, *, world_size: int, tp_size: int = 1, pp_size: int = 1,
+                 sp_size: int = 1, ep_size: int = 1) -> str | None:
+    """``train.resume: <tag> was written by <layout>; this run is <layout>`` for the checkpoint
+    ``train.resume`` names (auto: the newest complete one, unverified), to add to a start-up
+    refusal of this run's layout (a tp size the model does not divide); None when there is none."""
+    resume = resume.strip()
+    if resume == "none":
+        return None
+    tags = complete_tags(checkpoints_dir(output_dir)) if resume == "auto" else [(None, os.path.abspath(resume))]
+    manifest = read_manifest(tags[-1][1]) if tags else None
+    if not manifest:
+        return None
+    saved = (manifest.get(f"{k}_size", 1) for k in ("tp", "pp", "sp", "ep"))
+    return (f"train.resume: {tags[-1][1]} was written by {_layout(manifest.get('world_size'), *saved)}; this run is "
+            f"{_layout(world_size, tp_size, pp_size, sp_size, ep_size)}")
 
 
 def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1,

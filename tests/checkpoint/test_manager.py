@@ -195,6 +195,27 @@ def test_a_dp_checkpoint_resumes_under_tp_through_its_universal_form(tmp_path, m
         _manager(folder, monkeypatch, rank=0, world_size=2, model_path=str(other), tp=2).prepare(SAMPLER)
 
 
+def test_a_tp_size_the_model_does_not_divide_names_the_checkpoints_layout(tmp_path, monkeypatch):
+    """A TP2 checkpoint resumed at TP4 on a model with 2 key-value heads is refused at start-up,
+    before the checkpoint is read or converted, in one line naming the dimension and both layouts."""
+    from megakto.config import load_config
+    from megakto.startup import check_run
+    from tests.launcher import REPO
+
+    model = make_tiny_model(tmp_path / "model", seed=0)
+    path = _saved(tmp_path, monkeypatch, world_size=2, file=ZERO, tp_size=2)
+    monkeypatch.chdir(REPO)
+    for resume in ("auto", path):
+        cfg = load_config(None, [f"model.path={model}", "data.train_files=t.jsonl", f"output_dir={tmp_path}",
+                                 "parallel.tp_size=4", f"train.resume={resume}"])
+        with pytest.raises(MegaktoError) as err:
+            check_run(cfg, "ds_configs/zero3.json", world_size=4, rank=0, bf16=False, on_gpu=False)
+        assert str(err.value) == (
+            f"model.path={model}: parallel.tp_size=4 does not divide the key-value heads: num_key_value_heads=2; "
+            f"choose a parallel.tp_size dividing 2; train.resume: {path} was written by 2 ranks as dp 1 × tp 2 × "
+            "pp 1; this run is 4 ranks as dp 1 × tp 4 × pp 1")
+
+
 @pytest.fixture(autouse=True)
 def _keep_rng():
     """These tests reseed the global generators; give the next test what it had."""
