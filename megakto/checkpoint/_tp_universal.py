@@ -1,4 +1,4 @@
-"""The universal form of a ZeRO-3 checkpoint made loadable at another tensor-parallel size.
+"""The universal form of a checkpoint for a tensor-parallel run (``convert(..., for_tp=True)``).
 
 DeepSpeed's ``ds_to_universal`` writes a ZeRO-3 checkpoint saved without tensor parallelism as one
 flat tensor per parameter and state (``zero/<name>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt``),
@@ -8,7 +8,9 @@ partitioned whole over the data-parallel ranks, so a ZeRO-3 DP checkpoint resume
 with "start (81920) + length (8192) exceeds dimension size (86016)". :func:`shape_flat_tensors`
 rewrites every flat file as ``{"param": tensor}`` in its parameter's whole shape (the trainer
 state's ``param_shapes``, whole without tensor parallelism), which every loader takes: ZeRO-3's at
-any tp size, ZeRO-1/2's, and :func:`megakto.checkpoint.weights.universal_weights`.
+any tp size, ZeRO-1/2's, and :func:`megakto.checkpoint.weights.universal_weights`. It rewrites
+every file, so a conversion for a run without tensor parallelism (where the flat files load as
+they are) skips it.
 
 A data-parallel run splits its vocabulary matrices into row blocks (``model.vocab_block_rows``,
 ``auto`` for a large vocabulary: ``<m>.vocab_blocks.<k>.weight``), a tensor-parallel run never does
@@ -28,12 +30,13 @@ from megakto.checkpoint._expert_universal import STATE_KEYS, load_param
 from megakto.distributed import engine
 from megakto.model.vocab_blocks import BLOCKS, merge_vocab_blocks
 
-__all__ = ["SHAPED", "VOCAB_JOINED", "shape_flat_tensors", "join_vocab_blocks"]
+__all__ = ["FOR_TP", "shape_flat_tensors", "join_vocab_blocks"]
 
-VOCAB_JOINED = "vocab_joined"  # the universal manifest's key: True when its vocabulary blocks were joined
 _STEP = "step.pt"  # ZeRO-1/2's per-parameter step counter
 
-SHAPED = "shaped"  # the universal manifest's key: True once every state file is a {"param": tensor} dict
+# The universal manifest's key: True when converted for a tensor-parallel run (every state file a
+# {"param": tensor} dict, the vocabulary blocks joined).
+FOR_TP = "for_tensor_parallel"
 
 
 def shape_flat_tensors(universal_dir: str, shapes: dict[str, list[int]]) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from megakto.checkpoint._tp_universal import SHAPED
+from megakto.checkpoint._tp_universal import FOR_TP
 from megakto.checkpoint.housekeeping import complete_tags
 from megakto.checkpoint.manifest import DIGEST, UNIVERSAL, checkpoints_dir, read_manifest, verify
 from megakto.distributed import comm
@@ -125,10 +125,10 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
         keep = f"parallel.tp_size={saved_tp}" if saved_tp != tp_size else f"{saved} processes"
         raise refuse(f"it holds no ZeRO partitions (ZeRO stage 0), so it has no universal conversion: resume with "
                      f"{keep}")
-    if manifest.get("format") == UNIVERSAL and saved_tp == 1 and tp_size > 1 and not manifest.get(SHAPED):
-        raise refuse("its tensors were converted flat, before megakto shaped them for tensor parallelism: resume "
-                     f"from the step-* directory it was converted from ({manifest.get('source')}), which is "
-                     "converted again")
+    if manifest.get("format") == UNIVERSAL and saved_tp == 1 and tp_size > 1 and not manifest.get(FOR_TP):
+        raise refuse("it was converted for a run without tensor parallelism (flat ZeRO-3 tensors, vocabulary "
+                     f"blocks): resume from the step-* directory it was converted from ({manifest.get('source')}), "
+                     "which is converted again for this run")
     # Sequence parallelism: the data-parallel size is world / sp, so another sp regroups which ranks
     # hold which rows, and no universal conversion of a sequence-parallel checkpoint has been tested.
     if saved_sp != sp_size or (saved_sp > 1 and saved is not None and saved != world_size):

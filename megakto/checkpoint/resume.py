@@ -73,20 +73,20 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
         return state, resume_dir
     target = universal.universal_dir(resume_dir, checkpoints_dir(cfg.output_dir))
     names = universal.expert_names(resume_dir, ep)
-    # Vocabulary blocks of a data-parallel run: joined for tensor parallelism, which never splits them.
-    join_vocab = tp > 1 and bool(state.get("vocab_layout"))
-    if join_vocab:
+    # For tensor parallelism: ZeRO-3's flat tensors shaped, vocabulary blocks joined (it never splits them).
+    for_tp = tp > 1
+    if for_tp:
         state = {**state, "vocab_layout": []}
     # A large model: convert first with tools/to_universal.py.
     with comm.fail_together(group=comm.world_group()), comm.others_wait(
             f"rank 0 converts {resume_dir} to its universal form", log):
         if comm.is_main():
             start = time.perf_counter()
-            why = universal.stale(resume_dir, target, names, join_vocab) if os.path.exists(target) else None
+            why = universal.stale(resume_dir, target, names, for_tp) if os.path.exists(target) else None
             reused = os.path.exists(target) and why is None
             if why is not None:  # e.g. the step was saved again since: its old weights must not load
                 log(f"{target} is not the universal form of {resume_dir} ({why}): converting it again")
-            universal.convert(resume_dir, target, names=names, join_vocab=join_vocab)
+            universal.convert(resume_dir, target, names=names, for_tp=for_tp)
             log(f"{'reusing' if reused else 'converted'} {resume_dir} ({state['world_size']} ranks) "
                 f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
     with comm.fail_together(group=comm.world_group()):  # its own block: verifying the conversion is collective

@@ -14,7 +14,7 @@ Layout, beside the ``step-*`` tags (``output_dir/checkpoints/`` or wherever the 
         complete                       manifest: a tag's, plus "format": "universal", "source" (the
                                        converted tag) and "source_manifest" (the sha256 of the
                                        source's manifest, which names that save's every checksum),
-                                       "shaped" and "vocab_joined" (megakto.checkpoint._tp_universal);
+                                       "for_tensor_parallel" (megakto.checkpoint._tp_universal);
                                        it lists the files below by relative path
         zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt, zero/optimizer_state.pt   DeepSpeed's
         *mp_rank_XX_model_states.pt    the source's engine states (LR schedule, step counters)
@@ -58,7 +58,7 @@ import os
 import shutil
 
 from megakto.checkpoint._expert_universal import rename_to_hf
-from megakto.checkpoint._tp_universal import SHAPED, VOCAB_JOINED, join_vocab_blocks, shape_flat_tensors
+from megakto.checkpoint._tp_universal import FOR_TP, join_vocab_blocks, shape_flat_tensors
 from megakto.checkpoint.manifest import (HF_BASE, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX, file_digest,
                                          problem, read_manifest, state_file)
 from megakto.checkpoint.saving import commit
@@ -98,20 +98,17 @@ def expert_names(tag_dir: str, ep_size: int) -> str:
     return "hf" if ep_size == 1 and read_manifest(tag_dir).get("ep_size", 1) > 1 else "autoep"
 
 
-def stale(tag_dir: str, out_dir: str, names: str = "autoep", join_vocab: bool = False) -> str | None:
+def stale(tag_dir: str, out_dir: str, names: str = "autoep", for_tp: bool = False) -> str | None:
     """Why ``out_dir`` is not a complete universal form of the save now at ``tag_dir`` under
-    ``names`` (:func:`expert_names`), its vocabulary blocks joined or not (``join_vocab``) (one
-    phrase), or None. The source is identified by its manifest's checksum, not its path alone: a
+    ``names`` (:func:`expert_names`), for a tensor-parallel run or not (``for_tp``) (one phrase),
+    or None. The source is identified by its manifest's checksum, not its path alone: a
     tag saved again at the same path is another save (sizes checked here; the resume verifies
     checksums)."""
     manifest = read_manifest(out_dir)
     if manifest is None or manifest.get("format") != UNIVERSAL:
         return problem(out_dir) or "not a universal checkpoint"
-    if not manifest.get(SHAPED):
-        return "converted before its ZeRO-3 tensors were shaped for another tensor-parallel size"
-    if manifest.get(VOCAB_JOINED, False) != join_vocab:
-        return f"its vocabulary blocks are {'joined' if not join_vocab else 'not joined'}, this run needs them " + (
-            "joined" if join_vocab else "as saved")
+    if manifest.get(FOR_TP, False) != for_tp:
+        return f"converted for a run {'with' if not for_tp else 'without'} tensor parallelism"
     if manifest.get(EXPERT_NAMES, "autoep") != names:
         return f"its experts are under {manifest.get(EXPERT_NAMES, 'autoep')} names, this run needs {names} names"
     if manifest.get("source") != os.path.abspath(tag_dir):
@@ -121,18 +118,18 @@ def stale(tag_dir: str, out_dir: str, names: str = "autoep", join_vocab: bool = 
     return problem(out_dir)
 
 
-def converted(tag_dir: str, out_dir: str, names: str = "autoep", join_vocab: bool = False) -> bool:
+def converted(tag_dir: str, out_dir: str, names: str = "autoep", for_tp: bool = False) -> bool:
     """``out_dir`` is a complete universal form of the save now at ``tag_dir`` (:func:`stale`)."""
-    return stale(tag_dir, out_dir, names, join_vocab) is None
+    return stale(tag_dir, out_dir, names, for_tp) is None
 
 
-def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoep", join_vocab: bool = False) -> str:
+def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoep", for_tp: bool = False) -> str:
     """Write the universal form of the complete ZeRO tag ``tag_dir`` (verified by the caller) to
-    ``out_dir``, atomically, its experts under ``names`` (:func:`expert_names`), its vocabulary
-    blocks joined if ``join_vocab`` (for a tensor-parallel run); returns ``out_dir``. One process;
-    reused if already complete."""
+    ``out_dir``, atomically, its experts under ``names`` (:func:`expert_names`), for a
+    tensor-parallel run if ``for_tp`` (ZeRO-3's flat tensors shaped, vocabulary blocks joined:
+    megakto.checkpoint._tp_universal); returns ``out_dir``. One process; reused if already complete."""
     tag_dir, out_dir = os.path.abspath(tag_dir), os.path.abspath(out_dir)
-    if converted(tag_dir, out_dir, names, join_vocab):
+    if converted(tag_dir, out_dir, names, for_tp):
         return out_dir
     source = _source_digest(tag_dir)  # before reading it: the save this conversion is of
     manifest = read_manifest(tag_dir)
@@ -158,9 +155,8 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
         shutil.copy2(os.path.join(tag_dir, state_file(rank)), staged)
     if names == "hf":
         rename_to_hf(staged, shapes)
-    if tp == 1:  # ZeRO-3's flat files, shaped so that AutoTP cuts them at another tp size
+    if for_tp:  # ZeRO-3's flat files shaped so that AutoTP cuts them; tensor parallelism has no vocabulary blocks
         shape_flat_tensors(staged, shapes)
-    if join_vocab:
         join_vocab_blocks(staged)
     base, target = (os.path.join(d, HF_BASE) for d in (os.path.dirname(tag_dir), parent))
     if os.path.isdir(base) and not os.path.isdir(target):
@@ -168,7 +164,6 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
     commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
            dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
            ep_size=manifest.get("ep_size", 1), extra={"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source,
-                                                     EXPERT_NAMES: names, SHAPED: True,
-                                                     VOCAB_JOINED: join_vocab})
+                                                     EXPERT_NAMES: names, FOR_TP: for_tp})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir

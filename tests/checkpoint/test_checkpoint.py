@@ -264,12 +264,12 @@ def test_resume_at_another_tensor_parallel_size(tmp_path):
     _manifest_with(zero, world_size=2, tp_size=1)  # ZeRO-3 DP2 -> TP2 on 2 ranks: same world, another tp
     assert checkpoint.resume_layout(zero, 2) == "same" and checkpoint.resume_layout(zero, 2, tp_size=2) == "convert"
     _manifest_with(zero, format=checkpoint.UNIVERSAL, tp_size=1, source="/x/step-00000004")
-    with pytest.raises(ConfigError) as err:  # converted before its flat ZeRO-3 tensors were shaped
+    with pytest.raises(ConfigError) as err:  # converted for a run without tensor parallelism: flat ZeRO-3 tensors
         checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=2, tp_size=2)
     assert str(err.value) == (f"train.resume={zero}: {zero} was written by 2 ranks as dp 2 × tp 1 × pp 1; this run is 2 "
-                              "ranks as dp 1 × tp 2 × pp 1: its tensors were converted flat, before megakto shaped them "
-                              "for tensor parallelism: resume from the step-* directory it was converted from "
-                              "(/x/step-00000004), which is converted again")
+                              "ranks as dp 1 × tp 2 × pp 1: it was converted for a run without tensor parallelism (flat "
+                              "ZeRO-3 tensors, vocabulary blocks): resume from the step-* directory it was converted "
+                              "from (/x/step-00000004), which is converted again for this run")
     assert checkpoint.resolve_resume(zero, str(tmp_path / "z"), world_size=1, tp_size=1) == zero
     _manifest_with(zero, format=checkpoint.UNIVERSAL, tp_size=2)  # a universal folder loads at any tp size
     for world, tp in ((1, 1), (2, 2), (4, 4)):

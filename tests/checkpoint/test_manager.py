@@ -183,7 +183,7 @@ def test_a_dp_checkpoint_resumes_under_tp_through_its_universal_form(tmp_path, m
     with pytest.raises(_Converting):
         _manager(path, monkeypatch, rank=0, world_size=2, model_path=str(trained), tp=2).prepare(SAMPLER)
     folder = _saved(tmp_path / "u", monkeypatch, world_size=2, file=ZERO, extra={"param_shapes": shapes},
-                    format=checkpoint.UNIVERSAL, shaped=True)
+                    format=checkpoint.UNIVERSAL, for_tensor_parallel=True)
     monkeypatch.setattr(resume, "load_engine", lambda policy, tag_dir: None)
     for rank in (0, 1):
         manager = _manager(folder, monkeypatch, rank=rank, world_size=2, model_path=str(trained), tp=2)

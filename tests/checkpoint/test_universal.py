@@ -4,7 +4,6 @@ conversion itself (``engine.to_universal``) is replaced by a fake that writes on
 file, so every other line of ``universal.convert`` runs; tests/e2e/test_universal_resume.py runs
 the real one."""
 
-import json
 import os
 
 import pytest
@@ -140,9 +139,10 @@ def test_a_schedule_saved_with_more_parameter_groups_loads_if_they_agree():
 def test_flat_zero3_tensors_are_shaped_for_tensor_parallelism(tmp_path, monkeypatch):
     """ZeRO-3 without tensor parallelism converts to flat tensors, which deepspeed 0.19.8's ZeRO-3
     loader partitions whole over the data-parallel ranks instead of cutting this rank's AutoTP
-    shard: the conversion rewrites each as ``{"param": tensor}`` in its recorded whole shape
-    (weights and both Adam moments), leaves dicts and unrecorded names alone, and marks the folder;
-    a folder converted before that is not reused."""
+    shard: a conversion for a tensor-parallel run rewrites each as ``{"param": tensor}`` in its
+    recorded whole shape (weights and both Adam moments), leaves dicts and unrecorded names alone,
+    and marks the folder; one for a run without tensor parallelism leaves them flat (rewriting
+    every file costs), and neither is reused for the other kind of run."""
     w, m = torch.arange(6.0), torch.arange(6.0) + 10
 
     def to_universal(tag_dir, out_dir, workers=1, shapes=None):
@@ -156,24 +156,23 @@ def test_flat_zero3_tensors_are_shaped_for_tensor_parallelism(tmp_path, monkeypa
     tag = checkpoint.save(FakeEngine(1, name=OPTIM), str(tmp_path / "checkpoints"), 4,
                           {"step": 4, "sampler": {}, "param_shapes": {"a.weight": [2, 3], "c.weight": [6]}},
                           keep_last=10, dtype="float32")
-    out = universal.convert(tag, str(tmp_path / "universal-step-00000004"))
+    flat = universal.convert(tag, str(tmp_path / "flat" / "universal-step-00000004"))
+    assert torch.equal(torch.load(os.path.join(flat, "zero", "a.weight", "exp_avg.pt"), weights_only=True), w)
+    assert universal.stale(tag, flat, for_tp=True) == "converted for a run without tensor parallelism"
+    out = universal.convert(tag, str(tmp_path / "universal-step-00000004"), for_tp=True)
     zero = os.path.join(out, "zero")
     for key in ("fp32", "exp_avg", "exp_avg_sq"):
         got = torch.load(os.path.join(zero, "a.weight", f"{key}.pt"), weights_only=True)
         assert torch.equal(got["param"], w.view(2, 3))
         assert torch.equal(torch.load(os.path.join(zero, "b.weight", f"{key}.pt"), weights_only=True), m)  # no shape
-    assert checkpoint.read_manifest(out)["shaped"] is True and universal.converted(tag, out)
-    manifest = checkpoint.read_manifest(out)
-    del manifest["shaped"]
-    with open(os.path.join(out, checkpoint.MANIFEST), "w") as f:
-        f.write(json.dumps(manifest))
-    assert universal.stale(tag, out) == "converted before its ZeRO-3 tensors were shaped for another tensor-parallel size"
+    assert checkpoint.read_manifest(out)["for_tensor_parallel"] is True and universal.converted(tag, out, for_tp=True)
+    assert universal.stale(tag, out) == "converted for a run with tensor parallelism"
 
 
 def test_vocabulary_blocks_are_joined_for_tensor_parallelism(tmp_path, monkeypatch):
     """A data-parallel run's vocabulary blocks (``<m>.vocab_blocks.<k>.weight``, ZeRO-3's flat files)
     joined into the Hugging Face tensor for a tensor-parallel run: weights and both Adam moments,
-    in block order; the folder says so, and one converted the other way is not reused."""
+    in block order; the folder is not reused for a run without tensor parallelism."""
     blocks = {"model.embed_tokens.vocab_blocks.0.weight": torch.arange(6.0).view(2, 3),
               "model.embed_tokens.vocab_blocks.1.weight": torch.arange(6.0, 9.0).view(1, 3)}
 
@@ -188,11 +187,10 @@ def test_vocabulary_blocks_are_joined_for_tensor_parallelism(tmp_path, monkeypat
                           {"step": 4, "sampler": {}, "vocab_layout": [2, 1],
                            "param_shapes": {name: list(t.shape) for name, t in blocks.items()}},
                           keep_last=10, dtype="float32")
-    out = universal.convert(tag, str(tmp_path / "universal-step-00000004"), join_vocab=True)
+    out = universal.convert(tag, str(tmp_path / "universal-step-00000004"), for_tp=True)
     zero = os.path.join(out, "zero")
     assert os.listdir(zero) == ["model.embed_tokens.weight"]
     for i, key in enumerate(("fp32", "exp_avg", "exp_avg_sq")):
         got = torch.load(os.path.join(zero, "model.embed_tokens.weight", f"{key}.pt"), weights_only=True)["param"]
         assert torch.equal(got, torch.arange(9.0).view(3, 3) + 100 * i)
-    assert checkpoint.read_manifest(out)["vocab_joined"] is True and universal.converted(tag, out, join_vocab=True)
-    assert universal.stale(tag, out) == "its vocabulary blocks are joined, this run needs them as saved"
+    assert universal.converted(tag, out, for_tp=True) and not universal.converted(tag, out)
