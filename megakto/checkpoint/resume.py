@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from megakto.checkpoint import universal
+from megakto.checkpoint._pipeline_universal import saved_shapes, to_hf_names
 from megakto.checkpoint.manifest import STATE_VERSION, checkpoints_dir, read_manifest, state_file, verify
 from megakto.checkpoint.resolve import ranks_moved, resume_layout
 from megakto.checkpoint.rng import derive_rng_state, set_rng_state
@@ -39,18 +40,22 @@ def held_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
 
 
-def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str], None], ep: int = 1
+def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str], None], ep: int = 1, pp: int = 1
             ) -> tuple[dict | None, str | None]:
     """The saved trainer state and the folder DeepSpeed loads ((None, None): a fresh start); the
-    sampler's position restored. ``tp``, ``ep``: this run's tensor- and expert-parallel sizes."""
+    sampler's position restored. ``tp``, ``ep``, ``pp``: this run's tensor-, expert- and
+    pipeline-parallel sizes."""
     if resume_dir is None:
         return None, None
-    layout = resume_layout(resume_dir, comm.world_size(), ep)
+    layout = resume_layout(resume_dir, comm.world_size(), ep, pp)
     # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
     # rank r takes (r % tp)'s state, and its RNG states are derived (restore).
-    moved = ranks_moved(resume_dir, comm.world_size(), ep)
+    moved = ranks_moved(resume_dir, comm.world_size(), ep, pp)
+    saved_pp = read_manifest(resume_dir).get("pp_size", 1)
     with comm.fail_together(group=comm.world_group()):
         state = load_state(resume_dir, universal.source_rank(comm.rank(), tp) if moved else None)
+        if moved and saved_pp > 1:  # each pipeline rank recorded its own stage's shapes: all of them
+            state["param_shapes"] = saved_shapes(resume_dir)
         saved, now = state["sampler"].get("global_batch_size"), cfg.train.global_batch_size
         if saved is not None and saved != now:
             raise ConfigError(f"train.resume: {resume_dir} was trained with train.global_batch_size={saved} "
@@ -62,26 +67,32 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
             raise ConfigError(f"train.resume: {resume_dir}: {err}") from None
     if layout != "convert":
         return state, resume_dir
+    with comm.fail_together(group=comm.world_group()):
+        if pp > 1 and state.get("vocab_layout"):
+            raise ConfigError(f"train.resume: {resume_dir} has its vocabulary matrices in {len(state['vocab_layout'])} "
+                              f"blocks (model.vocab_block_rows), which a pipeline run does not split: resume it "
+                              f"with parallel.pp_size={saved_pp}")
     # Before converting: the checkpoint's shapes against config.json's. Under tensor parallelism
     # they are one tp rank's shards (whole shapes are not recorded): compared after the load
     # (restore), at the same tp degree.
     with comm.fail_together(group=comm.world_group()):
         if comm.is_main() and state.get("param_shapes") is not None and tp == 1:
             saved_ep = read_manifest(resume_dir).get("ep_size", 1)
-            check_same_model(resume_dir, cfg.model.path, hf_shapes(expert_hf_shapes(state["param_shapes"], saved_ep)),
+            check_same_model(resume_dir, cfg.model.path,
+                             hf_shapes(expert_hf_shapes(to_hf_names(state["param_shapes"]), saved_ep)),
                              param_shapes(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
     target = universal.universal_dir(resume_dir, checkpoints_dir(cfg.output_dir))
-    names = universal.expert_names(resume_dir, ep)
+    names, layers = universal.expert_names(resume_dir, ep), universal.layer_names(pp)
     # A large model: convert first with tools/to_universal.py.
     with comm.fail_together(group=comm.world_group()), comm.others_wait(
             f"rank 0 converts {resume_dir} to its universal form", log):
         if comm.is_main():
             start = time.perf_counter()
-            why = universal.stale(resume_dir, target, names) if os.path.exists(target) else None
+            why = universal.stale(resume_dir, target, names, layers) if os.path.exists(target) else None
             reused = os.path.exists(target) and why is None
             if why is not None:  # e.g. the step was saved again since: its old weights must not load
                 log(f"{target} is not the universal form of {resume_dir} ({why}): converting it again")
-            universal.convert(resume_dir, target, names=names)
+            universal.convert(resume_dir, target, names=names, layers=layers)
             log(f"{'reusing' if reused else 'converted'} {resume_dir} ({state['world_size']} ranks) "
                 f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
     with comm.fail_together(group=comm.world_group()):  # its own block: verifying the conversion is collective
@@ -91,10 +102,10 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
     return state, target
 
 
-def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Callable[[str], None], ep: int = 1
-            ) -> list[tuple[int, dict[str, float]]]:
+def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Callable[[str], None], ep: int = 1,
+            pp: int = 1) -> list[tuple[int, dict[str, float]]]:
     """Load ``load_dir`` into the ``policy`` engine and this rank's RNG states; the eval history.
-    ``ep``: this run's expert-parallel size."""
+    ``ep``, ``pp``: this run's expert-parallel and pipeline sizes."""
     with comm.fail_together(group=comm.world_group()):
         saved, now = state.get("vocab_layout", []), vocab_layout(policy.module)
         if saved != now:
@@ -104,6 +115,10 @@ def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Ca
                               f"run {fmt(now)}; set model.vocab_block_rows to the checkpoint's value")
         if state.get("param_shapes") is not None:
             saved, now = state["param_shapes"], held_shapes(policy.module)
+            if pp > 1 or read_manifest(resume_dir).get("pp_size", 1) > 1:
+                # A pipeline rank holds its stage's parameters, the checkpoint may have recorded all.
+                saved, now = to_hf_names(saved), to_hf_names(now)
+                saved = {name: saved.get(name, "absent") for name in now} if pp > 1 else saved
             if saved != now:  # another expert-parallel size: each holds another share of the experts
                 saved_ep = read_manifest(resume_dir).get("ep_size", 1)
                 saved, now = expert_hf_shapes(saved, saved_ep), expert_hf_shapes(now, ep)
@@ -111,7 +126,7 @@ def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Ca
     # A file DeepSpeed cannot load: one line naming it, every rank exits 1.
     with comm.fail_together(group=comm.world_group()):
         load_engine(policy, load_dir)
-    if ranks_moved(resume_dir, comm.world_size(), ep):  # every rank alike, rank 0 too
+    if ranks_moved(resume_dir, comm.world_size(), ep, pp):  # every rank alike, rank 0 too
         derive_rng_state(cfg.seed, state["step"], comm.rank())
     else:
         set_rng_state(state["rng"])

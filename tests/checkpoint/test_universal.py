@@ -33,6 +33,8 @@ def fake_converter(monkeypatch):
         os.makedirs(os.path.join(out_dir, "zero", "w"))
         payload = torch.load(os.path.join(tag_dir, OPTIM), weights_only=True)
         torch.save({"param": torch.tensor([float(payload)])}, os.path.join(out_dir, "zero", "w", "fp32.pt"))
+        torch.save(torch.tensor(1.0), os.path.join(out_dir, "zero", "w", "step.pt"))
+        torch.save({"param_groups": []}, os.path.join(out_dir, "zero", "optimizer_state.pt"))
 
     monkeypatch.setattr(universal.engine, "to_universal", to_universal)
     return calls
