@@ -52,10 +52,13 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
     # rank r takes (r % tp)'s state, and its RNG states are derived (restore).
     moved = ranks_moved(resume_dir, comm.world_size(), ep, pp)
     saved_pp = read_manifest(resume_dir).get("pp_size", 1)
+    joined = moved and saved_pp > 1  # each pipeline rank recorded its own stage's shapes: all of them
     with comm.fail_together(group=comm.world_group()):
         state = load_state(resume_dir, universal.source_rank(comm.rank(), tp) if moved else None)
-        if moved and saved_pp > 1:  # each pipeline rank recorded its own stage's shapes: all of them
-            state["param_shapes"] = saved_shapes(resume_dir)
+        shapes = saved_shapes(resume_dir) if joined and comm.is_main() else None  # one reader of every file
+    if joined:
+        state["param_shapes"] = comm.broadcast_object(shapes, group=comm.world_group())
+    with comm.fail_together(group=comm.world_group()):
         saved, now = state["sampler"].get("global_batch_size"), cfg.train.global_batch_size
         if saved is not None and saved != now:
             raise ConfigError(f"train.resume: {resume_dir} was trained with train.global_batch_size={saved} "

@@ -59,6 +59,7 @@ def test_pp2_through_its_universal_form_is_bitwise(assets, sources, tmp_path):
     folder = str(tmp_path / "universal")
     subprocess.run([sys.executable, "tools/to_universal.py", str(made["out"] / "checkpoints"), folder, "--tag",
                     "step-00000004"], check=True, capture_output=True)
-    _, result = resume_on(assets, made, tmp_path / "run", PP2, resume=folder)
-    d = compare("PP2 -> PP2 through its universal form", made, PP2, result, tmp_path / "run")
+    target = Layout("PP2 ZeRO-1 (2 ranks) from tools/to_universal.py", 2, ZERO1, PP2.settings)
+    _, result = resume_on(assets, made, tmp_path / "run", target, resume=folder)
+    d = compare("PP2 -> PP2 through its universal form", made, target, result, tmp_path / "run")
     assert d["bitwise"] and d["kl"] == 0.0, d
