@@ -9,7 +9,9 @@ CKPT_DIR is a run's checkpoints/ directory (its newest complete checkpoint unles
 or one step-* directory; it is verified as a resume verifies it. OUT_DIR defaults to
 universal-<tag> beside the tag. Resume from it with train.resume=OUT_DIR at any number of ranks
 (same train.global_batch_size and parallel.tp_size); tools/zero_to_hf.py exports it like any
-checkpoint. A run resumed at another size converts by itself; converting first keeps a large model's
+checkpoint. Its parameters are named for a run with the checkpoint's own kind of layout: pass
+--pp-size N for a run with parallel.pp_size=N (a pipeline's layer names, or, for 1, the model's).
+A run resumed at another size converts by itself; converting first keeps a large model's
 conversion out of the training job (whose ranks would wait for it within dist.timeout_minutes).
 """
 
@@ -31,16 +33,21 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", nargs="?", help="folder to write (default: universal-<tag> beside the tag)")
     parser.add_argument("--tag", help="checkpoint to convert inside CKPT_DIR (default: the newest complete one)")
     parser.add_argument("--workers", type=int, default=1, help="DeepSpeed's extraction processes (default 1)")
+    parser.add_argument("--pp-size", type=int, help="parallel.pp_size of the run that resumes it (default: the "
+                                                    "checkpoint's own)")
     args = parser.parse_args(argv)
 
     from megakto.checkpoint import read_manifest, resolve_checkpoint, universal
 
     try:
         tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
-        out = universal.convert(tag_dir, args.out_dir or universal.universal_dir(tag_dir), workers=args.workers)
+        pp = args.pp_size or read_manifest(tag_dir).get("pp_size", 1)
+        out = universal.convert(tag_dir, args.out_dir or universal.universal_dir(tag_dir), workers=args.workers,
+                                layers=universal.layer_names(pp))
         manifest = read_manifest(out)
         print(f"wrote {out} from {tag_dir} ({manifest['world_size']} ranks); resume with train.resume={out} at any "
-              f"number of ranks, train.global_batch_size and parallel.tp_size={manifest['tp_size']} unchanged")
+              f"number of ranks, {'under a pipeline' if pp > 1 else 'without pipeline'}, train.global_batch_size "
+              f"and parallel.tp_size={manifest['tp_size']} unchanged")
     except MegaktoError as err:
         parser.exit(2, f"error: {err}\n")  # one line on stderr, exit 2 as tools/zero_to_hf.py
     return 0

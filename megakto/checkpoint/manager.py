@@ -57,7 +57,7 @@ class CheckpointManager:
         (None: a fresh start), converted to its universal form first at another data-parallel size
         (:func:`megakto.checkpoint.resume.prepare`)."""
         self.resume_state, self.load_dir = prepare(self.resume_dir, self.cfg, tp=self.tp, sampler=sampler,
-                                                   log=self.log, ep=self.ep)
+                                                   log=self.log, ep=self.ep, pp=self.pp)
         return self.load_dir
 
     def resume(self, policy, *, carried: Mapping[str, Any] = MappingProxyType({})
@@ -69,7 +69,7 @@ class CheckpointManager:
         if self.resume_state is None:
             return 0, []
         history = restore(self.resume_state, self.resume_dir, self.load_dir, policy, self.cfg, log=self.log,
-                          ep=self.ep, tp=self.tp)
+                          ep=self.ep, tp=self.tp, pp=self.pp)
         saved = self.resume_state.get("carried", {})
         for name, obj in carried.items():
             if name in saved:

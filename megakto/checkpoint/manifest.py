@@ -11,8 +11,9 @@ import re
 
 from megakto.distributed import comm, engine
 
-__all__ = ["CHECKPOINTS", "LATEST", "MANIFEST", "HF_BASE", "UNIVERSAL", "UNIVERSAL_PREFIX", "TMP_PREFIX",
-           "STATE_VERSION", "DIGEST", "tag_name", "tag_step", "checkpoints_dir", "state_file", "read_manifest",
+__all__ = ["CHECKPOINTS", "LATEST", "MANIFEST", "HF_BASE", "UNIVERSAL", "UNIVERSAL_PREFIX", "LAYER_NAMES",
+           "TMP_PREFIX", "STATE_VERSION", "DIGEST", "tag_name", "tag_step", "checkpoints_dir", "state_file",
+           "read_manifest",
            "problem", "file_digest", "hash_shares", "verify"]
 
 CHECKPOINTS = "checkpoints"
@@ -21,6 +22,8 @@ MANIFEST = "complete"
 HF_BASE = "hf_base"  # the run's model config and tokenizer, beside the tags (megakto.checkpoint.export)
 UNIVERSAL = "universal"  # a manifest's "format" for DeepSpeed's universal layout (megakto.checkpoint.universal)
 UNIVERSAL_PREFIX = "universal-"  # universal-<tag>: a tag's universal form, beside it (megakto.checkpoint.universal)
+# A universal manifest's key: "pipeline" (a PipelineModule's parameter names) or "hf" (the model's).
+LAYER_NAMES = "layer_names"
 TMP_PREFIX = ".tmp-"
 STATE_VERSION = 1
 DIGEST = "sha256"  # the manifest's key for the files' checksums (hashlib name)

@@ -1,8 +1,8 @@
 """``train.resume`` -> the tag a run continues from, verified on every rank, and what loading it
-means at this run's layout: refused (another pipeline degree, a pipeline at another world size, a
-ZeRO stage 0 tensor-parallel checkpoint at another layout), loaded as it is, or converted to
-DeepSpeed's universal form first (ZeRO partitions at another data-parallel, tensor-parallel or
-expert-parallel size)."""
+means at this run's layout: refused (a ZeRO stage 0 checkpoint at another tensor-parallel or
+pipeline layout, a universal folder named for the other kind of run ...), loaded as it is, or
+converted to DeepSpeed's universal form first (ZeRO partitions at another data-parallel,
+tensor-parallel, pipeline or expert-parallel layout)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 from megakto.checkpoint._tp_universal import FOR_TP
 from megakto.checkpoint.housekeeping import complete_tags
-from megakto.checkpoint.manifest import DIGEST, UNIVERSAL, checkpoints_dir, read_manifest, verify
+from megakto.checkpoint.manifest import DIGEST, LAYER_NAMES, UNIVERSAL, checkpoints_dir, read_manifest, verify
 from megakto.distributed import comm
 from megakto.distributed.parallel import mesh_text
 from megakto.errors import ConfigError
@@ -96,10 +96,10 @@ def layouts_note(resume: str, output_dir: str, *, world_size: int, tp_size: int 
 def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1, pp_size: int = 1,
                       sp_size: int = 1, ep_size: int = 1) -> None:
     """Refuse the layout changes nothing can load, in one line naming the checkpoint's layout and
-    this run's, before anything is hashed or converted: another pipeline degree, a pipeline
-    checkpoint at another world size, and a tensor-parallel layout change of a checkpoint without
-    ZeRO partitions. Another data-parallel or tensor-parallel size of a ZeRO checkpoint is fine: see
-    :func:`resume_layout`."""
+    this run's, before anything is hashed or converted: a tensor-parallel or pipeline layout change of
+    a checkpoint without ZeRO partitions, another tp degree together with a pipeline, a universal
+    folder named for the other kind of run. Another data-parallel, tensor-parallel or pipeline size
+    of a ZeRO checkpoint is fine: see :func:`resume_layout`."""
     manifest = read_manifest(path)
     if not manifest:
         return  # no manifest: verify() reports that
@@ -113,15 +113,27 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
                            f"{_layout(saved, saved_tp, saved_pp, saved_sp, saved_ep)}; this run is "
                            f"{_layout(world_size, tp_size, pp_size, sp_size, ep_size)}: {why}")
 
-    if saved_pp != pp_size:
-        raise refuse(("its weights are per-layer pipeline files" if saved_pp > 1 else "its weights are ZeRO files")
-                     + f" and do not load at another parallel.pp_size, resume with parallel.pp_size={saved_pp}")
+    universal = manifest.get("format") == UNIVERSAL
+    zero = universal or any(name.endswith("optim_states.pt") for name in manifest.get("files", {}))
+    # Another pipeline degree (to or from none) goes through the universal form, which needs ZeRO
+    # partitions: a ZeRO stage 0 checkpoint keeps Adam's states per pipeline stage (or per model).
+    if saved_pp != pp_size and not zero:
+        raise refuse(f"it holds no ZeRO partitions (ZeRO stage 0), so its Adam states do not move to another "
+                     f"pipeline layout: resume with parallel.pp_size={saved_pp}")
+    if saved_tp != tp_size and max(saved_pp, pp_size) > 1:
+        raise refuse(f"another parallel.tp_size with a pipeline on either side is not supported: resume with "
+                     f"parallel.tp_size={saved_tp}, or change the pipeline and the tensor-parallel degree in two "
+                     "resumes, one through parallel.pp_size=1")
+    names = manifest.get(LAYER_NAMES)
+    if universal and names is not None and names != ("pipeline" if pp_size > 1 else "hf"):
+        raise refuse(f"its universal form is under {names} parameter names, for "
+                     f"{'a pipeline' if names == 'pipeline' else 'no pipeline'}: resume from the step-* directory "
+                     "it was converted from, which is converted again for this run")
     # Another data-parallel or tensor-parallel size under tensor parallelism goes through the
     # universal form (whole tensors, which AutoTP cuts again), which needs ZeRO partitions: a stage 0
     # checkpoint's model files are one tp rank's shards each.
-    tp_moved = saved_tp != tp_size or (saved_tp > 1 and saved is not None and saved != world_size)
-    if (tp_moved and manifest.get("format") != UNIVERSAL
-            and not any(name.endswith("optim_states.pt") for name in manifest.get("files", {}))):
+    moved = (saved_tp != tp_size or ((saved_tp > 1 or saved_pp > 1) and saved is not None and saved != world_size))
+    if moved and not zero:
         keep = f"parallel.tp_size={saved_tp}" if saved_tp != tp_size else f"{saved} processes"
         raise refuse(f"it holds no ZeRO partitions (ZeRO stage 0), so it has no universal conversion: resume with "
                      f"{keep}")
@@ -138,9 +150,6 @@ def _check_world_size(path: str, resume: str, world_size: int, tp_size: int = 1,
     why = _expert_layout_refused(manifest, saved_ep, ep_size, moved)
     if why:
         raise refuse(why)
-    if saved_pp > 1 and saved is not None and saved != world_size:
-        raise refuse(f"DeepSpeed's universal conversion does not cover pipeline layer files, resume with {saved} "
-                     "processes")
 
 
 def _expert_layout_refused(manifest: dict, saved_ep: int, ep_size: int, moved: bool) -> str | None:
@@ -165,27 +174,31 @@ def _expert_layout_refused(manifest: dict, saved_ep: int, ep_size: int, moved: b
     return None
 
 
-def resume_layout(path: str, world_size: int, ep_size: int = 1, *, tp_size: int | None = None) -> str:
+def resume_layout(path: str, world_size: int, ep_size: int = 1, *, tp_size: int | None = None,
+                  pp_size: int = 1) -> str:
     """How DeepSpeed loads the checkpoint ``path`` (past :func:`resolve_resume`) in a run of
-    ``world_size`` ranks, ``ep_size`` and ``tp_size`` (None: the checkpoint's own): ``same`` (its
-    own files: the ranks that wrote it, or ZeRO stage 0, whose files are per model, not per rank),
-    ``universal`` (it is one, :mod:`megakto.checkpoint.universal`) or ``convert`` (ZeRO partitions
-    of another data-parallel, tensor-parallel or expert-parallel size: convert it first)."""
+    ``world_size`` ranks, ``ep_size``, ``tp_size`` (None: the checkpoint's own) and ``pp_size``:
+    ``same`` (its own files: the ranks that wrote it, or ZeRO stage 0, whose files are per model or
+    per pipeline stage, not per rank), ``universal`` (it is one, :mod:`megakto.checkpoint.universal`)
+    or ``convert`` (ZeRO partitions of another data-parallel, tensor-parallel, pipeline or
+    expert-parallel layout: convert it first)."""
     manifest = read_manifest(path)
     if manifest.get("format") == UNIVERSAL:
         return "universal"
     zero = any(name.endswith("optim_states.pt") for name in manifest["files"])
     saved = manifest.get("world_size")
     moved = ((saved is not None and saved != world_size) or manifest.get("ep_size", 1) != ep_size
-             or (tp_size is not None and manifest.get("tp_size", 1) != tp_size))
+             or (tp_size is not None and manifest.get("tp_size", 1) != tp_size)
+             or manifest.get("pp_size", 1) != pp_size)
     return "convert" if zero and moved else "same"
 
 
-def ranks_moved(path: str, world_size: int, ep_size: int = 1, *, tp_size: int | None = None) -> bool:
+def ranks_moved(path: str, world_size: int, ep_size: int = 1, *, tp_size: int | None = None,
+                pp_size: int = 1) -> bool:
     """Whether this run's ranks are not the ones that wrote ``path``, so none has a trainer state
     (RNG states above all) of its own there: a universal layout (converted, or resumed directly, at
     any size), or another number of ranks (ZeRO stage 0's per-model files load as they are, but
     ``trainer_state_rank{r}.pt`` exists only for the ranks that saved)."""
     saved = read_manifest(path).get("world_size")
-    return (resume_layout(path, world_size, ep_size, tp_size=tp_size) != "same"
+    return (resume_layout(path, world_size, ep_size, tp_size=tp_size, pp_size=pp_size) != "same"
             or (saved is not None and saved != world_size))

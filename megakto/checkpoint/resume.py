@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from megakto.checkpoint import universal
+from megakto.checkpoint._pipeline_universal import saved_shapes, to_hf_names
 from megakto.checkpoint.manifest import STATE_VERSION, checkpoints_dir, read_manifest, state_file, verify
 from megakto.checkpoint.resolve import ranks_moved, resume_layout
 from megakto.checkpoint.rng import derive_rng_state, set_rng_state
@@ -40,20 +41,26 @@ def held_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
 
 
-def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str], None], ep: int = 1
+def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str], None], ep: int = 1, pp: int = 1
             ) -> tuple[dict | None, str | None]:
     """The saved trainer state and the folder DeepSpeed loads ((None, None): a fresh start); the
-    sampler's position restored. ``tp``, ``ep``: this run's tensor- and expert-parallel sizes."""
+    sampler's position restored. ``tp``, ``ep``, ``pp``: this run's tensor-, expert- and
+    pipeline-parallel sizes."""
     if resume_dir is None:
         return None, None
-    saved_tp = read_manifest(resume_dir).get("tp_size", 1)
-    layout = resume_layout(resume_dir, comm.world_size(), ep, tp_size=tp)
+    saved_tp, saved_pp = (read_manifest(resume_dir).get(f"{k}_size", 1) for k in ("tp", "pp"))
+    layout = resume_layout(resume_dir, comm.world_size(), ep, tp_size=tp, pp_size=pp)
     # The saved ranks are not this run's (a universal layout, or ZeRO stage 0 at another size):
     # rank r takes (r % tp)'s state (rank 0's at another tp size), and its RNG states are derived
     # (restore).
-    moved = ranks_moved(resume_dir, comm.world_size(), ep, tp_size=tp)
+    moved = ranks_moved(resume_dir, comm.world_size(), ep, tp_size=tp, pp_size=pp)
+    joined = moved and saved_pp > 1  # each pipeline rank recorded its own stage's shapes: all of them
     with comm.fail_together(group=comm.world_group()):
         state = load_state(resume_dir, universal.source_rank(comm.rank(), tp, saved_tp) if moved else None)
+        shapes = saved_shapes(resume_dir) if joined and comm.is_main() else None  # one reader of every file
+    if joined:
+        state["param_shapes"] = comm.broadcast_object(shapes, group=comm.world_group())
+    with comm.fail_together(group=comm.world_group()):
         saved, now = state["sampler"].get("global_batch_size"), cfg.train.global_batch_size
         if saved is not None and saved != now:
             raise ConfigError(f"train.resume: {resume_dir} was trained with train.global_batch_size={saved} "
@@ -71,8 +78,13 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
             check_same_model(resume_dir, cfg.model.path, whole_shapes(resume_dir, state, now), now)
     if layout != "convert":
         return state, resume_dir
+    with comm.fail_together(group=comm.world_group()):
+        if pp > 1 and state.get("vocab_layout"):
+            raise ConfigError(f"train.resume: {resume_dir} has its vocabulary matrices in {len(state['vocab_layout'])} "
+                              f"blocks (model.vocab_block_rows), which a pipeline run does not split: resume it "
+                              f"with parallel.pp_size={saved_pp}")
     target = universal.universal_dir(resume_dir, checkpoints_dir(cfg.output_dir))
-    names = universal.expert_names(resume_dir, ep)
+    names, layers = universal.expert_names(resume_dir, ep), universal.layer_names(pp)
     # For tensor parallelism: ZeRO-3's flat tensors shaped, vocabulary blocks joined (it never splits them).
     for_tp = tp > 1
     if for_tp:
@@ -82,11 +94,12 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
             f"rank 0 converts {resume_dir} to its universal form", log):
         if comm.is_main():
             start = time.perf_counter()
-            why = universal.stale(resume_dir, target, names, for_tp) if os.path.exists(target) else None
+            why = (universal.stale(resume_dir, target, names, for_tp=for_tp, layers=layers)
+                   if os.path.exists(target) else None)
             reused = os.path.exists(target) and why is None
             if why is not None:  # e.g. the step was saved again since: its old weights must not load
                 log(f"{target} is not the universal form of {resume_dir} ({why}): converting it again")
-            universal.convert(resume_dir, target, names=names, for_tp=for_tp)
+            universal.convert(resume_dir, target, names=names, for_tp=for_tp, layers=layers)
             log(f"{'reusing' if reused else 'converted'} {resume_dir} ({state['world_size']} ranks) "
                 f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
     with comm.fail_together(group=comm.world_group()):  # its own block: verifying the conversion is collective
@@ -98,19 +111,20 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
 
 def whole_shapes(resume_dir: str, state: dict, now: dict[str, list[int]]) -> dict:
     """The checkpoint's parameter shapes under Hugging Face names, whole: each of its tp ranks'
-    recorded shards (``state``: one rank's trainer state, ranks 0..tp-1 hold the others) joined
-    against ``now``, this run's model (:func:`megakto.model.tp_merge.join_shard_shapes`)."""
+    recorded shards (``state``: one rank's trainer state, ranks 0..tp-1 hold the others; a
+    pipeline's names made Hugging Face's) joined against ``now``, this run's model (:func:`megakto.model.tp_merge.join_shard_shapes`)."""
     manifest = read_manifest(resume_dir)
     saved_tp, saved_ep = manifest.get("tp_size", 1), manifest.get("ep_size", 1)
     shards = [state["param_shapes"] if r == state.get("rank") else load_state(resume_dir, r).get("param_shapes") or {}
               for r in range(saved_tp)]
-    return join_shard_shapes([hf_shapes(expert_hf_shapes(s, saved_ep)) for s in shards], now)
+    return join_shard_shapes([hf_shapes(expert_hf_shapes(to_hf_names(s), saved_ep)) for s in shards], now)
 
 
 def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Callable[[str], None], ep: int = 1,
-            tp: int | None = None) -> list[tuple[int, dict[str, float]]]:
+            tp: int | None = None, pp: int = 1) -> list[tuple[int, dict[str, float]]]:
     """Load ``load_dir`` into the ``policy`` engine and this rank's RNG states; the eval history.
-    ``ep``, ``tp``: this run's expert- and tensor-parallel sizes (tp None: the checkpoint's)."""
+    ``ep``, ``tp``, ``pp``: this run's expert-, tensor- and pipeline-parallel sizes (tp None: the
+    checkpoint's)."""
     saved_tp = read_manifest(resume_dir).get("tp_size", 1)
     with comm.fail_together(group=comm.world_group()):
         saved, now = state.get("vocab_layout", []), vocab_layout(policy.module)
@@ -122,6 +136,10 @@ def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Ca
         # At another tp size the shards differ: their whole shapes were compared before (prepare).
         if state.get("param_shapes") is not None and tp in (None, saved_tp):
             saved, now = state["param_shapes"], held_shapes(policy.module)
+            if pp > 1 or read_manifest(resume_dir).get("pp_size", 1) > 1:
+                # A pipeline rank holds its stage's parameters, the checkpoint may have recorded all.
+                saved, now = to_hf_names(saved), to_hf_names(now)
+                saved = {name: saved.get(name, "absent") for name in now} if pp > 1 else saved
             if saved != now:  # another expert-parallel size: each holds another share of the experts
                 saved_ep = read_manifest(resume_dir).get("ep_size", 1)
                 saved, now = expert_hf_shapes(saved, saved_ep), expert_hf_shapes(now, ep)
@@ -129,7 +147,7 @@ def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Ca
     # A file DeepSpeed cannot load: one line naming it, every rank exits 1.
     with comm.fail_together(group=comm.world_group()):
         load_engine(policy, load_dir)
-    if ranks_moved(resume_dir, comm.world_size(), ep, tp_size=tp):  # every rank alike, rank 0 too
+    if ranks_moved(resume_dir, comm.world_size(), ep, tp_size=tp, pp_size=pp):  # every rank alike, rank 0 too
         derive_rng_state(cfg.seed, state["step"], comm.rank())
     else:
         set_rng_state(state["rng"])

@@ -47,9 +47,13 @@ parameter by the affine maps AutoTP records (megakto repairs those of the parame
 whole: megakto.distributed._deepspeed.engines), and resume at any tp size on any number of
 data-parallel ranks: the target's loader cuts each whole tensor by its parameter's AutoTP metadata.
 ZeRO-3's flat files (a checkpoint saved without tensor parallelism) are shaped for that
-(megakto.checkpoint._tp_universal); every tp rank's trainer state is kept. Pipeline checkpoints
-(per-layer files, which ``ds_to_universal`` does not convert) are not covered;
-megakto.checkpoint.resolve refuses them in one line.
+(megakto.checkpoint._tp_universal); every tp rank's trainer state is kept.
+
+Pipeline checkpoints (ZeRO-1) convert too: their fp32 masters and moments are in the optimizer
+partitions, named by the pipeline's layer indices, so the folder loads at any pipeline degree and
+data-parallel size; under ``layers="hf"`` (a run without pipeline) the parameters are renamed to
+the model's names, and a data-parallel checkpoint converted for a pipeline the reverse, the ZeRO
+stage changing with it (megakto.checkpoint._pipeline_universal; the manifest's ``"layer_names"``).
 """
 
 from __future__ import annotations
@@ -58,9 +62,10 @@ import os
 import shutil
 
 from megakto.checkpoint._expert_universal import rename_to_hf
+from megakto.checkpoint._pipeline_universal import rename_layers
 from megakto.checkpoint._tp_universal import FOR_TP, join_vocab_blocks, shape_flat_tensors
-from megakto.checkpoint.manifest import (HF_BASE, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX, file_digest,
-                                         problem, read_manifest, state_file)
+from megakto.checkpoint.manifest import (HF_BASE, LAYER_NAMES, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX,
+                                         file_digest, problem, read_manifest, state_file)
 from megakto.checkpoint.saving import commit
 from megakto.distributed import engine
 from megakto.errors import ModelError
@@ -98,10 +103,16 @@ def expert_names(tag_dir: str, ep_size: int) -> str:
     return "hf" if ep_size == 1 and read_manifest(tag_dir).get("ep_size", 1) > 1 else "autoep"
 
 
-def stale(tag_dir: str, out_dir: str, names: str = "autoep", for_tp: bool = False) -> str | None:
+def layer_names(pp_size: int) -> str:
+    """The parameter names a run of ``pp_size`` pipeline stages loads: ``pipeline`` or ``hf``."""
+    return "pipeline" if pp_size > 1 else "hf"
+
+
+def stale(tag_dir: str, out_dir: str, names: str = "autoep", *, for_tp: bool = False,
+          layers: str | None = None) -> str | None:
     """Why ``out_dir`` is not a complete universal form of the save now at ``tag_dir`` under
-    ``names`` (:func:`expert_names`), for a tensor-parallel run or not (``for_tp``) (one phrase),
-    or None. The source is identified by its manifest's checksum, not its path alone: a
+    ``names`` (:func:`expert_names`), for a tensor-parallel run or not (``for_tp``), its
+    parameters under ``layers`` names (:func:`layer_names`; None: any) (one phrase), or None. The source is identified by its manifest's checksum, not its path alone: a
     tag saved again at the same path is another save (sizes checked here; the resume verifies
     checksums)."""
     manifest = read_manifest(out_dir)
@@ -111,6 +122,8 @@ def stale(tag_dir: str, out_dir: str, names: str = "autoep", for_tp: bool = Fals
         return f"converted for a run {'with' if not for_tp else 'without'} tensor parallelism"
     if manifest.get(EXPERT_NAMES, "autoep") != names:
         return f"its experts are under {manifest.get(EXPERT_NAMES, 'autoep')} names, this run needs {names} names"
+    if layers is not None and manifest.get(LAYER_NAMES, "hf") != layers:
+        return f"its parameters are under {manifest.get(LAYER_NAMES, 'hf')} names, this run needs {layers} names"
     if manifest.get("source") != os.path.abspath(tag_dir):
         return f"converted from {manifest.get('source')}"
     if manifest.get(SOURCE_MANIFEST) != _source_digest(tag_dir):
@@ -118,27 +131,27 @@ def stale(tag_dir: str, out_dir: str, names: str = "autoep", for_tp: bool = Fals
     return problem(out_dir)
 
 
-def converted(tag_dir: str, out_dir: str, names: str = "autoep", for_tp: bool = False) -> bool:
+def converted(tag_dir: str, out_dir: str, names: str = "autoep", *, for_tp: bool = False,
+              layers: str | None = None) -> bool:
     """``out_dir`` is a complete universal form of the save now at ``tag_dir`` (:func:`stale`)."""
-    return stale(tag_dir, out_dir, names, for_tp) is None
+    return stale(tag_dir, out_dir, names, for_tp=for_tp, layers=layers) is None
 
 
-def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoep", for_tp: bool = False) -> str:
+def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoep", for_tp: bool = False,
+            layers: str | None = None) -> str:
     """Write the universal form of the complete ZeRO tag ``tag_dir`` (verified by the caller) to
-    ``out_dir``, atomically, its experts under ``names`` (:func:`expert_names`), for a
+    ``out_dir``, atomically, its experts under ``names`` (:func:`expert_names`), its parameters
+    under ``layers`` (``pipeline`` or ``hf`` names; default: the source's kind), for a
     tensor-parallel run if ``for_tp`` (ZeRO-3's flat tensors shaped, vocabulary blocks joined:
     megakto.checkpoint._tp_universal); returns ``out_dir``. One process; reused if already complete."""
     tag_dir, out_dir = os.path.abspath(tag_dir), os.path.abspath(out_dir)
-    if converted(tag_dir, out_dir, names, for_tp):
-        return out_dir
     source = _source_digest(tag_dir)  # before reading it: the save this conversion is of
     manifest = read_manifest(tag_dir)
+    layers = layers or ("pipeline" if manifest.get("pp_size", 1) > 1 else "hf")
+    if converted(tag_dir, out_dir, names, for_tp=for_tp, layers=layers):
+        return out_dir
     if manifest.get("format") == UNIVERSAL:
         raise ModelError(f"{tag_dir} is a universal checkpoint already; resume from it directly")
-    if manifest.get("pp_size", 1) > 1:
-        raise ModelError(f"{tag_dir} is a pipeline checkpoint (parallel.pp_size={manifest['pp_size']}): DeepSpeed's "
-                         "universal conversion does not cover pipeline layer files; resume it with the ranks that "
-                         "wrote it")
     if not any(name.endswith("optim_states.pt") for name in manifest["files"]):
         raise ModelError(f"{tag_dir} holds no ZeRO partitions (ZeRO stage 0): it loads at any data-parallel size "
                          "as it is")
@@ -153,6 +166,9 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
     tp = manifest.get("tp_size", 1)
     for rank in range(tp):
         shutil.copy2(os.path.join(tag_dir, state_file(rank)), staged)
+    if tp == 1:  # (tensor-parallel checkpoints have no pipeline; their ranks record shards)
+        engine.universal_any_stage(staged)
+        rename_layers(staged, tag_dir, layers)
     if names == "hf":
         rename_to_hf(staged, shapes)
     if for_tp:  # ZeRO-3's flat files shaped so that AutoTP cuts them; tensor parallelism has no vocabulary blocks
@@ -164,6 +180,7 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
     commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
            dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
            ep_size=manifest.get("ep_size", 1), extra={"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source,
-                                                     EXPERT_NAMES: names, FOR_TP: for_tp})
+                                                     EXPERT_NAMES: names, FOR_TP: for_tp,
+                                                     LAYER_NAMES: layers})
     shutil.rmtree(work, ignore_errors=True)
     return out_dir

@@ -34,7 +34,8 @@ from megakto.errors import ModelError
 from megakto.kto.chunked_logps import token_logps
 
 __all__ = ["PIPELINE_MODEL_TYPES", "StageSource", "StageSpec", "EmbedStage", "DecoderStage", "NormStage",
-           "HeadStage", "stage_specs", "head_logps", "hf_names", "check_pipeline_model"]
+           "HeadStage", "stage_specs", "head_logps", "hf_names", "check_pipeline_model", "TIED_EMBED",
+           "is_pipeline_name", "pipeline_to_hf", "hf_to_pipeline"]
 
 # Families whose forward is embed → layers(mask, rotary) → norm → lm_head, checked against one
 # process in tests/model/test_pipeline_stages.py.
@@ -269,3 +270,44 @@ def hf_names(layer_index: int, num_layers: int, state: dict[str, torch.Tensor]) 
             continue  # the decoder stage's rotary buffer is not a model weight
         out[prefix + key[len(strip):]] = value
     return out
+
+
+# A tied embedding's parameter in the PipelineModule (TiedLayerSpec "embed"): one module on the
+# first and the last stage, named apart from the numbered layers.
+TIED_EMBED = "tied_modules.embed.embed_tokens.weight"
+
+
+def is_pipeline_name(name: str) -> bool:
+    """``name`` is a PipelineModule parameter's name (``<layer index>.<stage attribute>...``)."""
+    return name == TIED_EMBED or name.split(".", 1)[0].isdigit()
+
+
+def pipeline_to_hf(name: str) -> str:
+    """A pipeline parameter's Hugging Face name. Each stage kind holds its own attribute
+    (``embed_tokens``, ``layer``, ``norm``, ``lm_head``), so the layer index alone places it."""
+    if name == TIED_EMBED:
+        return "model.embed_tokens.weight"
+    index, rest = name.split(".", 1)
+    if rest.startswith("layer."):
+        return f"model.layers.{int(index) - 1}.{rest[len('layer.'):]}"
+    if rest.startswith(("embed_tokens.", "norm.")):
+        return "model." + rest
+    if rest.startswith("lm_head."):
+        return rest
+    raise ModelError(f"pipeline parameter {name}: not a stage of embed_tokens, layer, norm or lm_head")
+
+
+def hf_to_pipeline(name: str, num_layers: int, tied: bool = False) -> str:
+    """The PipelineModule parameter name of the Hugging Face parameter ``name`` (a model of
+    ``num_layers`` decoder layers; ``tied``: its head is its embedding, :data:`TIED_EMBED`), the
+    inverse of :func:`pipeline_to_hf`."""
+    if name == "model.embed_tokens.weight":
+        return TIED_EMBED if tied else "0.embed_tokens.weight"
+    if name.startswith("model.layers."):
+        index, rest = name[len("model.layers."):].split(".", 1)
+        return f"{int(index) + 1}.layer.{rest}"
+    if name.startswith("model.norm."):
+        return f"{num_layers + 1}.{name[len('model.'):]}"
+    if name.startswith("lm_head."):
+        return f"{num_layers + 2}.{name}"
+    raise ModelError(f"{name}: not a parameter of a pipeline stage (embedding, decoder layer, final norm, head)")

@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from megakto import checkpoint
 from megakto.data.batcher import Batcher
 from megakto.distributed import comm, engine as ds_engine
 from megakto.distributed.ds_config import reference_ds_config
@@ -198,7 +199,10 @@ class PipelineMode:
         cfg = self.cfg
         module = pipeline_model(cfg.model.path, self.dims.pp, dtype=self.dtype, model=cfg.model,
                                 partition=cfg.parallel.pp_partition)
-        policy = ds_engine.build_policy_engine(module, self.ds_config, **optim_settings(cfg))
+        # A universal folder (another data-parallel size or pipeline layout): DeepSpeed's universal load.
+        universal = load_dir is not None and checkpoint.resume_layout(load_dir, comm.world_size()) == "universal"
+        ds_config = ds_engine.universal_load_config(self.ds_config) if universal else self.ds_config
+        policy = ds_engine.build_policy_engine(module, ds_config, **optim_settings(cfg))
         self.log(f"pipeline: {describe_stages(policy)}")
         return policy
 

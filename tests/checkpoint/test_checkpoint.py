@@ -290,20 +290,31 @@ def test_resume_at_another_tensor_parallel_size(tmp_path):
         checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=2, tp_size=2)
 
 
-def test_resume_at_another_pipeline_size_is_refused(tmp_path):
-    """Pipeline checkpoints hold per-layer files and per-stage optimizer partitions: one saved at
-    pp_size 2 resumes only at 2, and a ZeRO checkpoint (no pp_size: pp 1) does not resume at 2."""
-    fake = FakeEngine()
-    pp2 = checkpoint.save(fake, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
+def test_resume_at_another_pipeline_layout(tmp_path):
+    """A pipeline checkpoint of ZeRO-1 resumes at another pipeline degree (none included) or
+    data-parallel size through its universal form (``convert``); without ZeRO partitions (stage 0:
+    Adam's states per stage, or per model) another pipeline layout or number of ranks is refused in
+    one line naming both layouts, and so is a ZeRO stage 0 checkpoint under a pipeline."""
+    zero1 = FakeEngine(name="zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    pp2 = checkpoint.save(zero1, str(tmp_path / "a" / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32",
                           pp_size=2)
     assert json.loads((tmp_path / "a" / "checkpoints" / "step-00000004" / "complete").read_text())["pp_size"] == 2
-    assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=1, pp_size=2) == pp2
     _manifest_with(pp2, world_size=2)  # as PP2 on 2 ranks writes it
+    for world, pp in ((2, 1), (4, 2), (2, 2), (4, 1)):
+        assert checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=world, pp_size=pp) == pp2
+        assert checkpoint.resume_layout(pp2, world, pp_size=pp) == ("same" if (world, pp) == (2, 2) else "convert")
+        assert checkpoint.ranks_moved(pp2, world, pp_size=pp) == ((world, pp) != (2, 2))
+    stage0 = checkpoint.save(FakeEngine(), str(tmp_path / "s" / "checkpoints"), 4, {"step": 4}, keep_last=2,
+                             dtype="float32", pp_size=2)
+    _manifest_with(stage0, world_size=2)
     with pytest.raises(ConfigError) as err:
-        checkpoint.resolve_resume("auto", str(tmp_path / "a"), world_size=2)
-    assert str(err.value) == (f"train.resume=auto: {pp2} was written by 2 ranks as dp 1 × tp 1 × pp 2; this run is "
-                              "2 ranks as dp 2 × tp 1 × pp 1: its weights are per-layer pipeline files and do not "
-                              "load at another parallel.pp_size, resume with parallel.pp_size=2")
+        checkpoint.resolve_resume("auto", str(tmp_path / "s"), world_size=2)
+    assert str(err.value) == (f"train.resume=auto: {stage0} was written by 2 ranks as dp 1 × tp 1 × pp 2; this run "
+                              "is 2 ranks as dp 2 × tp 1 × pp 1: it holds no ZeRO partitions (ZeRO stage 0), so its "
+                              "Adam states do not move to another pipeline layout: resume with parallel.pp_size=2")
+    with pytest.raises(ConfigError, match=r"dp 2 × tp 1 × pp 2: it holds no ZeRO partitions \(ZeRO stage 0\), so it "
+                                          r"has no universal conversion: resume with 2 processes$"):
+        checkpoint.resolve_resume("auto", str(tmp_path / "s"), world_size=4, pp_size=2)
     _, old = _save(tmp_path / "b" / "checkpoints", 2)
     manifest_path = os.path.join(old, "complete")
     manifest = json.loads(open(manifest_path).read())
@@ -312,8 +323,23 @@ def test_resume_at_another_pipeline_size_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         checkpoint.resolve_resume(old, str(tmp_path / "b"), world_size=2, pp_size=2)
     assert str(err.value) == (f"train.resume={old}: {old} was written by 1 rank as dp 1 × tp 1 × pp 1; this run is "
-                              "2 ranks as dp 1 × tp 1 × pp 2: its weights are ZeRO files and do not load at another "
-                              "parallel.pp_size, resume with parallel.pp_size=1")
+                              "2 ranks as dp 1 × tp 1 × pp 2: it holds no ZeRO partitions (ZeRO stage 0), so its "
+                              "Adam states do not move to another pipeline layout: resume with parallel.pp_size=1")
+
+
+def test_a_universal_folder_resumes_only_under_its_layer_names(tmp_path):
+    """A universal folder records whether its parameters are under a pipeline's names or the
+    model's; a run of the other kind is told to resume from the step-* it came from."""
+    path = checkpoint.save(FakeEngine(), str(tmp_path / "checkpoints"), 4, {"step": 4}, keep_last=2, dtype="float32")
+    for names, pp in (("pipeline", 2), ("hf", 1)):
+        _manifest_with(path, world_size=2, format="universal", layer_names=names)
+        assert checkpoint.resolve_resume(path, str(tmp_path), world_size=2, pp_size=pp) == path
+        assert checkpoint.resume_layout(path, 2, pp_size=pp) == "universal"
+    with pytest.raises(ConfigError, match=r"this run is 2 ranks as dp 2 × tp 1 × pp 1: its universal form is under "
+                                          r"pipeline parameter names, for a pipeline: resume from the step-\* directory "
+                                          r"it was converted from, which is converted again for this run$"):
+        _manifest_with(path, layer_names="pipeline")
+        checkpoint.resolve_resume(path, str(tmp_path), world_size=2)
 
 
 def _manifest_with(path, **changes):

@@ -33,9 +33,19 @@ def fake_converter(monkeypatch):
         os.makedirs(os.path.join(out_dir, "zero", "w"))
         payload = torch.load(os.path.join(tag_dir, OPTIM), weights_only=True)
         torch.save({"param": torch.tensor([float(payload)])}, os.path.join(out_dir, "zero", "w", "fp32.pt"))
+        torch.save(torch.tensor(1.0), os.path.join(out_dir, "zero", "w", "step.pt"))
+        torch.save({"param_groups": []}, os.path.join(out_dir, "zero", "optimizer_state.pt"))
 
     monkeypatch.setattr(universal.engine, "to_universal", to_universal)
     return calls
+
+
+def _optimizer_state(out_dir):
+    """What ds_to_universal writes beside the parameters: Adam's step for each, its global state."""
+    zero = os.path.join(out_dir, "zero")
+    for name in os.listdir(zero):
+        torch.save(torch.tensor(1.0), os.path.join(zero, name, "step.pt"))
+    torch.save({"param_groups": []}, os.path.join(zero, "optimizer_state.pt"))
 
 
 def _weight(out):
@@ -151,6 +161,7 @@ def test_flat_zero3_tensors_are_shaped_for_tensor_parallelism(tmp_path, monkeypa
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
                 torch.save(tensor, os.path.join(out_dir, "zero", name, f"{key}.pt"))
         torch.save({"param": w.view(2, 3)}, os.path.join(out_dir, "zero", "a.weight", "fp32.pt"))
+        _optimizer_state(out_dir)
 
     monkeypatch.setattr(universal.engine, "to_universal", to_universal)
     tag = checkpoint.save(FakeEngine(1, name=OPTIM), str(tmp_path / "checkpoints"), 4,
@@ -181,6 +192,7 @@ def test_vocabulary_blocks_are_joined_for_tensor_parallelism(tmp_path, monkeypat
             os.makedirs(os.path.join(out_dir, "zero", name))
             for i, key in enumerate(("fp32", "exp_avg", "exp_avg_sq")):
                 torch.save(tensor.flatten() + 100 * i, os.path.join(out_dir, "zero", name, f"{key}.pt"))
+        _optimizer_state(out_dir)
 
     monkeypatch.setattr(universal.engine, "to_universal", to_universal)
     tag = checkpoint.save(FakeEngine(1, name=OPTIM), str(tmp_path / "checkpoints"), 4,
@@ -189,7 +201,7 @@ def test_vocabulary_blocks_are_joined_for_tensor_parallelism(tmp_path, monkeypat
                           keep_last=10, dtype="float32")
     out = universal.convert(tag, str(tmp_path / "universal-step-00000004"), for_tp=True)
     zero = os.path.join(out, "zero")
-    assert os.listdir(zero) == ["model.embed_tokens.weight"]
+    assert [n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n))] == ["model.embed_tokens.weight"]
     for i, key in enumerate(("fp32", "exp_avg", "exp_avg_sq")):
         got = torch.load(os.path.join(zero, "model.embed_tokens.weight", f"{key}.pt"), weights_only=True)["param"]
         assert torch.equal(got, torch.arange(9.0).view(3, 3) + 100 * i)

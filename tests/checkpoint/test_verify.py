@@ -169,7 +169,7 @@ def test_unreadable_trainer_state_is_one_line(tmp_path):
 
 
 def test_other_world_size_of_a_pipeline_is_refused_before_any_file_is_hashed(tmp_path, monkeypatch):
-    """A pipeline checkpoint of 1 rank resumed by 4 (its layer files have no universal form): one
+    """A ZeRO stage 0 pipeline checkpoint of 1 rank resumed by 4 (no partitions to convert): one
     line with both numbers, and no file is read for its checksum first (a large checkpoint would be
     hashed whole for nothing)."""
     path = checkpoint.save(FakeEngine(os.urandom(20000)), str(tmp_path / "checkpoints"), 2, {"step": 2},
@@ -180,8 +180,8 @@ def test_other_world_size_of_a_pipeline_is_refused_before_any_file_is_hashed(tmp
         with pytest.raises(ConfigError) as err:
             checkpoint.resolve_resume(resume, str(tmp_path), world_size=4, pp_size=2)
         assert str(err.value) == (f"train.resume={resume}: {path} was written by 1 rank at tp 1 × pp 2; this run is "
-                                  "4 ranks as dp 2 × tp 1 × pp 2: DeepSpeed's universal conversion does not cover "
-                                  "pipeline layer files, resume with 1 processes")
+                                  "4 ranks as dp 2 × tp 1 × pp 2: it holds no ZeRO partitions (ZeRO stage 0), so it "
+                                  "has no universal conversion: resume with 1 processes")
     assert hashed == []
 
 

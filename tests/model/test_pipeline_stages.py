@@ -10,7 +10,8 @@ from megakto.data.packing import pack
 from megakto.errors import ModelError
 from megakto.model.forward import packed_completion_logps
 from megakto.model.pipeline_stages import (DecoderStage, EmbedStage, HeadStage, NormStage, StageSource,
-                                           check_pipeline_model, hf_names, stage_specs)
+                                           TIED_EMBED, check_pipeline_model, hf_names, hf_to_pipeline,
+                                           is_pipeline_name, pipeline_to_hf, stage_specs)
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=96, max_position_embeddings=64)
@@ -99,6 +100,25 @@ def test_hf_names_of_each_layer_kind():
     assert hf_names(4, 2, {"lm_head.weight": t}) == {"lm_head.weight": t}
     with pytest.raises(ModelError, match="pipeline layer 5 does not exist in a model of 2 layers"):
         hf_names(5, 2, {})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pipeline_parameter_names_map_to_hugging_face_names_and_back(tmp_path, tied):
+    """The PipelineModule names its layers' parameters ``<layer index>.<attribute>`` (a tied
+    embedding :data:`TIED_EMBED`): every one maps to the whole model's parameter of the same shape,
+    and back (the universal form across pipeline layouts renames by these)."""
+    model = _save(tmp_path, LlamaConfig(**SHAPE, tie_word_embeddings=tied))
+    source = StageSource(str(tmp_path), dtype=torch.float32, attn_implementation="eager")
+    pipeline = {}
+    for index, spec in enumerate(stage_specs(source)):
+        for name, param in spec.cls(*spec.args).named_parameters():
+            pipeline[TIED_EMBED if spec.tie else f"{index}.{name}"] = param.shape
+    whole = {name: p.shape for name, p in model.named_parameters()}
+    assert all(is_pipeline_name(n) for n in pipeline) and not any(is_pipeline_name(n) for n in whole)
+    assert {pipeline_to_hf(n): shape for n, shape in pipeline.items()} == whole
+    assert {hf_to_pipeline(n, 3, tied) for n in whole} == set(pipeline)
+    with pytest.raises(ModelError, match="not a parameter of a pipeline stage"):
+        hf_to_pipeline("model.embed_tokens.blocks.0.weight", 3)
 
 
 def test_unsupported_models_are_refused():

@@ -11,15 +11,18 @@ import glob
 import io
 import os
 import re
+import shutil
 import tempfile
 
 import torch
 
-from megakto.distributed._deepspeed.checkpoint_io import check_deepspeed_pickles, first_line
+from megakto.distributed._deepspeed.checkpoint_io import check_deepspeed_pickles, first_line, weights_only_load
 from megakto.errors import ModelError
 from megakto.model.vocab_blocks import merge_vocab_blocks
 
-__all__ = ["to_universal", "repair_replicated_maps", "zero_fp32_state_dict", "zero_fp32_shards"]
+__all__ = ["to_universal", "repair_replicated_maps", "any_stage", "zero_fp32_state_dict", "zero_fp32_shards"]
+
+_ZERO3_STATES, _ZERO_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"
 
 
 def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1, shapes: dict | None = None) -> None:
@@ -90,6 +93,54 @@ def _repaired(tag_dir: str, shapes: dict, scratch: str):
             else:
                 os.symlink(os.path.join(os.path.abspath(tag_dir), name), os.path.join(view, name))
         yield view
+
+
+def any_stage(universal_dir: str) -> None:
+    """Make the universal folder ``universal_dir`` (no tensor parallelism) loadable by a ZeRO-1/2
+    engine (pipelines included) and a ZeRO-3 one alike: deepspeed 0.19.8's universal loaders of the
+    two expect different folders, so each gets what it reads. ZeRO-1/2 reads Adam's step from each
+    parameter's ``step.pt``, its global state (``ds_version``, ``param_groups``) from
+    ``zero/optimizer_state.pt`` and the engine states (LR schedule, step counters) from
+    ``mp_rank_XX_model_states.pt``; ZeRO-3 reads the step from ``optimizer_state.pt``'s
+    ``optimizer_state_dict`` and the engine states from ``zero_pp_rank_0_mp_rank_XX_model_states.pt``.
+    ZeRO-3's flat weights and moments are stored whole (``{"param": tensor}``, ZeRO-1/2's form),
+    which ZeRO-3's loader takes too."""
+    from deepspeed.git_version_info import version
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    # One file per saved pipeline stage (each records how many there are), under either name.
+    for have, want in ((_ZERO3_STATES, _ZERO_STATES), (_ZERO_STATES, _ZERO3_STATES)):
+        if glob.glob(os.path.join(universal_dir, want.replace("00", "*"))):
+            continue
+        for path in glob.glob(os.path.join(universal_dir, have.replace("00", "*"))):
+            rank = os.path.basename(path).split("mp_rank_")[1][:2]
+            shutil.copy2(path, os.path.join(universal_dir, want.replace("00", rank)))
+    zero = os.path.join(universal_dir, "zero")
+    path = os.path.join(zero, "optimizer_state.pt")
+    optim = weights_only_load(path, map_location="cpu", extra_globals=(LossScaler, ZeroStageEnum))
+    names = sorted(n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n)))
+    steps = [os.path.join(zero, n, "step.pt") for n in names if os.path.isfile(os.path.join(zero, n, "step.pt"))]
+    inner = optim.get("optimizer_state_dict") or {}
+    step = (weights_only_load(steps[0], map_location="cpu") if steps
+            else next(iter((inner.get("state") or {}).values()))["step"])
+    shapes = {}  # ZeRO-3's whole parameter shapes, one dict per parameter group
+    for states in glob.glob(os.path.join(universal_dir, _ZERO3_STATES.replace("00", "*"))):
+        groups = weights_only_load(states, map_location="cpu", extra_globals=(LossScaler,)).get("param_shapes")
+        for group in groups or []:
+            shapes.update(group)
+    for name in names:
+        if not os.path.isfile(os.path.join(zero, name, "step.pt")):
+            torch.save(step.clone(), os.path.join(zero, name, "step.pt"))
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            file = os.path.join(zero, name, f"{key}.pt")
+            tensor = weights_only_load(file, map_location="cpu") if name in shapes and os.path.isfile(file) else None
+            if torch.is_tensor(tensor):  # ZeRO-3's flat tensor: whole, as ZeRO-1/2 reads it
+                torch.save({"param": tensor.view(shapes[name]).contiguous()}, file)
+    if "optimizer_state_dict" not in optim:
+        optim["optimizer_state_dict"] = {"state": {0: {"step": step.clone()}}, "param_groups": optim["param_groups"]}
+    optim.setdefault("ds_version", version)
+    torch.save(optim, path)
 
 
 def zero_fp32_state_dict(load_dir: str, tag: str) -> dict[str, torch.Tensor]:
