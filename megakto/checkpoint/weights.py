@@ -13,7 +13,8 @@ Offline: one process, no process group; memory for one full fp32 copy of the mod
   (:func:`megakto.model.pipeline_stages.hf_names`). They hold the engine's module weights, in the
   dtype the run trained in.
 * **Universal** (:func:`universal_weights`): DeepSpeed's one fp32 file per parameter
-  (:mod:`megakto.checkpoint.universal`); AutoEP's expert names are renamed to the Hugging Face ones
+  (:mod:`megakto.checkpoint.universal`) and the frozen parameters (a LoRA run's base) taken from the
+  source's model states at the conversion, checked against their manifest checksum; AutoEP's expert names are renamed to the Hugging Face ones
   (:func:`megakto.model.expert_names.autoep_to_hf`).
 * **Expert parallelism** (:func:`expert_weights`, ``ep_size`` > 1 in the manifest): DeepSpeed
   AutoEP's experts are spread over the ranks, and neither zero_to_fp32 nor the engine's
@@ -131,6 +132,8 @@ def universal_weights(tag_dir: str, zero: str | None = None) -> dict[str, torch.
             state[name] = load_param(path, name, shapes)
     if not state:
         raise ModelError(f"{tag_dir}: no zero/<parameter>/fp32.pt files (not a universal checkpoint)")
+    for name, tensor in universal.frozen_weights(tag_dir).items():  # a LoRA run's base, checksummed
+        state.setdefault(name, tensor)
     if is_autoep(state):
         try:
             state = autoep_to_hf(state)

@@ -29,7 +29,7 @@ from megakto.distributed._deepspeed.checkpoint_io import (check_deepspeed_pickle
                                                           universal_load_config, unsafe_pickle, weights_only_load)
 from megakto.distributed._deepspeed.expert import (AUTOEP_PRESETS, allow_string_registry_keys, autoep_preset,
                                                    expert_groups)
-from megakto.distributed._deepspeed.convert import to_universal, zero_fp32_shards
+from megakto.distributed._deepspeed.convert import frozen_mismatch, frozen_params, to_universal, zero_fp32_shards
 from megakto.distributed._deepspeed.engines import (build_pipeline_module, build_policy_engine, build_reference_engine,
                                                     disable_dropout, gathered_numel, gathered_state_dict,
                                                     parallel_groups, pipeline_groups, with_moe_leaves,
@@ -64,6 +64,8 @@ __all__ = [
     "load_checkpoint",
     "universal_load_config",
     "to_universal",
+    "frozen_params",
+    "frozen_mismatch",
     "zero_fp32_shards",
     "parallel_groups",
     "build_pipeline_module",

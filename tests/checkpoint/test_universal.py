@@ -4,6 +4,7 @@ conversion itself (``engine.to_universal``) is replaced by a fake that writes on
 file, so every other line of ``universal.convert`` runs; tests/e2e/test_universal_resume.py runs
 the real one."""
 
+import json
 import os
 
 import pytest
@@ -28,7 +29,7 @@ def fake_converter(monkeypatch):
     """``engine.to_universal`` writing the source's optimizer payload as one parameter's fp32."""
     calls = []
 
-    def to_universal(tag_dir, out_dir, workers=1):
+    def to_universal(tag_dir, out_dir, workers=1, **stages):
         calls.append(tag_dir)
         os.makedirs(os.path.join(out_dir, "zero", "w"))
         payload = torch.load(os.path.join(tag_dir, OPTIM), weights_only=True)
@@ -134,3 +135,66 @@ def test_a_schedule_saved_with_more_parameter_groups_loads_if_they_agree():
     state["base_lrs"] = [0.1, 0.2, 0.1]
     with pytest.raises(IndexError):
         _per_group_fitted(scheduler(2))(state)
+
+
+def test_every_file_of_a_universal_folder_is_checksummed_and_a_damaged_one_fails_verification(tmp_path,
+                                                                                              fake_converter):
+    """The universal folder's manifest holds the sha256 of every file it lists (taken as each stage
+    finished), and the resume's verification names a file damaged after the conversion."""
+    tag = _save(tmp_path / "checkpoints", 4, 7)
+    out = universal.convert(tag, universal.universal_dir(tag))
+    manifest = checkpoint.read_manifest(out)
+    assert sorted(manifest[checkpoint.DIGEST]) == sorted(manifest["files"]) and len(manifest["files"]) == 2
+    for name, digest in manifest[checkpoint.DIGEST].items():
+        assert checkpoint.file_digest(os.path.join(out, name)) == digest, name
+    assert checkpoint.verify(out, collective=False) is None
+    path = os.path.join(out, "zero", "w", "fp32.pt")
+    data = bytearray(open(path, "rb").read())
+    data[-30] ^= 1  # same size: only the checksum can tell
+    open(path, "wb").write(bytes(data))
+    assert checkpoint.verify(out, collective=False) == (
+        f"zero{os.sep}w{os.sep}fp32.pt does not match its sha256 in the manifest (damaged after the save)")
+
+
+def _files(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names if n != checkpoint.MANIFEST}
+
+
+def test_a_conversion_killed_after_a_stage_continues_from_it(tmp_path, fake_converter, monkeypatch):
+    """Killed right after a stage (the test hook exits where a SIGKILL could land), the conversion
+    commits nothing; run again it reuses the finished stages (DeepSpeed's converter is not called
+    again), says so, and writes the bytes an uninterrupted conversion writes, checksums included. A
+    record of another save is not reused."""
+    from megakto.checkpoint import _stages
+
+    tag = _save(tmp_path / "checkpoints", 4, 5)
+    whole = universal.convert(tag, str(tmp_path / "whole" / "universal-step-00000004"))
+
+    def killed(code):
+        raise SystemExit(code)
+
+    out = universal.universal_dir(tag)
+    work = os.path.join(os.path.dirname(out), checkpoint.TMP_PREFIX + os.path.basename(out))
+    monkeypatch.setattr(_stages.os, "_exit", killed)
+    monkeypatch.setenv(_stages.FAULT_ENV, "frozen")
+    with pytest.raises(SystemExit):
+        universal.convert(tag, out)
+    monkeypatch.delenv(_stages.FAULT_ENV)
+    assert not os.path.exists(out) and len(fake_converter) == 2
+    with open(os.path.join(work, _stages.RECORD)) as f:
+        assert json.load(f)["done"] == ["zero", "frozen"]
+    logged = []
+    universal.convert(tag, out, log=logged.append)
+    assert len(fake_converter) == 2 and not os.path.exists(work)  # the converter's stage was not redone
+    assert logged == [f"continuing the conversion of {tag} after its finished stages (zero, frozen)"]
+    assert _files(out) == _files(whole)
+    assert checkpoint.read_manifest(out)[checkpoint.DIGEST] == checkpoint.read_manifest(whole)[checkpoint.DIGEST]
+
+    monkeypatch.setenv(_stages.FAULT_ENV, "zero")
+    with pytest.raises(SystemExit):
+        universal.convert(tag, str(tmp_path / "again" / "universal-step-00000004"))
+    monkeypatch.delenv(_stages.FAULT_ENV)
+    _save(tmp_path / "checkpoints", 4, 6)  # the step saved again: the record is of another save
+    universal.convert(tag, str(tmp_path / "again" / "universal-step-00000004"))
+    assert len(fake_converter) == 4 and _weight(str(tmp_path / "again" / "universal-step-00000004")) == 6.0

@@ -10,6 +10,9 @@ import contextlib
 import glob
 import io
 import os
+import shutil
+from collections.abc import Callable, Collection
+from unittest import mock
 
 import torch
 
@@ -17,27 +20,106 @@ from megakto.distributed._deepspeed.checkpoint_io import check_deepspeed_pickles
 from megakto.errors import ModelError
 from megakto.model.vocab_blocks import merge_vocab_blocks
 
-__all__ = ["to_universal", "zero_fp32_state_dict", "zero_fp32_shards"]
+__all__ = ["UNIVERSAL_STAGES", "to_universal", "frozen_params", "frozen_mismatch", "zero_fp32_state_dict", "zero_fp32_shards"]
+
+# ds_to_universal's own stages that a conversion killed midway need not redo: the extraction of every
+# rank's ZeRO fragments (reading each optimizer file: the long one) and their merge into whole tensors.
+# Its functions of each stage (ZeRO-1/2 and ZeRO-3 alike) and the stage they belong to.
+UNIVERSAL_STAGES = ("extract", "merge")
+_STAGE_FUNCTIONS = {"_extract_zero_shard_files": "extract", "_extract_zero_shard_files_stage3": "extract",
+                    "_merge_tp_slice_files": "merge", "_merge_zero3_slice_files": "merge"}
 
 
-def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1) -> None:
+def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1, done: Collection[str] = (),
+                 finished: Callable[[str], None] | None = None) -> None:
     """DeepSpeed's own ``ds_to_universal`` of the ZeRO checkpoint ``tag_dir`` into ``out_dir``: one
     fp32 file per parameter (weights, Adam moments) that any data-parallel size loads. ``workers``:
     its extraction processes (1: none forked, as inside a training rank). Offline; it unpickles
     with ``weights_only=False``, so every file is scanned first. Its progress output is kept back;
-    a failure is one ModelError line naming ``tag_dir``."""
+    a failure is one ModelError line naming ``tag_dir``.
+
+    Staged (:data:`UNIVERSAL_STAGES`): ``finished(stage)`` is called once a stage's files are all
+    written, and a stage in ``done`` (finished by an earlier call into the same ``out_dir``) is not
+    run again; its fragments stay in ``out_dir/tmp`` until the whole conversion has finished."""
     from deepspeed.checkpoint import ds_to_universal
 
     check_deepspeed_pickles(tag_dir)
+    temp = os.path.join(out_dir, "tmp")  # ds_to_universal's folder of extracted fragments
+
+    def staged(name: str, stage: str):
+        run = getattr(ds_to_universal, name)
+
+        def step(*args, **kwargs):
+            if stage in done:
+                return None
+            if stage == "extract":  # fragments of a killed extraction: start it over
+                shutil.rmtree(temp, ignore_errors=True)
+            result = run(*args, **kwargs)
+            if finished is not None:
+                finished(stage)
+            return result
+        return step
+
     args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=workers,
-                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                              num_merge_workers=max(1, workers // 2), keep_temp_folder=True, strict=True,
                               inject_missing_state=False)
     noise = io.StringIO()
     try:
-        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+        with contextlib.ExitStack() as stack:
+            for name, stage in _STAGE_FUNCTIONS.items():
+                stack.enter_context(mock.patch.object(ds_to_universal, name, staged(name, stage)))
+            stack.enter_context(contextlib.redirect_stdout(noise))
+            stack.enter_context(contextlib.redirect_stderr(noise))
             ds_to_universal.main(args)
     except Exception as err:  # DeepSpeed's asserts and RuntimeErrors: one line naming the checkpoint
         raise ModelError(f"{tag_dir}: DeepSpeed's universal conversion failed: {first_line(err)}") from None
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def frozen_params(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The parameters no optimizer owns (a LoRA policy's frozen base), whole, under the engine's
+    names, from the model-state files of a ZeRO checkpoint without tensor parallelism (DeepSpeed
+    saves each rank's fragment of them there; ``ds_to_universal`` does not carry them). In the dtype
+    the module held them in; empty when every parameter trains."""
+    from deepspeed.utils import zero_to_fp32
+
+    check_deepspeed_pickles(tag_dir)
+    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
+    with contextlib.redirect_stdout(io.StringIO()):
+        states = zero_to_fp32.parse_model_states(files)
+        if not states or not states[0].frozen_param_shapes:
+            return {}
+        params: dict[str, torch.Tensor] = {}
+        if any(os.path.basename(f).startswith("zero_pp_rank_") for f in files):  # ZeRO-3: a flat fragment a rank
+            zero_to_fp32._zero3_merge_frozen_params(params, len(states), states)
+        else:  # ZeRO-1/2: one file, each frozen parameter whole
+            zero_to_fp32._zero2_merge_frozen_params(params, states)
+    return {name: tensor.clone() for name, tensor in params.items()}
+
+
+def frozen_mismatch(module: torch.nn.Module, path: str) -> str | None:
+    """The first frozen parameter of ``module`` (an engine's, after its load) whose values on this
+    rank (its ZeRO-3 partition, else the whole tensor) differ from the whole one in ``path``
+    (:func:`frozen_params`, saved), or None. Each rank reads only its slices (memory-mapped)."""
+    import deepspeed.comm as dist
+
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            continue
+        if name not in saved:
+            return name
+        whole = saved[name].reshape(-1)
+        if hasattr(param, "ds_tensor"):
+            mine = param.ds_tensor.detach().cpu().reshape(-1)
+            start = mine.numel() * dist.get_rank(group=param.ds_process_group)
+            want = whole[start:start + mine.numel()]
+            mine = mine[:want.numel()]  # the last partition's padding
+        else:
+            mine, want = param.detach().cpu().reshape(-1), whole
+        if not torch.equal(mine, want.to(mine.dtype)):
+            return name
+    return None
 
 
 def zero_fp32_state_dict(load_dir: str, tag: str) -> dict[str, torch.Tensor]:
