@@ -80,21 +80,25 @@ def frozen_params(tag_dir: str) -> dict[str, torch.Tensor]:
     """The parameters no optimizer owns (a LoRA policy's frozen base), whole, under the engine's
     names, from the model-state files of a ZeRO checkpoint without tensor parallelism (DeepSpeed
     saves each rank's fragment of them there; ``ds_to_universal`` does not carry them). In the dtype
-    the module held them in; empty when every parameter trains."""
-    from deepspeed.utils import zero_to_fp32
+    the module held them in; empty when every parameter trains. Expert files are not read."""
+    from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS, FROZEN_PARAM_SHAPES
 
-    check_deepspeed_pickles(tag_dir)
-    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
-    with contextlib.redirect_stdout(io.StringIO()):
-        states = zero_to_fp32.parse_model_states(files)
-        if not states or not states[0].frozen_param_shapes:
-            return {}
-        params: dict[str, torch.Tensor] = {}
-        if any(os.path.basename(f).startswith("zero_pp_rank_") for f in files):  # ZeRO-3: a flat fragment a rank
-            zero_to_fp32._zero3_merge_frozen_params(params, len(states), states)
-        else:  # ZeRO-1/2: one file, each frozen parameter whole
-            zero_to_fp32._zero2_merge_frozen_params(params, states)
-    return {name: tensor.clone() for name, tensor in params.items()}
+    # ZeRO-3: zero_pp_rank_<dp>_mp_rank_00_model_states.pt, a flat fragment each; ZeRO-1/2: one file, whole.
+    ranked = glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    files = sorted(ranked, key=lambda f: int(os.path.basename(f).split("_")[3])) or \
+        glob.glob(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
+    check_deepspeed_pickles(tag_dir, [os.path.basename(f) for f in files])
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    shapes = (states[0].get(FROZEN_PARAM_SHAPES) or {}) if states else {}
+    params = {}
+    for name, shape in shapes.items():
+        fragments = [state[FROZEN_PARAM_FRAGMENTS][name] for state in states]
+        if ranked:
+            params[name] = torch.cat([f.reshape(-1) for f in fragments]).narrow(0, 0, shape.numel()).view(shape)
+        else:
+            params[name] = fragments[0]
+        params[name] = params[name].clone()
+    return params
 
 
 def frozen_mismatch(module: torch.nn.Module, path: str) -> str | None:
