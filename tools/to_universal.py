@@ -9,9 +9,12 @@ CKPT_DIR is a run's checkpoints/ directory (its newest complete checkpoint unles
 or one step-* directory; it is verified as a resume verifies it. OUT_DIR defaults to
 universal-<tag> beside the tag. Resume from it with train.resume=OUT_DIR at any number of ranks
 (same train.global_batch_size and parallel.tp_size); tools/zero_to_hf.py exports it like any
-checkpoint. Its parameters are named for a run with the checkpoint's own kind of layout: pass
---pp-size N for a run with parallel.pp_size=N (a pipeline's layer names, or, for 1, the model's).
-A run resumed at another size converts by itself; converting first keeps a large model's
+checkpoint (a LoRA run's frozen base included, taken from the checkpoint's model states). Its
+parameters are named for a run with the checkpoint's own kind of layout: pass --pp-size N for a run
+with parallel.pp_size=N (a pipeline's layer names, or, for 1, the model's). A conversion killed
+midway continues after its last finished stage when run again (the stages are recorded in
+.tmp-universal-<tag>/stages.json). A run resumed at another size converts by itself; converting
+first keeps a large model's
 conversion out of the training job (whose ranks would wait for it within dist.timeout_minutes).
 """
 
@@ -43,7 +46,8 @@ def main(argv=None) -> int:
         tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
         pp = args.pp_size or read_manifest(tag_dir).get("pp_size", 1)
         out = universal.convert(tag_dir, args.out_dir or universal.universal_dir(tag_dir), workers=args.workers,
-                                layers=universal.layer_names(pp))
+                                layers=universal.layer_names(pp),
+                                log=lambda message: print(f"megakto: {message}", file=sys.stderr, flush=True))
         manifest = read_manifest(out)
         print(f"wrote {out} from {tag_dir} ({manifest['world_size']} ranks); resume with train.resume={out} at any "
               f"number of ranks, {'under a pipeline' if pp > 1 else 'without pipeline'}, train.global_batch_size "

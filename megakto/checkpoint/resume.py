@@ -7,7 +7,8 @@ policy engine (:mod:`megakto.checkpoint` documents the checkpoint itself; its ma
   converted by rank 0 unless it already exists, once its recorded parameter shapes match
   model.path's (a 32B conversion is hundreds of GB and minutes).
 * :func:`restore` (once the policy exists): the checkpoint must hold this model, then engine
-  (weights, Adam, LR schedule), RNG states (re-derived from the seed and step on every rank when
+  (weights, Adam, LR schedule), the frozen base checked against a universal folder's (a LoRA run's
+  base comes from model.path there, not from the checkpoint), RNG states (re-derived from the seed and step on every rank when
   the ranks are not the ones that saved: another number of ranks, or any universal layout).
 
 Both are collective: every rank calls them, all pass or all fail.
@@ -99,7 +100,7 @@ def prepare(resume_dir: str | None, cfg, *, tp: int, sampler, log: Callable[[str
             reused = os.path.exists(target) and why is None
             if why is not None:  # e.g. the step was saved again since: its old weights must not load
                 log(f"{target} is not the universal form of {resume_dir} ({why}): converting it again")
-            universal.convert(resume_dir, target, names=names, for_tp=for_tp, layers=layers)
+            universal.convert(resume_dir, target, names=names, for_tp=for_tp, layers=layers, log=log)
             log(f"{'reusing' if reused else 'converted'} {resume_dir} ({state['world_size']} ranks) "
                 f"-> {target} for {comm.world_size()} ranks ({time.perf_counter() - start:.1f} s)")
     with comm.fail_together(group=comm.world_group()):  # its own block: verifying the conversion is collective
@@ -147,6 +148,13 @@ def restore(state: dict, resume_dir: str, load_dir: str, policy, cfg, *, log: Ca
     # A file DeepSpeed cannot load: one line naming it, every rank exits 1.
     with comm.fail_together(group=comm.world_group()):
         load_engine(policy, load_dir)
+    frozen = universal.frozen_file(load_dir)
+    with comm.fail_together(group=comm.world_group()):  # the base model.path gave against the checkpoint's
+        name = engine.frozen_mismatch(policy.module, frozen) if frozen else None
+        if name is not None:
+            raise ConfigError(f"train.resume: {resume_dir}: the frozen weights of model.path={cfg.model.path} are "
+                              f"not the checkpoint's ({name} differs from {frozen}); resume with the base model "
+                              "the run was trained from")
     if ranks_moved(resume_dir, comm.world_size(), ep, tp_size=tp, pp_size=pp):  # every rank alike, rank 0 too
         derive_rng_state(cfg.seed, state["step"], comm.rank())
     else:

@@ -21,13 +21,30 @@ Layout, beside the ``step-*`` tags (``output_dir/checkpoints/`` or wherever the 
         trainer_state_rank{t}.pt       the source's trainer state of ranks 0..tp-1 (the first
                                        data-parallel rank of each tensor-parallel rank): step,
                                        sampler position, vocabulary-block layout, parameter shapes
+        frozen_params.pt               the parameters no optimizer owns (a LoRA run's frozen base),
+                                       whole, from the source's model states, which ZeRO saves
+                                       each rank's fragment of; only if there are any. The
+                                       manifest's "frozen" names the file and where it was taken
+                                       from; the export reads it only if it matches its sha256
     hf_base/                           copied from beside the source if missing (the export needs it)
 
-It is written like a save: into a ``.tmp-`` folder, the manifest last, committed by one rename. A
-second conversion of the same save finds it complete and reuses it; a folder converted from an
-earlier save of the same tag path (a run rolled back and saved that step again) is converted
-afresh. Pruning the source tag, or saving its step again, deletes the universal form beside it
-(megakto.checkpoint.housekeeping); one made from another run's tag stays until deleted by hand.
+It is written like a save: into a ``.tmp-`` folder, every file checksummed (the manifest's
+``sha256``, verified at resume as a save's), the manifest last, committed by one rename. The work
+is staged (megakto.checkpoint._stages): DeepSpeed's extraction and merge, the rest of its
+conversion, the frozen parameters, the trainer states; each finished stage is recorded with the
+checksums of the files it wrote, so a conversion killed midway (tools/to_universal.py, or the
+trainer's rank 0 while the others wait) continues after its last finished stage when run again,
+and never commits a partial folder. A second conversion of the same save finds it complete and
+reuses it; a folder converted from an earlier save of the same tag path (a run rolled back and saved
+that step again) is converted afresh. Pruning the source tag, or saving its step again, deletes the
+universal form beside it (megakto.checkpoint.housekeeping); one made from another run's tag stays
+until deleted by hand.
+
+A LoRA run resumed through it takes its base from model.path as any run does (only the adapters
+are the optimizer's, so only they come from the folder, and only they train), and checks it against
+``frozen_params.pt`` (megakto.checkpoint.resume.restore: each rank its own partition): another base
+stops the resume in one line. The export of the folder takes the base from ``frozen_params.pt``, the
+checkpoint's own, never model.path's.
 
 The sampler state is global (megakto.data.sampler), so the resumed run draws the same global
 batches at any data-parallel size as long as the global batch size is unchanged. RNG states were
@@ -60,21 +77,29 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+
+import torch
 
 from megakto.checkpoint._expert_universal import rename_to_hf
 from megakto.checkpoint._pipeline_universal import rename_layers
+from megakto.checkpoint._stages import Stages
 from megakto.checkpoint._tp_universal import FOR_TP, join_vocab_blocks, shape_flat_tensors
-from megakto.checkpoint.manifest import (HF_BASE, LAYER_NAMES, MANIFEST, TMP_PREFIX, UNIVERSAL, UNIVERSAL_PREFIX,
-                                         file_digest, problem, read_manifest, state_file)
+from megakto.checkpoint.manifest import (DIGEST, HF_BASE, LAYER_NAMES, MANIFEST, TMP_PREFIX, UNIVERSAL,
+                                         UNIVERSAL_PREFIX, file_digest, problem, read_manifest, state_file)
 from megakto.checkpoint.saving import commit
 from megakto.distributed import engine
 from megakto.errors import ModelError
 
-__all__ = ["PREFIX", "EXPERT_NAMES", "universal_dir", "source_rank", "expert_names", "convert", "converted", "stale"]
+__all__ = ["PREFIX", "EXPERT_NAMES", "FROZEN", "universal_dir", "source_rank", "expert_names", "convert", "converted",
+           "stale", "frozen_file", "frozen_weights"]
 
 PREFIX = UNIVERSAL_PREFIX
 SOURCE_MANIFEST = "source_manifest"  # the universal manifest's key: sha256 of the source's manifest file
 EXPERT_NAMES = "expert_names"  # the universal manifest's key: "autoep" (an AutoEP engine's names) or "hf"
+FROZEN = "frozen_params.pt"  # the parameters no optimizer owns (a LoRA run's base), whole
+FROZEN_KEY = "frozen"  # the universal manifest's key: {"file": FROZEN, "from": where they were taken}
+_LAYOUT_STARTED = "layout.started"  # in the work folder: the in-place rewrite of zero/ has begun
 
 
 def universal_dir(tag_dir: str, ckpt_dir: str | None = None) -> str:
@@ -138,12 +163,14 @@ def converted(tag_dir: str, out_dir: str, names: str = "autoep", *, for_tp: bool
 
 
 def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoep", for_tp: bool = False,
-            layers: str | None = None) -> str:
+            layers: str | None = None, log: Callable[[str], None] | None = None) -> str:
     """Write the universal form of the complete ZeRO tag ``tag_dir`` (verified by the caller) to
     ``out_dir``, atomically, its experts under ``names`` (:func:`expert_names`), its parameters
     under ``layers`` (``pipeline`` or ``hf`` names; default: the source's kind), for a
     tensor-parallel run if ``for_tp`` (ZeRO-3's flat tensors shaped, vocabulary blocks joined:
-    megakto.checkpoint._tp_universal); returns ``out_dir``. One process; reused if already complete."""
+    megakto.checkpoint._tp_universal); returns ``out_dir``. One process; reused if already complete;
+    a conversion of the same save killed midway continues after its last finished stage (``log``
+    says which)."""
     tag_dir, out_dir = os.path.abspath(tag_dir), os.path.abspath(out_dir)
     source = _source_digest(tag_dir)  # before reading it: the save this conversion is of
     manifest = read_manifest(tag_dir)
@@ -158,29 +185,75 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
     parent = os.path.dirname(out_dir)
     work = os.path.join(parent, TMP_PREFIX + os.path.basename(out_dir))
     staged = os.path.join(work, os.path.basename(out_dir))  # DeepSpeed writes latest_universal beside it
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    key = {"source": tag_dir, SOURCE_MANIFEST: source, EXPERT_NAMES: names, FOR_TP: for_tp, LAYER_NAMES: layers}
+    stages = Stages(work, staged, key)
+    if os.path.exists(os.path.join(work, _LAYOUT_STARTED)) and "layout" not in stages.done:
+        shutil.rmtree(work)  # killed while rewriting zero/ in place: its files are neither form, start over
+        stages = Stages(work, staged, key)
+    if stages.done and log is not None:
+        log(f"continuing the conversion of {tag_dir} after its finished stages ({', '.join(stages.done)})")
     # Recorded shapes: a TP checkpoint saved before megakto fixed its replicated maps is repaired by them.
     shapes = engine.weights_only_load(os.path.join(tag_dir, state_file(0))).get("param_shapes") or {}
-    engine.to_universal(tag_dir, staged, workers=workers, shapes=shapes)
+    stages.run("zero", lambda: engine.to_universal(tag_dir, staged, workers=workers, shapes=shapes,
+                                                   done=stages.done, finished=stages.finished))
     tp = manifest.get("tp_size", 1)
-    for rank in range(tp):
-        shutil.copy2(os.path.join(tag_dir, state_file(rank)), staged)
-    if tp == 1:  # (tensor-parallel checkpoints have no pipeline; their ranks record shards)
-        engine.universal_any_stage(staged)
-        rename_layers(staged, tag_dir, layers)
-    if names == "hf":
-        rename_to_hf(staged, shapes)
-    if for_tp:  # ZeRO-3's flat files shaped so that AutoTP cuts them; tensor parallelism has no vocabulary blocks
-        shape_flat_tensors(staged, shapes)
-        join_vocab_blocks(staged)
+    # (model-state files of one tp rank hold its shards of the frozen parameters, not the whole)
+    stages.run("frozen", lambda: _write_frozen(tag_dir, staged) if tp == 1 else None)
+
+    def trainer_states():
+        for rank in range(tp):
+            shutil.copy2(os.path.join(tag_dir, state_file(rank)), staged)
+    stages.run("trainer", trainer_states)
+
+    def layout():  # in place: a kill inside it starts the conversion over (above)
+        open(os.path.join(work, _LAYOUT_STARTED), "w").close()
+        if tp == 1:  # (tensor-parallel checkpoints have no pipeline; their ranks record shards)
+            engine.universal_any_stage(staged)
+            rename_layers(staged, tag_dir, layers)
+        if names == "hf":
+            rename_to_hf(staged, shapes)
+        if for_tp:  # ZeRO-3's flat files shaped so that AutoTP cuts them; tensor parallelism has no vocabulary blocks
+            shape_flat_tensors(staged, shapes)
+            join_vocab_blocks(staged)
+    stages.run("layout", layout)
     base, target = (os.path.join(d, HF_BASE) for d in (os.path.dirname(tag_dir), parent))
     if os.path.isdir(base) and not os.path.isdir(target):
         shutil.copytree(base, target)
+    extra = {"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source, EXPERT_NAMES: names, FOR_TP: for_tp,
+             LAYER_NAMES: layers}
+    if os.path.isfile(os.path.join(staged, FROZEN)):
+        extra[FROZEN_KEY] = {"file": FROZEN, "from": f"{tag_dir}'s model states (the frozen parameters' fragments)"}
     commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),
-           dtype=manifest.get("dtype", "float32"), digests={}, tp_size=tp, pp_size=1,
-           ep_size=manifest.get("ep_size", 1), extra={"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source,
-                                                     EXPERT_NAMES: names, FOR_TP: for_tp,
-                                                     LAYER_NAMES: layers})
+           dtype=manifest.get("dtype", "float32"), digests=stages.digests(), tp_size=tp, pp_size=1,
+           ep_size=manifest.get("ep_size", 1), extra=extra)
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def _write_frozen(tag_dir: str, staged: str) -> dict:
+    """The parameters no optimizer owns (a LoRA run's frozen base) into ``staged/frozen_params.pt``,
+    whole, if there are any (``ds_to_universal`` carries the optimizer's parameters alone)."""
+    frozen = engine.frozen_params(tag_dir)
+    if frozen:
+        torch.save(frozen, os.path.join(staged, FROZEN))
+    return frozen
+
+
+def frozen_file(tag_dir: str) -> str | None:
+    """The frozen parameters' file of a universal folder (its manifest's ``frozen``), or None."""
+    frozen = (read_manifest(tag_dir) or {}).get(FROZEN_KEY)
+    return os.path.join(tag_dir, frozen["file"]) if frozen else None
+
+
+def frozen_weights(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The frozen parameters a universal folder holds (:func:`_write_frozen`), checked against the
+    sha256 its manifest records for them, so that no export mixes in another base; empty if none."""
+    manifest = read_manifest(tag_dir) or {}
+    if FROZEN_KEY not in manifest:
+        return {}
+    path = os.path.join(tag_dir, manifest[FROZEN_KEY]["file"])
+    want = manifest.get(DIGEST, {}).get(manifest[FROZEN_KEY]["file"])
+    if want is None or not os.path.isfile(path) or file_digest(path) != want:
+        raise ModelError(f"{path}: the frozen parameters are missing or do not match their {DIGEST} in the "
+                         f"manifest (from {manifest[FROZEN_KEY]['from']})")
+    return engine.weights_only_load(path, map_location="cpu")

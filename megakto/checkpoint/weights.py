@@ -13,9 +13,10 @@ Offline: one process, no process group; memory for one full fp32 copy of the mod
   (:func:`megakto.model.pipeline_stages.hf_names`). They hold the engine's module weights, in the
   dtype the run trained in.
 * **Universal** (:func:`universal_weights`): DeepSpeed's one fp32 file per parameter
-  (:mod:`megakto.checkpoint.universal`); AutoEP's expert names and a pipeline's layer names are
-  renamed to the Hugging Face ones (:func:`megakto.model.expert_names.autoep_to_hf`,
-  :func:`megakto.model.pipeline_stages.pipeline_to_hf`).
+  (:mod:`megakto.checkpoint.universal`) and the frozen parameters (a LoRA run's base) taken from the
+  source's model states at the conversion, checked against their manifest checksum; AutoEP's
+  expert names and a pipeline's layer names are renamed to the Hugging Face ones
+  (:func:`megakto.model.expert_names.autoep_to_hf`, :func:`megakto.model.pipeline_stages.pipeline_to_hf`).
 * **Expert parallelism** (:func:`expert_weights`, ``ep_size`` > 1 in the manifest): DeepSpeed
   AutoEP's experts are spread over the ranks, and neither zero_to_fp32 nor the engine's
   ``save_16bit_model`` gathers them (deepspeed 0.19.8, measured: zero_to_fp32 refuses the expert
@@ -133,6 +134,8 @@ def universal_weights(tag_dir: str, zero: str | None = None) -> dict[str, torch.
             state[name] = load_param(path, name, shapes)
     if not state:
         raise ModelError(f"{tag_dir}: no zero/<parameter>/fp32.pt files (not a universal checkpoint)")
+    for name, tensor in universal.frozen_weights(tag_dir).items():  # a LoRA run's base, checksummed
+        state.setdefault(name, tensor)
     state = to_hf_names(state)  # a pipeline's universal form (megakto.checkpoint._pipeline_universal)
     if is_autoep(state):
         try:

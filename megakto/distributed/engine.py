@@ -29,7 +29,8 @@ from megakto.distributed._deepspeed.checkpoint_io import (check_deepspeed_pickle
                                                           universal_load_config, unsafe_pickle, weights_only_load)
 from megakto.distributed._deepspeed.expert import (AUTOEP_PRESETS, allow_string_registry_keys, autoep_preset,
                                                    expert_groups)
-from megakto.distributed._deepspeed.convert import any_stage as universal_any_stage, to_universal, zero_fp32_shards
+from megakto.distributed._deepspeed.convert import (any_stage as universal_any_stage, frozen_mismatch, frozen_params,
+                                                    to_universal, zero_fp32_shards)
 from megakto.distributed._deepspeed.engines import (build_pipeline_module, build_policy_engine, build_reference_engine,
                                                     disable_dropout, gathered_numel, gathered_state_dict,
                                                     parallel_groups, pipeline_groups, with_moe_leaves,
@@ -65,6 +66,8 @@ __all__ = [
     "universal_load_config",
     "to_universal",
     "universal_any_stage",
+    "frozen_params",
+    "frozen_mismatch",
     "zero_fp32_shards",
     "parallel_groups",
     "build_pipeline_module",

@@ -222,3 +222,30 @@ def _keep_rng():
     state = checkpoint.rng_state()
     yield
     checkpoint.set_rng_state(state)
+
+
+def test_a_moved_resume_continues_the_global_sampler_and_derives_each_ranks_rng(tmp_path, monkeypatch):
+    """What a resume on other ranks carries: the sampler position is global (every rank of the
+    2-rank save held the same), so each of 4 ranks resuming through the universal form takes it and
+    draws the global batches the saving run would have drawn next; the RNG streams were per rank and
+    are re-derived from (seed, step, rank), rank 0's too (docs/checkpoint.md)."""
+    from megakto.data.sampler import KTOBatchSampler
+
+    def sampler():
+        return KTOBatchSampler([i % 3 == 0 for i in range(120)], global_batch_size=16, seed=SEED)
+
+    saving = sampler()
+    for _ in range(STEP):
+        saving.next_global_batch()
+    path = _saved(tmp_path, monkeypatch, world_size=2, format=checkpoint.UNIVERSAL,
+                  extra={"sampler": saving.state_dict()})
+    following = [saving.next_global_batch() for _ in range(3)]
+    monkeypatch.setattr(resume, "load_engine", lambda policy, tag_dir: None)
+    for rank in range(4):
+        resumed = sampler()
+        manager = _manager(path, monkeypatch, rank=rank, world_size=4)
+        manager.prepare(resumed)
+        manager.resume(SimpleNamespace(module=torch.nn.Linear(1, 1)))
+        assert manager.resume_state["rank"] == 0
+        assert _draws() == _derived(rank)
+        assert [resumed.next_global_batch() for _ in range(3)] == following

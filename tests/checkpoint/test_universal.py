@@ -4,6 +4,7 @@ conversion itself (``engine.to_universal``) is replaced by a fake that writes on
 file, so every other line of ``universal.convert`` runs; tests/e2e/test_universal_resume.py runs
 the real one."""
 
+import json
 import os
 
 import pytest
@@ -28,7 +29,7 @@ def fake_converter(monkeypatch):
     """``engine.to_universal`` writing the source's optimizer payload as one parameter's fp32."""
     calls = []
 
-    def to_universal(tag_dir, out_dir, workers=1, shapes=None):
+    def to_universal(tag_dir, out_dir, workers=1, **stages):
         calls.append(tag_dir)
         os.makedirs(os.path.join(out_dir, "zero", "w"))
         payload = torch.load(os.path.join(tag_dir, OPTIM), weights_only=True)
@@ -155,7 +156,7 @@ def test_flat_zero3_tensors_are_shaped_for_tensor_parallelism(tmp_path, monkeypa
     every file costs), and neither is reused for the other kind of run."""
     w, m = torch.arange(6.0), torch.arange(6.0) + 10
 
-    def to_universal(tag_dir, out_dir, workers=1, shapes=None):
+    def to_universal(tag_dir, out_dir, workers=1, **stages):
         for name, tensor in (("a.weight", w), ("b.weight", m)):
             os.makedirs(os.path.join(out_dir, "zero", name))
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
@@ -187,7 +188,7 @@ def test_vocabulary_blocks_are_joined_for_tensor_parallelism(tmp_path, monkeypat
     blocks = {"model.embed_tokens.vocab_blocks.0.weight": torch.arange(6.0).view(2, 3),
               "model.embed_tokens.vocab_blocks.1.weight": torch.arange(6.0, 9.0).view(1, 3)}
 
-    def to_universal(tag_dir, out_dir, workers=1, shapes=None):
+    def to_universal(tag_dir, out_dir, workers=1, **stages):
         for name, tensor in blocks.items():
             os.makedirs(os.path.join(out_dir, "zero", name))
             for i, key in enumerate(("fp32", "exp_avg", "exp_avg_sq")):
@@ -206,3 +207,68 @@ def test_vocabulary_blocks_are_joined_for_tensor_parallelism(tmp_path, monkeypat
         got = torch.load(os.path.join(zero, "model.embed_tokens.weight", f"{key}.pt"), weights_only=True)["param"]
         assert torch.equal(got, torch.arange(9.0).view(3, 3) + 100 * i)
     assert universal.converted(tag, out, for_tp=True) and not universal.converted(tag, out)
+
+
+def test_every_file_of_a_universal_folder_is_checksummed_and_a_damaged_one_fails_verification(tmp_path,
+                                                                                              fake_converter):
+    """The universal folder's manifest holds the sha256 of every file it lists (taken as each stage
+    finished), and the resume's verification names a file damaged after the conversion."""
+    tag = _save(tmp_path / "checkpoints", 4, 7)
+    out = universal.convert(tag, universal.universal_dir(tag))
+    manifest = checkpoint.read_manifest(out)
+    assert sorted(manifest[checkpoint.DIGEST]) == sorted(manifest["files"]) == sorted(
+        ["trainer_state_rank0.pt", os.path.join("zero", "optimizer_state.pt"), os.path.join("zero", "w", "fp32.pt"),
+         os.path.join("zero", "w", "step.pt")])
+    for name, digest in manifest[checkpoint.DIGEST].items():
+        assert checkpoint.file_digest(os.path.join(out, name)) == digest, name
+    assert checkpoint.verify(out, collective=False) is None
+    path = os.path.join(out, "zero", "w", "fp32.pt")
+    data = bytearray(open(path, "rb").read())
+    data[-30] ^= 1  # same size: only the checksum can tell
+    open(path, "wb").write(bytes(data))
+    assert checkpoint.verify(out, collective=False) == (
+        f"zero{os.sep}w{os.sep}fp32.pt does not match its sha256 in the manifest (damaged after the save)")
+
+
+def _files(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names if n != checkpoint.MANIFEST}
+
+
+def test_a_conversion_killed_after_a_stage_continues_from_it(tmp_path, fake_converter, monkeypatch):
+    """Killed right after a stage (the test hook exits where a SIGKILL could land), the conversion
+    commits nothing; run again it reuses the finished stages (DeepSpeed's converter is not called
+    again), says so, and writes the bytes an uninterrupted conversion writes, checksums included. A
+    record of another save is not reused."""
+    from megakto.checkpoint import _stages
+
+    tag = _save(tmp_path / "checkpoints", 4, 5)
+    whole = universal.convert(tag, str(tmp_path / "whole" / "universal-step-00000004"))
+
+    def killed(code):
+        raise SystemExit(code)
+
+    out = universal.universal_dir(tag)
+    work = os.path.join(os.path.dirname(out), checkpoint.TMP_PREFIX + os.path.basename(out))
+    monkeypatch.setattr(_stages.os, "_exit", killed)
+    monkeypatch.setenv(_stages.FAULT_ENV, "frozen")
+    with pytest.raises(SystemExit):
+        universal.convert(tag, out)
+    monkeypatch.delenv(_stages.FAULT_ENV)
+    assert not os.path.exists(out) and len(fake_converter) == 2
+    with open(os.path.join(work, _stages.RECORD)) as f:
+        assert json.load(f)["done"] == ["zero", "frozen"]
+    logged = []
+    universal.convert(tag, out, log=logged.append)
+    assert len(fake_converter) == 2 and not os.path.exists(work)  # the converter's stage was not redone
+    assert logged == [f"continuing the conversion of {tag} after its finished stages (zero, frozen)"]
+    assert _files(out) == _files(whole)
+    assert checkpoint.read_manifest(out)[checkpoint.DIGEST] == checkpoint.read_manifest(whole)[checkpoint.DIGEST]
+
+    monkeypatch.setenv(_stages.FAULT_ENV, "zero")
+    with pytest.raises(SystemExit):
+        universal.convert(tag, str(tmp_path / "again" / "universal-step-00000004"))
+    monkeypatch.delenv(_stages.FAULT_ENV)
+    _save(tmp_path / "checkpoints", 4, 6)  # the step saved again: the record is of another save
+    universal.convert(tag, str(tmp_path / "again" / "universal-step-00000004"))
+    assert len(fake_converter) == 4 and _weight(str(tmp_path / "again" / "universal-step-00000004")) == 6.0

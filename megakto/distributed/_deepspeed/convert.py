@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Collection
+from unittest import mock
 
 import torch
 
@@ -20,32 +22,116 @@ from megakto.distributed._deepspeed.checkpoint_io import check_deepspeed_pickles
 from megakto.errors import ModelError
 from megakto.model.vocab_blocks import merge_vocab_blocks
 
-__all__ = ["to_universal", "repair_replicated_maps", "any_stage", "zero_fp32_state_dict", "zero_fp32_shards"]
+__all__ = ["UNIVERSAL_STAGES", "to_universal", "repair_replicated_maps", "any_stage", "frozen_params", "frozen_mismatch",
+           "zero_fp32_state_dict", "zero_fp32_shards"]
 
 _ZERO3_STATES, _ZERO_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"
 
+# ds_to_universal's own stages that a conversion killed midway need not redo: the extraction of every
+# rank's ZeRO fragments (reading each optimizer file: the long one) and their merge into whole tensors.
+# Its functions of each stage (ZeRO-1/2 and ZeRO-3 alike) and the stage they belong to.
+UNIVERSAL_STAGES = ("extract", "merge")
+_STAGE_FUNCTIONS = {"_extract_zero_shard_files": "extract", "_extract_zero_shard_files_stage3": "extract",
+                    "_merge_tp_slice_files": "merge", "_merge_zero3_slice_files": "merge"}
 
-def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1, shapes: dict | None = None) -> None:
+
+def to_universal(tag_dir: str, out_dir: str, *, workers: int = 1, shapes: dict | None = None,
+                 done: Collection[str] = (), finished: Callable[[str], None] | None = None) -> None:
     """DeepSpeed's own ``ds_to_universal`` of the ZeRO checkpoint ``tag_dir`` into ``out_dir``: one
     fp32 file per parameter (weights, Adam moments) that any data-parallel size loads. ``workers``:
     its extraction processes (1: none forked, as inside a training rank). ``shapes``: the
     parameter shapes the trainer state recorded, to repair the replicated maps of a tensor-parallel
     checkpoint saved before megakto fixed them (:func:`repair_replicated_maps`). Offline; it
     unpickles with ``weights_only=False``, so every file is scanned first. Its progress output is
-    kept back; a failure is one ModelError line naming ``tag_dir``."""
+    kept back; a failure is one ModelError line naming ``tag_dir``.
+
+    Staged (:data:`UNIVERSAL_STAGES`): ``finished(stage)`` is called once a stage's files are all
+    written, and a stage in ``done`` (finished by an earlier call into the same ``out_dir``) is not
+    run again; its fragments stay in ``out_dir/tmp`` until the whole conversion has finished."""
     from deepspeed.checkpoint import ds_to_universal
 
     check_deepspeed_pickles(tag_dir)
+    temp = os.path.join(out_dir, "tmp")  # ds_to_universal's folder of extracted fragments
+
+    def staged(name: str, stage: str):
+        run = getattr(ds_to_universal, name)
+
+        def step(*args, **kwargs):
+            if stage in done:
+                return None
+            if stage == "extract":  # fragments of a killed extraction: start it over
+                shutil.rmtree(temp, ignore_errors=True)
+            result = run(*args, **kwargs)
+            if finished is not None:
+                finished(stage)
+            return result
+        return step
+
     noise = io.StringIO()
     try:
-        with _repaired(tag_dir, shapes or {}, os.path.dirname(os.path.abspath(out_dir))) as source:
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(_repaired(tag_dir, shapes or {}, os.path.dirname(os.path.abspath(out_dir))))
             args = argparse.Namespace(input_folder=source, output_folder=out_dir, num_extract_workers=workers,
-                                      num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                      num_merge_workers=max(1, workers // 2), keep_temp_folder=True, strict=True,
                                       inject_missing_state=False)
-            with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
-                ds_to_universal.main(args)
+            for name, stage in _STAGE_FUNCTIONS.items():
+                stack.enter_context(mock.patch.object(ds_to_universal, name, staged(name, stage)))
+            stack.enter_context(contextlib.redirect_stdout(noise))
+            stack.enter_context(contextlib.redirect_stderr(noise))
+            ds_to_universal.main(args)
     except Exception as err:  # DeepSpeed's asserts and RuntimeErrors: one line naming the checkpoint
         raise ModelError(f"{tag_dir}: DeepSpeed's universal conversion failed: {first_line(err)}") from None
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def frozen_params(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The parameters no optimizer owns (a LoRA policy's frozen base), whole, under the engine's
+    names, from the model-state files of a ZeRO checkpoint without tensor parallelism (DeepSpeed
+    saves each rank's fragment of them there; ``ds_to_universal`` does not carry them). In the dtype
+    the module held them in; empty when every parameter trains. Expert files are not read."""
+    from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS, FROZEN_PARAM_SHAPES
+
+    # ZeRO-3: zero_pp_rank_<dp>_mp_rank_00_model_states.pt, a flat fragment each; ZeRO-1/2: one file, whole.
+    ranked = glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    files = sorted(ranked, key=lambda f: int(os.path.basename(f).split("_")[3])) or \
+        glob.glob(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
+    check_deepspeed_pickles(tag_dir, [os.path.basename(f) for f in files])
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    shapes = (states[0].get(FROZEN_PARAM_SHAPES) or {}) if states else {}
+    params = {}
+    for name, shape in shapes.items():
+        fragments = [state[FROZEN_PARAM_FRAGMENTS][name] for state in states]
+        if ranked:
+            params[name] = torch.cat([f.reshape(-1) for f in fragments]).narrow(0, 0, shape.numel()).view(shape)
+        else:
+            params[name] = fragments[0]
+        params[name] = params[name].clone()
+    return params
+
+
+def frozen_mismatch(module: torch.nn.Module, path: str) -> str | None:
+    """The first frozen parameter of ``module`` (an engine's, after its load) whose values on this
+    rank (its ZeRO-3 partition, else the whole tensor) differ from the whole one in ``path``
+    (:func:`frozen_params`, saved), or None. Each rank reads only its slices (memory-mapped)."""
+    import deepspeed.comm as dist
+
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            continue
+        if name not in saved:
+            return name
+        whole = saved[name].reshape(-1)
+        if hasattr(param, "ds_tensor"):
+            mine = param.ds_tensor.detach().cpu().reshape(-1)
+            start = mine.numel() * dist.get_rank(group=param.ds_process_group)
+            want = whole[start:start + mine.numel()]
+            mine = mine[:want.numel()]  # the last partition's padding
+        else:
+            mine, want = param.detach().cpu().reshape(-1), whole
+        if not torch.equal(mine, want.to(mine.dtype)):
+            return name
+    return None
 
 
 def repair_replicated_maps(info: dict, shapes: dict) -> bool:
