@@ -5,7 +5,9 @@ and the final weights (read from each run's step-8 checkpoint under Hugging Face
 layout) within 1e-5 of A's.
 
 Every comparison's largest differences are appended, one JSON line a pair, to the file named by
-``$MEGAKTO_RESUME_TABLE`` when it is set; ``tools/resume_matrix.sh`` runs the pairs and prints that
+``$MEGAKTO_RESUME_TABLE`` when it is set; with ``$MEGAKTO_RESUME_FLOOR`` set too, each pair also
+runs the target layout uninterrupted (run C) and records how far C's steps 5-8 are from A's: the
+floor of another layout's arithmetic, which a resume cannot go below; ``tools/resume_matrix.sh`` runs the pairs and prints that
 file as the README's table. The CI suite runs one pair per mechanism (tests/e2e/test_resume_anywhere.py);
 the whole matrix (tests/e2e/resume_matrix.py, not collected by the default run) runs through the tool.
 """
@@ -43,7 +45,7 @@ def run_source(assets, out, layout: Layout, **extra) -> dict:
     """Run A: ``layout`` uninterrupted to step 8, saving at 4 and 8. Returns what :func:`resume_on`
     and :func:`compare` need."""
     _, result = run_trainer(assets, out, nproc=layout.nproc, ds=layout.ds, **RUN, **layout.settings, **extra)
-    return {"layout": layout, "out": out, "result": result, "extra": extra,
+    return {"layout": layout, "out": out, "result": result, "extra": extra, "assets": assets,
             "tag": str(out / "checkpoints" / "step-00000004")}
 
 
@@ -60,6 +62,17 @@ def final_weights(out) -> dict[str, torch.Tensor]:
     from megakto.checkpoint import read_weights
 
     return read_weights(str(out / "checkpoints" / "step-00000008"))
+
+
+def _floor(source: dict, target: Layout, out) -> dict:
+    """Run C: ``target`` uninterrupted; its steps 5-8 against A's (loss and KL) and its rows."""
+    floor_out = out.parent / f"{out.name}-floor"
+    _, c = run_trainer(source["assets"], floor_out, nproc=target.nproc, ds=target.ds,
+                       **{**RUN, **target.settings, **source["extra"]})
+    a, b = source["result"]["history"][4:8], c["history"][4:8]
+    return {"floor_loss": max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)),
+            "floor_kl": max(abs(x["kl"] - y["kl"]) for x, y in zip(a, b)),
+            "floor_rows_same": source["result"]["indices"] == c["indices"]}
 
 
 def _diffs(source: dict, result: dict, out) -> dict:
@@ -88,6 +101,8 @@ def compare(pair: str, source: dict, target: Layout, result: dict, out, *, loss_
     record the differences under ``pair``; returns them."""
     d = _diffs(source, result, out)
     table = os.environ.get("MEGAKTO_RESUME_TABLE")
+    if table and os.environ.get("MEGAKTO_RESUME_FLOOR"):
+        d.update(_floor(source, target, out))
     if table:
         with open(table, "a") as f:
             f.write(json.dumps({"pair": pair, "source": source["layout"].name, "target": target.name, **d}) + "\n")
@@ -113,8 +128,14 @@ if __name__ == "__main__":  # tools/resume_matrix.sh: print the table
     import sys
 
     rows = table_rows(sys.argv[1])
-    print("| source | target | rows | max |Δloss| | max |ΔKL| | max |Δweight| | bitwise |")
-    print("|---|---|---|---|---|---|---|")
+    floor = any("floor_kl" in r for r in rows)
+    print("| source | target | rows | max |Δloss| | max |ΔKL| | max |Δweight| | bitwise |"
+          + (" uninterrupted target: max |Δloss|, max |ΔKL| |" if floor else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if floor else ""))
     for r in rows:
+        extra = ""
+        if floor:
+            extra = (f" {r['floor_loss']:.1e}, {r['floor_kl']:.1e}{'' if r['floor_rows_same'] else ' (other rows)'} |"
+                     if "floor_kl" in r else " - |")
         print(f"| {r['source']} | {r['target']} | {'same' if r['rows_same'] else 'DIFFER'} | {r['loss']:.1e} | "
-              f"{r['kl']:.1e} | {r['weights']:.1e} | {'yes' if r['bitwise'] else 'no'} |")
+              f"{r['kl']:.1e} | {r['weights']:.1e} | {'yes' if r['bitwise'] else 'no'} |" + extra)
