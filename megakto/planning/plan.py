@@ -266,7 +266,9 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     else:
         phases["step"] = 0
     # torch's AdamW creates its moments at the first step (torch/optim/adamw.py, _init_group), after
-    # the precompute: that phase holds the persistent states less them.
+    # the precompute, and DeepSpeed 0.19.8 leaves them so ("lazy initialization of the state at the first
+    # call to step": runtime/zero/stage3.py 1310, stage_1_and_2.py 945): that phase holds the persistent
+    # states less them.
     adam_unmade = sum(st.optimizer + (0 if p.on_gpu else st.host_optimizer) for st in states)
     if p.ref == "cache":
         pre = p.precompute_tokens
