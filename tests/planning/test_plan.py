@@ -131,8 +131,8 @@ def test_plan_peak_is_persistent_plus_largest_phase():
     # the no-grad phase.
     states_bytes = 20 * 202048 // 2 + 4 * 202048 // 2
     assert plan.persistent == pytest.approx(states_bytes + 1000 * 4, abs=64)
-    assert plan.details["no-grad"] == {"reference gathered weights": 4 * 202048,
-                                       "reference gather buffers": 4 * 202048}
+    assert plan.details["no-grad"] == {"reference gathered bucket copies": 4 * 202048,
+                                       "reference prefetch buffers": 4 * 202048}
     assert plan.phases["no-grad"] >= 8 * 202048
     assert plan.device_peak == plan.persistent + max(plan.phases.values())
     assert plan.fits is True and plan.host_bytes_per_node == 0
