@@ -49,10 +49,9 @@ CONFIGS = [
 
 
 # The held-out grid: three widths (MLP ratios 2.75 and 4, vocabularies 12000-32000, grouped and full
-# attention) x two depths x ZeRO 1/2/3 x online/cached reference, packing on/off at the shallow depth and on
-# at the deep one (a point takes about a minute on the shared 2-core machine, mostly start-up), a TP2 and a
-# PP2 point, and the default-allocator points. Short runs: 3 steps of 16 rows of at most 64 tokens from 24
-# prompts.
+# attention) x two depths x ZeRO 1/2/3 x online/cached reference x packing on/off, a TP2 and a PP2 point, and
+# the default-allocator points. Short runs: 3 steps of 16 rows of at most 64 tokens from 24 prompts (a point
+# takes 0.5-2 minutes on the shared 2-core machine, mostly start-up).
 W512 = dict(hidden_size=512, num_heads=8, num_kv_heads=2, intermediate_size=1408, vocab_size=32000)
 W1024 = dict(hidden_size=1024, num_heads=16, num_kv_heads=16, intermediate_size=4096, vocab_size=16384)
 W2048 = dict(hidden_size=2048, num_heads=16, num_kv_heads=4, intermediate_size=5632, vocab_size=12000)
@@ -63,26 +62,30 @@ MMAP = "mmap"  # the allocator setting the calibration documents (--malloc-mmap-
 
 
 def grid() -> list[tuple[str, dict, str, list[str], str]]:
-    """(name, shape, DeepSpeed JSON, overrides, allocator) of every grid point, the shallow depth of each
-    width first, so that a partial grid covers every width, stage and mode."""
-    points = []
-    for deep in (0, 1):
-        for width, (shape, depths) in DEPTHS.items():
-            layers = depths[deep]
-            for stage, ds in ZERO.items():
-                for ref, extra in REF.items():
-                    for pack in ("pack", "nopack")[:2 - deep]:  # packing off at the shallow depth only
-                        points.append((f"{width}-l{layers}-zero{stage}-{ref}-{pack}", dict(shape, num_layers=layers), ds,
-                                       [*extra, f"data.packing={str(pack == 'pack').lower()}"], MMAP))
-        if deep == 0:
-            tp_pp = dict(W1024, num_layers=2)
-            points += [("w1024-l2-tp2-zero1-cache-pack", tp_pp, ZERO[1], ["ref.mode=cache", "parallel.tp_size=2"], MMAP),
-                       ("w1024-l2-pp2-zero1-cache-pack", tp_pp, ZERO[1], ["ref.mode=cache", "parallel.pp_size=2"], MMAP)]
-            points.append(("w1024-l2-zero3-online-offload-pack", tp_pp, ZERO[3],
-                           ["ref.mode=online", "ref.offload=cpu", "data.packing=true"], MMAP))
-            for name, ds, extra in (("zero3-online-offload", ZERO[3], ["ref.mode=online", "ref.offload=cpu"]),
-                                    ("zero3-cache", ZERO[3], REF["cache"]), ("zero2-online", ZERO[2], REF["online"])):
-                points.append((f"w1024-l2-{name}-pack-glibc", tp_pp, ds, [*extra, "data.packing=true"], "default"))
+    """(name, shape, DeepSpeed JSON, overrides, allocator) of every grid point, the most informative
+    first, so that a grid cut short by the clock still covers every width, depth, stage and mode: the
+    narrow shallow shape's full factorial (packing on and off), the other shallow shapes packed, the TP2,
+    PP2 and default-allocator points, the deep shapes packed (ZeRO-3 first), then packing off elsewhere."""
+    def point(width, deep, stage, ref, pack):
+        shape, depths = DEPTHS[width]
+        name = f"{width}-l{depths[deep]}-zero{stage}-{ref}-{pack}"
+        return (name, dict(shape, num_layers=depths[deep]), ZERO[stage], [*REF[ref], f"data.packing={str(pack == 'pack').lower()}"],
+                MMAP)
+
+    modes = [(stage, ref) for stage in (1, 2, 3) for ref in REF]
+    points = [point("w512", 0, stage, ref, pack) for stage, ref in modes for pack in ("pack", "nopack")]
+    points += [point(width, 0, stage, ref, "pack") for width in ("w1024", "w2048")[:1] for stage, ref in modes]
+    tp_pp = dict(W1024, num_layers=2)
+    points += [("w1024-l2-tp2-zero1-cache-pack", tp_pp, ZERO[1], ["ref.mode=cache", "parallel.tp_size=2"], MMAP),
+               ("w1024-l2-pp2-zero1-cache-pack", tp_pp, ZERO[1], ["ref.mode=cache", "parallel.pp_size=2"], MMAP),
+               ("w1024-l2-zero3-online-offload-pack", tp_pp, ZERO[3],
+                ["ref.mode=online", "ref.offload=cpu", "data.packing=true"], MMAP)]
+    for name, ds, extra in (("zero3-online-offload", ZERO[3], ["ref.mode=online", "ref.offload=cpu"]),
+                            ("zero3-cache", ZERO[3], REF["cache"]), ("zero2-online", ZERO[2], REF["online"])):
+        points.append((f"w1024-l2-{name}-pack-glibc", tp_pp, ds, [*extra, "data.packing=true"], "default"))
+    points += [point("w2048", 0, stage, ref, "pack") for stage, ref in modes]
+    points += [point(width, 1, stage, ref, "pack") for stage in (3, 2, 1) for ref in REF for width in DEPTHS]
+    points += [point(width, 0, stage, ref, "nopack") for width in ("w1024", "w2048") for stage, ref in modes]
     return points
 
 
@@ -134,8 +137,12 @@ def run_grid(args) -> int:
     done = {r["name"] for r in rows}
     threshold = args.malloc_mmap_threshold or 1048576
     print(f"{'point':42s} {'predicted MiB':>14s} {'measured MiB':>13s} {'error':>7s} {'retained MiB':>13s}", flush=True)
-    for name, shape, ds, extra, alloc in grid():
-        if name in done or (args.only and name not in args.only):
+    points = {p[0]: p for p in grid()}
+    unknown = sorted(set(args.only or ()) - set(points))
+    if unknown:
+        raise SystemExit(f"--only: no grid point named {', '.join(unknown)}")
+    for name, shape, ds, extra, alloc in (points[n] for n in args.only) if args.only else points.values():
+        if name in done:
             continue
         model, data = _assets(args.work, shape, prompts=24)
         out = os.path.join(args.work, "runs", name)
@@ -198,7 +205,8 @@ def _cpu_name() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", help="configuration names (default: all)")
+    parser.add_argument("--only", nargs="*", help="configuration names (default: all); with --grid, point names, "
+                        "measured in the order given")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", default=os.path.join(REPO, "outputs", "calibration"))
     parser.add_argument("--json", help="write the rows here")
