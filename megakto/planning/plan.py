@@ -13,6 +13,10 @@ gradient buckets, a runtime floor) plus the largest of the run's phases, which n
   parameters);
 * **step**: the optimizer step's fp32 gradient (ZeRO-1/2: the whole partition; ZeRO-3: one
   ``sub_group_size`` group), on the host under optimizer offload;
+
+ZeRO-1/2 make their gradients and reduce buckets in each backward and free them by the step's end
+(the buckets in the backward's epilogue): the table counts them as persistent, for the train phase,
+and the no-grad, precompute and step phases name them as terms they do not hold;
 * **precompute** (``ref.mode=cache``): the temporary reference engine and its forwards of
   ``train.eval_batch_size`` rows with their gathers, before training (freed after it); it runs
   before the first optimizer step, so without the Adam moments the persistent states count.
@@ -270,13 +274,30 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     # call to step": runtime/zero/stage3.py 1310, stage_1_and_2.py 945): that phase holds the persistent
     # states less them.
     adam_unmade = sum(st.optimizer + (0 if p.on_gpu else st.host_optimizer) for st in states)
+    # ZeRO-1/2 hold the device gradients and the reduce buckets from a backward to the step after it
+    # (DeepSpeed 0.19.8 stage_1_and_2.py): the first gradient hook makes the buckets (setup_buckets,
+    # 2287, 3256); the reduction epilogue frees them and grads_in_partition (_release_ipg_buffers, 924,
+    # called at 1061) and sets every .grad to None (_clear_param_grad_only, 1067), keeping only this
+    # rank's partition in averaged_gradients (1047), which the step frees (3131) before the engine's
+    # zero_grad(set_to_none=True) (2613; engine.py 3526). The no-grad passes and the precompute, which
+    # come before a step's backward, hold neither; the step holds the gradient partition only.
+    zero12_freed = {}
+    if stage in (1, 2):
+        grads = sum(st.gradients for st in states)
+        partition = 0 if off_opt else w * sum(groups)  # offloaded: the step reads the host copy
+        zero12_freed = {"gradients (backward to step)": grads,
+                        "ZeRO buckets (backward only)": buckets}
+        step_freed = {"ZeRO buckets (backward only)": buckets,
+                      "gradients beyond the partition": max(0, grads - partition)}
+        phases["no-grad"] -= grads + buckets
+        phases["step"] -= sum(step_freed.values())
     if p.ref == "cache":
         pre = p.precompute_tokens
         phases["precompute"] = (ref_states.weights + (0 if p.on_gpu else ref_states.host_weights)
                                 + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn, sp=p.sp, ep=p.ep)
                                 + logits_bytes(s, sequence_shard_tokens(pre, p.sp).completion, w=w, tp=p.tp, logps=p.logps,
                                                chunk_tokens=p.chunk_tokens, block_rows=p.block_rows, grad=False)
-                                + ref_copies + ref_buffers - adam_unmade)
+                                + ref_copies + ref_buffers - adam_unmade - sum(zero12_freed.values()))
         rows.append(("reference weights (precompute only)", 0, ref_states.host_weights if p.on_gpu else 0))
     params = {**s.components(), "total": s.total}
     details = {}
@@ -293,7 +314,11 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         details.setdefault("no-grad", {})["policy KL-pass gathers (ZeRO-3)"] = policy_gathers
     if p.ref == "cache":
         details["precompute"] = {"reference gathered bucket copies": ref_copies, "reference prefetch buffers": ref_buffers,
-                                 "Adam moments, made at the first step": -adam_unmade}
+                                 "Adam moments, made at the first step": -adam_unmade,
+                                 **{k: -v for k, v in zero12_freed.items()}}
+    if zero12_freed:
+        details.setdefault("no-grad", {}).update({k: -v for k, v in zero12_freed.items()})
+        details["step"] = {k: -v for k, v in step_freed.items()}
     params.update({f"per rank (experts 1/{p.ep})" if p.ep > 1 else "per rank (tp/pp shard)": rank_params,
                    "trainable": trainable})
     return MemoryPlan(p, rows, persistent, phases, params, gpu_memory,
