@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from megakto.config import Config
-from megakto.distributed.ds_config import build_ds_config, grad_accum_bytes
+from megakto.distributed.ds_config import build_ds_config, grad_accum_bytes, reference_ds_config
 from megakto.distributed.parallel import ParallelDims
 from megakto.model.families import logit_transform
 from megakto.model.vocab_blocks import resolve_block_rows
@@ -56,7 +56,8 @@ def plan_inputs(cfg: Config, ds: dict, shape: ModelShape, *, world_size: int, on
     ref = "none" if cfg.kto.loss_type == "sft" or (lora and same_weights) else cfg.ref.mode
     return PlanInputs(
         shape=shape, world_size=world_size, dp=dims.dp, tp=dims.tp, pp=dims.pp, sp=dims.sp, ep=dims.ep, grad_accum=dims.grad_accum,
-        zero=dict(filled.get("zero_optimization") or {}), weight_bytes=2 if bf16 else 4,
+        zero=dict(filled.get("zero_optimization") or {}), ref_zero=reference_ds_config(filled, "none")["zero_optimization"],
+        weight_bytes=2 if bf16 else 4,
         accum_bytes=grad_accum_bytes(filled, bf16), on_gpu=on_gpu,
         gpus_per_node=gpus_per_node, ref=ref, ref_offload=cfg.ref.offload == "cpu" and dims.pp == 1,
         checkpointing=m.gradient_checkpointing,

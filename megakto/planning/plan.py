@@ -7,12 +7,19 @@ gradient buckets, a runtime floor) plus the largest of the run's phases, which n
 
 * **train**: one micro-batch's forward with grad and backward (activations, the backward's working
   layer, the chunked head's blocks, ZeRO-3's gathered parameters and their gradients);
-* **no-grad**: the reference over the target and KL rows (2·T tokens), with an online reference's
-  gathered weights and all-gather buffers, and the policy over the KL rows;
+* **no-grad**: the reference over the target and KL rows (2·T tokens) and the policy over the KL
+  rows, one after the other: their activations, and the larger of the two passes' ZeRO-3 gathers
+  (an online reference's prefetch buffers and first bucket's copies, or the policy's gathered
+  parameters);
 * **step**: the optimizer step's fp32 gradient (ZeRO-1/2: the whole partition; ZeRO-3: one
   ``sub_group_size`` group), on the host under optimizer offload;
+
+ZeRO-1/2 make their gradients and reduce buckets in each backward and free them by the step's end
+(the buckets in the backward's epilogue): the table counts them as persistent, for the train phase,
+and the no-grad, precompute and step phases name them as terms they do not hold;
 * **precompute** (``ref.mode=cache``): the temporary reference engine and its forwards of
-  ``train.eval_batch_size`` rows, before training (freed after it).
+  ``train.eval_batch_size`` rows with their gathers, before training (freed after it); it runs
+  before the first optimizer step, so without the Adam moments the persistent states count.
 
 A mixture-of-experts model's states are split into dense and expert rows, the experts 1/ep per
 rank under expert parallelism (:mod:`megakto.planning.moe`); the MoE terms a phase includes are
@@ -63,6 +70,7 @@ class PlanInputs:
     ep: int = 1  # expert-parallel ranks (AutoEP): a rank holds 1/ep of the experts, partitioned over dp/ep
     grad_accum: int = 1
     zero: dict = field(default_factory=dict)  # the JSON's zero_optimization section
+    ref_zero: dict = field(default_factory=dict)  # the reference engine's zero_optimization section
     weight_bytes: int = 2
     accum_bytes: int | None = None  # the ZeRO-3 gradient sum's element size (None: weight_bytes)
     on_gpu: bool = True
@@ -80,6 +88,9 @@ class PlanInputs:
 
     def zero_value(self, key: str):
         return self.zero.get(key, _ZERO_DEFAULTS.get(key))
+
+    def ref_zero_value(self, key: str):
+        return self.ref_zero.get(key, _ZERO_DEFAULTS.get(key))
 
 
 @dataclass
@@ -193,13 +204,13 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     ref_states = StateBytes(weights=sum(r.weights for _, r in refs), host_weights=sum(r.host_weights for _, r in refs))
     if p.ref == "online":
         rows += [("reference weights" + tag, r.weights, r.host_weights) for tag, r in refs]
-    # The reference engine's JSON sets only its stage (megakto.distributed.ds_config.reference_ds_config),
-    # so DeepSpeed's defaults hold: without a backward to release them, the weights its forwards gather
-    # stay gathered up to stage3_max_live_parameters, beside the flat buffers of the prefetch buckets in
-    # flight, until the forward ends (measured: released after each reference pass, offloaded or not).
-    ref_gathered, ref_buffers = (frozen_forward_gathers(
-        rank_params, weight_bytes=w, prefetch_bucket=_ZERO_DEFAULTS["stage3_prefetch_bucket_size"],
-        max_live=_ZERO_DEFAULTS["stage3_max_live_parameters"]) if p.ref != "none" and p.pp == 1 else (0, 0))
+    # The reference engine's forwards: its prefetch buckets' flat buffers in flight and the first
+    # bucket's per-parameter copies (states.frozen_forward_gathers), released at the forward's end; with
+    # the prefetch sizes its own JSON gives (megakto.distributed.ds_config.reference_ds_config), else
+    # DeepSpeed's defaults. The precompute's forwards hold the same.
+    ref_copies, ref_buffers = (frozen_forward_gathers(
+        rank_params, weight_bytes=w, prefetch_bucket=int(p.ref_zero_value("stage3_prefetch_bucket_size")),
+        max_live=int(p.ref_zero_value("stage3_max_live_parameters"))) if p.ref != "none" and p.pp == 1 else (0, 0))
 
     buckets = 0
     largest = min(max(s.largest_layer_param() // p.tp, (p.block_rows or s.vocab // p.tp) * s.hidden), rank_params)
@@ -245,9 +256,11 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     no_grad = no_grad_pass(stage_shape, both, w=w, tp=p.tp, attn=p.attn, sp=p.sp, ep=p.ep) + logits_bytes(
         s, sequence_shard_tokens(both, p.sp).completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens, block_rows=p.block_rows,
         grad=False)
-    policy_gathers = gathers - largest * w if stage == 3 else 0
-    ref_pass = ref_gathered + ref_buffers if p.ref == "online" else 0
-    phases["no-grad"] = no_grad + policy_gathers + moe_gather.get("no-grad", 0) + ref_pass
+    # The reference's pass and the policy's KL pass run one after the other, each releasing its
+    # gathers at its end (measured: tools/memory_timeline.py): the larger of the two counts.
+    policy_gathers = (gathers - largest * w if stage == 3 else 0) + moe_gather.get("no-grad", 0)
+    ref_pass = ref_copies + ref_buffers if p.ref == "online" else 0
+    phases["no-grad"] = no_grad + max(policy_gathers, ref_pass)
     # Each parameter group's trainable partition (the experts are a group of their own).
     groups = [-(-train_n // max(1, d)) for _, _, d, train_n in parts]
     if stage in (1, 2) and not off_opt and w != 4:  # the partitions' gradients cast to fp32 (a no-op in fp32)
@@ -256,13 +269,35 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         phases["step"] = 4 * min(int(p.zero_value("sub_group_size")), max(groups))
     else:
         phases["step"] = 0
+    # torch's AdamW creates its moments at the first step (torch/optim/adamw.py, _init_group), after
+    # the precompute, and DeepSpeed 0.19.8 leaves them so ("lazy initialization of the state at the first
+    # call to step": runtime/zero/stage3.py 1310, stage_1_and_2.py 945): that phase holds the persistent
+    # states less them.
+    adam_unmade = sum(st.optimizer + (0 if p.on_gpu else st.host_optimizer) for st in states)
+    # ZeRO-1/2 hold the device gradients and the reduce buckets from a backward to the step after it
+    # (DeepSpeed 0.19.8 stage_1_and_2.py): the first gradient hook makes the buckets (setup_buckets,
+    # 2287, 3256); the reduction epilogue frees them and grads_in_partition (_release_ipg_buffers, 924,
+    # called at 1061) and sets every .grad to None (_clear_param_grad_only, 1067), keeping only this
+    # rank's partition in averaged_gradients (1047), which the step frees (3131) before the engine's
+    # zero_grad(set_to_none=True) (2613; engine.py 3526). The no-grad passes and the precompute, which
+    # come before a step's backward, hold neither; the step holds the gradient partition only.
+    zero12_freed = {}
+    if stage in (1, 2):
+        grads = sum(st.gradients for st in states)
+        partition = 0 if off_opt else w * sum(groups)  # offloaded: the step reads the host copy
+        zero12_freed = {"gradients (backward to step)": grads,
+                        "ZeRO buckets (backward only)": buckets}
+        step_freed = {"ZeRO buckets (backward only)": buckets,
+                      "gradients beyond the partition": max(0, grads - partition)}
+        phases["no-grad"] -= grads + buckets
+        phases["step"] -= sum(step_freed.values())
     if p.ref == "cache":
         pre = p.precompute_tokens
         phases["precompute"] = (ref_states.weights + (0 if p.on_gpu else ref_states.host_weights)
                                 + no_grad_pass(stage_shape, pre, w=w, tp=p.tp, attn=p.attn, sp=p.sp, ep=p.ep)
                                 + logits_bytes(s, sequence_shard_tokens(pre, p.sp).completion, w=w, tp=p.tp, logps=p.logps,
                                                chunk_tokens=p.chunk_tokens, block_rows=p.block_rows, grad=False)
-                                + ref_gathered)  # its buffers: not seen in the calibration's cached runs
+                                + ref_copies + ref_buffers - adam_unmade - sum(zero12_freed.values()))
         rows.append(("reference weights (precompute only)", 0, ref_states.host_weights if p.on_gpu else 0))
     params = {**s.components(), "total": s.total}
     details = {}
@@ -272,9 +307,18 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         details["train"] = {**train.get("moe", {}), "MoE block gather+grad (ZeRO-3)": moe_gather.get("train", 0)}
         details["no-grad"] = {"EP all-to-all buffers": all_to_all_bytes(s, sequence_shard_tokens(both, p.sp).tokens, w=w, ep=p.ep),
                               "MoE block gather (ZeRO-3)": moe_gather.get("no-grad", 0)}
-    if ref_pass:
-        details.setdefault("no-grad", {}).update({"reference gathered weights": ref_gathered,
-                                                  "reference gather buffers": ref_buffers})
+    if ref_pass >= policy_gathers and ref_pass:  # the reference's pass holds the no-grad phase's gathers
+        details.setdefault("no-grad", {}).pop("MoE block gather (ZeRO-3)", None)
+        details["no-grad"].update({"reference gathered bucket copies": ref_copies, "reference prefetch buffers": ref_buffers})
+    elif stage == 3 and ref_pass:
+        details.setdefault("no-grad", {})["policy KL-pass gathers (ZeRO-3)"] = policy_gathers
+    if p.ref == "cache":
+        details["precompute"] = {"reference gathered bucket copies": ref_copies, "reference prefetch buffers": ref_buffers,
+                                 "Adam moments, made at the first step": -adam_unmade,
+                                 **{k: -v for k, v in zero12_freed.items()}}
+    if zero12_freed:
+        details.setdefault("no-grad", {}).update({k: -v for k, v in zero12_freed.items()})
+        details["step"] = {k: -v for k, v in step_freed.items()}
     params.update({f"per rank (experts 1/{p.ep})" if p.ep > 1 else "per rank (tp/pp shard)": rank_params,
                    "trainable": trainable})
     return MemoryPlan(p, rows, persistent, phases, params, gpu_memory,

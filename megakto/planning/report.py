@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 
 from megakto.errors import MegaktoError
+from megakto.planning.accuracy import STATED_ACCURACY_PERCENT, accuracy_note
 from megakto.planning.plan import GIB, GPU_HEADROOM, MemoryPlan
 
 __all__ = ["format_plan", "plan_json", "Change", "candidate_changes", "fitting_changes"]
@@ -37,7 +38,7 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(f"{'+ phase ' + name + (' (peak)' if name == plan.peak_phase else ''):38s} {_gib(v):>12s}")
         lines += [f"{'  incl. ' + term:38s} {_gib(b):>12s}" for term, b in plan.details.get(name, {}).items()]
     where = "GPU memory" if p.on_gpu else "process memory beyond start-up (device and host are one)"
-    lines.append(f"peak per rank: {plan.peak_bytes_per_rank / GIB:.2f} GiB ({where}); host memory per node "
+    lines.append(f"peak per rank: {plan.peak_bytes_per_rank / GIB:.2f} GiB ({where}; {accuracy_note()}); host memory per node "
                  f"({min(p.world_size, p.gpus_per_node)} ranks): {plan.host_bytes_per_node / GIB:.1f} GiB")
     if plan.fits is not None:
         budget = plan.gpu_memory * (1 - GPU_HEADROOM)
@@ -54,7 +55,8 @@ def plan_json(plan: MemoryPlan) -> dict:
             "components": {name: {"device": d, "host": h} for name, d, h in plan.rows},
             "params": plan.params, "fits": plan.fits, "gpu_memory_gib": plan.gpu_memory,
             "world_size": plan.inputs.world_size, "dp": plan.inputs.dp, "tp": plan.inputs.tp, "pp": plan.inputs.pp,
-            "sp": plan.inputs.sp, "ep": plan.inputs.ep, "phase_terms": plan.details}
+            "sp": plan.inputs.sp, "ep": plan.inputs.ep, "phase_terms": plan.details,
+            "stated_accuracy_percent": STATED_ACCURACY_PERCENT}
 
 
 # A change: (what to tell the user, extra config overrides, DeepSpeed JSON edit, world-size factor).

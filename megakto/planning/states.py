@@ -128,24 +128,36 @@ def frozen_weights(params: int, *, shards: int, weight_bytes: int, offload: bool
 
 
 def frozen_forward_gathers(params: int, *, weight_bytes: int, prefetch_bucket: int, max_live: int) -> tuple[int, int]:
-    """What a frozen ZeRO-3 engine (the reference) holds at the end of one forward, once DeepSpeed's
-    parameter trace is complete (every forward after its first): (its gathered weights, the flat
-    all-gather buffers still in flight beside them), in bytes.
+    """The most a frozen ZeRO-3 engine (the reference) holds at once during one forward, once
+    DeepSpeed's parameter trace is complete (every forward after its first): (the per-parameter
+    copies of the first prefetch bucket waited on, the flat all-gather buffers of the buckets in
+    flight), in bytes. Line numbers of DeepSpeed 0.19.8's ``runtime/zero/``:
 
-    Without a backward nothing releases a gathered parameter before the forward ends, so up to
-    ``max_live`` (``stage3_max_live_parameters``) of the ``params`` stay gathered. DeepSpeed 0.19.8
-    gathers a prefetch bucket into one flat buffer and then gives each parameter its own ``torch.cat``
-    copy of its slices (``AllGatherCoalescedHandle.wait``, runtime/zero/partition_parameters.py line
-    795); a bucket's buffer lives until its last parameter is waited on. Measured on the 2-core CPU
-    (a 113M-parameter fp32 Llama, 2 ranks; tools/memory_timeline.py and docs/planning.md): the pass
-    held 73, 116, 206 and 438 MiB of buffers beside the 430 MiB of weights at prefetch buckets of
-    5e6, 1e7, 2e7 and 5e7 elements: about two buckets, never more than the model, plus 35-57 MiB of
-    the pass's activations.
+    * Every module's fetch, leaf or not, prefetches one more bucket of up to ``prefetch_bucket``
+      (``stage3_prefetch_bucket_size``) elements, whatever is already in flight, while the elements
+      gathered or in flight stay under ``max_live`` (``stage3_max_live_parameters``;
+      ``partitioned_param_coordinator.py`` 452-483). A Llama's root and decoder modules come
+      before its first weight, so before anything is waited on, buckets of min(P, ``max_live`` +
+      one bucket) elements are in flight: the whole model at the defaults (5e7, 1e9).
+    * Each bucket is one flat buffer (``partition_parameters.py`` 1343-1346). Waiting on its first
+      parameter gives *every* parameter of the bucket its own ``torch.cat`` copy (795), while the
+      buffer lives on until the last of them is taken from the in-flight registry
+      (``partitioned_param_coordinator.py`` 406): the first bucket is held twice.
+    * A module's parameters are released after its forward (``release_sub_module``): the copies never
+      build up to the model.
 
-    >>> frozen_forward_gathers(1000, weight_bytes=2, prefetch_bucket=300, max_live=10**9)  # 2·1000, 2·2·300
-    (2000, 1200)
-    >>> frozen_forward_gathers(1000, weight_bytes=2, prefetch_bucket=800, max_live=600)    # capped
-    (1200, 2000)
+    So the pass holds w·min(P, ``max_live`` + bucket) of buffers and w·min(P, bucket) of copies.
+    Measured on the 2-core CPU (2 ranks, fp32, the element counts of live buffers and gathered
+    parameters at every module hook; tools/probe_reference_gathers.py): a 64M-parameter Llama
+    (hidden 1024, 4 layers, vocabulary 8192) held 63.97M in buffers plus 52.69M of copies (the
+    first bucket, which ends on a parameter boundary past 5e7), 116.7M, which glibc's mmapped bytes
+    confirm; at vocabulary 32000 (113M) 112.7M + 50.6M. At a 1e7 bucket with
+    ``max_live`` 1e7: 22.3M, under the formula's 20M + 10M.
+
+    >>> frozen_forward_gathers(1000, weight_bytes=2, prefetch_bucket=300, max_live=10**9)  # 2·300, 2·1000
+    (600, 2000)
+    >>> frozen_forward_gathers(1000, weight_bytes=2, prefetch_bucket=200, max_live=400)    # 2·200, 2·(400 + 200)
+    (400, 1200)
     """
-    gathered = min(max_live, params) * weight_bytes
-    return gathered, min(params, 2 * prefetch_bucket) * weight_bytes
+    copies = min(params, prefetch_bucket) * weight_bytes
+    return copies, min(params, max_live + prefetch_bucket) * weight_bytes

@@ -131,8 +131,8 @@ def test_plan_peak_is_persistent_plus_largest_phase():
     # the no-grad phase.
     states_bytes = 20 * 202048 // 2 + 4 * 202048 // 2
     assert plan.persistent == pytest.approx(states_bytes + 1000 * 4, abs=64)
-    assert plan.details["no-grad"] == {"reference gathered weights": 4 * 202048,
-                                       "reference gather buffers": 4 * 202048}
+    assert plan.details["no-grad"] == {"reference gathered bucket copies": 4 * 202048,
+                                       "reference prefetch buffers": 4 * 202048}
     assert plan.phases["no-grad"] >= 8 * 202048
     assert plan.device_peak == plan.persistent + max(plan.phases.values())
     assert plan.fits is True and plan.host_bytes_per_node == 0
@@ -153,3 +153,35 @@ def test_zero_1_and_2_reduce_buckets(stage, weight_bytes, zero, want):
                    train_tokens=Tokens(256, 100, 2, 128), precompute_tokens=Tokens(256, 100, 2, 128))
     rows = {name: device for name, device, _ in plan_memory(p, gpu_memory=1.0).rows}
     assert rows["ZeRO buckets"] == want
+
+
+@pytest.mark.parametrize("stage, grads, partition", [
+    (1, 2 * 202048, 2 * 101024),  # ZeRO-1 bf16: the whole .grad 2·P; the step reads its partition 2·P/2
+    (2, 2 * 101024, 2 * 101024),  # ZeRO-2 bf16: the gradient partition 2·P/2 from backward to step
+])
+def test_zero_1_and_2_gradients_and_buckets_live_from_backward_to_step(stage, grads, partition):
+    """DeepSpeed 0.19.8's ZeRO-1/2 make their reduce buckets at a backward's first gradient hook and free
+    them, and every .grad but the partition's, in that backward's epilogue; the step frees the rest and
+    zero_grad(set_to_none=True) leaves nothing. Measured (tools/memory_timeline.py, ZeRO-1, 2 ranks,
+    hidden 512): 443 MiB reachable after each step, the weights, master and moments only. So the
+    table's gradients and buckets (two 1000-element buckets with overlap_comm, 2·1000·a bytes) count in
+    the train phase, not in the no-grad passes or the precompute, which come before a backward, and the
+    step holds the partition only. P = 202048 over 2 ranks: 101024 each; the step's fp32 cast 4·101024."""
+    p = PlanInputs(shape=TOY, world_size=2, dp=2, zero={"stage": stage, "reduce_bucket_size": 1000,
+                                                        "overlap_comm": True},
+                   weight_bytes=2, on_gpu=True, ref="cache", ref_offload=False,
+                   train_tokens=Tokens(256, 100, 2, 128), precompute_tokens=Tokens(256, 100, 2, 128))
+    buckets = 2 * 1000 * (4 if stage == 1 else 2)
+    plan = plan_memory(p, gpu_memory=1.0)
+    rows = {name: device for name, device, _ in plan.rows}
+    assert rows["policy gradients"] == grads and rows["ZeRO buckets"] == buckets
+    freed = {"gradients (backward to step)": -grads,
+             "ZeRO buckets (backward only)": -buckets}
+    assert plan.details["no-grad"] == freed
+    assert {k: plan.details["precompute"][k] for k in freed} == freed
+    assert plan.details["precompute"]["Adam moments, made at the first step"] == -8 * 101024
+    assert plan.phases["step"] == 4 * 101024 - buckets - (grads - partition)
+    assert plan.details["step"] == {k: -v for k, v in {"ZeRO buckets (backward only)": buckets,
+                                                       "gradients beyond the partition": grads - partition}.items() if v}
+    # the train phase still sees them: the peak is persistent (with both) plus the train phase
+    assert plan.peak_phase == "train" and plan.device_peak == plan.persistent + plan.phases["train"]

@@ -1,12 +1,14 @@
 """Every shipped 30B recipe dry-runs (in this process, no data: the model folder holds config.json
 only) and fits its GPUs; a bad config fails in the dry run with the run's own one-line error."""
 
+import glob
 import os
 
 import pytest
 
 from megakto.errors import ModelError
 from megakto.model.tp_checks import check_tp_config
+from megakto.planning.accuracy import accuracy_note
 from tests.launcher import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +32,19 @@ def test_recipe_dry_runs_and_fits(name, capsys, monkeypatch, tmp_path):
     assert _dry(name, RECIPES[name], f"output_dir={tmp_path}") == 0
     out = capsys.readouterr().out
     assert "parameters: embedding 0.779B, layers 31.207B, head 0.779B" in out
+    assert f"; {accuracy_note()}); host memory per node" in out
     assert "fits: yes" in out and out.rstrip().endswith("dry run: ok")
+
+
+def test_recipe_headers_state_the_plans_accuracy():
+    """Every recipe whose header quotes its planned peak quotes the planner's stated accuracy with it."""
+    headers = {}
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))):
+        with open(path) as fh:
+            headers[os.path.relpath(path, REPO)] = "".join(line for line in fh if line.startswith("#"))
+    quoting = {name for name, text in headers.items() if "GiB peak" in text}
+    assert len(quoting) == 7
+    assert {name for name in quoting if f"Stated accuracy of the plan below: {accuracy_note()}." in headers[name]} == quoting
 
 
 def test_bad_tp_size_fails_with_the_runs_error(capsys, monkeypatch, tmp_path):
@@ -62,7 +76,7 @@ def test_output_dir_that_is_a_file_fails_as_in_a_run(capsys, monkeypatch, tmp_pa
 
 
 # The mixture-of-experts recipes: the planned figures their headers and docs/memory state.
-MOE_RECIPES = {"one_node_ep8": (8, "67.95", "56.9"), "four_nodes_ep8": (32, "22.17", "14.2")}
+MOE_RECIPES = {"one_node_ep8": (8, "67.31", "56.9"), "four_nodes_ep8": (32, "22.17", "14.2")}
 
 
 @pytest.mark.parametrize("name", sorted(MOE_RECIPES))
@@ -79,7 +93,8 @@ def test_qwen3_30b_a3b_recipe_dry_runs_with_its_planned_memory(name, capsys, mon
     assert "parameters: embedding 0.311B, layers 29.910B, head 0.311B" in out and "experts 28.991B" in out
     assert f"world {world} = dp {world} x tp 1 x pp 1 (experts over ep 8), ZeRO-3" in out
     assert "policy weights (experts 16/128)" in out and "EP all-to-all buffers" in out
-    assert f"peak per rank: {peak} GiB (GPU memory); host memory per node (8 ranks): {host} GiB" in out
+    assert (f"peak per rank: {peak} GiB (GPU memory; {accuracy_note()}); host memory per node (8 ranks): {host} GiB"
+            in out)
     header = open(os.path.join(folder, f"{name}.yaml")).read()
     assert f"{peak} GiB peak" in header and f"{host} GiB per node" in header
     assert "fits: yes" in out and out.rstrip().endswith("dry run: ok")

@@ -13,6 +13,7 @@ copies of its weights.
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import deepspeed
 import torch
@@ -29,7 +30,7 @@ from megakto.optim import lr_multiplier, param_groups
 
 __all__ = ["disable_dropout", "parallel_groups", "build_pipeline_module", "pipeline_groups", "build_policy_engine",
            "with_moe_leaves", "zero3_leaf_classes", "build_reference_engine", "gathered_numel",
-           "gathered_state_dict"]
+           "gathered_state_dict", "track_gather_buffers"]
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -179,6 +180,29 @@ def gathered_numel(module: torch.nn.Module) -> int:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     return sum(p.ds_numel for p in module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE)
+
+
+def track_gather_buffers() -> Callable[[], list[int]]:
+    """From now on, follow DeepSpeed's coalesced ZeRO-3 all-gathers (one flat buffer each,
+    ``AllGatherCoalescedHandle``, runtime/zero/partition_parameters.py); returns a function giving the
+    sizes in bytes of the flat buffers alive at the call, largest first
+    (tools/probe_reference_gathers.py)."""
+    from weakref import WeakSet
+
+    from deepspeed.runtime.zero import partition_parameters
+
+    handles, init = WeakSet(), partition_parameters.AllGatherCoalescedHandle.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        handles.add(self)
+    partition_parameters.AllGatherCoalescedHandle.__init__ = tracked
+
+    def alive() -> list[int]:
+        stores = {h.partitions[0].untyped_storage().data_ptr(): h.partitions[0].untyped_storage().nbytes()
+                  for h in list(handles) if h.partitions}
+        return sorted(stores.values(), reverse=True)
+    return alive
 
 
 def gathered_state_dict(module: torch.nn.Module, *, tp_group: comm.ProcessGroup) -> dict[str, torch.Tensor]:
