@@ -11,15 +11,20 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e._resume_pairs import WEIGHT_ABS, Layout, compare, resume_on
+from tests.e2e._resume_pairs import WEIGHT_ABS, Layout, compare, resume_on, run_source
 
-__all__ = ["LORA", "lora_layout", "resume_pair", "check_only_adapters_trained", "check_exports", "check_universal_export"]
+__all__ = ["LORA", "lora_layout", "lora_source", "resume_pair", "check_only_adapters_trained", "check_exports", "check_universal_export"]
 
 LORA = {"model.lora.r": 8, "model.lora.alpha": 16.0, "optim.lr": 3e-3, "train.export_hf": "true"}
 
 
 def lora_layout(nproc: int) -> Layout:
     return Layout(f"LoRA ZeRO-3 DP{nproc} ({nproc} rank{'s' if nproc > 1 else ''})", nproc, settings=LORA)
+
+
+def lora_source(assets, tmp_path_factory, nproc: int) -> dict:
+    """Run A: a LoRA ZeRO-3 run on ``nproc`` ranks (tests/e2e/_resume_pairs.run_source)."""
+    return run_source(assets, tmp_path_factory.mktemp(f"lora{nproc}"), lora_layout(nproc))
 
 
 def resume_pair(assets, source: dict, out, target: Layout) -> None:

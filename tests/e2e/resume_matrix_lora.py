@@ -5,16 +5,10 @@ data-parallel size through its universal form, the exports (merged model and ada
 
 import pytest
 
-from tests.e2e._lora_pairs import lora_layout, resume_pair
-from tests.e2e._resume_pairs import run_source
+from tests.e2e._lora_pairs import lora_layout, lora_source, resume_pair
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
-@pytest.fixture(scope="module")
-def lora4(assets, tmp_path_factory):
-    return run_source(assets, tmp_path_factory.mktemp("lora4"), lora_layout(4))
-
-
-def test_lora_4_to_2(assets, lora4, tmp_path):
-    resume_pair(assets, lora4, tmp_path, lora_layout(2))
+def test_lora_4_to_2(assets, tmp_path_factory, tmp_path):
+    resume_pair(assets, lora_source(assets, tmp_path_factory, 4), tmp_path, lora_layout(2))

@@ -16,8 +16,7 @@ import sys
 
 import pytest
 
-from tests.e2e._lora_pairs import lora_layout, resume_pair
-from tests.e2e._resume_pairs import run_source
+from tests.e2e._lora_pairs import lora_layout, lora_source, resume_pair
 from tests.launcher import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -25,7 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def lora2(assets, tmp_path_factory):
-    return run_source(assets, tmp_path_factory.mktemp("lora2"), lora_layout(2))
+    return lora_source(assets, tmp_path_factory, 2)
 
 
 def test_lora_2_to_1(assets, lora2, tmp_path):
