@@ -8,9 +8,10 @@ partitioned whole over the data-parallel ranks, so a ZeRO-3 DP checkpoint resume
 with "start (81920) + length (8192) exceeds dimension size (86016)". :func:`shape_flat_tensors`
 rewrites every flat file as ``{"param": tensor}`` in its parameter's whole shape (the trainer
 state's ``param_shapes``, whole without tensor parallelism), which every loader takes: ZeRO-3's at
-any tp size, ZeRO-1/2's, and :func:`megakto.checkpoint.weights.universal_weights`. It rewrites
-every file, so a conversion for a run without tensor parallelism (where the flat files load as
-they are) skips it.
+any tp size, ZeRO-1/2's, and :func:`megakto.checkpoint.weights.universal_weights`. Every
+conversion of a checkpoint without tensor parallelism now shapes them already
+(:func:`megakto.distributed._deepspeed.convert.any_stage`, from the ZeRO-3 model states' shapes),
+so here it rewrites only what that left flat and otherwise reads each file once more.
 
 A data-parallel run splits its vocabulary matrices into row blocks (``model.vocab_block_rows``,
 ``auto`` for a large vocabulary: ``<m>.vocab_blocks.<k>.weight``), a tensor-parallel run never does
