@@ -33,7 +33,8 @@ from megakto.distributed._deepspeed.convert import (any_stage as universal_any_s
                                                     to_universal, zero_fp32_shards)
 from megakto.distributed._deepspeed.engines import (build_pipeline_module, build_policy_engine, build_reference_engine,
                                                     disable_dropout, gathered_numel, gathered_state_dict,
-                                                    parallel_groups, pipeline_groups, track_gather_buffers,
+                                                    parallel_groups, pipeline_groups, release_engine,
+                                                    track_gather_buffers,
                                                     with_moe_leaves, zero3_leaf_classes)
 from megakto.distributed._deepspeed.generation import device_memory_bytes, gathered_for_generation
 from megakto.distributed._deepspeed.loading import block_vocab, load_model, split_vocab
@@ -60,6 +61,7 @@ __all__ = [
     "track_gather_buffers",
     "disable_dropout",
     "gathered_state_dict",
+    "release_engine",
     "gathered_for_generation",
     "device_memory_bytes",
     "save_checkpoint",

@@ -91,6 +91,9 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
                        write=writes)
         comm.barrier(group=comm.world_group())
         cache.reload()
+        release = getattr(scorer, "release", None)  # an engine of its own (not the policy with adapters off)
+        if release is not None:
+            release()
         del scorer
         gc.collect()
         seconds = time.perf_counter() - start

@@ -49,6 +49,12 @@ class OnlineReference:
     def score(self, batches: Sequence[Pairs]) -> list[torch.Tensor]:
         return [self.logps(pairs) for pairs in batches]
 
+    def release(self) -> None:
+        """Done with this scorer (the cache precompute's): let its engine be freed with it."""
+        from megakto.distributed import engine
+
+        engine.release_engine(self.engine)
+
 
 class AdapterOffReference:
     """LoRA: π_ref is the policy's base weights, so the reference is the policy engine run with its

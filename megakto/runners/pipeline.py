@@ -140,6 +140,10 @@ class PipelineReference:
     def logps(self, pairs: Pairs) -> torch.Tensor:
         return self.score([pairs])[0]
 
+    def release(self) -> None:
+        """Done with this scorer (the cache precompute's): let its engine be freed with it."""
+        ds_engine.release_engine(self.engine)
+
 
 def check_model(path: str, pp: int, *, key: str, trust_remote_code: bool = False) -> None:
     """Before any engine: the model at ``path`` can be cut into ``pp`` pipeline stages."""

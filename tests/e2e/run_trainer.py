@@ -25,6 +25,16 @@ from megakto.checkpoint import probe_batch  # noqa: E402
 from megakto.trainer import KTOTrainer  # noqa: E402
 
 
+def _engines_alive() -> int:
+    """DeepSpeed engines still reachable in this process (a precompute's reference must be gone)."""
+    import gc
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    gc.collect()
+    return sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
+
+
 def _storages(module):
     ptrs = set()
     for p in module.parameters():
@@ -116,7 +126,7 @@ def main():
             json.dump({"history": [h.metrics for h in history], "indices": [h.indices for h in history],
                        "eval": trainer.eval_history, "ref_max_change": ref_change,
                        "shared_storages": shared, "world_size": comm.world_size(),
-                       "reference_loaded": ref_engine is not None,
+                       "reference_loaded": ref_engine is not None, "engines_alive": _engines_alive(),
                        "optimizer": type(trainer.policy.optimizer).__name__,
                        "grad_accum_dtype": str(trainer.policy.get_data_types()[1]).removeprefix("torch."),
                        "precompute_seconds": trainer.precompute_seconds,
