@@ -91,10 +91,9 @@ def build_reference(ref, model, *, dtype: torch.dtype, online: Callable[[], Refe
                        write=writes)
         comm.barrier(group=comm.world_group())
         cache.reload()
-        release = getattr(scorer, "release", None)  # an engine of its own (not the policy with adapters off)
-        if release is not None:
-            release()
-        del scorer
+        if hasattr(scorer, "release"):  # an engine of its own (not the policy with adapters off)
+            scorer.release()
+        del scorer  # the last reference: gc frees the engine and its partition now
         gc.collect()
         seconds = time.perf_counter() - start
         log(f"reference cache: computed {int(comm.all_reduce_dict({'n': n}, group=dp_group)['n'])} log-probs "

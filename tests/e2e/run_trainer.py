@@ -25,13 +25,15 @@ from megakto.checkpoint import probe_batch  # noqa: E402
 from megakto.trainer import KTOTrainer  # noqa: E402
 
 
-def _engines_alive() -> int:
-    """DeepSpeed engines still reachable in this process (a precompute's reference must be gone)."""
+def _engines_alive(collect: bool) -> int:
+    """DeepSpeed engines in this process (a precompute's reference must be gone); ``collect``: after
+    a garbage collection, else also those only a later collection would free (still resident)."""
     import gc
 
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    gc.collect()
+    if collect:
+        gc.collect()
     return sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
 
 
@@ -92,6 +94,7 @@ def main():
     engine.configure_cpu_threads()
     trainer = _TracedTrainer(cfg, args.deepspeed, dump=args.dump, hang_before_step=args.hang_before_step,
                            count_as_skipped=[int(s) for s in args.count_as_skipped.split(",") if s])
+    engines_at_start = _engines_alive(collect=False)
     ref_engine = getattr(trainer.reference, "engine", None)  # None: cached reference or sft
     tp_group = trainer.dims.tp_group  # None without tensor parallelism
     piped = trainer.dims.pp > 1  # pipelines: the tests read the weights from the final checkpoint
@@ -126,7 +129,7 @@ def main():
             json.dump({"history": [h.metrics for h in history], "indices": [h.indices for h in history],
                        "eval": trainer.eval_history, "ref_max_change": ref_change,
                        "shared_storages": shared, "world_size": comm.world_size(),
-                       "reference_loaded": ref_engine is not None, "engines_alive": _engines_alive(),
+                       "reference_loaded": ref_engine is not None, "engines_alive": [engines_at_start, _engines_alive(collect=True)],
                        "optimizer": type(trainer.policy.optimizer).__name__,
                        "grad_accum_dtype": str(trainer.policy.get_data_types()[1]).removeprefix("torch."),
                        "precompute_seconds": trainer.precompute_seconds,

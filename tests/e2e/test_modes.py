@@ -60,9 +60,10 @@ def test_reference_cache(assets, tmp_path):
              "train.eval_every": 3, "train.eval_batch_size": 30}
     _, first = run_trainer(assets, tmp_path / "first", nproc=2, **extra)
     assert first["precompute_seconds"] > 0 and not first["reference_loaded"]
-    # The precompute's ZeRO-3 reference engine is freed (DeepSpeed's module stack and memo let go of
-    # it: engine.release_engine), not kept through training beside the policy's.
-    assert first["engines_alive"] == 1
+    # The precompute's ZeRO-3 reference engine is freed when the precompute ends (DeepSpeed's module
+    # stack and memo let go of it: engine.release_engine), not kept through training beside the
+    # policy's, nor left to a later garbage collection: one engine before training and after it.
+    assert first["engines_alive"] == [1, 1]
     assert [h["loss"] for h in first["history"]] == pytest.approx(CACHE_GOLDEN_LOSSES, abs=2e-5)
     assert [h["kl"] for h in first["history"]] == pytest.approx(CACHE_GOLDEN_KLS, abs=2e-5)
     assert {k: first["eval"][-1][1][k] for k in CACHE_GOLDEN_EVAL} == pytest.approx(CACHE_GOLDEN_EVAL, abs=2e-5)
