@@ -17,6 +17,15 @@ and drifts upwards over a run, so after each engine step the tool also counts th
 the garbage collector reaches: the state between steps. Differences within a phase are the
 profiler's figures to read. Memory figures do not depend on the machine's load; the profiler
 slows the run several-fold.
+
+    python tools/memory_timeline.py --rss [...]
+
+``--rss`` runs without the profiler (at full speed) and measures what the memory planner predicts
+on CPU, the resident set: the kernel's peak (VmHWM), read and reset (``/proc/self/clear_refs``) at
+every phase's entry and exit, inner phases included, so each phase gets the highest resident set
+reached while it was open, beyond the resident set at the policy engine's build (the trainer's
+baseline). Run it with ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment, as the calibration
+does, so that the resident set follows live memory.
 """
 
 import argparse
@@ -24,6 +33,7 @@ import bisect
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +67,13 @@ PHASES = [
      "zero3 unflatten", False),
     ("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer", "reduce_ipg_grads", "zero2 reduce bucket", False),
     ("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer", "_optimizer_step", "adam group", False),
+    ("megakto.runners.pipeline:PipelineMode", "build_policy", "build policy engine", True),
+    ("megakto.runners.pipeline:PipelineRunner", "score", "pipeline eval (reference, KL)", True),
+    ("megakto.runners.pipeline:PipelineRunner", "train", "pipeline train batch", True),
+    ("deepspeed.runtime.pipe.engine:PipelineEngine", "_exec_forward_pass", "pipe forward", False),
+    ("deepspeed.runtime.pipe.engine:PipelineEngine", "_exec_backward_pass", "pipe backward", False),
+    ("deepspeed.runtime.pipe.engine:PipelineEngine", "_exec_reduce_grads", "pipe reduce grads", False),
+    ("deepspeed.runtime.pipe.engine:PipelineEngine", "_exec_optimizer_step", "pipe optimizer step", False),
 ]
 
 
@@ -98,13 +115,97 @@ def _label(records: list, top: bool, name: str, fn):
     return wrapped
 
 
-def _install(records: list) -> None:
+def _install(records: list, label=None) -> None:
     import importlib
 
     for path, attr, name, top in PHASES:
         module, cls = path.split(":")
         owner = getattr(importlib.import_module(module), cls)
-        setattr(owner, attr, _label(records, top, name, getattr(owner, attr)))
+        setattr(owner, attr, (label or _label)(records, top, name, getattr(owner, attr)))
+
+
+class RssPeaks:
+    """Each phase's highest resident set while it is open (inner phases too), from the kernel's peak
+    counter read and reset at every phase boundary: at each boundary the peak since the previous
+    one is credited to every phase open across it."""
+
+    def __init__(self, read_hwm, reset_hwm):
+        self._read, self._reset = read_hwm, reset_hwm
+        self.open: list[list] = []  # [name, peak] of the phases open now, outermost first
+        self.done: list[tuple[str, int, int, int]] = []  # (name, depth, peak, resident set at entry)
+
+    def _boundary(self) -> int:
+        hwm = self._read()
+        for frame in self.open:
+            frame[1] = max(frame[1], hwm)
+        self._reset()
+        return hwm
+
+    def enter(self, name: str, rss_now: int) -> None:
+        self._boundary()
+        self.open.append([name, rss_now, rss_now])
+
+    def exit(self) -> None:
+        self._boundary()
+        name, peak, entry = self.open.pop()
+        self.done.append((name, len(self.open), peak, entry))
+
+
+def _rss_label(records, top, name, fn):
+    import functools
+
+    from megakto.peak_memory import _reset_hwm, _status_bytes
+
+    tracker = records[0]
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        tracker.enter(name, _status_bytes("VmRSS"))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            tracker.exit()
+    return wrapped
+
+
+def _rss_rank(args, overrides: list[str]) -> int:
+    from megakto.config import load_config
+    from megakto.distributed import comm
+    from megakto.distributed.engine import configure_cpu_threads
+    from megakto.peak_memory import _reset_hwm, _status_bytes
+    from megakto.startup import offloads_to_host
+    from megakto.trainer import KTOTrainer
+
+    cfg = load_config(None, overrides)
+    configure_cpu_threads(offloaded=offloads_to_host(cfg, args.deepspeed))
+    tracker = RssPeaks(lambda: _status_bytes("VmHWM"), _reset_hwm)
+    _install([tracker], label=_rss_label)
+    KTOTrainer(cfg, args.deepspeed).train()
+    base = next(entry for name, _, _, entry in tracker.done if name == "build policy engine")
+    rows = [{"name": n, "depth": d, "peak": p - base, "added": p - e} for n, d, p, e in tracker.done]
+    with open(os.path.join(args.out, f"rank{comm.rank()}.json"), "w") as f:
+        json.dump({"rank": comm.rank(), "rss_rows": rows}, f)
+    return 0
+
+
+def _print_rss(data: dict) -> None:
+    """The top-level phases in call order, then each inner kind's highest figures."""
+    print(f"rank {data['rank']}: resident set, MiB beyond the resident set at the policy engine's build")
+    print(f"{'phase':32s} {'peak':>7s} {'added':>7s}")
+    rows = data["rss_rows"]
+    top = {p[2] for p in PHASES if p[3]}
+    for r in rows:
+        if r["name"] in top:
+            print(f"{r['name']:32s} {r['peak'] / MIB:7.0f} {r['added'] / MIB:7.0f}")
+    inner = {}
+    for r in rows:
+        if r["name"] not in top:
+            best = inner.setdefault(r["name"], [0, 0])
+            best[0], best[1] = max(best[0], r["peak"]), max(best[1], r["added"])
+    for name, (peak, added) in inner.items():
+        print(f"  inside: {name:23s} {peak / MIB:7.0f} {added / MIB:7.0f}")
+    worst = max(rows, key=lambda r: r["peak"])
+    print(f"peak {worst['peak'] / MIB:.0f} MiB in {worst['name']}")
 
 
 def timeline(memory: list[tuple[int, int]], ranges: list[tuple[int, int, str]],
@@ -198,37 +299,51 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="run", help="this run's folder under --work/out")
     parser.add_argument("--port", type=int, default=30020, help="the ranks' --master_port")
     parser.add_argument("--work", default=os.path.join(REPO, "outputs", "memory_timeline"))
+    parser.add_argument("--rss", action="store_true", help="no profiler: each phase's peak resident set (fast)")
+    parser.add_argument("--point", metavar="NAME", help="a calibration grid point's shape, DeepSpeed JSON and settings "
+                        "(tools/calibrate_memory.py GRID) instead of --hidden/--layers/--vocab/--deepspeed")
     parser.add_argument("--out", help=argparse.SUPPRESS)  # set for the ranks
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     if args.out:  # a rank
-        return _rank(args, args.overrides)
+        return (_rss_rank if args.rss else _rank)(args, args.overrides)
     from _launch import launcher_command, rank_env
-    from calibrate_memory import _assets
+    from calibrate_memory import _assets, grid
 
-    shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 128,
-                 num_kv_heads=max(1, args.hidden // 256), intermediate_size=int(args.hidden * 2.75) // 64 * 64,
-                 vocab_size=args.vocab)
-    model, data = _assets(args.work, shape)
     out = os.path.join(args.work, "out", args.name)
+    shutil.rmtree(os.path.join(out, "run"), ignore_errors=True)  # a fresh reference cache: the precompute runs
     os.makedirs(out, exist_ok=True)
-    overrides = [f"model.path={model}", f"data.train_files={data}", "data.max_length=256", "train.global_batch_size=8",
-                 "train.micro_batch_size=4", f"train.max_steps={args.steps}", "train.eval_samples=0",
-                 f"output_dir={out}/run", f"ref.cache_dir={out}/run/ref_cache",
+    if args.point:
+        points = {p[0]: p for p in grid()}
+        if args.point not in points:
+            raise SystemExit(f"--point: no grid point named {args.point}")
+        _, shape, args.deepspeed, extra, _ = points[args.point]
+        model, data = _assets(args.work, shape, prompts=24)
+        settings = ["data.max_length=64", "train.global_batch_size=16", "train.micro_batch_size=4", *extra]
+    else:
+        shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 128,
+                     num_kv_heads=max(1, args.hidden // 256), intermediate_size=int(args.hidden * 2.75) // 64 * 64,
+                     vocab_size=args.vocab)
+        model, data = _assets(args.work, shape)
+        settings = ["data.max_length=256", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    overrides = [f"model.path={model}", f"data.train_files={data}", *settings, f"train.max_steps={args.steps}",
+                 "train.eval_samples=0", f"output_dir={out}/run", f"ref.cache_dir={out}/run/ref_cache",
                  "checkpoint.every_steps=0", *args.overrides]
-    cmd = launcher_command(os.path.abspath(__file__), ["--deepspeed", args.deepspeed, "--out", out, *overrides], nproc=2)
+    cmd = launcher_command(os.path.abspath(__file__), ["--deepspeed", args.deepspeed, "--out", out,
+                                                       *(["--rss"] if args.rss else []), *overrides], nproc=2)
     cmd[cmd.index("--master_port") + 1] = str(args.port)
     proc = subprocess.run(cmd, cwd=REPO, env=rank_env({"PYTHONPATH": REPO}), capture_output=True, text=True)
     if proc.returncode:
         print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
     for line in proc.stdout.splitlines():
-        if "peak memory" in line:
+        if "peak memory" in line and not args.rss:  # --rss resets the counter the trainer reads
             print(line.split("] ", 1)[-1])
     for rank in range(2):
         with open(os.path.join(out, f"rank{rank}.json")) as f:
-            _print(json.load(f))
+            data = json.load(f)
+        (_print_rss if args.rss else _print)(data)
     return 0
 
 

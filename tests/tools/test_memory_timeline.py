@@ -20,3 +20,17 @@ def test_timeline_by_hand():
     assert mt.timeline(memory, ranges, frozenset({"a", "b"}))[1]["since"] == "b"
     assert mt.timeline(memory, ranges + [(0, 10, "all")], frozenset({"b"}))[1]["sizes"] == [(200, 1)]
     assert mt.timeline(memory, ranges + [(0, 10, "all")])[1]["sizes"] == [(200, 1), (50, 1)]
+
+
+def test_rss_peaks_credit_each_boundarys_peak_to_every_open_phase():
+    """--rss: the kernel's peak since the last reset, read at each boundary, goes to every phase open
+    across it; an inner phase's peak is its outer's too, a later sibling's is not its earlier one's."""
+    peaks = iter([100, 500, 300, 200, 150, 120])  # VmHWM at each boundary (reset after each read)
+    tracker = mt.RssPeaks(lambda: next(peaks), lambda: None)
+    tracker.enter("step", 90)        # boundary 1: 100, nothing open yet
+    tracker.enter("backward", 95)    # boundary 2: 500 -> step
+    tracker.exit()                   # boundary 3: 300 -> step, backward
+    tracker.enter("optimizer", 210)  # boundary 4: 200 -> step
+    tracker.exit()                   # boundary 5: 150 -> step, optimizer
+    tracker.exit()                   # boundary 6: 120 -> step
+    assert tracker.done == [("backward", 1, 300, 95), ("optimizer", 1, 210, 210), ("step", 0, 500, 90)]
