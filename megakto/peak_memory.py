@@ -23,7 +23,7 @@ import torch
 
 from megakto.distributed import comm
 
-__all__ = ["PeakMemory", "RunPeak", "reduce_peaks", "GIB", "heap_figures", "glibc_heap"]
+__all__ = ["PeakMemory", "RunPeak", "reduce_peaks", "GIB", "heap_figures", "glibc_heap", "HISTORY_ENV"]
 
 GIB = 1024 ** 3
 
@@ -76,18 +76,45 @@ def _reset_hwm() -> bool:
         return False
 
 
+HISTORY_ENV = "MEGAKTO_CUDA_MEMORY_HISTORY"
+
+
 class PeakMemory:
-    """Start the measurement now (call just before the engines are built); :meth:`peak` later."""
+    """Start the measurement now (call just before the engines are built); :meth:`peak` later.
+
+    On a GPU with ``MEGAKTO_CUDA_MEMORY_HISTORY=DIR`` set, every allocation from here on is recorded
+    with its stack (``torch.cuda.memory._record_memory_history``) and :meth:`dump_history` writes
+    ``DIR/rank{r}.pickle`` at the run's end, for ``tools/cuda_memory_peak.py`` (what is live at the
+    peak, by the code that allocated it) or PyTorch's memory viz. It slows allocations: a diagnostic,
+    not for timed runs. On CPU ``tools/memory_timeline.py --rss`` gives the phases' peaks instead."""
 
     def __init__(self, on_gpu: bool):
+        import os
+
         self.on_gpu = on_gpu
+        self.history_dir = os.environ.get(HISTORY_ENV) or None
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
             self.baseline = 0
             self.hwm_reset = True
+            if self.history_dir:
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         else:
             self.hwm_reset = _reset_hwm()
             self.baseline = _status_bytes("VmRSS")
+
+    def dump_history(self, rank: int) -> str | None:
+        """Write the recorded allocations (GPU, ``MEGAKTO_CUDA_MEMORY_HISTORY`` set) and stop recording;
+        the file's path, or None where nothing was recorded."""
+        import os
+
+        if not (self.on_gpu and self.history_dir):
+            return None
+        os.makedirs(self.history_dir, exist_ok=True)
+        path = os.path.join(self.history_dir, f"rank{rank}.pickle")
+        torch.cuda.memory._dump_snapshot(path)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return path
 
     def peak(self) -> tuple[int, int]:
         """(peak bytes, peak reserved bytes) of this rank since the start; on CPU both are the

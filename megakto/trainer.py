@@ -301,6 +301,12 @@ class KTOTrainer:
         if self.clock.final:
             self.log.info(self.clock.final_summary())
         self.log.info(f"run finished at step {self.step}: {peak.describe(engine.on_gpu())}")
+        snapshot = self.peak_memory.dump_history(comm.rank())
+        if snapshot:
+            self.log.info(f"memory history of rank {comm.rank()}: {snapshot} (tools/cuda_memory_peak.py reads it)")
+        elif self.peak_memory.history_dir and comm.is_main():
+            self.log.info("MEGAKTO_CUDA_MEMORY_HISTORY: not recorded on CPU (tools/memory_timeline.py --rss gives "
+                          "each phase's peak there)")
         self.log.close()
         return history
 

@@ -5,6 +5,7 @@ the libraries print is not.
     python tools/_gpu_check.py [--summary FILE] versions --device cuda
     python tools/_gpu_check.py [--summary FILE] packing --device cuda --dir DIR [--family qwen3 ...]
     python tools/_gpu_check.py [--summary FILE] summary BENCH_JSON [--workdir BENCH_WORKDIR]
+    python tools/_gpu_check.py [--summary FILE] memory --device cuda --dir DIR [--family qwen3 ...]
 
 ``versions``: the packages megakto runs on and the device; refuses (exit 1) a missing package, one
 outside megakto's tested range (megakto.distributed.ds_config.check_versions) or ``--device cuda``
@@ -12,7 +13,9 @@ where torch sees no GPU. ``packing``: megakto's start-up packing check
 (:func:`megakto.model.packing_check.check_packing`) on a random-init model of the benchmark's
 family and width in each attention implementation and dtype the device offers, packed rows and
 padded rows. ``summary``: the figures of a ``tools/bench.py --json`` report, one line per system and
-per ratio, and the packing check the trainer ran at start-up, read from a worker's log.
+per ratio, and the packing check the trainer ran at start-up, read from a worker's log. ``memory``: a
+short ZeRO-3 run's measured peak beside its dry-run plan; on a GPU what is live at the peak, by the code
+that allocated it (``MEGAKTO_CUDA_MEMORY_HISTORY``, tools/cuda_memory_peak.py).
 """
 
 from __future__ import annotations
@@ -186,6 +189,59 @@ def summary(path: str, workdir: str | None) -> int:
     return 1 if failed else 0
 
 
+def _last(pattern: str, text: str) -> float | None:
+    import re
+
+    found = re.findall(pattern, text)
+    return float(found[-1]) if found else None
+
+
+def memory(args) -> int:
+    """A 3-step ZeRO-3 run (reference offloaded, world 1) of a random-init model of the benchmark's
+    family and width, its peak beside the dry run's plan for the same command; on a GPU with every
+    allocation recorded (MEGAKTO_CUDA_MEMORY_HISTORY) and the blocks live at the peak listed by the
+    code that allocated them (tools/cuda_memory_peak.py)."""
+    import subprocess
+
+    from _bench_workload import write_workload
+    from _launch import launcher_command, rank_env
+
+    work = write_workload(args.dir, vocab_size=args.vocab, n_rows=32, seed=0, prompt_words=(5, 60),
+                          completion_words=(5, 60), **model_shape(args))
+    history = os.path.join(args.dir, "history")
+    overrides = [f"model.path={work.model_dir}", f"data.train_files={work.data_file}", "data.max_length=256",
+                 "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=3", "train.eval_samples=0",
+                 "checkpoint.every_steps=0", "ref.offload=cpu", f"output_dir={os.path.join(args.dir, 'run')}",
+                 "model.dtype=" + ("bfloat16" if args.device == "cuda" else "float32")]
+    script, ds = str(REPO / "launch" / "train_kto.py"), "ds_configs/zero3.json"
+    plan = subprocess.run([sys.executable, script, "--dry-run", "--world-size", "1", "--device",
+                           "gpu" if args.device == "cuda" else "cpu", "--deepspeed", ds, *overrides],
+                          cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=600)
+    planned = _last(r"peak per rank: ([0-9.]+) GiB", plan.stdout)
+    env = {"MEGAKTO_CUDA_MEMORY_HISTORY": history} if args.device == "cuda" else {}
+    run = subprocess.run(launcher_command(script, ["--deepspeed", ds, *overrides], nproc=1), cwd=REPO,
+                         env=rank_env(env), capture_output=True, text=True, timeout=900)
+    measured = _last(r"peak memory ([0-9.]+) GiB on the fullest rank", run.stdout)
+    if run.returncode or planned is None or measured is None:
+        failed = run if run.returncode or measured is None else plan
+        tail = (failed.stdout + failed.stderr).strip().splitlines()[-1:] or ["no output"]
+        say(f"memory: FAILED ({'the run' if failed is run else 'the dry run'} exited {failed.returncode}): {tail[0]}")
+        return 1
+    reserved = _last(r"reserved ([0-9.]+) GiB", run.stdout)
+    what = (f"allocated (reserved {reserved:.2f} GiB)" if args.device == "cuda" else
+            "resident set beyond the start-up's")
+    say(f"memory: ZeRO-3, reference offloaded, world 1, {work.n_params / 1e6:.1f}M parameters: dry-run plan "
+        f"{planned:.2f} GiB per rank, measured {measured:.2f} GiB {what}, plan error {planned / measured - 1:+.1%}")
+    if args.device == "cuda":
+        peak = subprocess.run([sys.executable, str(REPO / "tools" / "cuda_memory_peak.py"),
+                               os.path.join(history, "rank0.pickle"), "--top", "8"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        for line in (peak.stdout + peak.stderr).strip().splitlines():
+            say(f"memory at the peak: {line.strip()}")
+        return peak.returncode
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--summary", metavar="FILE", help="also append the summary lines to FILE")
@@ -197,6 +253,11 @@ def main(argv=None) -> int:
     p.add_argument("--dir", required=True, help="where the random-init model is written")
     p.add_argument("--vocab", type=int, default=151936)
     add_model_args(p)
+    p = sub.add_parser("memory")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--dir", required=True, help="where the model, data, run and memory history are written")
+    p.add_argument("--vocab", type=int, default=151936)
+    add_model_args(p)
     p = sub.add_parser("summary")
     p.add_argument("report", help="tools/bench.py --json output")
     p.add_argument("--workdir", help="tools/bench.py --workdir (its workers' logs)")
@@ -206,6 +267,8 @@ def main(argv=None) -> int:
         return versions(args.device)
     if args.step == "packing":
         return packing(args)
+    if args.step == "memory":
+        return memory(args)
     return summary(args.report, args.workdir)
 
 

@@ -14,7 +14,10 @@
 #    bfloat16, 2 warmup + 18 timed steps of 32 rows: megakto KTO with the reference offloaded to
 #    CPU, megakto KTO with ref.mode=cache, megakto SFT (kto.loss_type=sft, the same engine and
 #    tokens); target tokens/s, peak GPU memory and the ratios;
-# 4. TRL's KTOTrainer on the same model and rows, where trl is installed (else one line says so).
+# 4. TRL's KTOTrainer on the same model and rows, where trl is installed (else one line says so);
+# 5. memory: a 3-step ZeRO-3 run (2 layers of the same width) beside its dry-run memory plan; on a GPU
+#    every allocation recorded (MEGAKTO_CUDA_MEMORY_HISTORY) and what is live at the peak listed by the
+#    code that allocated it (tools/cuda_memory_peak.py).
 #
 # Nothing is downloaded. Packages the machine lacks travel as wheels: MEGAKTO_WHEELS=DIR installs
 # every DIR/*.whl with pip --no-index first. The summary goes to $OUT/gpu_check.txt when OUT is
@@ -30,7 +33,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) MODE=cpu ;;
         --layers) LAYERS=${2:?--layers needs a number of layers}; shift ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1'; use --cpu and/or --layers N" >&2; exit 2 ;;
     esac
     shift
@@ -128,6 +131,7 @@ rc=0
     2>&1 | tee "$DEST/gpu_check_bench.txt" || rc=$?
 [ "$rc" -eq 0 ] || FAILED+=(benchmark)
 step summary summary "$DEST/gpu_check_bench.json" --workdir "$WORK/bench"
+step memory memory --device "$DEVICE" --dir "$WORK/memory" "${SHAPE[@]}" --layers 2
 
 if [ "${#FAILED[@]}" -eq 0 ]; then
     say "gpu_check: passed in ${SECONDS} s; summary in $SUMMARY"

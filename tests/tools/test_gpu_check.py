@@ -43,6 +43,10 @@ def test_cpu_mode_prints_positive_figures(tmp_path):
     assert len(trl) == 1 and (trl[0].startswith("trl-kto: not run (trl is not installed")
                               or re.match(rf"trl-kto: {NUMBER} target tokens/s", trl[0]))
     assert json.loads((tmp_path / "gpu_check_bench.json").read_text())["settings"]["device"] == "cpu"
+    # memory: the short ZeRO-3 run's peak beside its dry-run plan (on a GPU also what is live at the peak)
+    m = re.search(rf"^memory: ZeRO-3, reference offloaded, world 1, .*: dry-run plan {NUMBER} GiB per rank, "
+                  rf"measured {NUMBER} GiB resident set", summary, re.M)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, summary
     assert not list(tmp_path.glob("megakto-gpu-check.*"))  # the models are removed
 
 
