@@ -213,8 +213,9 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         max_live=int(p.ref_zero_value("stage3_max_live_parameters"))) if p.ref != "none" and p.pp == 1 else (0, 0))
 
     buckets = 0
+    reduce_terms = {}  # ZeRO-1/2: what a bucket's reduction adds in the backward (train phase)
     largest = min(max(s.largest_layer_param() // p.tp, (p.block_rows or s.vocab // p.tp) * s.hidden), rank_params)
-    gathers = 0
+    gathers = grad_unreduced = 0
     moe_gather = {}  # ZeRO-3's gather of one MoE block, by phase
     # A bucket is allocated whole; on a GPU all of it counts, on CPU only the pages gradients touch
     # (together at most the rank's parameters): the resident set counts written pages.
@@ -225,7 +226,8 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         buckets = bucket(int(p.zero_value("reduce_bucket_size"))) * w  # contiguous ipg buffer, made at init
         live = min(int(p.zero_value("stage3_prefetch_bucket_size")) + largest,
                    int(p.zero_value("stage3_max_live_parameters")), rank_params)
-        gathers = live * w + largest * w  # gathered weights, and the largest one's gradient before its reduce
+        gathers = live * w  # gathered weights
+        grad_unreduced = largest * w  # the largest parameter's gradient before its reduce
         if split:
             moe_gather = {phase: block_gather_bytes(s, w=w, ep=p.ep, grad=phase == "train") for phase in ("train", "no-grad")}
     elif stage in (1, 2):
@@ -233,12 +235,29 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         # run at stage 1 too (line 713), and setup_buckets (line 3256) allocates reduce_bucket_size
         # elements, twice with overlap_comm, in the gradient-accumulation dtype at stage 1 when it
         # differs from the model's (fp32 beside bf16: use_grad_accum_attribute), else the model dtype.
-        if p.zero_value("contiguous_gradients"):
-            bucket_bytes = 4 if stage == 1 else w
-            buckets = bucket(int(p.zero_value("reduce_bucket_size")) * (2 if p.zero_value("overlap_comm") else 1)
-                             ) * bucket_bytes
+        contiguous = p.zero_value("contiguous_gradients")
+        bucket_bytes = 4 if stage == 1 and w != 4 else w
+        reduce_size = int(p.zero_value("reduce_bucket_size"))
+        if contiguous:
+            # ZeRO-1 on CPU: each gradient is copied into the bucket and its own tensor freed (1459-1464),
+            # so the pages the bucket touches are the gradients' (counted above), not more.
+            buckets = 0 if stage == 1 and not p.on_gpu else bucket(reduce_size * (2 if p.zero_value("overlap_comm") else 1)
+                                                                   ) * bucket_bytes
         # a whole parameter's gradient before it is copied into the bucket (a fused expert tensor's: 1/ep)
-        gathers = max(largest, max(s.moe.expert_params) // p.ep if split else 0) * w
+        grad_unreduced = max(largest, max(s.moe.expert_params) // p.ep if split else 0) * w
+        # A bucket's reduction (average_tensor -> allreduce_no_retain -> allreduce_bucket, 1713, 2367) sends
+        # each rank its share (at most reduce_bucket_size elements) and, at stage 1, copies this rank's
+        # partition out of the bucket (copy_grads_in_partition, 2184-2201; stage 2 keeps it as its
+        # gradient partition, counted above). Measured inside reduce_ipg_grads (tools/memory_timeline.py
+        # --rss, fp32, 2-rank CPU runs over gloo): +258 MiB for a 67M model at dp 2 (stage 2: the 128 MiB
+        # partition made at a step's first reduction and a second 128 MiB, one rank's share while it is
+        # reduced); +128 MiB for a 33.5M pipeline stage at dp 1 (the partition copy alone: a one-rank
+        # group exchanges nothing). The share's copy is counted for GPUs too: unmeasured there.
+        own_share = -(-trainable // max(1, shards))
+        if shards > 1:
+            reduce_terms["ZeRO-1/2 reduce share in flight"] = min(reduce_size, own_share) * bucket_bytes
+        if stage == 1 and contiguous:
+            reduce_terms["ZeRO-1 partition copy"] = own_share * bucket_bytes
     rows.append(("ZeRO buckets", buckets, 0))
     runtime = 0 if p.on_gpu else CPU_RUNTIME_BYTES
     rows.append(("runtime (CPU libraries)", runtime, 0))
@@ -248,17 +267,30 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     in_flight = min(p.pp, p.grad_accum) if p.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches
     stage_shape = s if p.pp == 1 else _stage_shape(s, p.pp)
     train = train_pass(stage_shape, t, w=w, tp=p.tp, checkpointing=p.checkpointing, attn=p.attn, sp=p.sp, ep=p.ep)
-    head_grad = logits_bytes(s, sequence_shard_tokens(t, p.sp).completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens,
-                             block_rows=p.block_rows, grad=True)
-    phases = {"train": train["activations"] * in_flight + train["backward"] + head_grad + gathers
-              + moe_gather.get("train", 0)}
+    head = {grad: logits_bytes(s, sequence_shard_tokens(t, p.sp).completion, w=w, tp=p.tp, logps=p.logps,
+                               chunk_tokens=p.chunk_tokens, block_rows=p.block_rows, grad=grad) for grad in (False, True)}
+    # The head block's gradient is a parameter's gradient before its reduce: the head's, when the head is
+    # the largest parameter (no vocabulary blocks), is one tensor counted once; else they come at
+    # different times of the backward: the larger counts.
+    phases = {"train": train["activations"] * in_flight + train["backward"] + head[False]
+              + max(head[True] - head[False], grad_unreduced) + gathers + moe_gather.get("train", 0)
+              + sum(reduce_terms.values())}
     both = Tokens(2 * t.tokens, 2 * t.completion, 2 * t.rows, t.row_length)  # target + KL rows
     no_grad = no_grad_pass(stage_shape, both, w=w, tp=p.tp, attn=p.attn, sp=p.sp, ep=p.ep) + logits_bytes(
         s, sequence_shard_tokens(both, p.sp).completion, w=w, tp=p.tp, logps=p.logps, chunk_tokens=p.chunk_tokens, block_rows=p.block_rows,
         grad=False)
     # The reference's pass and the policy's KL pass run one after the other, each releasing its
     # gathers at its end (measured: tools/memory_timeline.py): the larger of the two counts.
-    policy_gathers = (gathers - largest * w if stage == 3 else 0) + moe_gather.get("no-grad", 0)
+    # A ZeRO-3 policy's forward, with grad or without, prefetches as the reference's does (its own JSON's
+    # bucket and max_live): at a forward's start the buckets in flight and the first one's copies, the
+    # most it holds (its modules release what they used); the backward re-gathers within max_live.
+    # Measured (tools/memory_timeline.py --rss, a 134M fp32 model, 2 ranks, 1e7 buckets): +544-566 MiB
+    # in the policy's KL pass, for 4·(134M + 1e7) predicted.
+    policy_gathers = moe_gather.get("no-grad", 0)
+    if stage == 3:
+        policy_gathers += sum(frozen_forward_gathers(rank_params, weight_bytes=w,
+                                                     prefetch_bucket=int(p.zero_value("stage3_prefetch_bucket_size")),
+                                                     max_live=int(p.zero_value("stage3_max_live_parameters"))))
     ref_pass = ref_copies + ref_buffers if p.ref == "online" else 0
     phases["no-grad"] = no_grad + max(policy_gathers, ref_pass)
     # Each parameter group's trainable partition (the experts are a group of their own).
@@ -310,12 +342,14 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     if ref_pass >= policy_gathers and ref_pass:  # the reference's pass holds the no-grad phase's gathers
         details.setdefault("no-grad", {}).pop("MoE block gather (ZeRO-3)", None)
         details["no-grad"].update({"reference gathered bucket copies": ref_copies, "reference prefetch buffers": ref_buffers})
-    elif stage == 3 and ref_pass:
-        details.setdefault("no-grad", {})["policy KL-pass gathers (ZeRO-3)"] = policy_gathers
+    elif stage == 3:  # the policy's own prefetch (its MoE blocks' gather named apart)
+        details.setdefault("no-grad", {})["policy KL-pass gathers (ZeRO-3)"] = policy_gathers - moe_gather.get("no-grad", 0)
     if p.ref == "cache":
         details["precompute"] = {"reference gathered bucket copies": ref_copies, "reference prefetch buffers": ref_buffers,
                                  "Adam moments, made at the first step": -adam_unmade,
                                  **{k: -v for k, v in zero12_freed.items()}}
+    if reduce_terms:
+        details.setdefault("train", {}).update(reduce_terms)
     if zero12_freed:
         details.setdefault("no-grad", {}).update({k: -v for k, v in zero12_freed.items()})
         details["step"] = {k: -v for k, v in step_freed.items()}

@@ -42,15 +42,19 @@ def test_reference_engine_prefetch_settings_reach_the_plan():
 
 
 def test_no_grad_phase_counts_the_larger_of_the_two_passes_gathers():
-    """The reference's pass and the policy's KL pass never overlap. Policy gathers (stage3 live:
-    min(5e7 + 8192, 1e9, P) = P) 4·P; reference 4·P copies + 4·P buffers = 8·P. With the reference the
-    phase holds 8·P, not 12·P: 4·P more than without one (ref "none", the policy's 4·P alone)."""
-    online, none = _plan("online"), _plan("none")
-    assert online.phases["no-grad"] - none.phases["no-grad"] == 8 * P - 4 * P
-    # A reference bucket of 1000 with max_live 1000: 4·1000 + 4·2000 = 12000 < 4·P: the policy's count.
-    small = _plan("online", ref_zero={"stage3_prefetch_bucket_size": 1000, "stage3_max_live_parameters": 1000})
+    """The reference's pass and the policy's KL pass never overlap, and a ZeRO-3 policy prefetches as
+    the reference does. Policy at bucket 1000, max_live 1000: copies 4·1000 + buffers 4·(1000 + 1000)
+    = 12000 bytes; the reference at DeepSpeed's defaults 4·P copies + 4·P buffers = 8·P. With the
+    reference the phase holds 8·P, not 8·P + 12000: 8·P - 12000 more than without one."""
+    policy = {"stage3_prefetch_bucket_size": 1000, "stage3_max_live_parameters": 1000}
+    online, none = _plan("online", zero=policy), _plan("none", zero=policy)
+    assert online.phases["no-grad"] - none.phases["no-grad"] == 8 * P - 12000
+    # A reference of bucket 500, max_live 500: 4·500 + 4·1000 = 6000 < 12000, the policy's count.
+    small = _plan("online", zero=policy, ref_zero={"stage3_prefetch_bucket_size": 500, "stage3_max_live_parameters": 500})
     assert small.phases["no-grad"] == none.phases["no-grad"]
-    assert small.details["no-grad"] == {"policy KL-pass gathers (ZeRO-3)": 4 * P}
+    assert small.details["no-grad"] == {"policy KL-pass gathers (ZeRO-3)": 12000}
+    # At DeepSpeed's defaults the policy's own pass is as large as the reference's: 8·P either way.
+    assert _plan("online").phases["no-grad"] == _plan("none").phases["no-grad"]
 
 
 @pytest.mark.parametrize("on_gpu", [True, False])
