@@ -6,8 +6,11 @@
 
 ``--grid`` runs the held-out grid instead (shapes the planner was never tuned on, see GRID): each point is
 written to the JSON as soon as it is measured (a re-run skips the points already there), self-describing
-(shape, DeepSpeed JSON, overrides, allocator setting, measured bytes), so that
-``tests/planning/test_stated_accuracy.py`` re-predicts every point without running anything.
+(shape, DeepSpeed JSON, overrides, allocator setting, the largest micro-batch the dry run plans from
+the data, measured bytes), so that ``tests/planning/test_stated_accuracy.py`` re-predicts every point
+without running anything: the plan ``launch/train_kto.py --dry-run`` prints for that run (its data's
+largest micro-batch), and beside it the plan without data (``tools/plan_memory.py``: the worst
+micro-batch the config allows, an upper bound).
 
 Each configuration makes (once, under --work) a random Llama of its shape and the demo data, runs
 ``deepspeed --num_gpus 2 launch/train_kto.py`` on it, reads the run's final line (the peak RSS beyond
@@ -17,6 +20,7 @@ Run it alone on the machine: other jobs do not change RSS, but the 7B-width poin
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -122,6 +126,17 @@ def _run(ds: str, overrides: list[str], mmap_threshold: int | None) -> tuple[flo
     return float(found.group(1)) * 2 ** 30, float(kept.group(1)) * 2 ** 30 if kept else 0.0
 
 
+def dry_run_tokens(ds: str, overrides: list[str]) -> list[int]:
+    """The largest micro-batch of the run's 3 steps as ``launch/train_kto.py --dry-run`` plans it from
+    the data (tokens, scored tokens, rows, row length): what its plan, the one a user reads before the
+    run, is made for."""
+    from megakto.config import load_config
+    from megakto.dry_run import dry_run
+
+    plan = dry_run(load_config(None, overrides), ds, 2, on_gpu=False, overrides=tuple(overrides), log=lambda line: None)
+    return list(dataclasses.astuple(plan.inputs.train_tokens))
+
+
 def run_grid(args) -> int:
     """Measure every grid point not yet in ``args.json``, rewriting the file after each."""
     import dataclasses
@@ -158,9 +173,10 @@ def run_grid(args) -> int:
             continue
         with open(os.path.join(REPO, ds)) as f:
             ds_json = json.load(f)
+        tokens = dry_run_tokens(ds, paths + common + extra)
         rows.append({"name": name, "shape": shape, "model_shape": dataclasses.asdict(plan.inputs.shape),
                      "deepspeed": ds, "ds_config": ds_json, "overrides": common + extra, "world_size": 2,
-                     "logps": plan.inputs.logps,
+                     "logps": plan.inputs.logps, "dry_run_tokens": tokens,
                      "allocator": {"MALLOC_MMAP_THRESHOLD_": threshold} if alloc == MMAP else "glibc defaults",
                      "measured_bytes": measured, "retained_bytes": retained,
                      "predicted_bytes_when_measured": plan.peak_bytes_per_rank, "peak_phase": plan.peak_phase,
@@ -183,11 +199,15 @@ def print_grid(path: str, *, markdown: bool = False) -> int:
     with open(path) as f:
         points = {p["name"]: p for p in json.load(f)["points"]}
     errors = grid_errors(path, live_only=False)
-    fmt = ("| {} | {:.0f} | {:.0f} | {:.0f} | {:+.1%} |" if markdown else "{:48s} {:14.0f} {:13.0f} {:13.0f} {:+7.1%}")
-    print("| point | predicted MiB | measured MiB | retained MiB | error |\n|---|---|---|---|---|" if markdown else
-          f"{'point':48s} {'predicted MiB':>14s} {'measured MiB':>13s} {'retained MiB':>13s} {'error':>7s}")
+    no_data = {e[0]: e for e in grid_errors(path, live_only=False, with_data=False)}
+    fmt = ("| {} | {:.0f} | {:.0f} | {:.0f} | {:+.1%} | {:.0f} ({:+.1%}) |" if markdown else
+           "{:44s} {:10.0f} {:10.0f} {:10.0f} {:+7.1%} {:9.0f} ({:+.1%})")
+    print("| point | dry-run plan MiB | measured MiB | retained MiB | error | plan without data MiB (error) |\n"
+          "|---|---|---|---|---|---|" if markdown else
+          f"{'point':44s} {'plan MiB':>10s} {'measured':>10s} {'retained':>10s} {'error':>7s}  {'plan without data':>18s}")
     for name, predicted, measured, err in errors:
-        print(fmt.format(name, predicted / 2**20, measured / 2**20, points[name]["retained_bytes"] / 2**20, err))
+        print(fmt.format(name, predicted / 2**20, measured / 2**20, points[name]["retained_bytes"] / 2**20, err,
+                         no_data[name][1] / 2**20, no_data[name][3]))
     live = [e for e in errors if isinstance(points[e[0]]["allocator"], dict)]
     worst = max(live, key=lambda e: abs(e[3]))
     print(f"worst |error| under MALLOC_MMAP_THRESHOLD_=1048576: {worst[3]:+.1%} ({worst[0]}) over {len(live)} points; "

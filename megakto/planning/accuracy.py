@@ -19,9 +19,9 @@ from megakto.model.shape import ModelShape, MoeShape
 __all__ = ["STATED_ACCURACY_PERCENT", "CALIBRATION_DOC", "GRID_FILE", "accuracy_note", "predict_point",
            "grid_errors", "stated_percent"]
 
-# The worst |predicted / measured - 1| over the grid's live-peak points (MALLOC_MMAP_THRESHOLD_=1048576),
-# in percent, rounded up.
-STATED_ACCURACY_PERCENT = 27
+# The worst |predicted / measured - 1| of the dry run's plan over the grid's live-peak points
+# (MALLOC_MMAP_THRESHOLD_=1048576), in percent, rounded up.
+STATED_ACCURACY_PERCENT = 14
 CALIBRATION_DOC = "docs/planning.md#calibration"
 GRID_FILE = os.path.join("tools", "calibration_grid.json")
 
@@ -38,27 +38,31 @@ def _shape(fields: dict) -> ModelShape:
                          "moe": None if moe is None else MoeShape(**{**moe, "expert_params": tuple(moe["expert_params"])})})
 
 
-def predict_point(point: dict) -> int:
-    """The current planner's peak per rank (CPU) for one grid point, from the point alone."""
+def predict_point(point: dict, *, with_data: bool = True) -> int:
+    """The current planner's peak per rank (CPU) for one grid point, from the point alone: the dry run's
+    plan (``with_data``: for the largest micro-batch of the run's steps, from its data), else the plan
+    without data (the worst micro-batch the config allows)."""
+    from megakto.planning.activations import Tokens
     from megakto.planning.run_plan import PlanRequest, make_plan
 
     overrides = ("model.path=calibration-shape", "data.train_files=unused", f"model.logps={point['logps']}",
                  *point["overrides"])
-    req = PlanRequest(None, point["deepspeed"], overrides, point["world_size"], on_gpu=False)
+    tokens = Tokens(*point["dry_run_tokens"]) if with_data else None
+    req = PlanRequest(None, point["deepspeed"], overrides, point["world_size"], on_gpu=False, tokens=tokens)
     return make_plan(req, _shape(point["model_shape"]), ds=point["ds_config"])[1].peak_bytes_per_rank
 
 
-def grid_errors(path: str, *, live_only: bool = True) -> list[tuple[str, int, float, float]]:
+def grid_errors(path: str, *, live_only: bool = True, with_data: bool = True) -> list[tuple[str, int, float, float]]:
     """(name, predicted, measured, error) of every point of the grid file at ``path``; ``live_only``:
     the points measured under the documented allocator setting (the others measure RSS with glibc's
-    retained heap in it)."""
+    retained heap in it); ``with_data``: the dry run's plan (else the plan without data)."""
     with open(path) as fh:
         points = json.load(fh)["points"]
     out = []
     for point in points:
         if live_only and not isinstance(point["allocator"], dict):
             continue
-        predicted = predict_point(point)
+        predicted = predict_point(point, with_data=with_data)
         out.append((point["name"], predicted, point["measured_bytes"], predicted / point["measured_bytes"] - 1))
     return out
 
