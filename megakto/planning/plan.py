@@ -236,7 +236,8 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         # elements, twice with overlap_comm, in the gradient-accumulation dtype at stage 1 when it
         # differs from the model's (fp32 beside bf16: use_grad_accum_attribute), else the model dtype.
         contiguous = p.zero_value("contiguous_gradients")
-        bucket_bytes = 4 if stage == 1 and w != 4 else w
+        # The gradient-sum dtype: the model's, which megakto leaves ZeRO-1/2 in (a JSON's fp32 at stage 1)
+        bucket_bytes = (p.accum_bytes or w) if stage == 1 else w
         reduce_size = int(p.zero_value("reduce_bucket_size"))
         if contiguous:
             # ZeRO-1 on CPU: each gradient is copied into the bucket and its own tensor freed (1459-1464),
@@ -256,7 +257,7 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
         own_share = -(-trainable // max(1, shards))
         if shards > 1:
             reduce_terms["ZeRO-1/2 reduce share in flight"] = min(reduce_size, own_share) * bucket_bytes
-        if stage == 1 and contiguous:
+        if stage == 1 and contiguous and not off_opt:  # offloaded, it goes to the host's fp32 copy (2145-2177)
             reduce_terms["ZeRO-1 partition copy"] = own_share * bucket_bytes
     rows.append(("ZeRO buckets", buckets, 0))
     runtime = 0 if p.on_gpu else CPU_RUNTIME_BYTES

@@ -139,14 +139,15 @@ def test_plan_peak_is_persistent_plus_largest_phase():
 
 
 @pytest.mark.parametrize("stage, weight_bytes, zero, want", [
-    (1, 2, {}, 2 * 1000 * 4),                            # ZeRO-1 bf16: two fp32 buckets (grad_accum dtype), overlap
+    (1, 2, {}, 2 * 1000 * 2),                            # ZeRO-1 bf16: two buckets in the gradient-sum dtype, bf16
     (2, 2, {}, 2 * 1000 * 2),                            # ZeRO-2 bf16: two buckets in the model dtype
     (1, 4, {"overlap_comm": False}, 1000 * 4),           # one bucket without overlap_comm
     (1, 2, {"contiguous_gradients": False}, 0),          # no contiguous buffers, no buckets
 ])
 def test_zero_1_and_2_reduce_buckets(stage, weight_bytes, zero, want):
     """DeepSpeed's stage_1_and_2.setup_buckets: reduce_bucket_size (1000) elements, twice with
-    overlap_comm; ZeRO-1 keeps them in the fp32 accumulation dtype beside a bf16 model."""
+    overlap_comm, in the gradient-sum dtype (_gradient_reduction_buffer_dtype, 1253): the model's,
+    which megakto leaves ZeRO-1/2 in (an fp32 sum is filled for ZeRO-3 only)."""
     p = PlanInputs(shape=TOY, world_size=2, dp=2, zero={"stage": stage, "reduce_bucket_size": 1000,
                                                         "overlap_comm": True, **zero},
                    weight_bytes=weight_bytes, on_gpu=True, ref="none", ref_offload=False,
@@ -171,7 +172,7 @@ def test_zero_1_and_2_gradients_and_buckets_live_from_backward_to_step(stage, gr
                                                         "overlap_comm": True},
                    weight_bytes=2, on_gpu=True, ref="cache", ref_offload=False,
                    train_tokens=Tokens(256, 100, 2, 128), precompute_tokens=Tokens(256, 100, 2, 128))
-    buckets = 2 * 1000 * (4 if stage == 1 else 2)
+    buckets = 2 * 1000 * 2  # bf16 at either stage: the gradient-sum dtype megakto leaves them in
     plan = plan_memory(p, gpu_memory=1.0)
     rows = {name: device for name, device, _ in plan.rows}
     assert rows["policy gradients"] == grads and rows["ZeRO buckets"] == buckets

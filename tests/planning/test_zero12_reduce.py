@@ -14,10 +14,10 @@ P = 202048
 TOKENS = Tokens(256, 100, 2, 128)
 
 
-def _plan(stage, *, dp=2, world=2, on_gpu=True, pp=1, **zero):
+def _plan(stage, *, dp=2, world=2, on_gpu=True, pp=1, w=4, **zero):
     return plan_memory(PlanInputs(shape=TOY, world_size=world, dp=dp, pp=pp,
                                   zero={"stage": stage, "reduce_bucket_size": 1000, "overlap_comm": True, **zero},
-                                  weight_bytes=4, on_gpu=on_gpu, ref="none", ref_offload=False,
+                                  weight_bytes=w, on_gpu=on_gpu, ref="none", ref_offload=False,
                                   train_tokens=TOKENS, precompute_tokens=TOKENS))
 
 
@@ -37,6 +37,16 @@ def test_stage_1_copies_its_partition_out_of_the_bucket():
                                          "ZeRO-1 partition copy": 404096}
     assert _plan(1, contiguous_gradients=False).details["train"] == {
         "ZeRO-1/2 reduce share in flight": 4000}
+
+
+def test_bf16_stage_1_reduces_in_bf16_and_offload_copies_to_the_host():
+    """bf16 ZeRO-1 sums its gradients in bf16 (megakto fills an fp32 sum for ZeRO-3 only): the share
+    2·1000 and the partition copy 2·101024 bytes. Under optimizer offload the partition goes to the
+    host's fp32 copy instead: no device copy."""
+    assert _plan(1, w=2).details["train"] == {"ZeRO-1/2 reduce share in flight": 2000,
+                                              "ZeRO-1 partition copy": 2 * 101024}
+    assert _plan(1, w=2, offload_optimizer={"device": "cpu"}).details["train"] == {
+        "ZeRO-1/2 reduce share in flight": 2000}
 
 
 def test_one_data_parallel_rank_exchanges_nothing():
