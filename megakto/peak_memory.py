@@ -77,6 +77,7 @@ def _reset_hwm() -> bool:
 
 
 HISTORY_ENV = "MEGAKTO_CUDA_MEMORY_HISTORY"
+HISTORY_ENTRIES = 1_000_000  # the recording's ring buffer: a longer run keeps its last events only
 
 
 class PeakMemory:
@@ -84,8 +85,9 @@ class PeakMemory:
 
     On a GPU with ``MEGAKTO_CUDA_MEMORY_HISTORY=DIR`` set, every allocation from here on is recorded
     with its stack (``torch.cuda.memory._record_memory_history``) and :meth:`dump_history` writes
-    ``DIR/rank{r}.pickle`` at the run's end, for ``tools/cuda_memory_peak.py`` (what is live at the
-    peak, by the code that allocated it) or PyTorch's memory viz. It slows allocations: a diagnostic,
+    ``DIR/rank{r}.pickle`` at the run's end (``DIR/rank{r}-oom.pickle`` at an out-of-memory error), for
+    ``tools/cuda_memory_peak.py`` (what is live at the peak, by the code that allocated it) or PyTorch's
+    memory viz. It slows allocations and keeps the last 1M events only: a diagnostic for a few steps,
     not for timed runs. On CPU ``tools/memory_timeline.py --rss`` gives the phases' peaks instead."""
 
     def __init__(self, on_gpu: bool):
@@ -98,10 +100,24 @@ class PeakMemory:
             self.baseline = 0
             self.hwm_reset = True
             if self.history_dir:
-                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+                torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES, stacks="python")
+                self._dump_on_out_of_memory()
         else:
             self.hwm_reset = _reset_hwm()
             self.baseline = _status_bytes("VmRSS")
+
+    def _dump_on_out_of_memory(self) -> None:
+        """An out-of-memory error, the run a history is most wanted for, writes ``rank{r}-oom.pickle``
+        before it raises (torch's out-of-memory observer; ``RANK`` from the launcher)."""
+        import os
+
+        def observer(device, alloc, device_alloc, device_free):
+            os.makedirs(self.history_dir, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(os.path.join(self.history_dir, f"rank{os.environ.get('RANK', '0')}-oom.pickle"))
+
+        attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
+        if attach is not None:
+            attach(observer)
 
     def dump_history(self, rank: int) -> str | None:
         """Write the recorded allocations (GPU, ``MEGAKTO_CUDA_MEMORY_HISTORY`` set) and stop recording;

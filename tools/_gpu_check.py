@@ -222,8 +222,8 @@ def memory(args) -> int:
     run = subprocess.run(launcher_command(script, ["--deepspeed", ds, *overrides], nproc=1), cwd=REPO,
                          env=rank_env(env), capture_output=True, text=True, timeout=900)
     measured = _last(r"peak memory ([0-9.]+) GiB on the fullest rank", run.stdout)
-    if run.returncode or planned is None or measured is None:
-        failed = run if run.returncode or measured is None else plan
+    if run.returncode or planned is None or not measured:
+        failed = run if run.returncode or not measured else plan
         tail = (failed.stdout + failed.stderr).strip().splitlines()[-1:] or ["no output"]
         say(f"memory: FAILED ({'the run' if failed is run else 'the dry run'} exited {failed.returncode}): {tail[0]}")
         return 1

@@ -7,9 +7,11 @@
 Reads a snapshot of ``torch.cuda.memory._record_memory_history`` (megakto writes one per rank when
 ``MEGAKTO_CUDA_MEMORY_HISTORY`` is set: recording starts where the peak measurement starts, before
 the engines are built), replays its allocations and frees, and prints the most bytes allocated at
-once (what ``torch.cuda.max_memory_allocated`` reports, less what was allocated before the recording)
-and the blocks live at that moment, grouped by the innermost frame in megakto, DeepSpeed, transformers
-or torch: the terms to hold against the memory plan's table (``launch/train_kto.py --dry-run``).
+once beyond what was allocated before the recording
+(blocks freed when their free completes, as PyTorch's memory viz counts them) and the blocks live at
+that moment, grouped by the innermost frame in megakto, DeepSpeed, transformers or torch: the terms
+to hold against the memory plan's table (``launch/train_kto.py --dry-run``). The recording keeps its
+last 1M events: record a few steps.
 The same file opens in PyTorch's memory viz (https://pytorch.org/memory_viz).
 """
 
@@ -20,6 +22,7 @@ import pickle
 import sys
 
 MIB = 2 ** 20
+HISTORY_ENTRIES = 1_000_000  # megakto.peak_memory.HISTORY_ENTRIES: the recording's ring buffer
 PACKAGES = ("megakto/", "deepspeed/", "transformers/", "peft/", "torch/")
 
 
@@ -33,24 +36,36 @@ def _site(frames: list[dict]) -> str:
     return "(no Python frame)"
 
 
-def peak_blocks(trace: list[dict]) -> tuple[int, list[dict]]:
-    """(the most bytes live at once, the allocations live then) from one device's trace: each
-    ``alloc`` adds its block, each ``free_completed`` removes it (by address). Pure."""
+def _replay(trace: list[dict], stop: int | None = None):
+    """Live blocks by address and their total after each event, up to event ``stop`` (all: None)."""
     live: dict[int, dict] = {}
-    total = best = 0
-    best_live: list[dict] = []
-    for event in trace:
+    total = 0
+    for i, event in enumerate(trace if stop is None else trace[:stop + 1]):
         action = event.get("action")
         if action == "alloc":
             live[event["addr"]] = event
             total += event["size"]
-            if total > best:
-                best, best_live = total, list(live.values())
         elif action == "free_completed":
             freed = live.pop(event["addr"], None)
             if freed is not None:
                 total -= freed["size"]
-    return best, best_live
+        yield i, total, live
+
+
+def peak_blocks(trace: list[dict]) -> tuple[int, list[dict]]:
+    """(the most bytes live at once, the allocations live then) from one device's trace: each
+    ``alloc`` adds its block, each ``free_completed`` removes it (by address), as PyTorch's memory viz
+    counts them (the allocator's own counter drops a block when its free is requested). Two passes:
+    the peak's event, then the blocks live at it. Pure."""
+    best, at = 0, None
+    for i, total, _ in _replay(trace):
+        if total > best:
+            best, at = total, i
+    if at is None:
+        return 0, []
+    for _, _, live in _replay(trace, at):
+        pass
+    return best, list(live.values())
 
 
 def by_site(blocks: list[dict]) -> list[tuple[str, int, int]]:
@@ -85,6 +100,9 @@ def main(argv=None) -> int:
         peak, blocks = peak_blocks(trace)
         print(f"device {device}: {len(trace):,} events; peak {peak / MIB:.0f} MiB allocated at once "
               f"(beyond what was allocated before the recording started) in {len(blocks):,} blocks:")
+        if len(trace) >= HISTORY_ENTRIES:
+            print(f"  the trace is full ({HISTORY_ENTRIES:,} events): earlier events were dropped, and blocks "
+                  "allocated before them are not counted; record fewer steps")
         groups = by_site(blocks)
         for site, n, count in groups[:args.top]:
             print(f"  {n / MIB:10.1f} MiB in {count:6d} blocks  {site}")

@@ -121,7 +121,15 @@ def _install(records: list, label=None) -> None:
     for path, attr, name, top in PHASES:
         module, cls = path.split(":")
         owner = getattr(importlib.import_module(module), cls)
-        setattr(owner, attr, (label or _label)(records, top, name, getattr(owner, attr)))
+        original = getattr(owner, attr)
+        wrapped = (label or _label)(records, top, name, original)
+        setattr(owner, attr, wrapped)
+        # deepspeed.pipe runs its instructions from a class-level map of the original functions
+        table = owner.__dict__.get("_INSTRUCTION_MAP")
+        if isinstance(table, dict):
+            for kind, fn in list(table.items()):
+                if fn is original:
+                    table[kind] = wrapped
 
 
 class RssPeaks:
