@@ -17,6 +17,7 @@ all-reduce; the trainer logs it as ``memory/peak_gib`` and ``memory/peak_gib_min
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +92,6 @@ class PeakMemory:
     not for timed runs. On CPU ``tools/memory_timeline.py --rss`` gives the phases' peaks instead."""
 
     def __init__(self, on_gpu: bool):
-        import os
-
         self.on_gpu = on_gpu
         self.history_dir = os.environ.get(HISTORY_ENV) or None
         if on_gpu:
@@ -109,8 +108,6 @@ class PeakMemory:
     def _dump_on_out_of_memory(self) -> None:
         """An out-of-memory error, the run a history is most wanted for, writes ``rank{r}-oom.pickle``
         before it raises (torch's out-of-memory observer; ``RANK`` from the launcher)."""
-        import os
-
         def observer(device, alloc, device_alloc, device_free):
             os.makedirs(self.history_dir, exist_ok=True)
             torch.cuda.memory._dump_snapshot(os.path.join(self.history_dir, f"rank{os.environ.get('RANK', '0')}-oom.pickle"))
@@ -122,8 +119,6 @@ class PeakMemory:
     def dump_history(self, rank: int) -> str | None:
         """Write the recorded allocations (GPU, ``MEGAKTO_CUDA_MEMORY_HISTORY`` set) and stop recording;
         the file's path, or None where nothing was recorded."""
-        import os
-
         if not (self.on_gpu and self.history_dir):
             return None
         os.makedirs(self.history_dir, exist_ok=True)

@@ -162,7 +162,7 @@ class RssPeaks:
 def _rss_label(records, top, name, fn):
     import functools
 
-    from megakto.peak_memory import _reset_hwm, _status_bytes
+    from megakto.peak_memory import _status_bytes
 
     tracker = records[0]
 

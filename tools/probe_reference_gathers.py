@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What the frozen reference engine holds during a forward: a diagnostic for the planner's
-``frozen_forward_gathers`` (megakto/planning/states.py).
+``zero3_forward_gathers`` (megakto/planning/states.py).
 
     MALLOC_MMAP_THRESHOLD_=1048576 deepspeed --num_gpus 2 tools/probe_reference_gathers.py \
         [--prefetch N] [--max-live N] [--hidden 1024 --layers 4 --vocab 8192] [--forwards 3]

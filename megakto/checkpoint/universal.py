@@ -219,8 +219,7 @@ def convert(tag_dir: str, out_dir: str, *, workers: int = 1, names: str = "autoe
     base, target = (os.path.join(d, HF_BASE) for d in (os.path.dirname(tag_dir), parent))
     if os.path.isdir(base) and not os.path.isdir(target):
         shutil.copytree(base, target)
-    extra = {"format": UNIVERSAL, "source": tag_dir, SOURCE_MANIFEST: source, EXPERT_NAMES: names, FOR_TP: for_tp,
-             LAYER_NAMES: layers}
+    extra = {"format": UNIVERSAL, **key}  # the save it is of and the kind of run it is for
     if os.path.isfile(os.path.join(staged, FROZEN)):
         extra[FROZEN_KEY] = {"file": FROZEN, "from": f"{tag_dir}'s model states (the frozen parameters' fragments)"}
     commit(staged, out_dir, step=manifest["step"], world_size=manifest.get("world_size"),

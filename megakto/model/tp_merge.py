@@ -94,16 +94,10 @@ def join_shard_shapes(shards: Sequence[Mapping[str, Sequence[int]]], whole: Mapp
         if None not in parts and all(p == want for p in parts):
             joined[name] = want
             continue
-        if None not in parts and want and all(len(p) == len(want) for p in parts):
-            dims = [d for d in range(len(want)) if sum(p[d] for p in parts) == want[d]
-                    and all(p[e] == want[e] for p in parts for e in range(len(want)) if e != d)]
-            if len(dims) == 1:
-                joined[name] = want
-                continue
-        # Not this model's: joined along the one dimension where the shards differ from it (the
-        # others equal), else described as held.
-        off = [d for d in range(len(want)) if any(p[d] != want[d] for p in parts)] if (
-            None not in parts and want and all(len(p) == len(want) for p in parts)) else []
+        # Shards of want's rank: joined along the one dimension where they differ from it (the others
+        # equal), want itself if they add up to it there (pieces), else not this model's shape.
+        comparable = None not in parts and want and all(len(p) == len(want) for p in parts)
+        off = [d for d in range(len(want)) if any(p[d] != want[d] for p in parts)] if comparable else []
         if len(off) == 1:
             joined[name] = [sum(p[d] for p in parts) if d == off[0] else want[d] for d in range(len(want))]
             continue

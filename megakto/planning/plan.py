@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from megakto.planning.activations import Tokens, logits_bytes, no_grad_pass, sequence_shard_tokens, train_pass
 from megakto.model.shape import ModelShape
 from megakto.planning.moe import all_to_all_bytes, block_gather_bytes, expert_param_split
-from megakto.planning.states import StateBytes, frozen_forward_gathers, frozen_weights, model_states
+from megakto.planning.states import StateBytes, zero3_forward_gathers, frozen_weights, model_states
 
 __all__ = ["PlanInputs", "MemoryPlan", "plan_memory", "worst_case_tokens", "lora_params", "GIB",
            "CPU_RUNTIME_BYTES", "GPU_HEADROOM"]
@@ -205,12 +205,15 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     if p.ref == "online":
         rows += [("reference weights" + tag, r.weights, r.host_weights) for tag, r in refs]
     # The reference engine's forwards: its prefetch buckets' flat buffers in flight and the first
-    # bucket's per-parameter copies (states.frozen_forward_gathers), released at the forward's end; with
+    # bucket's per-parameter copies (states.zero3_forward_gathers), released at the forward's end; with
     # the prefetch sizes its own JSON gives (megakto.distributed.ds_config.reference_ds_config), else
     # DeepSpeed's defaults. The precompute's forwards hold the same.
-    ref_copies, ref_buffers = (frozen_forward_gathers(
-        rank_params, weight_bytes=w, prefetch_bucket=int(p.ref_zero_value("stage3_prefetch_bucket_size")),
-        max_live=int(p.ref_zero_value("stage3_max_live_parameters"))) if p.ref != "none" and p.pp == 1 else (0, 0))
+    def forward_gathers(zero_value) -> tuple[int, int]:  # an engine's forward, with its JSON's prefetch sizes
+        return zero3_forward_gathers(rank_params, weight_bytes=w,
+                                     prefetch_bucket=int(zero_value("stage3_prefetch_bucket_size")),
+                                     max_live=int(zero_value("stage3_max_live_parameters")))
+
+    ref_copies, ref_buffers = forward_gathers(p.ref_zero_value) if p.ref != "none" and p.pp == 1 else (0, 0)
 
     buckets = 0
     reduce_terms = {}  # ZeRO-1/2: what a bucket's reduction adds in the backward (train phase)
@@ -233,10 +236,9 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     elif stage in (1, 2):
         # DeepSpeed 0.19.8 stage_1_and_2.py: with contiguous_gradients (its default) the gradient hooks
         # run at stage 1 too (line 713), and setup_buckets (line 3256) allocates reduce_bucket_size
-        # elements, twice with overlap_comm, in the gradient-accumulation dtype at stage 1 when it
-        # differs from the model's (fp32 beside bf16: use_grad_accum_attribute), else the model dtype.
+        # elements, twice with overlap_comm, in the gradient-sum dtype (_gradient_reduction_buffer_dtype,
+        # 1253): the model's, which megakto leaves ZeRO-1/2 in, or a JSON's own at stage 1.
         contiguous = p.zero_value("contiguous_gradients")
-        # The gradient-sum dtype: the model's, which megakto leaves ZeRO-1/2 in (a JSON's fp32 at stage 1)
         bucket_bytes = (p.accum_bytes or w) if stage == 1 else w
         reduce_size = int(p.zero_value("reduce_bucket_size"))
         if contiguous:
@@ -289,9 +291,7 @@ def plan_memory(p: PlanInputs, gpu_memory: float | None = None) -> MemoryPlan:
     # in the policy's KL pass, for 4·(134M + 1e7) predicted.
     policy_gathers = moe_gather.get("no-grad", 0)
     if stage == 3:
-        policy_gathers += sum(frozen_forward_gathers(rank_params, weight_bytes=w,
-                                                     prefetch_bucket=int(p.zero_value("stage3_prefetch_bucket_size")),
-                                                     max_live=int(p.zero_value("stage3_max_live_parameters"))))
+        policy_gathers += sum(forward_gathers(p.zero_value))
     ref_pass = ref_copies + ref_buffers if p.ref == "online" else 0
     phases["no-grad"] = no_grad + max(policy_gathers, ref_pass)
     # Each parameter group's trainable partition (the experts are a group of their own).

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["frozen_forward_gathers", "StateBytes", "model_states", "frozen_weights"]
+__all__ = ["zero3_forward_gathers", "StateBytes", "model_states", "frozen_weights"]
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,9 @@ def frozen_weights(params: int, *, shards: int, weight_bytes: int, offload: bool
     return StateBytes(host_weights=part) if offload else StateBytes(weights=part)
 
 
-def frozen_forward_gathers(params: int, *, weight_bytes: int, prefetch_bucket: int, max_live: int) -> tuple[int, int]:
-    """The most a frozen ZeRO-3 engine (the reference) holds at once during one forward, once
-    DeepSpeed's parameter trace is complete (every forward after its first): (the per-parameter
+def zero3_forward_gathers(params: int, *, weight_bytes: int, prefetch_bucket: int, max_live: int) -> tuple[int, int]:
+    """The most a ZeRO-3 engine (the reference, and the policy's own forwards alike) holds at once
+    during one forward, once DeepSpeed's parameter trace is complete (every forward after its first): (the per-parameter
     copies of the first prefetch bucket waited on, the flat all-gather buffers of the buckets in
     flight), in bytes. Line numbers of DeepSpeed 0.19.8's ``runtime/zero/``:
 
@@ -154,9 +154,9 @@ def frozen_forward_gathers(params: int, *, weight_bytes: int, prefetch_bucket: i
     confirm; at vocabulary 32000 (113M) 112.7M + 50.6M. At a 1e7 bucket with
     ``max_live`` 1e7: 22.3M, under the formula's 20M + 10M.
 
-    >>> frozen_forward_gathers(1000, weight_bytes=2, prefetch_bucket=300, max_live=10**9)  # 2·300, 2·1000
+    >>> zero3_forward_gathers(1000, weight_bytes=2, prefetch_bucket=300, max_live=10**9)  # 2·300, 2·1000
     (600, 2000)
-    >>> frozen_forward_gathers(1000, weight_bytes=2, prefetch_bucket=200, max_live=400)    # 2·200, 2·(400 + 200)
+    >>> zero3_forward_gathers(1000, weight_bytes=2, prefetch_bucket=200, max_live=400)    # 2·200, 2·(400 + 200)
     (400, 1200)
     """
     copies = min(params, prefetch_bucket) * weight_bytes

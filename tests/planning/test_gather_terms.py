@@ -1,12 +1,12 @@
 """The ZeRO-3 gather terms of the no-grad and precompute phases against hand arithmetic (DeepSpeed
 0.19.8's prefetch, flat buffers and per-parameter copies: megakto/planning/states.py
-``frozen_forward_gathers``; docs/planning.md "Where the ZeRO-3 peak goes")."""
+``zero3_forward_gathers``; docs/planning.md "Where the ZeRO-3 peak goes")."""
 
 import pytest
 
 from megakto.planning.activations import Tokens, logits_bytes, no_grad_pass
 from megakto.planning.plan import PlanInputs, plan_memory
-from megakto.planning.states import frozen_forward_gathers
+from megakto.planning.states import zero3_forward_gathers
 
 from tests.planning.test_plan import TOY  # P = 202048
 
@@ -25,10 +25,10 @@ def test_calibration_model_at_deepspeeds_defaults():
     max_live 1e9): buffers of the whole model in flight, 4·P = 255,889,408 bytes, and the first
     bucket's copies 4·5e7 = 200,000,000 (measured: 63.97M + 52.69M elements; the bucket ends on a
     parameter boundary)."""
-    assert frozen_forward_gathers(63_972_352, weight_bytes=4, prefetch_bucket=50_000_000,
+    assert zero3_forward_gathers(63_972_352, weight_bytes=4, prefetch_bucket=50_000_000,
                                   max_live=1_000_000_000) == (200_000_000, 255_889_408)
     # max_live 1e7 with a 1e7 bucket: 4·1e7 copies, 4·(1e7 + 1e7) buffers (measured 22.3M together)
-    assert frozen_forward_gathers(63_972_352, weight_bytes=4, prefetch_bucket=10_000_000,
+    assert zero3_forward_gathers(63_972_352, weight_bytes=4, prefetch_bucket=10_000_000,
                                   max_live=10_000_000) == (40_000_000, 80_000_000)
 
 
