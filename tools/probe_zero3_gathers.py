@@ -106,4 +106,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megakto.distributed import comm
+
+    comm.run_rank(main)  # ends the rank without the interpreter's teardown (comm.exit_process)

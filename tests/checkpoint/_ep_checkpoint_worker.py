@@ -124,4 +124,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    comm.run_rank(main)  # ends the rank without the interpreter's teardown (comm.exit_process)
