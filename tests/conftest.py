@@ -34,6 +34,8 @@ _guard = {"test": None}  # node id of the unit test now running, or None
 def pytest_configure(config):
     for name, help_ in TIERS.items():
         config.addinivalue_line("markers", f"{name}: {help_}")
+    if config.option.durations is None:  # the slowest tests in every log (CI's budget is watched)
+        config.option.durations = 15
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects, so untiered tests are already ``unit``
