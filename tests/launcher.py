@@ -1,5 +1,7 @@
-"""Run a script under the real ``deepspeed`` launcher, N CPU processes over gloo, each test on its
-own port. Never mocks DeepSpeed or torch.distributed. The command line and environment come from
+"""Run a script under the real DeepSpeed launcher, N CPU processes over gloo, each test on its own
+port: DeepSpeed's per-node launcher (what the ``deepspeed`` command runs on each node), or the
+``deepspeed`` command itself where a test runs a command as the README writes it. Never mocks
+DeepSpeed or torch.distributed. The command line and environment come from
 tools/_launch.py, which tools/bench.py uses too."""
 
 from __future__ import annotations
@@ -12,14 +14,24 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from _launch import free_port, launcher_command, rank_env  # noqa: E402
+import _launch  # noqa: E402
+from _launch import free_port, rank_env  # noqa: E402
 
 __all__ = ["REPO", "free_port", "launch", "launcher_command", "load_script", "rank_env"]
 
 
-def launch(script: str, args: list[str], *, nproc: int, timeout: float = 300, env: dict | None = None):
-    """``deepspeed --num_gpus N --master_port P script args``; returns the CompletedProcess."""
-    return subprocess.run(launcher_command(os.path.join(REPO, script), args, nproc=nproc), cwd=REPO,
+def launcher_command(script: str, args: list[str], *, nproc: int, cli: bool = False) -> list[str]:
+    """The per-node launcher's command line for ``script args`` on ``nproc`` ranks (``cli``: through
+    the ``deepspeed`` command itself, as the README's commands run): tools/_launch.py."""
+    return _launch.launcher_command(script, args, nproc=nproc, cli=cli)
+
+
+def launch(script: str, args: list[str], *, nproc: int, timeout: float = 300, env: dict | None = None,
+           cli: bool = False):
+    """``script args`` on ``nproc`` ranks under DeepSpeed's per-node launcher (``cli``: under the
+    ``deepspeed`` command, ``deepspeed --num_gpus N --master_port P script args``); returns the
+    CompletedProcess."""
+    return subprocess.run(launcher_command(os.path.join(REPO, script), args, nproc=nproc, cli=cli), cwd=REPO,
                           env=rank_env(env), capture_output=True, text=True, timeout=timeout)
 
 

@@ -117,7 +117,7 @@ def test_readme_tp2_command_trains_qwen3_as_tp1(tmp_path):
             "--config", os.path.join(REPO, "configs/tiny_demo.yaml"), "--deepspeed", "ds_configs/zero3.json",
             f"model.path={model}", f"parallel.tp_size={tp}", "train.max_steps=20", f"data.train_files={train}",
             f"data.eval_files={eval_}", f"output_dir={tmp_path / f'tp{tp}'}", "train.eval_samples=0"], nproc=2,
-            timeout=420)
+            timeout=420, cli=True)  # the deepspeed command, as the docs write it
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         got[tp] = _accuracies(proc.stdout + proc.stderr)
     assert got[1][0] == got[2][0] == 0.5  # the reference itself
